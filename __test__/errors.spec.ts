@@ -1,0 +1,42 @@
+import test from 'ava'
+import { writeFileSync, mkdtempSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+
+import { getApiVersion, VduseError } from '../src'
+import { fromNativeError } from '../src/errors'
+
+test('a missing control node is ERR_VDUSE_UNAVAILABLE with a modprobe hint', (t) => {
+  const err = t.throws(() => getApiVersion({ controlPath: '/nonexistent/vduse/control' }), {
+    instanceOf: VduseError,
+  })
+  t.is(err?.code, 'ERR_VDUSE_UNAVAILABLE')
+  t.is(err?.errno, 2)
+  t.is(err?.syscall, 'open')
+  t.regex(err?.hint ?? '', /modprobe vduse/)
+  t.regex(err?.message ?? '', /\/nonexistent\/vduse\/control/)
+})
+
+test('a node that is not VDUSE fails the ioctl with errno and syscall', (t) => {
+  const file = join(mkdtempSync(join(tmpdir(), 'vduse-test-')), 'control')
+  writeFileSync(file, '')
+  const err = t.throws(() => getApiVersion({ controlPath: file }), { instanceOf: VduseError })
+  t.is(err?.code, 'ERR_VDUSE_SYSCALL')
+  t.is(err?.errno, 25) // ENOTTY
+  t.is(err?.syscall, 'ioctl(VDUSE_GET_API_VERSION)')
+})
+
+test('native errors with unknown codes pass through untouched', (t) => {
+  const plain = new Error('boom')
+  t.is(fromNativeError(plain), plain)
+  const other = Object.assign(new Error('x'), { code: 'ERR_SOMETHING_ELSE' })
+  t.is(fromNativeError(other), other)
+  t.is(fromNativeError('a string'), 'a string')
+})
+
+test('a native error whose message is not JSON keeps the message', (t) => {
+  const err = fromNativeError(Object.assign(new Error('plain text'), { code: 'ERR_VDUSE_BUSY' }))
+  t.true(err instanceof VduseError)
+  t.is((err as VduseError).message, 'plain text')
+  t.is((err as VduseError).code, 'ERR_VDUSE_BUSY')
+})

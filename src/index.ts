@@ -1,0 +1,3 @@
+export { VduseError } from './errors'
+export type { VduseErrorCode, VduseErrorOptions } from './errors'
+export { getApiVersion } from './control'
