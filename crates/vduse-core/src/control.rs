@@ -62,4 +62,8 @@ impl Control {
         let ret = unsafe { ioctl_with_mut_ref(&self.fd, uapi::VDUSE_GET_FEATURES(), &mut features) };
         (ret == 0).then_some(features)
     }
+
+    pub(crate) fn file(&self) -> &File {
+        &self.fd
+    }
 }
