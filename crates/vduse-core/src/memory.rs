@@ -70,6 +70,17 @@ impl IotlbMap {
         }
     }
 
+    /// A map over memory the caller owns (in-process transports and tests): `ranges` are
+    /// `(first IOVA, last IOVA, VDUSE_ACCESS_*)`, sorted and non-overlapping, inside `mem`.
+    pub fn with_memory(mem: GuestMemoryMmap, mut ranges: Vec<(u64, u64, u8)>) -> Self {
+        ranges.sort_unstable();
+        Self {
+            mem,
+            ranges,
+            _mappings: Vec::new(),
+        }
+    }
+
     /// The memory as vm-memory sees it (for virtio-queue and `Bytes` accesses).
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.mem

@@ -253,7 +253,7 @@ impl QueueShared {
                 st.pending.push((generation, head, 0));
             }
             let full = popped >= budget;
-            (generation, full || refresh)
+            (generation, !invalid_index && (full || refresh))
         };
         if !batch.is_empty() {
             self.stats.batches.fetch_add(1, Ordering::Relaxed);
@@ -270,6 +270,9 @@ impl QueueShared {
         }
         if more {
             return true;
+        }
+        if self.lock().broken {
+            return false;
         }
         // Re-enable notifications; if the driver added work meanwhile, go round again.
         let map = self.memory.snapshot();
