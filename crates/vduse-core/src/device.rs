@@ -562,13 +562,10 @@ impl Shared {
                 resp
             }
             uapi::VDUSE_UPDATE_IOTLB => {
-                // vhost-vdpa changed the driver's memory: swap in the new map, then let requests that still
-                // use the old one finish before the driver may reuse those pages.
-                let map = IotlbMap::load(&self.dev).unwrap_or_else(|e| {
-                    log::warn!("device {:?}: IOTLB reload failed: {e}", self.name);
-                    IotlbMap::empty()
-                });
-                self.memory.replace(map);
+                // vhost-vdpa changed the driver's memory: drop the map (workers re-read the IOTLB before
+                // their next batch), then let requests that still use the old one finish before the driver
+                // may reuse those pages. No mmap/munmap here: see `Memory`.
+                self.memory.retire(true);
                 for q in &self.queues {
                     if !q.wait_idle(self.drain_timeout) {
                         log::warn!(

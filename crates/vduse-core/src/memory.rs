@@ -205,15 +205,24 @@ fn map_entry(file: &File, entry: &vduse_iotlb_entry, len: usize) -> std::io::Res
 }
 
 /// The current map of a device, swapped as a whole.
+///
+/// Maps replaced while the kernel waits for a message reply are *retired*, not dropped: with vhost-vdpa
+/// the kernel may hold the driver process's mmap lock while it waits, and when that process is our own
+/// (an in-process driver) an munmap — or an mmap — in the message loop would deadlock until the message
+/// times out and the device is broken for good. Retired maps are released after the reply.
 #[derive(Debug)]
 pub struct Memory {
     current: RwLock<Arc<IotlbMap>>,
+    retired: std::sync::Mutex<Vec<Arc<IotlbMap>>>,
+    stale: std::sync::atomic::AtomicBool,
 }
 
 impl Default for Memory {
     fn default() -> Self {
         Self {
             current: RwLock::new(Arc::new(IotlbMap::empty())),
+            retired: std::sync::Mutex::new(Vec::new()),
+            stale: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }
@@ -231,6 +240,28 @@ impl Memory {
 
     pub fn clear(&self) {
         self.replace(IotlbMap::empty());
+    }
+
+    /// Empties the map without unmapping anything yet (see the type's doc); `stale` asks the next user
+    /// to re-read the IOTLB first.
+    pub fn retire(&self, stale: bool) {
+        let old = std::mem::replace(
+            &mut *self.current.write().unwrap_or_else(|e| e.into_inner()),
+            Arc::new(IotlbMap::empty()),
+        );
+        self.retired.lock().unwrap_or_else(|e| e.into_inner()).push(old);
+        self.stale.store(stale, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Drops retired maps (their mappings go once no request holds them).
+    pub fn release_retired(&self) {
+        let retired = std::mem::take(&mut *self.retired.lock().unwrap_or_else(|e| e.into_inner()));
+        drop(retired);
+    }
+
+    /// True once after `retire(true)`: the caller should reload the map before using it.
+    pub fn take_stale(&self) -> bool {
+        self.stale.swap(false, std::sync::atomic::Ordering::AcqRel)
     }
 }
 

@@ -200,6 +200,9 @@ impl QueueShared {
     /// Pops one batch (up to a ring's worth), hands it to the model and publishes what it completed.
     /// Returns true while there may be more work.
     pub fn process(self: &Arc<Self>, model: &dyn DeviceModel, batch: &mut RequestBatch) -> bool {
+        if self.memory.take_stale() {
+            self.transport.refresh_memory();
+        }
         let map = self.memory.snapshot();
         batch.reset(map.clone());
         let max_segments = model.max_segments();

@@ -10,38 +10,8 @@ use std::time::{Duration, Instant};
 use vduse_core::ram_blk::RamBlk;
 use vduse_core::{DeviceOptions, VduseDevice};
 
-struct StderrLog;
-impl log::Log for StderrLog {
-    fn enabled(&self, m: &log::Metadata) -> bool {
-        m.level() <= log::Level::Info
-    }
-    fn log(&self, r: &log::Record) {
-        if self.enabled(r.metadata()) {
-            eprintln!("[{}] {}", r.level(), r.args());
-        }
-    }
-    fn flush(&self) {}
-}
-
-fn init_log() {
-    let _ = log::set_logger(&StderrLog).map(|_| log::set_max_level(log::LevelFilter::Info));
-}
-
-fn sh(script: &str) -> String {
-    let out = Command::new("sh")
-        .arg("-ec")
-        .arg(script)
-        .output()
-        .expect("spawn sh");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "command failed ({}):\n{script}\nstdout:\n{stdout}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-}
+mod common;
+use common::{init_log, sh};
 
 /// The /dev/vdX the kernel created for vDPA device `name`.
 fn block_node(name: &str) -> PathBuf {
