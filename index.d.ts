@@ -9,8 +9,91 @@
  */
 export declare const __napiBindingTarget: 'native' | 'wasm32-wasi' | 'wasm32-wasip1'
 
+export declare class BindingDevice {
+  /**
+   * Moves waiting requests into the caller's arrays: `reqs` gets `[slot, queue, firstSegment,
+   * readable << 16 | writable]` per request, `segs` gets `[regionKey, offset, length]` per buffer piece
+   * (readable ones first). `header` gets `[requests, segments]`. Returns the number of requests;
+   * 0 means none were waiting (and the doorbell is re-armed).
+   */
+  drain(header: Uint32Array, reqs: Uint32Array, segs: Float64Array): number
+  /**
+   * A zero-copy view of one region of the memory map request `slot` refers to. The view keeps the
+   * mapping alive until it is garbage-collected, so it can never point at unmapped memory. Ask once
+   * per region key (from `drain`) and cache it.
+   */
+  region(slot: number, regionKey: number): ArrayBuffer
+  /**
+   * Completes requests: `done` holds `[slot, usedLength]` pairs. One used-ring update and at most one
+   * interrupt per queue for the whole call.
+   */
+  complete(done: Uint32Array, count: number): void
+  /**
+   * Hands block I/O to native threads: `ops` holds `[slot, fd, kind (0 read, 1 write, 2 flush),
+   * position, skip]` per request. Each completes its request itself, status byte included.
+   */
+  fileIo(ops: Float64Array, count: number): void
+  /** Rewrites part of the config space; tells the driver once it is running. */
+  updateConfig(offset: number, data: Buffer): void
+  status(): number
+  negotiatedFeatures(): bigint
+  counters(): DeviceCounters
+  /** Stops serving and destroys the device. Fails with ERR_VDUSE_BUSY while it is still attached. */
+  close(): void
+}
+
+/**
+ * Creates a VDUSE device served by JavaScript. `onRequests` is called (at most one call queued) when
+ * requests wait to be drained; `onStatus` with each new device status.
+ */
+export declare function createDevice(init: DeviceInit, onRequests: () => void, onStatus: (arg: number) => void): BindingDevice
+
+/** Destroys a VDUSE device by name (detached and not served by any process). */
+export declare function destroyDevice(name: string): void
+
+/** Counters of the device (all queues). */
+export interface DeviceCounters {
+  kicks: number
+  batches: number
+  requests: number
+  completions: number
+  interrupts: number
+  badChains: number
+  staleCompletions: number
+  /** Requests JavaScript holds right now. */
+  inFlight: number
+  /** Requests waiting to be drained by JavaScript. */
+  pending: number
+}
+
+/** What TypeScript tells the binding about a device. */
+export interface DeviceInit {
+  name: string
+  deviceId: number
+  vendorId?: number
+  /** Device feature bits (the transport adds VERSION_1, ACCESS_PLATFORM, EVENT_IDX, INDIRECT_DESC). */
+  features: bigint
+  config: Buffer
+  numQueues: number
+  queueSize: number
+  /** Most buffers per request (longer chains are refused before reaching JS). */
+  maxSegments?: number
+  /** Replace a leftover device of the same name from a dead process. */
+  replaceStale?: boolean
+  /** Longest wait for in-flight requests on reset or IOTLB change (ms). */
+  drainTimeoutMs?: number
+  /** Threads for native file I/O. */
+  ioThreads?: number
+}
+
+/** `fallocate(2)` on the libuv pool (punch holes, zero ranges) without blocking the JavaScript thread. */
+export declare function fallocate(fd: number, mode: number, offset: number, len: number): Promise<unknown>
+
 /**
  * The VDUSE API version spoken by `/dev/vduse/control` (0 on Linux 6.12).
  * Throws `ERR_VDUSE_UNAVAILABLE` when the node is missing and `ERR_VDUSE_PERMISSION` when it may not be opened.
  */
 export declare function getApiVersion(controlPath?: string | undefined | null): number
+
+/** Names of all VDUSE devices that exist (any process's, including stale ones). */
+export declare function listDevices(): Array<string>

@@ -835,4 +835,9 @@ function __napiStampBindingTarget(exportsObject, target) {
 // linked import resolves to `undefined`.
 module.exports.__napiBindingTarget = __napiStampBindingTarget(nativeBinding, __napiLoadedBindingTarget)
 module.exports = nativeBinding
+module.exports.BindingDevice = nativeBinding.BindingDevice
+module.exports.createDevice = nativeBinding.createDevice
+module.exports.destroyDevice = nativeBinding.destroyDevice
+module.exports.fallocate = nativeBinding.fallocate
 module.exports.getApiVersion = nativeBinding.getApiVersion
+module.exports.listDevices = nativeBinding.listDevices

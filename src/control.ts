@@ -10,3 +10,18 @@ import { binding } from './transport/binding'
 export function getApiVersion(options: { controlPath?: string } = {}): number {
   return native(() => binding.getApiVersion(options.controlPath))
 }
+
+/** Names of all VDUSE devices on this machine (any process's, including stale ones left by dead processes). */
+export function listDevices(): string[] {
+  return native(() => binding.listDevices())
+}
+
+/**
+ * Destroys a VDUSE device that no process serves (e.g. left by a crash). It must be detached from the
+ * vDPA bus first (`vdpa dev del NAME`).
+ *
+ * @throws {VduseError} `ERR_VDUSE_NOT_FOUND`, or `ERR_VDUSE_BUSY` while attached or served.
+ */
+export function destroyDevice(name: string): void {
+  native(() => binding.destroyDevice(name))
+}

@@ -8,6 +8,9 @@ export type VduseErrorCode =
   | 'ERR_VDUSE_INVALID_CONFIG'
   | 'ERR_VDUSE_BROKEN'
   | 'ERR_VDUSE_SYSCALL'
+  | 'ERR_VDUSE_ATTACH'
+  | 'ERR_VDUSE_CLOSED'
+  | 'ERR_VDUSE_TIMEOUT'
   | 'ERR_VDUSE_NATIVE'
 
 export interface VduseErrorOptions {
@@ -45,9 +48,11 @@ const KNOWN_CODES = new Set<string>([
   'ERR_VDUSE_INVALID_CONFIG',
   'ERR_VDUSE_BROKEN',
   'ERR_VDUSE_SYSCALL',
+  'ERR_VDUSE_NATIVE',
 ])
 
 interface NativeErrorRecord {
+  code?: unknown
   message?: unknown
   errno?: unknown
   syscall?: unknown
@@ -60,14 +65,16 @@ interface NativeErrorRecord {
  */
 export function fromNativeError(err: unknown): unknown {
   if (!(err instanceof Error)) return err
-  const code = (err as { code?: unknown }).code
-  if (typeof code !== 'string' || !KNOWN_CODES.has(code)) return err
   let record: NativeErrorRecord = {}
   try {
     record = JSON.parse(err.message) as NativeErrorRecord
   } catch {
     record = { message: err.message }
   }
+  // Errors from async native work carry their code only inside the record.
+  const own = (err as { code?: unknown }).code
+  const code = typeof own === 'string' && KNOWN_CODES.has(own) ? own : record.code
+  if (typeof code !== 'string' || !KNOWN_CODES.has(code)) return err
   return new VduseError(typeof record.message === 'string' ? record.message : err.message, {
     code: code as VduseErrorCode,
     errno: typeof record.errno === 'number' ? record.errno : undefined,
@@ -80,6 +87,15 @@ export function fromNativeError(err: unknown): unknown {
 export function native<T>(call: () => T): T {
   try {
     return call()
+  } catch (err) {
+    throw fromNativeError(err)
+  }
+}
+
+/** Awaits a native promise, rethrowing its rejection as a `VduseError`. */
+export async function nativeAsync<T>(call: () => Promise<T>): Promise<T> {
+  try {
+    return await call()
   } catch (err) {
     throw fromNativeError(err)
   }

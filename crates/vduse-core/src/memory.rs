@@ -54,6 +54,8 @@ impl Drop for Mapping {
 /// A snapshot of the IOTLB: regions sorted by IOVA, with the kernel's permission for each.
 #[derive(Debug)]
 pub struct IotlbMap {
+    /// Unique per map (process-wide), so views handed out for one map are never mistaken for another's.
+    epoch: u64,
     mem: GuestMemoryMmap,
     /// `(first IOVA, last IOVA, VDUSE_ACCESS_*)`, sorted, non-overlapping.
     ranges: Vec<(u64, u64, u8)>,
@@ -63,11 +65,31 @@ pub struct IotlbMap {
 
 impl IotlbMap {
     pub fn empty() -> Self {
-        Self {
-            mem: GuestMemoryMmap::new(),
-            ranges: Vec::new(),
-            _mappings: Vec::new(),
-        }
+        Self::with_memory(GuestMemoryMmap::new(), Vec::new())
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The region holding `addr`, and the offset of `addr` in it.
+    pub fn locate(&self, addr: u64) -> Option<(usize, u64)> {
+        let i = self.ranges.partition_point(|&(_, last, _)| last < addr);
+        let &(first, _, _) = self.ranges.get(i)?;
+        (first <= addr).then(|| (i, addr - first))
+    }
+
+    /// Length of region `index`.
+    pub fn region_len(&self, index: usize) -> Option<u64> {
+        self.ranges.get(index).map(|&(first, last, _)| last - first + 1)
+    }
+
+    /// Host address and length of region `index`, for zero-copy views (valid while this map lives).
+    pub fn region_host(&self, index: usize) -> Option<(*mut u8, usize)> {
+        let &(first, _, _) = self.ranges.get(index)?;
+        let len = self.region_len(index)? as usize;
+        let ptr = vm_memory::GuestMemoryBackend::get_host_address(&self.mem, GuestAddress(first)).ok()?;
+        Some((ptr, len))
     }
 
     /// A map over memory the caller owns (in-process transports and tests): `ranges` are
@@ -75,6 +97,7 @@ impl IotlbMap {
     pub fn with_memory(mem: GuestMemoryMmap, mut ranges: Vec<(u64, u64, u8)>) -> Self {
         ranges.sort_unstable();
         Self {
+            epoch: next_epoch(),
             mem,
             ranges,
             _mappings: Vec::new(),
@@ -163,11 +186,17 @@ impl IotlbMap {
             GuestMemoryMmap::from_regions(regions).map_err(std::io::Error::other)?
         };
         Ok(Self {
+            epoch: next_epoch(),
             mem,
             ranges,
             _mappings: mappings,
         })
     }
+}
+
+fn next_epoch() -> u64 {
+    static EPOCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    EPOCH.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 fn mapping_prot(entry: &vduse_iotlb_entry) -> i32 {
@@ -270,11 +299,7 @@ mod tests {
     use super::*;
 
     fn map_with(ranges: Vec<(u64, u64, u8)>) -> IotlbMap {
-        IotlbMap {
-            mem: GuestMemoryMmap::new(),
-            ranges,
-            _mappings: Vec::new(),
-        }
+        IotlbMap::with_memory(GuestMemoryMmap::new(), ranges)
     }
 
     #[test]

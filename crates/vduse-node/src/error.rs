@@ -30,7 +30,9 @@ fn json_string(out: &mut String, s: &str) {
 }
 
 pub fn to_napi(err: vduse_core::Error) -> NativeError {
-    let mut reason = String::from("{\"message\":");
+    let mut reason = String::from("{\"code\":");
+    json_string(&mut reason, err.code());
+    reason.push_str(",\"message\":");
     json_string(&mut reason, &err.to_string());
     if let Some(errno) = err.errno() {
         let _ = write!(reason, ",\"errno\":{errno}");

@@ -3,7 +3,10 @@
 
 use napi_derive::napi;
 
+mod device;
 mod error;
+mod js_model;
+mod native_io;
 
 use error::{to_napi, Code};
 
@@ -18,4 +21,61 @@ pub fn get_api_version(control_path: Option<String>) -> napi::Result<u32, Code> 
     .map_err(to_napi)?;
     let version = control.api_version().map_err(to_napi)?;
     Ok(version as u32)
+}
+
+/// Names of all VDUSE devices that exist (any process's, including stale ones).
+#[napi]
+pub fn list_devices() -> Vec<String> {
+    vduse_core::list_devices()
+}
+
+/// Destroys a VDUSE device by name (detached and not served by any process).
+#[napi]
+pub fn destroy_device(name: String) -> napi::Result<(), Code> {
+    let control = vduse_core::Control::open().map_err(to_napi)?;
+    vduse_core::destroy_device(&control, &name).map_err(to_napi)
+}
+
+pub struct Fallocate {
+    fd: i32,
+    mode: i32,
+    offset: i64,
+    len: i64,
+}
+
+impl napi::Task for Fallocate {
+    type Output = ();
+    type JsValue = ();
+
+    fn compute(&mut self) -> napi::Result<()> {
+        // SAFETY: fallocate on a caller-provided fd; a bad fd or mode only fails.
+        let ret = unsafe { libc::fallocate(self.fd, self.mode, self.offset, self.len) };
+        if ret < 0 {
+            let err = std::io::Error::last_os_error();
+            let errno = err.raw_os_error().unwrap_or(0);
+            return Err(napi::Error::new(
+                napi::Status::GenericFailure,
+                format!(
+                    "{{\"code\":\"ERR_VDUSE_SYSCALL\",\"message\":\"fallocate failed: {}\",\"errno\":{errno},\"syscall\":\"fallocate\"}}",
+                    err.to_string().replace('"', "'")
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn resolve(&mut self, _env: napi::Env, _output: ()) -> napi::Result<()> {
+        Ok(())
+    }
+}
+
+/// `fallocate(2)` on the libuv pool (punch holes, zero ranges) without blocking the JavaScript thread.
+#[napi]
+pub fn fallocate(fd: i32, mode: i32, offset: f64, len: f64) -> napi::bindgen_prelude::AsyncTask<Fallocate> {
+    napi::bindgen_prelude::AsyncTask::new(Fallocate {
+        fd,
+        mode,
+        offset: offset as i64,
+        len: len as i64,
+    })
 }

@@ -1,0 +1,303 @@
+//! `BindingDevice`: one VDUSE device served by a JavaScript model. The TypeScript class `VirtioDevice`
+//! wraps it; nothing else should use it directly.
+
+use std::sync::Arc;
+
+use napi::bindgen_prelude::{
+    ArrayBuffer, BigInt, Buffer, Env, Float64ArraySlice, Function, Uint32ArraySlice,
+};
+use napi_derive::napi;
+use vduse_core::{DeviceOptions, VduseDevice};
+
+use crate::error::{to_napi, Code};
+use crate::js_model::{Doorbell, JsModel, ModelInfo, StatusCallback};
+use crate::native_io::{IoPool, Op};
+
+/// What TypeScript tells the binding about a device.
+#[napi(object)]
+pub struct DeviceInit {
+    pub name: String,
+    pub device_id: u32,
+    pub vendor_id: Option<u32>,
+    /// Device feature bits (the transport adds VERSION_1, ACCESS_PLATFORM, EVENT_IDX, INDIRECT_DESC).
+    pub features: BigInt,
+    pub config: Buffer,
+    pub num_queues: u32,
+    pub queue_size: u32,
+    /// Most buffers per request (longer chains are refused before reaching JS).
+    pub max_segments: Option<u32>,
+    /// Replace a leftover device of the same name from a dead process.
+    pub replace_stale: Option<bool>,
+    /// Longest wait for in-flight requests on reset or IOTLB change (ms).
+    pub drain_timeout_ms: Option<u32>,
+    /// Threads for native file I/O.
+    pub io_threads: Option<u32>,
+}
+
+/// Counters of the device (all queues).
+#[napi(object)]
+pub struct DeviceCounters {
+    pub kicks: f64,
+    pub batches: f64,
+    pub requests: f64,
+    pub completions: f64,
+    pub interrupts: f64,
+    pub bad_chains: f64,
+    pub stale_completions: f64,
+    /// Requests JavaScript holds right now.
+    pub in_flight: f64,
+    /// Requests waiting to be drained by JavaScript.
+    pub pending: f64,
+}
+
+fn native(msg: impl std::fmt::Display) -> napi::Error<Code> {
+    napi::Error::new(
+        Code("ERR_VDUSE_NATIVE"),
+        format!("{{\"message\":{:?}}}", msg.to_string()),
+    )
+}
+
+#[napi]
+pub struct BindingDevice {
+    device: Option<VduseDevice>,
+    model: Arc<JsModel>,
+    io: Option<IoPool>,
+    scratch: Vec<u32>,
+}
+
+/// Creates a VDUSE device served by JavaScript. `onRequests` is called (at most one call queued) when
+/// requests wait to be drained; `onStatus` with each new device status.
+#[napi]
+pub fn create_device(
+    init: DeviceInit,
+    on_requests: Function<(), ()>,
+    on_status: Function<u32, ()>,
+) -> napi::Result<BindingDevice, Code> {
+    let (_, features, lossless) = init.features.get_u64();
+    if !lossless {
+        return Err(native("features must fit in 64 bits"));
+    }
+    let queue_size = u16::try_from(init.queue_size).map_err(|_| native("queueSize out of range"))?;
+    let num_queues = u16::try_from(init.num_queues).map_err(|_| native("numQueues out of range"))?;
+    let doorbell: Doorbell = on_requests
+        .build_threadsafe_function()
+        .callee_handled::<false>()
+        .weak::<true>()
+        .max_queue_size::<1>()
+        .build()
+        .map_err(native)?;
+    let status: StatusCallback = on_status
+        .build_threadsafe_function()
+        .callee_handled::<false>()
+        .weak::<true>()
+        .build()
+        .map_err(native)?;
+    let info = ModelInfo {
+        device_id: init.device_id,
+        features,
+        config: init.config.to_vec(),
+        num_queues,
+        queue_size,
+        max_segments: init.max_segments.map_or(usize::from(queue_size), |m| m as usize),
+    };
+    let model = Arc::new(JsModel::new(info, doorbell, status));
+    let io = IoPool::new(init.io_threads.unwrap_or(4) as usize, model.clone()).map_err(native)?;
+    let mut options = DeviceOptions::new(init.name);
+    options.vendor_id = init.vendor_id.unwrap_or(0);
+    options.replace_stale = init.replace_stale.unwrap_or(false);
+    if let Some(ms) = init.drain_timeout_ms {
+        options.drain_timeout = std::time::Duration::from_millis(u64::from(ms));
+    }
+    let device = VduseDevice::create(options, model.clone()).map_err(to_napi)?;
+    Ok(BindingDevice {
+        device: Some(device),
+        model,
+        io: Some(io),
+        scratch: Vec::new(),
+    })
+}
+
+#[napi]
+impl BindingDevice {
+    /// Moves waiting requests into the caller's arrays: `reqs` gets `[slot, queue, firstSegment,
+    /// readable << 16 | writable]` per request, `segs` gets `[regionKey, offset, length]` per buffer piece
+    /// (readable ones first). `header` gets `[requests, segments]`. Returns the number of requests;
+    /// 0 means none were waiting (and the doorbell is re-armed).
+    #[napi]
+    pub fn drain(
+        &mut self,
+        mut header: Uint32ArraySlice,
+        mut reqs: Uint32ArraySlice,
+        mut segs: Float64ArraySlice,
+    ) -> u32 {
+        // SAFETY: the arrays belong to the caller, which is blocked in this synchronous call; nothing else
+        // touches them meanwhile.
+        let (header, reqs, segs) = unsafe { (header.as_mut(), reqs.as_mut(), segs.as_mut()) };
+        let max_reqs = reqs.len() / 4;
+        let max_segs = segs.len() / 3;
+        self.scratch.clear();
+        self.model.take_pending(max_reqs, &mut self.scratch);
+        let (mut n, mut s) = (0usize, 0usize);
+        let slots = self.model.slots();
+        let mut stop_at = None;
+        for (k, &id) in self.scratch.iter().enumerate() {
+            let Some(slot) = slots.get(id) else { continue };
+            let Some(map) = slot.map.as_ref() else { continue };
+            let first = s;
+            let mut counts = [0u32; 2];
+            let mut fits = true;
+            for (i, seg) in slot.segments.iter().enumerate() {
+                let mut addr = seg.addr;
+                let mut left = u64::from(seg.len);
+                while left > 0 {
+                    let Some((region, offset)) = map.locate(addr) else {
+                        left = 0;
+                        continue;
+                    };
+                    let piece = left.min(map.region_len(region).unwrap_or(0) - offset);
+                    if s >= max_segs {
+                        fits = false;
+                        break;
+                    }
+                    segs[s * 3] = (map.epoch() * 65536 + region as u64) as f64;
+                    segs[s * 3 + 1] = offset as f64;
+                    segs[s * 3 + 2] = piece as f64;
+                    s += 1;
+                    counts[usize::from(i >= usize::from(slot.readable))] += 1;
+                    addr += piece;
+                    left -= piece;
+                }
+                if !fits {
+                    break;
+                }
+            }
+            if !fits {
+                s = first;
+                stop_at = Some(k);
+                break;
+            }
+            reqs[n * 4] = id;
+            reqs[n * 4 + 1] = u32::from(slot.queue);
+            reqs[n * 4 + 2] = first as u32;
+            reqs[n * 4 + 3] = (counts[0] << 16) | counts[1];
+            n += 1;
+        }
+        drop(slots);
+        if let Some(k) = stop_at {
+            self.model.unget(&self.scratch[k..]);
+        }
+        if header.len() >= 2 {
+            header[0] = n as u32;
+            header[1] = s as u32;
+        }
+        n as u32
+    }
+
+    /// A zero-copy view of one region of the memory map request `slot` refers to. The view keeps the
+    /// mapping alive until it is garbage-collected, so it can never point at unmapped memory. Ask once
+    /// per region key (from `drain`) and cache it.
+    #[napi]
+    pub fn region<'env>(
+        &self,
+        env: &'env Env,
+        slot: u32,
+        region_key: f64,
+    ) -> napi::Result<ArrayBuffer<'env>, Code> {
+        let slots = self.model.slots();
+        let map = slots
+            .get(slot)
+            .and_then(|s| s.map.clone())
+            .ok_or_else(|| native("no such request"))?;
+        drop(slots);
+        let key = region_key as u64;
+        if key / 65536 != map.epoch() {
+            return Err(native("region key does not belong to this request's memory map"));
+        }
+        let (ptr, len) = map
+            .region_host((key % 65536) as usize)
+            .ok_or_else(|| native("no such region"))?;
+        // SAFETY: ptr/len describe a live mapping owned by `map`; the finalizer drops the Arc that keeps
+        // it mapped, so the buffer never outlives the memory.
+        unsafe { ArrayBuffer::from_external(env, ptr, len, map, |_, map| drop(map)) }.map_err(native)
+    }
+
+    /// Completes requests: `done` holds `[slot, usedLength]` pairs. One used-ring update and at most one
+    /// interrupt per queue for the whole call.
+    #[napi]
+    pub fn complete(&self, done: Uint32ArraySlice, count: u32) {
+        let mut touched: Vec<vduse_core::Completer> = Vec::new();
+        {
+            let mut slots = self.model.slots();
+            for pair in done.chunks_exact(2).take(count as usize) {
+                if let Some((completer, head)) = slots.release(pair[0]) {
+                    completer.complete(head, pair[1]);
+                    if !touched.iter().any(|c| c.queue_index() == completer.queue_index()) {
+                        touched.push(completer);
+                    }
+                }
+            }
+        }
+        for c in touched {
+            c.flush();
+        }
+    }
+
+    /// Hands block I/O to native threads: `ops` holds `[slot, fd, kind (0 read, 1 write, 2 flush),
+    /// position, skip]` per request. Each completes its request itself, status byte included.
+    #[napi]
+    pub fn file_io(&self, ops: Float64ArraySlice, count: u32) {
+        let Some(io) = self.io.as_ref() else { return };
+        io.submit(ops.chunks_exact(5).take(count as usize).map(|o| Op {
+            slot: o[0] as u32,
+            fd: o[1] as i32,
+            kind: o[2] as u8,
+            position: o[3] as u64,
+            skip: o[4] as u32,
+        }));
+    }
+
+    /// Rewrites part of the config space; tells the driver once it is running.
+    #[napi]
+    pub fn update_config(&self, offset: u32, data: Buffer) -> napi::Result<(), Code> {
+        let device = self.device.as_ref().ok_or_else(|| native("device is closed"))?;
+        device.update_config(offset, &data).map_err(to_napi)
+    }
+
+    #[napi]
+    pub fn status(&self) -> u32 {
+        self.device.as_ref().map_or(0, |d| u32::from(d.status()))
+    }
+
+    #[napi]
+    pub fn negotiated_features(&self) -> BigInt {
+        BigInt::from(self.device.as_ref().map_or(0, |d| d.negotiated_features()))
+    }
+
+    #[napi]
+    pub fn counters(&self) -> DeviceCounters {
+        let s = self.device.as_ref().map(|d| d.stats()).unwrap_or_default();
+        DeviceCounters {
+            kicks: s.kicks as f64,
+            batches: s.batches as f64,
+            requests: s.requests as f64,
+            completions: s.completions as f64,
+            interrupts: s.interrupts as f64,
+            bad_chains: s.bad_chains as f64,
+            stale_completions: s.stale_completions as f64,
+            in_flight: self.model.slots().live() as f64,
+            pending: self.model.pending_len() as f64,
+        }
+    }
+
+    /// Stops serving and destroys the device. Fails with ERR_VDUSE_BUSY while it is still attached.
+    #[napi]
+    pub fn close(&mut self) -> napi::Result<(), Code> {
+        if let Some(mut io) = self.io.take() {
+            io.stop();
+        }
+        match self.device.take() {
+            Some(device) => device.close().map_err(to_napi),
+            None => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,49 @@
+import type { BlockBackend, BlockIo } from './backend'
+
+/** A RAM disk. Discarded and zeroed ranges read back as zeroes. */
+export class MemoryBackend implements BlockBackend {
+  private data: Buffer
+
+  constructor(size: number) {
+    if (!Number.isSafeInteger(size) || size <= 0)
+      throw new RangeError(`size must be a positive integer, got ${size}`)
+    this.data = Buffer.alloc(size)
+  }
+
+  get size(): number {
+    return this.data.length
+  }
+
+  /** The disk's bytes (for tests and snapshots). */
+  get contents(): Buffer {
+    return this.data
+  }
+
+  read(io: BlockIo): void {
+    io.forEach((buf, start, length, at) => {
+      this.data.copy(buf, start, at, at + length)
+    })
+  }
+
+  write(io: BlockIo): void {
+    io.forEach((buf, start, length, at) => {
+      buf.copy(this.data, at, start, start + length)
+    })
+  }
+
+  flush(): void {}
+
+  discard(offset: number, length: number): void {
+    this.data.fill(0, offset, offset + length)
+  }
+
+  writeZeroes(offset: number, length: number): void {
+    this.data.fill(0, offset, offset + length)
+  }
+
+  resize(size: number): void {
+    const next = Buffer.alloc(size)
+    this.data.copy(next, 0, 0, Math.min(size, this.data.length))
+    this.data = next
+  }
+}

@@ -1,0 +1,131 @@
+import { execFile } from 'node:child_process'
+import { access, readdir, readFile, readlink, writeFile } from 'node:fs/promises'
+import { join } from 'node:path'
+
+import { VduseError } from '../errors'
+
+/** Which kernel driver takes the device: the host's own virtio driver, or vhost-vdpa for a VM. */
+export type AttachDriver = 'virtio' | 'vhost'
+
+const BUS = '/sys/bus/vdpa'
+
+function vdpa(args: string[], signal?: AbortSignal): Promise<void> {
+  return new Promise((resolve, reject) => {
+    // Asynchronous on purpose: the kernel's probe inside `vdpa dev add` waits for I/O that this very
+    // process serves on its JavaScript thread.
+    execFile('vdpa', args, { signal, timeout: 120_000 }, (err, _stdout, stderr) => {
+      if (!err) return resolve()
+      const missing = (err as NodeJS.ErrnoException).code === 'ENOENT'
+      reject(
+        new VduseError(
+          missing
+            ? 'the `vdpa` tool is not installed'
+            : `vdpa ${args.join(' ')} failed: ${stderr.trim() || err.message}`,
+          {
+            code: 'ERR_VDUSE_ATTACH',
+            hint: missing
+              ? 'install iproute2 (it provides `vdpa`)'
+              : 'attaching needs root (CAP_NET_ADMIN in the initial network namespace) and the vdpa modules: ' +
+                'modprobe virtio_vdpa (or vhost_vdpa)',
+            cause: err,
+          },
+        ),
+      )
+    })
+  })
+}
+
+async function exists(path: string): Promise<boolean> {
+  try {
+    await access(path)
+    return true
+  } catch {
+    return false
+  }
+}
+
+async function currentDriver(name: string): Promise<string | undefined> {
+  try {
+    return (await readlink(join(BUS, 'devices', name, 'driver'))).split('/').pop()
+  } catch {
+    return undefined
+  }
+}
+
+async function poll<T>(what: string, deadline: number, probe: () => Promise<T | undefined>): Promise<T> {
+  for (;;) {
+    const found = await probe()
+    if (found !== undefined) return found
+    if (Date.now() > deadline) {
+      throw new VduseError(`timed out waiting for ${what}`, { code: 'ERR_VDUSE_ATTACH' })
+    }
+    await new Promise((r) => setTimeout(r, 50))
+  }
+}
+
+/** The /dev node the bound driver created: /dev/vdX (block), the interface name (net), or /dev/vhost-vdpa-N. */
+async function nodeFor(name: string, driver: AttachDriver): Promise<string | undefined> {
+  const dir = join(BUS, 'devices', name)
+  const entries = await readdir(dir).catch(() => [] as string[])
+  if (driver === 'vhost') {
+    const vhost = entries.find((e) => e.startsWith('vhost-vdpa-'))
+    return vhost && (await exists(`/dev/${vhost}`)) ? `/dev/${vhost}` : undefined
+  }
+  for (const e of entries.filter((e) => e.startsWith('virtio'))) {
+    const block = await readdir(join(dir, e, 'block')).catch(() => [] as string[])
+    if (block[0] && (await exists(`/dev/${block[0]}`))) return `/dev/${block[0]}`
+    const net = await readdir(join(dir, e, 'net')).catch(() => [] as string[])
+    if (net[0]) return net[0]
+  }
+  return undefined
+}
+
+/**
+ * Adds VDUSE device `name` to the vDPA bus and binds it to the requested driver; resolves with the
+ * node the driver created. Never blocks the JavaScript thread: the device keeps being served meanwhile.
+ */
+export async function attach(
+  name: string,
+  driver: AttachDriver,
+  options: { timeoutMs?: number; signal?: AbortSignal } = {},
+): Promise<string> {
+  const kernelDriver = driver === 'virtio' ? 'virtio_vdpa' : 'vhost_vdpa'
+  if (!(await exists(join(BUS, 'drivers', kernelDriver)))) {
+    throw new VduseError(`the ${kernelDriver} driver is not loaded`, {
+      code: 'ERR_VDUSE_ATTACH',
+      hint: `modprobe ${kernelDriver}`,
+    })
+  }
+  const deadline = Date.now() + (options.timeoutMs ?? 60_000)
+  await vdpa(['dev', 'add', 'name', name, 'mgmtdev', 'vduse'], options.signal)
+  // With both drivers loaded the first registered one wins; move the device if it is the wrong one.
+  const bound = await currentDriver(name)
+  if (bound !== kernelDriver) {
+    if (bound !== undefined) await writeFile(join(BUS, 'drivers', bound, 'unbind'), name)
+    await writeFile(join(BUS, 'devices', name, 'driver_override'), kernelDriver)
+    await writeFile(join(BUS, 'drivers', kernelDriver, 'bind'), name)
+  }
+  return poll(`the ${driver} node of ${name}`, deadline, () => nodeFor(name, driver))
+}
+
+/** Removes the device from the vDPA bus (the kernel resets it; the device keeps being served meanwhile). */
+export async function detach(name: string, options: { signal?: AbortSignal } = {}): Promise<void> {
+  await vdpa(['dev', 'del', name], options.signal)
+}
+
+/** Whether `name` is on the vDPA bus now. */
+export async function isAttached(name: string): Promise<boolean> {
+  return exists(join(BUS, 'devices', name))
+}
+
+/** The driver a vDPA device is bound to, if any (for `vduse list`). */
+export async function boundDriver(name: string): Promise<string | undefined> {
+  return currentDriver(name)
+}
+
+export async function readSysfs(path: string): Promise<string | undefined> {
+  return readFile(path, 'utf8').then(
+    (s) => s.trim(),
+    () => undefined,
+  )
+}
