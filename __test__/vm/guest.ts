@@ -22,3 +22,39 @@ export async function loadedModules(): Promise<Set<string>> {
   const { stdout } = await execFileAsync('cat', ['/proc/modules'])
   return new Set(stdout.split('\n').map((line) => line.split(' ')[0] ?? ''))
 }
+
+/** Runs a shell script without blocking this thread (which serves the device's I/O meanwhile). */
+export async function sh(script: string): Promise<string> {
+  try {
+    const { stdout } = await execFileAsync('sh', ['-ec', script], { maxBuffer: 64 << 20 })
+    return stdout
+  } catch (err) {
+    const e = err as { stdout?: string; stderr?: string; message: string }
+    throw new Error(`${e.message}\nstdout: ${e.stdout ?? ''}\nstderr: ${e.stderr ?? ''}`)
+  }
+}
+
+/** The whole-device checks the issue asks of every block device: dd+cmp, fio verify, ext4 with checksums. */
+export async function exerciseBlockDevice(dev: string, size: number, tag: string): Promise<void> {
+  const mib = Math.min(size >> 20, 64)
+  await sh(`
+    head -c ${mib}M /dev/urandom > /tmp/pattern-${tag}
+    dd if=/tmp/pattern-${tag} of=${dev} bs=1M oflag=direct status=none
+    dd if=${dev} of=/tmp/back-${tag} bs=1M count=${mib} iflag=direct status=none
+    cmp /tmp/pattern-${tag} /tmp/back-${tag}
+    rm -f /tmp/pattern-${tag} /tmp/back-${tag}`)
+  await sh(`fio --name=verify-${tag} --filename=${dev} --rw=randwrite --bs=4k --iodepth=16 --ioengine=libaio \
+    --direct=1 --numjobs=2 --size=${Math.max(1, mib >> 2)}M --offset_increment=${Math.max(1, mib >> 2)}M \
+    --verify=crc32c --do_verify=1 --verify_fatal=1 --group_reporting --output-format=terse >/dev/null`)
+  await sh(`
+    mkfs.ext4 -q -F ${dev}
+    mkdir -p /tmp/mnt-${tag}
+    mount ${dev} /tmp/mnt-${tag}
+    for i in 1 2 3; do head -c $((i*700000)) /dev/urandom > /tmp/mnt-${tag}/f$i; done
+    (cd /tmp/mnt-${tag} && sha256sum f* > /tmp/sums-${tag})
+    umount /tmp/mnt-${tag}
+    fsck.ext4 -f -n ${dev} >/dev/null
+    mount ${dev} /tmp/mnt-${tag}
+    (cd /tmp/mnt-${tag} && sha256sum -c --quiet /tmp/sums-${tag})
+    umount /tmp/mnt-${tag}`)
+}
