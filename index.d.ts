@@ -42,6 +42,11 @@ export declare class BindingDevice {
   close(): void
 }
 
+/** Answers a stale device's control messages while it is detached (see `vduse_core::Reclaim`). */
+export declare class BindingReclaim {
+  close(): void
+}
+
 /**
  * Creates a VDUSE device served by JavaScript. `onRequests` is called (at most one call queued) when
  * requests wait to be drained; `onStatus` with each new device status.
@@ -97,3 +102,9 @@ export declare function getApiVersion(controlPath?: string | undefined | null): 
 
 /** Names of all VDUSE devices that exist (any process's, including stale ones). */
 export declare function listDevices(): Array<string>
+
+/**
+ * Starts answering the control messages of a stale device (no live process serves it), so that a
+ * detach completes at once. Throws `ERR_VDUSE_BUSY` if a live process serves it.
+ */
+export declare function reclaimDevice(name: string): BindingReclaim

@@ -836,8 +836,10 @@ function __napiStampBindingTarget(exportsObject, target) {
 module.exports.__napiBindingTarget = __napiStampBindingTarget(nativeBinding, __napiLoadedBindingTarget)
 module.exports = nativeBinding
 module.exports.BindingDevice = nativeBinding.BindingDevice
+module.exports.BindingReclaim = nativeBinding.BindingReclaim
 module.exports.createDevice = nativeBinding.createDevice
 module.exports.destroyDevice = nativeBinding.destroyDevice
 module.exports.fallocate = nativeBinding.fallocate
 module.exports.getApiVersion = nativeBinding.getApiVersion
 module.exports.listDevices = nativeBinding.listDevices
+module.exports.reclaimDevice = nativeBinding.reclaimDevice

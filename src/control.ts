@@ -1,4 +1,5 @@
 import { native } from './errors'
+import { detach, isAttached } from './transport/attach'
 import { binding } from './transport/binding'
 
 /**
@@ -24,4 +25,23 @@ export function listDevices(): string[] {
  */
 export function destroyDevice(name: string): void {
   native(() => binding.destroyDevice(name))
+}
+
+/**
+ * Removes a device that no live process serves (left by a crash): answers its control messages while
+ * detaching it, so the kernel does not wait out its 30 s message timeout, then destroys it.
+ * Returns false if there was no such device.
+ *
+ * @throws {VduseError} `ERR_VDUSE_BUSY` if a live process still serves it.
+ */
+export async function removeStaleDevice(name: string): Promise<boolean> {
+  if (!listDevices().includes(name)) return false
+  const reclaim = native(() => binding.reclaimDevice(name))
+  try {
+    if (await isAttached(name)) await detach(name)
+  } finally {
+    reclaim.close()
+  }
+  destroyDevice(name)
+  return true
 }

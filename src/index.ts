@@ -1,6 +1,6 @@
 export { VduseError } from './errors'
 export type { VduseErrorCode, VduseErrorOptions } from './errors'
-export { getApiVersion, listDevices, destroyDevice } from './control'
+export { getApiVersion, listDevices, destroyDevice, removeStaleDevice } from './control'
 
 export { VirtioDevice } from './virtio/device'
 export type { VirtioDeviceOptions, AttachOptions, VirtioDeviceEvents } from './virtio/device'

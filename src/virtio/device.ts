@@ -1,5 +1,6 @@
 import { EventEmitter } from 'node:events'
 
+import { removeStaleDevice } from '../control'
 import { VduseError } from '../errors'
 import { attach, detach, type AttachDriver } from '../transport/attach'
 import { CompletionQueue, RequestBatch } from '../transport/batch'
@@ -70,6 +71,22 @@ export abstract class VirtioDevice extends EventEmitter<VirtioDeviceEvents> impl
   protected constructor(private readonly options: VirtioDeviceOptions) {
     super()
     this.name = options.name
+  }
+
+  /** With `replaceStale`, removes a leftover device of this name (also when it is still attached). */
+  protected async prepare(): Promise<void> {
+    if (this.options.replaceStale && this.options.transport === undefined) {
+      try {
+        await removeStaleDevice(this.name)
+      } catch (err) {
+        if ((err as { code?: string }).code !== 'ERR_VDUSE_BUSY') throw err
+        throw new VduseError(`a live process already serves a VDUSE device named "${this.name}"`, {
+          code: 'ERR_VDUSE_EXISTS',
+          hint: 'pick another name, or stop the process that serves it',
+          cause: err,
+        })
+      }
+    }
   }
 
   /** Creates the device (called by the subclass's async factory once it knows its features and config). */

@@ -691,3 +691,114 @@ fn message_loop(shared: &Shared, stop: &EventFd) {
         }
     }
 }
+
+/// Serves the control messages of a device no process serves any more (left by a crash), so that
+/// detaching it (`vdpa dev del`) is answered at once instead of waiting out the kernel's message timeout
+/// — which would also mark the device broken. Close it after the detach, then destroy the device.
+pub struct Reclaim {
+    stop: Arc<EventFd>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Reclaim {
+    /// Opens `/dev/vduse/NAME`; `Busy` if a live process still serves it.
+    pub fn open(name: &str) -> Result<Self> {
+        let dev = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
+            .open(format!("{}/{name}", uapi::DEV_DIR))
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::EBUSY) => Error::Busy {
+                    name: name.into(),
+                    reason: "a live process serves it",
+                },
+                Some(libc::ENOENT) => Error::NotFound { name: name.into() },
+                _ => Error::open(format!("{}/{name}", uapi::DEV_DIR), e),
+            })?;
+        let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| Error::sys("eventfd", e))?);
+        let loop_stop = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("vduse-reclaim-{name}"))
+            .spawn(move || answer_all(&dev, &loop_stop))
+            .map_err(|e| Error::sys("spawn", e))?;
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn close(mut self) {
+        self.stop_thread();
+    }
+
+    fn stop_thread(&mut self) {
+        let _ = self.stop.write(1);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Reclaim {
+    fn drop(&mut self) {
+        self.stop_thread();
+    }
+}
+
+/// Acknowledges status changes and IOTLB updates (the device serves no queues), refuses the rest.
+fn answer_all(dev: &File, stop: &EventFd) {
+    let mut fds = [
+        libc::pollfd {
+            fd: dev.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: stop.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    loop {
+        fds[0].revents = 0;
+        fds[1].revents = 0;
+        // SAFETY: `fds` is a valid array of two pollfds for the duration of the call.
+        if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } < 0 {
+            if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return;
+        }
+        if fds[1].revents != 0 || fds[0].revents & libc::POLLERR != 0 {
+            return;
+        }
+        let mut req = vduse_dev_request::default();
+        // SAFETY: the request is plain old data of exactly the size the kernel writes.
+        let buf = unsafe {
+            std::slice::from_raw_parts_mut(
+                (&mut req as *mut vduse_dev_request).cast::<u8>(),
+                std::mem::size_of::<vduse_dev_request>(),
+            )
+        };
+        if !matches!((&*dev).read(buf), Ok(n) if n == buf.len()) {
+            continue;
+        }
+        let ok = matches!(
+            req.type_,
+            uapi::VDUSE_SET_STATUS | uapi::VDUSE_UPDATE_IOTLB | uapi::VDUSE_GET_VQ_STATE
+        );
+        let mut resp = vduse_dev_response::new(req.request_id, ok);
+        if req.type_ == uapi::VDUSE_GET_VQ_STATE {
+            resp.set_split_vq_state(req.vq_index(), 0);
+        }
+        // SAFETY: the response is plain old data; the kernel reads exactly its size.
+        let out = unsafe {
+            std::slice::from_raw_parts(
+                (&resp as *const vduse_dev_response).cast::<u8>(),
+                std::mem::size_of::<vduse_dev_response>(),
+            )
+        };
+        let _ = (&*dev).write_all(out);
+    }
+}

@@ -21,6 +21,6 @@ pub mod ram_blk;
 pub mod uapi;
 
 pub use control::Control;
-pub use device::{destroy_device, list_devices, DeviceOptions, DeviceStats, VduseDevice};
+pub use device::{destroy_device, list_devices, DeviceOptions, DeviceStats, Reclaim, VduseDevice};
 pub use error::{Error, Result};
 pub use model::{Completer, DeviceModel, Request, RequestBatch};

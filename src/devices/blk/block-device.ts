@@ -181,6 +181,7 @@ export class BlockDevice extends VirtioDevice {
   /** Creates the device and starts serving it; attach it with `attach()`. */
   static async create(options: BlockDeviceOptions): Promise<BlockDevice> {
     const device = new BlockDevice(options)
+    await device.prepare()
     device.start(options)
     return device
   }

@@ -1,0 +1,112 @@
+import test from 'ava'
+import { execFile } from 'node:child_process'
+import { join } from 'node:path'
+
+import { parseCommand, parseSize, UsageError } from '../src/cli/args'
+
+const CLI = join(__dirname, '../src/cli/main.ts')
+
+function run(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  return new Promise((resolve) => {
+    execFile(process.execPath, ['--import=tsx', CLI, ...args], (err, stdout, stderr) => {
+      resolve({ code: err ? ((err as { code?: number }).code ?? 1) : 0, stdout, stderr })
+    })
+  })
+}
+
+test('sizes take binary suffixes', (t) => {
+  t.is(parseSize('4096', 'x'), 4096)
+  t.is(parseSize('64M', 'x'), 64 << 20)
+  t.is(parseSize('1G', 'x'), 1 << 30)
+  t.is(parseSize('2k', 'x'), 2048)
+  t.is(parseSize('1GiB', 'x'), 1 << 30)
+  t.throws(() => parseSize('12Q', '--memory'), { instanceOf: UsageError, message: /--memory/ })
+  t.throws(() => parseSize('0', 'x'), { instanceOf: UsageError })
+})
+
+test('blk options parse into a command with defaults', (t) => {
+  t.deepEqual(parseCommand(['blk', '--name', 'd0', '--memory', '64M', '--json']), {
+    command: 'blk',
+    name: 'd0',
+    backend: { kind: 'memory', size: 64 << 20 },
+    queues: 1,
+    queueSize: 256,
+    blockSize: 512,
+    readOnly: false,
+    attach: 'virtio',
+    replace: false,
+    json: true,
+  })
+  const c = parseCommand([
+    'blk',
+    '--name',
+    'd1',
+    '--file',
+    '/tmp/x.img',
+    '--size',
+    '1G',
+    '--direct',
+    '--queues',
+    '4',
+    '--queue-size',
+    '1024',
+    '--block-size',
+    '4096',
+    '--read-only',
+    '--serial',
+    'S1',
+    '--attach',
+    'vhost',
+    '--timeout',
+    '5000',
+  ])
+  t.like(c, {
+    backend: { kind: 'file', path: '/tmp/x.img', size: 1 << 30, direct: true },
+    queues: 4,
+    queueSize: 1024,
+    blockSize: 4096,
+    readOnly: true,
+    serial: 'S1',
+    attach: 'vhost',
+    timeoutMs: 5000,
+  })
+  t.deepEqual(parseCommand(['list', '--json']), { command: 'list', json: true })
+  t.deepEqual(parseCommand(['destroy', 'd0']), { command: 'destroy', name: 'd0' })
+  t.deepEqual(parseCommand([]), { command: 'help' })
+})
+
+test('bad usage is a UsageError naming the problem', (t) => {
+  const bad: [string[], RegExp][] = [
+    [['blk', '--memory', '1M'], /--name/],
+    [['blk', '--name', 'x'], /exactly one of/],
+    [['blk', '--name', 'x', '--memory', '1M', '--null', '1M'], /exactly one of/],
+    [['blk', '--name', 'x', '--memory', '1M', '--queue-size', '100'], /power of two/],
+    [['blk', '--name', 'x', '--memory', '1M', '--block-size', '1024'], /512 or 4096/],
+    [['blk', '--name', 'x', '--memory', '1M', '--attach', 'pci'], /virtio, vhost or none/],
+    [['blk', '--name', 'a/b', '--memory', '1M'], /--name/],
+    [['blk', '--name', 'x', '--memory', '1M', '--size', '2M'], /go with --file/],
+    [['blk', '--name', 'x', '--memory', '1M', '--bogus'], /bogus/],
+    [['frobnicate'], /unknown command/],
+    [['destroy'], /exactly one/],
+  ]
+  for (const [args, message] of bad)
+    t.throws(() => parseCommand(args), { instanceOf: UsageError, message }, args.join(' '))
+})
+
+test('the CLI exits 2 on bad usage with one clear line, and prints help', async (t) => {
+  const bad = await run(['blk', '--name', 'x'])
+  t.is(bad.code, 2)
+  t.regex(bad.stderr, /^vduse: blk needs exactly one of .*\nTry 'vduse --help'\.\n$/)
+  const help = await run(['--help'])
+  t.is(help.code, 0)
+  t.regex(help.stdout, /Usage:\n {2}vduse blk --name NAME/)
+})
+
+test('without VDUSE the CLI says so in one line with the fix, and exits non-zero', async (t) => {
+  const res = await run(['blk', '--name', 'nokernel', '--memory', '1M', '--json'])
+  t.is(res.code, 1)
+  t.regex(res.stderr, /^vduse: .*\(ERR_VDUSE_UNAVAILABLE\) — load the module with `modprobe vduse`/)
+  t.is(res.stderr.trim().split('\n').length, 1)
+  const event = JSON.parse(res.stdout.trim()) as { event: string; code: string }
+  t.deepEqual([event.event, event.code], ['error', 'ERR_VDUSE_UNAVAILABLE'])
+})

@@ -1,0 +1,137 @@
+import test from 'ava'
+import { spawn, type ChildProcess } from 'node:child_process'
+import { readFileSync } from 'node:fs'
+import { join } from 'node:path'
+import { createInterface } from 'node:readline'
+
+import { assertInGuest, exerciseBlockDevice, sh } from './guest'
+
+const BIN = join(__dirname, '../../bin/vduse.js')
+
+test.before(() => assertInGuest())
+
+interface Running {
+  child: ChildProcess
+  events: Array<Record<string, unknown>>
+  next(event: string): Promise<Record<string, unknown>>
+  exit: Promise<number | null>
+  stderr: () => string
+}
+
+function start(args: string[]): Running {
+  const child = spawn(process.execPath, [BIN, ...args], { stdio: ['ignore', 'pipe', 'pipe'] })
+  const events: Array<Record<string, unknown>> = []
+  const waiters: Array<{ event: string; resolve: (e: Record<string, unknown>) => void }> = []
+  let err = ''
+  child.stderr!.on('data', (d: Buffer) => (err += d.toString()))
+  createInterface({ input: child.stdout! }).on('line', (line) => {
+    const e = JSON.parse(line) as Record<string, unknown>
+    events.push(e)
+    for (const w of waiters.filter((w) => w.event === e.event)) w.resolve(e)
+  })
+  const exit = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)))
+  return {
+    child,
+    events,
+    exit,
+    stderr: () => err,
+    next: (event) =>
+      new Promise((resolve, reject) => {
+        const seen = events.find((e) => e.event === event)
+        if (seen) return resolve(seen)
+        waiters.push({ event, resolve })
+        void exit.then((code) => reject(new Error(`vduse exited (${code}) before "${event}": ${err}`)))
+      }),
+  }
+}
+
+test('vduse blk --memory 64M --name d0 --attach virtio --json serves a working /dev/vdX and stops cleanly', async (t) => {
+  const cli = start([
+    'blk',
+    '--memory',
+    '64M',
+    '--name',
+    'd0',
+    '--attach',
+    'virtio',
+    '--json',
+    '--queues',
+    '2',
+  ])
+  const ready = await cli.next('ready')
+  t.is(ready.name, 'd0')
+  const dev = ready.path as string
+  t.regex(dev, /^\/dev\/vd[a-z]+$/)
+  await exerciseBlockDevice(dev, 64 << 20, 'climem')
+  const listed = await sh(`node ${BIN} list --json`)
+  t.like(
+    JSON.parse(
+      listed
+        .trim()
+        .split('\n')
+        .find((l) => l.includes('"d0"'))!,
+    ),
+    {
+      name: 'd0',
+      served: true,
+      attached: true,
+      driver: 'virtio_vdpa',
+    },
+  )
+  // A second server for the same name: one clear line, non-zero exit.
+  const clash = start(['blk', '--memory', '1M', '--name', 'd0', '--attach', 'none'])
+  t.is(await clash.exit, 1)
+  t.regex(clash.stderr(), /^vduse: .*ERR_VDUSE_EXISTS.*\n$/)
+  cli.child.kill('SIGTERM')
+  t.is(await cli.exit, 0)
+  t.like(await cli.next('stopped'), { event: 'stopped', name: 'd0', signal: 'SIGTERM' })
+  t.false((await sh(`node ${BIN} list`)).includes('d0'))
+})
+
+test('file backend through the CLI: the image holds the bytes after SIGTERM; --read-only rejects writes', async (t) => {
+  const image = '/tmp/cli-file.img'
+  const cli = start(['blk', '--file', image, '--size', '64M', '--name', 'cli-file', '--json'])
+  const dev = (await cli.next('ready')).path as string
+  await exerciseBlockDevice(dev, 64 << 20, 'clifile')
+  await sh(
+    `head -c 8M /dev/urandom > /tmp/cli-pattern; dd if=/tmp/cli-pattern of=${dev} bs=1M seek=8 status=none`,
+  )
+  // No sync: a graceful stop must flush what the guest wrote.
+  cli.child.kill('SIGTERM')
+  t.is(await cli.exit, 0)
+  t.deepEqual(readFileSync(image).subarray(8 << 20, 16 << 20), readFileSync('/tmp/cli-pattern'))
+
+  const ro = start(['blk', '--file', image, '--read-only', '--name', 'cli-ro', '--json'])
+  const rodev = (await ro.next('ready')).path as string
+  await t.throwsAsync(sh(`dd if=/dev/zero of=${rodev} bs=4k count=1 oflag=direct status=none`))
+  t.is(
+    (
+      await sh(
+        `dd if=${rodev} bs=1M skip=8 count=8 iflag=direct status=none | cmp - /tmp/cli-pattern && echo same`,
+      )
+    ).trim(),
+    'same',
+  )
+  ro.child.kill('SIGINT')
+  t.is(await ro.exit, 0)
+})
+
+test('vduse list shows a stale device left by a killed server, and vduse destroy removes it', async (t) => {
+  const cli = start(['blk', '--memory', '8M', '--name', 'stale0', '--json'])
+  await cli.next('ready')
+  cli.child.kill('SIGKILL')
+  await cli.exit
+  const row = JSON.parse(
+    (await sh(`node ${BIN} list --json`))
+      .trim()
+      .split('\n')
+      .find((l) => l.includes('stale0'))!,
+  )
+  t.like(row, { name: 'stale0', served: false, stale: true, attached: true })
+  t.regex(await sh(`node ${BIN} destroy stale0`), /destroyed stale0/)
+  t.false((await sh(`node ${BIN} list`)).includes('stale0'))
+  // A name that does not exist: non-zero, one line.
+  const missing = start(['destroy', 'nothing-here'])
+  t.is(await missing.exit, 1)
+  t.regex(missing.stderr(), /ERR_VDUSE_NOT_FOUND/)
+})

@@ -1,0 +1,184 @@
+import { parseArgs } from 'node:util'
+
+/** A usage error: printed with the help hint, exit code 2. */
+export class UsageError extends Error {
+  override name = 'UsageError'
+}
+
+export const HELP = `Usage:
+  vduse blk --name NAME (--memory SIZE | --file PATH | --null SIZE) [options]
+  vduse list [--json]
+  vduse destroy NAME
+
+Serve a virtio-blk device from this process through VDUSE (Linux >= 5.15; as root, with
+\`modprobe vduse virtio_vdpa\`), until SIGINT or SIGTERM.
+
+Backends (exactly one):
+  --memory SIZE          a RAM disk of SIZE bytes (suffixes K, M, G, T)
+  --file PATH            a regular file or block device; data moves natively
+  --null SIZE            discards writes, reads return whatever is in the buffers
+
+Options for blk:
+  --size SIZE            with --file: create or grow the file to SIZE
+  --direct               with --file: O_DIRECT
+  --queues N             virtqueues (default 1)
+  --queue-size N         ring size, a power of two (default 256)
+  --block-size 512|4096  logical block size (default 512)
+  --read-only            offer the device read-only
+  --serial S             serial number (up to 20 bytes)
+  --attach virtio|vhost|none
+                         bind to virtio_vdpa (a /dev/vdX here, the default), to vhost_vdpa
+                         (/dev/vhost-vdpa-N for a VM), or leave it detached
+  --timeout MS           fail a backend call that takes longer (default: no limit)
+  --replace              replace a stale device of the same name left by a dead process
+  --json                 one JSON event per line on stdout (ready, stopped, error)
+
+Other commands:
+  list                   VDUSE devices on this machine, ours and stale ones
+  destroy NAME           detach and destroy a stale device
+
+  -h, --help             this help
+  --version              the package version
+`
+
+const SIZE = /^(\d+)([KMGT]i?B?|[kmgt])?$/
+
+/** Parses "64M", "1G", "4096" (binary suffixes). */
+export function parseSize(text: string, what: string): number {
+  const m = SIZE.exec(text.trim())
+  if (!m) throw new UsageError(`${what}: "${text}" is not a size (like 4096, 64M, 1G)`)
+  const unit = (m[2] ?? '').charAt(0).toUpperCase()
+  const shift = { '': 0, K: 10, M: 20, G: 30, T: 40 }[unit] ?? 0
+  const value = Number(m[1]) * 2 ** shift
+  if (!Number.isSafeInteger(value) || value <= 0) throw new UsageError(`${what}: ${text} is out of range`)
+  return value
+}
+
+function parseInteger(text: string | undefined, what: string, min: number, max: number): number | undefined {
+  if (text === undefined) return undefined
+  const n = Number(text)
+  if (!Number.isInteger(n) || n < min || n > max)
+    throw new UsageError(`${what} must be an integer from ${min} to ${max}`)
+  return n
+}
+
+export type Backend =
+  | { kind: 'memory'; size: number }
+  | { kind: 'null'; size: number }
+  | { kind: 'file'; path: string; size?: number; direct: boolean }
+
+export interface BlkCommand {
+  command: 'blk'
+  name: string
+  backend: Backend
+  queues: number
+  queueSize: number
+  blockSize: 512 | 4096
+  readOnly: boolean
+  serial?: string
+  attach: 'virtio' | 'vhost' | 'none'
+  timeoutMs?: number
+  replace: boolean
+  json: boolean
+}
+
+export type Command =
+  | BlkCommand
+  | { command: 'list'; json: boolean }
+  | { command: 'destroy'; name: string }
+  | { command: 'help' }
+  | { command: 'version' }
+
+export function parseCommand(argv: readonly string[]): Command {
+  const [command, ...rest] = argv
+  if (command === undefined || command === '-h' || command === '--help' || command === 'help')
+    return { command: 'help' }
+  if (command === '--version') return { command: 'version' }
+  let parsed
+  try {
+    parsed = parseArgs({
+      args: rest as string[],
+      allowPositionals: true,
+      strict: true,
+      options: {
+        name: { type: 'string' },
+        memory: { type: 'string' },
+        file: { type: 'string' },
+        null: { type: 'string' },
+        size: { type: 'string' },
+        direct: { type: 'boolean' },
+        queues: { type: 'string' },
+        'queue-size': { type: 'string' },
+        'block-size': { type: 'string' },
+        'read-only': { type: 'boolean' },
+        serial: { type: 'string' },
+        attach: { type: 'string' },
+        timeout: { type: 'string' },
+        replace: { type: 'boolean' },
+        json: { type: 'boolean' },
+        help: { type: 'boolean', short: 'h' },
+      },
+    })
+  } catch (err) {
+    throw new UsageError((err as Error).message)
+  }
+  const { values: v, positionals } = parsed
+  if (v.help) return { command: 'help' }
+  switch (command) {
+    case 'list':
+      if (positionals.length > 0) throw new UsageError('list takes no arguments')
+      return { command: 'list', json: v.json ?? false }
+    case 'destroy': {
+      if (positionals.length !== 1) throw new UsageError('destroy takes exactly one device name')
+      return { command: 'destroy', name: positionals[0]! }
+    }
+    case 'blk':
+      break
+    default:
+      throw new UsageError(`unknown command "${command}"`)
+  }
+  if (positionals.length > 0) throw new UsageError(`unexpected argument "${positionals[0]}"`)
+  if (!v.name) throw new UsageError('blk needs --name NAME')
+  if (!/^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$/.test(v.name) || v.name === 'control') {
+    throw new UsageError(`--name "${v.name}": use letters, digits, '.', '_' and '-' (not "control")`)
+  }
+  const chosen = (['memory', 'file', 'null'] as const).filter((k) => v[k] !== undefined)
+  if (chosen.length !== 1)
+    throw new UsageError('blk needs exactly one of --memory SIZE, --file PATH, --null SIZE')
+  let backend: Backend
+  if (v.memory !== undefined) backend = { kind: 'memory', size: parseSize(v.memory, '--memory') }
+  else if (v.null !== undefined) backend = { kind: 'null', size: parseSize(v.null, '--null') }
+  else {
+    backend = { kind: 'file', path: v.file!, direct: v.direct ?? false }
+    if (v.size !== undefined) backend.size = parseSize(v.size, '--size')
+  }
+  if (backend.kind !== 'file' && (v.size !== undefined || v.direct)) {
+    throw new UsageError('--size and --direct go with --file')
+  }
+  const blockSize = parseInteger(v['block-size'], '--block-size', 512, 4096) ?? 512
+  if (blockSize !== 512 && blockSize !== 4096) throw new UsageError('--block-size must be 512 or 4096')
+  const queueSize = parseInteger(v['queue-size'], '--queue-size', 4, 32768) ?? 256
+  if ((queueSize & (queueSize - 1)) !== 0) throw new UsageError('--queue-size must be a power of two')
+  const attach = v.attach ?? 'virtio'
+  if (attach !== 'virtio' && attach !== 'vhost' && attach !== 'none') {
+    throw new UsageError('--attach must be virtio, vhost or none')
+  }
+  if (v.serial !== undefined && Buffer.byteLength(v.serial) > 20)
+    throw new UsageError('--serial is at most 20 bytes')
+  const cmd: BlkCommand = {
+    command: 'blk',
+    name: v.name,
+    backend,
+    queues: parseInteger(v.queues, '--queues', 1, 64) ?? 1,
+    queueSize,
+    blockSize,
+    readOnly: v['read-only'] ?? false,
+    attach,
+    replace: v.replace ?? false,
+    json: v.json ?? false,
+  }
+  if (v.serial !== undefined) cmd.serial = v.serial
+  const timeout = parseInteger(v.timeout, '--timeout', 1, 3_600_000)
+  if (timeout !== undefined) cmd.timeoutMs = timeout
+  return cmd
+}

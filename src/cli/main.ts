@@ -1,0 +1,191 @@
+import { openSync, closeSync, constants, readFileSync } from 'node:fs'
+import { join } from 'node:path'
+
+import { FileBackend } from '../backends/file'
+import { MemoryBackend } from '../backends/memory'
+import { NullBackend } from '../backends/null'
+import type { BlockBackend } from '../backends/backend'
+import { listDevices, removeStaleDevice } from '../control'
+import { BlockDevice } from '../devices/blk/block-device'
+import { VduseError } from '../errors'
+import { boundDriver, isAttached } from '../transport/attach'
+import { HELP, parseCommand, UsageError, type BlkCommand } from './args'
+
+type Emit = (event: Record<string, unknown>) => void
+
+function fail(err: unknown, json: boolean): number {
+  const e = err instanceof Error ? err : new Error(String(err))
+  const code = (e as { code?: string }).code
+  const hint = e instanceof VduseError ? e.hint : undefined
+  if (json) process.stdout.write(JSON.stringify({ event: 'error', code, message: e.message, hint }) + '\n')
+  process.stderr.write(`vduse: ${e.message}${code ? ` (${code})` : ''}${hint ? ` — ${hint}` : ''}\n`)
+  return 1
+}
+
+async function openBackend(spec: BlkCommand['backend'], readOnly: boolean): Promise<BlockBackend> {
+  switch (spec.kind) {
+    case 'memory':
+      return new MemoryBackend(spec.size)
+    case 'null':
+      return new NullBackend(spec.size)
+    case 'file': {
+      const options: { readOnly: boolean; direct: boolean; size?: number } = { readOnly, direct: spec.direct }
+      if (spec.size !== undefined) options.size = spec.size
+      return FileBackend.open(spec.path, options)
+    }
+  }
+}
+
+async function serveBlk(cmd: BlkCommand, emit: Emit): Promise<number> {
+  const backend = await openBackend(cmd.backend, cmd.readOnly)
+  let device: BlockDevice
+  try {
+    const options: Parameters<typeof BlockDevice.create>[0] = {
+      name: cmd.name,
+      backend,
+      queues: cmd.queues,
+      queueSize: cmd.queueSize,
+      logicalBlockSize: cmd.blockSize,
+      readOnly: cmd.readOnly,
+      replaceStale: cmd.replace,
+    }
+    if (cmd.serial !== undefined) options.serial = cmd.serial
+    if (cmd.timeoutMs !== undefined) options.requestTimeoutMs = cmd.timeoutMs
+    device = await BlockDevice.create(options)
+  } catch (err) {
+    await backend.close?.()
+    throw err
+  }
+  device.on('requestError', (err) => emit({ event: 'request-error', name: cmd.name, message: err.message }))
+  device.on('error', (err) => emit({ event: 'error', name: cmd.name, message: err.message }))
+
+  let stopping: Promise<number> | undefined
+  const stop = (signal: string): Promise<number> => {
+    stopping ??= (async () => {
+      await device.close()
+      await backend.close?.()
+      emit({ event: 'stopped', name: cmd.name, signal, stats: device.stats })
+      return 0
+    })()
+    return stopping
+  }
+  const stopped = new Promise<number>((resolve, reject) => {
+    for (const sig of ['SIGINT', 'SIGTERM'] as const) {
+      process.once(sig, () => stop(sig).then(resolve, reject))
+    }
+  })
+
+  let path: string | undefined
+  try {
+    if (cmd.attach !== 'none') path = await device.attach({ driver: cmd.attach })
+  } catch (err) {
+    await device.close().catch(() => {})
+    await backend.close?.()
+    throw err
+  }
+  emit({
+    event: 'ready',
+    name: cmd.name,
+    path: path ?? null,
+    size: device.size,
+    queues: cmd.queues,
+    features: device.offeredFeatures,
+  })
+  return stopped
+}
+
+/** `vduse list`: every VDUSE device, whether a live process serves it, and where it is attached. */
+async function list(json: boolean): Promise<number> {
+  const rows = []
+  for (const name of listDevices()) {
+    let served = false
+    try {
+      closeSync(openSync(join('/dev/vduse', name), constants.O_RDWR | constants.O_NONBLOCK))
+    } catch (err) {
+      served = (err as NodeJS.ErrnoException).code === 'EBUSY'
+    }
+    const attached = await isAttached(name)
+    rows.push({
+      name,
+      served,
+      stale: !served,
+      attached,
+      driver: attached ? ((await boundDriver(name)) ?? null) : null,
+    })
+  }
+  if (json) for (const r of rows) process.stdout.write(JSON.stringify(r) + '\n')
+  else if (rows.length === 0) process.stdout.write('no VDUSE devices\n')
+  else {
+    for (const r of rows) {
+      const where = r.attached ? `attached (${r.driver ?? 'no driver'})` : 'detached'
+      process.stdout.write(`${r.name}\t${r.served ? 'served' : 'stale'}\t${where}\n`)
+    }
+  }
+  return 0
+}
+
+async function destroy(name: string): Promise<number> {
+  if (!listDevices().includes(name)) {
+    throw new VduseError(`no VDUSE device named "${name}"`, { code: 'ERR_VDUSE_NOT_FOUND' })
+  }
+  await removeStaleDevice(name)
+  process.stdout.write(`destroyed ${name}\n`)
+  return 0
+}
+
+export async function main(argv: readonly string[]): Promise<number> {
+  let json = argv.includes('--json')
+  try {
+    const cmd = parseCommand(argv)
+    switch (cmd.command) {
+      case 'help':
+        process.stdout.write(HELP)
+        return 0
+      case 'version': {
+        const pkg = JSON.parse(readFileSync(join(__dirname, '../../package.json'), 'utf8')) as {
+          version: string
+        }
+        process.stdout.write(`${pkg.version}\n`)
+        return 0
+      }
+      case 'list':
+        return await list(cmd.json)
+      case 'destroy':
+        return await destroy(cmd.name)
+      case 'blk': {
+        json = cmd.json
+        const emit: Emit = json
+          ? (e) => process.stdout.write(JSON.stringify(e) + '\n')
+          : (e) => {
+              if (e.event === 'ready')
+                process.stderr.write(
+                  `vduse: ${String(e.name)} ready at ${String(e.path ?? '(not attached)')}\n`,
+                )
+              else if (e.event === 'stopped') process.stderr.write(`vduse: ${String(e.name)} stopped\n`)
+              else process.stderr.write(`vduse: ${String(e.event)}: ${String(e.message ?? '')}\n`)
+            }
+        return await serveBlk(cmd, emit)
+      }
+    }
+  } catch (err) {
+    if (err instanceof UsageError) {
+      process.stderr.write(`vduse: ${err.message}\nTry 'vduse --help'.\n`)
+      return 2
+    }
+    return fail(err, json)
+  }
+}
+
+if (require.main === module) {
+  main(process.argv.slice(2)).then(
+    (code) => {
+      process.exitCode = code
+      // Nothing else should keep us alive once the command is done.
+      setImmediate(() => process.exit(code))
+    },
+    (err: unknown) => {
+      process.stderr.write(`vduse: ${String(err)}\n`)
+      process.exit(1)
+    },
+  )
+}
