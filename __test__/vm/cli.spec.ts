@@ -135,3 +135,33 @@ test('vduse list shows a stale device left by a killed server, and vduse destroy
   t.is(await missing.exit, 1)
   t.regex(missing.stderr(), /ERR_VDUSE_NOT_FOUND/)
 })
+
+test('npx vduse blk --memory 64M --name d0 --attach virtio --json prints the ready line with a working /dev/vdX', async (t) => {
+  const child = spawn(
+    'npx',
+    ['vduse', 'blk', '--memory', '64M', '--name', 'd0', '--attach', 'virtio', '--json'],
+    {
+      stdio: ['ignore', 'pipe', 'inherit'],
+      detached: true,
+      env: { ...process.env, npm_config_cache: '/tmp/npm-cache', npm_config_update_notifier: 'false' },
+    },
+  )
+  const ready = await new Promise<Record<string, unknown>>((resolve, reject) => {
+    createInterface({ input: child.stdout! }).on('line', (line) => {
+      const e = JSON.parse(line) as Record<string, unknown>
+      if (e.event === 'ready') resolve(e)
+    })
+    child.on('exit', (code) => reject(new Error(`npx exited with ${code} before ready`)))
+  })
+  t.like(ready, { event: 'ready', name: 'd0' })
+  const dev = ready.path as string
+  await sh(`dd if=/dev/urandom of=/tmp/npx-pattern bs=1M count=4 status=none
+    dd if=/tmp/npx-pattern of=${dev} bs=1M oflag=direct status=none
+    dd if=${dev} bs=1M count=4 iflag=direct status=none | cmp - /tmp/npx-pattern`)
+  const exited = new Promise((resolve) => child.on('exit', resolve))
+  process.kill(-child.pid!, 'SIGTERM')
+  await exited
+  for (let i = 0; i < 100 && (await sh(`node ${BIN} list`)).includes('d0'); i++)
+    await new Promise((r) => setTimeout(r, 100))
+  t.false((await sh(`node ${BIN} list`)).includes('d0'), 'the device is gone after the stop')
+})

@@ -63,6 +63,8 @@ pub struct BindingDevice {
     model: Arc<JsModel>,
     io: Option<IoPool>,
     scratch: Vec<u32>,
+    /// The counters as they were when the device was closed.
+    final_stats: vduse_core::DeviceStats,
 }
 
 /// Creates a VDUSE device served by JavaScript. `onRequests` is called (at most one call queued) when
@@ -114,6 +116,7 @@ pub fn create_device(
         model,
         io: Some(io),
         scratch: Vec::new(),
+        final_stats: Default::default(),
     })
 }
 
@@ -275,7 +278,7 @@ impl BindingDevice {
 
     #[napi]
     pub fn counters(&self) -> DeviceCounters {
-        let s = self.device.as_ref().map(|d| d.stats()).unwrap_or_default();
+        let s = self.device.as_ref().map_or(self.final_stats, |d| d.stats());
         DeviceCounters {
             kicks: s.kicks as f64,
             batches: s.batches as f64,
@@ -296,7 +299,10 @@ impl BindingDevice {
             io.stop();
         }
         match self.device.take() {
-            Some(device) => device.close().map_err(to_napi),
+            Some(device) => {
+                self.final_stats = device.stats();
+                device.close().map_err(to_napi)
+            }
             None => Ok(()),
         }
     }
