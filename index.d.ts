@@ -42,6 +42,24 @@ export declare class BindingDevice {
   close(): void
 }
 
+export declare class BindingLoopback {
+  drain(header: Uint32Array, reqs: Uint32Array, segs: Float64Array): number
+  region(slot: number, regionKey: number): ArrayBuffer
+  complete(done: Uint32Array, count: number): void
+  /** Most requests in flight at once (the ring holds this many 3-buffer chains). */
+  capacity(): number
+  /**
+   * The driver side, a separate object: its async `run` must not hold a borrow of this one, whose
+   * `drain`/`complete` JavaScript calls meanwhile.
+   */
+  driver(): BindingLoopbackDriver
+}
+
+export declare class BindingLoopbackDriver {
+  /** Drives `total` requests through, `batch` per kick, on a libuv thread; resolves with the timing. */
+  run(total: number, batch: number): Promise<unknown>
+}
+
 /** Answers a stale device's control messages while it is detached (see `vduse_core::Reclaim`). */
 export declare class BindingReclaim {
   close(): void
@@ -52,6 +70,9 @@ export declare class BindingReclaim {
  * requests wait to be drained; `onStatus` with each new device status.
  */
 export declare function createDevice(init: DeviceInit, onRequests: () => void, onStatus: (arg: number) => void): BindingDevice
+
+/** A one-queue loopback device served by JavaScript (same callbacks as `createDevice`). */
+export declare function createLoopback(init: DeviceInit, onRequests: () => void, onStatus: (arg: number) => void): BindingLoopback
 
 /** Destroys a VDUSE device by name (detached and not served by any process). */
 export declare function destroyDevice(name: string): void
@@ -102,6 +123,12 @@ export declare function getApiVersion(controlPath?: string | undefined | null): 
 
 /** Names of all VDUSE devices that exist (any process's, including stale ones). */
 export declare function listDevices(): Array<string>
+
+export interface LoopbackReport {
+  requests: number
+  elapsedNs: number
+  interrupts: number
+}
 
 /**
  * Starts answering the control messages of a stale device (no live process serves it), so that a

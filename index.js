@@ -836,8 +836,11 @@ function __napiStampBindingTarget(exportsObject, target) {
 module.exports.__napiBindingTarget = __napiStampBindingTarget(nativeBinding, __napiLoadedBindingTarget)
 module.exports = nativeBinding
 module.exports.BindingDevice = nativeBinding.BindingDevice
+module.exports.BindingLoopback = nativeBinding.BindingLoopback
+module.exports.BindingLoopbackDriver = nativeBinding.BindingLoopbackDriver
 module.exports.BindingReclaim = nativeBinding.BindingReclaim
 module.exports.createDevice = nativeBinding.createDevice
+module.exports.createLoopback = nativeBinding.createLoopback
 module.exports.destroyDevice = nativeBinding.destroyDevice
 module.exports.fallocate = nativeBinding.fallocate
 module.exports.getApiVersion = nativeBinding.getApiVersion

@@ -64,7 +64,7 @@ async function serveBlk(cmd: BlkCommand, emit: Emit): Promise<number> {
     stopping ??= (async () => {
       await device.close()
       await backend.close?.()
-      emit({ event: 'stopped', name: cmd.name, signal, stats: device.stats })
+      emit({ event: 'stopped', name: cmd.name, signal, stats: device.stats, counters: device.counters() })
       return 0
     })()
     return stopping

@@ -8,12 +8,14 @@
 //! - [`queue`]: one virtqueue, its worker, batched completions and interrupts;
 //! - [`model`]: the transport-free device-model trait;
 //! - [`device`]: a VDUSE device — creation, the message loop, queue lifecycle, teardown;
-//! - [`ram_blk`]: the native reference model, a RAM-backed virtio-blk.
+//! - [`ram_blk`]: the native reference model, a RAM-backed virtio-blk;
+//! - [`loopback`]: a kernel-free driver for one queue, for benchmarks of everything above the kernel.
 
 pub mod chain;
 pub mod control;
 pub mod device;
 pub mod error;
+pub mod loopback;
 pub mod memory;
 pub mod model;
 pub mod queue;

@@ -9,8 +9,8 @@ use napi::bindgen_prelude::{
 use napi_derive::napi;
 use vduse_core::{DeviceOptions, VduseDevice};
 
-use crate::error::{to_napi, Code};
-use crate::js_model::{Doorbell, JsModel, ModelInfo, StatusCallback};
+use crate::error::{native, to_napi, Code};
+use crate::js_model::{Doorbell, JsModel, JsSide, ModelInfo, StatusCallback};
 use crate::native_io::{IoPool, Op};
 
 /// What TypeScript tells the binding about a device.
@@ -50,19 +50,12 @@ pub struct DeviceCounters {
     pub pending: f64,
 }
 
-fn native(msg: impl std::fmt::Display) -> napi::Error<Code> {
-    napi::Error::new(
-        Code("ERR_VDUSE_NATIVE"),
-        format!("{{\"message\":{:?}}}", msg.to_string()),
-    )
-}
-
 #[napi]
 pub struct BindingDevice {
     device: Option<VduseDevice>,
     model: Arc<JsModel>,
+    js: JsSide,
     io: Option<IoPool>,
-    scratch: Vec<u32>,
     /// The counters as they were when the device was closed.
     final_stats: vduse_core::DeviceStats,
 }
@@ -75,6 +68,30 @@ pub fn create_device(
     on_requests: Function<(), ()>,
     on_status: Function<u32, ()>,
 ) -> napi::Result<BindingDevice, Code> {
+    let model = js_model(&init, on_requests, on_status)?;
+    let io = IoPool::new(init.io_threads.unwrap_or(4) as usize, model.clone()).map_err(native)?;
+    let mut options = DeviceOptions::new(init.name);
+    options.vendor_id = init.vendor_id.unwrap_or(0);
+    options.replace_stale = init.replace_stale.unwrap_or(false);
+    if let Some(ms) = init.drain_timeout_ms {
+        options.drain_timeout = std::time::Duration::from_millis(u64::from(ms));
+    }
+    let device = VduseDevice::create(options, model.clone()).map_err(to_napi)?;
+    Ok(BindingDevice {
+        device: Some(device),
+        js: JsSide::new(model.clone()),
+        model,
+        io: Some(io),
+        final_stats: Default::default(),
+    })
+}
+
+/// The JavaScript-served model of a device described by `init`.
+pub fn js_model(
+    init: &DeviceInit,
+    on_requests: Function<(), ()>,
+    on_status: Function<u32, ()>,
+) -> napi::Result<Arc<JsModel>, Code> {
     let (_, features, lossless) = init.features.get_u64();
     if !lossless {
         return Err(native("features must fit in 64 bits"));
@@ -102,22 +119,7 @@ pub fn create_device(
         queue_size,
         max_segments: init.max_segments.map_or(usize::from(queue_size), |m| m as usize),
     };
-    let model = Arc::new(JsModel::new(info, doorbell, status));
-    let io = IoPool::new(init.io_threads.unwrap_or(4) as usize, model.clone()).map_err(native)?;
-    let mut options = DeviceOptions::new(init.name);
-    options.vendor_id = init.vendor_id.unwrap_or(0);
-    options.replace_stale = init.replace_stale.unwrap_or(false);
-    if let Some(ms) = init.drain_timeout_ms {
-        options.drain_timeout = std::time::Duration::from_millis(u64::from(ms));
-    }
-    let device = VduseDevice::create(options, model.clone()).map_err(to_napi)?;
-    Ok(BindingDevice {
-        device: Some(device),
-        model,
-        io: Some(io),
-        scratch: Vec::new(),
-        final_stats: Default::default(),
-    })
+    Ok(Arc::new(JsModel::new(info, doorbell, status)))
 }
 
 #[napi]
@@ -129,71 +131,11 @@ impl BindingDevice {
     #[napi]
     pub fn drain(
         &mut self,
-        mut header: Uint32ArraySlice,
-        mut reqs: Uint32ArraySlice,
-        mut segs: Float64ArraySlice,
+        header: Uint32ArraySlice,
+        reqs: Uint32ArraySlice,
+        segs: Float64ArraySlice,
     ) -> u32 {
-        // SAFETY: the arrays belong to the caller, which is blocked in this synchronous call; nothing else
-        // touches them meanwhile.
-        let (header, reqs, segs) = unsafe { (header.as_mut(), reqs.as_mut(), segs.as_mut()) };
-        let max_reqs = reqs.len() / 4;
-        let max_segs = segs.len() / 3;
-        self.scratch.clear();
-        self.model.take_pending(max_reqs, &mut self.scratch);
-        let (mut n, mut s) = (0usize, 0usize);
-        let slots = self.model.slots();
-        let mut stop_at = None;
-        for (k, &id) in self.scratch.iter().enumerate() {
-            let Some(slot) = slots.get(id) else { continue };
-            let Some(map) = slot.map.as_ref() else { continue };
-            let first = s;
-            let mut counts = [0u32; 2];
-            let mut fits = true;
-            for (i, seg) in slot.segments.iter().enumerate() {
-                let mut addr = seg.addr;
-                let mut left = u64::from(seg.len);
-                while left > 0 {
-                    let Some((region, offset)) = map.locate(addr) else {
-                        left = 0;
-                        continue;
-                    };
-                    let piece = left.min(map.region_len(region).unwrap_or(0) - offset);
-                    if s >= max_segs {
-                        fits = false;
-                        break;
-                    }
-                    segs[s * 3] = (map.epoch() * 65536 + region as u64) as f64;
-                    segs[s * 3 + 1] = offset as f64;
-                    segs[s * 3 + 2] = piece as f64;
-                    s += 1;
-                    counts[usize::from(i >= usize::from(slot.readable))] += 1;
-                    addr += piece;
-                    left -= piece;
-                }
-                if !fits {
-                    break;
-                }
-            }
-            if !fits {
-                s = first;
-                stop_at = Some(k);
-                break;
-            }
-            reqs[n * 4] = id;
-            reqs[n * 4 + 1] = u32::from(slot.queue);
-            reqs[n * 4 + 2] = first as u32;
-            reqs[n * 4 + 3] = (counts[0] << 16) | counts[1];
-            n += 1;
-        }
-        drop(slots);
-        if let Some(k) = stop_at {
-            self.model.unget(&self.scratch[k..]);
-        }
-        if header.len() >= 2 {
-            header[0] = n as u32;
-            header[1] = s as u32;
-        }
-        n as u32
+        self.js.drain(header, reqs, segs)
     }
 
     /// A zero-copy view of one region of the memory map request `slot` refers to. The view keeps the
@@ -206,43 +148,14 @@ impl BindingDevice {
         slot: u32,
         region_key: f64,
     ) -> napi::Result<ArrayBuffer<'env>, Code> {
-        let slots = self.model.slots();
-        let map = slots
-            .get(slot)
-            .and_then(|s| s.map.clone())
-            .ok_or_else(|| native("no such request"))?;
-        drop(slots);
-        let key = region_key as u64;
-        if key / 65536 != map.epoch() {
-            return Err(native("region key does not belong to this request's memory map"));
-        }
-        let (ptr, len) = map
-            .region_host((key % 65536) as usize)
-            .ok_or_else(|| native("no such region"))?;
-        // SAFETY: ptr/len describe a live mapping owned by `map`; the finalizer drops the Arc that keeps
-        // it mapped, so the buffer never outlives the memory.
-        unsafe { ArrayBuffer::from_external(env, ptr, len, map, |_, map| drop(map)) }.map_err(native)
+        self.js.region(env, slot, region_key)
     }
 
     /// Completes requests: `done` holds `[slot, usedLength]` pairs. One used-ring update and at most one
     /// interrupt per queue for the whole call.
     #[napi]
     pub fn complete(&self, done: Uint32ArraySlice, count: u32) {
-        let mut touched: Vec<vduse_core::Completer> = Vec::new();
-        {
-            let mut slots = self.model.slots();
-            for pair in done.chunks_exact(2).take(count as usize) {
-                if let Some((completer, head)) = slots.release(pair[0]) {
-                    completer.complete(head, pair[1]);
-                    if !touched.iter().any(|c| c.queue_index() == completer.queue_index()) {
-                        touched.push(completer);
-                    }
-                }
-            }
-        }
-        for c in touched {
-            c.flush();
-        }
+        self.js.complete(done, count)
     }
 
     /// Hands block I/O to native threads: `ops` holds `[slot, fd, kind (0 read, 1 write, 2 flush),

@@ -48,3 +48,11 @@ pub fn to_napi(err: vduse_core::Error) -> NativeError {
     reason.push('}');
     napi::Error::new(Code(err.code()), reason)
 }
+
+/// An error of the binding itself (bad arguments from the TypeScript layer, napi failures).
+pub fn native(msg: impl std::fmt::Display) -> NativeError {
+    let mut reason = String::from("{\"code\":\"ERR_VDUSE_NATIVE\",\"message\":");
+    json_string(&mut reason, &msg.to_string());
+    reason.push('}');
+    napi::Error::new(Code("ERR_VDUSE_NATIVE"), reason)
+}

@@ -9,11 +9,14 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use napi::bindgen_prelude::{ArrayBuffer, Env, Float64ArraySlice, Uint32ArraySlice};
 use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
 use napi::Status;
 use vduse_core::chain::Segment;
 use vduse_core::memory::IotlbMap;
 use vduse_core::{Completer, DeviceModel, RequestBatch};
+
+use crate::error::{native, Code};
 
 /// `() => void`, weak (never keeps the process alive), at most one call queued.
 pub type Doorbell = ThreadsafeFunction<(), (), (), Status, false, true, 1>;
@@ -208,6 +211,133 @@ impl DeviceModel for JsModel {
             let _ = self
                 .on_status
                 .call(u32::from(status), ThreadsafeFunctionCallMode::NonBlocking);
+        }
+    }
+}
+
+/// The JavaScript-facing half of a served device: drain, region views, completions. Shared by every
+/// binding class that serves a `JsModel` (a VDUSE device, the loopback benchmark).
+pub struct JsSide {
+    model: Arc<JsModel>,
+    /// Slot ids being drained; a RefCell so `drain` can take `&self` (napi keeps `&self` borrows of a
+    /// class alive while an async method of it runs, which would refuse a `&mut self` call meanwhile).
+    scratch: std::cell::RefCell<Vec<u32>>,
+}
+
+impl JsSide {
+    pub fn new(model: Arc<JsModel>) -> Self {
+        Self {
+            model,
+            scratch: std::cell::RefCell::new(Vec::new()),
+        }
+    }
+
+    pub fn drain(
+        &mut self,
+        mut header: Uint32ArraySlice,
+        mut reqs: Uint32ArraySlice,
+        mut segs: Float64ArraySlice,
+    ) -> u32 {
+        // SAFETY: the arrays belong to the caller, which is blocked in this synchronous call; nothing else
+        // touches them meanwhile.
+        let (header, reqs, segs) = unsafe { (header.as_mut(), reqs.as_mut(), segs.as_mut()) };
+        let max_reqs = reqs.len() / 4;
+        let max_segs = segs.len() / 3;
+        let mut scratch = self.scratch.borrow_mut();
+        scratch.clear();
+        self.model.take_pending(max_reqs, &mut scratch);
+        let (mut n, mut s) = (0usize, 0usize);
+        let slots = self.model.slots();
+        let mut stop_at = None;
+        for (k, &id) in scratch.iter().enumerate() {
+            let Some(slot) = slots.get(id) else { continue };
+            let Some(map) = slot.map.as_ref() else { continue };
+            let first = s;
+            let mut counts = [0u32; 2];
+            let mut fits = true;
+            'pieces: for (i, seg) in slot.segments.iter().enumerate() {
+                let mut addr = seg.addr;
+                let mut left = u64::from(seg.len);
+                // A buffer may cross adjacent regions: one piece per region.
+                while left > 0 {
+                    let Some((region, offset)) = map.locate(addr) else {
+                        break;
+                    };
+                    let piece = left.min(map.region_len(region).unwrap_or(0) - offset);
+                    if s >= max_segs {
+                        fits = false;
+                        break 'pieces;
+                    }
+                    segs[s * 3] = (map.epoch() * 65536 + region as u64) as f64;
+                    segs[s * 3 + 1] = offset as f64;
+                    segs[s * 3 + 2] = piece as f64;
+                    s += 1;
+                    counts[usize::from(i >= usize::from(slot.readable))] += 1;
+                    addr += piece;
+                    left -= piece;
+                }
+            }
+            if !fits {
+                s = first;
+                stop_at = Some(k);
+                break;
+            }
+            reqs[n * 4] = id;
+            reqs[n * 4 + 1] = u32::from(slot.queue);
+            reqs[n * 4 + 2] = first as u32;
+            reqs[n * 4 + 3] = (counts[0] << 16) | counts[1];
+            n += 1;
+        }
+        drop(slots);
+        if let Some(k) = stop_at {
+            self.model.unget(&scratch[k..]);
+        }
+        if header.len() >= 2 {
+            header[0] = n as u32;
+            header[1] = s as u32;
+        }
+        n as u32
+    }
+
+    pub fn region<'env>(
+        &self,
+        env: &'env Env,
+        slot: u32,
+        region_key: f64,
+    ) -> napi::Result<ArrayBuffer<'env>, Code> {
+        let slots = self.model.slots();
+        let map = slots
+            .get(slot)
+            .and_then(|s| s.map.clone())
+            .ok_or_else(|| native("no such request"))?;
+        drop(slots);
+        let key = region_key as u64;
+        if key / 65536 != map.epoch() {
+            return Err(native("region key does not belong to this request's memory map"));
+        }
+        let (ptr, len) = map
+            .region_host((key % 65536) as usize)
+            .ok_or_else(|| native("no such region"))?;
+        // SAFETY: ptr/len describe a live mapping owned by `map`; the finalizer drops the Arc that keeps
+        // it mapped, so the buffer never outlives the memory.
+        unsafe { ArrayBuffer::from_external(env, ptr, len, map, |_, map| drop(map)) }.map_err(native)
+    }
+
+    pub fn complete(&self, done: Uint32ArraySlice, count: u32) {
+        let mut touched: Vec<Completer> = Vec::new();
+        {
+            let mut slots = self.model.slots();
+            for pair in done.chunks_exact(2).take(count as usize) {
+                if let Some((completer, head)) = slots.release(pair[0]) {
+                    completer.complete(head, pair[1]);
+                    if !touched.iter().any(|c| c.queue_index() == completer.queue_index()) {
+                        touched.push(completer);
+                    }
+                }
+            }
+        }
+        for c in touched {
+            c.flush();
         }
     }
 }

@@ -9,6 +9,7 @@ use napi_derive::napi;
 mod device;
 mod error;
 mod js_model;
+mod loopback;
 mod native_io;
 
 use error::{to_napi, Code};

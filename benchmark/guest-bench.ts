@@ -1,0 +1,416 @@
+// Runs inside the test guest (benchmark/run): the same fio matrix on every target — vduse (TypeScript
+// model with null, memory and file backends; the native Rust model), QEMU's own VDUSE export
+// (qemu-storage-daemon), the kernel (null_blk, loop) and NBD (qemu-nbd) — and writes the results.
+// It is a benchmark, not a test: it asserts nothing about speed.
+import { execFile, spawn, type ChildProcess } from 'node:child_process'
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs'
+import { cpus, release, totalmem } from 'node:os'
+import { join } from 'node:path'
+import { createInterface } from 'node:readline'
+import { promisify } from 'node:util'
+
+const exec = promisify(execFile)
+const ROOT = join(__dirname, '..')
+const SIZE_MIB = 256
+const RUNTIME = Number(process.env.VDUSE_BENCH_RUNTIME ?? 5)
+const RAMP = 1
+const QUEUES = 2
+const QUEUE_SIZE = 128
+const IMAGE = '/tmp/bench.img'
+const quick = process.argv.includes('--quick')
+const only = process.argv
+  .find((a) => a.startsWith('--only='))
+  ?.slice(7)
+  .split(',')
+
+async function sh(script: string): Promise<string> {
+  return (await exec('sh', ['-ec', script], { maxBuffer: 64 << 20 })).stdout
+}
+
+interface Workload {
+  id: string
+  label: string
+  rw: string
+  bs: string
+  iodepth: number
+  numjobs: number
+}
+
+const WORKLOADS: Workload[] = [
+  { id: 'rr4k-qd1', label: '4k randread QD1', rw: 'randread', bs: '4k', iodepth: 1, numjobs: 1 },
+  { id: 'rr4k-qd16', label: '4k randread QD16', rw: 'randread', bs: '4k', iodepth: 16, numjobs: 1 },
+  { id: 'rw4k-qd16', label: '4k randwrite QD16', rw: 'randwrite', bs: '4k', iodepth: 16, numjobs: 1 },
+  { id: 'sr128k-qd8', label: '128k read QD8', rw: 'read', bs: '128k', iodepth: 8, numjobs: 1 },
+  { id: 'rr4k-qd16x2', label: '4k randread QD16 ×2 jobs', rw: 'randread', bs: '4k', iodepth: 16, numjobs: 2 },
+]
+
+interface Result {
+  iops: number
+  meanUs: number
+  p99Us: number
+  errors: number
+}
+
+async function fio(path: string, w: Workload, runtime = RUNTIME): Promise<Result> {
+  const out = await exec(
+    'fio',
+    [
+      `--name=${w.id}`,
+      `--filename=${path}`,
+      `--rw=${w.rw}`,
+      `--bs=${w.bs}`,
+      `--iodepth=${w.iodepth}`,
+      `--numjobs=${w.numjobs}`,
+      '--ioengine=libaio',
+      '--direct=1',
+      '--time_based',
+      `--runtime=${runtime}`,
+      `--ramp_time=${RAMP}`,
+      '--group_reporting',
+      '--norandommap',
+      '--output-format=json',
+    ],
+    { maxBuffer: 16 << 20 },
+  )
+  const job = (JSON.parse(out.stdout) as { jobs: FioJob[] }).jobs[0]!
+  const side = w.rw.includes('write') ? job.write : job.read
+  return {
+    iops: side.iops,
+    meanUs: side.clat_ns.mean / 1000,
+    p99Us: (side.clat_ns.percentile?.['99.000000'] ?? 0) / 1000,
+    errors: job.error,
+  }
+}
+
+interface FioJob {
+  error: number
+  read: FioSide
+  write: FioSide
+}
+interface FioSide {
+  iops: number
+  clat_ns: { mean: number; percentile?: Record<string, number> }
+}
+
+interface Running {
+  path: string
+  stop(): Promise<Record<string, unknown> | undefined>
+}
+
+interface Target {
+  id: string
+  label: string
+  /** The qemu-storage-daemon target it is compared with. */
+  peer?: string
+  start(): Promise<Running>
+}
+
+function waitLine(child: ChildProcess, match: (line: string) => boolean, what: string): Promise<string> {
+  return new Promise((resolve, reject) => {
+    let err = ''
+    child.stderr?.on('data', (d: Buffer) => (err += d.toString()))
+    createInterface({ input: child.stdout! }).on('line', (line) => {
+      if (match(line)) resolve(line)
+    })
+    child.on('exit', (code) => reject(new Error(`${what} exited (${code}): ${err}`)))
+  })
+}
+
+async function vdaFor(name: string): Promise<string> {
+  for (let i = 0; i < 400; i++) {
+    const out = await sh(`ls /sys/bus/vdpa/devices/${name}/virtio*/block 2>/dev/null || true`)
+    const dev = out.trim().split('\n')[0]
+    if (dev) return `/dev/${dev}`
+    await new Promise((r) => setTimeout(r, 50))
+  }
+  throw new Error(`no block device for ${name}`)
+}
+
+function vduseCli(backend: string[]): () => Promise<Running> {
+  return async () => {
+    const name = `bench-${backend[0]!.slice(2)}`
+    const child = spawn(
+      process.execPath,
+      [
+        join(ROOT, 'bin/vduse.js'),
+        'blk',
+        '--name',
+        name,
+        ...backend,
+        '--queues',
+        String(QUEUES),
+        '--queue-size',
+        String(QUEUE_SIZE),
+        '--json',
+        '--replace',
+      ],
+      { stdio: ['ignore', 'pipe', 'pipe'] },
+    )
+    const ready = JSON.parse(await waitLine(child, (l) => l.includes('"ready"'), 'vduse')) as { path: string }
+    const stopped = waitLine(child, (l) => l.includes('"stopped"'), 'vduse')
+    return {
+      path: ready.path,
+      stop: async () => {
+        child.kill('SIGTERM')
+        return JSON.parse(await stopped) as Record<string, unknown>
+      },
+    }
+  }
+}
+
+async function nativeRam(): Promise<Running> {
+  const child = spawn(
+    join(ROOT, 'target/release/examples/ram_blk'),
+    ['bench-native', String(SIZE_MIB), String(QUEUES), String(QUEUE_SIZE)],
+    {
+      stdio: ['pipe', 'pipe', 'pipe'],
+    },
+  )
+  await waitLine(child, (l) => l === 'ready', 'ram_blk')
+  const stopped = waitLine(child, (l) => l.startsWith('stopped'), 'ram_blk')
+  await sh('vdpa dev add name bench-native mgmtdev vduse')
+  return {
+    path: await vdaFor('bench-native'),
+    stop: async () => {
+      await sh('vdpa dev del bench-native')
+      child.stdin!.end()
+      return { counters: (await stopped).slice(8) }
+    },
+  }
+}
+
+function qsd(blockdev: string): () => Promise<Running> {
+  return async () => {
+    const name = `qsd-${blockdev.startsWith('driver=null') ? 'null' : 'file'}`
+    const child = spawn(
+      'qemu-storage-daemon',
+      [
+        '--blockdev',
+        `${blockdev},node-name=disk0`,
+        '--export',
+        `type=vduse-blk,id=e0,node-name=disk0,name=${name},num-queues=${QUEUES},queue-size=${QUEUE_SIZE},writable=on`,
+      ],
+      { stdio: ['ignore', 'pipe', 'pipe'] },
+    )
+    let exited = false
+    child.on('exit', () => (exited = true))
+    for (let i = 0; i < 200 && !(await sh(`ls /sys/class/vduse/ | grep -x ${name} || true`)).trim(); i++) {
+      if (exited) throw new Error('qemu-storage-daemon exited')
+      await new Promise((r) => setTimeout(r, 50))
+    }
+    await sh(`vdpa dev add name ${name} mgmtdev vduse`)
+    return {
+      path: await vdaFor(name),
+      stop: async () => {
+        await sh(`vdpa dev del ${name}`)
+        child.kill('SIGTERM')
+        await new Promise((r) => child.once('exit', r))
+        return undefined
+      },
+    }
+  }
+}
+
+async function modprobe(args: string): Promise<void> {
+  await sh(`modprobe -d "$VDUSE_VM_MODROOT" ${args}`)
+}
+
+const TARGETS: Target[] = [
+  {
+    id: 'vduse-null',
+    label: 'vduse CLI --null (TypeScript)',
+    peer: 'qsd-null',
+    start: vduseCli(['--null', `${SIZE_MIB}M`]),
+  },
+  {
+    id: 'vduse-memory',
+    label: 'vduse CLI --memory (TypeScript)',
+    peer: 'qsd-file',
+    start: vduseCli(['--memory', `${SIZE_MIB}M`]),
+  },
+  {
+    id: 'vduse-file',
+    label: 'vduse CLI --file tmpfs (native I/O)',
+    peer: 'qsd-file',
+    start: vduseCli(['--file', IMAGE]),
+  },
+  {
+    id: 'vduse-native',
+    label: 'vduse-core native RAM model (Rust only)',
+    peer: 'qsd-file',
+    start: nativeRam,
+  },
+  {
+    id: 'qsd-null',
+    label: 'qemu-storage-daemon vduse-blk, null-co',
+    start: qsd(`driver=null-co,size=${SIZE_MIB << 20}`),
+  },
+  {
+    id: 'qsd-file',
+    label: 'qemu-storage-daemon vduse-blk, tmpfs file',
+    start: qsd(`driver=file,filename=${IMAGE}`),
+  },
+  {
+    id: 'null_blk',
+    label: 'kernel null_blk',
+    peer: 'qsd-null',
+    start: async () => {
+      await modprobe(
+        `null_blk nr_devices=1 gb=1 queue_mode=2 submit_queues=${QUEUES} hw_queue_depth=${QUEUE_SIZE}`,
+      )
+      return { path: '/dev/nullb0', stop: async () => (await sh('rmmod null_blk'), undefined) }
+    },
+  },
+  {
+    id: 'loop',
+    label: 'kernel loop, tmpfs file',
+    peer: 'qsd-file',
+    start: async () => {
+      await modprobe('loop').catch(() => {})
+      const dev = (await sh(`losetup -f --show ${IMAGE}`)).trim()
+      return { path: dev, stop: async () => (await sh(`losetup -d ${dev}`), undefined) }
+    },
+  },
+  {
+    id: 'nbd',
+    label: 'qemu-nbd + kernel NBD, tmpfs file',
+    peer: 'qsd-file',
+    start: async () => {
+      await modprobe('nbd').catch(() => {})
+      const server = spawn('qemu-nbd', ['-k', '/tmp/nbd.sock', '-f', 'raw', '-t', IMAGE], { stdio: 'ignore' })
+      for (let i = 0; i < 100; i++) {
+        if ((await sh('test -S /tmp/nbd.sock && echo y || true')).trim()) break
+        await new Promise((r) => setTimeout(r, 50))
+      }
+      await sh(`nbd-client -unix /tmp/nbd.sock /dev/nbd0 -b 4096 -N "" >/dev/null`)
+      return {
+        path: '/dev/nbd0',
+        stop: async () => {
+          await sh('nbd-client -d /dev/nbd0 >/dev/null')
+          server.kill('SIGTERM')
+          return undefined
+        },
+      }
+    },
+  },
+]
+
+interface TargetResult {
+  id: string
+  label: string
+  peer?: string
+  results: Record<string, Result>
+  soak?: { iops: number[]; drift: number }
+  stopped?: Record<string, unknown>
+  error?: string
+}
+
+function fmt(n: number): string {
+  return n >= 100 ? Math.round(n).toLocaleString('en-US') : n.toFixed(1)
+}
+
+function table(all: TargetResult[]): string {
+  const byId = new Map(all.map((t) => [t.id, t]))
+  const head = `| target | ${WORKLOADS.map((w) => w.label).join(' | ')} |\n|---|${WORKLOADS.map(() => '---').join('|')}|\n`
+  const rows = all.map((t) => {
+    const cells = WORKLOADS.map((w) => {
+      const r = t.results[w.id]
+      if (!r) return t.error ? 'failed' : '–'
+      const peer = t.peer ? byId.get(t.peer)?.results[w.id] : undefined
+      const ratio = peer && peer.iops > 0 ? ` (${(r.iops / peer.iops).toFixed(2)}×)` : ''
+      return `${fmt(r.iops)}${ratio}<br>${fmt(r.meanUs)} / ${fmt(r.p99Us)} µs`
+    })
+    return `| ${t.label}${t.peer ? ` — vs ${t.peer}` : ''} | ${cells.join(' | ')} |`
+  })
+  return head + rows.join('\n') + '\n'
+}
+
+async function main(): Promise<void> {
+  const meminfo = readFileSync('/proc/meminfo', 'utf8').match(/MemTotal:\s+(\d+)/)?.[1]
+  const env = {
+    date: new Date().toISOString(),
+    kernel: release(),
+    guestCpus: cpus().length,
+    guestMemoryMiB: Math.round(Number(meminfo ?? totalmem() / 1024) / 1024),
+    cpuModel: cpus()[0]?.model ?? 'unknown',
+    accelerator: 'QEMU TCG (software emulation)',
+    fio: (await sh('fio --version')).trim(),
+    qemu: (await sh('qemu-storage-daemon --version | head -1')).trim(),
+    node: process.version,
+    runtimeSeconds: RUNTIME,
+    rampSeconds: RAMP,
+    queues: QUEUES,
+    queueSize: QUEUE_SIZE,
+    deviceMiB: SIZE_MIB,
+  }
+  console.log(`# vduse benchmark\n${JSON.stringify(env, null, 1)}`)
+  await sh(`dd if=/dev/zero of=${IMAGE} bs=1M count=${SIZE_MIB} status=none`)
+  const all: TargetResult[] = []
+  for (const target of TARGETS.filter((t) => !only || only.includes(t.id))) {
+    const entry: TargetResult = { id: target.id, label: target.label, results: {} }
+    if (target.peer) entry.peer = target.peer
+    all.push(entry)
+    let running: Running | undefined
+    try {
+      running = await target.start()
+      for (const w of WORKLOADS) {
+        entry.results[w.id] = await fio(running.path, w)
+        console.log(
+          `${target.id.padEnd(14)} ${w.label.padEnd(26)} ${fmt(entry.results[w.id]!.iops).padStart(8)} IOPS`,
+        )
+      }
+      if (!quick && target.id.startsWith('vduse-') && target.id !== 'vduse-file') {
+        // Soak: six back-to-back 10 s runs of 4k randread QD16; the IOPS series shows any drift.
+        const iops: number[] = []
+        for (let i = 0; i < 6; i++) iops.push((await fio(running.path, WORKLOADS[1]!, 10)).iops)
+        entry.soak = { iops, drift: (iops[iops.length - 1]! - iops[0]!) / iops[0]! }
+        console.log(`${target.id.padEnd(14)} soak 60 s: ${iops.map(fmt).join(', ')} IOPS`)
+      }
+    } catch (err) {
+      entry.error = (err as Error).message
+      console.log(`${target.id}: failed: ${entry.error}`)
+    } finally {
+      const stopped = await running?.stop().catch((err: Error) => ({ stopError: err.message }))
+      if (stopped) entry.stopped = stopped
+    }
+  }
+  const md =
+    `# vduse benchmark, ${env.date.slice(0, 10)}\n\n` +
+    `Guest: ${env.guestCpus} vCPUs, ${env.guestMemoryMiB} MiB, kernel ${env.kernel}, ${env.accelerator} on ${env.cpuModel}.\n` +
+    `fio ${env.fio}, libaio, direct=1, ${RUNTIME} s per run after ${RAMP} s warm-up; devices of ${SIZE_MIB} MiB with ` +
+    `${QUEUES} queues of ${QUEUE_SIZE}; ${env.qemu}. Absolute numbers under TCG mean little: compare ratios within one run.\n\n` +
+    `Each cell: IOPS (ratio to the matching qemu-storage-daemon target)<br>mean / p99 completion latency.\n\n` +
+    table(all) +
+    (all.some((t) => t.soak)
+      ? `\nSoak (4k randread QD16, six 10 s runs back to back):\n\n| target | IOPS per 10 s | drift first→last |\n|---|---|---|\n` +
+        all
+          .filter((t) => t.soak)
+          .map(
+            (t) =>
+              `| ${t.label} | ${t.soak!.iops.map(fmt).join(', ')} | ${(t.soak!.drift * 100).toFixed(1)} % |`,
+          )
+          .join('\n') +
+        '\n'
+      : '') +
+    `\nDevice counters at the end (vduse targets):\n\n` +
+    all
+      .filter((t) => t.stopped)
+      .map((t) => `- ${t.id}: \`${JSON.stringify(t.stopped)}\``)
+      .join('\n') +
+    '\n'
+  console.log('\n' + md)
+  const dir = join(ROOT, 'benchmark/results')
+  mkdirSync(dir, { recursive: true })
+  const stamp = env.date.slice(0, 10)
+  writeFileSync(join(dir, `${stamp}.md`), md)
+  writeFileSync(
+    join(dir, `${stamp}.json`),
+    JSON.stringify({ env, targets: all, workloads: WORKLOADS }, null, 1) + '\n',
+  )
+  console.log(`results written to benchmark/results/${stamp}.{md,json}`)
+}
+
+main().catch((err: unknown) => {
+  console.error(err)
+  process.exit(1)
+})
