@@ -650,13 +650,7 @@ fn message_loop(shared: &Shared, stop: &EventFd) {
             continue;
         }
         let mut req = vduse_dev_request::default();
-        // SAFETY: the request is plain old data of exactly the size the kernel writes.
-        let buf = unsafe {
-            std::slice::from_raw_parts_mut(
-                (&mut req as *mut vduse_dev_request).cast::<u8>(),
-                std::mem::size_of::<vduse_dev_request>(),
-            )
-        };
+        let buf = req.as_mut_bytes();
         match (&*shared.dev).read(buf) {
             Ok(n) if n == buf.len() => {}
             Ok(n) => {
@@ -675,13 +669,7 @@ fn message_loop(shared: &Shared, stop: &EventFd) {
             }
         }
         let resp = shared.handle_message(&req);
-        // SAFETY: the response is plain old data; the kernel reads exactly its size.
-        let out = unsafe {
-            std::slice::from_raw_parts(
-                (&resp as *const vduse_dev_response).cast::<u8>(),
-                std::mem::size_of::<vduse_dev_response>(),
-            )
-        };
+        let out = resp.as_bytes();
         if let Err(e) = (&*shared.dev).write_all(out) {
             log::error!(
                 "device {:?}: reply to message {}: {e}",
@@ -774,13 +762,7 @@ fn answer_all(dev: &File, stop: &EventFd) {
             return;
         }
         let mut req = vduse_dev_request::default();
-        // SAFETY: the request is plain old data of exactly the size the kernel writes.
-        let buf = unsafe {
-            std::slice::from_raw_parts_mut(
-                (&mut req as *mut vduse_dev_request).cast::<u8>(),
-                std::mem::size_of::<vduse_dev_request>(),
-            )
-        };
+        let buf = req.as_mut_bytes();
         if !matches!((&*dev).read(buf), Ok(n) if n == buf.len()) {
             continue;
         }
@@ -792,13 +774,7 @@ fn answer_all(dev: &File, stop: &EventFd) {
         if req.type_ == uapi::VDUSE_GET_VQ_STATE {
             resp.set_split_vq_state(req.vq_index(), 0);
         }
-        // SAFETY: the response is plain old data; the kernel reads exactly its size.
-        let out = unsafe {
-            std::slice::from_raw_parts(
-                (&resp as *const vduse_dev_response).cast::<u8>(),
-                std::mem::size_of::<vduse_dev_response>(),
-            )
-        };
+        let out = resp.as_bytes();
         let _ = (&*dev).write_all(out);
     }
 }

@@ -205,6 +205,12 @@ pub struct vduse_dev_request {
 }
 
 impl vduse_dev_request {
+    /// The bytes `read()` fills.
+    pub fn as_mut_bytes(&mut self) -> &mut [u8] {
+        // SAFETY: plain old data of fixed size; every bit pattern is a valid request.
+        unsafe { std::slice::from_raw_parts_mut((self as *mut Self).cast::<u8>(), size_of::<Self>()) }
+    }
+
     fn payload_bytes(&self) -> [u8; 128] {
         let mut out = [0u8; 128];
         for (chunk, word) in out.chunks_exact_mut(4).zip(self.payload.iter()) {
@@ -245,6 +251,12 @@ pub struct vduse_dev_response {
 }
 
 impl vduse_dev_response {
+    /// The bytes `write()` sends.
+    pub fn as_bytes(&self) -> &[u8] {
+        // SAFETY: plain old data of fixed size without padding.
+        unsafe { std::slice::from_raw_parts((self as *const Self).cast::<u8>(), size_of::<Self>()) }
+    }
+
     pub fn new(request_id: u32, ok: bool) -> Self {
         Self {
             request_id,
