@@ -10,7 +10,7 @@ use std::io::Read;
 use std::sync::Arc;
 
 use vduse_core::ram_blk::RamBlk;
-use vduse_core::{DeviceOptions, VduseDevice};
+use vduse_core::{DeviceOptions, Serving, VduseDevice};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -31,7 +31,8 @@ fn main() {
     ));
     let mut options = DeviceOptions::new(&args[1]);
     options.replace_stale = true;
-    let device = match VduseDevice::create(options, model) {
+    let spec = model.spec();
+    let mut device = match VduseDevice::create(options, spec, Serving::Workers(model), None) {
         Ok(d) => d,
         Err(e) => {
             eprintln!("ram_blk: {e} ({})", e.code());

@@ -1,30 +1,45 @@
-//! A VDUSE device: created on `/dev/vduse/control`, served through `/dev/vduse/$NAME` by a message-loop
-//! thread (status, IOTLB and vq-state messages, answered at once) and one worker thread per virtqueue.
-//! Nothing the message loop does waits on the device model for longer than a bounded drain, well inside
-//! the kernel's 30 s message timeout that would otherwise break the device for good.
+//! A VDUSE device: created on `/dev/vduse/control` (or taken over from a server that died), served
+//! through `/dev/vduse/$NAME` by a message-loop thread and by whoever serves its queues — one worker
+//! thread per queue for models written in Rust, or the embedder (the Node binding serves them from the
+//! JavaScript thread).
+//!
+//! The message loop answers every kernel message within a bounded time (all queues together), far below
+//! the kernel's 30 s timeout that would break the device for good:
+//!
+//! - reset (`SET_STATUS` 0, or DRIVER_OK cleared): requests in flight get until the drain deadline to
+//!   finish; the rest are fenced, and every mapping is revoked, so late results touch only memory the
+//!   device owns;
+//! - `UPDATE_IOTLB`: if no entry was removed or changed nothing waits; otherwise only requests that use
+//!   removed memory are drained and, at the deadline, fenced, and those mappings revoked;
+//! - DRIVER_OK: kick fds are registered and queues armed; they are set up on first use.
+//!
+//! The loop never waits on the model beyond the drain deadline, and never mmaps or munmaps (see
+//! [`Janitor`]).
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use virtio_bindings::virtio_config::{VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1};
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestAddress;
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::ioctl::{ioctl, ioctl_with_mut_ref, ioctl_with_ptr, ioctl_with_ref};
 
 use crate::control::Control;
 use crate::error::{last_os, Error, Result};
-use crate::memory::{IotlbMap, Memory};
-use crate::model::DeviceModel;
-use crate::queue::{run_worker, QueueShared, Transport};
+use crate::inflight::{StateFile, StateInfo};
+use crate::memory::{enumerate, EntryKey, IotlbMap, Janitor, Mapping, Memory};
+use crate::model::{DeviceModel, DeviceSpec};
+use crate::queue::{Budget, InFlight, RingInfo, Ticket, Transport, Virtqueue};
 use crate::uapi::{self, vduse_dev_config, vduse_dev_request, vduse_dev_response, vduse_vq_info};
+use crate::worker::Worker;
 
 pub const STATUS_ACKNOWLEDGE: u8 = 1;
 pub const STATUS_DRIVER: u8 = 2;
@@ -37,13 +52,22 @@ pub const TRANSPORT_FEATURES: u64 = (1 << VIRTIO_F_VERSION_1)
     | (1 << VIRTIO_RING_F_EVENT_IDX)
     | (1 << VIRTIO_RING_F_INDIRECT_DESC);
 
+/// Feature bits 24–49 belong to the transport (virtio 1.2 §6); a model may not offer them.
+const TRANSPORT_BITS: u64 = ((1u64 << 50) - 1) & !((1u64 << 24) - 1);
+
 const VIRTIO_ID_NET: u32 = 1;
 const VIRTIO_ID_BLOCK: u32 = 2;
 const VIRTIO_ID_FS: u32 = 26;
 const VIRTIO_BLK_F_CONFIG_WCE: u64 = 1 << 11;
 const VIRTIO_NET_F_CTRL_VQ: u64 = 1 << 17;
 
-/// How to create a device (the model supplies id, features, config and queues).
+/// The longest a reset or IOTLB change may keep the kernel waiting, whatever the options say: the kernel
+/// breaks the device for good after 30 s.
+pub const MAX_DRAIN: Duration = Duration::from_secs(10);
+/// Where state files live unless the options say otherwise.
+pub const DEFAULT_STATE_DIR: &str = "/run/vduse";
+
+/// How to create a device.
 #[derive(Clone, Debug)]
 pub struct DeviceOptions {
     /// Device name: `/dev/vduse/NAME` and the name given to `vdpa dev add`.
@@ -51,8 +75,14 @@ pub struct DeviceOptions {
     pub vendor_id: u32,
     /// Destroy a leftover device of the same name (from a process that died) instead of failing.
     pub replace_stale: bool,
-    /// Longest the message loop waits for in-flight requests on reset or IOTLB change.
+    /// Longest a reset or IOTLB change waits for requests in flight, all queues together (capped at
+    /// [`MAX_DRAIN`]); requests still running then are fenced.
     pub drain_timeout: Duration,
+    /// Directory of the state file (in-flight log) that lets a restarted server take the device over.
+    /// `None`: no state file.
+    pub state_dir: Option<PathBuf>,
+    /// How much one pop round may take.
+    pub budget: Budget,
 }
 
 impl DeviceOptions {
@@ -61,13 +91,56 @@ impl DeviceOptions {
             name: name.into(),
             vendor_id: 0,
             replace_stale: false,
-            drain_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(5),
+            state_dir: Some(PathBuf::from(DEFAULT_STATE_DIR)),
+            budget: Budget::default(),
         }
+    }
+
+    fn state_path(&self) -> Option<PathBuf> {
+        self.state_dir.as_ref().map(|d| d.join(&self.name))
     }
 }
 
+/// Who serves the queues.
+#[derive(Clone)]
+pub enum Serving {
+    /// One worker thread per queue runs this model.
+    Workers(Arc<dyn DeviceModel>),
+    /// The embedder polls [`VduseDevice::kick_fds`] and pops [`VduseDevice::queues`] itself.
+    External,
+}
+
+/// Why the message loop drained requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DrainReason {
+    Reset,
+    IotlbChange,
+}
+
+/// Things the embedder wants to hear about (called on the message-loop thread: do not block).
+#[derive(Clone, Debug)]
+pub enum DeviceEvent {
+    /// The driver set a new status (acknowledged). `features`: the negotiated ones.
+    Status { status: u8, features: u64 },
+    /// A reset or an IOTLB change waited for requests and/or fenced some.
+    Drained {
+        reason: DrainReason,
+        waited: Duration,
+        fenced: usize,
+        /// False if revoking the fenced memory did not finish before the reply (it finishes after).
+        revoked: bool,
+    },
+    /// The kernel marked the device broken (a message went unanswered past its timeout).
+    Broken,
+}
+
+pub trait DeviceEvents: Send + Sync {
+    fn event(&self, event: &DeviceEvent);
+}
+
 /// Checks what the kernel would reject, with a message that says which option is wrong.
-pub fn validate(name: &str, model: &dyn DeviceModel) -> Result<()> {
+pub fn validate(name: &str, spec: &DeviceSpec) -> Result<()> {
     let bad = |m: String| Err(Error::InvalidConfig(m));
     if name.is_empty() || name.len() >= uapi::VDUSE_NAME_MAX {
         return bad(format!("name must be 1 to {} bytes", uapi::VDUSE_NAME_MAX - 1));
@@ -75,28 +148,37 @@ pub fn validate(name: &str, model: &dyn DeviceModel) -> Result<()> {
     if name == "control" || name.contains('/') || name == "." || name == ".." || name.contains('\0') {
         return bad(format!("name {name:?} is not usable as /dev/vduse/NAME"));
     }
-    let queues = u32::from(model.num_queues());
-    if queues == 0 || queues > uapi::VDUSE_MAX_VQ_NUM {
-        return bad(format!(
-            "queue count {queues} must be 1..={}",
-            uapi::VDUSE_MAX_VQ_NUM
-        ));
+    let queues = usize::from(spec.num_queues);
+    if queues == 0 || queues > Ticket::MAX_QUEUES {
+        return bad(format!("queue count {queues} must be 1..={}", Ticket::MAX_QUEUES));
     }
-    let size = model.queue_size();
+    let size = spec.queue_size;
     if !size.is_power_of_two() || size > uapi::VDUSE_MAX_VQ_SIZE {
         return bad(format!(
             "queue size {size} must be a power of two up to {}",
             uapi::VDUSE_MAX_VQ_SIZE
         ));
     }
-    if model.config_space().len() > uapi::VDUSE_MAX_CONFIG_SIZE {
+    if spec.config.len() > uapi::VDUSE_MAX_CONFIG_SIZE {
         return bad(format!(
             "config space is larger than {} bytes",
             uapi::VDUSE_MAX_CONFIG_SIZE
         ));
     }
-    let features = model.device_features();
-    match model.device_id() {
+    let transport = spec.features & TRANSPORT_BITS;
+    if transport != 0 {
+        let bits: Vec<String> = (24..50)
+            .filter(|b| transport & (1 << b) != 0)
+            .map(|b| b.to_string())
+            .collect();
+        return bad(format!(
+            "feature bit(s) {} belong to the transport (packed rings, IN_ORDER, NOTIFICATION_DATA, …); vduse \
+             implements the split ring with INDIRECT_DESC and EVENT_IDX and adds those itself",
+            bits.join(", ")
+        ));
+    }
+    let features = spec.features;
+    match spec.device_id {
         VIRTIO_ID_BLOCK if features & VIRTIO_BLK_F_CONFIG_WCE != 0 => {
             bad("virtio-blk over VDUSE cannot offer CONFIG_WCE (the config space is read-only)".into())
         }
@@ -147,12 +229,17 @@ pub fn list_devices() -> Vec<String> {
     names
 }
 
-struct VduseTransport {
-    dev: Arc<File>,
-    memory: Arc<Memory>,
+/// Whether `name` is on the vDPA bus (attached to a driver or not).
+pub fn is_attached(name: &str) -> bool {
+    Path::new("/sys/bus/vdpa/devices").join(name).exists()
 }
 
-impl Transport for VduseTransport {
+/// The kernel side of one device: interrupts, ring setup, IOTLB entries.
+struct Kernel {
+    dev: Arc<File>,
+}
+
+impl Transport for Kernel {
     fn notify(&self, queue: u16) {
         let index = u32::from(queue);
         // SAFETY: VDUSE_VQ_INJECT_IRQ reads one u32 from the pointer.
@@ -162,38 +249,25 @@ impl Transport for VduseTransport {
         }
     }
 
-    fn refresh_memory(&self) -> bool {
-        let before = self.memory.snapshot();
-        match IotlbMap::load(&self.dev) {
-            Ok(map) if map.regions() != before.regions() || map.regions() > 0 => {
-                let changed = map.regions() != before.regions();
-                self.memory.replace(map);
-                changed
-            }
-            Ok(_) => false,
-            Err(e) => {
-                log::warn!("cannot read the IOTLB: {e}");
-                false
-            }
+    fn ring_info(&self, queue: u16) -> std::io::Result<RingInfo> {
+        let mut info = vduse_vq_info {
+            index: u32::from(queue),
+            ..Default::default()
+        };
+        // SAFETY: VDUSE_VQ_GET_INFO reads the index and fills one vduse_vq_info.
+        let ret = unsafe { ioctl_with_mut_ref(self.dev.as_ref(), uapi::VDUSE_VQ_GET_INFO(), &mut info) };
+        if ret < 0 {
+            return Err(std::io::Error::last_os_error());
         }
+        Ok(RingInfo {
+            size: u16::try_from(info.num).unwrap_or(0),
+            desc: info.desc_addr,
+            avail: info.driver_addr,
+            used: info.device_addr,
+            avail_idx: info.split_avail_index(),
+            ready: info.ready != 0,
+        })
     }
-}
-
-struct Worker {
-    thread: JoinHandle<()>,
-    stop: Arc<EventFd>,
-}
-
-struct Shared {
-    name: String,
-    dev: Arc<File>,
-    model: Arc<dyn DeviceModel>,
-    memory: Arc<Memory>,
-    queues: Vec<Arc<QueueShared>>,
-    status: AtomicU8,
-    features: AtomicU64,
-    workers: Mutex<Vec<Worker>>,
-    drain_timeout: Duration,
 }
 
 /// Device-wide counters (sums over queues).
@@ -205,28 +279,60 @@ pub struct DeviceStats {
     pub completions: u64,
     pub interrupts: u64,
     pub bad_chains: u64,
+    pub duplicate_heads: u64,
+    pub fenced: u64,
     pub stale_completions: u64,
+    pub broken_queues: u64,
+    pub in_flight: u64,
+    pub iotlb_reloads: u64,
+    pub drains: u64,
+    /// Longest a single drain kept the kernel waiting (microseconds).
+    pub max_drain_us: u64,
 }
 
-/// A created VDUSE device being served. Dropping it stops serving and destroys the device.
+struct Shared {
+    name: String,
+    dev: Arc<File>,
+    spec: DeviceSpec,
+    memory: Arc<Memory>,
+    queues: Vec<Arc<Virtqueue>>,
+    kicks: Vec<Arc<EventFd>>,
+    inflight: Arc<InFlight>,
+    status: AtomicU8,
+    features: AtomicU64,
+    drain_timeout: Duration,
+    janitor: Janitor,
+    events: Option<Arc<dyn DeviceEvents>>,
+    state: Option<Arc<StateFile>>,
+    broken: AtomicBool,
+    drains: AtomicU64,
+    max_drain_us: AtomicU64,
+}
+
+/// A created (or taken-over) VDUSE device being served. Close it after detaching it; dropping it without
+/// closing keeps answering the kernel if it is still attached (see [`VduseDevice::close`]).
 pub struct VduseDevice {
     shared: Arc<Shared>,
-    /// The device name, kept for destroying after `shared` (and the device fd) is gone.
-    name: String,
     stop: Arc<EventFd>,
     message_loop: Option<JoinHandle<()>>,
-    destroyed: bool,
+    workers: Vec<Worker>,
+    closed: bool,
 }
 
 impl VduseDevice {
     /// Creates the device in the kernel and starts serving it. Attach it afterwards with
     /// `vdpa dev add name NAME mgmtdev vduse` (from another thread or process: the kernel's probe
     /// sends messages and I/O that this device must answer while the attach waits).
-    pub fn create(options: DeviceOptions, model: Arc<dyn DeviceModel>) -> Result<Self> {
-        validate(&options.name, model.as_ref())?;
+    pub fn create(
+        options: DeviceOptions,
+        spec: DeviceSpec,
+        serving: Serving,
+        events: Option<Arc<dyn DeviceEvents>>,
+    ) -> Result<Self> {
+        validate(&options.name, &spec)?;
         let control = Control::open()?;
         control.set_api_version(uapi::VDUSE_API_VERSION_0)?;
-        match create_in_kernel(&control, &options, model.as_ref()) {
+        match create_in_kernel(&control, &options, &spec) {
             Err(Error::Exists { .. }) if options.replace_stale => {
                 destroy_device(&control, &options.name).map_err(|e| match e {
                     Error::Busy { .. } => Error::Exists {
@@ -235,17 +341,11 @@ impl VduseDevice {
                     e => e,
                 })?;
                 log::info!("replaced a stale VDUSE device named {:?}", options.name);
-                create_in_kernel(&control, &options, model.as_ref())?;
+                create_in_kernel(&control, &options, &spec)?;
             }
             other => other?,
         }
-        let opened = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
-            .open(format!("{}/{}", uapi::DEV_DIR, options.name))
-            .map_err(|e| Error::sys("open(/dev/vduse/NAME)", e))
-            .and_then(|dev| setup_queues(&dev, model.as_ref()).map(|_| dev));
+        let opened = open_device(&options.name).and_then(|dev| setup_queues(&dev, &spec).map(|_| dev));
         let dev = match opened {
             Ok(dev) => Arc::new(dev),
             Err(e) => {
@@ -253,43 +353,214 @@ impl VduseDevice {
                 return Err(e);
             }
         };
-        let memory = Arc::new(Memory::default());
-        let transport: Arc<dyn Transport> = Arc::new(VduseTransport {
-            dev: dev.clone(),
-            memory: memory.clone(),
-        });
-        let queues = (0..model.num_queues())
-            .map(|i| QueueShared::new(i, memory.clone(), transport.clone()))
-            .collect();
+        let state = match options.state_path() {
+            Some(path) => {
+                let info = StateInfo {
+                    device_id: spec.device_id,
+                    num_queues: spec.num_queues,
+                    queue_size: spec.queue_size,
+                    features: spec.features | TRANSPORT_FEATURES,
+                    config: spec.config.clone(),
+                };
+                match StateFile::create(&path, &info) {
+                    Ok(s) => {
+                        s.set_kind(&spec.kind);
+                        Some(s)
+                    }
+                    Err(e) => {
+                        log::warn!(
+                            "device {:?}: no state file at {} ({e}); a restarted server cannot take it over",
+                            options.name,
+                            path.display()
+                        );
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
+        let device = Self::serve(&options, spec, serving, events, dev, state, 0, 0);
+        if device.is_err() {
+            let _ = destroy_device(&control, &options.name);
+        }
+        device
+    }
+
+    /// Takes over a device whose server died: reopens `/dev/vduse/NAME`, reads its state file (which must
+    /// match `expect` if given: same device, features, queues and config), answers what the kernel kept
+    /// for us, and serves the queues again — the requests the dead server had in flight first, in their
+    /// original order. `Busy` if a live process still serves it.
+    pub fn adopt(
+        options: DeviceOptions,
+        expect: Option<&DeviceSpec>,
+        serving: impl FnOnce(&DeviceSpec) -> Serving,
+        events: Option<Arc<dyn DeviceEvents>>,
+    ) -> Result<Self> {
+        let dev = match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
+            .open(format!("{}/{}", uapi::DEV_DIR, options.name))
+        {
+            Ok(f) => Arc::new(f),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                return Err(Error::Busy {
+                    name: options.name.clone(),
+                    reason: "a live process serves it",
+                })
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                return Err(Error::NotFound {
+                    name: options.name.clone(),
+                })
+            }
+            Err(e) => return Err(Error::open(format!("{}/{}", uapi::DEV_DIR, options.name), e)),
+        };
+        let path = options.state_path().ok_or_else(|| Error::NotRecoverable {
+            name: options.name.clone(),
+            reason: "no state directory was given".into(),
+        })?;
+        let state = StateFile::open(&path).map_err(|e| Error::NotRecoverable {
+            name: options.name.clone(),
+            reason: format!("state file {}: {e}", path.display()),
+        })?;
+        let info = state.info();
+        let spec = DeviceSpec {
+            device_id: info.device_id,
+            features: info.features & !TRANSPORT_FEATURES,
+            config: info.config.clone(),
+            num_queues: info.num_queues,
+            queue_size: info.queue_size,
+            max_segments: expect.map_or(usize::from(info.queue_size), |s| s.max_segments),
+            kind: state.kind(),
+        };
+        if let Some(want) = expect {
+            mismatch(&options.name, want, &spec)?;
+        }
+        state.set_pid(std::process::id());
+        let status = state.status();
+        let features = state.driver_features();
+        let serving = serving(&spec);
+        Self::serve(
+            &options,
+            spec,
+            serving,
+            events,
+            dev,
+            Some(state),
+            status,
+            features,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn serve(
+        options: &DeviceOptions,
+        spec: DeviceSpec,
+        serving: Serving,
+        events: Option<Arc<dyn DeviceEvents>>,
+        dev: Arc<File>,
+        state: Option<Arc<StateFile>>,
+        status: u8,
+        features: u64,
+    ) -> Result<Self> {
+        let kernel = Arc::new(Kernel { dev: dev.clone() });
+        let memory = Arc::new(Memory::new(dev.clone()));
+        let inflight = Arc::new(InFlight::default());
+        let mut queues = Vec::new();
+        let mut kicks = Vec::new();
+        for i in 0..spec.num_queues {
+            let kick = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| Error::sys("eventfd", e))?);
+            let q = Virtqueue::new(
+                i,
+                spec.queue_size,
+                spec.max_segments,
+                memory.clone(),
+                kernel.clone(),
+                inflight.clone(),
+                state.as_ref().and_then(|s| s.queue(i)),
+            );
+            q.set_waker(kick.clone());
+            queues.push(q);
+            kicks.push(kick);
+        }
         let shared = Arc::new(Shared {
             name: options.name.clone(),
             dev,
-            model,
+            spec,
             memory,
             queues,
-            status: AtomicU8::new(0),
-            features: AtomicU64::new(0),
-            workers: Mutex::new(Vec::new()),
-            drain_timeout: options.drain_timeout,
+            kicks,
+            inflight,
+            status: AtomicU8::new(status),
+            features: AtomicU64::new(features),
+            drain_timeout: options.drain_timeout.min(MAX_DRAIN),
+            janitor: Janitor::new(&options.name).map_err(|e| Error::sys("spawn", e))?,
+            events,
+            state,
+            broken: AtomicBool::new(false),
+            drains: AtomicU64::new(0),
+            max_drain_us: AtomicU64::new(0),
         });
+        let mut workers = Vec::new();
+        if let Serving::Workers(model) = serving {
+            for (q, kick) in shared.queues.iter().zip(&shared.kicks) {
+                let w = Worker::spawn(
+                    &options.name,
+                    q.clone(),
+                    model.clone(),
+                    kick.clone(),
+                    options.budget,
+                )
+                .map_err(|e| Error::sys("spawn", e))?;
+                workers.push(w);
+            }
+        }
+        // A taken-over device: first answer what the kernel kept for us (a reset pending since the crash
+        // must not see the old requests run), then resume the queues if the driver is still running.
+        if shared.state.is_some() && status & STATUS_DRIVER_OK != 0 {
+            shared.answer_pending();
+            if shared.status.load(Ordering::Acquire) & STATUS_DRIVER_OK != 0 {
+                shared.resume()?;
+            }
+        }
         let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| Error::sys("eventfd", e))?);
         let loop_shared = shared.clone();
         let loop_stop = stop.clone();
         let message_loop = std::thread::Builder::new()
             .name(format!("vduse-msg-{}", options.name))
-            .spawn(move || message_loop(&loop_shared, &loop_stop))
+            .spawn(move || loop_shared.message_loop(&loop_stop))
             .map_err(|e| Error::sys("spawn", e))?;
         Ok(Self {
             shared,
-            name: options.name,
             stop,
             message_loop: Some(message_loop),
-            destroyed: false,
+            workers,
+            closed: false,
         })
     }
 
     pub fn name(&self) -> &str {
         &self.shared.name
+    }
+
+    pub fn spec(&self) -> &DeviceSpec {
+        &self.shared.spec
+    }
+
+    /// The queues, for [`Serving::External`].
+    pub fn queues(&self) -> &[Arc<Virtqueue>] {
+        &self.shared.queues
+    }
+
+    /// One eventfd per queue, readable when the queue needs serving (kicks, and completions that free
+    /// room), for [`Serving::External`].
+    pub fn kick_fds(&self) -> &[Arc<EventFd>] {
+        &self.shared.kicks
+    }
+
+    pub fn memory(&self) -> &Arc<Memory> {
+        &self.shared.memory
     }
 
     /// The last device status the driver set (virtio status bits).
@@ -302,6 +573,15 @@ impl VduseDevice {
         self.shared.features.load(Ordering::Acquire)
     }
 
+    pub fn is_broken(&self) -> bool {
+        self.shared.broken.load(Ordering::Acquire)
+    }
+
+    /// Path of the state file, if there is one.
+    pub fn state_path(&self) -> Option<PathBuf> {
+        self.shared.state.as_ref().map(|s| s.path().to_owned())
+    }
+
     pub fn stats(&self) -> DeviceStats {
         let mut s = DeviceStats::default();
         for q in &self.shared.queues {
@@ -312,8 +592,15 @@ impl VduseDevice {
             s.completions += st.completions.load(Ordering::Relaxed);
             s.interrupts += st.interrupts.load(Ordering::Relaxed);
             s.bad_chains += st.bad_chains_total();
+            s.duplicate_heads += st.duplicate_heads.load(Ordering::Relaxed);
+            s.fenced += st.fenced.load(Ordering::Relaxed);
             s.stale_completions += st.stale_completions.load(Ordering::Relaxed);
+            s.broken_queues += st.broken.load(Ordering::Relaxed);
         }
+        s.in_flight = self.shared.inflight.get() as u64;
+        s.iotlb_reloads = self.shared.memory.reloads();
+        s.drains = self.shared.drains.load(Ordering::Relaxed);
+        s.max_drain_us = self.shared.max_drain_us.load(Ordering::Relaxed);
         s
     }
 
@@ -334,6 +621,9 @@ impl VduseDevice {
         if ret < 0 {
             return Err(self.shared.device_error("ioctl(VDUSE_DEV_SET_CONFIG)"));
         }
+        if let Some(state) = &self.shared.state {
+            state.set_config(offset as usize, data);
+        }
         if self.status() & STATUS_DRIVER_OK != 0 {
             // SAFETY: VDUSE_DEV_INJECT_CONFIG_IRQ takes no argument.
             let ret = unsafe { ioctl(self.shared.dev.as_ref(), uapi::VDUSE_DEV_INJECT_CONFIG_IRQ()) };
@@ -344,25 +634,47 @@ impl VduseDevice {
         Ok(())
     }
 
-    /// Stops serving, closes the device node and destroys the device. Fails with `Busy` while it is still
-    /// attached to the vDPA bus (detach first: `vdpa dev del NAME`).
-    pub fn close(mut self) -> Result<()> {
-        self.shutdown()
+    /// Stops serving, closes the device node and destroys the device. Fails with `Busy` — and keeps
+    /// serving — while the device is still on the vDPA bus: stopping then would leave the kernel's
+    /// detach unanswered until its timeout breaks the device. Detach first (`vdpa dev del NAME`), then
+    /// call again.
+    pub fn close(&mut self) -> Result<()> {
+        if !self.closed && is_attached(&self.shared.name) {
+            return Err(Error::Busy {
+                name: self.shared.name.clone(),
+                reason: "still attached to the vDPA bus; detach it first (vdpa dev del NAME)",
+            });
+        }
+        self.shutdown(true)
     }
 
-    fn shutdown(&mut self) -> Result<()> {
-        if self.destroyed {
+    fn shutdown(&mut self, destroy: bool) -> Result<()> {
+        if self.closed {
             return Ok(());
         }
-        self.destroyed = true;
+        self.closed = true;
+        for w in &mut self.workers {
+            w.stop();
+        }
         let _ = self.stop.write(1);
         if let Some(t) = self.message_loop.take() {
             let _ = t.join();
         }
-        self.shared.stop_queues();
-        // DESTROY_DEV fails while the device node is open: close it now (the threads have let go of it).
-        // SAFETY: dup2 atomically replaces the fd with one on /dev/null, so later uses of `shared.dev`
-        // (a late completion's interrupt) fail harmlessly instead of reaching a recycled fd number.
+        // Nothing may touch guest memory any more.
+        let mut maps = Vec::new();
+        for q in &self.shared.queues {
+            maps.extend(q.stop().1);
+        }
+        let old = self.shared.memory.clear();
+        let mut mappings = old.mappings();
+        for m in &maps {
+            mappings.extend(m.mappings());
+        }
+        self.shared.janitor.revoke(mappings, Duration::from_secs(5));
+        drop((old, maps));
+        // DESTROY_DEV fails while the device node is open: close it now. Other holders of the fd (a late
+        // completion's interrupt) keep working on /dev/null instead of a recycled fd number.
+        // SAFETY: dup2 atomically replaces the fd with one on /dev/null.
         unsafe {
             let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);
             if null >= 0 {
@@ -370,42 +682,129 @@ impl VduseDevice {
                 libc::close(null);
             }
         }
+        if !destroy {
+            return Ok(());
+        }
         let control = Control::open()?;
-        destroy_device(&control, &self.name)
+        destroy_device(&control, &self.shared.name)?;
+        if let Some(state) = &self.shared.state {
+            state.remove();
+        }
+        Ok(())
+    }
+
+    /// Stops serving without destroying the device (its state file stays): a server that is being
+    /// replaced, so that the next one can take the device over.
+    pub fn release(&mut self) -> Result<()> {
+        if !self.closed && is_attached(&self.shared.name) {
+            return Err(Error::Busy {
+                name: self.shared.name.clone(),
+                reason: "still attached to the vDPA bus",
+            });
+        }
+        self.shutdown(false)
     }
 }
 
 impl Drop for VduseDevice {
     fn drop(&mut self) {
-        if let Err(e) = self.shutdown() {
-            log::warn!("VDUSE device {:?} not destroyed: {e}", self.name);
+        if self.closed {
+            return;
+        }
+        if is_attached(&self.shared.name) {
+            log::error!(
+                "device {:?} dropped while attached: it keeps answering the kernel until the process exits",
+                self.shared.name
+            );
+            for w in &mut self.workers {
+                w.stop();
+            }
+            for q in &self.shared.queues {
+                q.stop();
+            }
+            // The message loop thread keeps the device answerable; it ends with the process.
+            self.message_loop.take();
+            self.closed = true;
+            return;
+        }
+        if let Err(e) = self.shutdown(true) {
+            log::warn!("VDUSE device {:?} not destroyed: {e}", self.shared.name);
         }
     }
 }
 
-fn create_in_kernel(control: &Control, options: &DeviceOptions, model: &dyn DeviceModel) -> Result<()> {
-    let config = model.config_space();
+fn mismatch(name: &str, want: &DeviceSpec, have: &DeviceSpec) -> Result<()> {
+    let differ = |what: &str, a: String, b: String| {
+        Err(Error::Mismatch {
+            name: name.into(),
+            what: what.into(),
+            expected: a,
+            found: b,
+        })
+    };
+    if want.device_id != have.device_id {
+        return differ(
+            "device id",
+            want.device_id.to_string(),
+            have.device_id.to_string(),
+        );
+    }
+    if want.features != have.features {
+        return differ(
+            "features",
+            format!("{:#x}", want.features),
+            format!("{:#x}", have.features),
+        );
+    }
+    if want.num_queues != have.num_queues {
+        return differ(
+            "queue count",
+            want.num_queues.to_string(),
+            have.num_queues.to_string(),
+        );
+    }
+    if want.queue_size != have.queue_size {
+        return differ(
+            "queue size",
+            want.queue_size.to_string(),
+            have.queue_size.to_string(),
+        );
+    }
+    if want.config != have.config {
+        return differ(
+            "config space",
+            format!("{:02x?}", want.config),
+            format!("{:02x?}", have.config),
+        );
+    }
+    Ok(())
+}
+
+fn open_device(name: &str) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .open(format!("{}/{name}", uapi::DEV_DIR))
+        .map_err(|e| Error::sys("open(/dev/vduse/NAME)", e))
+}
+
+fn create_in_kernel(control: &Control, options: &DeviceOptions, spec: &DeviceSpec) -> Result<()> {
+    let config = &spec.config;
     let mut header = vduse_dev_config {
         name: [0; uapi::VDUSE_NAME_MAX],
         vendor_id: options.vendor_id,
-        device_id: model.device_id(),
-        features: model.device_features() | TRANSPORT_FEATURES,
-        vq_num: u32::from(model.num_queues()),
+        device_id: spec.device_id,
+        features: spec.features | TRANSPORT_FEATURES,
+        vq_num: u32::from(spec.num_queues),
         vq_align: 4096,
         reserved: [0; 13],
         config_size: config.len() as u32,
     };
     header.name[..options.name.len()].copy_from_slice(options.name.as_bytes());
     let mut buf = vec![0u8; std::mem::size_of::<vduse_dev_config>() + config.len()];
-    // SAFETY: vduse_dev_config is plain old data; copying its bytes into a buffer of at least its size.
-    unsafe {
-        std::ptr::copy_nonoverlapping(
-            (&header as *const vduse_dev_config).cast::<u8>(),
-            buf.as_mut_ptr(),
-            std::mem::size_of::<vduse_dev_config>(),
-        )
-    };
-    buf[std::mem::size_of::<vduse_dev_config>()..].copy_from_slice(&config);
+    buf[..std::mem::size_of::<vduse_dev_config>()].copy_from_slice(header.as_bytes());
+    buf[std::mem::size_of::<vduse_dev_config>()..].copy_from_slice(config);
     // SAFETY: VDUSE_CREATE_DEV reads the header and then `config_size` bytes, all inside `buf`.
     let ret = unsafe { ioctl_with_ptr(control.file(), uapi::VDUSE_CREATE_DEV(), buf.as_ptr()) };
     if ret < 0 {
@@ -425,11 +824,11 @@ fn create_in_kernel(control: &Control, options: &DeviceOptions, model: &dyn Devi
 }
 
 /// Every queue needs its maximum size before `vdpa dev add` accepts the device.
-fn setup_queues(dev: &File, model: &dyn DeviceModel) -> Result<()> {
-    for index in 0..u32::from(model.num_queues()) {
+fn setup_queues(dev: &File, spec: &DeviceSpec) -> Result<()> {
+    for index in 0..u32::from(spec.num_queues) {
         let cfg = uapi::vduse_vq_config {
             index,
-            max_size: model.queue_size(),
+            max_size: spec.queue_size,
             reserved: [0; 13],
         };
         // SAFETY: VDUSE_VQ_SETUP reads one vduse_vq_config from the pointer.
@@ -453,8 +852,13 @@ impl Shared {
         }
     }
 
-    /// DRIVER_OK: read the negotiated features and rings, map the IOTLB, register kicks, start workers.
-    fn start_queues(&self) -> Result<()> {
+    fn emit(&self, event: DeviceEvent) {
+        if let Some(e) = &self.events {
+            e.event(&event);
+        }
+    }
+
+    fn read_features(&self) -> Result<u64> {
         let mut features = 0u64;
         // SAFETY: VDUSE_DEV_GET_FEATURES writes one u64 through the pointer.
         let ret =
@@ -462,28 +866,11 @@ impl Shared {
         if ret < 0 {
             return Err(self.device_error("ioctl(VDUSE_DEV_GET_FEATURES)"));
         }
-        self.features.store(features, Ordering::Release);
-        let map = IotlbMap::load(&self.dev).map_err(|e| Error::sys("ioctl(VDUSE_IOTLB_GET_FD)", e))?;
-        let map = self.memory.replace(map);
-        let event_idx = features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
-        let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
-        for q in &self.queues {
-            let mut info = vduse_vq_info {
-                index: u32::from(q.index),
-                ..Default::default()
-            };
-            // SAFETY: VDUSE_VQ_GET_INFO reads the index and fills one vduse_vq_info.
-            let ret = unsafe { ioctl_with_mut_ref(self.dev.as_ref(), uapi::VDUSE_VQ_GET_INFO(), &mut info) };
-            if ret < 0 {
-                return Err(self.device_error("ioctl(VDUSE_VQ_GET_INFO)"));
-            }
-            if info.ready == 0 {
-                continue;
-            }
-            let queue = build_queue(self.model.queue_size(), &info, event_idx, &map).map_err(|e| {
-                Error::InvalidConfig(format!("queue {}: driver set up an invalid ring: {e}", q.index))
-            })?;
-            let kick = EventFd::new(EFD_NONBLOCK).map_err(|e| Error::sys("eventfd", e))?;
+        Ok(features)
+    }
+
+    fn register_kicks(&self) -> Result<()> {
+        for (q, kick) in self.queues.iter().zip(&self.kicks) {
             let kickfd = uapi::vduse_vq_eventfd {
                 index: u32::from(q.index),
                 fd: kick.as_raw_fd(),
@@ -493,38 +880,183 @@ impl Shared {
             if ret < 0 {
                 return Err(self.device_error("ioctl(VDUSE_VQ_SETUP_KICKFD)"));
             }
-            q.activate(queue);
-            let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| Error::sys("eventfd", e))?);
-            let (shared, model, worker_stop) = (q.clone(), self.model.clone(), stop.clone());
-            let thread = std::thread::Builder::new()
-                .name(format!("vduse-vq{}-{}", q.index, self.name))
-                .spawn(move || run_worker(shared, model, kick, worker_stop))
-                .map_err(|e| Error::sys("spawn", e))?;
-            workers.push(Worker { thread, stop });
         }
         Ok(())
     }
 
-    /// Reset or teardown: stop the workers, give in-flight requests a bounded time, forget the rings and map.
-    fn stop_queues(&self) {
-        let workers = std::mem::take(&mut *self.workers.lock().unwrap_or_else(|e| e.into_inner()));
-        for w in &workers {
-            let _ = w.stop.write(1);
+    /// DRIVER_OK: register kicks and arm the queues; whoever serves them sets the rings up right away.
+    fn start(&self) -> Result<()> {
+        let features = self.read_features()?;
+        self.features.store(features, Ordering::Release);
+        if let Some(state) = &self.state {
+            state.set_driver_features(features);
         }
-        for w in workers {
-            let _ = w.thread.join();
-        }
+        self.memory.invalidate();
+        let event_idx = features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
         for q in &self.queues {
-            if !q.wait_idle(self.drain_timeout) {
-                log::warn!(
-                    "queue {}: {} requests still in flight at reset; dropping them",
-                    q.index,
-                    q.inflight()
-                );
-            }
-            q.deactivate();
+            q.set_event_idx(event_idx);
+            q.arm();
         }
-        self.memory.clear();
+        self.register_kicks()?;
+        // Serve now, not at the first kick: the queues may hold requests already (and the kernel's
+        // virtio-blk probe waits for its first reads inside `vdpa dev add`).
+        for kick in &self.kicks {
+            let _ = kick.write(1);
+        }
+        Ok(())
+    }
+
+    /// A taken-over device whose driver is running: repair the logs against the used rings and resume
+    /// every queue the driver enabled, the dead server's requests first.
+    fn resume(&self) -> Result<()> {
+        let features = self.read_features()?;
+        self.features.store(features, Ordering::Release);
+        let event_idx = features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        self.memory.invalidate();
+        let map = self
+            .memory
+            .snapshot()
+            .map_err(|e| Error::sys("ioctl(VDUSE_IOTLB_GET_FD)", e))?;
+        let kernel = Kernel {
+            dev: self.dev.clone(),
+        };
+        let state = self.state.as_ref().expect("resume needs a state file");
+        for q in &self.queues {
+            q.set_event_idx(event_idx);
+            let Some(log) = state.queue(q.index) else { continue };
+            let info = kernel
+                .ring_info(q.index)
+                .map_err(|e| Error::sys("ioctl(VDUSE_VQ_GET_INFO)", e))?;
+            if !info.ready || info.size == 0 {
+                q.arm();
+                continue;
+            }
+            let Ok(used) = map.read_obj::<u16>(GuestAddress(info.used + 2)) else {
+                log::error!("queue {}: the used ring is out of reach; not resumed", q.index);
+                q.arm();
+                continue;
+            };
+            let used = u16::from_le(used);
+            log.repair(used, |k| {
+                let at = info.used + 4 + 8 * u64::from(k % info.size);
+                map.read_obj::<u32>(GuestAddress(at))
+                    .ok()
+                    .map(|id| u32::from_le(id) as u16)
+            });
+            let in_flight = log.in_flight();
+            log::info!(
+                "queue {}: taking over with {} request(s) in flight (used index {used})",
+                q.index,
+                in_flight.len()
+            );
+            q.arm_resumed(used, in_flight);
+        }
+        drop(map);
+        self.register_kicks()?;
+        for kick in &self.kicks {
+            let _ = kick.write(1);
+        }
+        Ok(())
+    }
+
+    /// Reset or DRIVER_OK cleared: let requests in flight finish until the deadline, fence the rest, revoke
+    /// every mapping (the kernel reuses its bounce pages), and forget the map.
+    fn reset(&self) {
+        let started = Instant::now();
+        let deadline = started + self.drain_timeout;
+        for q in &self.queues {
+            q.quiesce();
+        }
+        let busy = self.inflight.get() > 0;
+        let drained = self.inflight.wait_until(deadline, || self.inflight.get() == 0);
+        let mut fenced = 0;
+        let mut maps = Vec::new();
+        for q in &self.queues {
+            let (n, m) = q.stop();
+            fenced += n;
+            maps.extend(m);
+        }
+        let old = self.memory.clear();
+        let mut mappings: Vec<Arc<Mapping>> = old.mappings();
+        for m in &maps {
+            mappings.extend(m.mappings());
+        }
+        let revoked = self.janitor.revoke(mappings, revoke_wait(deadline));
+        self.janitor.dispose((old, maps));
+        if !drained || fenced > 0 {
+            log::warn!(
+                "device {:?}: reset with {fenced} request(s) still in the model after {:?}: fenced",
+                self.name,
+                started.elapsed()
+            );
+        }
+        if busy || fenced > 0 {
+            self.record_drain(DrainReason::Reset, started, fenced, revoked);
+        }
+    }
+
+    /// `VDUSE_UPDATE_IOTLB`: the driver changed its memory map. Entries that stayed the same keep their
+    /// mappings and their requests; requests using removed memory are drained (bounded) or fenced.
+    fn iotlb_changed(&self) {
+        let started = Instant::now();
+        self.memory.invalidate();
+        let keys: Vec<EntryKey> = match enumerate(self.dev.as_ref()) {
+            Ok(entries) => entries.into_iter().map(|(k, _file)| k).collect(),
+            Err(e) => {
+                log::error!("device {:?}: cannot read the IOTLB: {e}", self.name);
+                Vec::new()
+            }
+        };
+        let removed: Vec<(EntryKey, Arc<Mapping>)> = self.memory.peek().mappings_not_in(&keys);
+        if removed.is_empty() {
+            return;
+        }
+        let affected = |segments: &[crate::chain::Segment]| {
+            segments
+                .iter()
+                .any(|s| removed.iter().any(|(k, _)| k.overlaps(s.addr, u64::from(s.len))))
+        };
+        let deadline = started + self.drain_timeout;
+        let busy = self.queues.iter().map(|q| q.count_where(affected)).sum::<usize>();
+        if busy > 0 {
+            self.inflight.wait_until(deadline, || {
+                self.queues.iter().all(|q| q.count_where(affected) == 0)
+            });
+        }
+        let mut fenced = 0;
+        let mut maps = Vec::new();
+        for q in &self.queues {
+            let (n, m) = q.fence_where(affected);
+            fenced += n;
+            maps.extend(m);
+        }
+        let revoked = self.janitor.revoke(
+            removed.into_iter().map(|(_, m)| m).collect(),
+            revoke_wait(deadline),
+        );
+        self.janitor.dispose(maps);
+        if fenced > 0 {
+            log::warn!(
+                "device {:?}: the driver unmapped memory that {fenced} request(s) still used: fenced",
+                self.name
+            );
+        }
+        if busy > 0 || fenced > 0 {
+            self.record_drain(DrainReason::IotlbChange, started, fenced, revoked);
+        }
+    }
+
+    fn record_drain(&self, reason: DrainReason, started: Instant, fenced: usize, revoked: bool) {
+        let waited = started.elapsed();
+        self.drains.fetch_add(1, Ordering::Relaxed);
+        self.max_drain_us
+            .fetch_max(waited.as_micros() as u64, Ordering::Relaxed);
+        self.emit(DeviceEvent::Drained {
+            reason,
+            waited,
+            fenced,
+            revoked,
+        });
     }
 
     fn handle_message(&self, req: &vduse_dev_request) -> vduse_dev_response {
@@ -533,20 +1065,25 @@ impl Shared {
                 let status = req.status();
                 let before = self.status.load(Ordering::Acquire);
                 let mut ok = true;
-                if status & STATUS_DRIVER_OK == 0 && before & STATUS_DRIVER_OK != 0 || status == 0 {
-                    self.stop_queues();
+                if status == 0 || (before & STATUS_DRIVER_OK != 0 && status & STATUS_DRIVER_OK == 0) {
+                    self.reset();
                 }
                 if status & STATUS_DRIVER_OK != 0 && before & STATUS_DRIVER_OK == 0 {
-                    if let Err(e) = self.start_queues() {
+                    if let Err(e) = self.start() {
                         log::error!("device {:?}: cannot start serving: {e}", self.name);
-                        self.stop_queues();
+                        self.reset();
                         ok = false;
                     }
                 }
                 if ok {
                     self.status.store(status, Ordering::Release);
-                    self.model
-                        .status_changed(status, self.features.load(Ordering::Acquire));
+                    if let Some(state) = &self.state {
+                        state.set_status(status);
+                    }
+                    self.emit(DeviceEvent::Status {
+                        status,
+                        features: self.features.load(Ordering::Acquire),
+                    });
                 }
                 vduse_dev_response::new(req.request_id, ok)
             }
@@ -557,23 +1094,18 @@ impl Shared {
                     .queues
                     .get(index as usize)
                     .and_then(|q| q.next_avail())
+                    .or_else(|| {
+                        let kernel = Kernel {
+                            dev: self.dev.clone(),
+                        };
+                        kernel.ring_info(index as u16).ok().map(|i| i.avail_idx)
+                    })
                     .unwrap_or(0);
                 resp.set_split_vq_state(index, next);
                 resp
             }
             uapi::VDUSE_UPDATE_IOTLB => {
-                // vhost-vdpa changed the driver's memory: drop the map (workers re-read the IOTLB before
-                // their next batch), then let requests that still use the old one finish before the driver
-                // may reuse those pages. No mmap/munmap here: see `Memory`.
-                self.memory.retire(true);
-                for q in &self.queues {
-                    if !q.wait_idle(self.drain_timeout) {
-                        log::warn!(
-                            "queue {}: requests still in flight across an IOTLB update",
-                            q.index
-                        );
-                    }
-                }
+                self.iotlb_changed();
                 vduse_dev_response::new(req.request_id, true)
             }
             other => {
@@ -582,199 +1114,73 @@ impl Shared {
             }
         }
     }
-}
 
-fn build_queue(
-    max_size: u16,
-    info: &vduse_vq_info,
-    event_idx: bool,
-    map: &IotlbMap,
-) -> std::result::Result<Queue, virtio_queue::Error> {
-    let mut q = Queue::new(max_size)?;
-    let size = u16::try_from(info.num).map_err(|_| virtio_queue::Error::InvalidSize)?;
-    q.try_set_size(size)?;
-    q.try_set_desc_table_address(GuestAddress(info.desc_addr))?;
-    q.try_set_avail_ring_address(GuestAddress(info.driver_addr))?;
-    q.try_set_used_ring_address(GuestAddress(info.device_addr))?;
-    q.set_event_idx(event_idx);
-    q.set_next_avail(info.split_avail_index());
-    q.set_ready(true);
-    let used = q.used_idx(map.memory(), std::sync::atomic::Ordering::Acquire)?;
-    q.set_next_used(used.0);
-    Ok(q)
-}
-
-fn message_loop(shared: &Shared, stop: &EventFd) {
-    let mut fds = [
-        libc::pollfd {
-            fd: shared.dev.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: stop.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
-    let mut broken_logged = false;
-    loop {
-        fds[0].revents = 0;
-        fds[1].revents = 0;
-        // SAFETY: `fds` is a valid array of two pollfds for the duration of the call.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if n < 0 {
-            if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
-                continue;
-            }
-            log::error!(
-                "device {:?}: poll: {}",
-                shared.name,
-                std::io::Error::last_os_error()
-            );
-            return;
-        }
-        if fds[1].revents != 0 {
-            return;
-        }
-        if fds[0].revents & libc::POLLERR != 0 {
-            if !broken_logged {
-                log::error!("device {:?}: the kernel marked the device broken", shared.name);
-                broken_logged = true;
-            }
-            // Nothing more will come; wait for the stop signal only.
-            fds[0].events = 0;
-            continue;
-        }
-        if fds[0].revents & libc::POLLIN == 0 {
-            continue;
-        }
+    /// Reads and answers one message if one is waiting. `Ok(false)`: nothing waiting.
+    fn answer_one(&self) -> std::io::Result<bool> {
         let mut req = vduse_dev_request::default();
         let buf = req.as_mut_bytes();
-        match (&*shared.dev).read(buf) {
+        match (&*self.dev).read(buf) {
             Ok(n) if n == buf.len() => {}
             Ok(n) => {
-                log::warn!("device {:?}: short message ({n} bytes)", shared.name);
-                continue;
+                log::warn!("device {:?}: short message ({n} bytes)", self.name);
+                return Ok(true);
             }
-            Err(e)
-                if e.kind() == std::io::ErrorKind::WouldBlock
-                    || e.kind() == std::io::ErrorKind::Interrupted =>
-            {
-                continue
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => return Ok(true),
+            Err(e) => return Err(e),
+        }
+        let resp = self.handle_message(&req);
+        if let Err(e) = (&*self.dev).write_all(resp.as_bytes()) {
+            log::error!("device {:?}: reply to message {}: {e}", self.name, req.request_id);
+        }
+        Ok(true)
+    }
+
+    /// Answers every message already waiting (a take-over: the kernel requeues unanswered ones).
+    fn answer_pending(&self) {
+        while let Ok(true) = self.answer_one() {}
+    }
+
+    fn message_loop(&self, stop: &EventFd) {
+        loop {
+            match crate::wait_readable(self.dev.as_raw_fd(), stop.as_raw_fd()) {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(e) if e.raw_os_error() == Some(libc::EPIPE) => {
+                    // POLLERR: the kernel broke the device; nothing more will come.
+                    if !self.broken.swap(true, Ordering::AcqRel) {
+                        log::error!(
+                            "device {:?}: the kernel marked the device broken (a message timed out); \
+                             detach, destroy and recreate it",
+                            self.name
+                        );
+                        self.emit(DeviceEvent::Broken);
+                    }
+                    let _ = crate::wait_readable(stop.as_raw_fd(), stop.as_raw_fd());
+                    return;
+                }
+                Err(e) => {
+                    log::error!("device {:?}: poll: {e}", self.name);
+                    return;
+                }
             }
-            Err(e) => {
-                log::error!("device {:?}: read: {e}", shared.name);
+            if let Err(e) = self.answer_one() {
+                log::error!("device {:?}: read: {e}", self.name);
                 return;
             }
         }
-        let resp = shared.handle_message(&req);
-        let out = resp.as_bytes();
-        if let Err(e) = (&*shared.dev).write_all(out) {
-            log::error!(
-                "device {:?}: reply to message {}: {e}",
-                shared.name,
-                req.request_id
-            );
-        }
     }
 }
 
-/// Serves the control messages of a device no process serves any more (left by a crash), so that
-/// detaching it (`vdpa dev del`) is answered at once instead of waiting out the kernel's message timeout
-/// — which would also mark the device broken. Close it after the detach, then destroy the device.
-pub struct Reclaim {
-    stop: Arc<EventFd>,
-    thread: Option<JoinHandle<()>>,
+/// How long the message loop waits for revocations: what is left of the drain deadline, at least a
+/// little, never long.
+fn revoke_wait(deadline: Instant) -> Duration {
+    deadline
+        .saturating_duration_since(Instant::now())
+        .clamp(Duration::from_millis(200), Duration::from_secs(2))
 }
 
-impl Reclaim {
-    /// Opens `/dev/vduse/NAME`; `Busy` if a live process still serves it.
-    pub fn open(name: &str) -> Result<Self> {
-        let dev = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
-            .open(format!("{}/{name}", uapi::DEV_DIR))
-            .map_err(|e| match e.raw_os_error() {
-                Some(libc::EBUSY) => Error::Busy {
-                    name: name.into(),
-                    reason: "a live process serves it",
-                },
-                Some(libc::ENOENT) => Error::NotFound { name: name.into() },
-                _ => Error::open(format!("{}/{name}", uapi::DEV_DIR), e),
-            })?;
-        let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| Error::sys("eventfd", e))?);
-        let loop_stop = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("vduse-reclaim-{name}"))
-            .spawn(move || answer_all(&dev, &loop_stop))
-            .map_err(|e| Error::sys("spawn", e))?;
-        Ok(Self {
-            stop,
-            thread: Some(thread),
-        })
-    }
-
-    pub fn close(mut self) {
-        self.stop_thread();
-    }
-
-    fn stop_thread(&mut self) {
-        let _ = self.stop.write(1);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for Reclaim {
-    fn drop(&mut self) {
-        self.stop_thread();
-    }
-}
-
-/// Acknowledges status changes and IOTLB updates (the device serves no queues), refuses the rest.
-fn answer_all(dev: &File, stop: &EventFd) {
-    let mut fds = [
-        libc::pollfd {
-            fd: dev.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: stop.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
-    loop {
-        fds[0].revents = 0;
-        fds[1].revents = 0;
-        // SAFETY: `fds` is a valid array of two pollfds for the duration of the call.
-        if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } < 0 {
-            if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
-                continue;
-            }
-            return;
-        }
-        if fds[1].revents != 0 || fds[0].revents & libc::POLLERR != 0 {
-            return;
-        }
-        let mut req = vduse_dev_request::default();
-        let buf = req.as_mut_bytes();
-        if !matches!((&*dev).read(buf), Ok(n) if n == buf.len()) {
-            continue;
-        }
-        let ok = matches!(
-            req.type_,
-            uapi::VDUSE_SET_STATUS | uapi::VDUSE_UPDATE_IOTLB | uapi::VDUSE_GET_VQ_STATE
-        );
-        let mut resp = vduse_dev_response::new(req.request_id, ok);
-        if req.type_ == uapi::VDUSE_GET_VQ_STATE {
-            resp.set_split_vq_state(req.vq_index(), 0);
-        }
-        let out = resp.as_bytes();
-        let _ = (&*dev).write_all(out);
-    }
+/// The memory map the kernel has now, for tests and tools (mmaps: not for the message loop).
+pub fn load_map(dev: &File) -> std::io::Result<IotlbMap> {
+    IotlbMap::load(dev, &IotlbMap::empty())
 }

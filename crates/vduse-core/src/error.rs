@@ -29,6 +29,17 @@ pub enum Error {
     /// The kernel marked the device broken (a message went unanswered past `msg_timeout`).
     #[error("VDUSE device {name:?} is broken (a control message timed out); destroy and recreate it")]
     Broken { name: String },
+    /// A device cannot be taken over: no usable state file.
+    #[error("VDUSE device {name:?} cannot be taken over: {reason}")]
+    NotRecoverable { name: String, reason: String },
+    /// A device to take over does not match what the new server would serve.
+    #[error("VDUSE device {name:?} does not match: {what} is {found}, expected {expected}")]
+    Mismatch {
+        name: String,
+        what: String,
+        expected: String,
+        found: String,
+    },
     /// Any other failed system call.
     #[error("{syscall} failed: {source}")]
     Sys {
@@ -65,6 +76,8 @@ impl Error {
             Error::Busy { .. } => "ERR_VDUSE_BUSY",
             Error::InvalidConfig(_) => "ERR_VDUSE_INVALID_CONFIG",
             Error::Broken { .. } => "ERR_VDUSE_BROKEN",
+            Error::NotRecoverable { .. } => "ERR_VDUSE_NOT_RECOVERABLE",
+            Error::Mismatch { .. } => "ERR_VDUSE_MISMATCH",
             Error::Sys { .. } => "ERR_VDUSE_SYSCALL",
         }
     }
@@ -79,7 +92,7 @@ impl Error {
             Error::NotFound { .. } => Some(libc::ENOENT),
             Error::Busy { .. } => Some(libc::EBUSY),
             Error::Broken { .. } => Some(libc::EPERM),
-            Error::InvalidConfig(_) => None,
+            Error::InvalidConfig(_) | Error::NotRecoverable { .. } | Error::Mismatch { .. } => None,
         }
     }
 
@@ -90,7 +103,10 @@ impl Error {
             Error::Sys { syscall, .. } => Some(syscall),
             Error::Exists { .. } => Some("ioctl(VDUSE_CREATE_DEV)"),
             Error::NotFound { .. } | Error::Busy { .. } => Some("ioctl(VDUSE_DESTROY_DEV)"),
-            Error::Broken { .. } | Error::InvalidConfig(_) => None,
+            Error::Broken { .. }
+            | Error::InvalidConfig(_)
+            | Error::NotRecoverable { .. }
+            | Error::Mismatch { .. } => None,
         }
     }
 
@@ -113,6 +129,13 @@ impl Error {
             Error::Broken { .. } => {
                 Some("detach it (`vdpa dev del NAME`), then destroy and recreate the device")
             }
+            Error::NotRecoverable { .. } => Some(
+                "the server that died kept no state file (state_dir); detach and destroy the device \
+                 (`vduse destroy NAME`) and create it again",
+            ),
+            Error::Mismatch { .. } => Some(
+                "serve it with the same backend, size and options as before, or destroy it (`vduse destroy NAME`)",
+            ),
             Error::NotFound { .. } | Error::InvalidConfig(_) | Error::Sys { .. } => None,
         }
     }

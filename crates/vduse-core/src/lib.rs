@@ -2,27 +2,79 @@
 //!
 //! Layers, each using only the ones before it:
 //! - [`uapi`]: the kernel's structs and ioctl numbers, layouts checked at compile time;
-//! - [`control`]: `/dev/vduse/control` (API version);
-//! - [`memory`]: the IOTLB as `vm-memory` regions keyed by IOVA, swapped atomically;
+//! - [`control`]: `/dev/vduse/control` (API version, create, destroy);
+//! - [`memory`]: the IOTLB as owned, permission-checked mappings keyed by IOVA, revocable in place;
 //! - [`chain`]: descriptor-chain validation against a hostile driver;
-//! - [`queue`]: one virtqueue, its worker, batched completions and interrupts;
-//! - [`model`]: the transport-free device-model trait;
-//! - [`device`]: a VDUSE device — creation, the message loop, queue lifecycle, teardown;
+//! - [`inflight`]: the persistent state file (in-flight log) that lets a new server take a device over;
+//! - [`queue`]: one virtqueue and the life of each request on it (pop, complete, fence);
+//! - [`model`]: the device description and the trait of models written in Rust;
+//! - [`worker`]: worker-thread serving for such models;
+//! - [`device`]: a VDUSE device — creation, take-over, the message loop, bounded drains, teardown;
+//! - [`reclaim`]: taking over a dead server's device just to detach it cleanly;
 //! - [`ram_blk`]: the native reference model, a RAM-backed virtio-blk;
-//! - [`loopback`]: a kernel-free driver for one queue, for benchmarks of everything above the kernel.
+//! - [`loopback`]: a kernel-free driver, for tests and benchmarks of everything above the kernel.
 
 pub mod chain;
 pub mod control;
 pub mod device;
 pub mod error;
+pub mod inflight;
 pub mod loopback;
 pub mod memory;
 pub mod model;
 pub mod queue;
 pub mod ram_blk;
+pub mod reclaim;
 pub mod uapi;
+pub mod worker;
 
 pub use control::Control;
-pub use device::{destroy_device, list_devices, DeviceOptions, DeviceStats, Reclaim, VduseDevice};
+pub use device::{
+    destroy_device, is_attached, list_devices, DeviceEvent, DeviceEvents, DeviceOptions, DeviceStats,
+    DrainReason, Serving, VduseDevice,
+};
 pub use error::{Error, Result};
-pub use model::{Completer, DeviceModel, Request, RequestBatch};
+pub use model::{Completer, DeviceModel, DeviceSpec};
+pub use queue::{Budget, Completion, Pop, Request, RequestBatch, Ticket, Virtqueue};
+pub use reclaim::Reclaim;
+
+use std::os::fd::RawFd;
+
+/// Waits until `fd` is readable (`Ok(true)`) or `stop` is (`Ok(false)`). An error condition on `fd`
+/// (POLLERR/POLLHUP: a broken VDUSE device) is `EPIPE`.
+pub fn wait_readable(fd: RawFd, stop: RawFd) -> std::io::Result<bool> {
+    let mut fds = [
+        libc::pollfd {
+            fd: stop,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    loop {
+        fds[0].revents = 0;
+        fds[1].revents = 0;
+        // SAFETY: `fds` is a valid array of two pollfds for the duration of the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if n < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return Err(err);
+        }
+        if fds[0].revents != 0 {
+            return Ok(false);
+        }
+        if fds[1].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+            return Err(std::io::Error::from_raw_os_error(libc::EPIPE));
+        }
+        if fds[1].revents & libc::POLLIN != 0 {
+            return Ok(true);
+        }
+    }
+}

@@ -1,15 +1,27 @@
-//! The device's view of driver memory: every IOTLB entry the kernel reports (`VDUSE_IOTLB_GET_FD`),
-//! mmap'ed once and assembled into a `vm_memory::GuestMemoryMmap` keyed by IOVA.
+//! The device's view of driver memory: the kernel's IOTLB (`VDUSE_IOTLB_GET_FD`), each entry mmap'ed
+//! once with the protection the kernel grants, assembled into an immutable, permission-checked map keyed
+//! by IOVA.
 //!
-//! A map is immutable; changes (a new bounce region, `VDUSE_UPDATE_IOTLB`, reset) build a new one that
-//! replaces the old one atomically. Requests in flight keep their `Arc` snapshot alive, so a mapping is
-//! never unmapped under a reader; the message loop drains them before it acknowledges a change.
+//! - [`IotlbMap`] owns its mappings: a clone of the `Arc` keeps them mapped, nothing hands out a view
+//!   that can outlive them. It implements vm-memory's [`GuestMemory`], so every access — virtio-queue's
+//!   ring accesses included — is checked against the entry's permission: a write into a read-only entry
+//!   is an error, never a SIGSEGV.
+//! - [`Mapping::revoke`] replaces a mapping's pages with private anonymous memory in place. Requests that
+//!   were fenced (reset, IOTLB change, timeout) may still hold pointers into it; after the revocation
+//!   their late reads and writes touch memory the device owns, never pages the driver reuses.
+//! - [`Memory`] holds the current map. A change marks it stale; whoever serves the queues next reloads
+//!   it, reusing the mappings of entries that did not change. The message loop never mmaps or munmaps.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
-use std::sync::{Arc, RwLock};
+use std::os::unix::fs::MetadataExt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 
-use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+use parking_lot::{Mutex, RwLock};
+use vm_memory::bitmap::BS;
+use vm_memory::guest_memory::{GuestMemorySliceIterator, Result as MemResult};
+use vm_memory::{GuestAddress, GuestMemory, GuestMemoryError, Permissions, VolatileSlice};
 use vmm_sys_util::ioctl::ioctl_with_mut_ref;
 
 use crate::uapi::{self, vduse_iotlb_entry};
@@ -24,290 +36,694 @@ pub enum Access {
 }
 
 impl Access {
-    fn allowed_by(self, perm: u8) -> bool {
+    fn permission(self) -> Permissions {
         match self {
-            Access::Read => perm & uapi::VDUSE_ACCESS_RO != 0,
-            Access::Write => perm & uapi::VDUSE_ACCESS_WO != 0,
+            Access::Read => Permissions::Read,
+            Access::Write => Permissions::Write,
         }
     }
 }
 
-/// One mmap'ed IOTLB entry. Unmapped when the last map holding it is dropped.
-#[derive(Debug)]
-struct Mapping {
-    addr: *mut libc::c_void,
-    len: usize,
+/// `VDUSE_ACCESS_*` bits allow `access`. The bit values are the same as vm-memory's `Permissions`.
+fn perm_allows(perm: u8, access: Permissions) -> bool {
+    let want = access as u8;
+    perm & want == want
 }
 
-// SAFETY: the mapping is plain shared memory; access goes through vm-memory's volatile slices.
-unsafe impl Send for Mapping {}
-// SAFETY: as above; the struct itself is never mutated after creation.
-unsafe impl Sync for Mapping {}
+/// What identifies an IOTLB entry: its range, permission, and the file pages behind it. Two loads that
+/// see the same key see the same memory, so a mapping can be kept across an IOTLB update.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EntryKey {
+    pub first: u64,
+    pub last: u64,
+    pub perm: u8,
+    pub offset: u64,
+    /// `(st_dev, st_ino)` of the file the kernel handed out.
+    pub file: (u64, u64),
+}
 
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: addr/len come from a successful mmap that nothing else unmaps.
-        unsafe { libc::munmap(self.addr, self.len) };
+impl EntryKey {
+    pub fn len(&self) -> u64 {
+        self.last - self.first + 1
+    }
+
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    pub fn overlaps(&self, addr: u64, len: u64) -> bool {
+        len > 0 && addr <= self.last && addr.saturating_add(len - 1) >= self.first
     }
 }
 
-/// A snapshot of the IOTLB: regions sorted by IOVA, with the kernel's permission for each.
+/// Where IOTLB entries come from (the VDUSE device fd; nothing, for memory the caller owns).
+pub trait IotlbSource: Send + Sync {
+    /// The first entry overlapping `[first, last]` and an fd to map it, or `None` if there is none.
+    fn entry(&self, first: u64, last: u64) -> std::io::Result<Option<(vduse_iotlb_entry, File)>>;
+}
+
+/// No IOTLB: the map is whatever the caller built.
+pub struct NoIotlb;
+
+impl IotlbSource for NoIotlb {
+    fn entry(&self, _first: u64, _last: u64) -> std::io::Result<Option<(vduse_iotlb_entry, File)>> {
+        Ok(None)
+    }
+}
+
+impl IotlbSource for File {
+    fn entry(&self, first: u64, last: u64) -> std::io::Result<Option<(vduse_iotlb_entry, File)>> {
+        let mut entry = vduse_iotlb_entry {
+            start: first,
+            last,
+            ..Default::default()
+        };
+        // SAFETY: VDUSE_IOTLB_GET_FD reads and writes one vduse_iotlb_entry through the pointer.
+        let fd = unsafe { ioctl_with_mut_ref(self, uapi::VDUSE_IOTLB_GET_FD(), &mut entry) };
+        if fd < 0 {
+            let err = std::io::Error::last_os_error();
+            // EINVAL: no entry overlaps (or no domain yet).
+            if err.raw_os_error() == Some(libc::EINVAL) {
+                return Ok(None);
+            }
+            return Err(err);
+        }
+        // SAFETY: the ioctl returned a new fd (without CLOEXEC) that we now own and close on drop.
+        let file = unsafe { File::from_raw_fd(fd) };
+        Ok(Some((entry, file)))
+    }
+}
+
+/// Every entry the source has, in IOVA order, each with its key and an fd (closed when dropped).
+pub fn enumerate(source: &dyn IotlbSource) -> std::io::Result<Vec<(EntryKey, File)>> {
+    let mut out: Vec<(EntryKey, File)> = Vec::new();
+    let mut first = 0u64;
+    loop {
+        let Some((entry, file)) = source.entry(first, u64::MAX)? else {
+            break;
+        };
+        let key = key_of(&entry, &file)?;
+        if key.first < first || out.len() >= MAX_ENTRIES {
+            return Err(std::io::Error::other(format!("bad IOTLB entry {entry:?}")));
+        }
+        let last = key.last;
+        out.push((key, file));
+        if last == u64::MAX {
+            break;
+        }
+        first = last + 1;
+    }
+    Ok(out)
+}
+
+/// More entries than any kernel keeps (6.12 caps them at 2048): a guard against a kernel bug looping us.
+const MAX_ENTRIES: usize = 1 << 16;
+
+fn key_of(entry: &vduse_iotlb_entry, file: &File) -> std::io::Result<EntryKey> {
+    if entry.last < entry.start || entry.last - entry.start >= isize::MAX as u64 {
+        return Err(std::io::Error::other(format!("bad IOTLB entry {entry:?}")));
+    }
+    let meta = file.metadata()?;
+    Ok(EntryKey {
+        first: entry.start,
+        last: entry.last,
+        perm: entry.perm & uapi::VDUSE_ACCESS_RW,
+        offset: entry.offset,
+        file: (meta.dev(), meta.ino()),
+    })
+}
+
+/// One mmap'ed IOTLB entry (or anonymous memory for in-process use), unmapped on drop.
+#[derive(Debug)]
+pub struct Mapping {
+    /// Where the entry's first byte is mapped.
+    addr: *mut u8,
+    len: usize,
+    /// The whole mmap: it starts up to a page before `addr` when the kernel's offset is not aligned.
+    base: *mut u8,
+    base_len: usize,
+    revoked: AtomicBool,
+}
+
+// SAFETY: the mapping is plain memory; all access goes through volatile slices or raw pointers whose
+// users check bounds, and the struct itself is immutable apart from the atomic flag.
+unsafe impl Send for Mapping {}
+// SAFETY: as above.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    fn map(file: &File, offset: u64, len: usize, perm: u8) -> std::io::Result<Self> {
+        let mut prot = 0;
+        if perm & uapi::VDUSE_ACCESS_RO != 0 {
+            prot |= libc::PROT_READ;
+        }
+        if perm & uapi::VDUSE_ACCESS_WO != 0 {
+            prot |= libc::PROT_WRITE;
+        }
+        // mmap wants a page-aligned offset; map from the page start and skip the difference.
+        let delta = (offset % page_size()) as usize;
+        let base_len = len
+            .checked_add(delta)
+            .ok_or_else(|| std::io::Error::other("IOTLB entry too large"))?;
+        // SAFETY: a fresh shared mapping of `base_len` bytes of `file` at a page-aligned offset; the kernel
+        // validates offset and length against the file.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                base_len,
+                prot,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                (offset - delta as u64) as libc::off_t,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Self {
+            // SAFETY: delta < one page <= base_len.
+            addr: unsafe { base.cast::<u8>().add(delta) },
+            len,
+            base: base.cast(),
+            base_len,
+            revoked: AtomicBool::new(false),
+        })
+    }
+
+    /// Zero-filled anonymous memory the caller owns (in-process drivers, tests, benchmarks).
+    pub fn anonymous(len: usize) -> std::io::Result<Self> {
+        // SAFETY: a fresh private anonymous mapping.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Self {
+            addr: addr.cast(),
+            len,
+            base: addr.cast(),
+            base_len: len,
+            revoked: AtomicBool::new(false),
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn is_revoked(&self) -> bool {
+        self.revoked.load(Ordering::Acquire)
+    }
+
+    /// Replaces the pages in place with private zero-filled memory (same addresses): anyone still holding
+    /// a pointer into the mapping — a backend's view, an I/O in progress — now reads zeroes and writes
+    /// into memory only this process sees. Idempotent. Must not run where the kernel may hold this
+    /// process's mmap lock while waiting on the caller (the VDUSE message loop): see [`Janitor`].
+    pub fn revoke(&self) -> std::io::Result<()> {
+        if self.revoked.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        // SAFETY: MAP_FIXED over exactly the range this struct owns; the range stays reserved (and is
+        // unmapped by Drop) so no other mapping can take these addresses meanwhile.
+        let addr = unsafe {
+            libc::mmap(
+                self.base.cast(),
+                self.base_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: base/base_len come from a successful mmap that nothing else unmaps.
+        unsafe { libc::munmap(self.base.cast(), self.base_len) };
+    }
+}
+
+#[derive(Debug)]
+struct Region {
+    key: EntryKey,
+    mapping: Arc<Mapping>,
+}
+
+/// An immutable snapshot of the IOTLB: regions sorted by IOVA, each with the kernel's permission.
 #[derive(Debug)]
 pub struct IotlbMap {
-    /// Unique per map (process-wide), so views handed out for one map are never mistaken for another's.
+    /// Unique per map (process-wide).
     epoch: u64,
-    mem: GuestMemoryMmap,
-    /// `(first IOVA, last IOVA, VDUSE_ACCESS_*)`, sorted, non-overlapping.
-    ranges: Vec<(u64, u64, u8)>,
-    // Declared last so the vm-memory view (which does not own the mappings) goes first.
-    _mappings: Vec<Mapping>,
+    regions: Vec<Region>,
 }
 
 impl IotlbMap {
     pub fn empty() -> Self {
-        Self::with_memory(GuestMemoryMmap::new(), Vec::new())
+        Self {
+            epoch: next_epoch(),
+            regions: Vec::new(),
+        }
+    }
+
+    /// A map over anonymous memory: `ranges` are `(first IOVA, length, VDUSE_ACCESS_*)`. For in-process
+    /// drivers (tests, benchmarks): they reach the memory through this map, like the device does.
+    pub fn anonymous(ranges: &[(u64, usize, u8)]) -> std::io::Result<Self> {
+        let mut regions = Vec::new();
+        for (i, &(first, len, perm)) in ranges.iter().enumerate() {
+            let mapping = Arc::new(Mapping::anonymous(len)?);
+            let key = EntryKey {
+                first,
+                last: first + len as u64 - 1,
+                perm,
+                offset: 0,
+                file: (u64::MAX, i as u64),
+            };
+            regions.push(Region { key, mapping });
+        }
+        Self::assemble(regions)
+    }
+
+    fn assemble(mut regions: Vec<Region>) -> std::io::Result<Self> {
+        regions.sort_by_key(|r| r.key.first);
+        if regions.windows(2).any(|w| w[0].key.last >= w[1].key.first) {
+            return Err(std::io::Error::other("overlapping IOTLB entries"));
+        }
+        Ok(Self {
+            epoch: next_epoch(),
+            regions,
+        })
+    }
+
+    /// Reads every IOTLB entry of `source`, reusing the mappings of `previous` whose entries did not
+    /// change and mapping the others.
+    pub fn load(source: &dyn IotlbSource, previous: &IotlbMap) -> std::io::Result<Self> {
+        let mut regions = Vec::new();
+        for (key, file) in enumerate(source)? {
+            let mapping = match previous
+                .regions
+                .iter()
+                .find(|r| r.key == key && !r.mapping.is_revoked())
+            {
+                Some(r) => r.mapping.clone(),
+                None => Arc::new(Mapping::map(&file, key.offset, key.len() as usize, key.perm)?),
+            };
+            regions.push(Region { key, mapping });
+        }
+        Self::assemble(regions)
     }
 
     pub fn epoch(&self) -> u64 {
         self.epoch
     }
 
-    /// The region holding `addr`, and the offset of `addr` in it.
-    pub fn locate(&self, addr: u64) -> Option<(usize, u64)> {
-        let i = self.ranges.partition_point(|&(_, last, _)| last < addr);
-        let &(first, _, _) = self.ranges.get(i)?;
-        (first <= addr).then(|| (i, addr - first))
+    pub fn regions(&self) -> usize {
+        self.regions.len()
     }
 
-    /// Length of region `index`.
-    pub fn region_len(&self, index: usize) -> Option<u64> {
-        self.ranges.get(index).map(|&(first, last, _)| last - first + 1)
+    pub fn keys(&self) -> impl Iterator<Item = EntryKey> + '_ {
+        self.regions.iter().map(|r| r.key)
     }
 
-    /// Host address and length of region `index`, for zero-copy views (valid while this map lives).
-    pub fn region_host(&self, index: usize) -> Option<(*mut u8, usize)> {
-        let &(first, _, _) = self.ranges.get(index)?;
-        let len = self.region_len(index)? as usize;
-        let ptr = vm_memory::GuestMemoryBackend::get_host_address(&self.mem, GuestAddress(first)).ok()?;
-        Some((ptr, len))
+    pub fn contains_key(&self, key: &EntryKey) -> bool {
+        self.regions.iter().any(|r| r.key == *key)
     }
 
-    /// A map over memory the caller owns (in-process transports and tests): `ranges` are
-    /// `(first IOVA, last IOVA, VDUSE_ACCESS_*)`, sorted and non-overlapping, inside `mem`.
-    pub fn with_memory(mem: GuestMemoryMmap, mut ranges: Vec<(u64, u64, u8)>) -> Self {
-        ranges.sort_unstable();
-        Self {
-            epoch: next_epoch(),
-            mem,
-            ranges,
-            _mappings: Vec::new(),
-        }
+    /// The mappings of entries that `keep` does not list (what an IOTLB update removed or changed).
+    pub fn mappings_not_in(&self, keep: &[EntryKey]) -> Vec<(EntryKey, Arc<Mapping>)> {
+        self.regions
+            .iter()
+            .filter(|r| !keep.contains(&r.key))
+            .map(|r| (r.key, r.mapping.clone()))
+            .collect()
     }
 
-    /// The memory as vm-memory sees it (for virtio-queue and `Bytes` accesses).
-    pub fn memory(&self) -> &GuestMemoryMmap {
-        &self.mem
+    /// All mappings, for revoking them on reset.
+    pub fn mappings(&self) -> Vec<Arc<Mapping>> {
+        self.regions.iter().map(|r| r.mapping.clone()).collect()
     }
 
-    /// True when `[addr, addr+len)` is wholly mapped with the access the device needs. Every buffer of
-    /// every request passes here before it is touched, so a bad address fails the request, never the process.
-    pub fn check(&self, addr: u64, len: u32, access: Access) -> bool {
+    /// Whether some entry covers `addr` at all (regardless of permission).
+    pub fn covers(&self, addr: u64) -> bool {
+        self.region_at(addr).is_some()
+    }
+
+    fn region_at(&self, addr: u64) -> Option<usize> {
+        let i = self.regions.partition_point(|r| r.key.last < addr);
+        (i < self.regions.len() && self.regions[i].key.first <= addr).then_some(i)
+    }
+
+    /// True when `[addr, addr+len)` is wholly mapped with `access` allowed. Every buffer of every request
+    /// passes here before it is touched, so a bad address fails the request, never the process.
+    pub fn check(&self, addr: u64, len: u64, access: Access) -> bool {
+        self.allows(addr, len, access.permission())
+    }
+
+    fn allows(&self, addr: u64, len: u64, access: Permissions) -> bool {
         if len == 0 {
             return true;
         }
-        let Some(last) = addr.checked_add(u64::from(len) - 1) else {
+        let Some(last) = addr.checked_add(len - 1) else {
             return false;
         };
         let mut at = addr;
-        // Ranges may be adjacent; walk them until the whole buffer is covered.
-        let start = self.ranges.partition_point(|&(_, l, _)| l < at);
-        for &(first, l, perm) in &self.ranges[start..] {
-            if first > at || !access.allowed_by(perm) {
+        let start = self.regions.partition_point(|r| r.key.last < at);
+        for r in &self.regions[start..] {
+            if r.key.first > at || !perm_allows(r.key.perm, access) {
                 return false;
             }
-            if l >= last {
+            if r.key.last >= last {
                 return true;
             }
-            at = l + 1;
+            at = r.key.last + 1;
         }
         false
     }
 
-    pub fn regions(&self) -> usize {
-        self.ranges.len()
+    /// Host pointers for `[addr, addr+len)`, one per region it crosses, appended to `out`; false (and
+    /// `out` unchanged) unless the whole range is mapped with `access`. The pointers are valid while this
+    /// map is alive; after a revocation they point at memory the device owns.
+    pub fn host_ranges(&self, addr: u64, len: u64, access: Access, out: &mut Vec<(*mut u8, usize)>) -> bool {
+        if !self.check(addr, len, access) {
+            return false;
+        }
+        let mark = out.len();
+        let mut at = addr;
+        let mut left = len;
+        while left > 0 {
+            let Some(i) = self.region_at(at) else {
+                out.truncate(mark);
+                return false;
+            };
+            let r = &self.regions[i];
+            let offset = at - r.key.first;
+            let n = left.min(r.key.last - at + 1);
+            // SAFETY: `offset + n` lies inside the region's mapping (checked above), whose length is the
+            // entry's length.
+            let ptr = unsafe { r.mapping.addr.add(offset as usize) };
+            out.push((ptr, n as usize));
+            at = at.wrapping_add(n);
+            left -= n;
+        }
+        true
     }
 
-    /// Reads every IOTLB entry of the device: `GET_FD` from IOVA 0 upwards until the kernel has no more.
-    pub fn load(dev: &File) -> std::io::Result<Self> {
-        let mut regions = Vec::new();
-        let mut ranges = Vec::new();
-        let mut mappings = Vec::new();
-        let mut start = 0u64;
-        loop {
-            let mut entry = vduse_iotlb_entry {
-                start,
-                last: u64::MAX,
-                ..Default::default()
-            };
-            // SAFETY: VDUSE_IOTLB_GET_FD reads and writes one vduse_iotlb_entry through the pointer.
-            let fd = unsafe { ioctl_with_mut_ref(dev, uapi::VDUSE_IOTLB_GET_FD(), &mut entry) };
-            if fd < 0 {
-                let err = std::io::Error::last_os_error();
-                // EINVAL: no entry at or above `start` (or no domain yet): the map is complete.
-                if err.raw_os_error() == Some(libc::EINVAL) {
-                    break;
-                }
-                return Err(err);
-            }
-            // SAFETY: the ioctl returned a new fd that we own; File closes it right after the mmap.
-            let file = unsafe { File::from_raw_fd(fd) };
-            if entry.last < entry.start || entry.last == u64::MAX || entry.start < start {
-                return Err(std::io::Error::other(format!("bad IOTLB entry {entry:?}")));
-            }
-            let len = usize::try_from(entry.last - entry.start + 1)
-                .map_err(|_| std::io::Error::other("IOTLB entry too large"))?;
-            let mapping = map_entry(&file, &entry, len)?;
-            drop(file);
-            // SAFETY: the mapping stays alive (in `mappings`) as long as the region that points into it.
-            let region = unsafe {
-                MmapRegion::build_raw(mapping.addr.cast(), len, mapping_prot(&entry), libc::MAP_SHARED)
-            }
-            .map_err(std::io::Error::other)?;
-            let region = GuestRegionMmap::new(region, GuestAddress(entry.start))
-                .ok_or_else(|| std::io::Error::other("IOTLB entry overflows the address space"))?;
-            regions.push(region);
-            ranges.push((entry.start, entry.last, entry.perm));
-            mappings.push(mapping);
-            start = entry.last + 1;
+    /// Copies guest bytes at `addr` into `out` (device reads driver memory).
+    pub fn read_into(&self, addr: u64, out: &mut [u8]) -> bool {
+        vm_memory::Bytes::read_slice(self, out, GuestAddress(addr)).is_ok()
+    }
+
+    /// Copies `data` into guest memory at `addr` (device writes driver memory).
+    pub fn write_from(&self, addr: u64, data: &[u8]) -> bool {
+        vm_memory::Bytes::write_slice(self, data, GuestAddress(addr)).is_ok()
+    }
+}
+
+impl GuestMemory for IotlbMap {
+    type PhysicalMemory = vm_memory::GuestMemoryMmap;
+    type Bitmap = ();
+
+    fn check_range(&self, addr: GuestAddress, count: usize, access: Permissions) -> bool {
+        self.allows(addr.0, count as u64, access)
+    }
+
+    fn get_slices<'a>(
+        &'a self,
+        addr: GuestAddress,
+        count: usize,
+        access: Permissions,
+    ) -> MemResult<impl GuestMemorySliceIterator<'a, BS<'a, Self::Bitmap>>> {
+        if !self.allows(addr.0, count as u64, access) {
+            return Err(GuestMemoryError::InvalidGuestAddress(addr));
         }
-        let mem = if regions.is_empty() {
-            GuestMemoryMmap::new()
-        } else {
-            GuestMemoryMmap::from_regions(regions).map_err(std::io::Error::other)?
-        };
-        Ok(Self {
-            epoch: next_epoch(),
-            mem,
-            ranges,
-            _mappings: mappings,
+        Ok(Slices {
+            map: self,
+            at: addr.0,
+            left: count as u64,
         })
+    }
+
+    // No `physical_memory()`: nothing may reach the mappings around the permission checks.
+}
+
+/// The volatile slices of a checked range, one per region it crosses.
+struct Slices<'a> {
+    map: &'a IotlbMap,
+    at: u64,
+    left: u64,
+}
+
+impl<'a> Iterator for Slices<'a> {
+    type Item = MemResult<VolatileSlice<'a>>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.left == 0 {
+            return None;
+        }
+        let Some(i) = self.map.region_at(self.at) else {
+            self.left = 0;
+            return Some(Err(GuestMemoryError::InvalidGuestAddress(GuestAddress(self.at))));
+        };
+        let r = &self.map.regions[i];
+        let offset = self.at - r.key.first;
+        let n = self.left.min(r.key.last - self.at + 1);
+        self.at = self.at.wrapping_add(n);
+        self.left -= n;
+        // SAFETY: `[offset, offset + n)` lies inside the region's mapping, which lives as long as the map
+        // this slice borrows.
+        Some(Ok(unsafe {
+            VolatileSlice::new(r.mapping.addr.add(offset as usize), n as usize)
+        }))
+    }
+}
+
+impl std::iter::FusedIterator for Slices<'_> {}
+
+impl<'a> GuestMemorySliceIterator<'a, ()> for Slices<'a> {}
+
+fn page_size() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if n > 0 {
+        n as u64
+    } else {
+        4096
     }
 }
 
 fn next_epoch() -> u64 {
-    static EPOCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-    EPOCH.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    static EPOCH: AtomicU64 = AtomicU64::new(1);
+    EPOCH.fetch_add(1, Ordering::Relaxed)
 }
 
-fn mapping_prot(entry: &vduse_iotlb_entry) -> i32 {
-    let mut prot = 0;
-    if entry.perm & uapi::VDUSE_ACCESS_RO != 0 {
-        prot |= libc::PROT_READ;
-    }
-    if entry.perm & uapi::VDUSE_ACCESS_WO != 0 {
-        prot |= libc::PROT_WRITE;
-    }
-    prot
-}
-
-fn map_entry(file: &File, entry: &vduse_iotlb_entry, len: usize) -> std::io::Result<Mapping> {
-    // Map read-write when the file allows it: the used ring and status bytes are written through
-    // vm-memory, and a write-protected page would SIGSEGV instead of failing a request. Permissions are
-    // enforced in software by `IotlbMap::check` before any buffer is touched.
-    for prot in [libc::PROT_READ | libc::PROT_WRITE, mapping_prot(entry)] {
-        // SAFETY: a fresh shared mapping of `len` bytes of the fd at the kernel-provided offset.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                prot,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                entry.offset as libc::off_t,
-            )
-        };
-        if addr != libc::MAP_FAILED {
-            return Ok(Mapping { addr, len });
-        }
-    }
-    Err(std::io::Error::last_os_error())
-}
-
-/// The current map of a device, swapped as a whole.
-///
-/// Maps replaced while the kernel waits for a message reply are *retired*, not dropped: with vhost-vdpa
-/// the kernel may hold the driver process's mmap lock while it waits, and when that process is our own
-/// (an in-process driver) an munmap — or an mmap — in the message loop would deadlock until the message
-/// times out and the device is broken for good. Retired maps are released after the reply.
-#[derive(Debug)]
+/// The current map of a device, replaced as a whole.
 pub struct Memory {
     current: RwLock<Arc<IotlbMap>>,
-    retired: std::sync::Mutex<Vec<Arc<IotlbMap>>>,
-    stale: std::sync::atomic::AtomicBool,
-}
-
-impl Default for Memory {
-    fn default() -> Self {
-        Self {
-            current: RwLock::new(Arc::new(IotlbMap::empty())),
-            retired: std::sync::Mutex::new(Vec::new()),
-            stale: std::sync::atomic::AtomicBool::new(false),
-        }
-    }
+    /// The kernel's IOTLB changed (or may have): reload before the next use.
+    stale: AtomicBool,
+    /// One reload at a time; the others then find the map fresh.
+    reloading: Mutex<()>,
+    source: Arc<dyn IotlbSource>,
+    reloads: AtomicU64,
 }
 
 impl Memory {
-    pub fn snapshot(&self) -> Arc<IotlbMap> {
-        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
+    pub fn new(source: Arc<dyn IotlbSource>) -> Self {
+        Self {
+            current: RwLock::new(Arc::new(IotlbMap::empty())),
+            stale: AtomicBool::new(false),
+            reloading: Mutex::new(()),
+            source,
+            reloads: AtomicU64::new(0),
+        }
     }
 
-    pub fn replace(&self, map: IotlbMap) -> Arc<IotlbMap> {
-        let map = Arc::new(map);
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = map.clone();
-        map
+    /// Memory the caller owns, fixed for good (no IOTLB behind it).
+    pub fn fixed(map: IotlbMap) -> Self {
+        let memory = Self::new(Arc::new(NoIotlb));
+        *memory.current.write() = Arc::new(map);
+        memory
     }
 
-    pub fn clear(&self) {
-        self.replace(IotlbMap::empty());
+    pub fn source(&self) -> &dyn IotlbSource {
+        self.source.as_ref()
     }
 
-    /// Empties the map without unmapping anything yet (see the type's doc); `stale` asks the next user
-    /// to re-read the IOTLB first.
-    pub fn retire(&self, stale: bool) {
-        let old = std::mem::replace(
-            &mut *self.current.write().unwrap_or_else(|e| e.into_inner()),
-            Arc::new(IotlbMap::empty()),
-        );
-        self.retired.lock().unwrap_or_else(|e| e.into_inner()).push(old);
-        self.stale.store(stale, std::sync::atomic::Ordering::Release);
+    /// The current map, reloaded first if the IOTLB changed since it was read. Serving threads call this;
+    /// the message loop uses [`peek`](Self::peek) (it must not mmap).
+    pub fn snapshot(&self) -> std::io::Result<Arc<IotlbMap>> {
+        if self.stale.load(Ordering::Acquire) {
+            self.reload()?;
+        }
+        Ok(self.peek())
     }
 
-    /// Drops retired maps (their mappings go once no request holds them).
-    pub fn release_retired(&self) {
-        let retired = std::mem::take(&mut *self.retired.lock().unwrap_or_else(|e| e.into_inner()));
-        drop(retired);
+    /// The current map as it is, without reloading.
+    pub fn peek(&self) -> Arc<IotlbMap> {
+        self.current.read().clone()
     }
 
-    /// True once after `retire(true)`: the caller should reload the map before using it.
-    pub fn take_stale(&self) -> bool {
-        self.stale.swap(false, std::sync::atomic::Ordering::AcqRel)
+    /// Marks the map stale: the next [`snapshot`](Self::snapshot) re-reads the IOTLB.
+    pub fn invalidate(&self) {
+        self.stale.store(true, Ordering::Release);
+    }
+
+    /// Replaces the map by an empty one (reset); returns the old one.
+    pub fn clear(&self) -> Arc<IotlbMap> {
+        let old = std::mem::replace(&mut *self.current.write(), Arc::new(IotlbMap::empty()));
+        self.stale.store(true, Ordering::Release);
+        old
+    }
+
+    /// Re-reads the IOTLB now, keeping mappings of unchanged entries.
+    pub fn reload(&self) -> std::io::Result<()> {
+        let _one = self.reloading.lock();
+        if !self.stale.swap(false, Ordering::AcqRel) {
+            return Ok(()); // someone else just did it
+        }
+        let previous = self.peek();
+        match IotlbMap::load(self.source.as_ref(), &previous) {
+            Ok(map) => {
+                self.reloads.fetch_add(1, Ordering::Relaxed);
+                *self.current.write() = Arc::new(map);
+                Ok(())
+            }
+            Err(e) => {
+                self.stale.store(true, Ordering::Release);
+                Err(e)
+            }
+        }
+    }
+
+    /// A buffer at `addr` fell outside the map. Asks the kernel whether an entry covers it now (the bounce
+    /// region of virtio-vdpa appears with the first I/O): if so the map is reloaded and true returned. One
+    /// ioctl per call, so a driver that sends bad addresses cannot make the device reload the map for each.
+    pub fn miss(&self, addr: u64) -> bool {
+        match self.source.entry(addr, addr) {
+            Ok(Some((entry, file))) => {
+                let Ok(key) = key_of(&entry, &file) else {
+                    return false;
+                };
+                if self.peek().contains_key(&key) {
+                    return false;
+                }
+                self.invalidate();
+                self.reload().is_ok() && self.peek().covers(addr)
+            }
+            _ => false,
+        }
+    }
+
+    pub fn reloads(&self) -> u64 {
+        self.reloads.load(Ordering::Relaxed)
+    }
+}
+
+/// Does mmap work for the message loop on a thread of its own, so the loop can bound its waits.
+///
+/// With vhost-vdpa the kernel may send a message while holding the *driver* process's mmap lock; when the
+/// driver is this very process (an in-process driver), an mmap or munmap in the message loop would wait
+/// for that lock while the kernel waits for our reply — until the message times out and breaks the device.
+/// Revocations and the final unmapping of old maps therefore run here; the loop waits a bounded time.
+pub struct Janitor {
+    tx: Option<std::sync::mpsc::Sender<Job>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+enum Job {
+    Revoke(Vec<Arc<Mapping>>, std::sync::mpsc::Sender<()>),
+    Drop(Box<dyn Send>),
+}
+
+impl Janitor {
+    pub fn new(name: &str) -> std::io::Result<Self> {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let thread = std::thread::Builder::new()
+            .name(format!("vduse-mm-{name}"))
+            .spawn(move || {
+                for job in rx {
+                    match job {
+                        Job::Revoke(mappings, done) => {
+                            for m in &mappings {
+                                if let Err(e) = m.revoke() {
+                                    log::error!("cannot revoke a mapping of {} bytes: {e}", m.len());
+                                }
+                            }
+                            drop(mappings);
+                            let _ = done.send(());
+                        }
+                        Job::Drop(thing) => drop(thing),
+                    }
+                }
+            })?;
+        Ok(Self {
+            tx: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// Revokes `mappings` and waits up to `timeout`; false if it did not finish in time (it still will).
+    pub fn revoke(&self, mappings: Vec<Arc<Mapping>>, timeout: std::time::Duration) -> bool {
+        if mappings.is_empty() {
+            return true;
+        }
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let Some(tx) = self.tx.as_ref() else { return false };
+        if tx.send(Job::Revoke(mappings, done_tx)).is_err() {
+            return false;
+        }
+        done_rx.recv_timeout(timeout).is_ok()
+    }
+
+    /// Drops `thing` (typically the last reference to an old map) off the caller's thread.
+    pub fn dispose(&self, thing: impl Send + 'static) {
+        if let Some(tx) = self.tx.as_ref() {
+            let _ = tx.send(Job::Drop(Box::new(thing)));
+        }
+    }
+}
+
+impl Drop for Janitor {
+    fn drop(&mut self) {
+        self.tx = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vm_memory::Bytes;
 
-    fn map_with(ranges: Vec<(u64, u64, u8)>) -> IotlbMap {
-        IotlbMap::with_memory(GuestMemoryMmap::new(), ranges)
+    fn map(ranges: &[(u64, usize, u8)]) -> IotlbMap {
+        IotlbMap::anonymous(ranges).unwrap()
     }
 
     #[test]
     fn check_covers_adjacent_ranges_and_rejects_gaps() {
-        let map = map_with(vec![
-            (0x0, 0xfff, uapi::VDUSE_ACCESS_RW),
-            (0x1000, 0x1fff, uapi::VDUSE_ACCESS_RW),
-            (0x3000, 0x3fff, uapi::VDUSE_ACCESS_RO),
+        let map = map(&[
+            (0x0, 0x1000, uapi::VDUSE_ACCESS_RW),
+            (0x1000, 0x1000, uapi::VDUSE_ACCESS_RW),
+            (0x3000, 0x1000, uapi::VDUSE_ACCESS_RO),
         ]);
         assert!(
             map.check(0x0, 0x2000, Access::Write),
@@ -325,19 +741,82 @@ mod tests {
 
     #[test]
     fn write_only_entries_are_not_readable() {
-        let map = map_with(vec![(0x0, 0xfff, uapi::VDUSE_ACCESS_WO)]);
+        let map = map(&[(0x0, 0x1000, uapi::VDUSE_ACCESS_WO)]);
         assert!(map.check(0, 16, Access::Write));
         assert!(!map.check(0, 16, Access::Read));
     }
 
     #[test]
+    fn guest_memory_accesses_are_permission_checked() {
+        let map = map(&[
+            (0x0, 0x1000, uapi::VDUSE_ACCESS_RW),
+            (0x1000, 0x1000, uapi::VDUSE_ACCESS_RO),
+        ]);
+        map.write_obj(0xabu8, GuestAddress(0x10)).unwrap();
+        assert_eq!(map.read_obj::<u8>(GuestAddress(0x10)).unwrap(), 0xab);
+        assert!(
+            map.write_obj(1u8, GuestAddress(0x1010)).is_err(),
+            "no write into a read-only entry"
+        );
+        assert!(map.read_obj::<u8>(GuestAddress(0x1010)).is_ok());
+        assert!(
+            map.write_slice(&[0u8; 32], GuestAddress(0xff0)).is_err(),
+            "crosses into read-only"
+        );
+        assert!(map.read_obj::<u8>(GuestAddress(0x9000)).is_err(), "unmapped");
+    }
+
+    #[test]
+    fn host_ranges_split_at_region_boundaries() {
+        let map = map(&[
+            (0x0, 0x1000, uapi::VDUSE_ACCESS_RW),
+            (0x1000, 0x1000, uapi::VDUSE_ACCESS_RW),
+        ]);
+        let mut out = Vec::new();
+        assert!(map.host_ranges(0xff8, 16, Access::Write, &mut out));
+        assert_eq!(out.iter().map(|r| r.1).collect::<Vec<_>>(), vec![8, 8]);
+        assert!(!map.host_ranges(0x1ff8, 16, Access::Write, &mut out));
+        assert_eq!(out.len(), 2, "a failed lookup appends nothing");
+    }
+
+    #[test]
+    fn a_revoked_mapping_keeps_its_addresses_but_not_its_contents() {
+        let map = map(&[(0x0, 0x2000, uapi::VDUSE_ACCESS_RW)]);
+        map.write_slice(&[7u8; 64], GuestAddress(0x100)).unwrap();
+        let mut ptrs = Vec::new();
+        assert!(map.host_ranges(0x100, 64, Access::Write, &mut ptrs));
+        for m in map.mappings() {
+            m.revoke().unwrap();
+            m.revoke().unwrap();
+        }
+        // A late writer holding the old pointer writes somewhere harmless and readable.
+        // SAFETY: the pointer is inside the (now anonymous) mapping, which `map` keeps reserved.
+        unsafe { std::ptr::write_volatile(ptrs[0].0, 9) };
+        let mut back = [0u8; 2];
+        map.read_slice(&mut back, GuestAddress(0x100)).unwrap();
+        assert_eq!(
+            back,
+            [9, 0],
+            "the old contents are gone; the late write landed in private memory"
+        );
+    }
+
+    #[test]
     fn memory_swaps_snapshots_without_invalidating_readers() {
-        let memory = Memory::default();
-        let old = memory.snapshot();
-        memory.replace(map_with(vec![(0, 0xfff, uapi::VDUSE_ACCESS_RW)]));
-        assert_eq!(old.regions(), 0, "a reader keeps the map it started with");
-        assert_eq!(memory.snapshot().regions(), 1);
-        memory.clear();
-        assert_eq!(memory.snapshot().regions(), 0);
+        let memory = Memory::fixed(map(&[(0, 0x1000, uapi::VDUSE_ACCESS_RW)]));
+        let old = memory.snapshot().unwrap();
+        let cleared = memory.clear();
+        assert_eq!(old.regions(), 1, "a reader keeps the map it started with");
+        assert_eq!(cleared.regions(), 1);
+        assert_eq!(memory.peek().regions(), 0);
+    }
+
+    #[test]
+    fn janitor_revokes_within_the_bound() {
+        let janitor = Janitor::new("test").unwrap();
+        let map = map(&[(0, 0x1000, uapi::VDUSE_ACCESS_RW)]);
+        assert!(janitor.revoke(map.mappings(), std::time::Duration::from_secs(5)));
+        assert!(map.mappings()[0].is_revoked());
+        janitor.dispose(map);
     }
 }

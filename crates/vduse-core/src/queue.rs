@@ -1,25 +1,87 @@
-//! One virtqueue: a `virtio_queue::Queue` over the IOTLB map, drained in batches by a worker thread on
-//! each kick, with notifications suppressed while draining, completions published in batches and at most
-//! one interrupt per batch (EVENT_IDX honoured by virtio-queue's `needs_notification`).
+//! One virtqueue and the life of each request on it.
+//!
+//! ```text
+//!  avail ring ──pop──► in the model (a slot, a ticket) ──complete──► used ring      exactly once
+//!                            └──────fence (reset, IOTLB change)──► gone: the ticket is dead,
+//!                                                                   a late completion is dropped
+//! ```
+//!
+//! A request lives in a *slot*; its [`Ticket`] names the slot and the slot's generation, which changes
+//! every time the slot is reused or fenced, so a late or duplicate completion can never complete another
+//! request. At most a ring's worth of requests is in flight per queue (a valid driver cannot have more);
+//! each pop round is bounded in requests and descriptors, so a hostile driver cannot make one round do
+//! unbounded work while the queue lock is held. Nothing blocking (mmap, ioctl waits) happens under it.
+//!
+//! The queue's ring state machine: `Off` (no driver) → `Armed` (DRIVER_OK: set up on first use, which is
+//! also how queues the driver enables late are served) → `Active` → `Broken` (the driver corrupted the
+//! ring; until reset). The message loop moves queues back to `Off`, fencing what is still in flight.
 
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Instant;
 
+use parking_lot::{Condvar, Mutex};
 use virtio_queue::{Error as QueueError, Queue, QueueOwnedT, QueueT};
-use vmm_sys_util::eventfd::EventFd;
+use vm_memory::{GuestAddress, GuestMemory, Permissions};
 
-use crate::chain::{self, ChainError};
-use crate::memory::Memory;
-use crate::model::{Completer, DeviceModel, RequestBatch};
+use crate::chain::{self, ChainError, Segment, Shape};
+use crate::inflight::QueueLog;
+use crate::memory::{IotlbMap, Memory};
 
 /// What a queue needs from its transport.
 pub trait Transport: Send + Sync {
     /// Interrupts the driver for `queue` (VDUSE: `VDUSE_VQ_INJECT_IRQ`).
     fn notify(&self, queue: u16);
-    /// Re-reads the driver's memory map after a buffer fell outside it; true if it changed.
-    fn refresh_memory(&self) -> bool;
+    /// The driver's ring setup for `queue` (VDUSE: `VDUSE_VQ_GET_INFO`).
+    fn ring_info(&self, queue: u16) -> std::io::Result<RingInfo>;
+}
+
+/// Where the driver put a ring, and whether it enabled it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RingInfo {
+    pub size: u16,
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+    /// The avail index the driver set (the kernel does not track progress).
+    pub avail_idx: u16,
+    pub ready: bool,
+}
+
+/// Names one request: queue, slot, and the slot's generation. Fits in 53 bits, so JavaScript can hold it
+/// in a number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Ticket(u64);
+
+impl Ticket {
+    const SLOT_BITS: u32 = 15;
+    const QUEUE_BITS: u32 = 8;
+    pub const GEN_MASK: u32 = (1 << 30) - 1;
+    /// Most queues a device may have (ticket encoding).
+    pub const MAX_QUEUES: usize = 1 << Self::QUEUE_BITS;
+
+    pub fn new(queue: u16, slot: u16, gen: u32) -> Self {
+        Self(
+            (u64::from(gen & Self::GEN_MASK) << (Self::SLOT_BITS + Self::QUEUE_BITS))
+                | (u64::from(queue) << Self::SLOT_BITS)
+                | u64::from(slot),
+        )
+    }
+    pub fn queue(self) -> u16 {
+        ((self.0 >> Self::SLOT_BITS) & ((1 << Self::QUEUE_BITS) - 1)) as u16
+    }
+    pub fn slot(self) -> u16 {
+        (self.0 & ((1 << Self::SLOT_BITS) - 1)) as u16
+    }
+    pub fn gen(self) -> u32 {
+        (self.0 >> (Self::SLOT_BITS + Self::QUEUE_BITS)) as u32
+    }
+    pub fn raw(self) -> u64 {
+        self.0
+    }
+    pub fn from_raw(raw: u64) -> Self {
+        Self(raw & ((1 << 53) - 1))
+    }
 }
 
 /// Counters of one queue, readable at any time.
@@ -30,10 +92,16 @@ pub struct QueueStats {
     pub requests: AtomicU64,
     pub completions: AtomicU64,
     pub interrupts: AtomicU64,
-    /// Refused chains, by [`ChainError`] index.
-    pub bad_chains: [AtomicU64; 6],
-    /// Completions dropped because the device was reset before they arrived.
+    /// Refused chains, by [`ChainError::index`].
+    pub bad_chains: [AtomicU64; ChainError::KINDS],
+    /// A head made available again while still in flight (a hostile or broken driver).
+    pub duplicate_heads: AtomicU64,
+    /// Requests fenced (reset, IOTLB change) before the model completed them.
+    pub fenced: AtomicU64,
+    /// Completions for requests that were no longer in flight (fenced, or completed twice).
     pub stale_completions: AtomicU64,
+    /// Times the queue stopped because the driver corrupted it.
+    pub broken: AtomicU64,
 }
 
 impl QueueStats {
@@ -42,321 +110,830 @@ impl QueueStats {
     }
 }
 
-struct State {
-    queue: Option<Queue>,
-    generation: u64,
-    pending: Vec<(u64, u16, u32)>,
-    /// The avail index went insane (more entries than the ring holds): stop until the next reset.
-    broken: bool,
+/// How much one pop round may do.
+#[derive(Clone, Copy, Debug)]
+pub struct Budget {
+    pub requests: usize,
+    pub descriptors: usize,
 }
 
-/// The part of a queue shared by its worker, the message loop and completers.
-pub struct QueueShared {
-    pub(crate) index: u16,
-    state: Mutex<State>,
+impl Default for Budget {
+    fn default() -> Self {
+        Self {
+            requests: 64,
+            descriptors: 4096,
+        }
+    }
+}
+
+/// What a pop round found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pop {
+    /// The ring is empty and notifications are enabled again: wait for a kick.
+    Idle,
+    /// The budget ran out (or more arrived meanwhile): call again soon.
+    More,
+    /// A ring's worth of requests is in flight: wait; the queue's waker fires when one completes.
+    Full,
+}
+
+/// Requests in flight across all queues of a device, for bounded drains.
+#[derive(Default)]
+pub struct InFlight {
+    count: AtomicUsize,
+    lock: Mutex<()>,
+    changed: Condvar,
+}
+
+impl InFlight {
+    pub fn get(&self) -> usize {
+        self.count.load(Ordering::Acquire)
+    }
+    fn add(&self, n: usize) {
+        self.count.fetch_add(n, Ordering::AcqRel);
+    }
+    fn sub(&self, n: usize) {
+        if n > 0 {
+            self.count.fetch_sub(n, Ordering::AcqRel);
+            let _g = self.lock.lock();
+            self.changed.notify_all();
+        }
+    }
+    /// Waits until `done()` or `deadline`; `done` is re-evaluated after every completion.
+    pub fn wait_until(&self, deadline: Instant, mut done: impl FnMut() -> bool) -> bool {
+        loop {
+            if done() {
+                return true;
+            }
+            let mut g = self.lock.lock();
+            if Instant::now() >= deadline {
+                return done();
+            }
+            // Re-check under the lock so a completion between `done()` and the wait is not missed; the
+            // timeout caps the cost of predicates that change without a completion.
+            let step = (deadline - Instant::now()).min(std::time::Duration::from_millis(50));
+            self.changed.wait_for(&mut g, step);
+        }
+    }
+}
+
+/// One request as the model sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct Request<'a> {
+    pub ticket: Ticket,
+    pub head: u16,
+    pub shape: Shape,
+    pub readable: &'a [Segment],
+    pub writable: &'a [Segment],
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    ticket: Ticket,
+    head: u16,
+    first: u32,
+    shape: Shape,
+}
+
+/// Requests popped in one round, stored flat so a warmed-up batch allocates nothing.
+#[derive(Debug)]
+pub struct RequestBatch {
+    memory: Arc<IotlbMap>,
+    entries: Vec<Entry>,
+    segments: Vec<Segment>,
+}
+
+impl Default for RequestBatch {
+    fn default() -> Self {
+        Self::new(Arc::new(IotlbMap::empty()))
+    }
+}
+
+impl RequestBatch {
+    pub fn new(memory: Arc<IotlbMap>) -> Self {
+        Self {
+            memory,
+            entries: Vec::new(),
+            segments: Vec::new(),
+        }
+    }
+    /// The memory the requests' buffers live in.
+    pub fn memory(&self) -> &Arc<IotlbMap> {
+        &self.memory
+    }
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+    pub fn get(&self, i: usize) -> Option<Request<'_>> {
+        let e = self.entries.get(i)?;
+        let first = e.first as usize;
+        let mid = first + usize::from(e.shape.readable);
+        let end = mid + usize::from(e.shape.writable);
+        Some(Request {
+            ticket: e.ticket,
+            head: e.head,
+            shape: e.shape,
+            readable: &self.segments[first..mid],
+            writable: &self.segments[mid..end],
+        })
+    }
+    pub fn iter(&self) -> impl Iterator<Item = Request<'_>> {
+        (0..self.len()).filter_map(|i| self.get(i))
+    }
+    fn clear(&mut self, memory: Arc<IotlbMap>) {
+        self.memory = memory;
+        self.entries.clear();
+        self.segments.clear();
+    }
+    fn push(&mut self, ticket: Ticket, head: u16, shape: Shape, segments: &[Segment]) {
+        let first = self.segments.len() as u32;
+        self.segments.extend_from_slice(segments);
+        self.entries.push(Entry {
+            ticket,
+            head,
+            first,
+            shape,
+        });
+    }
+}
+
+#[derive(Default)]
+struct Slot {
+    live: bool,
+    gen: u32,
+    head: u16,
+    shape: Shape,
+    /// Readable buffers, then writable ones; the capacity is kept across uses.
+    segments: Vec<Segment>,
+    map: Option<Arc<IotlbMap>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Off,
+    Armed,
+    Active,
+    /// Being reset: no new requests, completions still published.
+    Quiesced,
+    Broken,
+}
+
+struct Ring {
+    state: State,
+    queue: Option<Queue>,
+    slots: Vec<Slot>,
+    free: Vec<u16>,
+    /// Slot + 1 of the request each head belongs to (0: none), to refuse duplicate heads.
+    head_slot: Vec<u16>,
+    live: usize,
+    /// Used entries were added since the last notification check.
+    need_notify: bool,
+    /// Heads to serve before the avail ring (requests taken over from a previous server).
+    resubmit: std::collections::VecDeque<u16>,
+    /// Avail index to resume from, when taking over a running queue.
+    resume_avail: Option<u16>,
+    /// A pop round stopped for want of a free slot: wake the server at the next completion.
+    full: bool,
+}
+
+/// What became of a chain.
+enum Taken {
+    /// In a slot, in the batch.
+    Yes,
+    /// Refused and published with used length 0.
+    Refused(ChainError),
+    /// A buffer is outside the map: left on the ring for the caller to look the address up.
+    Missed(u64),
+}
+
+/// Outcome of a completion.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Completion {
+    /// The request went into the used ring.
+    Done,
+    /// The ticket was not in flight (fenced, or completed already): nothing happened.
+    Stale,
+}
+
+/// A virtqueue shared by whoever serves it (a worker thread or the JavaScript thread), whoever completes
+/// its requests (any thread), and the message loop (which arms, fences and stops it).
+pub struct Virtqueue {
+    pub index: u16,
+    max_size: u16,
+    max_segments: usize,
+    ring: Mutex<Ring>,
     memory: Arc<Memory>,
     transport: Arc<dyn Transport>,
+    inflight: Arc<InFlight>,
+    log: Option<QueueLog>,
     pub stats: QueueStats,
-    inflight: AtomicUsize,
-    idle: (Mutex<()>, Condvar),
-    logged: [AtomicBool; 6],
+    logged: [AtomicBool; ChainError::KINDS],
+    event_idx: AtomicBool,
+    waker: Mutex<Option<Arc<vmm_sys_util::eventfd::EventFd>>>,
 }
 
-impl QueueShared {
-    pub fn new(index: u16, memory: Arc<Memory>, transport: Arc<dyn Transport>) -> Arc<Self> {
+impl Virtqueue {
+    pub fn new(
+        index: u16,
+        max_size: u16,
+        max_segments: usize,
+        memory: Arc<Memory>,
+        transport: Arc<dyn Transport>,
+        inflight: Arc<InFlight>,
+        log: Option<QueueLog>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             index,
-            state: Mutex::new(State {
+            max_size,
+            max_segments: max_segments.max(1),
+            ring: Mutex::new(Ring {
+                state: State::Off,
                 queue: None,
-                generation: 0,
-                pending: Vec::new(),
-                broken: false,
+                slots: Vec::new(),
+                free: Vec::new(),
+                head_slot: Vec::new(),
+                live: 0,
+                need_notify: false,
+                resubmit: Default::default(),
+                resume_avail: None,
+                full: false,
             }),
             memory,
             transport,
+            inflight,
+            log,
             stats: QueueStats::default(),
-            inflight: AtomicUsize::new(0),
-            idle: (Mutex::new(()), Condvar::new()),
             logged: Default::default(),
+            event_idx: AtomicBool::new(false),
+            waker: Mutex::new(None),
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    /// The eventfd that wakes whoever serves this queue (its kick fd): written when a completion frees a
+    /// slot after a round stopped with [`Pop::Full`].
+    pub fn set_waker(&self, waker: Arc<vmm_sys_util::eventfd::EventFd>) {
+        *self.waker.lock() = Some(waker);
     }
 
-    /// Starts serving `queue` (the driver set it up); completions of an earlier life are void from now on.
-    pub fn activate(&self, queue: Queue) -> u64 {
-        let mut st = self.lock();
-        st.generation += 1;
-        st.queue = Some(queue);
-        st.pending.clear();
-        st.broken = false;
-        st.generation
+    fn wake(&self) {
+        if let Some(w) = self.waker.lock().as_ref() {
+            let _ = w.write(1);
+        }
     }
 
-    /// Stops serving (reset); returns the ring state for `GET_VQ_STATE`-style queries before it goes.
-    pub fn deactivate(&self) {
-        let mut st = self.lock();
-        st.generation += 1;
-        st.queue = None;
-        st.pending.clear();
-        drop(st);
-        self.inflight.store(0, Ordering::Release);
-        self.idle.1.notify_all();
+    /// Turns EVENT_IDX on or off for the ring set up next (the negotiated features, at DRIVER_OK).
+    pub fn set_event_idx(&self, on: bool) {
+        self.event_idx.store(on, Ordering::Release);
     }
 
-    /// The next avail index the device would process (`VDUSE_GET_VQ_STATE`).
+    pub fn memory(&self) -> &Arc<Memory> {
+        &self.memory
+    }
+
+    /// DRIVER_OK: the ring is set up on first use (the driver may also enable it later).
+    pub fn arm(&self) {
+        let mut r = self.ring.lock();
+        if r.state == State::Off {
+            r.state = State::Armed;
+        }
+    }
+
+    /// Like [`arm`](Self::arm), for a queue a previous server was serving: `in_flight` heads (in pop order)
+    /// are served again first, then the avail ring from `used_idx + in_flight.len()`.
+    pub fn arm_resumed(&self, used_idx: u16, in_flight: Vec<u16>) {
+        let mut r = self.ring.lock();
+        r.state = State::Armed;
+        r.resume_avail = Some(used_idx.wrapping_add(in_flight.len() as u16));
+        r.resubmit = in_flight.into();
+    }
+
+    /// Stops taking new requests (a reset is draining); completions still go out.
+    pub fn quiesce(&self) {
+        let mut r = self.ring.lock();
+        if r.state != State::Off {
+            r.state = State::Quiesced;
+        }
+    }
+
+    /// Requests in flight on this queue.
+    pub fn live(&self) -> usize {
+        self.ring.lock().live
+    }
+
+    pub fn is_active(&self) -> bool {
+        self.ring.lock().state == State::Active
+    }
+
+    /// The next avail index the device would process (`VDUSE_GET_VQ_STATE`), if the ring is set up.
     pub fn next_avail(&self) -> Option<u16> {
-        self.lock().queue.as_ref().map(|q| q.next_avail())
+        self.ring.lock().queue.as_ref().map(|q| q.next_avail())
     }
 
-    pub fn generation(&self) -> u64 {
-        self.lock().generation
+    /// Fences every request in flight and stops serving until armed again (reset). Returns how many
+    /// requests were fenced and the memory maps they held (drop them off the message loop).
+    pub fn stop(&self) -> (usize, Vec<Arc<IotlbMap>>) {
+        let mut r = self.ring.lock();
+        let (n, maps) = self.fence_locked(&mut r, |_| true);
+        r.state = State::Off;
+        r.queue = None;
+        r.resubmit.clear();
+        r.resume_avail = None;
+        r.need_notify = false;
+        drop(r);
+        if let Some(log) = &self.log {
+            log.clear();
+        }
+        (n, maps)
     }
 
-    pub fn inflight(&self) -> usize {
-        self.inflight.load(Ordering::Acquire)
+    /// Fences the requests `affected` selects (their buffers are going away) and returns how many.
+    pub fn fence_where(&self, affected: impl Fn(&[Segment]) -> bool) -> (usize, Vec<Arc<IotlbMap>>) {
+        let mut r = self.ring.lock();
+        self.fence_locked(&mut r, |s| affected(&s.segments))
     }
 
-    /// Waits until no request is in flight, up to `timeout`; false if some still are.
-    pub fn wait_idle(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut guard = self.idle.0.lock().unwrap_or_else(|e| e.into_inner());
-        while self.inflight() > 0 {
-            let now = Instant::now();
-            if now >= deadline {
-                return false;
+    /// How many in-flight requests `affected` selects.
+    pub fn count_where(&self, affected: impl Fn(&[Segment]) -> bool) -> usize {
+        let r = self.ring.lock();
+        r.slots.iter().filter(|s| s.live && affected(&s.segments)).count()
+    }
+
+    fn fence_locked(&self, r: &mut Ring, pick: impl Fn(&Slot) -> bool) -> (usize, Vec<Arc<IotlbMap>>) {
+        let mut maps: Vec<Arc<IotlbMap>> = Vec::new();
+        let mut n = 0;
+        let Ring {
+            slots,
+            free,
+            head_slot,
+            ..
+        } = r;
+        for (i, s) in slots.iter_mut().enumerate() {
+            if !s.live || !pick(s) {
+                continue;
             }
-            guard = self
-                .idle
-                .1
-                .wait_timeout(guard, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-        true
-    }
-
-    pub(crate) fn push_completion(&self, generation: u64, head: u16, used_len: u32) {
-        self.lock().pending.push((generation, head, used_len));
-    }
-
-    pub(crate) fn flush_completions(&self) {
-        let map = self.memory.snapshot();
-        let mut st = self.lock();
-        if st.pending.is_empty() {
-            return;
-        }
-        let generation = st.generation;
-        let pending = std::mem::take(&mut st.pending);
-        let mut done = 0usize;
-        let mut stale = 0u64;
-        let mut notify = false;
-        if let Some(q) = st.queue.as_mut() {
-            for &(g, head, len) in &pending {
-                if g != generation {
-                    stale += 1;
-                    continue;
-                }
-                if let Err(e) = q.add_used(map.memory(), head, len) {
-                    log::warn!("queue {}: cannot publish completion of {head}: {e}", self.index);
-                }
-                done += 1;
+            s.live = false;
+            s.gen = s.gen.wrapping_add(1) & Ticket::GEN_MASK;
+            if let Some(hs) = head_slot.get_mut(usize::from(s.head)) {
+                *hs = 0;
             }
-            notify = done > 0 && q.needs_notification(map.memory()).unwrap_or(true);
-        } else {
-            stale = pending.len() as u64;
+            if let Some(log) = &self.log {
+                log.end(s.head);
+            }
+            if let Some(m) = s.map.take() {
+                if !maps.iter().any(|x| Arc::ptr_eq(x, &m)) {
+                    maps.push(m);
+                }
+            }
+            free.push(i as u16);
+            n += 1;
         }
-        // Give the buffer back to keep its capacity for the next batch.
-        st.pending = pending;
-        st.pending.clear();
-        drop(st);
-        self.stats.completions.fetch_add(done as u64, Ordering::Relaxed);
-        if stale > 0 {
-            self.stats.stale_completions.fetch_add(stale, Ordering::Relaxed);
-        }
-        if notify {
-            self.stats.interrupts.fetch_add(1, Ordering::Relaxed);
-            self.transport.notify(self.index);
-        }
-        if done > 0 && self.inflight.fetch_sub(done, Ordering::AcqRel) == done {
-            let _guard = self.idle.0.lock().unwrap_or_else(|e| e.into_inner());
-            self.idle.1.notify_all();
-        }
+        r.live -= n;
+        drop(pick);
+        self.stats.fenced.fetch_add(n as u64, Ordering::Relaxed);
+        self.inflight.sub(n);
+        (n, maps)
     }
 
-    fn refuse(&self, err: ChainError, head: u16) {
+    fn refuse(&self, r: &mut Ring, map: &IotlbMap, err: ChainError, head: u16) {
         self.stats.bad_chains[err.index()].fetch_add(1, Ordering::Relaxed);
         if !self.logged[err.index()].swap(true, Ordering::Relaxed) {
             log::warn!(
-                "queue {}: refused request {head}: {} (logged once per kind)",
+                "queue {}: refused request {head}: {} (logged once per kind; see the counters)",
                 self.index,
                 err.as_str()
             );
         }
+        self.publish_locked(r, map, head, 0);
     }
 
-    /// Pops one batch (up to a ring's worth), hands it to the model and publishes what it completed.
-    /// Returns true while there may be more work.
-    pub fn process(self: &Arc<Self>, model: &dyn DeviceModel, batch: &mut RequestBatch) -> bool {
-        if self.memory.take_stale() {
-            self.transport.refresh_memory();
+    fn break_ring(&self, r: &mut Ring, why: &str) {
+        if r.state != State::Broken {
+            r.state = State::Broken;
+            self.stats.broken.fetch_add(1, Ordering::Relaxed);
+            log::error!(
+                "queue {}: {why}; the queue stops until the driver resets it",
+                self.index
+            );
         }
-        let map = self.memory.snapshot();
-        batch.reset(map.clone());
-        let max_segments = model.max_segments();
-        let mut refresh = false;
-        let (generation, more) = {
-            let mut st = self.lock();
-            let generation = st.generation;
-            if st.broken {
+    }
+
+    /// Sets up the ring from the driver's info, checking that it lies in memory the device may use.
+    fn activate(&self, r: &mut Ring, map: &IotlbMap) -> bool {
+        let info = match self.transport.ring_info(self.index) {
+            Ok(info) => info,
+            Err(e) => {
+                log::error!("queue {}: cannot read the ring setup: {e}", self.index);
                 return false;
             }
-            let Some(q) = st.queue.as_mut() else { return false };
-            let budget = usize::from(q.size());
-            let _ = q.disable_notification(map.memory());
-            let mut invalid_index = false;
-            let mut refused = Vec::new();
-            while batch.len() + refused.len() < budget {
-                let mut iter = match q.iter(map.memory()) {
-                    Ok(iter) => iter,
-                    Err(QueueError::InvalidAvailRingIndex) => {
-                        invalid_index = true;
-                        break;
-                    }
-                    Err(_) => break,
-                };
-                let Some(chain) = iter.next() else { break };
-                let head = chain.head_index();
-                let first = batch.segments_mut().len();
-                match chain::collect(chain, &map, max_segments, batch.segments_mut()) {
-                    Ok((r, w)) => batch.push(head, first, r, w),
-                    Err(ChainError::BadAddress | ChainError::Empty | ChainError::Truncated) if !refresh => {
-                        // The map may predate this buffer or indirect table (virtio-vdpa creates the bounce
-                        // region on first use): put the chain back, re-read the IOTLB and try once more.
-                        q.go_to_previous_position();
-                        refresh = true;
-                        break;
-                    }
-                    Err(e) => refused.push((e, head)),
+        };
+        if !info.ready {
+            return false; // enabled later: the next kick tries again
+        }
+        let size = info.size;
+        let mut queue = match build_queue(self.max_size, &info, self.event_idx.load(Ordering::Acquire)) {
+            Ok(q) => q,
+            Err(e) => {
+                self.break_ring(r, &format!("the driver set up an invalid ring ({e})"));
+                return false;
+            }
+        };
+        let n = u64::from(size);
+        let rings_ok = map.check_range(GuestAddress(info.desc), (16 * n) as usize, Permissions::Read)
+            && map.check_range(GuestAddress(info.avail), (6 + 2 * n) as usize, Permissions::Read)
+            && map.check_range(GuestAddress(info.used), (6 + 8 * n) as usize, Permissions::Write);
+        if !rings_ok {
+            self.break_ring(r, "the rings lie outside memory the device may access");
+            return false;
+        }
+        let Ok(used) = queue.used_idx(map, Ordering::Acquire) else {
+            return false;
+        };
+        queue.set_next_used(used.0);
+        match r.resume_avail.take() {
+            Some(avail) => queue.set_next_avail(avail),
+            None => queue.set_next_avail(info.avail_idx),
+        }
+        if let Some(log) = &self.log {
+            log.set_used_idx(used.0);
+        }
+        // Slots are never dropped or recreated: their generations must keep counting across resets, or a
+        // ticket fenced by a reset could complete a new request in the same slot.
+        if r.slots.len() < usize::from(self.max_size) {
+            r.slots.resize_with(usize::from(self.max_size), Slot::default);
+        }
+        debug_assert!(r.slots.iter().all(|s| !s.live));
+        r.free = (0..size).rev().collect();
+        r.head_slot = vec![0; usize::from(size)];
+        r.live = 0;
+        r.queue = Some(queue);
+        r.state = State::Active;
+        true
+    }
+
+    /// Pops up to `budget` requests into `batch` (cleared first). Chains that are malformed are refused
+    /// (used length 0) and counted; a buffer outside the map makes the caller's thread ask the kernel once
+    /// whether the IOTLB grew. Returns whether to call again without waiting for a kick.
+    pub fn pop(&self, budget: Budget, batch: &mut RequestBatch) -> Pop {
+        let mut missed_once = false;
+        loop {
+            let map = match self.memory.snapshot() {
+                Ok(m) => m,
+                Err(e) => {
+                    log::error!("queue {}: cannot read the IOTLB: {e}", self.index);
+                    batch.clear(Arc::new(IotlbMap::empty()));
+                    return Pop::Idle;
+                }
+            };
+            batch.clear(map.clone());
+            match self.pop_locked(&map, budget, batch, missed_once) {
+                Ok(p) => return p,
+                Err(addr) => {
+                    // Outside the lock: this may mmap, which must never happen while the message loop could
+                    // be waiting for the queue lock.
+                    missed_once = true;
+                    let grew = self.memory.miss(addr);
+                    log::debug!("queue {}: IOTLB miss at {addr:#x} (map grew: {grew})", self.index);
                 }
             }
-            if invalid_index {
-                st.broken = true;
-                log::error!(
-                    "queue {}: avail index ahead of the ring size; queue stopped until reset",
+        }
+    }
+
+    fn pop_locked(
+        &self,
+        map: &Arc<IotlbMap>,
+        budget: Budget,
+        batch: &mut RequestBatch,
+        refuse_unmapped: bool,
+    ) -> Result<Pop, u64> {
+        let mut guard = self.ring.lock();
+        let r = &mut *guard;
+        if r.state == State::Armed && !self.activate(r, map) {
+            return Ok(Pop::Idle);
+        }
+        if r.state != State::Active {
+            return Ok(Pop::Idle);
+        }
+        let mut descriptors = 0usize;
+        let mut out_of_budget = false;
+        let mut full = false;
+        let mut exhausted = false;
+        let mut miss = None;
+        // Taken-over requests first, then the avail ring.
+        while let Some(&head) = r.resubmit.front() {
+            if r.free.is_empty() {
+                full = true;
+                break;
+            }
+            if batch.len() >= budget.requests {
+                out_of_budget = true;
+                break;
+            }
+            r.resubmit.pop_front();
+            let desc_table = r.queue.as_ref().map_or(0, |q| q.desc_table());
+            let size = r.queue.as_ref().map_or(0, |q| q.size());
+            if let Taken::Refused(ChainError::Unmapped(addr)) =
+                self.take(r, map, desc_table, size, head, batch, true)
+            {
+                log::warn!(
+                    "queue {}: a taken-over request points outside memory ({addr:#x})",
                     self.index
                 );
             }
-            let popped = batch.len() + refused.len();
-            self.inflight.fetch_add(popped, Ordering::AcqRel);
-            for &(e, head) in &refused {
-                self.refuse(e, head);
-                st.pending.push((generation, head, 0));
+        }
+        if !out_of_budget && !full {
+            let q = r.queue.as_mut().expect("active queue");
+            let _ = q.disable_notification(map.as_ref());
+            let desc_table = q.desc_table();
+            let size = q.size();
+            loop {
+                if batch.len() >= budget.requests || descriptors >= budget.descriptors {
+                    out_of_budget = true;
+                    break;
+                }
+                if r.free.is_empty() {
+                    // A ring's worth in flight: a valid driver cannot add more. Wait for completions.
+                    full = true;
+                    break;
+                }
+                let q = r.queue.as_mut().expect("active queue");
+                let head = {
+                    let mut iter = match q.iter(map.as_ref()) {
+                        Ok(it) => it,
+                        Err(QueueError::InvalidAvailRingIndex) => {
+                            self.break_ring(r, "the driver's avail index ran more than a ring ahead");
+                            return Ok(Pop::Idle);
+                        }
+                        Err(e) => {
+                            self.break_ring(r, &format!("the avail ring is unreadable ({e})"));
+                            return Ok(Pop::Idle);
+                        }
+                    };
+                    match iter.next() {
+                        Some(chain) => chain.head_index(),
+                        None => {
+                            exhausted = true;
+                            break;
+                        }
+                    }
+                };
+                let before = batch.segments.len();
+                match self.take(r, map, desc_table, size, head, batch, refuse_unmapped) {
+                    Taken::Yes => descriptors += batch.segments.len() - before + 1,
+                    Taken::Missed(addr) => {
+                        if let Some(q) = r.queue.as_mut() {
+                            q.go_to_previous_position();
+                        }
+                        miss = Some(addr);
+                        break;
+                    }
+                    Taken::Refused(_) => descriptors += 1,
+                }
             }
-            let full = popped >= budget;
-            (generation, !invalid_index && (full || refresh))
-        };
-        if !batch.is_empty() {
+        }
+        let popped = batch.len();
+        if popped > 0 {
             self.stats.batches.fetch_add(1, Ordering::Relaxed);
-            self.stats
-                .requests
-                .fetch_add(batch.len() as u64, Ordering::Relaxed);
-            let completer = Completer::new(self.clone(), generation);
-            model.handle(self.index, batch, &completer);
+            self.stats.requests.fetch_add(popped as u64, Ordering::Relaxed);
         }
-        self.flush_completions();
-        if refresh && !self.transport.refresh_memory() {
-            // Nothing new in the IOTLB: the address really is bad. Refuse the chain on the next pass.
-            return self.process_refusing_bad_addresses(model, batch);
+        self.notify_locked(r, map);
+        if let Some(addr) = miss {
+            // Serve what was popped first: the caller retries after the miss.
+            if popped == 0 {
+                drop(guard);
+                return Err(addr);
+            }
+            return Ok(Pop::More);
         }
-        if more {
-            return true;
+        if out_of_budget {
+            return Ok(Pop::More);
         }
-        if self.lock().broken {
-            return false;
+        if full {
+            r.full = true;
+            return Ok(if popped > 0 { Pop::More } else { Pop::Full });
         }
+        debug_assert!(exhausted);
         // Re-enable notifications; if the driver added work meanwhile, go round again.
-        let map = self.memory.snapshot();
-        let mut st = self.lock();
-        match st.queue.as_mut() {
-            Some(q) => q.enable_notification(map.memory()).unwrap_or(false),
-            None => false,
+        let q = r.queue.as_mut().expect("active queue");
+        Ok(match q.enable_notification(map.as_ref()) {
+            Ok(true) => Pop::More,
+            _ => Pop::Idle,
+        })
+    }
+
+    /// Validates the chain at `head` and, if valid, gives it a slot and appends it to `batch`; otherwise
+    /// refuses it — except an unmapped address when `refuse_unmapped` is false, which is left to the caller.
+    #[allow(clippy::too_many_arguments)]
+    fn take(
+        &self,
+        r: &mut Ring,
+        map: &Arc<IotlbMap>,
+        desc_table: u64,
+        size: u16,
+        head: u16,
+        batch: &mut RequestBatch,
+        refuse_unmapped: bool,
+    ) -> Taken {
+        if usize::from(head) < r.head_slot.len() && r.head_slot[usize::from(head)] != 0 {
+            self.stats.duplicate_heads.fetch_add(1, Ordering::Relaxed);
+            if !self.logged[ChainError::BadIndex.index()].swap(true, Ordering::Relaxed) {
+                log::warn!(
+                    "queue {}: head {head} made available while in flight; refused",
+                    self.index
+                );
+            }
+            // Not published: the head's first request still owns its used entry.
+            return Taken::Refused(ChainError::BadIndex);
+        }
+        let slot_id = *r.free.last().expect("a free slot");
+        let slot = &mut r.slots[usize::from(slot_id)];
+        slot.segments.clear();
+        match chain::walk(map, desc_table, size, head, self.max_segments, &mut slot.segments) {
+            Ok(shape) => {
+                r.free.pop();
+                let slot = &mut r.slots[usize::from(slot_id)];
+                slot.live = true;
+                slot.gen = slot.gen.wrapping_add(1) & Ticket::GEN_MASK;
+                slot.head = head;
+                slot.shape = shape;
+                slot.map = Some(map.clone());
+                let ticket = Ticket::new(self.index, slot_id, slot.gen);
+                batch.push(ticket, head, shape, &slot.segments);
+                if let Some(hs) = r.head_slot.get_mut(usize::from(head)) {
+                    *hs = slot_id + 1;
+                }
+                r.live += 1;
+                self.inflight.add(1);
+                if let Some(log) = &self.log {
+                    log.begin(head);
+                }
+                Taken::Yes
+            }
+            Err(ChainError::Unmapped(addr)) if !refuse_unmapped => Taken::Missed(addr),
+            Err(e) => {
+                self.refuse(r, map, e, head);
+                Taken::Refused(e)
+            }
         }
     }
 
-    fn process_refusing_bad_addresses(
-        self: &Arc<Self>,
-        model: &dyn DeviceModel,
-        batch: &mut RequestBatch,
-    ) -> bool {
-        let map = self.memory.snapshot();
-        {
-            let mut st = self.lock();
-            let generation = st.generation;
-            let Some(q) = st.queue.as_mut() else { return false };
-            let Ok(mut iter) = q.iter(map.memory()) else {
-                return false;
-            };
-            let Some(chain) = iter.next() else { return false };
-            let head = chain.head_index();
-            let mut scratch = Vec::new();
-            if let Err(e) = chain::collect(chain, &map, model.max_segments(), &mut scratch) {
-                self.inflight.fetch_add(1, Ordering::AcqRel);
-                st.pending.push((generation, head, 0));
-                drop(st);
-                self.refuse(e, head);
-                self.flush_completions();
-                return true;
-            }
-            // It validates now after all: leave it for the normal path.
-            q.go_to_previous_position();
+    fn publish_locked(&self, r: &mut Ring, map: &IotlbMap, head: u16, len: u32) {
+        let Some(q) = r.queue.as_mut() else { return };
+        if let Err(e) = q.add_used(map, head, len) {
+            // The used ring went out of reach (the driver unmapped it): nothing can be reported any more.
+            self.break_ring(r, &format!("cannot write the used ring ({e})"));
+            return;
         }
-        self.process(model, batch)
+        r.need_notify = true;
+        if let Some(log) = &self.log {
+            log.set_used_idx(q.next_used());
+        }
+    }
+
+    fn notify_locked(&self, r: &mut Ring, map: &IotlbMap) -> bool {
+        if !std::mem::take(&mut r.need_notify) {
+            return false;
+        }
+        let Some(q) = r.queue.as_mut() else { return false };
+        let notify = q.needs_notification(map).unwrap_or(true);
+        if notify {
+            self.stats.interrupts.fetch_add(1, Ordering::Relaxed);
+            self.transport.notify(self.index);
+        }
+        notify
+    }
+
+    /// Runs `f` on a request in flight (its buffers and the map they live in); `None` if the ticket is not
+    /// in flight. `f` runs under the queue lock: keep it short and never block in it.
+    pub fn with_request<T>(
+        &self,
+        ticket: Ticket,
+        f: impl FnOnce(&Arc<IotlbMap>, Shape, &[Segment]) -> T,
+    ) -> Option<T> {
+        let r = self.ring.lock();
+        let s = r.slots.get(usize::from(ticket.slot()))?;
+        if !s.live || s.gen != ticket.gen() {
+            return None;
+        }
+        Some(f(s.map.as_ref()?, s.shape, &s.segments))
+    }
+
+    /// Completes the request `ticket` with `used_len` bytes written (capped to what the request can hold),
+    /// writing `status` into its last writable byte first if given. Publishes it at once; the interrupt
+    /// waits for [`notify`](Self::notify), so a caller completing many requests raises at most one.
+    pub fn complete(&self, ticket: Ticket, used_len: u32, status: Option<u8>) -> Completion {
+        let map = self.memory.peek();
+        let mut r = self.ring.lock();
+        let done = self.complete_locked(&mut r, &map, ticket, used_len, status);
+        let wake = std::mem::take(&mut r.full) && done.is_ok();
+        drop(r);
+        if wake {
+            self.wake();
+        }
+        // The request's map is released after the lock: the last reference unmaps.
+        match done {
+            Ok(old) => {
+                drop(old);
+                Completion::Done
+            }
+            Err(()) => Completion::Stale,
+        }
+    }
+
+    /// Completes several requests and raises at most one interrupt. Returns how many were in flight.
+    pub fn complete_all(&self, done: impl IntoIterator<Item = (Ticket, u32, Option<u8>)>) -> usize {
+        let map = self.memory.peek();
+        let mut keep: Option<Arc<IotlbMap>> = None;
+        let mut others: Vec<Arc<IotlbMap>> = Vec::new();
+        let mut n = 0;
+        let mut r = self.ring.lock();
+        for (ticket, len, status) in done {
+            if let Ok(old) = self.complete_locked(&mut r, &map, ticket, len, status) {
+                n += 1;
+                // Old maps are released after the lock: the last reference unmaps.
+                match (&keep, old) {
+                    (_, None) => {}
+                    (Some(k), Some(old)) if Arc::ptr_eq(k, &old) => {}
+                    (None, Some(old)) => keep = Some(old),
+                    (Some(_), Some(old)) => others.push(old),
+                }
+            }
+        }
+        self.notify_locked(&mut r, &map);
+        let wake = n > 0 && std::mem::take(&mut r.full);
+        drop(r);
+        if wake {
+            self.wake();
+        }
+        drop(keep);
+        drop(others);
+        n
+    }
+
+    fn complete_locked(
+        &self,
+        r: &mut Ring,
+        map: &IotlbMap,
+        ticket: Ticket,
+        used_len: u32,
+        status: Option<u8>,
+    ) -> Result<Option<Arc<IotlbMap>>, ()> {
+        let idx = usize::from(ticket.slot());
+        let live = r
+            .slots
+            .get(idx)
+            .is_some_and(|s| s.live && s.gen == ticket.gen() && ticket.queue() == self.index);
+        if !live {
+            self.stats.stale_completions.fetch_add(1, Ordering::Relaxed);
+            return Err(());
+        }
+        let slot = &mut r.slots[idx];
+        let old = slot.map.take();
+        if let (Some(status), Some(m)) = (status, old.as_ref()) {
+            if let Some(last) = slot.segments.last().filter(|_| slot.shape.writable > 0) {
+                let _ = m.write_from(last.addr + u64::from(last.len) - 1, &[status]);
+            }
+        }
+        let len = used_len.min(slot.shape.writable_bytes);
+        let head = slot.head;
+        slot.live = false;
+        slot.gen = slot.gen.wrapping_add(1) & Ticket::GEN_MASK;
+        r.free.push(ticket.slot());
+        if let Some(hs) = r.head_slot.get_mut(usize::from(head)) {
+            *hs = 0;
+        }
+        r.live -= 1;
+        self.publish_locked(r, map, head, len);
+        if let Some(log) = &self.log {
+            log.end(head);
+        }
+        self.stats.completions.fetch_add(1, Ordering::Relaxed);
+        self.inflight.sub(1);
+        Ok(old)
+    }
+
+    /// Raises the interrupt owed for completions published since the last one (EVENT_IDX honoured).
+    pub fn notify(&self) {
+        let map = self.memory.peek();
+        let mut r = self.ring.lock();
+        self.notify_locked(&mut r, &map);
+    }
+
+    /// Counts a kick.
+    pub fn kicked(&self) {
+        self.stats.kicks.fetch_add(1, Ordering::Relaxed);
     }
 }
 
-/// Serves one queue until `stop` fires: waits for kicks, drains the queue in batches.
-pub fn run_worker(shared: Arc<QueueShared>, model: Arc<dyn DeviceModel>, kick: EventFd, stop: Arc<EventFd>) {
-    let mut batch = RequestBatch::new(Arc::new(crate::memory::IotlbMap::empty()));
-    let mut fds = [
-        libc::pollfd {
-            fd: kick.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: stop.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
-    // A kick may have come before we were listening.
-    while shared.process(model.as_ref(), &mut batch) {}
-    loop {
-        fds[0].revents = 0;
-        fds[1].revents = 0;
-        // SAFETY: `fds` is a valid array of two pollfds for the duration of the call.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if n < 0 {
-            if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
-                continue;
-            }
-            log::error!(
-                "queue {}: poll failed: {}",
-                shared.index,
-                std::io::Error::last_os_error()
-            );
-            return;
-        }
-        if fds[1].revents != 0 {
-            return;
-        }
-        if fds[0].revents != 0 {
-            let _ = kick.read();
-            shared.stats.kicks.fetch_add(1, Ordering::Relaxed);
-            while shared.process(model.as_ref(), &mut batch) {}
-        }
-    }
+fn build_queue(max_size: u16, info: &RingInfo, event_idx: bool) -> Result<Queue, QueueError> {
+    let mut q = Queue::new(max_size)?;
+    q.set_event_idx(event_idx);
+    q.try_set_size(info.size)?;
+    q.try_set_desc_table_address(GuestAddress(info.desc))?;
+    q.try_set_avail_ring_address(GuestAddress(info.avail))?;
+    q.try_set_used_ring_address(GuestAddress(info.used))?;
+    q.set_ready(true);
+    Ok(q)
 }

@@ -1,14 +1,13 @@
 //! The native reference model: a RAM-backed virtio-blk (IN, OUT, FLUSH, GET_ID; anything else is
-//! UNSUPP). Small, but strict about bounds and request shapes; tests and benchmarks use it to measure
-//! the transport without any JavaScript in the way.
+//! UNSUPP). Small, but strict about bounds and request shapes, and allocation-free per request; tests and
+//! benchmarks use it to measure the transport without any JavaScript in the way.
 
 use std::sync::RwLock;
 
-use vm_memory::{Bytes, GuestAddress};
-
 use crate::chain::Segment;
 use crate::memory::IotlbMap;
-use crate::model::{Completer, DeviceModel, Request, RequestBatch};
+use crate::model::{Completer, DeviceModel, DeviceSpec};
+use crate::queue::{Request, RequestBatch};
 
 pub const VIRTIO_ID_BLOCK: u32 = 2;
 pub const SECTOR_SIZE: u64 = 512;
@@ -28,7 +27,7 @@ const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
 const VIRTIO_BLK_F_MQ: u64 = 1 << 12;
 
 /// `struct virtio_blk_outhdr`: type, ioprio, sector.
-const HEADER_LEN: u32 = 16;
+const HEADER_LEN: u64 = 16;
 const ID_LEN: usize = 20;
 
 pub struct RamBlk {
@@ -37,6 +36,35 @@ pub struct RamBlk {
     queues: u16,
     queue_size: u16,
     serial: [u8; ID_LEN],
+}
+
+/// Calls `f(addr, len)` for the bytes `[skip, skip + len)` of `segments`, in order; false if they are
+/// fewer, or if `f` says so.
+fn for_each_range(
+    segments: &[Segment],
+    mut skip: u64,
+    mut len: u64,
+    mut f: impl FnMut(u64, usize, usize) -> bool,
+) -> bool {
+    let mut done = 0usize;
+    for seg in segments {
+        if len == 0 {
+            break;
+        }
+        let seg_len = u64::from(seg.len);
+        if skip >= seg_len {
+            skip -= seg_len;
+            continue;
+        }
+        let n = (seg_len - skip).min(len);
+        if !f(seg.addr + skip, done, n as usize) {
+            return false;
+        }
+        done += n as usize;
+        len -= n;
+        skip = 0;
+    }
+    len == 0
 }
 
 impl RamBlk {
@@ -59,83 +87,82 @@ impl RamBlk {
         self.capacity
     }
 
-    /// Serves one request; returns `(status, bytes written into the data buffers)`.
-    pub fn execute(&self, mem: &IotlbMap, req: &Request<'_>) -> Option<(u8, u32)> {
-        let hdr = read_header(mem, req.readable)?;
-        let (kind, sector) = hdr;
-        // The status byte is the last byte of the last writable buffer; data buffers are the rest.
-        let data_out = skip_bytes(req.readable, HEADER_LEN);
-        let mut data_in: Vec<Segment> = req.writable.to_vec();
-        let last = data_in.last_mut()?;
-        last.len -= 1;
-        if last.len == 0 {
-            data_in.pop();
+    /// What the device is: features, config space (`struct virtio_blk_config` up to `num_queues`).
+    pub fn spec(&self) -> DeviceSpec {
+        let mut features = VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_BLK_SIZE | VIRTIO_BLK_F_FLUSH;
+        if self.queues > 1 {
+            features |= VIRTIO_BLK_F_MQ;
         }
+        let mut c = vec![0u8; 36];
+        c[0..8].copy_from_slice(&(self.capacity / SECTOR_SIZE).to_le_bytes());
+        c[12..16].copy_from_slice(&(u32::from(self.queue_size) - 2).to_le_bytes()); // seg_max
+        c[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes()); // blk_size
+        c[34..36].copy_from_slice(&self.queues.to_le_bytes());
+        DeviceSpec {
+            device_id: VIRTIO_ID_BLOCK,
+            features,
+            config: c,
+            num_queues: self.queues,
+            queue_size: self.queue_size,
+            max_segments: usize::from(self.queue_size),
+            kind: "blk".into(),
+        }
+    }
+
+    /// Serves one request; returns `(status, bytes written into the data buffers)`.
+    pub fn execute(&self, mem: &IotlbMap, req: &Request<'_>) -> (u8, u32) {
+        let mut hdr = [0u8; HEADER_LEN as usize];
+        if !for_each_range(req.readable, 0, HEADER_LEN, |addr, at, n| {
+            mem.read_into(addr, &mut hdr[at..at + n])
+        }) {
+            return (VIRTIO_BLK_S_IOERR, 0);
+        }
+        let kind = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
+        let sector = u64::from_le_bytes([
+            hdr[8], hdr[9], hdr[10], hdr[11], hdr[12], hdr[13], hdr[14], hdr[15],
+        ]);
+        // The status byte is the last writable byte; the data buffers are the rest.
+        let data_in = u64::from(req.shape.writable_bytes).saturating_sub(1);
+        let data_out = u64::from(req.shape.readable_bytes).saturating_sub(HEADER_LEN);
         let offset = sector.checked_mul(SECTOR_SIZE);
         match kind {
             VIRTIO_BLK_T_IN => {
-                let len: u64 = data_in.iter().map(|s| u64::from(s.len)).sum();
-                let Some(range) = self.range(offset, len) else {
-                    return Some((VIRTIO_BLK_S_IOERR, 0));
+                let Some(range) = self.range(offset, data_in) else {
+                    return (VIRTIO_BLK_S_IOERR, 0);
                 };
                 let data = self.data.read().unwrap_or_else(|e| e.into_inner());
-                let mut at = range.start;
-                for seg in &data_in {
-                    let end = at + seg.len as usize;
-                    if mem
-                        .memory()
-                        .write_slice(&data[at..end], GuestAddress(seg.addr))
-                        .is_err()
-                    {
-                        return Some((VIRTIO_BLK_S_IOERR, 0));
-                    }
-                    at = end;
+                let disk = &data[range];
+                if !for_each_range(req.writable, 0, data_in, |addr, at, n| {
+                    mem.write_from(addr, &disk[at..at + n])
+                }) {
+                    return (VIRTIO_BLK_S_IOERR, 0);
                 }
-                Some((VIRTIO_BLK_S_OK, len as u32))
+                (VIRTIO_BLK_S_OK, data_in as u32)
             }
             VIRTIO_BLK_T_OUT => {
-                let len: u64 = data_out.iter().map(|s| u64::from(s.len)).sum();
-                let Some(range) = self.range(offset, len) else {
-                    return Some((VIRTIO_BLK_S_IOERR, 0));
+                let Some(range) = self.range(offset, data_out) else {
+                    return (VIRTIO_BLK_S_IOERR, 0);
                 };
                 let mut data = self.data.write().unwrap_or_else(|e| e.into_inner());
-                let mut at = range.start;
-                for seg in &data_out {
-                    let end = at + seg.len as usize;
-                    if mem
-                        .memory()
-                        .read_slice(&mut data[at..end], GuestAddress(seg.addr))
-                        .is_err()
-                    {
-                        return Some((VIRTIO_BLK_S_IOERR, 0));
-                    }
-                    at = end;
+                let disk = &mut data[range];
+                if !for_each_range(req.readable, HEADER_LEN, data_out, |addr, at, n| {
+                    mem.read_into(addr, &mut disk[at..at + n])
+                }) {
+                    return (VIRTIO_BLK_S_IOERR, 0);
                 }
-                Some((VIRTIO_BLK_S_OK, 0))
+                (VIRTIO_BLK_S_OK, 0)
             }
-            VIRTIO_BLK_T_FLUSH => Some((VIRTIO_BLK_S_OK, 0)),
+            VIRTIO_BLK_T_FLUSH => (VIRTIO_BLK_S_OK, 0),
             VIRTIO_BLK_T_GET_ID => {
-                let mut left = ID_LEN;
-                let mut written = 0u32;
-                for seg in &data_in {
-                    let n = (seg.len as usize).min(left);
-                    let from = ID_LEN - left;
-                    if mem
-                        .memory()
-                        .write_slice(&self.serial[from..from + n], GuestAddress(seg.addr))
-                        .is_err()
-                    {
-                        return Some((VIRTIO_BLK_S_IOERR, 0));
-                    }
-                    written += n as u32;
-                    left -= n;
-                    if left == 0 {
-                        break;
-                    }
+                let n = (ID_LEN as u64).min(data_in);
+                if !for_each_range(req.writable, 0, n, |addr, at, k| {
+                    mem.write_from(addr, &self.serial[at..at + k])
+                }) {
+                    return (VIRTIO_BLK_S_IOERR, 0);
                 }
-                Some((VIRTIO_BLK_S_OK, written))
+                (VIRTIO_BLK_S_OK, n as u32)
             }
-            _ => Some((VIRTIO_BLK_S_UNSUPP, 0)),
+            _ => (VIRTIO_BLK_S_UNSUPP, 0),
         }
     }
 
@@ -150,87 +177,17 @@ impl RamBlk {
     }
 }
 
-fn read_header(mem: &IotlbMap, readable: &[Segment]) -> Option<(u32, u64)> {
-    let mut hdr = [0u8; HEADER_LEN as usize];
-    let mut filled = 0usize;
-    for seg in readable {
-        let n = (seg.len as usize).min(hdr.len() - filled);
-        mem.memory()
-            .read_slice(&mut hdr[filled..filled + n], GuestAddress(seg.addr))
-            .ok()?;
-        filled += n;
-        if filled == hdr.len() {
-            let kind = u32::from_le_bytes(hdr[0..4].try_into().ok()?);
-            let sector = u64::from_le_bytes(hdr[8..16].try_into().ok()?);
-            return Some((kind, sector));
-        }
-    }
-    None
-}
-
-/// The buffers after the first `n` bytes.
-fn skip_bytes(segments: &[Segment], mut n: u32) -> Vec<Segment> {
-    let mut out = Vec::with_capacity(segments.len());
-    for seg in segments {
-        if n >= seg.len {
-            n -= seg.len;
-            continue;
-        }
-        out.push(Segment {
-            addr: seg.addr + u64::from(n),
-            len: seg.len - n,
-        });
-        n = 0;
-    }
-    out
-}
-
 impl DeviceModel for RamBlk {
-    fn device_id(&self) -> u32 {
-        VIRTIO_ID_BLOCK
-    }
-
-    fn device_features(&self) -> u64 {
-        let mut f = VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_BLK_SIZE | VIRTIO_BLK_F_FLUSH;
-        if self.queues > 1 {
-            f |= VIRTIO_BLK_F_MQ;
-        }
-        f
-    }
-
-    fn config_space(&self) -> Vec<u8> {
-        // struct virtio_blk_config up to num_queues (36 bytes), little-endian.
-        let mut c = vec![0u8; 36];
-        c[0..8].copy_from_slice(&(self.capacity / SECTOR_SIZE).to_le_bytes());
-        c[12..16].copy_from_slice(&(u32::from(self.queue_size) - 2).to_le_bytes()); // seg_max
-        c[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes()); // blk_size
-        c[34..36].copy_from_slice(&self.queues.to_le_bytes());
-        c
-    }
-
-    fn num_queues(&self) -> u16 {
-        self.queues
-    }
-
-    fn queue_size(&self) -> u16 {
-        self.queue_size
-    }
-
     fn handle(&self, _queue: u16, batch: &RequestBatch, completer: &Completer) {
         let mem = batch.memory();
         for req in batch.iter() {
-            // Without a writable byte for the status nothing can be reported: complete it empty.
-            let Some(status_seg) = req.writable.last() else {
-                completer.complete(req.head, 0);
+            if req.shape.writable == 0 {
+                // Without a writable byte for the status nothing can be reported.
+                completer.complete(req.ticket, 0, None);
                 continue;
-            };
-            let (status, written) = self.execute(mem, &req).unwrap_or((VIRTIO_BLK_S_IOERR, 0));
-            let at = GuestAddress(status_seg.addr + u64::from(status_seg.len) - 1);
-            let used = match mem.memory().write_obj(status, at) {
-                Ok(()) => written + 1,
-                Err(_) => 0,
-            };
-            completer.complete(req.head, used);
+            }
+            let (status, written) = self.execute(mem, &req);
+            completer.complete(req.ticket, written + 1, Some(status));
         }
     }
 }

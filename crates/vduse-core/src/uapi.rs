@@ -59,6 +59,15 @@ pub struct vduse_dev_config {
     pub config_size: u32,
 }
 
+impl vduse_dev_config {
+    /// The struct's bytes, as `VDUSE_CREATE_DEV` reads them.
+    pub fn as_bytes(&self) -> &[u8] {
+        // SAFETY: a repr(C) struct of integers and byte arrays without padding (size asserted below);
+        // every byte is initialized.
+        unsafe { std::slice::from_raw_parts((self as *const Self).cast::<u8>(), size_of::<Self>()) }
+    }
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct vduse_iotlb_entry {

@@ -8,10 +8,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vduse_core::ram_blk::RamBlk;
-use vduse_core::{DeviceOptions, VduseDevice};
+use vduse_core::{DeviceOptions, Serving, VduseDevice};
 
 mod common;
 use common::{init_log, sh};
+
+fn create(opts: DeviceOptions, model: Arc<RamBlk>) -> vduse_core::Result<VduseDevice> {
+    VduseDevice::create(opts, model.spec(), Serving::Workers(model), None)
+}
 
 /// The /dev/vdX the kernel created for vDPA device `name`.
 fn block_node(name: &str) -> PathBuf {
@@ -39,7 +43,7 @@ fn serve_and_exercise(name: &str, round: u32) {
     let model = Arc::new(RamBlk::new(SIZE, 2, 256, &format!("ram-{round}")));
     let mut opts = DeviceOptions::new(name);
     opts.replace_stale = true;
-    let device = VduseDevice::create(opts, model).expect("create device");
+    let mut device = create(opts, model).expect("create device");
     // The attach runs the driver probe, which does I/O that our worker threads serve meanwhile.
     sh(&format!("vdpa dev add name {name} mgmtdev vduse"));
     let dev = block_node(name);
@@ -110,7 +114,7 @@ fn guest_stale_device_of_a_dead_process_is_replaced() {
     let model = || Arc::new(RamBlk::new(1 << 20, 1, 64, "stale"));
     if std::env::var_os("VDUSE_TEST_CHILD").is_some() {
         // Child: create the device, say so, and wait to be killed (a daemon that crashes).
-        let device = VduseDevice::create(DeviceOptions::new(NAME), model()).expect("child create");
+        let device = create(DeviceOptions::new(NAME), model()).expect("child create");
         println!("ready");
         std::thread::sleep(Duration::from_secs(600));
         drop(device);
@@ -135,7 +139,7 @@ fn guest_stale_device_of_a_dead_process_is_replaced() {
     // While the child serves it, the name is taken even for replace_stale: the device is live.
     let mut opts = DeviceOptions::new(NAME);
     opts.replace_stale = true;
-    let err = VduseDevice::create(opts.clone(), model())
+    let err = create(opts.clone(), model())
         .err()
         .expect("live device is not stale");
     assert_eq!(err.code(), "ERR_VDUSE_EXISTS");
@@ -145,12 +149,12 @@ fn guest_stale_device_of_a_dead_process_is_replaced() {
         vduse_core::list_devices().contains(&NAME.to_string()),
         "the device outlives its process"
     );
-    let err = VduseDevice::create(DeviceOptions::new(NAME), model())
+    let err = create(DeviceOptions::new(NAME), model())
         .err()
         .expect("name clash");
     assert_eq!(err.code(), "ERR_VDUSE_EXISTS");
     assert!(err.hint().unwrap().contains("destroy"));
-    let device = VduseDevice::create(opts, model()).expect("stale device replaced");
+    let mut device = create(opts, model()).expect("stale device replaced");
     device.close().expect("destroy");
     assert!(!vduse_core::list_devices().contains(&NAME.to_string()));
 }

@@ -1,12 +1,15 @@
 //! Helpers shared by the in-guest tests.
 #![allow(dead_code)]
 
+pub mod rig;
+pub mod vdpa;
+
 use std::process::Command;
 
 pub struct StderrLog;
 impl log::Log for StderrLog {
     fn enabled(&self, m: &log::Metadata) -> bool {
-        m.level() <= log::Level::Info
+        m.level() <= log::max_level()
     }
     fn log(&self, r: &log::Record) {
         if self.enabled(r.metadata()) {
@@ -17,7 +20,12 @@ impl log::Log for StderrLog {
 }
 
 pub fn init_log() {
-    let _ = log::set_logger(&StderrLog).map(|_| log::set_max_level(log::LevelFilter::Info));
+    let level = match std::env::var("VDUSE_TEST_LOG").as_deref() {
+        Ok("debug") => log::LevelFilter::Debug,
+        Ok("trace") => log::LevelFilter::Trace,
+        _ => log::LevelFilter::Info,
+    };
+    let _ = log::set_logger(&StderrLog).map(|_| log::set_max_level(level));
 }
 
 pub fn sh(script: &str) -> String {

@@ -1,0 +1,544 @@
+//! The request lifecycle on one queue, in process: a hostile driver's chains, tickets that cannot complete
+//! the wrong request, fencing, a full ring, IOTLB misses, and revocation of fenced memory — each checked
+//! from the driver's side of the ring.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use vduse_core::chain::ChainError;
+use vduse_core::memory::{Access, IotlbMap, Memory};
+use vduse_core::model::Completer;
+use vduse_core::queue::{Budget, Completion, Pop, RequestBatch, Ticket};
+use vduse_core::ram_blk::{
+    RamBlk, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+};
+use vduse_core::uapi::{VDUSE_ACCESS_RO, VDUSE_ACCESS_RW};
+use vduse_core::worker::drain;
+use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::desc::RawDescriptor;
+use vm_memory::{Bytes, GuestAddress};
+
+mod common;
+use common::rig::{desc, memfd, offer, used, MemfdIotlb, Rig, QSIZE, RO_START};
+
+const W: u32 = VRING_DESC_F_WRITE;
+const N: u32 = VRING_DESC_F_NEXT;
+const I: u32 = VRING_DESC_F_INDIRECT;
+
+/// A valid GET_ID request at descriptors `first..first+3` using scratch memory `base`.
+fn get_id(rig: &Rig, first: u16, base: u64) -> Vec<(u16, RawDescriptor)> {
+    rig.header(base, VIRTIO_BLK_T_GET_ID, 0);
+    vec![
+        (first, desc(base, 16, N, first + 1)),
+        (first + 1, desc(base + 0x100, 20, W | N, first + 2)),
+        (first + 2, desc(base + 0x200, 1, W, 0)),
+    ]
+}
+
+/// Serves everything available through the RAM model.
+fn serve(q: &Arc<vduse_core::Virtqueue>, model: &RamBlk) {
+    let mut batch = RequestBatch::default();
+    drain(
+        q,
+        model,
+        &mut batch,
+        &Completer::new(q.clone()),
+        Budget::default(),
+    );
+}
+
+#[test]
+fn valid_requests_round_trip_through_the_model() {
+    let rig = Rig::new();
+    let (mock, q) = rig.queue(64, false);
+    let data = 0x10_0000u64;
+    rig.map
+        .write_slice(&[0xab; 512], GuestAddress(data + 0x1000))
+        .unwrap();
+    rig.header(data, VIRTIO_BLK_T_OUT, 3);
+    rig.header(data + 0x3000, VIRTIO_BLK_T_IN, 3);
+    let table = vec![
+        (0, desc(data, 16, N, 1)),
+        (1, desc(data + 0x1000, 512, N, 2)),
+        (2, desc(data + 0x2000, 1, W, 0)),
+        (3, desc(data + 0x3000, 16, N, 4)),
+        (4, desc(data + 0x4000, 512, W | N, 5)),
+        (5, desc(data + 0x5000, 1, W, 0)),
+    ];
+    offer(&mock, &table, &[0, 3]);
+    serve(&q, &RamBlk::new(1 << 20, 1, QSIZE, "x"));
+    assert_eq!(used(&mock, 0), vec![(0, 1), (3, 513)]);
+    let mut back = [0u8; 512];
+    rig.map
+        .read_slice(&mut back, GuestAddress(data + 0x4000))
+        .unwrap();
+    assert_eq!(back, [0xab; 512]);
+    assert_eq!(
+        rig.map.read_obj::<u8>(GuestAddress(data + 0x5000)).unwrap(),
+        VIRTIO_BLK_S_OK
+    );
+    assert_eq!(q.stats.bad_chains_total(), 0);
+    assert!(rig.transport.interrupts.load(Ordering::Relaxed) >= 1);
+    assert_eq!(rig.inflight.get(), 0);
+}
+
+/// (name, descriptor table entries, head, expected refusal)
+type Case = (&'static str, Vec<(u16, RawDescriptor)>, u16, ChainError);
+
+#[test]
+fn malformed_chains_get_error_completions_and_valid_ones_still_work() {
+    let rig = Rig::new();
+    let b = 0x10_0000u64;
+    // A valid 20-descriptor indirect table: more buffers than the model accepts (16).
+    for i in 0..20u16 {
+        let d = if i < 19 {
+            desc(b, 16, N, i + 1)
+        } else {
+            desc(b + 0x200, 1, W, 0)
+        };
+        rig.map
+            .write_obj(d, GuestAddress(0x12_0000 + u64::from(i) * 16))
+            .unwrap();
+    }
+    rig.map
+        .write_obj(desc(0x12_1000, 32, I, 0), GuestAddress(0x12_2000))
+        .unwrap();
+    let cases: Vec<Case> = vec![
+        (
+            "loop",
+            vec![(3, desc(b, 16, N, 4)), (4, desc(b + 0x100, 16, N, 3))],
+            3,
+            ChainError::Loop,
+        ),
+        (
+            "next out of range",
+            vec![(3, desc(b, 16, N, 200))],
+            3,
+            ChainError::BadIndex,
+        ),
+        (
+            "readable after writable",
+            vec![(3, desc(b + 0x200, 1, W | N, 4)), (4, desc(b, 16, 0, 0))],
+            3,
+            ChainError::ReadableAfterWritable,
+        ),
+        (
+            "zero length",
+            vec![(3, desc(b, 0, N, 4)), (4, desc(b + 0x200, 1, W, 0))],
+            3,
+            ChainError::ZeroLength,
+        ),
+        (
+            "address outside memory",
+            vec![(3, desc(0x4000_0000, 16, N, 4)), (4, desc(b + 0x200, 1, W, 0))],
+            3,
+            ChainError::Unmapped(0x4000_0000),
+        ),
+        (
+            "device write into read-only memory",
+            vec![(3, desc(b, 16, N, 4)), (4, desc(RO_START + 0x10, 1, W, 0))],
+            3,
+            ChainError::Forbidden,
+        ),
+        (
+            "huge length",
+            vec![(3, desc(b, u32::MAX, N, 4)), (4, desc(b + 0x200, 1, W, 0))],
+            3,
+            ChainError::Unmapped(0x20_0000),
+        ),
+        (
+            "more buffers than the device accepts",
+            vec![(3, desc(0x12_0000, 20 * 16, I, 0))],
+            3,
+            ChainError::TooManySegments,
+        ),
+        (
+            "indirect table outside memory",
+            vec![(3, desc(0x5000_0000, 64, I, 0))],
+            3,
+            ChainError::Unmapped(0x5000_0000),
+        ),
+        (
+            "nested indirect table",
+            vec![(3, desc(0x12_2000, 16, I, 0))],
+            3,
+            ChainError::BadIndirect,
+        ),
+        (
+            "indirect table with a bad length",
+            vec![(3, desc(0x12_0000, 17, I, 0))],
+            3,
+            ChainError::BadIndirect,
+        ),
+    ];
+    for (name, bad, head, expected) in cases {
+        let (mock, q) = rig.queue(16, false);
+        let mut table = get_id(&rig, 0, 0x14_0000);
+        table.extend(bad);
+        table.extend(get_id(&rig, 8, 0x15_0000));
+        offer(&mock, &table, &[0, head, 8]);
+        serve(&q, &RamBlk::new(1 << 20, 1, QSIZE, "mock-serial"));
+        let done = used(&mock, 0);
+        assert_eq!(done.len(), 3, "{name}: every request completed: {done:?}");
+        assert!(
+            done.contains(&(0, 21)),
+            "{name}: the request before succeeded: {done:?}"
+        );
+        assert!(
+            done.contains(&(u32::from(head), 0)),
+            "{name}: the bad one failed with used length 0: {done:?}"
+        );
+        assert!(
+            done.contains(&(8, 21)),
+            "{name}: the request after succeeded: {done:?}"
+        );
+        assert_eq!(
+            q.stats.bad_chains[expected.index()].load(Ordering::Relaxed),
+            1,
+            "{name}: counted as {expected:?}"
+        );
+        assert_eq!(q.stats.bad_chains_total(), 1, "{name}");
+        let mut id = [0u8; 11];
+        rig.map.read_slice(&mut id, GuestAddress(0x15_0100)).unwrap();
+        assert_eq!(&id, b"mock-serial");
+    }
+}
+
+#[test]
+fn an_avail_index_beyond_the_ring_stops_the_queue_without_spinning() {
+    let rig = Rig::new();
+    let (mock, q) = rig.queue(16, false);
+    mock.set_avail_idx(QSIZE * 3);
+    let mut batch = RequestBatch::default();
+    assert_eq!(q.pop(Budget::default(), &mut batch), Pop::Idle);
+    assert_eq!(q.pop(Budget::default(), &mut batch), Pop::Idle, "stays stopped");
+    assert_eq!(q.stats.broken.load(Ordering::Relaxed), 1);
+    // A reset brings it back.
+    q.stop();
+    mock.set_avail_idx(0);
+    mock.set_used_idx(0);
+    q.arm();
+    assert_eq!(q.pop(Budget::default(), &mut batch), Pop::Idle);
+    assert!(q.is_active());
+}
+
+#[test]
+fn rings_in_read_only_memory_are_refused_without_touching_them() {
+    let rig = Rig::new();
+    let (_ok, q) = rig.queue(16, false);
+    // Move the used ring into read-only memory: a write there would be a SIGSEGV without the checks.
+    rig.transport.ring.lock().unwrap().used = RO_START;
+    q.stop();
+    q.arm();
+    let mut batch = RequestBatch::default();
+    assert_eq!(q.pop(Budget::default(), &mut batch), Pop::Idle);
+    assert!(!q.is_active());
+    assert_eq!(q.stats.broken.load(Ordering::Relaxed), 1);
+}
+
+/// Pops what is available without completing anything (a model that holds requests).
+fn pop_all(q: &Arc<vduse_core::Virtqueue>) -> Vec<Ticket> {
+    let mut batch = RequestBatch::default();
+    let mut tickets = Vec::new();
+    loop {
+        let p = q.pop(Budget::default(), &mut batch);
+        tickets.extend(batch.iter().map(|r| r.ticket));
+        if p != Pop::More {
+            return tickets;
+        }
+    }
+}
+
+#[test]
+fn tickets_complete_exactly_once_and_never_another_request() {
+    let rig = Rig::new();
+    let (mock, q) = rig.queue(16, false);
+    let mut table = get_id(&rig, 0, 0x14_0000);
+    table.extend(get_id(&rig, 3, 0x15_0000));
+    offer(&mock, &table, &[0, 3]);
+    let t = pop_all(&q);
+    assert_eq!(t.len(), 2);
+    assert_eq!(rig.inflight.get(), 2);
+    // used_len larger than the writable space is capped (21 bytes: 20 id + 1 status).
+    assert_eq!(q.complete(t[0], 1 << 20, Some(VIRTIO_BLK_S_OK)), Completion::Done);
+    assert_eq!(
+        q.complete(t[0], 21, Some(VIRTIO_BLK_S_OK)),
+        Completion::Stale,
+        "a duplicate completion"
+    );
+    // The slot is reused by the next request: the old ticket must not complete it.
+    offer(&mock, &get_id(&rig, 6, 0x16_0000), &[6]);
+    let t2 = pop_all(&q);
+    assert_eq!(t2.len(), 1);
+    assert_eq!(t2[0].slot(), t[0].slot(), "the slot was reused");
+    assert_eq!(
+        q.complete(t[0], 5, None),
+        Completion::Stale,
+        "a late ticket of the slot's last life"
+    );
+    assert_eq!(q.complete(t2[0], 21, Some(VIRTIO_BLK_S_IOERR)), Completion::Done);
+    assert_eq!(q.complete(t[1], 0, None), Completion::Done);
+    q.notify();
+    assert_eq!(used(&mock, 0), vec![(0, 21), (6, 21), (3, 0)]);
+    assert_eq!(
+        rig.map.read_obj::<u8>(GuestAddress(0x16_0200)).unwrap(),
+        VIRTIO_BLK_S_IOERR,
+        "status written"
+    );
+    assert_eq!(q.stats.stale_completions.load(Ordering::Relaxed), 2);
+    assert_eq!(rig.inflight.get(), 0);
+}
+
+#[test]
+fn a_stop_fences_requests_in_the_model_and_their_late_completions_are_dropped() {
+    let rig = Rig::new();
+    let (mock, q) = rig.queue(16, false);
+    offer(&mock, &get_id(&rig, 0, 0x14_0000), &[0]);
+    let t = pop_all(&q);
+    let (fenced, maps) = q.stop();
+    assert_eq!((fenced, maps.len()), (1, 1));
+    assert_eq!(rig.inflight.get(), 0, "fenced requests are not in flight");
+    assert_eq!(q.complete(t[0], 21, Some(VIRTIO_BLK_S_OK)), Completion::Stale);
+    assert_eq!(
+        q.with_request(t[0], |_, _, _| ()),
+        None,
+        "its buffers are out of reach"
+    );
+    assert!(used(&mock, 0).is_empty(), "nothing reached the used ring");
+    assert_eq!(
+        rig.map.read_obj::<u8>(GuestAddress(0x14_0200)).unwrap(),
+        0,
+        "no status was written"
+    );
+    assert_eq!(q.stats.fenced.load(Ordering::Relaxed), 1);
+    // The driver resets its ring and starts again: the queue serves the new life.
+    mock.set_avail_idx(0);
+    mock.set_used_idx(0);
+    q.arm();
+    offer(&mock, &get_id(&rig, 0, 0x14_0000), &[0]);
+    serve(&q, &RamBlk::new(1 << 20, 1, QSIZE, "again"));
+    assert_eq!(used(&mock, 0), vec![(0, 21)]);
+}
+
+#[test]
+fn a_full_ring_waits_and_duplicate_heads_are_refused() {
+    let rig = Rig::new();
+    let (mock, q) = rig.queue(16, false);
+    let waker = Arc::new(vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap());
+    q.set_waker(waker.clone());
+    // One single-descriptor request per head, all 16 heads.
+    let table: Vec<_> = (0..QSIZE)
+        .map(|h| (h, desc(0x14_0000 + 0x100 * u64::from(h), 8, W, 0)))
+        .collect();
+    let heads: Vec<u16> = (0..QSIZE).collect();
+    offer(&mock, &table, &heads);
+    let t = pop_all(&q);
+    assert_eq!(t.len(), usize::from(QSIZE));
+    // A hostile driver offers head 3 again while it is in flight (and the ring is "full").
+    offer(&mock, &[], &[3]);
+    let mut batch = RequestBatch::default();
+    assert_eq!(
+        q.pop(Budget::default(), &mut batch),
+        Pop::Full,
+        "no free slot: wait"
+    );
+    assert!(waker.read().is_err(), "nothing to wake yet");
+    assert_eq!(q.complete(t[0], 0, None), Completion::Done);
+    assert_eq!(waker.read().unwrap(), 1, "a freed slot wakes the server");
+    assert_eq!(q.pop(Budget::default(), &mut batch), Pop::Idle);
+    assert!(batch.is_empty(), "the duplicate head was not served");
+    assert_eq!(q.stats.duplicate_heads.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        q.complete(t[3], 0, None),
+        Completion::Done,
+        "the first request of head 3 completes"
+    );
+}
+
+#[test]
+fn pop_rounds_are_bounded() {
+    let rig = Rig::new();
+    let (mock, q) = rig.queue(16, false);
+    let table: Vec<_> = (0..QSIZE)
+        .map(|h| (h, desc(0x14_0000 + 0x100 * u64::from(h), 8, W, 0)))
+        .collect();
+    let heads: Vec<u16> = (0..QSIZE).collect();
+    offer(&mock, &table, &heads);
+    let mut batch = RequestBatch::default();
+    let budget = Budget {
+        requests: 5,
+        descriptors: 4096,
+    };
+    assert_eq!(q.pop(budget, &mut batch), Pop::More);
+    assert_eq!(batch.len(), 5);
+    let budget = Budget {
+        requests: 64,
+        descriptors: 6,
+    };
+    assert_eq!(q.pop(budget, &mut batch), Pop::More);
+    assert_eq!(batch.len(), 3, "3 two-step requests fill 6 descriptors");
+}
+
+#[test]
+fn an_iotlb_miss_asks_the_kernel_once_and_uses_memory_that_appeared() {
+    let source = Arc::new(MemfdIotlb::default());
+    source
+        .entries
+        .lock()
+        .unwrap()
+        .push((0, 0x10_0000, VDUSE_ACCESS_RW, memfd(0x10_0000)));
+    let memory = Arc::new(Memory::new(source.clone()));
+    memory.invalidate();
+    let rig = Rig::with_memory(memory.clone());
+    let map = memory.snapshot().unwrap();
+    let rig = Rig { map, ..rig };
+    let (mock, q) = rig.queue(16, false);
+    // The data buffer is in memory the device has not mapped yet (a bounce region appearing).
+    let late = 0x4000_0000u64;
+    rig.header(0x8000, VIRTIO_BLK_T_GET_ID, 0);
+    let table = vec![
+        (0, desc(0x8000, 16, N, 1)),
+        (1, desc(late, 20, W | N, 2)),
+        (2, desc(0x9000, 1, W, 0)),
+    ];
+    offer(&mock, &table, &[0]);
+    let region = memfd(0x1000);
+    source
+        .entries
+        .lock()
+        .unwrap()
+        .push((late, 0x1000, VDUSE_ACCESS_RW, region.clone()));
+    let before = source.queries.load(Ordering::Relaxed);
+    serve(&q, &RamBlk::new(1 << 20, 1, QSIZE, "found-it"));
+    assert_eq!(used(&mock, 0), vec![(0, 21)]);
+    let mut id = [0u8; 8];
+    std::os::unix::fs::FileExt::read_exact_at(region.as_ref(), &mut id, 0).unwrap();
+    assert_eq!(&id, b"found-it", "the device wrote through its new mapping");
+    // An address no entry covers: refused after one query, not a reload per request.
+    let q0 = source.queries.load(Ordering::Relaxed);
+    let table = vec![
+        (0, desc(0x8000, 16, N, 1)),
+        (1, desc(0x7000_0000, 20, W | N, 2)),
+        (2, desc(0x9000, 1, W, 0)),
+    ];
+    offer(&mock, &table, &[0]);
+    serve(&q, &RamBlk::new(1 << 20, 1, QSIZE, "x"));
+    assert_eq!(used(&mock, 1), vec![(0, 0)]);
+    assert_eq!(
+        source.queries.load(Ordering::Relaxed) - q0,
+        1,
+        "one kernel query for the bad chain"
+    );
+    assert!(source.queries.load(Ordering::Relaxed) > before);
+    assert_eq!(
+        memory.reloads(),
+        2,
+        "loaded once at start and once when the region appeared"
+    );
+}
+
+#[test]
+fn revoked_memory_keeps_late_writers_away_from_the_drivers_pages() {
+    // The driver's memory is a memfd it maps itself; the device maps it through the IOTLB, as with VDUSE.
+    let driver_mem = memfd(0x20_0000);
+    let source = Arc::new(MemfdIotlb::default());
+    source
+        .entries
+        .lock()
+        .unwrap()
+        .push((0, 0x20_0000, VDUSE_ACCESS_RW, driver_mem.clone()));
+    let memory = Arc::new(Memory::new(source.clone()));
+    memory.invalidate();
+    let device_map = memory.snapshot().unwrap();
+    let rig = Rig::with_memory(memory.clone());
+    let rig = Rig {
+        map: device_map.clone(),
+        ..rig
+    };
+    let (mock, q) = rig.queue(16, false);
+    rig.header(0x8000, VIRTIO_BLK_T_IN, 0);
+    let table = vec![
+        (0, desc(0x8000, 16, N, 1)),
+        (1, desc(0xa000, 512, W | N, 2)),
+        (2, desc(0x9000, 1, W, 0)),
+    ];
+    offer(&mock, &table, &[0]);
+    let t = pop_all(&q);
+    // A backend took raw pointers to the data buffer (zero-copy native I/O in flight)...
+    let mut ptrs = Vec::new();
+    assert!(q
+        .with_request(t[0], |m, _, segs| m.host_ranges(
+            segs[1].addr,
+            512,
+            Access::Write,
+            &mut ptrs
+        ))
+        .unwrap());
+    // ...then the driver resets: the request is fenced and its memory revoked.
+    let (fenced, maps) = q.stop();
+    assert_eq!(fenced, 1);
+    let old = memory.clear();
+    for m in old
+        .mappings()
+        .into_iter()
+        .chain(maps.iter().flat_map(|m| m.mappings()))
+    {
+        m.revoke().unwrap();
+    }
+    // The late result lands, through the stale pointer...
+    // SAFETY: the pointer lies inside the (revoked, still reserved) mapping that `maps` keeps alive.
+    unsafe { std::ptr::write_bytes(ptrs[0].0, 0x5a, ptrs[0].1) };
+    // ...and the driver's pages never see it.
+    let mut page = [0u8; 512];
+    std::os::unix::fs::FileExt::read_exact_at(driver_mem.as_ref(), &mut page, 0xa000).unwrap();
+    assert_eq!(
+        page, [0u8; 512],
+        "the late write did not reach the driver's memory"
+    );
+    assert_eq!(q.complete(t[0], 513, Some(VIRTIO_BLK_S_OK)), Completion::Stale);
+    drop((old, maps, device_map));
+}
+
+#[test]
+fn an_iotlb_reload_keeps_unchanged_mappings() {
+    let source = Arc::new(MemfdIotlb::default());
+    let a = memfd(0x1000);
+    source
+        .entries
+        .lock()
+        .unwrap()
+        .push((0, 0x1000, VDUSE_ACCESS_RW, a.clone()));
+    let memory = Memory::new(source.clone());
+    memory.invalidate();
+    let first = memory.snapshot().unwrap();
+    source
+        .entries
+        .lock()
+        .unwrap()
+        .push((0x10_0000, 0x1000, VDUSE_ACCESS_RO, memfd(0x1000)));
+    memory.invalidate();
+    let second = memory.snapshot().unwrap();
+    assert_eq!(second.regions(), 2);
+    let kept = second.keys().next().unwrap();
+    assert!(first.contains_key(&kept));
+    assert!(
+        Arc::ptr_eq(&first.mappings()[0], &second.mappings()[0]),
+        "the same mapping, not a new mmap"
+    );
+    assert!(
+        !second.check(0x10_0000, 1, Access::Write),
+        "read-only entries stay read-only"
+    );
+    // A removed entry: what the message loop would revoke.
+    source.entries.lock().unwrap().remove(0);
+    let keys: Vec<_> = vduse_core::memory::enumerate(source.as_ref())
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    let removed = second.mappings_not_in(&keys);
+    assert_eq!(removed.len(), 1);
+    assert_eq!(removed[0].0.first, 0);
+    let _ = IotlbMap::empty();
+    let _ = VDUSE_ACCESS_RO;
+}
