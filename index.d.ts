@@ -11,73 +11,84 @@ export declare const __napiBindingTarget: 'native' | 'wasm32-wasi' | 'wasm32-was
 
 export declare class BindingDevice {
   /**
-   * Moves waiting requests into the caller's arrays: `reqs` gets `[slot, queue, firstSegment,
-   * readable << 16 | writable]` per request, `segs` gets `[regionKey, offset, length]` per buffer piece
-   * (readable ones first). `header` gets `[requests, segments]`. Returns the number of requests;
-   * 0 means none were waiting (and the doorbell is re-armed).
+   * Copies `length` bytes from the readable part of request `ticket`, starting `offset` bytes in, into
+   * `dst[at..]`. Returns the bytes copied, or -1 if the request is no longer in flight.
    */
-  drain(header: Uint32Array, reqs: Uint32Array, segs: Float64Array): number
+  read(ticket: number, offset: number, dst: Uint8Array, at: number, length: number): number
+  /** Copies `src[at..at+length]` into the writable part of request `ticket`, `offset` bytes in. */
+  write(ticket: number, offset: number, src: Uint8Array, at: number, length: number): number
+  /** Publishes the completions JavaScript wrote into `done` since the last flush. */
+  flush(): void
   /**
-   * A zero-copy view of one region of the memory map request `slot` refers to. The view keeps the
-   * mapping alive until it is garbage-collected, so it can never point at unmapped memory. Ask once
-   * per region key (from `drain`) and cache it.
-   */
-  region(slot: number, regionKey: number): ArrayBuffer
-  /**
-   * Completes requests: `done` holds `[slot, usedLength]` pairs. One used-ring update and at most one
-   * interrupt per queue for the whole call.
-   */
-  complete(done: Uint32Array, count: number): void
-  /**
-   * Hands block I/O to native threads: `ops` holds `[slot, fd, kind (0 read, 1 write, 2 flush),
+   * Hands block I/O to native threads: `ops` holds `[ticket, fd, kind (0 read, 1 write, 2 flush),
    * position, skip]` per request. Each completes its request itself, status byte included.
    */
-  fileIo(ops: Float64Array, count: number): void
+  submitIo(ops: Float64Array, count: number): void
   /** Rewrites part of the config space; tells the driver once it is running. */
   updateConfig(offset: number, data: Buffer): void
   status(): number
   negotiatedFeatures(): bigint
+  /** The state file that lets a restarted server take the device over, if any. */
+  statePath(): string | null
   counters(): DeviceCounters
-  /** Stops serving and destroys the device. Fails with ERR_VDUSE_BUSY while it is still attached. */
-  close(): void
+  /**
+   * Stops serving and destroys the device (off the JavaScript thread). Throws ERR_VDUSE_BUSY — and
+   * keeps serving — while the device is still attached to the vDPA bus.
+   */
+  close(): Promise<unknown>
 }
 
 export declare class BindingLoopback {
-  drain(header: Uint32Array, reqs: Uint32Array, segs: Float64Array): number
-  region(slot: number, regionKey: number): ArrayBuffer
-  complete(done: Uint32Array, count: number): void
+  read(ticket: number, offset: number, dst: Uint8Array, at: number, length: number): number
+  write(ticket: number, offset: number, src: Uint8Array, at: number, length: number): number
+  flush(): void
   /** Most requests in flight at once (the ring holds this many 3-buffer chains). */
   capacity(): number
-  /**
-   * The driver side, a separate object: its async `run` must not hold a borrow of this one, whose
-   * `drain`/`complete` JavaScript calls meanwhile.
-   */
-  driver(): BindingLoopbackDriver
-}
-
-export declare class BindingLoopbackDriver {
-  /** Drives `total` requests through, `batch` per kick, on a libuv thread; resolves with the timing. */
+  counters(): DeviceCounters
+  /** Drives `total` requests through, `batch` per kick, from a libuv worker; resolves with the timing. */
   run(total: number, batch: number): Promise<unknown>
-}
-
-/** Answers a stale device's control messages while it is detached (see `vduse_core::Reclaim`). */
-export declare class BindingReclaim {
+  /**
+   * Like `run`, but the driver runs on this thread and the queue is served right after each kick:
+   * no thread wake-ups at all, so the time is the boundary's own cost (pop and validate in Rust, one
+   * model call per batch, completions).
+   */
+  runInline(total: number, batch: number): LoopbackReport
+  /** Stops serving. */
   close(): void
 }
 
 /**
- * Creates a VDUSE device served by JavaScript. `onRequests` is called (at most one call queued) when
- * requests wait to be drained; `onStatus` with each new device status.
+ * Takes a stale device over (its server died) so that it can be detached cleanly: answers the kernel,
+ * and — with the dead server's state file — fails the requests it left in flight.
  */
-export declare function createDevice(init: DeviceInit, onRequests: () => void, onStatus: (arg: number) => void): BindingDevice
+export declare class BindingReclaim {
+  /** Whether the queues were taken over (requests in flight are being failed, so a detach completes). */
+  get tookOver(): boolean
+  /** Destroys the device (detach it first). Throws ERR_VDUSE_BUSY while it is attached. */
+  destroy(): void
+}
 
-/** A one-queue loopback device served by JavaScript (same callbacks as `createDevice`). */
-export declare function createLoopback(init: DeviceInit, onRequests: () => void, onStatus: (arg: number) => void): BindingLoopback
+/** The JavaScript arrays of the batch protocol (see `serve.rs`). */
+export interface BatchArrays {
+  reqs: unknown
+  heads: unknown
+  done: unknown
+  ctl: unknown
+}
+
+/**
+ * Creates a VDUSE device served on the JavaScript thread: `onBatch(queue, count)` is called with a batch
+ * in `arrays`; `onEvent` reports status changes, drains and a broken device.
+ */
+export declare function createDevice(init: DeviceInit, arrays: BatchArrays, onBatch: (arg0: number, arg1: number) => void, onEvent: (arg: DeviceEventJs) => void): BindingDevice
+
+/** A one-queue loopback device served by JavaScript (`onBatch(queue, count)` as for `createDevice`). */
+export declare function createLoopback(queueSize: number, arrays: BatchArrays, onBatch: (arg0: number, arg1: number) => void): BindingLoopback
 
 /** Destroys a VDUSE device by name (detached and not served by any process). */
 export declare function destroyDevice(name: string): void
 
-/** Counters of the device (all queues). */
+/** Counters of the device (all queues) and of its JavaScript serving. */
 export interface DeviceCounters {
   kicks: number
   batches: number
@@ -85,11 +96,34 @@ export interface DeviceCounters {
   completions: number
   interrupts: number
   badChains: number
+  duplicateHeads: number
+  /** Requests fenced by a reset or IOTLB change before the model completed them. */
+  fenced: number
+  /** Completions for requests no longer in flight (dropped). */
   staleCompletions: number
-  /** Requests JavaScript holds right now. */
+  brokenQueues: number
   inFlight: number
-  /** Requests waiting to be drained by JavaScript. */
-  pending: number
+  iotlbReloads: number
+  drains: number
+  maxDrainMs: number
+  /** Wake-ups of the JavaScript thread by kicks, and model calls (one per batch). */
+  wakeups: number
+  jsCalls: number
+  ioOps: number
+  ioErrors: number
+}
+
+/** Something the kernel-facing side did, reported to JavaScript. */
+export interface DeviceEventJs {
+  /** `status`, `drained` or `broken`. */
+  kind: string
+  status?: number
+  features?: bigint
+  /** `reset` or `iotlb` (drained). */
+  reason?: string
+  waitedMs?: number
+  fenced?: number
+  revoked?: boolean
 }
 
 /** What TypeScript tells the binding about a device. */
@@ -97,19 +131,26 @@ export interface DeviceInit {
   name: string
   deviceId: number
   vendorId?: number
-  /** Device feature bits (the transport adds VERSION_1, ACCESS_PLATFORM, EVENT_IDX, INDIRECT_DESC). */
+  /**
+   * Device feature bits (0–23, 50–63; the transport adds VERSION_1, ACCESS_PLATFORM, EVENT_IDX,
+   * INDIRECT_DESC).
+   */
   features: bigint
   config: Buffer
   numQueues: number
   queueSize: number
   /** Most buffers per request (longer chains are refused before reaching JS). */
   maxSegments?: number
+  /** A short model name ("blk") recorded in the state file. */
+  kind?: string
   /** Replace a leftover device of the same name from a dead process. */
   replaceStale?: boolean
-  /** Longest wait for in-flight requests on reset or IOTLB change (ms). */
+  /** Longest a reset or IOTLB change waits for requests in flight, all queues together (ms). */
   drainTimeoutMs?: number
   /** Threads for native file I/O. */
   ioThreads?: number
+  /** Directory of the state file; empty: none. Default /run/vduse. */
+  stateDir?: string
 }
 
 /** `fallocate(2)` on the libuv pool (punch holes, zero ranges) without blocking the JavaScript thread. */
@@ -124,6 +165,17 @@ export declare function getApiVersion(controlPath?: string | undefined | null): 
 /** Names of all VDUSE devices that exist (any process's, including stale ones). */
 export declare function listDevices(): Array<string>
 
+/** One log record, as JavaScript sees it. */
+export interface LogRecord {
+  /** `error`, `warn`, `info`, `debug` or `trace`. */
+  level: string
+  /** The Rust module that logged it. */
+  target: string
+  message: string
+  /** Records dropped by the rate limit just before this one. */
+  dropped: number
+}
+
 export interface LoopbackReport {
   requests: number
   elapsedNs: number
@@ -131,7 +183,10 @@ export interface LoopbackReport {
 }
 
 /**
- * Starts answering the control messages of a stale device (no live process serves it), so that a
- * detach completes at once. Throws `ERR_VDUSE_BUSY` if a live process serves it.
+ * Starts serving a stale device (no live process serves it). Throws `ERR_VDUSE_BUSY` if a live process
+ * serves it. `stateDir`: where the dead server kept its state file (default /run/vduse).
  */
-export declare function reclaimDevice(name: string): BindingReclaim
+export declare function reclaimDevice(name: string, stateDir?: string | undefined | null): BindingReclaim
+
+/** Where Rust log records go (`null` to stop forwarding), and the most verbose level forwarded. */
+export declare function setLogSink(sink?: ((arg: LogRecord) => void) | undefined | null, level?: string | undefined | null): void

@@ -28,20 +28,20 @@ export function destroyDevice(name: string): void {
 }
 
 /**
- * Removes a device that no live process serves (left by a crash): answers its control messages while
- * detaching it, so the kernel does not wait out its 30 s message timeout, then destroys it.
- * Returns false if there was no such device.
+ * Removes a device that no live process serves (left by a crash): takes it over — answering the kernel
+ * and, with the dead server's state file, failing the requests it left in flight so that the detach does
+ * not hang — then detaches and destroys it. Returns false if there was no such device.
  *
  * @throws {VduseError} `ERR_VDUSE_BUSY` if a live process still serves it.
  */
-export async function removeStaleDevice(name: string): Promise<boolean> {
+export async function removeStaleDevice(
+  name: string,
+  options: { stateDir?: string | null | undefined } = {},
+): Promise<boolean> {
   if (!listDevices().includes(name)) return false
-  const reclaim = native(() => binding.reclaimDevice(name))
-  try {
-    if (await isAttached(name)) await detach(name)
-  } finally {
-    reclaim.close()
-  }
-  destroyDevice(name)
+  const stateDir = options.stateDir === null ? '' : options.stateDir
+  const reclaim = native(() => binding.reclaimDevice(name, stateDir))
+  if (await isAttached(name)) await detach(name)
+  native(() => reclaim.destroy())
   return true
 }

@@ -45,7 +45,7 @@ export async function exerciseBlockDevice(dev: string, size: number, tag: string
     rm -f /tmp/pattern-${tag} /tmp/back-${tag}`)
   await sh(`fio --name=verify-${tag} --filename=${dev} --rw=randwrite --bs=4k --iodepth=16 --ioengine=libaio \
     --direct=1 --numjobs=2 --size=${Math.max(1, mib >> 2)}M --offset_increment=${Math.max(1, mib >> 2)}M \
-    --verify=crc32c --do_verify=1 --verify_fatal=1 --group_reporting --output-format=terse >/dev/null`)
+    --verify=crc32c --verify_state_save=0 --do_verify=1 --verify_fatal=1 --group_reporting --output-format=terse >/dev/null`)
   await sh(`
     mkfs.ext4 -q -F ${dev}
     mkdir -p /tmp/mnt-${tag}

@@ -1,15 +1,31 @@
 /**
- * One read or write: `length` bytes at byte `offset` of the device, in guest buffers (zero-copy views of
- * the driver's memory — valid until the request completes).
+ * One read or write of `length` bytes at byte `offset` of the device.
+ *
+ * Move the data with `copyFrom` (reads: into the driver's buffers) or `copyTo` (writes: out of them):
+ * one native copy, no allocation. Backends that need Node `Buffer`s (to hand to `fs` or a socket) use
+ * `buffers`/`forEach`: buffers the device owns, copied from (writes) or to (reads) the driver's memory —
+ * so a backend can never touch the driver's memory after its request was answered or fenced.
  */
 export interface BlockIo {
   /** Byte offset on the device. */
   readonly offset: number
-  /** Bytes to transfer (the sum of the buffers' lengths). */
+  /** Bytes to transfer. */
   readonly length: number
-  /** The guest buffers, in order (created on first use; `forEach` allocates nothing). */
-  readonly buffers: readonly Uint8Array[]
-  /** Calls `fn` for each piece: `buffer[start .. start+length)` maps to device offset `deviceOffset`. */
+  /**
+   * Aborted when the request stops mattering: it timed out (answered with an I/O error) or the driver
+   * reset the device. A backend should stop working on it; a write must not be applied after this.
+   */
+  readonly signal: AbortSignal
+  /**
+   * Reads: copies `length` bytes of `source`, from `sourceOffset`, into the request's buffers. Returns
+   * false if the request is gone (timed out or fenced) — then nothing was copied.
+   */
+  copyFrom(source: Uint8Array, sourceOffset?: number): boolean
+  /** Writes: copies the request's `length` bytes into `target` at `targetOffset`. False if it is gone. */
+  copyTo(target: Uint8Array, targetOffset?: number): boolean
+  /** The data as device-owned Buffers (see above): fill them for a read; they hold the data of a write. */
+  readonly buffers: readonly Buffer[]
+  /** Calls `fn` for each piece of `buffers`: `buffer[start, start+length)` is device offset `deviceOffset`. */
   forEach(fn: (buffer: Buffer, start: number, length: number, deviceOffset: number) => void): void
 }
 

@@ -20,15 +20,11 @@ export class MemoryBackend implements BlockBackend {
   }
 
   read(io: BlockIo): void {
-    io.forEach((buf, start, length, at) => {
-      this.data.copy(buf, start, at, at + length)
-    })
+    io.copyFrom(this.data, io.offset)
   }
 
   write(io: BlockIo): void {
-    io.forEach((buf, start, length, at) => {
-      buf.copy(this.data, at, start, start + length)
-    })
+    io.copyTo(this.data, io.offset)
   }
 
   flush(): void {}

@@ -13,8 +13,12 @@ export class NullBackend implements BlockBackend {
       throw new RangeError(`size must be a positive integer, got ${size}`)
   }
 
+  private zero = Buffer.alloc(0)
+
   read(io: BlockIo): void {
-    if (this.options.zeroes) io.forEach((buf, start, length) => buf.fill(0, start, start + length))
+    if (!this.options.zeroes) return
+    if (this.zero.length < io.length) this.zero = Buffer.alloc(io.length)
+    io.copyFrom(this.zero)
   }
 
   write(): void {}

@@ -8,6 +8,7 @@ import type { BlockBackend } from '../backends/backend'
 import { listDevices, removeStaleDevice } from '../control'
 import { BlockDevice } from '../devices/blk/block-device'
 import { VduseError } from '../errors'
+import { logs, type LogRecord } from '../log'
 import { boundDriver, isAttached } from '../transport/attach'
 import { HELP, parseCommand, UsageError, type BlkCommand } from './args'
 
@@ -58,6 +59,12 @@ async function serveBlk(cmd: BlkCommand, emit: Emit): Promise<number> {
   }
   device.on('requestError', (err) => emit({ event: 'request-error', name: cmd.name, message: err.message }))
   device.on('error', (err) => emit({ event: 'error', name: cmd.name, message: err.message }))
+  device.on('drained', (info) => emit({ event: 'drained', name: cmd.name, ...info }))
+  const onLog = (r: LogRecord): void => {
+    if (r.level === 'error' || r.level === 'warn')
+      emit({ event: 'log', name: cmd.name, level: r.level, message: r.message })
+  }
+  logs.on('log', onLog)
 
   let stopping: Promise<number> | undefined
   const stop = (signal: string): Promise<number> => {
@@ -73,6 +80,14 @@ async function serveBlk(cmd: BlkCommand, emit: Emit): Promise<number> {
     for (const sig of ['SIGINT', 'SIGTERM'] as const) {
       process.once(sig, () => stop(sig).then(resolve, reject))
     }
+    // A broken device serves nothing any more: say so, clean up what can be cleaned, exit non-zero.
+    device.on('broken', (err) => {
+      emit({ event: 'broken', name: cmd.name, code: err.code, message: err.message, hint: err.hint })
+      stop('broken').then(
+        () => resolve(1),
+        () => resolve(1),
+      )
+    })
   })
 
   let path: string | undefined

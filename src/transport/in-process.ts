@@ -1,79 +1,112 @@
-import type { DeviceInit } from '../../index'
 import { VduseError } from '../errors'
 import { STATUS } from '../virtio/status'
-import type { Transport } from './native'
-import type { DeviceCounters, RequestSource } from './source'
+import { HEAD_BYTES, type BatchArrays } from './batch'
+import type { DeviceCounters, DeviceEvent, DeviceInit, RequestSource, Transport } from './source'
 
-/** Region keys are `epoch * 65536 + region`; this transport has one region in epoch 1. */
-const REGION_KEY = 65536
+const SLOT_BITS = 0x8000
+const GEN_UNIT = 0x80_0000
 
 interface InFlight {
+  ticket: number
   queue: number
   readable: Array<[number, number]>
   writable: Array<[number, number]>
-  resolve: (result: { used: number; writable: Buffer[] }) => void
+  resolve: (result: InProcessResult) => void
+}
+
+/** How the fake driver saw a request end. */
+export interface InProcessResult {
+  /** Bytes the device said it wrote. */
+  used: number
+  /** Copies of the writable buffers as the device left them. */
+  writable: Buffer[]
+  /** The device was reset before it completed the request: it never reached the used ring. */
+  fenced: boolean
+  /** Where the writable buffers are in `memory` (to check what reaches them later). */
+  writableAt: number[]
 }
 
 /**
- * A transport without a kernel: the device model runs exactly as over VDUSE (same batches, same
- * completions), driven by a fake driver in the same process. For tests, examples and users without
- * VDUSE. It has no native block I/O, so file backends take their JavaScript path.
+ * A transport without a kernel: the device model runs exactly as over VDUSE (same batch protocol, same
+ * tickets that die when a request is completed or fenced), driven by a fake driver in the same process.
+ * For tests, examples and machines without VDUSE. It has no native block I/O, so file backends take their
+ * JavaScript path. `reset()` simulates a driver reset with requests in flight.
  */
 export class InProcessTransport implements Transport {
   /** The "guest memory" requests live in. */
   readonly memory: Buffer
   private next = 0
-  private slots = new Map<number, InFlight>()
+  private readonly slots = new Map<number, InFlight>()
+  private readonly gens = new Map<number, number>()
   private nextSlot = 0
-  private pending: number[] = []
-  private armed = false
-  private onRequests: (() => void) | undefined
-  private onStatus: ((status: number) => void) | undefined
+  private pending: InFlight[] = []
+  private scheduled = false
+  private onBatch: ((queue: number, count: number) => void) | undefined
+  private onEvent: ((e: DeviceEvent) => void) | undefined
+  private arrays: BatchArrays | undefined
   private statusValue = 0
   private features = 0n
   private offered = 0n
   private configSpace = Buffer.alloc(0)
   private closed = false
-  private readonly counts = { requests: 0, completions: 0, batches: 0 }
+  private readonly counts = { requests: 0, completions: 0, batches: 0, fenced: 0, stale: 0 }
   /** Config interrupts the device raised (each `updateConfig` after DRIVER_OK). */
   configInterrupts = 0
 
   constructor(memoryBytes = 16 << 20) {
-    this.memory = Buffer.from(new ArrayBuffer(memoryBytes))
+    this.memory = Buffer.alloc(memoryBytes)
   }
 
-  open(init: DeviceInit, onRequests: () => void, onStatus: (status: number) => void): RequestSource {
-    if (this.onRequests)
-      throw new VduseError('in-process transport already open', { code: 'ERR_VDUSE_EXISTS' })
-    this.onRequests = onRequests
-    this.onStatus = onStatus
+  open(
+    init: DeviceInit,
+    arrays: BatchArrays,
+    onBatch: (queue: number, count: number) => void,
+    onEvent: (e: DeviceEvent) => void,
+  ): RequestSource {
+    if (this.onBatch) throw new VduseError('in-process transport already open', { code: 'ERR_VDUSE_EXISTS' })
+    this.onBatch = onBatch
+    this.onEvent = onEvent
+    this.arrays = arrays
     this.offered = init.features | (1n << 32n) | (1n << 33n)
     this.configSpace = Buffer.from(init.config)
-    const self = this
     return {
-      drain: (h, r, s) => self.drain(h, r, s),
-      region: () => self.memory.buffer as ArrayBuffer,
-      complete: (done, n) => self.complete(done, n),
+      read: (t, o, dst, at, n) => this.copy(t, o, dst, at, n, false),
+      write: (t, o, src, at, n) => this.copy(t, o, src, at, n, true),
+      flush: () => this.flush(),
       updateConfig: (offset, data) => {
-        data.copy(self.configSpace, offset)
-        if (self.statusValue & STATUS.DRIVER_OK) self.configInterrupts++
+        data.copy(this.configSpace, offset)
+        if (this.statusValue & STATUS.DRIVER_OK) this.configInterrupts++
       },
-      status: () => self.statusValue,
-      negotiatedFeatures: () => self.features,
-      counters: (): DeviceCounters => ({
-        kicks: self.counts.batches,
-        batches: self.counts.batches,
-        requests: self.counts.requests,
-        completions: self.counts.completions,
-        interrupts: self.counts.batches,
-        badChains: 0,
-        staleCompletions: 0,
-        inFlight: self.slots.size,
-        pending: self.pending.length,
-      }),
-      close: () => {
-        self.closed = true
+      status: () => this.statusValue,
+      negotiatedFeatures: () => this.features,
+      counters: (): DeviceCounters => this.counters(),
+      statePath: () => null,
+      close: async () => {
+        this.closed = true
       },
+    }
+  }
+
+  private counters(): DeviceCounters {
+    return {
+      kicks: this.counts.batches,
+      batches: this.counts.batches,
+      requests: this.counts.requests,
+      completions: this.counts.completions,
+      interrupts: this.counts.batches,
+      badChains: 0,
+      duplicateHeads: 0,
+      fenced: this.counts.fenced,
+      staleCompletions: this.counts.stale,
+      brokenQueues: 0,
+      inFlight: this.slots.size,
+      iotlbReloads: 0,
+      drains: 0,
+      maxDrainMs: 0,
+      wakeups: this.counts.batches,
+      jsCalls: this.counts.batches,
+      ioOps: 0,
+      ioErrors: 0,
     }
   }
 
@@ -88,6 +121,11 @@ export class InProcessTransport implements Transport {
     return this.offered
   }
 
+  /** Requests the device holds right now. */
+  get inFlight(): number {
+    return this.slots.size
+  }
+
   /** Negotiates `accept & offered` and sets DRIVER_OK, like a driver probing the device. */
   start(accept: bigint = this.offered): void {
     this.features = accept & this.offered
@@ -96,14 +134,31 @@ export class InProcessTransport implements Transport {
 
   setStatus(status: number): void {
     this.statusValue = status
-    this.onStatus?.(status)
+    this.onEvent?.({ kind: 'status', status, features: this.features })
+  }
+
+  /**
+   * A driver reset with requests in flight: every request the device still holds is fenced (its promise
+   * resolves with `fenced: true`; a later completion or memory access by the model is dropped), then the
+   * driver starts again.
+   */
+  reset(): number {
+    const fenced = [...this.slots.values()]
+    this.slots.clear()
+    for (const r of fenced) {
+      this.counts.fenced++
+      r.resolve({ used: 0, writable: [], fenced: true, writableAt: r.writable.map(([off]) => off) })
+    }
+    if (fenced.length > 0)
+      this.onEvent?.({ kind: 'drained', reason: 'reset', waitedMs: 0, fenced: fenced.length })
+    this.setStatus(0)
+    return fenced.length
   }
 
   /** Places `data` in guest memory; returns its offset. */
   place(data: Uint8Array | number): number {
     const len = typeof data === 'number' ? data : data.length
-    const at = this.next
-    if (at + len > this.memory.length) this.next = 0
+    if (this.next + len > this.memory.length) this.next = 0
     const off = this.next
     if (off + len > this.memory.length) throw new RangeError('request larger than the fake guest memory')
     if (typeof data !== 'number') this.memory.set(data, off)
@@ -113,13 +168,9 @@ export class InProcessTransport implements Transport {
 
   /**
    * Submits one request: readable buffers with their contents, writable ones by length. Resolves when the
-   * device completes it, with the used length and copies of the writable buffers.
+   * device completes it (or it is fenced by `reset()`).
    */
-  request(
-    readable: Uint8Array[],
-    writableLengths: number[],
-    queue = 0,
-  ): Promise<{ used: number; writable: Buffer[] }> {
+  request(readable: Uint8Array[], writableLengths: number[], queue = 0): Promise<InProcessResult> {
     if (this.closed) return Promise.reject(new Error('transport closed'))
     const r = readable.map((d) => [this.place(d), d.length] as [number, number])
     const w = writableLengths.map((n) => {
@@ -128,56 +179,101 @@ export class InProcessTransport implements Transport {
       return [at, n] as [number, number]
     })
     return new Promise((resolve) => {
-      const slot = this.nextSlot++
-      this.slots.set(slot, { queue, readable: r, writable: w, resolve })
-      this.pending.push(slot)
+      const slot = queue * SLOT_BITS + (this.nextSlot++ % SLOT_BITS)
+      const gen = ((this.gens.get(slot) ?? 0) + 1) % 0x4000_0000
+      this.gens.set(slot, gen)
+      const req: InFlight = { ticket: gen * GEN_UNIT + slot, queue, readable: r, writable: w, resolve }
+      this.pending.push(req)
       this.counts.requests++
-      if (!this.armed) {
-        this.armed = true
-        queueMicrotask(() => this.onRequests?.())
+      if (!this.scheduled) {
+        this.scheduled = true
+        queueMicrotask(() => this.deliver())
       }
     })
   }
 
-  private drain(header: Uint32Array, reqs: Uint32Array, segs: Float64Array): number {
-    let n = 0
-    let s = 0
-    while (this.pending.length > 0 && (n + 1) * 4 <= reqs.length) {
-      const slot = this.pending[0]!
-      const req = this.slots.get(slot)!
-      const pieces = [...req.readable, ...req.writable]
-      if ((s + pieces.length) * 3 > segs.length) break
-      this.pending.shift()
-      reqs[n * 4] = slot
-      reqs[n * 4 + 1] = req.queue
-      reqs[n * 4 + 2] = s
-      reqs[n * 4 + 3] = (req.readable.length << 16) | req.writable.length
-      for (const [off, len] of pieces) {
-        segs[s * 3] = REGION_KEY
-        segs[s * 3 + 1] = off
-        segs[s * 3 + 2] = len
-        s++
+  /** Hands pending requests to the model in batches, like a kick on the JavaScript thread. */
+  private deliver(): void {
+    this.scheduled = false
+    const a = this.arrays
+    if (!a || !this.onBatch || this.closed) return
+    while (this.pending.length > 0) {
+      const n = Math.min(this.pending.length, a.capacity)
+      const batch = this.pending.splice(0, n)
+      for (let i = 0; i < n; i++) {
+        const req = batch[i]!
+        this.slots.set(req.ticket % GEN_UNIT, req)
+        const readableBytes = req.readable.reduce((s, [, len]) => s + len, 0)
+        const writableBytes = req.writable.reduce((s, [, len]) => s + len, 0)
+        const head = Math.min(HEAD_BYTES, readableBytes)
+        this.copy(req.ticket, 0, a.heads, i * HEAD_BYTES, head, false)
+        a.reqs.set([req.ticket, req.queue, readableBytes, writableBytes, head, 0], i * 6)
       }
-      n++
+      this.counts.batches++
+      this.onBatch(batch[0]!.queue, n)
+      this.flush()
     }
-    if (n === 0) this.armed = false
-    else this.counts.batches++
-    header[0] = n
-    header[1] = s
-    return n
   }
 
-  private complete(done: Uint32Array, count: number): void {
-    for (let i = 0; i < count; i++) {
-      const slot = done[i * 2]!
-      const used = done[i * 2 + 1]!
-      const req = this.slots.get(slot)
-      if (!req) continue
-      this.slots.delete(slot)
+  private live(ticket: number): InFlight | undefined {
+    const r = this.slots.get(ticket % GEN_UNIT)
+    return r && r.ticket === ticket ? r : undefined
+  }
+
+  private copy(
+    ticket: number,
+    offset: number,
+    js: Uint8Array,
+    at: number,
+    length: number,
+    toGuest: boolean,
+  ): number {
+    const req = this.live(ticket)
+    if (!req) return -1
+    const pieces = toGuest ? req.writable : req.readable
+    let skip = offset
+    let done = 0
+    for (const [addr, len] of pieces) {
+      if (done === length) break
+      if (skip >= len) {
+        skip -= len
+        continue
+      }
+      const k = Math.min(len - skip, length - done)
+      if (toGuest) this.memory.set(js.subarray(at + done, at + done + k), addr + skip)
+      else js.set(this.memory.subarray(addr + skip, addr + skip + k), at + done)
+      done += k
+      skip = 0
+    }
+    return done
+  }
+
+  private flush(): void {
+    const a = this.arrays
+    if (!a) return
+    const n = a.ctl[0]!
+    a.ctl[0] = 0
+    for (let i = 0; i < n; i++) {
+      const ticket = a.done[i * 3]!
+      const used = a.done[i * 3 + 1]!
+      const status = a.done[i * 3 + 2]!
+      const req = this.live(ticket)
+      if (!req) {
+        this.counts.stale++
+        continue
+      }
+      this.slots.delete(ticket % GEN_UNIT)
+      const writableBytes = req.writable.reduce((s, [, len]) => s + len, 0)
+      if (status >= 0 && req.writable.length > 0) {
+        const [addr, len] = req.writable[req.writable.length - 1]!
+        this.memory[addr + len - 1] = status
+      }
       this.counts.completions++
       req.resolve({
-        used,
+        used: Math.min(used, writableBytes),
         writable: req.writable.map(([off, len]) => Buffer.from(this.memory.subarray(off, off + len))),
+        fenced: false,
+        writableAt: req.writable.map(([off]) => off),
       })
     }
   }

@@ -1,29 +1,51 @@
-import type { DeviceInit } from '../../index'
-import { native } from '../errors'
+import { native, nativeAsync } from '../errors'
 import { binding } from './binding'
-import type { RequestSource } from './source'
+import type { DeviceEvent, DeviceInit, RequestSource, Transport } from './source'
 
-/** Opens a device: the kernel (VDUSE) by default, or the in-process transport in tests. */
-export interface Transport {
-  open(init: DeviceInit, onRequests: () => void, onStatus: (status: number) => void): RequestSource
-}
-
-/** The real thing: a VDUSE device in the kernel, served by the native binding. */
+/** The real thing: a VDUSE device in the kernel, served on this JavaScript thread by the native binding. */
 export const vduseTransport: Transport = {
-  open(init, onRequests, onStatus) {
-    const device = native(() => binding.createDevice(init, onRequests, onStatus))
-    return {
-      drain: (h, r, s) => device.drain(h, r, s),
-      region: (slot, key) => native(() => device.region(slot, key)),
-      complete: (done, n) => device.complete(done, n),
-      fileIo: (ops, n) => device.fileIo(ops, n),
+  open(init, arrays, onBatch, onEvent) {
+    const device = native(() =>
+      binding.createDevice(
+        init,
+        { reqs: arrays.reqs, heads: arrays.heads, done: arrays.done, ctl: arrays.ctl },
+        onBatch,
+        (e) => onEvent(toEvent(e)),
+      ),
+    )
+    const source: RequestSource = {
+      read: (t, o, dst, at, n) => device.read(t, o, dst, at, n),
+      write: (t, o, src, at, n) => device.write(t, o, src, at, n),
+      flush: () => device.flush(),
+      submitIo: (ops, n) => device.submitIo(ops, n),
       updateConfig: (offset, data) => native(() => device.updateConfig(offset, data)),
       status: () => device.status(),
       negotiatedFeatures: () => device.negotiatedFeatures(),
       counters: () => device.counters(),
-      close: () => native(() => device.close()),
+      statePath: () => device.statePath() ?? null,
+      close: () => nativeAsync(async () => void (await device.close())),
     }
+    return source
   },
+}
+
+function toEvent(e: {
+  kind: string
+  status?: number | null
+  features?: bigint | null
+  reason?: string | null
+  waitedMs?: number | null
+  fenced?: number | null
+  revoked?: boolean | null
+}): DeviceEvent {
+  const out: DeviceEvent = { kind: e.kind as DeviceEvent['kind'] }
+  if (e.status != null) out.status = e.status
+  if (e.features != null) out.features = e.features
+  if (e.reason != null) out.reason = e.reason as 'reset' | 'iotlb'
+  if (e.waitedMs != null) out.waitedMs = e.waitedMs
+  if (e.fenced != null) out.fenced = e.fenced
+  if (e.revoked != null) out.revoked = e.revoked
+  return out
 }
 
 export type { DeviceInit }

@@ -1,25 +1,54 @@
-import type { DeviceCounters } from '../../index'
+import type { DeviceCounters, DeviceInit } from '../../index'
+import type { BatchArrays } from './batch'
+
+/** Something the kernel-facing side did (from the device's message loop). */
+export interface DeviceEvent {
+  kind: 'status' | 'drained' | 'broken'
+  status?: number
+  features?: bigint
+  /** Why requests were drained: the driver reset the device, or changed its memory map. */
+  reason?: 'reset' | 'iotlb'
+  waitedMs?: number
+  /** Requests that were still in the model when the drain gave up: their tickets are dead. */
+  fenced?: number
+  revoked?: boolean
+}
 
 /**
  * Where requests come from and where completions go: the native VDUSE binding, or the in-process
- * transport used by tests. Both speak the same batch format, so device models cannot tell them apart.
- *
- * Batch format (filled by `drain`): `reqs` holds `[slot, queue, firstSegment, readable << 16 | writable]`
- * per request; `segs` holds `[regionKey, offset, length]` per buffer piece, readable ones first.
+ * transport used by tests. Both speak the same batch protocol (see `BatchArrays`), so device models
+ * cannot tell them apart.
  */
 export interface RequestSource {
-  drain(header: Uint32Array, reqs: Uint32Array, segs: Float64Array): number
-  /** The memory region `regionKey` of request `slot`, as one ArrayBuffer (cached by the caller). */
-  region(slot: number, regionKey: number): ArrayBuffer
-  /** `[slot, usedLength]` pairs. */
-  complete(done: Uint32Array, count: number): void
-  /** Native block I/O, where available: `[slot, fd, kind, position, skip]` per request. */
-  fileIo?(ops: Float64Array, count: number): void
+  /**
+   * Copies readable bytes (driver → device) of request `ticket`, from `offset`, into `dst[at, at+length)`.
+   * Returns the bytes copied, or -1 if the request is no longer in flight (completed or fenced).
+   */
+  read(ticket: number, offset: number, dst: Uint8Array, at: number, length: number): number
+  /** Copies `src[at, at+length)` into the writable bytes (device → driver) of `ticket`, from `offset`. */
+  write(ticket: number, offset: number, src: Uint8Array, at: number, length: number): number
+  /** Publishes the completions the arrays' `done` holds (count in `ctl[0]`). */
+  flush(): void
+  /** Native block I/O, where available: `[ticket, fd, kind, position, skip]` per request. */
+  submitIo?(ops: Float64Array, count: number): void
   updateConfig(offset: number, data: Buffer): void
   status(): number
   negotiatedFeatures(): bigint
   counters(): DeviceCounters
-  close(): void
+  /** The state file that lets a restarted server take the device over, if any. */
+  statePath(): string | null
+  /** Stops serving and destroys the device. Rejects with ERR_VDUSE_BUSY while it is attached. */
+  close(): Promise<void>
 }
 
-export type { DeviceCounters }
+/** Opens a device: the kernel (VDUSE) by default, or the in-process transport in tests. */
+export interface Transport {
+  open(
+    init: DeviceInit,
+    arrays: BatchArrays,
+    onBatch: (queue: number, count: number) => void,
+    onEvent: (event: DeviceEvent) => void,
+  ): RequestSource
+}
+
+export type { DeviceCounters, DeviceInit }

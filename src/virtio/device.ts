@@ -2,10 +2,11 @@ import { EventEmitter } from 'node:events'
 
 import { removeStaleDevice } from '../control'
 import { VduseError } from '../errors'
-import { attach, detach, type AttachDriver } from '../transport/attach'
-import { CompletionQueue, RequestBatch } from '../transport/batch'
-import { vduseTransport, type DeviceInit, type Transport } from '../transport/native'
-import type { DeviceCounters, RequestSource } from '../transport/source'
+import { installLogSink } from '../log'
+import { attach, detach, isAttached, type AttachDriver } from '../transport/attach'
+import { BatchArrays, Completions, RequestBatch } from '../transport/batch'
+import { vduseTransport } from '../transport/native'
+import type { DeviceCounters, DeviceEvent, DeviceInit, RequestSource, Transport } from '../transport/source'
 import { STATUS } from './status'
 
 /** Options every device takes. */
@@ -18,12 +19,21 @@ export interface VirtioDeviceOptions {
   signal?: AbortSignal
   /** Where the device lives: the kernel (default) or an `InProcessTransport`. */
   transport?: Transport
-  /** Longest the kernel-facing side waits for in-flight requests on a reset (ms, default 10000). */
+  /**
+   * Longest a driver reset or memory-map change waits for requests still in the model, all queues
+   * together (ms, default 5000, at most 10000); requests still running then are fenced — their results
+   * are dropped and their memory is out of reach.
+   */
   drainTimeoutMs?: number
   /** Threads for native file I/O (default 4). */
   ioThreads?: number
-  /** Requests drained per batch (default 256). */
+  /** Requests per batch handed to the model (default 64). */
   batchSize?: number
+  /**
+   * Directory of the state file that lets a restarted server take the device over (default
+   * `/run/vduse`); `null`: keep none.
+   */
+  stateDir?: string | null
 }
 
 export interface AttachOptions {
@@ -33,51 +43,62 @@ export interface AttachOptions {
   signal?: AbortSignal
 }
 
+/** What a drain did (a driver reset or memory-map change with requests in the model). */
+export interface DrainInfo {
+  reason: 'reset' | 'iotlb'
+  waitedMs: number
+  /** Requests fenced: their results are dropped. */
+  fenced: number
+}
+
 export interface VirtioDeviceEvents {
   /** The driver wrote a new device status. */
   status: [status: number]
   /** The driver finished negotiating and started the device (DRIVER_OK). */
   ready: [features: bigint]
-  /** The driver reset the device. */
+  /** The driver reset the device: every request it had in flight is completed or fenced. */
   reset: []
+  /** A reset or memory-map change had to wait for requests, or fence some. */
+  drained: [info: DrainInfo]
+  /** The kernel marked the device broken (a message went unanswered); destroy and recreate it. */
+  broken: [error: VduseError]
   /** Something went wrong serving requests; the device keeps serving. */
   error: [error: Error]
-  /** One request failed in the backend (threw, rejected or timed out); it was answered with an error. */
+  /** One request failed in the model or backend (threw, rejected or timed out); it was answered with an error. */
   requestError: [error: Error]
   close: []
 }
 
-/** Batches drained per wake-up before yielding to the event loop. */
-const BATCHES_PER_TURN = 16
-
 /**
  * A virtio device served from JavaScript. Subclasses (device models) describe the device and handle
- * request batches; this class owns the lifecycle: creation, status events, attach/detach, config
- * updates, graceful close.
+ * requests; this class owns the lifecycle: creation, events, attach/detach, config updates, graceful
+ * close — and isolates errors: a request whose handler throws is answered with an error and reported
+ * (`requestError`), and the device keeps serving.
  */
 export abstract class VirtioDevice extends EventEmitter<VirtioDeviceEvents> implements AsyncDisposable {
   readonly name: string
   protected source!: RequestSource
   protected batch!: RequestBatch
-  protected completions!: CompletionQueue
-  private keepAlive: NodeJS.Timeout | undefined
-  private attachedAs: AttachDriver | undefined
-  private closing: Promise<void> | undefined
-  private statusValue = 0
-  private features = 0n
-  private draining = false
-  private sourceClosed = false
+  protected completions!: Completions
+  #keepAlive: NodeJS.Timeout | undefined
+  #attachedAs: AttachDriver | undefined
+  #closing: Promise<void> | undefined
+  #status = 0
+  #features = 0n
+  #lastCounters: DeviceCounters | undefined
+  readonly #options: VirtioDeviceOptions
 
-  protected constructor(private readonly options: VirtioDeviceOptions) {
+  protected constructor(options: VirtioDeviceOptions) {
     super()
+    this.#options = options
     this.name = options.name
   }
 
   /** With `replaceStale`, removes a leftover device of this name (also when it is still attached). */
   protected async prepare(): Promise<void> {
-    if (this.options.replaceStale && this.options.transport === undefined) {
+    if (this.#options.replaceStale && this.#options.transport === undefined) {
       try {
-        await removeStaleDevice(this.name)
+        await removeStaleDevice(this.name, { stateDir: this.#options.stateDir })
       } catch (err) {
         if ((err as { code?: string }).code !== 'ERR_VDUSE_BUSY') throw err
         throw new VduseError(`a live process already serves a VDUSE device named "${this.name}"`, {
@@ -90,94 +111,145 @@ export abstract class VirtioDevice extends EventEmitter<VirtioDeviceEvents> impl
   }
 
   /** Creates the device (called by the subclass's async factory once it knows its features and config). */
-  protected open(init: Omit<DeviceInit, 'name' | 'replaceStale' | 'drainTimeoutMs' | 'ioThreads'>): void {
-    const transport = this.options.transport ?? vduseTransport
+  protected open(
+    init: Omit<DeviceInit, 'name' | 'replaceStale' | 'drainTimeoutMs' | 'ioThreads' | 'stateDir'>,
+  ): void {
+    const transport = this.#options.transport ?? vduseTransport
+    if (transport === vduseTransport) installLogSink()
+    const stateDir = this.#options.stateDir
     const full: DeviceInit = {
       ...init,
-      name: this.options.name,
-      replaceStale: this.options.replaceStale ?? false,
-      drainTimeoutMs: this.options.drainTimeoutMs ?? 10_000,
-      ioThreads: this.options.ioThreads ?? 4,
+      name: this.#options.name,
+      replaceStale: this.#options.replaceStale ?? false,
+      drainTimeoutMs: this.#options.drainTimeoutMs ?? 5000,
+      ioThreads: this.#options.ioThreads ?? 4,
+      ...(stateDir === undefined ? {} : { stateDir: stateDir ?? '' }),
     }
+    const capacity = this.#options.batchSize ?? 64
+    const arrays = new BatchArrays(capacity, Math.max(256, capacity * 4))
     this.source = transport.open(
       full,
-      () => this.onRequests(),
-      (status) => this.onStatus(status),
+      arrays,
+      (queue, count) => this.#onBatch(queue, count),
+      (event) => this.#onEvent(event),
     )
-    const batchSize = this.options.batchSize ?? 256
-    this.completions = new CompletionQueue(this.source, batchSize)
-    this.batch = new RequestBatch(
-      this.source,
-      this.completions,
-      batchSize,
-      batchSize * (init.maxSegments ?? 130),
-    )
+    this.completions = new Completions(arrays, this.source)
+    this.batch = new RequestBatch(arrays, this.source, this.completions)
     // Served devices keep the process alive (unref() opts out), like a listening server.
-    this.keepAlive = setInterval(() => {}, 1 << 30)
-    const signal = this.options.signal
+    this.#keepAlive = setInterval(() => {}, 1 << 30)
+    const signal = this.#options.signal
     if (signal) {
-      if (signal.aborted) void this.close()
-      else signal.addEventListener('abort', () => void this.close(), { once: true })
+      const onAbort = (): void => {
+        this.close().catch((err: unknown) => this.#report(err))
+      }
+      if (signal.aborted) onAbort()
+      else signal.addEventListener('abort', onAbort, { once: true })
     }
   }
 
-  /** Handles one batch; complete each request through `batch` now or later. */
-  protected abstract handleBatch(batch: RequestBatch): void
+  /** Handles request `i` of `batch`: complete it through `batch` now, or later by its ticket. */
+  protected abstract handleRequest(batch: RequestBatch, i: number): void
+
+  /**
+   * Answers a request whose handler threw (default: an empty completion). Device models override it
+   * with their error status.
+   */
+  protected failRequest(ticket: number): void {
+    this.completions.complete(ticket, 0, -1)
+  }
 
   /** Requests the model has taken but not completed yet. */
   protected abstract inFlight(): number
 
+  /** The driver reset the device: requests the model still holds are dead (completions are dropped). */
+  protected onReset(): void {}
+
   /** Lets the model finish: flush the backend, release resources. Called once by `close()`. */
   protected abstract shutdown(): Promise<void>
 
-  private onRequests(): void {
-    // Keeps serving while closing: detaching resets the device through requests still in flight.
-    if (this.draining || this.sourceClosed) return
-    this.draining = true
-    try {
-      for (let turn = 0; turn < BATCHES_PER_TURN; turn++) {
-        if (this.batch.fill() === 0) return
-        this.handleBatch(this.batch)
-        this.completions.flush()
+  #onBatch(_queue: number, count: number): void {
+    const batch = this.batch
+    batch.count = count
+    this.completions.inBatch = true
+    for (let i = 0; i < count; i++) {
+      try {
+        this.handleRequest(batch, i)
+      } catch (err) {
+        // The request is answered with an error (a second completion of it would be dropped).
+        this.failRequest(batch.ticket(i))
+        this.emit('requestError', asError(err))
       }
-      // More is waiting: continue after other events had their turn (the doorbell stays armed).
-      setImmediate(() => this.onRequests())
+    }
+    this.completions.inBatch = false
+    this.completions.flushIo()
+  }
+
+  #onEvent(e: DeviceEvent): void {
+    try {
+      if (e.kind === 'status') this.#onStatus(e.status ?? 0, e.features ?? 0n)
+      else if (e.kind === 'drained') {
+        this.emit('drained', {
+          reason: e.reason ?? 'reset',
+          waitedMs: e.waitedMs ?? 0,
+          fenced: e.fenced ?? 0,
+        })
+      } else if (e.kind === 'broken') {
+        const err = new VduseError(`the kernel marked VDUSE device ${this.name} broken`, {
+          code: 'ERR_VDUSE_BROKEN',
+          hint: 'a control message went unanswered past its timeout; detach, destroy and recreate the device',
+        })
+        if (this.listenerCount('broken') > 0) this.emit('broken', err)
+        else this.#report(err)
+      }
     } catch (err) {
-      this.emit('error', err instanceof Error ? err : new Error(String(err)))
-    } finally {
-      this.draining = false
+      this.#report(err)
     }
   }
 
-  private onStatus(status: number): void {
-    const before = this.statusValue
-    this.statusValue = status
+  #onStatus(status: number, features: bigint): void {
+    const before = this.#status
+    this.#status = status
     this.emit('status', status)
     if (status & STATUS.DRIVER_OK && !(before & STATUS.DRIVER_OK)) {
-      this.features = this.source.negotiatedFeatures()
-      this.emit('ready', this.features)
+      this.#features = features
+      this.emit('ready', features)
     }
-    if (status === 0 && before !== 0) this.emit('reset')
+    if ((status === 0 && before !== 0) || (before & STATUS.DRIVER_OK && !(status & STATUS.DRIVER_OK))) {
+      this.onReset()
+      this.emit('reset')
+    }
+  }
+
+  /** An error nobody asked for: an 'error' event if someone listens, a warning otherwise — never a crash. */
+  #report(err: unknown): void {
+    const e = asError(err)
+    if (this.listenerCount('error') > 0) this.emit('error', e)
+    else process.emitWarning(e)
   }
 
   /** The last status the driver set. */
   get status(): number {
-    return this.statusValue
+    return this.#status
   }
 
   /** Features the driver accepted; meaningful once `ready` was emitted. */
   get negotiatedFeatures(): bigint {
-    return this.features
+    return this.#features
   }
 
-  /** Request and interrupt counters, from the native side. */
+  /** Request, interrupt, fence and drain counters, from the native side. */
   counters(): DeviceCounters {
-    return this.source.counters()
+    return this.#lastCounters ?? this.source.counters()
+  }
+
+  /** The state file that lets a restarted server take the device over, if any. */
+  get statePath(): string | null {
+    return this.source.statePath()
   }
 
   /** Whether the device was attached to the vDPA bus by `attach()`. */
   get attached(): boolean {
-    return this.attachedAs !== undefined
+    return this.#attachedAs !== undefined
   }
 
   /**
@@ -188,15 +260,15 @@ export abstract class VirtioDevice extends EventEmitter<VirtioDeviceEvents> impl
     this.assertOpen()
     const driver = options.driver ?? 'virtio'
     const path = await attach(this.name, driver, options)
-    this.attachedAs = driver
+    this.#attachedAs = driver
     return path
   }
 
   /** Removes the device from the vDPA bus. */
   async detach(options: { signal?: AbortSignal } = {}): Promise<void> {
-    if (this.attachedAs === undefined) return
+    if (this.#attachedAs === undefined && !(await isAttached(this.name))) return
     await detach(this.name, options)
-    this.attachedAs = undefined
+    this.#attachedAs = undefined
   }
 
   /** Rewrites config-space bytes; the driver gets a config interrupt once it is running. */
@@ -207,48 +279,59 @@ export abstract class VirtioDevice extends EventEmitter<VirtioDeviceEvents> impl
 
   /** Does not keep the process alive by itself (like `server.unref()`). */
   unref(): this {
-    this.keepAlive?.unref()
+    this.#keepAlive?.unref()
     return this
   }
 
   ref(): this {
-    this.keepAlive?.ref()
+    this.#keepAlive?.ref()
     return this
   }
 
   get closed(): boolean {
-    return this.closing !== undefined
+    return this.#closing !== undefined
   }
 
   /**
-   * Graceful stop: detaches (if `attach()` attached it), lets in-flight requests finish, flushes the
-   * backend, and destroys the device. Safe to call more than once.
+   * Graceful stop: detaches the device from the vDPA bus, lets requests in the model finish (up to the
+   * drain timeout), flushes the backend, and destroys the device. Safe to call more than once.
    */
   close(): Promise<void> {
-    this.closing ??= this.doClose()
-    return this.closing
+    this.#closing ??= this.#doClose()
+    return this.#closing
   }
 
   async [Symbol.asyncDispose](): Promise<void> {
     await this.close()
   }
 
-  private async doClose(): Promise<void> {
+  async #doClose(): Promise<void> {
     try {
-      if (this.attachedAs !== undefined) await this.detach()
-      const deadline = Date.now() + (this.options.drainTimeoutMs ?? 10_000)
+      if (
+        this.#attachedAs !== undefined ||
+        (this.#options.transport === undefined && (await isAttached(this.name)))
+      ) {
+        await this.detach()
+      }
+      const deadline = Date.now() + (this.#options.drainTimeoutMs ?? 5000)
       while (this.inFlight() > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 5))
       this.completions.flush()
       await this.shutdown()
-      this.sourceClosed = true
-      this.source.close()
+      this.completions.close()
+      this.#lastCounters = this.source.counters()
+      await this.source.close()
+      this.#lastCounters = this.source.counters()
     } finally {
-      if (this.keepAlive) clearInterval(this.keepAlive)
+      if (this.#keepAlive) clearInterval(this.#keepAlive)
       this.emit('close')
     }
   }
 
   protected assertOpen(): void {
-    if (this.closing) throw new VduseError(`device ${this.name} is closed`, { code: 'ERR_VDUSE_CLOSED' })
+    if (this.#closing) throw new VduseError(`device ${this.name} is closed`, { code: 'ERR_VDUSE_CLOSED' })
   }
+}
+
+function asError(err: unknown): Error {
+  return err instanceof Error ? err : new Error(String(err))
 }

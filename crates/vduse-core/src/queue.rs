@@ -21,8 +21,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use parking_lot::{Condvar, Mutex};
-use virtio_queue::{Error as QueueError, Queue, QueueOwnedT, QueueT};
-use vm_memory::{GuestAddress, GuestMemory, Permissions};
+use virtio_queue::{Error as QueueError, Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 
 use crate::chain::{self, ChainError, Segment, Shape};
 use crate::inflight::QueueLog;
@@ -647,8 +647,26 @@ impl Virtqueue {
             let q = r.queue.as_mut().expect("active queue");
             let _ = q.disable_notification(map.as_ref());
             let desc_table = q.desc_table();
+            let avail_ring = q.avail_ring();
             let size = q.size();
+            // One read of the avail index per round; the ring entries are read directly.
+            let avail = match q.avail_idx(map.as_ref(), Ordering::Acquire) {
+                Ok(idx) => idx.0,
+                Err(e) => {
+                    self.break_ring(r, &format!("the avail ring is unreadable ({e})"));
+                    return Ok(Pop::Idle);
+                }
+            };
+            let mut next = q.next_avail();
+            if avail.wrapping_sub(next) > size {
+                self.break_ring(r, "the driver's avail index ran more than a ring ahead");
+                return Ok(Pop::Idle);
+            }
             loop {
+                if next == avail {
+                    exhausted = true;
+                    break;
+                }
                 if batch.len() >= budget.requests || descriptors >= budget.descriptors {
                     out_of_budget = true;
                     break;
@@ -658,39 +676,28 @@ impl Virtqueue {
                     full = true;
                     break;
                 }
-                let q = r.queue.as_mut().expect("active queue");
-                let head = {
-                    let mut iter = match q.iter(map.as_ref()) {
-                        Ok(it) => it,
-                        Err(QueueError::InvalidAvailRingIndex) => {
-                            self.break_ring(r, "the driver's avail index ran more than a ring ahead");
-                            return Ok(Pop::Idle);
-                        }
-                        Err(e) => {
-                            self.break_ring(r, &format!("the avail ring is unreadable ({e})"));
-                            return Ok(Pop::Idle);
-                        }
-                    };
-                    match iter.next() {
-                        Some(chain) => chain.head_index(),
-                        None => {
-                            exhausted = true;
-                            break;
-                        }
+                let at = avail_ring + 4 + 2 * u64::from(next % size);
+                let head = match map.load::<u16>(GuestAddress(at), Ordering::Acquire) {
+                    Ok(h) => u16::from_le(h),
+                    Err(e) => {
+                        self.break_ring(r, &format!("the avail ring is unreadable ({e})"));
+                        return Ok(Pop::Idle);
                     }
                 };
+                next = next.wrapping_add(1);
                 let before = batch.segments.len();
                 match self.take(r, map, desc_table, size, head, batch, refuse_unmapped) {
                     Taken::Yes => descriptors += batch.segments.len() - before + 1,
                     Taken::Missed(addr) => {
-                        if let Some(q) = r.queue.as_mut() {
-                            q.go_to_previous_position();
-                        }
+                        next = next.wrapping_sub(1);
                         miss = Some(addr);
                         break;
                     }
                     Taken::Refused(_) => descriptors += 1,
                 }
+            }
+            if let Some(q) = r.queue.as_mut() {
+                q.set_next_avail(next);
             }
         }
         let popped = batch.len();

@@ -1,17 +1,20 @@
-//! `BindingDevice`: one VDUSE device served by a JavaScript model. The TypeScript class `VirtioDevice`
-//! wraps it; nothing else should use it directly.
+//! `BindingDevice`: one VDUSE device served by a JavaScript model on the JavaScript thread. The
+//! TypeScript class `VirtioDevice` wraps it; nothing else should use it directly.
 
 use std::sync::Arc;
 
-use napi::bindgen_prelude::{
-    ArrayBuffer, BigInt, Buffer, Env, Float64ArraySlice, Function, Uint32ArraySlice,
-};
+use napi::bindgen_prelude::{AsyncTask, BigInt, Buffer, Env, FnArgs, Function, Uint8ArraySlice, Unknown};
+use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
+use napi::{JsValue, Status};
 use napi_derive::napi;
-use vduse_core::{DeviceOptions, VduseDevice};
+use vduse_core::queue::{Ticket, Virtqueue};
+use vduse_core::{
+    DeviceEvent, DeviceEvents, DeviceOptions, DeviceSpec, DeviceStats, DrainReason, Serving, VduseDevice,
+};
 
-use crate::error::{native, to_napi, Code};
-use crate::js_model::{Doorbell, JsModel, JsSide, ModelInfo, StatusCallback};
+use crate::error::{native, to_napi, Code, NativeError};
 use crate::native_io::{IoPool, Op};
+use crate::serve::{copy_in, copy_out, Arrays, JsServer};
 
 /// What TypeScript tells the binding about a device.
 #[napi(object)]
@@ -19,23 +22,101 @@ pub struct DeviceInit {
     pub name: String,
     pub device_id: u32,
     pub vendor_id: Option<u32>,
-    /// Device feature bits (the transport adds VERSION_1, ACCESS_PLATFORM, EVENT_IDX, INDIRECT_DESC).
+    /// Device feature bits (0–23, 50–63; the transport adds VERSION_1, ACCESS_PLATFORM, EVENT_IDX,
+    /// INDIRECT_DESC).
     pub features: BigInt,
     pub config: Buffer,
     pub num_queues: u32,
     pub queue_size: u32,
     /// Most buffers per request (longer chains are refused before reaching JS).
     pub max_segments: Option<u32>,
+    /// A short model name ("blk") recorded in the state file.
+    pub kind: Option<String>,
     /// Replace a leftover device of the same name from a dead process.
     pub replace_stale: Option<bool>,
-    /// Longest wait for in-flight requests on reset or IOTLB change (ms).
+    /// Longest a reset or IOTLB change waits for requests in flight, all queues together (ms).
     pub drain_timeout_ms: Option<u32>,
     /// Threads for native file I/O.
     pub io_threads: Option<u32>,
+    /// Directory of the state file; empty: none. Default /run/vduse.
+    pub state_dir: Option<String>,
 }
 
-/// Counters of the device (all queues).
+/// The JavaScript arrays of the batch protocol (see `serve.rs`).
 #[napi(object)]
+pub struct BatchArrays<'a> {
+    pub reqs: Unknown<'a>,
+    pub heads: Unknown<'a>,
+    pub done: Unknown<'a>,
+    pub ctl: Unknown<'a>,
+}
+
+/// Something the kernel-facing side did, reported to JavaScript.
+#[napi(object)]
+pub struct DeviceEventJs {
+    /// `status`, `drained` or `broken`.
+    pub kind: String,
+    pub status: Option<u32>,
+    pub features: Option<BigInt>,
+    /// `reset` or `iotlb` (drained).
+    pub reason: Option<String>,
+    pub waited_ms: Option<f64>,
+    pub fenced: Option<u32>,
+    pub revoked: Option<bool>,
+}
+
+type EventSink = ThreadsafeFunction<DeviceEventJs, (), DeviceEventJs, Status, false, true, 0>;
+
+struct JsEvents {
+    sink: EventSink,
+}
+
+impl DeviceEvents for JsEvents {
+    fn event(&self, event: &DeviceEvent) {
+        let e = match *event {
+            DeviceEvent::Status { status, features } => DeviceEventJs {
+                kind: "status".into(),
+                status: Some(u32::from(status)),
+                features: Some(BigInt::from(features)),
+                reason: None,
+                waited_ms: None,
+                fenced: None,
+                revoked: None,
+            },
+            DeviceEvent::Drained {
+                reason,
+                waited,
+                fenced,
+                revoked,
+            } => DeviceEventJs {
+                kind: "drained".into(),
+                status: None,
+                features: None,
+                reason: Some(match reason {
+                    DrainReason::Reset => "reset".into(),
+                    DrainReason::IotlbChange => "iotlb".into(),
+                }),
+                waited_ms: Some(waited.as_secs_f64() * 1000.0),
+                fenced: Some(fenced as u32),
+                revoked: Some(revoked),
+            },
+            DeviceEvent::Broken => DeviceEventJs {
+                kind: "broken".into(),
+                status: None,
+                features: None,
+                reason: None,
+                waited_ms: None,
+                fenced: None,
+                revoked: None,
+            },
+        };
+        let _ = self.sink.call(e, ThreadsafeFunctionCallMode::NonBlocking);
+    }
+}
+
+/// Counters of the device (all queues) and of its JavaScript serving.
+#[napi(object)]
+#[derive(Default, Clone, Copy)]
 pub struct DeviceCounters {
     pub kicks: f64,
     pub batches: f64,
@@ -43,128 +124,240 @@ pub struct DeviceCounters {
     pub completions: f64,
     pub interrupts: f64,
     pub bad_chains: f64,
+    pub duplicate_heads: f64,
+    /// Requests fenced by a reset or IOTLB change before the model completed them.
+    pub fenced: f64,
+    /// Completions for requests no longer in flight (dropped).
     pub stale_completions: f64,
-    /// Requests JavaScript holds right now.
+    pub broken_queues: f64,
     pub in_flight: f64,
-    /// Requests waiting to be drained by JavaScript.
-    pub pending: f64,
+    pub iotlb_reloads: f64,
+    pub drains: f64,
+    pub max_drain_ms: f64,
+    /// Wake-ups of the JavaScript thread by kicks, and model calls (one per batch).
+    pub wakeups: f64,
+    pub js_calls: f64,
+    pub io_ops: f64,
+    pub io_errors: f64,
+}
+
+pub fn counters(stats: DeviceStats, server: Option<&JsServer>, io: Option<&IoPool>) -> DeviceCounters {
+    DeviceCounters {
+        kicks: stats.kicks as f64,
+        batches: stats.batches as f64,
+        requests: stats.requests as f64,
+        completions: stats.completions as f64,
+        interrupts: stats.interrupts as f64,
+        bad_chains: stats.bad_chains as f64,
+        duplicate_heads: stats.duplicate_heads as f64,
+        fenced: stats.fenced as f64,
+        stale_completions: stats.stale_completions as f64,
+        broken_queues: stats.broken_queues as f64,
+        in_flight: stats.in_flight as f64,
+        iotlb_reloads: stats.iotlb_reloads as f64,
+        drains: stats.drains as f64,
+        max_drain_ms: stats.max_drain_us as f64 / 1000.0,
+        wakeups: server.map_or(0.0, |s| s.wakeups.get() as f64),
+        js_calls: server.map_or(0.0, |s| s.js_calls.get() as f64),
+        io_ops: io.map_or(0.0, |i| {
+            i.stats.ops.load(std::sync::atomic::Ordering::Relaxed) as f64
+        }),
+        io_errors: io.map_or(0.0, |i| {
+            i.stats.errors.load(std::sync::atomic::Ordering::Relaxed) as f64
+        }),
+    }
+}
+
+/// Memory access and completions, shared by every binding class that serves queues from JavaScript.
+pub struct JsQueues {
+    pub queues: Vec<Arc<Virtqueue>>,
+    pub server: Option<Box<JsServer>>,
+}
+
+impl JsQueues {
+    fn queue(&self, ticket: f64) -> Option<(&Virtqueue, Ticket)> {
+        let t = Ticket::from_raw(ticket as u64);
+        self.queues.get(usize::from(t.queue())).map(|q| (q.as_ref(), t))
+    }
+
+    pub fn read(&self, ticket: f64, offset: f64, dst: &mut [u8], at: u32, len: u32) -> f64 {
+        let Some((q, t)) = self.queue(ticket) else {
+            return -1.0;
+        };
+        let start = (at as usize).min(dst.len());
+        let end = start.saturating_add(len as usize).min(dst.len());
+        copy_out(q, t, offset as u64, &mut dst[start..end])
+    }
+
+    pub fn write(&self, ticket: f64, offset: f64, src: &[u8], at: u32, len: u32) -> f64 {
+        let Some((q, t)) = self.queue(ticket) else {
+            return -1.0;
+        };
+        let start = (at as usize).min(src.len());
+        let end = start.saturating_add(len as usize).min(src.len());
+        copy_in(q, t, offset as u64, &src[start..end])
+    }
+
+    pub fn flush(&self) {
+        if let Some(s) = &self.server {
+            s.flush();
+        }
+    }
 }
 
 #[napi]
 pub struct BindingDevice {
     device: Option<VduseDevice>,
-    model: Arc<JsModel>,
-    js: JsSide,
     io: Option<IoPool>,
-    /// The counters as they were when the device was closed.
-    final_stats: vduse_core::DeviceStats,
+    serving: JsQueues,
+    final_counters: Option<DeviceCounters>,
 }
 
-/// Creates a VDUSE device served by JavaScript. `onRequests` is called (at most one call queued) when
-/// requests wait to be drained; `onStatus` with each new device status.
-#[napi]
-pub fn create_device(
-    init: DeviceInit,
-    on_requests: Function<(), ()>,
-    on_status: Function<u32, ()>,
-) -> napi::Result<BindingDevice, Code> {
-    let model = js_model(&init, on_requests, on_status)?;
-    let io = IoPool::new(init.io_threads.unwrap_or(4) as usize, model.clone()).map_err(native)?;
-    let mut options = DeviceOptions::new(init.name);
-    options.vendor_id = init.vendor_id.unwrap_or(0);
-    options.replace_stale = init.replace_stale.unwrap_or(false);
-    if let Some(ms) = init.drain_timeout_ms {
-        options.drain_timeout = std::time::Duration::from_millis(u64::from(ms));
-    }
-    let device = VduseDevice::create(options, model.clone()).map_err(to_napi)?;
-    Ok(BindingDevice {
-        device: Some(device),
-        js: JsSide::new(model.clone()),
-        model,
-        io: Some(io),
-        final_stats: Default::default(),
-    })
-}
-
-/// The JavaScript-served model of a device described by `init`.
-pub fn js_model(
-    init: &DeviceInit,
-    on_requests: Function<(), ()>,
-    on_status: Function<u32, ()>,
-) -> napi::Result<Arc<JsModel>, Code> {
+fn spec_of(init: &DeviceInit) -> Result<DeviceSpec, NativeError> {
     let (_, features, lossless) = init.features.get_u64();
     if !lossless {
         return Err(native("features must fit in 64 bits"));
     }
     let queue_size = u16::try_from(init.queue_size).map_err(|_| native("queueSize out of range"))?;
     let num_queues = u16::try_from(init.num_queues).map_err(|_| native("numQueues out of range"))?;
-    let doorbell: Doorbell = on_requests
-        .build_threadsafe_function()
-        .callee_handled::<false>()
-        .weak::<true>()
-        .max_queue_size::<1>()
-        .build()
-        .map_err(native)?;
-    let status: StatusCallback = on_status
-        .build_threadsafe_function()
-        .callee_handled::<false>()
-        .weak::<true>()
-        .build()
-        .map_err(native)?;
-    let info = ModelInfo {
+    Ok(DeviceSpec {
         device_id: init.device_id,
         features,
         config: init.config.to_vec(),
         num_queues,
         queue_size,
         max_segments: init.max_segments.map_or(usize::from(queue_size), |m| m as usize),
-    };
-    Ok(Arc::new(JsModel::new(info, doorbell, status)))
+        kind: init.kind.clone().unwrap_or_default(),
+    })
+}
+
+/// Creates a VDUSE device served on the JavaScript thread: `onBatch(queue, count)` is called with a batch
+/// in `arrays`; `onEvent` reports status changes, drains and a broken device.
+#[napi]
+pub fn create_device(
+    env: Env,
+    init: DeviceInit,
+    arrays: BatchArrays,
+    on_batch: Function<FnArgs<(u32, u32)>, ()>,
+    on_event: Function<DeviceEventJs, ()>,
+) -> napi::Result<BindingDevice, Code> {
+    crate::logger::install();
+    let spec = spec_of(&init)?;
+    let mut options = DeviceOptions::new(init.name.clone());
+    options.vendor_id = init.vendor_id.unwrap_or(0);
+    options.replace_stale = init.replace_stale.unwrap_or(false);
+    if let Some(ms) = init.drain_timeout_ms {
+        options.drain_timeout = std::time::Duration::from_millis(u64::from(ms));
+    }
+    match init.state_dir.as_deref() {
+        Some("") => options.state_dir = None,
+        Some(dir) => options.state_dir = Some(dir.into()),
+        None => {}
+    }
+    // SAFETY: the values come straight from this call's arguments, on the JS thread.
+    let arrays = unsafe {
+        Arrays::new(
+            env.raw(),
+            arrays.reqs.raw(),
+            arrays.heads.raw(),
+            arrays.done.raw(),
+            arrays.ctl.raw(),
+        )
+    }?;
+    let sink: EventSink = on_event
+        .build_threadsafe_function()
+        .callee_handled::<false>()
+        .weak::<true>()
+        .build()
+        .map_err(native)?;
+    let device = VduseDevice::create(
+        options,
+        spec,
+        Serving::External,
+        Some(Arc::new(JsEvents { sink })),
+    )
+    .map_err(to_napi)?;
+    let queues = device.queues().to_vec();
+    // SAFETY: `on_batch` is a function of this env; we are on the JS thread.
+    let mut server = unsafe {
+        JsServer::new(
+            env.raw(),
+            queues.clone(),
+            device.kick_fds().to_vec(),
+            arrays,
+            on_batch.raw(),
+        )
+    }?;
+    server.start()?;
+    let io = IoPool::new(init.io_threads.unwrap_or(4) as usize, queues.clone()).map_err(native)?;
+    Ok(BindingDevice {
+        device: Some(device),
+        io: Some(io),
+        serving: JsQueues {
+            queues,
+            server: Some(server),
+        },
+        final_counters: None,
+    })
+}
+
+pub struct Close {
+    device: Option<VduseDevice>,
+    io: Option<IoPool>,
+}
+
+impl napi::Task for Close {
+    type Output = ();
+    type JsValue = ();
+
+    fn compute(&mut self) -> napi::Result<()> {
+        if let Some(mut io) = self.io.take() {
+            io.stop();
+        }
+        if let Some(mut device) = self.device.take() {
+            device.close().map_err(|e| {
+                let e = to_napi(e);
+                napi::Error::new(Status::GenericFailure, e.reason.clone())
+            })?;
+        }
+        Ok(())
+    }
+
+    fn resolve(&mut self, _env: Env, _output: ()) -> napi::Result<()> {
+        Ok(())
+    }
 }
 
 #[napi]
 impl BindingDevice {
-    /// Moves waiting requests into the caller's arrays: `reqs` gets `[slot, queue, firstSegment,
-    /// readable << 16 | writable]` per request, `segs` gets `[regionKey, offset, length]` per buffer piece
-    /// (readable ones first). `header` gets `[requests, segments]`. Returns the number of requests;
-    /// 0 means none were waiting (and the doorbell is re-armed).
+    /// Copies `length` bytes from the readable part of request `ticket`, starting `offset` bytes in, into
+    /// `dst[at..]`. Returns the bytes copied, or -1 if the request is no longer in flight.
     #[napi]
-    pub fn drain(
-        &mut self,
-        header: Uint32ArraySlice,
-        reqs: Uint32ArraySlice,
-        segs: Float64ArraySlice,
-    ) -> u32 {
-        self.js.drain(header, reqs, segs)
+    pub fn read(&self, ticket: f64, offset: f64, mut dst: Uint8ArraySlice, at: u32, length: u32) -> f64 {
+        // SAFETY: the array belongs to the caller, which is blocked in this synchronous call.
+        let dst = unsafe { dst.as_mut() };
+        self.serving.read(ticket, offset, dst, at, length)
     }
 
-    /// A zero-copy view of one region of the memory map request `slot` refers to. The view keeps the
-    /// mapping alive until it is garbage-collected, so it can never point at unmapped memory. Ask once
-    /// per region key (from `drain`) and cache it.
+    /// Copies `src[at..at+length]` into the writable part of request `ticket`, `offset` bytes in.
     #[napi]
-    pub fn region<'env>(
-        &self,
-        env: &'env Env,
-        slot: u32,
-        region_key: f64,
-    ) -> napi::Result<ArrayBuffer<'env>, Code> {
-        self.js.region(env, slot, region_key)
+    pub fn write(&self, ticket: f64, offset: f64, src: &[u8], at: u32, length: u32) -> f64 {
+        self.serving.write(ticket, offset, src, at, length)
     }
 
-    /// Completes requests: `done` holds `[slot, usedLength]` pairs. One used-ring update and at most one
-    /// interrupt per queue for the whole call.
+    /// Publishes the completions JavaScript wrote into `done` since the last flush.
     #[napi]
-    pub fn complete(&self, done: Uint32ArraySlice, count: u32) {
-        self.js.complete(done, count)
+    pub fn flush(&self) {
+        self.serving.flush();
     }
 
-    /// Hands block I/O to native threads: `ops` holds `[slot, fd, kind (0 read, 1 write, 2 flush),
+    /// Hands block I/O to native threads: `ops` holds `[ticket, fd, kind (0 read, 1 write, 2 flush),
     /// position, skip]` per request. Each completes its request itself, status byte included.
     #[napi]
-    pub fn file_io(&self, ops: Float64ArraySlice, count: u32) {
+    pub fn submit_io(&self, ops: &[f64], count: u32) {
         let Some(io) = self.io.as_ref() else { return };
         io.submit(ops.chunks_exact(5).take(count as usize).map(|o| Op {
-            slot: o[0] as u32,
+            ticket: Ticket::from_raw(o[0] as u64),
             fd: o[1] as i32,
             kind: o[2] as u8,
             position: o[3] as u64,
@@ -189,34 +382,48 @@ impl BindingDevice {
         BigInt::from(self.device.as_ref().map_or(0, |d| d.negotiated_features()))
     }
 
+    /// The state file that lets a restarted server take the device over, if any.
+    #[napi]
+    pub fn state_path(&self) -> Option<String> {
+        self.device
+            .as_ref()
+            .and_then(|d| d.state_path())
+            .map(|p| p.display().to_string())
+    }
+
     #[napi]
     pub fn counters(&self) -> DeviceCounters {
-        let s = self.device.as_ref().map_or(self.final_stats, |d| d.stats());
-        DeviceCounters {
-            kicks: s.kicks as f64,
-            batches: s.batches as f64,
-            requests: s.requests as f64,
-            completions: s.completions as f64,
-            interrupts: s.interrupts as f64,
-            bad_chains: s.bad_chains as f64,
-            stale_completions: s.stale_completions as f64,
-            in_flight: self.model.slots().live() as f64,
-            pending: self.model.pending_len() as f64,
+        match (&self.device, &self.final_counters) {
+            (Some(d), _) => counters(d.stats(), self.serving.server.as_deref(), self.io.as_ref()),
+            (None, Some(c)) => *c,
+            (None, None) => DeviceCounters::default(),
         }
     }
 
-    /// Stops serving and destroys the device. Fails with ERR_VDUSE_BUSY while it is still attached.
+    /// Stops serving and destroys the device (off the JavaScript thread). Throws ERR_VDUSE_BUSY — and
+    /// keeps serving — while the device is still attached to the vDPA bus.
     #[napi]
-    pub fn close(&mut self) -> napi::Result<(), Code> {
-        if let Some(mut io) = self.io.take() {
-            io.stop();
-        }
-        match self.device.take() {
-            Some(device) => {
-                self.final_stats = device.stats();
-                device.close().map_err(to_napi)
+    pub fn close(&mut self) -> napi::Result<AsyncTask<Close>, Code> {
+        if let Some(d) = &self.device {
+            if vduse_core::is_attached(d.name()) {
+                return Err(to_napi(vduse_core::Error::Busy {
+                    name: d.name().to_string(),
+                    reason: "still attached to the vDPA bus; detach it first",
+                }));
             }
-            None => Ok(()),
+            self.final_counters = Some(counters(
+                d.stats(),
+                self.serving.server.as_deref(),
+                self.io.as_ref(),
+            ));
         }
+        if let Some(s) = &self.serving.server {
+            s.flush();
+            s.close();
+        }
+        Ok(AsyncTask::new(Close {
+            device: self.device.take(),
+            io: self.io.take(),
+        }))
     }
 }

@@ -8,9 +8,11 @@ use napi_derive::napi;
 
 mod device;
 mod error;
-mod js_model;
+mod logger;
 mod loopback;
 mod native_io;
+mod serve;
+mod uv;
 
 use error::{to_napi, Code};
 
@@ -84,26 +86,46 @@ pub fn fallocate(fd: i32, mode: i32, offset: f64, len: f64) -> napi::bindgen_pre
     })
 }
 
-/// Answers a stale device's control messages while it is detached (see `vduse_core::Reclaim`).
+/// Takes a stale device over (its server died) so that it can be detached cleanly: answers the kernel,
+/// and — with the dead server's state file — fails the requests it left in flight.
 #[napi]
 pub struct BindingReclaim {
     inner: Option<vduse_core::Reclaim>,
+    took_over: bool,
 }
 
 #[napi]
 impl BindingReclaim {
+    /// Whether the queues were taken over (requests in flight are being failed, so a detach completes).
+    #[napi(getter)]
+    pub fn took_over(&self) -> bool {
+        self.took_over
+    }
+
+    /// Destroys the device (detach it first). Throws ERR_VDUSE_BUSY while it is attached.
     #[napi]
-    pub fn close(&mut self) {
-        if let Some(r) = self.inner.take() {
-            r.close();
+    pub fn destroy(&mut self) -> napi::Result<(), Code> {
+        match self.inner.take() {
+            Some(r) => r.destroy().map_err(to_napi),
+            None => Ok(()),
         }
     }
 }
 
-/// Starts answering the control messages of a stale device (no live process serves it), so that a
-/// detach completes at once. Throws `ERR_VDUSE_BUSY` if a live process serves it.
+/// Starts serving a stale device (no live process serves it). Throws `ERR_VDUSE_BUSY` if a live process
+/// serves it. `stateDir`: where the dead server kept its state file (default /run/vduse).
 #[napi]
-pub fn reclaim_device(name: String) -> napi::Result<BindingReclaim, Code> {
-    let inner = vduse_core::Reclaim::open(&name).map_err(to_napi)?;
-    Ok(BindingReclaim { inner: Some(inner) })
+pub fn reclaim_device(name: String, state_dir: Option<String>) -> napi::Result<BindingReclaim, Code> {
+    logger::install();
+    let dir = match state_dir.as_deref() {
+        Some("") => None,
+        Some(d) => Some(d.into()),
+        None => Some(vduse_core::device::DEFAULT_STATE_DIR.into()),
+    };
+    let inner = vduse_core::Reclaim::open(&name, dir).map_err(to_napi)?;
+    let took_over = inner.took_over();
+    Ok(BindingReclaim {
+        inner: Some(inner),
+        took_over,
+    })
 }

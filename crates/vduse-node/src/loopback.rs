@@ -1,21 +1,21 @@
-//! `BindingLoopback`: the batch path to JavaScript and back without a kernel — a driver thread fills a
-//! real split ring, queue processing hands batches to the JS model exactly as a VDUSE device does.
-//! For the boundary micro-benchmark (`npm run bench:boundary`).
+//! `BindingLoopback`: the JavaScript-thread serving path without a kernel — a driver thread fills a real
+//! split ring and kicks; the JavaScript thread serves it exactly as it serves a VDUSE device. For the
+//! boundary micro-benchmark (`npm run bench:boundary`) and host tests of the batch protocol.
 
 use std::sync::Arc;
 
-use napi::bindgen_prelude::{ArrayBuffer, AsyncTask, Env, Float64ArraySlice, Function, Uint32ArraySlice};
+use napi::bindgen_prelude::{AsyncTask, Env, FnArgs, Function, Uint8ArraySlice};
+use napi::JsValue;
 use napi_derive::napi;
 use vduse_core::loopback::Loopback;
 
-use crate::device::{js_model, DeviceInit};
-use crate::error::Code;
-use crate::js_model::{JsModel, JsSide};
+use crate::device::{counters, BatchArrays, DeviceCounters, JsQueues};
+use crate::error::{native, Code};
+use crate::serve::{Arrays, JsServer};
 
 #[napi]
 pub struct BindingLoopback {
-    js: JsSide,
-    model: Arc<JsModel>,
+    serving: JsQueues,
     lb: Arc<Loopback>,
 }
 
@@ -28,7 +28,6 @@ pub struct LoopbackReport {
 
 pub struct LoopbackRun {
     lb: Arc<Loopback>,
-    model: Arc<JsModel>,
     total: u64,
     batch: u16,
 }
@@ -38,7 +37,8 @@ impl napi::Task for LoopbackRun {
     type JsValue = LoopbackReport;
 
     fn compute(&mut self) -> napi::Result<Self::Output> {
-        Ok(self.lb.run(self.model.as_ref(), self.total, self.batch))
+        // The JavaScript thread serves the queue (its poll sees the kicks); this thread only drives.
+        Ok(self.lb.run(self.total, self.batch, || {}))
     }
 
     fn resolve(&mut self, _env: Env, r: Self::Output) -> napi::Result<LoopbackReport> {
@@ -50,18 +50,41 @@ impl napi::Task for LoopbackRun {
     }
 }
 
-/// A one-queue loopback device served by JavaScript (same callbacks as `createDevice`).
+/// A one-queue loopback device served by JavaScript (`onBatch(queue, count)` as for `createDevice`).
 #[napi]
 pub fn create_loopback(
-    init: DeviceInit,
-    on_requests: Function<(), ()>,
-    on_status: Function<u32, ()>,
+    env: Env,
+    queue_size: u32,
+    arrays: BatchArrays,
+    on_batch: Function<FnArgs<(u32, u32)>, ()>,
 ) -> napi::Result<BindingLoopback, Code> {
-    let model = js_model(&init, on_requests, on_status)?;
-    let lb = Arc::new(Loopback::new(init.queue_size.clamp(4, 32768) as u16));
+    let lb = Arc::new(Loopback::new(queue_size.clamp(4, 32768) as u16).map_err(native)?);
+    // SAFETY: values from this call's arguments, on the JS thread.
+    let arrays = unsafe {
+        Arrays::new(
+            env.raw(),
+            arrays.reqs.raw(),
+            arrays.heads.raw(),
+            arrays.done.raw(),
+            arrays.ctl.raw(),
+        )
+    }?;
+    // SAFETY: as above.
+    let mut server = unsafe {
+        JsServer::new(
+            env.raw(),
+            vec![lb.queue().clone()],
+            vec![lb.kick_fd().clone()],
+            arrays,
+            on_batch.raw(),
+        )
+    }?;
+    server.start()?;
     Ok(BindingLoopback {
-        js: JsSide::new(model.clone()),
-        model,
+        serving: JsQueues {
+            queues: vec![lb.queue().clone()],
+            server: Some(server),
+        },
         lb,
     })
 }
@@ -69,28 +92,20 @@ pub fn create_loopback(
 #[napi]
 impl BindingLoopback {
     #[napi]
-    pub fn drain(
-        &mut self,
-        header: Uint32ArraySlice,
-        reqs: Uint32ArraySlice,
-        segs: Float64ArraySlice,
-    ) -> u32 {
-        self.js.drain(header, reqs, segs)
+    pub fn read(&self, ticket: f64, offset: f64, mut dst: Uint8ArraySlice, at: u32, length: u32) -> f64 {
+        // SAFETY: the array belongs to the caller, which is blocked in this synchronous call.
+        let dst = unsafe { dst.as_mut() };
+        self.serving.read(ticket, offset, dst, at, length)
     }
 
     #[napi]
-    pub fn region<'env>(
-        &self,
-        env: &'env Env,
-        slot: u32,
-        region_key: f64,
-    ) -> napi::Result<ArrayBuffer<'env>, Code> {
-        self.js.region(env, slot, region_key)
+    pub fn write(&self, ticket: f64, offset: f64, src: &[u8], at: u32, length: u32) -> f64 {
+        self.serving.write(ticket, offset, src, at, length)
     }
 
     #[napi]
-    pub fn complete(&self, done: Uint32ArraySlice, count: u32) {
-        self.js.complete(done, count)
+    pub fn flush(&self) {
+        self.serving.flush();
     }
 
     /// Most requests in flight at once (the ring holds this many 3-buffer chains).
@@ -99,33 +114,59 @@ impl BindingLoopback {
         u32::from(self.lb.capacity())
     }
 
-    /// The driver side, a separate object: its async `run` must not hold a borrow of this one, whose
-    /// `drain`/`complete` JavaScript calls meanwhile.
     #[napi]
-    pub fn driver(&self) -> BindingLoopbackDriver {
-        BindingLoopbackDriver {
-            model: self.model.clone(),
-            lb: self.lb.clone(),
-        }
+    pub fn counters(&self) -> DeviceCounters {
+        let q = &self.lb.queue().stats;
+        let stats = vduse_core::DeviceStats {
+            kicks: q.kicks.load(std::sync::atomic::Ordering::Relaxed),
+            batches: q.batches.load(std::sync::atomic::Ordering::Relaxed),
+            requests: q.requests.load(std::sync::atomic::Ordering::Relaxed),
+            completions: q.completions.load(std::sync::atomic::Ordering::Relaxed),
+            interrupts: q.interrupts.load(std::sync::atomic::Ordering::Relaxed),
+            ..Default::default()
+        };
+        counters(stats, self.serving.server.as_deref(), None)
     }
-}
 
-#[napi]
-pub struct BindingLoopbackDriver {
-    model: Arc<JsModel>,
-    lb: Arc<Loopback>,
-}
-
-#[napi]
-impl BindingLoopbackDriver {
-    /// Drives `total` requests through, `batch` per kick, on a libuv thread; resolves with the timing.
+    /// Drives `total` requests through, `batch` per kick, from a libuv worker; resolves with the timing.
     #[napi]
     pub fn run(&self, total: f64, batch: u32) -> AsyncTask<LoopbackRun> {
         AsyncTask::new(LoopbackRun {
             lb: self.lb.clone(),
-            model: self.model.clone(),
             total: total as u64,
             batch: batch.min(u32::from(u16::MAX)) as u16,
         })
+    }
+
+    /// Like `run`, but the driver runs on this thread and the queue is served right after each kick:
+    /// no thread wake-ups at all, so the time is the boundary's own cost (pop and validate in Rust, one
+    /// model call per batch, completions).
+    #[napi]
+    pub fn run_inline(&self, total: f64, batch: u32) -> LoopbackReport {
+        let Some(server) = self.serving.server.as_deref() else {
+            return LoopbackReport {
+                requests: 0.0,
+                elapsed_ns: 0.0,
+                interrupts: 0.0,
+            };
+        };
+        let r = self
+            .lb
+            .run(total as u64, batch.min(u32::from(u16::MAX)) as u16, || {
+                server.serve(0)
+            });
+        LoopbackReport {
+            requests: r.requests as f64,
+            elapsed_ns: r.elapsed.as_nanos() as f64,
+            interrupts: r.interrupts as f64,
+        }
+    }
+
+    /// Stops serving.
+    #[napi]
+    pub fn close(&mut self) {
+        if let Some(s) = self.serving.server.take() {
+            s.close();
+        }
     }
 }

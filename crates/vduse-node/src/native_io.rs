@@ -1,18 +1,20 @@
 //! Native block I/O between a file and a request's buffers: `preadv`/`pwritev`/`fdatasync` on worker
 //! threads, straight into guest memory — the data never passes through JavaScript. JavaScript decides
 //! (parses, validates, picks the file offset); this pool moves the bytes, writes the virtio-blk status
-//! byte and completes the request, flushing completions once per batch of operations.
+//! byte and completes the request, raising one interrupt per queue per batch of operations.
+//!
+//! A request fenced meanwhile (reset, IOTLB change) is skipped if it has not started; if it has, its
+//! memory was revoked, so the transfer lands in memory the device owns and the completion is dropped.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 use vduse_core::chain::Segment;
-use vduse_core::memory::IotlbMap;
-use vduse_core::Completer;
-
-use crate::js_model::JsModel;
+use vduse_core::chain::Shape;
+use vduse_core::memory::{Access, IotlbMap};
+use vduse_core::queue::{Ticket, Virtqueue};
 
 pub const OP_READ: u8 = 0;
 pub const OP_WRITE: u8 = 1;
@@ -23,57 +25,68 @@ const STATUS_IOERR: u8 = 1;
 
 #[derive(Clone, Copy, Debug)]
 pub struct Op {
-    pub slot: u32,
+    pub ticket: Ticket,
     pub fd: i32,
     pub kind: u8,
     pub position: u64,
-    /// Bytes of the request's buffers to skip before the data (the virtio-blk header for writes).
+    /// Bytes of the readable buffers to skip before the data (the virtio-blk header of a write).
     pub skip: u32,
 }
 
-struct Queue {
+struct Work {
     ops: VecDeque<Op>,
     stop: bool,
 }
 
+#[derive(Default)]
+pub struct IoStats {
+    pub ops: AtomicU64,
+    pub errors: AtomicU64,
+    /// Operations whose request was fenced before they started.
+    pub skipped: AtomicU64,
+}
+
 pub struct IoPool {
-    queue: Arc<(Mutex<Queue>, Condvar)>,
+    work: Arc<(Mutex<Work>, Condvar)>,
     threads: Vec<JoinHandle<()>>,
     stopped: AtomicBool,
+    pub stats: Arc<IoStats>,
 }
 
 impl IoPool {
-    pub fn new(threads: usize, model: Arc<JsModel>) -> std::io::Result<Self> {
-        let queue = Arc::new((
-            Mutex::new(Queue {
+    pub fn new(threads: usize, queues: Vec<Arc<Virtqueue>>) -> std::io::Result<Self> {
+        let work = Arc::new((
+            Mutex::new(Work {
                 ops: VecDeque::new(),
                 stop: false,
             }),
             Condvar::new(),
         ));
+        let stats = Arc::new(IoStats::default());
         let mut handles = Vec::new();
         for i in 0..threads.max(1) {
-            let (queue, model) = (queue.clone(), model.clone());
+            let (work, queues, stats) = (work.clone(), queues.clone(), stats.clone());
             handles.push(
                 std::thread::Builder::new()
                     .name(format!("vduse-io-{i}"))
-                    .spawn(move || worker(&queue, &model))?,
+                    .spawn(move || worker(&work, &queues, &stats))?,
             );
         }
         Ok(Self {
-            queue,
+            work,
             threads: handles,
             stopped: AtomicBool::new(false),
+            stats,
         })
     }
 
     pub fn submit(&self, ops: impl IntoIterator<Item = Op>) {
-        let (lock, cv) = &*self.queue;
-        let mut q = lock.lock().unwrap_or_else(|e| e.into_inner());
-        let before = q.ops.len();
-        q.ops.extend(ops);
-        let added = q.ops.len() - before;
-        drop(q);
+        let (lock, cv) = &*self.work;
+        let mut w = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let before = w.ops.len();
+        w.ops.extend(ops);
+        let added = w.ops.len() - before;
+        drop(w);
         if added > 1 {
             cv.notify_all();
         } else if added == 1 {
@@ -81,11 +94,12 @@ impl IoPool {
         }
     }
 
+    /// Finishes the operations already queued, then stops the threads.
     pub fn stop(&mut self) {
         if self.stopped.swap(true, Ordering::AcqRel) {
             return;
         }
-        let (lock, cv) = &*self.queue;
+        let (lock, cv) = &*self.work;
         lock.lock().unwrap_or_else(|e| e.into_inner()).stop = true;
         cv.notify_all();
         for t in self.threads.drain(..) {
@@ -100,51 +114,53 @@ impl Drop for IoPool {
     }
 }
 
-fn worker(queue: &(Mutex<Queue>, Condvar), model: &JsModel) {
-    let (lock, cv) = queue;
+fn worker(work: &(Mutex<Work>, Condvar), queues: &[Arc<Virtqueue>], stats: &IoStats) {
+    let (lock, cv) = work;
     let mut batch = Vec::new();
-    let mut segments = Vec::new();
-    let mut iovecs = Vec::new();
-    let mut touched: Vec<Completer> = Vec::new();
+    let mut segments: Vec<Segment> = Vec::new();
+    let mut ranges: Vec<(*mut u8, usize)> = Vec::new();
+    let mut iov: Vec<libc::iovec> = Vec::new();
+    let mut touched = vec![false; queues.len()];
     loop {
         {
-            let mut q = lock.lock().unwrap_or_else(|e| e.into_inner());
-            while q.ops.is_empty() && !q.stop {
-                q = cv.wait(q).unwrap_or_else(|e| e.into_inner());
+            let mut w = lock.lock().unwrap_or_else(|e| e.into_inner());
+            while w.ops.is_empty() && !w.stop {
+                w = cv.wait(w).unwrap_or_else(|e| e.into_inner());
             }
-            if q.ops.is_empty() && q.stop {
+            if w.ops.is_empty() && w.stop {
                 return;
             }
-            // Take a fair share so other workers get some of a large batch too.
-            let n = q.ops.len().div_ceil(2).clamp(1, 64);
-            batch.extend(q.ops.drain(..n));
+            // A fair share, so other workers take part of a large batch too.
+            let n = w.ops.len().div_ceil(2).clamp(1, 64);
+            batch.extend(w.ops.drain(..n));
         }
         for op in batch.drain(..) {
-            let Some((map, readable)) = copy_slot(model, op.slot, &mut segments) else {
+            let q = usize::from(op.ticket.queue());
+            let Some(vq) = queues.get(q) else { continue };
+            // Copy what the operation needs out of the slot: no lock is held during the I/O.
+            let Some((map, shape)) = vq.with_request(op.ticket, |map, shape, segs| {
+                segments.clear();
+                segments.extend_from_slice(segs);
+                (map.clone(), shape)
+            }) else {
+                stats.skipped.fetch_add(1, Ordering::Relaxed);
                 continue;
             };
-            let (status, used) = execute(&op, &map, readable, &segments, &mut iovecs);
-            if let Some((completer, head)) = model.slots().release(op.slot) {
-                completer.complete(head, used);
-                if !touched.iter().any(|c| c.queue_index() == completer.queue_index()) {
-                    touched.push(completer);
-                }
+            stats.ops.fetch_add(1, Ordering::Relaxed);
+            let (status, used) = execute(&op, &map, shape, &segments, &mut ranges, &mut iov);
+            if status != STATUS_OK {
+                stats.errors.fetch_add(1, Ordering::Relaxed);
             }
-            let _ = status;
+            vq.complete(op.ticket, used, Some(status));
+            touched[q] = true;
+            drop(map);
         }
-        for c in touched.drain(..) {
-            c.flush();
+        for (q, t) in touched.iter_mut().enumerate() {
+            if std::mem::take(t) {
+                queues[q].notify();
+            }
         }
     }
-}
-
-/// Copies what an operation needs out of its slot, so the slot lock is not held during I/O.
-fn copy_slot(model: &JsModel, id: u32, out: &mut Vec<Segment>) -> Option<(Arc<IotlbMap>, usize)> {
-    let slots = model.slots();
-    let slot = slots.get(id)?;
-    out.clear();
-    out.extend_from_slice(&slot.segments);
-    Some((slot.map.clone()?, usize::from(slot.readable)))
 }
 
 /// Host iovecs for `len` bytes of `segments` starting `skip` bytes in.
@@ -153,8 +169,11 @@ fn iovecs_for(
     segments: &[Segment],
     mut skip: u64,
     mut len: u64,
+    access: Access,
+    ranges: &mut Vec<(*mut u8, usize)>,
     out: &mut Vec<libc::iovec>,
 ) -> bool {
+    ranges.clear();
     out.clear();
     for seg in segments {
         if len == 0 {
@@ -165,63 +184,48 @@ fn iovecs_for(
             skip -= seg_len;
             continue;
         }
-        let mut addr = seg.addr + skip;
-        let mut left = (seg_len - skip).min(len);
-        skip = 0;
-        // A buffer may cross adjacent regions: one iovec per region.
-        while left > 0 {
-            let Some((region, offset)) = map.locate(addr) else {
-                return false;
-            };
-            let Some((base, region_len)) = map.region_host(region) else {
-                return false;
-            };
-            let n = left.min(region_len as u64 - offset);
-            // SAFETY: offset < region_len, so the pointer stays inside the mapping.
-            let ptr = unsafe { base.add(offset as usize) };
-            out.push(libc::iovec {
-                iov_base: ptr.cast(),
-                iov_len: n as usize,
-            });
-            addr += n;
-            left -= n;
-            len -= n;
+        let n = (seg_len - skip).min(len);
+        if !map.host_ranges(seg.addr + skip, n, access, ranges) {
+            return false;
         }
+        len -= n;
+        skip = 0;
     }
+    out.extend(ranges.iter().map(|&(p, n)| libc::iovec {
+        iov_base: p.cast(),
+        iov_len: n,
+    }));
     len == 0
-}
-
-fn total(segments: &[Segment]) -> u64 {
-    segments.iter().map(|s| u64::from(s.len)).sum()
 }
 
 fn execute(
     op: &Op,
     map: &IotlbMap,
-    readable: usize,
+    shape: Shape,
     segments: &[Segment],
+    ranges: &mut Vec<(*mut u8, usize)>,
     iov: &mut Vec<libc::iovec>,
 ) -> (u8, u32) {
-    let (ins, outs) = segments.split_at(readable);
-    let Some(status_seg) = outs.last() else {
+    let (ins, outs) = segments.split_at(usize::from(shape.readable));
+    if outs.is_empty() {
         return (STATUS_IOERR, 0);
-    };
-    let data_in_len = total(outs) - 1;
+    }
+    let data_in = u64::from(shape.writable_bytes) - 1;
     let mut used = 1u32;
     let status = match op.kind {
         OP_READ => {
-            if !iovecs_for(map, outs, 0, data_in_len, iov) {
+            if !iovecs_for(map, outs, 0, data_in, Access::Write, ranges, iov) {
                 STATUS_IOERR
             } else if transfer(op.fd, iov, op.position, false) {
-                used += data_in_len as u32;
+                used += data_in as u32;
                 STATUS_OK
             } else {
                 STATUS_IOERR
             }
         }
         OP_WRITE => {
-            let len = total(ins).saturating_sub(u64::from(op.skip));
-            if !iovecs_for(map, ins, u64::from(op.skip), len, iov) {
+            let len = u64::from(shape.readable_bytes).saturating_sub(u64::from(op.skip));
+            if !iovecs_for(map, ins, u64::from(op.skip), len, Access::Read, ranges, iov) {
                 STATUS_IOERR
             } else if transfer(op.fd, iov, op.position, true) {
                 STATUS_OK
@@ -236,21 +240,6 @@ fn execute(
         },
         _ => STATUS_IOERR,
     };
-    let status_at = status_seg.addr + u64::from(status_seg.len) - 1;
-    if !iovecs_for(
-        map,
-        std::slice::from_ref(&Segment {
-            addr: status_at,
-            len: 1,
-        }),
-        0,
-        1,
-        iov,
-    ) {
-        return (STATUS_IOERR, 0);
-    }
-    // SAFETY: the iovec points at one validated, writable byte of the mapping (which `map` keeps alive).
-    unsafe { std::ptr::write_volatile(iov[0].iov_base.cast::<u8>(), status) };
     (status, used)
 }
 
@@ -260,7 +249,8 @@ fn transfer(fd: i32, iov: &mut [libc::iovec], mut position: u64, write: bool) ->
     let mut start = 0usize;
     while start < iov.len() {
         let chunk = &iov[start..(start + 1024).min(iov.len())];
-        // SAFETY: every iovec points into a live mapping validated for this access.
+        // SAFETY: every iovec points into a mapping that the caller's map keeps alive (revoked at worst),
+        // validated for this access.
         let n = unsafe {
             if write {
                 libc::pwritev(fd, chunk.as_ptr(), chunk.len() as i32, position as libc::off_t)

@@ -1,6 +1,13 @@
 import { VduseError } from '../../errors'
 import type { BlockBackend, BlockIo } from '../../backends/backend'
-import { FILE_IO_FLUSH, FILE_IO_READ, FILE_IO_WRITE, type RequestBatch } from '../../transport/batch'
+import {
+  FILE_IO_FLUSH,
+  FILE_IO_READ,
+  FILE_IO_WRITE,
+  ticketSlot,
+  type RequestBatch,
+} from '../../transport/batch'
+import type { RequestSource } from '../../transport/source'
 import { VirtioDevice, type VirtioDeviceOptions } from '../../virtio/device'
 import {
   BLK_CONFIG,
@@ -56,89 +63,94 @@ function isPromise(x: unknown): x is Promise<unknown> {
   return typeof (x as { then?: unknown } | null | undefined)?.then === 'function'
 }
 
-/** A BlockIo over pieces of one request; pooled, so serving requests allocates nothing. */
+/** Bounce buffers beyond this size are not kept for reuse. */
+const POOLED_BOUNCE = 1 << 20
+
+/** A BlockIo for one request; pooled, so serving requests allocates nothing on the copy path. */
 class Io implements BlockIo {
+  ticket = 0
   offset = 0
   length = 0
-  count = 0
-  readonly bufs: Buffer[] = []
-  readonly starts: number[] = []
-  readonly lens: number[] = []
-  private views: Uint8Array[] | undefined
+  /** Where the data starts in the request's buffers: after the header for writes, at 0 for reads. */
+  private skip = 0
+  private write = false
+  private bounce: Buffer | undefined
+  /** `buffers` were handed out: a read's data is in the bounce buffer, to be copied to the driver. */
+  private bounced = false
   private controller: AbortController | undefined
-  private timedOut = false
+  private dead = false
 
-  /** Pieces `from .. to-1` of request `i`, minus `skip` bytes at the start and `trim` at the end. */
-  load(
-    batch: RequestBatch,
-    i: number,
-    from: number,
-    to: number,
-    skip: number,
-    trim: number,
-    offset: number,
-  ): void {
-    this.count = 0
-    this.length = 0
+  constructor(private readonly source: RequestSource) {}
+
+  start(ticket: number, offset: number, length: number, write: boolean, skip: number): this {
+    this.ticket = ticket
     this.offset = offset
-    this.views = undefined
+    this.length = length
+    this.write = write
+    this.skip = skip
+    this.bounced = false
     this.controller = undefined
-    this.timedOut = false
-    let left = batch.bytes(i, from, to) - skip - trim
-    for (let k = from; k < to && left > 0; k++) {
-      let start = batch.offset(i, k)
-      let len = batch.length(i, k)
-      if (skip >= len) {
-        skip -= len
-        continue
-      }
-      start += skip
-      len -= skip
-      skip = 0
-      len = Math.min(len, left)
-      this.bufs[this.count] = batch.buffer(i, k)
-      this.starts[this.count] = start
-      this.lens[this.count] = len
-      this.count++
-      this.length += len
-      left -= len
+    this.dead = false
+    return this
+  }
+
+  copyFrom(source: Uint8Array, sourceOffset = 0): boolean {
+    const n = Math.min(this.length, source.length - sourceOffset)
+    return this.source.write(this.ticket, 0, source, sourceOffset, n) === this.length
+  }
+
+  copyTo(target: Uint8Array, targetOffset = 0): boolean {
+    const n = Math.min(this.length, target.length - targetOffset)
+    return this.source.read(this.ticket, this.skip, target, targetOffset, n) === this.length
+  }
+
+  private bounceBuffer(): Buffer {
+    if (!this.bounce || this.bounce.length < this.length) this.bounce = Buffer.allocUnsafe(this.length)
+    const view = this.bounce.length === this.length ? this.bounce : this.bounce.subarray(0, this.length)
+    if (!this.bounced) {
+      this.bounced = true
+      if (this.write) this.source.read(this.ticket, this.skip, view, 0, this.length)
     }
+    return view
   }
 
-  get buffers(): readonly Uint8Array[] {
-    this.views ??= Array.from({ length: this.count }, (_, k) =>
-      this.bufs[k]!.subarray(this.starts[k]!, this.starts[k]! + this.lens[k]!),
-    )
-    return this.views
-  }
-
-  /** Aborted when the request times out: a backend should stop touching the buffers then. */
-  get signal(): AbortSignal {
-    this.controller ??= new AbortController()
-    if (this.timedOut) this.abort()
-    return this.controller.signal
-  }
-
-  abort(): void {
-    this.timedOut = true
-    if (this.controller && !this.controller.signal.aborted) {
-      this.controller.abort(new VduseError('request timed out', { code: 'ERR_VDUSE_TIMEOUT' }))
-    }
+  get buffers(): readonly Buffer[] {
+    return [this.bounceBuffer()]
   }
 
   forEach(fn: (buffer: Buffer, start: number, length: number, deviceOffset: number) => void): void {
-    let at = this.offset
-    for (let k = 0; k < this.count; k++) {
-      fn(this.bufs[k]!, this.starts[k]!, this.lens[k]!, at)
-      at += this.lens[k]!
+    fn(this.bounceBuffer(), 0, this.length, this.offset)
+  }
+
+  /** A read answered from the bounce buffer: copy it to the driver's buffers. False if the request is gone. */
+  finishRead(): boolean {
+    if (this.write || !this.bounced || !this.bounce) return true
+    return this.source.write(this.ticket, 0, this.bounce, 0, this.length) === this.length
+  }
+
+  get signal(): AbortSignal {
+    this.controller ??= new AbortController()
+    if (this.dead && !this.controller.signal.aborted) this.abort()
+    return this.controller.signal
+  }
+
+  /** The request stopped mattering (timed out or fenced): tell the backend. */
+  abort(reason: string = 'request timed out'): void {
+    this.dead = true
+    if (this.controller && !this.controller.signal.aborted) {
+      this.controller.abort(new VduseError(reason, { code: 'ERR_VDUSE_TIMEOUT' }))
     }
+  }
+
+  /** May it be reused (its bounce buffer is not too large)? */
+  get poolable(): boolean {
+    return (this.bounce?.length ?? 0) <= POOLED_BOUNCE
   }
 }
 
+/** A request waiting for a backend promise. */
 interface Pending {
-  batch: RequestBatch
-  statusBuffer: Buffer
-  statusOffset: number
+  ticket: number
   used: number
   deadline: number
   io: Io | undefined
@@ -168,21 +180,22 @@ export class BlockDevice extends VirtioDevice {
     malformed: 0,
     timeouts: 0,
   }
-  private bytes: number
-  private readonly serial = Buffer.alloc(ID_BYTES)
-  private readonly header = Buffer.alloc(HEADER_BYTES)
-  private readonly range = Buffer.alloc(RANGE_BYTES)
-  private readonly pool: Io[] = []
-  private readonly pending = new Map<number, Pending>()
-  private readonly timeoutMs: number
-  private sweeper: NodeJS.Timeout | undefined
-  private readonly nativeFd: number | undefined
+  #bytes: number
+  readonly #serial = Buffer.alloc(ID_BYTES)
+  readonly #range = Buffer.alloc(RANGE_BYTES)
+  readonly #pool: Io[] = []
+  /** Requests waiting for the backend, by ticket slot (no Map on the data path). */
+  readonly #pending: Array<Pending | undefined> = []
+  #pendingCount = 0
+  readonly #timeoutMs: number
+  #sweeper: NodeJS.Timeout | undefined
+  readonly #nativeFd: number | undefined
 
   /** Creates the device and starts serving it; attach it with `attach()`. */
   static async create(options: BlockDeviceOptions): Promise<BlockDevice> {
     const device = new BlockDevice(options)
     await device.prepare()
-    device.start(options)
+    device.#start(options)
     return device
   }
 
@@ -199,19 +212,19 @@ export class BlockDevice extends VirtioDevice {
     this.logicalBlockSize = options.logicalBlockSize ?? 512
     if (this.logicalBlockSize !== 512 && this.logicalBlockSize !== 4096)
       bad('logicalBlockSize must be 512 or 4096')
-    this.bytes = backend.size
-    if (!Number.isSafeInteger(this.bytes) || this.bytes <= 0 || this.bytes % this.logicalBlockSize !== 0) {
-      bad(`backend size ${this.bytes} must be a positive multiple of ${this.logicalBlockSize}`)
+    this.#bytes = backend.size
+    if (!Number.isSafeInteger(this.#bytes) || this.#bytes <= 0 || this.#bytes % this.logicalBlockSize !== 0) {
+      bad(`backend size ${this.#bytes} must be a positive multiple of ${this.logicalBlockSize}`)
     }
     this.queues = options.queues ?? 1
     if (!Number.isInteger(this.queues) || this.queues < 1 || this.queues > 64) bad('queues must be 1..64')
     this.readOnly = (options.readOnly ?? false) || (backend.readOnly ?? false)
     const serial = Buffer.from(options.serial ?? '', 'utf8')
     if (serial.length > ID_BYTES) bad(`serial is ${serial.length} bytes; at most ${ID_BYTES}`)
-    serial.copy(this.serial)
-    this.timeoutMs = options.requestTimeoutMs ?? 0
-    if (!(this.timeoutMs >= 0)) bad('requestTimeoutMs must be >= 0')
-    this.nativeFd = backend.fd
+    serial.copy(this.#serial)
+    this.#timeoutMs = options.requestTimeoutMs ?? 0
+    if (!(this.#timeoutMs >= 0)) bad('requestTimeoutMs must be >= 0')
+    this.#nativeFd = backend.fd
     const features: BlkFeature[] = ['SEG_MAX', 'BLK_SIZE', 'TOPOLOGY']
     if (options.maxSegmentSize !== undefined) features.push('SIZE_MAX')
     if (backend.flush) features.push('FLUSH')
@@ -222,7 +235,7 @@ export class BlockDevice extends VirtioDevice {
     this.offeredFeatures = features
   }
 
-  private start(options: BlockDeviceOptions): void {
+  #start(options: BlockDeviceOptions): void {
     const queueSize = options.queueSize ?? 256
     if (
       !Number.isInteger(queueSize) ||
@@ -236,7 +249,7 @@ export class BlockDevice extends VirtioDevice {
     }
     const segMax = options.maxSegments ?? Math.min(queueSize - 2, 254)
     const config = BLK_CONFIG.encode({
-      capacity: BigInt(this.bytes / SECTOR),
+      capacity: BigInt(this.#bytes / SECTOR),
       size_max: options.maxSegmentSize ?? 0,
       seg_max: segMax,
       blk_size: this.logicalBlockSize,
@@ -257,16 +270,17 @@ export class BlockDevice extends VirtioDevice {
       queueSize,
       // header + data buffers + status
       maxSegments: segMax + 2,
+      kind: 'blk',
     })
-    if (this.timeoutMs > 0) {
-      this.sweeper = setInterval(() => this.expire(), Math.max(10, this.timeoutMs / 4))
-      this.sweeper.unref()
+    if (this.#timeoutMs > 0) {
+      this.#sweeper = setInterval(() => this.#expire(), Math.max(10, this.#timeoutMs / 4))
+      this.#sweeper.unref()
     }
   }
 
   /** Device size in bytes. */
   get size(): number {
-    return this.bytes
+    return this.#bytes
   }
 
   /** The negotiated virtio-blk features, by name (after `ready`). */
@@ -289,139 +303,148 @@ export class BlockDevice extends VirtioDevice {
       throw new VduseError('this backend cannot be resized', { code: 'ERR_VDUSE_INVALID_CONFIG' })
     }
     await this.backend.resize(size)
-    this.bytes = size
+    this.#bytes = size
     const { offset, data } = BLK_CONFIG.encodeField('capacity', BigInt(size / SECTOR))
     this.updateConfig(offset, data)
   }
 
-  protected handleBatch(batch: RequestBatch): void {
-    for (let i = 0; i < batch.count; i++) this.handleRequest(batch, i)
-  }
-
   protected inFlight(): number {
-    return this.pending.size
+    return this.#pendingCount
   }
 
   protected async shutdown(): Promise<void> {
-    if (this.sweeper) clearInterval(this.sweeper)
+    if (this.#sweeper) clearInterval(this.#sweeper)
     if (!this.readOnly && this.backend.flush) await this.backend.flush()
   }
 
-  private handleRequest(batch: RequestBatch, i: number): void {
-    const r = batch.readable(i)
-    const w = batch.writable(i)
-    if (w === 0 || !batch.readInto(i, 0, this.header)) {
-      // No status byte to answer in, or no header: nothing meaningful can be said.
-      this.stats.malformed++
-      if (w > 0) this.finish(batch, i, BLK_STATUS.IOERR, 0)
-      else batch.complete(i, 0)
-      return
-    }
-    const type = this.header.readUInt32LE(0)
-    const sector = this.header.readUInt32LE(8) + this.header.readUInt32LE(12) * 0x1_0000_0000
-    const dataIn = batch.bytes(i, r, r + w) - 1
-    const dataOut = batch.bytes(i, 0, r) - HEADER_BYTES
-    switch (type) {
-      case REQ.IN:
-        this.stats.reads++
-        return this.transfer(batch, i, sector, dataIn, false)
-      case REQ.OUT:
-        this.stats.writes++
-        return this.transfer(batch, i, sector, dataOut, true)
-      case REQ.FLUSH:
-        this.stats.flushes++
-        if (this.nativeFd !== undefined && batch.nativeIo)
-          return batch.fileIo(i, this.nativeFd, FILE_IO_FLUSH, 0, 0)
-        if (!this.backend.flush) return this.finish(batch, i, BLK_STATUS.OK, 0)
-        return this.run(batch, i, () => this.backend.flush!(), 0, undefined)
-      case REQ.GET_ID:
-        this.stats.getIds++
-        return this.getId(batch, i, dataIn)
-      case REQ.DISCARD:
-      case REQ.WRITE_ZEROES:
-        return this.ranges(batch, i, type, dataOut)
-      default:
-        this.stats.unsupported++
-        return this.finish(batch, i, BLK_STATUS.UNSUPP, 0)
+  protected override failRequest(ticket: number): void {
+    this.stats.ioErrors++
+    this.completions.complete(ticket, 1, BLK_STATUS.IOERR)
+  }
+
+  protected override onReset(): void {
+    // Every request the backend still holds was completed or fenced by the reset: tell the backend.
+    for (let k = 0; k < this.#pending.length; k++) {
+      const p = this.#pending[k]
+      if (!p) continue
+      this.#forget(k)
+      p.io?.abort('the driver reset the device')
     }
   }
 
-  private transfer(batch: RequestBatch, i: number, sector: number, length: number, write: boolean): void {
+  protected handleRequest(batch: RequestBatch, i: number): void {
+    const ticket = batch.ticket(i)
+    const readable = batch.readableBytes(i)
+    const writable = batch.writableBytes(i)
+    if (writable === 0) {
+      // No status byte to answer in: nothing meaningful can be said.
+      this.stats.malformed++
+      return batch.complete(ticket, 0)
+    }
+    if (batch.headLength(i) < HEADER_BYTES) {
+      this.stats.malformed++
+      return this.#finish(ticket, BLK_STATUS.IOERR, 0)
+    }
+    const view = batch.view
+    const h = batch.headOffset(i)
+    const type = view.getUint32(h, true)
+    const sector = view.getUint32(h + 8, true) + view.getUint32(h + 12, true) * 0x1_0000_0000
+    const dataIn = writable - 1
+    const dataOut = readable - HEADER_BYTES
+    switch (type) {
+      case REQ.IN:
+        this.stats.reads++
+        return this.#transfer(batch, ticket, sector, dataIn, false)
+      case REQ.OUT:
+        this.stats.writes++
+        return this.#transfer(batch, ticket, sector, dataOut, true)
+      case REQ.FLUSH:
+        this.stats.flushes++
+        if (this.#nativeFd !== undefined && batch.nativeIo)
+          return batch.submitIo(ticket, this.#nativeFd, FILE_IO_FLUSH, 0, 0)
+        if (!this.backend.flush) return this.#finish(ticket, BLK_STATUS.OK, 0)
+        return this.#run(ticket, () => this.backend.flush!(), 0, undefined)
+      case REQ.GET_ID: {
+        this.stats.getIds++
+        const n = Math.min(ID_BYTES, dataIn)
+        batch.write(ticket, 0, this.#serial, 0, n)
+        return this.#finish(ticket, BLK_STATUS.OK, n)
+      }
+      case REQ.DISCARD:
+      case REQ.WRITE_ZEROES:
+        return this.#ranges(batch, ticket, type, dataOut)
+      default:
+        this.stats.unsupported++
+        return this.#finish(ticket, BLK_STATUS.UNSUPP, 0)
+    }
+  }
+
+  #transfer(batch: RequestBatch, ticket: number, sector: number, length: number, write: boolean): void {
     const offset = sector * SECTOR
     if (
       (write && this.readOnly) ||
       length < 0 ||
       length % SECTOR !== 0 ||
       !Number.isSafeInteger(offset) ||
-      offset + length > this.bytes
+      offset + length > this.#bytes
     ) {
-      return this.finish(batch, i, BLK_STATUS.IOERR, 0)
+      return this.#finish(ticket, BLK_STATUS.IOERR, 0)
     }
-    if (this.nativeFd !== undefined && batch.nativeIo) {
+    if (this.#nativeFd !== undefined && batch.nativeIo) {
       // Native threads move the data and answer the request; JavaScript never touches the bytes.
-      return batch.fileIo(
-        i,
-        this.nativeFd,
+      return batch.submitIo(
+        ticket,
+        this.#nativeFd,
         write ? FILE_IO_WRITE : FILE_IO_READ,
         offset,
         write ? HEADER_BYTES : 0,
       )
     }
-    const r = batch.readable(i)
-    const io = this.pool.pop() ?? new Io()
-    if (write) io.load(batch, i, 0, r, HEADER_BYTES, 0, offset)
-    else io.load(batch, i, r, batch.pieces(i), 0, 1, offset)
-    this.run(batch, i, () => (write ? this.backend.write(io) : this.backend.read(io)), write ? 0 : length, io)
+    const io = (this.#pool.pop() ?? new Io(this.source)).start(
+      ticket,
+      offset,
+      length,
+      write,
+      write ? HEADER_BYTES : 0,
+    )
+    this.#run(ticket, () => (write ? this.backend.write(io) : this.backend.read(io)), write ? 0 : length, io)
   }
 
-  private getId(batch: RequestBatch, i: number, room: number): void {
-    const r = batch.readable(i)
-    const n = Math.min(ID_BYTES, room)
-    let copied = 0
-    for (let k = r; k < batch.pieces(i) && copied < n; k++) {
-      const take = Math.min(batch.length(i, k), n - copied)
-      this.serial.copy(batch.buffer(i, k), batch.offset(i, k), copied, copied + take)
-      copied += take
-    }
-    this.finish(batch, i, BLK_STATUS.OK, n)
-  }
-
-  private ranges(batch: RequestBatch, i: number, type: number, dataOut: number): void {
+  #ranges(batch: RequestBatch, ticket: number, type: number, dataOut: number): void {
     const discard = type === REQ.DISCARD
     if (discard) this.stats.discards++
     else this.stats.writeZeroes++
     const op = discard ? this.backend.discard : this.backend.writeZeroes
     if (!op) {
       this.stats.unsupported++
-      return this.finish(batch, i, BLK_STATUS.UNSUPP, 0)
+      return this.#finish(ticket, BLK_STATUS.UNSUPP, 0)
     }
     const count = dataOut / RANGE_BYTES
     if (this.readOnly || !Number.isInteger(count) || count < 1 || count > MAX_RANGES) {
-      return this.finish(batch, i, BLK_STATUS.IOERR, 0)
+      return this.#finish(ticket, BLK_STATUS.IOERR, 0)
     }
     const list: Array<[number, number, boolean]> = []
     for (let k = 0; k < count; k++) {
-      batch.readInto(i, HEADER_BYTES + k * RANGE_BYTES, this.range)
-      const sector = this.range.readUInt32LE(0) + this.range.readUInt32LE(4) * 0x1_0000_0000
-      const sectors = this.range.readUInt32LE(8)
-      const flags = this.range.readUInt32LE(12)
+      batch.read(ticket, HEADER_BYTES + k * RANGE_BYTES, this.#range)
+      const sector = this.#range.readUInt32LE(0) + this.#range.readUInt32LE(4) * 0x1_0000_0000
+      const sectors = this.#range.readUInt32LE(8)
+      const flags = this.#range.readUInt32LE(12)
       const unmap = (flags & 1) === 1
       // Unknown flags, or unmap on a discard, are not ours to interpret (spec 5.2.6.2).
       if ((flags & ~1) !== 0 || (discard && unmap)) {
         this.stats.unsupported++
-        return this.finish(batch, i, BLK_STATUS.UNSUPP, 0)
+        return this.#finish(ticket, BLK_STATUS.UNSUPP, 0)
       }
       const offset = sector * SECTOR
       const length = sectors * SECTOR
-      if (sectors > MAX_RANGE_SECTORS || !Number.isSafeInteger(offset) || offset + length > this.bytes) {
-        return this.finish(batch, i, BLK_STATUS.IOERR, 0)
+      if (sectors > MAX_RANGE_SECTORS || !Number.isSafeInteger(offset) || offset + length > this.#bytes) {
+        return this.#finish(ticket, BLK_STATUS.IOERR, 0)
       }
       list.push([offset, length, unmap])
     }
     const backend = this.backend
-    this.run(
-      batch,
-      i,
+    this.#run(
+      ticket,
       async () => {
         for (const [offset, length, unmap] of list) {
           if (discard) await backend.discard!(offset, length)
@@ -434,78 +457,82 @@ export class BlockDevice extends VirtioDevice {
   }
 
   /** Runs a backend call; answers now if it returned, or when its promise settles. */
-  private run(
-    batch: RequestBatch,
-    i: number,
-    call: () => unknown,
-    dataBytes: number,
-    io: Io | undefined,
-  ): void {
+  #run(ticket: number, call: () => unknown, dataBytes: number, io: Io | undefined): void {
     let result: unknown
     try {
       result = call()
     } catch (err) {
-      this.backendFailed(err)
-      if (io) this.pool.push(io)
-      return this.finish(batch, i, BLK_STATUS.IOERR, 0)
+      this.#backendFailed(err)
+      this.#recycle(io)
+      return this.#finish(ticket, BLK_STATUS.IOERR, 0)
     }
     if (!isPromise(result)) {
-      if (io) this.pool.push(io)
-      return this.finish(batch, i, BLK_STATUS.OK, dataBytes)
+      const ok = io === undefined || io.finishRead()
+      this.#recycle(io)
+      return this.#finish(ticket, ok ? BLK_STATUS.OK : BLK_STATUS.IOERR, ok ? dataBytes : 0)
     }
-    const slot = batch.slot(i)
-    const k = batch.pieces(i) - 1
     const record: Pending = {
-      batch,
-      statusBuffer: batch.buffer(i, k),
-      statusOffset: batch.offset(i, k) + batch.length(i, k) - 1,
-      used: dataBytes + 1,
-      deadline: this.timeoutMs > 0 ? Date.now() + this.timeoutMs : Infinity,
+      ticket,
+      used: dataBytes,
+      deadline: this.#timeoutMs > 0 ? Date.now() + this.#timeoutMs : Infinity,
       io,
     }
-    this.pending.set(slot, record)
+    const slot = ticketSlot(ticket)
+    this.#pending[slot] = record
+    // A request waiting for its deadline is work in progress: the sweeper keeps the loop alive meanwhile.
+    if (this.#pendingCount++ === 0) this.#sweeper?.ref()
     result.then(
-      () => this.settle(slot, record, BLK_STATUS.OK),
+      () => this.#settle(slot, record, BLK_STATUS.OK),
       (err: unknown) => {
-        this.backendFailed(err)
-        this.settle(slot, record, BLK_STATUS.IOERR)
+        this.#backendFailed(err)
+        this.#settle(slot, record, BLK_STATUS.IOERR)
       },
     )
   }
 
-  private settle(slot: number, record: Pending, status: number): void {
-    if (this.pending.get(slot) !== record) return // timed out and answered already
-    this.pending.delete(slot)
-    record.statusBuffer[record.statusOffset] = status
-    if (status !== BLK_STATUS.OK) this.stats.ioErrors++
-    record.batch.completeSlot(slot, status === BLK_STATUS.OK ? record.used : 1)
-    if (record.io) this.pool.push(record.io)
+  #forget(slot: number): void {
+    this.#pending[slot] = undefined
+    if (--this.#pendingCount === 0) this.#sweeper?.unref()
   }
 
-  private expire(): void {
+  #settle(slot: number, record: Pending, status: number): void {
+    if (this.#pending[slot] !== record) return // timed out or fenced: answered already
+    this.#forget(slot)
+    let ok = status === BLK_STATUS.OK
+    if (ok && record.io) ok = record.io.finishRead()
+    this.#recycle(record.io)
+    this.#finish(record.ticket, ok ? BLK_STATUS.OK : BLK_STATUS.IOERR, ok ? record.used : 0)
+  }
+
+  #recycle(io: Io | undefined): void {
+    if (io?.poolable) this.#pool.push(io)
+  }
+
+  #expire(): void {
     const now = Date.now()
-    for (const [slot, record] of this.pending) {
-      if (record.deadline > now) continue
+    for (let slot = 0; slot < this.#pending.length; slot++) {
+      const record = this.#pending[slot]
+      if (!record || record.deadline > now) continue
+      this.#forget(slot)
       this.stats.timeouts++
-      // The Io is not recycled: the backend may still hold it.
+      // The ticket dies with this completion: whatever the backend does later cannot reach the driver's
+      // memory (copies through the ticket fail; its bounce buffer is the device's). The Io is not reused.
       record.io?.abort()
-      record.io = undefined
-      this.settle(slot, record, BLK_STATUS.IOERR)
+      this.#finish(record.ticket, BLK_STATUS.IOERR, 0)
       this.emit(
         'requestError',
-        new VduseError(`request timed out after ${this.timeoutMs} ms`, { code: 'ERR_VDUSE_TIMEOUT' }),
+        new VduseError(`request timed out after ${this.#timeoutMs} ms`, { code: 'ERR_VDUSE_TIMEOUT' }),
       )
     }
   }
 
-  private backendFailed(err: unknown): void {
+  #backendFailed(err: unknown): void {
     // Not 'error': a failed request is the backend's business and must not crash an unprepared process.
     this.emit('requestError', err instanceof Error ? err : new Error(String(err)))
   }
 
-  private finish(batch: RequestBatch, i: number, status: number, dataBytes: number): void {
-    if (status !== BLK_STATUS.OK) this.stats.ioErrors += status === BLK_STATUS.IOERR ? 1 : 0
-    batch.writeLastByte(i, status)
-    batch.complete(i, status === BLK_STATUS.OK ? dataBytes + 1 : 1)
+  #finish(ticket: number, status: number, dataBytes: number): void {
+    if (status === BLK_STATUS.IOERR) this.stats.ioErrors++
+    this.completions.complete(ticket, status === BLK_STATUS.OK ? dataBytes + 1 : 1, status)
   }
 }
