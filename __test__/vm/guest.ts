@@ -58,3 +58,28 @@ export async function exerciseBlockDevice(dev: string, size: number, tag: string
     (cd /tmp/mnt-${tag} && sha256sum -c --quiet /tmp/sums-${tag})
     umount /tmp/mnt-${tag}`)
 }
+
+/** QEMU 10's real clients (qemu-io over libblkio), unpacked by scripts/peers/fetch (cached by the host). */
+export async function peers(): Promise<{ qemuIo: string; qemuImg: string; qsd10: string; version: string }> {
+  const { stdout } = await execFileAsync('scripts/peers/fetch', [], { maxBuffer: 1 << 20 })
+  const kv = Object.fromEntries(
+    stdout
+      .split('\n')
+      .filter((l) => l.includes('='))
+      .map((l) => [l.slice(0, l.indexOf('=')), l.slice(l.indexOf('=') + 1)]),
+  )
+  return { qemuIo: kv.QEMU_IO!, qemuImg: kv.QEMU_IMG!, qsd10: kv.QSD10!, version: kv.QEMU_VERSION! }
+}
+
+/** Waits until `check()` is true, polling without blocking this thread. */
+export async function until(
+  what: string,
+  check: () => boolean | Promise<boolean>,
+  timeoutMs = 20_000,
+): Promise<void> {
+  const deadline = Date.now() + timeoutMs
+  while (!(await check())) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`)
+    await new Promise((r) => setTimeout(r, 20))
+  }
+}
