@@ -20,6 +20,11 @@ export declare class BindingDevice {
   /** Publishes the completions JavaScript wrote into `done` since the last flush. */
   flush(): void
   /**
+   * Whether request `ticket` is still in flight: false once it was completed or fenced (a reset, an
+   * IOTLB change).
+   */
+  isLive(ticket: number): boolean
+  /**
    * Hands block I/O to native threads: `ops` holds `[ticket, fd, kind (0 read, 1 write, 2 flush),
    * position, skip]` per request. Each completes its request itself, status byte included.
    */
@@ -42,6 +47,7 @@ export declare class BindingLoopback {
   read(ticket: number, offset: number, dst: Uint8Array, at: number, length: number): number
   write(ticket: number, offset: number, src: Uint8Array, at: number, length: number): number
   flush(): void
+  isLive(ticket: number): boolean
   /** Most requests in flight at once (the ring holds this many 3-buffer chains). */
   capacity(): number
   counters(): DeviceCounters

@@ -73,6 +73,7 @@ export class InProcessTransport implements Transport {
       read: (t, o, dst, at, n) => this.copy(t, o, dst, at, n, false),
       write: (t, o, src, at, n) => this.copy(t, o, src, at, n, true),
       flush: () => this.flush(),
+      isLive: (t) => this.live(t) !== undefined,
       updateConfig: (offset, data) => {
         data.copy(this.configSpace, offset)
         if (this.statusValue & STATUS.DRIVER_OK) this.configInterrupts++

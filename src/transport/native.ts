@@ -17,6 +17,7 @@ export const vduseTransport: Transport = {
       read: (t, o, dst, at, n) => device.read(t, o, dst, at, n),
       write: (t, o, src, at, n) => device.write(t, o, src, at, n),
       flush: () => device.flush(),
+      isLive: (t) => device.isLive(t),
       submitIo: (ops, n) => device.submitIo(ops, n),
       updateConfig: (offset, data) => native(() => device.updateConfig(offset, data)),
       status: () => device.status(),

@@ -29,6 +29,8 @@ export interface RequestSource {
   write(ticket: number, offset: number, src: Uint8Array, at: number, length: number): number
   /** Publishes the completions the arrays' `done` holds (count in `ctl[0]`). */
   flush(): void
+  /** Whether request `ticket` is still in flight: false once it was completed or fenced. */
+  isLive(ticket: number): boolean
   /** Native block I/O, where available: `[ticket, fd, kind, position, skip]` per request. */
   submitIo?(ops: Float64Array, count: number): void
   updateConfig(offset: number, data: Buffer): void

@@ -161,8 +161,17 @@ export abstract class VirtioDevice extends EventEmitter<VirtioDeviceEvents> impl
   /** Requests the model has taken but not completed yet. */
   protected abstract inFlight(): number
 
-  /** The driver reset the device: requests the model still holds are dead (completions are dropped). */
-  protected onReset(): void {}
+  /**
+   * Requests the model holds may have been fenced (a driver reset, or memory unmapped under them): their
+   * tickets are dead — `isLive(ticket)` tells — and their completions will be dropped. Models drop what
+   * they keep for dead tickets and tell their backends.
+   */
+  protected onFenced(): void {}
+
+  /** Whether a request is still in flight (false once completed or fenced). */
+  protected isLive(ticket: number): boolean {
+    return this.source.isLive(ticket)
+  }
 
   /** Lets the model finish: flush the backend, release resources. Called once by `close()`. */
   protected abstract shutdown(): Promise<void>
@@ -171,17 +180,35 @@ export abstract class VirtioDevice extends EventEmitter<VirtioDeviceEvents> impl
     const batch = this.batch
     batch.count = count
     this.completions.inBatch = true
-    for (let i = 0; i < count; i++) {
-      try {
-        this.handleRequest(batch, i)
-      } catch (err) {
-        // The request is answered with an error (a second completion of it would be dropped).
-        this.failRequest(batch.ticket(i))
-        this.emit('requestError', asError(err))
+    try {
+      for (let i = 0; i < count; i++) {
+        try {
+          this.handleRequest(batch, i)
+        } catch (err) {
+          this.#requestFailed(batch.ticket(i), err)
+        }
       }
+    } finally {
+      this.completions.inBatch = false
+      this.completions.flushIo()
     }
-    this.completions.inBatch = false
-    this.completions.flushIo()
+  }
+
+  /** A handler threw: the request is answered with an error (a second completion of it would be dropped). */
+  #requestFailed(ticket: number, err: unknown): void {
+    try {
+      this.failRequest(ticket)
+    } catch {
+      this.completions.complete(ticket, 0, -1)
+    }
+    try {
+      this.emit('requestError', asError(err))
+    } catch (listenerError) {
+      // A listener that throws is a bug like any throwing listener: surface it, after this batch is done.
+      queueMicrotask(() => {
+        throw listenerError
+      })
+    }
   }
 
   #onEvent(e: DeviceEvent): void {
@@ -215,7 +242,10 @@ export abstract class VirtioDevice extends EventEmitter<VirtioDeviceEvents> impl
       this.emit('ready', features)
     }
     if ((status === 0 && before !== 0) || (before & STATUS.DRIVER_OK && !(status & STATUS.DRIVER_OK))) {
-      this.onReset()
+      // The reset fenced what was still in the model before this event was sent; requests of a new
+      // session may already be in the model too (kicks and events travel separately): `onFenced` tells
+      // them apart by ticket.
+      this.onFenced()
       this.emit('reset')
     }
   }

@@ -913,10 +913,10 @@ impl Shared {
         self.features.store(features, Ordering::Release);
         let event_idx = features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
         self.memory.invalidate();
-        let map = self
-            .memory
-            .snapshot()
+        self.memory
+            .reload()
             .map_err(|e| Error::sys("ioctl(VDUSE_IOTLB_GET_FD)", e))?;
+        let map = self.memory.peek();
         let kernel = Kernel {
             dev: self.dev.clone(),
         };
@@ -944,12 +944,13 @@ impl Shared {
                     .map(|id| u32::from_le(id) as u16)
             });
             let in_flight = log.in_flight();
+            let next_avail = log.next_avail();
             log::info!(
-                "queue {}: taking over with {} request(s) in flight (used index {used})",
+                "queue {}: taking over with {} request(s) in flight (used index {used}, next avail {next_avail})",
                 q.index,
                 in_flight.len()
             );
-            q.arm_resumed(used, in_flight);
+            q.arm_resumed(next_avail, in_flight);
         }
         drop(map);
         self.register_kicks()?;
@@ -996,15 +997,22 @@ impl Shared {
     }
 
     /// `VDUSE_UPDATE_IOTLB`: the driver changed its memory map. Entries that stayed the same keep their
-    /// mappings and their requests; requests using removed memory are drained (bounded) or fenced.
+    /// mappings and their requests; requests using removed memory are drained (bounded) or fenced, and
+    /// that memory is revoked. Queues publish through a fresh map from now on.
     fn iotlb_changed(&self) {
         let started = Instant::now();
+        let deadline = started + self.drain_timeout;
         self.memory.invalidate();
         let keys: Vec<EntryKey> = match enumerate(self.dev.as_ref()) {
             Ok(entries) => entries.into_iter().map(|(k, _file)| k).collect(),
             Err(e) => {
-                log::error!("device {:?}: cannot read the IOTLB: {e}", self.name);
-                Vec::new()
+                // Without the new list nothing can be revoked safely; the queues reload before their next
+                // use (and keep the old map if that fails too).
+                log::error!(
+                    "device {:?}: cannot read the IOTLB after an update: {e}",
+                    self.name
+                );
+                return;
             }
         };
         let removed: Vec<(EntryKey, Arc<Mapping>)> = self.memory.peek().mappings_not_in(&keys);
@@ -1016,7 +1024,6 @@ impl Shared {
                 .iter()
                 .any(|s| removed.iter().any(|(k, _)| k.overlaps(s.addr, u64::from(s.len))))
         };
-        let deadline = started + self.drain_timeout;
         let busy = self.queues.iter().map(|q| q.count_where(affected)).sum::<usize>();
         if busy > 0 {
             self.inflight.wait_until(deadline, || {
@@ -1029,6 +1036,17 @@ impl Shared {
             let (n, m) = q.fence_where(affected);
             fenced += n;
             maps.extend(m);
+        }
+        // A publish that took the old map before the invalidation finishes under the queue lock; every
+        // later one checks the map under that lock and reloads. After this, nothing writes through the
+        // mappings about to be revoked.
+        for q in &self.queues {
+            if !q.barrier(deadline.max(Instant::now() + Duration::from_millis(100))) {
+                log::warn!(
+                    "queue {}: busy past the drain deadline during an IOTLB update",
+                    q.index
+                );
+            }
         }
         let revoked = self.janitor.revoke(
             removed.into_iter().map(|(_, m)| m).collect(),

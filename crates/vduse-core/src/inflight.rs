@@ -5,13 +5,13 @@
 //! The file is mmapped and updated on the data path with plain atomic stores (no syscall per request), in
 //! an order that leaves it consistent after a crash at any instruction:
 //!
-//! - pop: `entry[head] = ++counter` (non-zero = in flight; the counter orders resubmission);
+//! - pop: `entry[head] = ++counter` (non-zero = in flight; the counter orders resubmission), then
+//!   `next_avail`. A crash between the two leaves the head both in flight and at `next_avail` in the avail
+//!   ring; the new server resubmits it and refuses the second sighting as a duplicate head.
+//! - refuse: `next_avail` first, then the used element (a crash between loses only a malformed chain);
 //! - publish: the used element and the used index go to guest memory first, then `entry[head] = 0`, then
 //!   `used_idx`. A crash between the two leaves `used_idx` behind the ring's; [`QueueLog::repair`] clears
 //!   the entries of the heads published in between, read back from the used ring.
-//!
-//! After repair, the in-flight set is exact and `next_avail = used_idx + in-flight count` (every popped
-//! request is either in flight or in the used ring: refused chains are published at once).
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 const MAGIC: &[u8; 8] = b"VDUSEST1";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 const HEADER: usize = 4096;
 const CONFIG_AREA: usize = 4096;
 const QUEUE_HEADER: usize = 64;
@@ -329,15 +329,13 @@ pub struct QueueLog {
 
 mod qoff {
     pub const USED_IDX: usize = 0;
+    pub const NEXT_AVAIL: usize = 4;
     pub const COUNTER: usize = 8;
 }
 
 impl QueueLog {
     fn entry(&self, head: u16) -> Option<&AtomicU64> {
-        (head < self.size).then(|| {
-            self.file
-                .u64_at(self.base + super::inflight::QUEUE_HEADER + 8 * usize::from(head))
-        })
+        (head < self.size).then(|| self.file.u64_at(self.base + QUEUE_HEADER + 8 * usize::from(head)))
     }
 
     /// Request `head` was popped: it is in flight from now on.
@@ -370,12 +368,26 @@ impl QueueLog {
             .load(Ordering::Acquire) as u16
     }
 
+    /// The avail index up to which the device has taken requests.
+    pub fn set_next_avail(&self, idx: u16) {
+        self.file
+            .u32_at(self.base + qoff::NEXT_AVAIL)
+            .store(u32::from(idx), Ordering::Release);
+    }
+
+    pub fn next_avail(&self) -> u16 {
+        self.file
+            .u32_at(self.base + qoff::NEXT_AVAIL)
+            .load(Ordering::Acquire) as u16
+    }
+
     /// Forgets every request (the driver reset the queue).
     pub fn clear(&self) {
         for head in 0..self.size {
             self.end(head);
         }
         self.set_used_idx(0);
+        self.set_next_avail(0);
     }
 
     /// Fixes up a crash between publishing and logging: heads published after the log's `used_idx` (up to

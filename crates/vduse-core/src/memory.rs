@@ -268,7 +268,9 @@ impl Mapping {
             )
         };
         if addr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
+            let err = std::io::Error::last_os_error();
+            self.revoked.store(false, Ordering::Release);
+            return Err(err);
         }
         Ok(())
     }
@@ -534,11 +536,18 @@ fn next_epoch() -> u64 {
 }
 
 /// The current map of a device, replaced as a whole.
+///
+/// Staleness is a generation: [`invalidate`](Memory::invalidate) bumps `wanted`, a reload records the
+/// generation it loaded for. A thread that finds the map stale waits for the reload in progress (or does
+/// one), so nobody gets an older map from a reload that raced them; [`is_current`](Memory::is_current)
+/// lets holders of a map check, under their own lock, that no change happened since they took it.
 pub struct Memory {
     current: RwLock<Arc<IotlbMap>>,
-    /// The kernel's IOTLB changed (or may have): reload before the next use.
-    stale: AtomicBool,
-    /// One reload at a time; the others then find the map fresh.
+    /// Bumped by every change of the kernel's IOTLB (or reset).
+    wanted: AtomicU64,
+    /// The generation `current` was loaded for.
+    loaded: AtomicU64,
+    /// One reload at a time. Held across mmap: never taken by the message loop.
     reloading: Mutex<()>,
     source: Arc<dyn IotlbSource>,
     reloads: AtomicU64,
@@ -548,7 +557,8 @@ impl Memory {
     pub fn new(source: Arc<dyn IotlbSource>) -> Self {
         Self {
             current: RwLock::new(Arc::new(IotlbMap::empty())),
-            stale: AtomicBool::new(false),
+            wanted: AtomicU64::new(0),
+            loaded: AtomicU64::new(0),
             reloading: Mutex::new(()),
             source,
             reloads: AtomicU64::new(0),
@@ -566,13 +576,20 @@ impl Memory {
         self.source.as_ref()
     }
 
+    fn stale(&self) -> bool {
+        self.loaded.load(Ordering::Acquire) != self.wanted.load(Ordering::Acquire)
+    }
+
     /// The current map, reloaded first if the IOTLB changed since it was read. Serving threads call this;
-    /// the message loop uses [`peek`](Self::peek) (it must not mmap).
-    pub fn snapshot(&self) -> std::io::Result<Arc<IotlbMap>> {
-        if self.stale.load(Ordering::Acquire) {
-            self.reload()?;
+    /// the message loop uses [`peek`](Self::peek) (it must not mmap). If the reload fails (fd or memory
+    /// exhaustion), the old map is returned and the reload is tried again next time.
+    pub fn snapshot(&self) -> Arc<IotlbMap> {
+        if self.stale() {
+            if let Err(e) = self.reload() {
+                log::error!("cannot read the IOTLB ({e}); serving with the previous map");
+            }
         }
-        Ok(self.peek())
+        self.peek()
     }
 
     /// The current map as it is, without reloading.
@@ -580,48 +597,56 @@ impl Memory {
         self.current.read().clone()
     }
 
-    /// Marks the map stale: the next [`snapshot`](Self::snapshot) re-reads the IOTLB.
+    /// Whether `map` is the current map and no change happened since it was loaded. Check it under the
+    /// lock that the message loop takes before revoking (the queue lock).
+    pub fn is_current(&self, map: &Arc<IotlbMap>) -> bool {
+        !self.stale() && Arc::ptr_eq(&self.current.read(), map)
+    }
+
+    /// The kernel's IOTLB changed: the next [`snapshot`](Self::snapshot) re-reads it.
     pub fn invalidate(&self) {
-        self.stale.store(true, Ordering::Release);
+        self.wanted.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Replaces the map by an empty one (reset); returns the old one.
     pub fn clear(&self) -> Arc<IotlbMap> {
-        let old = std::mem::replace(&mut *self.current.write(), Arc::new(IotlbMap::empty()));
-        self.stale.store(true, Ordering::Release);
-        old
+        self.invalidate();
+        std::mem::replace(&mut *self.current.write(), Arc::new(IotlbMap::empty()))
     }
 
-    /// Re-reads the IOTLB now, keeping mappings of unchanged entries.
+    /// Re-reads the IOTLB now (if it changed since the last load), keeping mappings of unchanged entries.
     pub fn reload(&self) -> std::io::Result<()> {
         let _one = self.reloading.lock();
-        if !self.stale.swap(false, Ordering::AcqRel) {
+        let want = self.wanted.load(Ordering::Acquire);
+        if self.loaded.load(Ordering::Acquire) == want {
             return Ok(()); // someone else just did it
         }
         let previous = self.peek();
-        match IotlbMap::load(self.source.as_ref(), &previous) {
-            Ok(map) => {
-                self.reloads.fetch_add(1, Ordering::Relaxed);
-                *self.current.write() = Arc::new(map);
-                Ok(())
-            }
-            Err(e) => {
-                self.stale.store(true, Ordering::Release);
-                Err(e)
-            }
-        }
+        let map = IotlbMap::load(self.source.as_ref(), &previous)?;
+        self.reloads.fetch_add(1, Ordering::Relaxed);
+        *self.current.write() = Arc::new(map);
+        // A change that came in during the load bumped `wanted` past `want`: it stays stale.
+        self.loaded.store(want, Ordering::Release);
+        drop(previous);
+        Ok(())
     }
 
-    /// A buffer at `addr` fell outside the map. Asks the kernel whether an entry covers it now (the bounce
-    /// region of virtio-vdpa appears with the first I/O): if so the map is reloaded and true returned. One
-    /// ioctl per call, so a driver that sends bad addresses cannot make the device reload the map for each.
-    pub fn miss(&self, addr: u64) -> bool {
+    /// A buffer at `addr` fell outside `map`. Returns true if the caller should retry with a fresh
+    /// snapshot: the current map covers `addr` (another thread reloaded), or the kernel has an entry for
+    /// it that was not loaded yet (virtio-vdpa's bounce region appears with the first I/O) and the reload
+    /// found it. One ioctl at most per call, so a driver that sends bad addresses cannot make the device
+    /// reload the map for each.
+    pub fn miss(&self, map: &Arc<IotlbMap>, addr: u64) -> bool {
+        let current = self.snapshot();
+        if !Arc::ptr_eq(&current, map) && current.covers(addr) {
+            return true;
+        }
         match self.source.entry(addr, addr) {
             Ok(Some((entry, file))) => {
                 let Ok(key) = key_of(&entry, &file) else {
                     return false;
                 };
-                if self.peek().contains_key(&key) {
+                if current.contains_key(&key) {
                     return false;
                 }
                 self.invalidate();
@@ -648,7 +673,7 @@ pub struct Janitor {
 }
 
 enum Job {
-    Revoke(Vec<Arc<Mapping>>, std::sync::mpsc::Sender<()>),
+    Revoke(Vec<Arc<Mapping>>, std::sync::mpsc::Sender<bool>),
     Drop(Box<dyn Send>),
 }
 
@@ -661,13 +686,15 @@ impl Janitor {
                 for job in rx {
                     match job {
                         Job::Revoke(mappings, done) => {
+                            let mut ok = true;
                             for m in &mappings {
                                 if let Err(e) = m.revoke() {
+                                    ok = false;
                                     log::error!("cannot revoke a mapping of {} bytes: {e}", m.len());
                                 }
                             }
                             drop(mappings);
-                            let _ = done.send(());
+                            let _ = done.send(ok);
                         }
                         Job::Drop(thing) => drop(thing),
                     }
@@ -679,7 +706,8 @@ impl Janitor {
         })
     }
 
-    /// Revokes `mappings` and waits up to `timeout`; false if it did not finish in time (it still will).
+    /// Revokes `mappings` and waits up to `timeout`; false if it did not finish in time (it still will) or
+    /// a revocation failed.
     pub fn revoke(&self, mappings: Vec<Arc<Mapping>>, timeout: std::time::Duration) -> bool {
         if mappings.is_empty() {
             return true;
@@ -689,7 +717,7 @@ impl Janitor {
         if tx.send(Job::Revoke(mappings, done_tx)).is_err() {
             return false;
         }
-        done_rx.recv_timeout(timeout).is_ok()
+        done_rx.recv_timeout(timeout).unwrap_or(false)
     }
 
     /// Drops `thing` (typically the last reference to an old map) off the caller's thread.
@@ -804,7 +832,7 @@ mod tests {
     #[test]
     fn memory_swaps_snapshots_without_invalidating_readers() {
         let memory = Memory::fixed(map(&[(0, 0x1000, uapi::VDUSE_ACCESS_RW)]));
-        let old = memory.snapshot().unwrap();
+        let old = memory.snapshot();
         let cleared = memory.clear();
         assert_eq!(old.regions(), 1, "a reader keeps the map it started with");
         assert_eq!(cleared.regions(), 1);

@@ -263,6 +263,8 @@ impl RequestBatch {
 #[derive(Default)]
 struct Slot {
     live: bool,
+    /// Native I/O owns the request (its buffers are being transferred): only that I/O may complete it.
+    native: bool,
     gen: u32,
     head: u16,
     shape: Shape,
@@ -295,7 +297,7 @@ struct Ring {
     resubmit: std::collections::VecDeque<u16>,
     /// Avail index to resume from, when taking over a running queue.
     resume_avail: Option<u16>,
-    /// A pop round stopped for want of a free slot: wake the server at the next completion.
+    /// A pop round stopped for want of a free slot: wake the server when one is freed.
     full: bool,
 }
 
@@ -309,14 +311,26 @@ enum Taken {
     Missed(u64),
 }
 
+/// Why a pop round must start over outside the lock.
+enum Again {
+    /// The IOTLB changed since the caller's snapshot.
+    Stale,
+    /// A buffer at this address is outside the snapshot.
+    Miss(u64),
+}
+
 /// Outcome of a completion.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Completion {
     /// The request went into the used ring.
     Done,
-    /// The ticket was not in flight (fenced, or completed already): nothing happened.
+    /// The ticket was not in flight (fenced, or completed already), or belongs to native I/O: nothing
+    /// happened.
     Stale,
 }
+
+/// How many times a publish retries for a map that keeps changing before using what it has.
+const FRESH_MAP_TRIES: usize = 4;
 
 /// A virtqueue shared by whoever serves it (a worker thread or the JavaScript thread), whoever completes
 /// its requests (any thread), and the message loop (which arms, fences and stops it).
@@ -372,8 +386,8 @@ impl Virtqueue {
         })
     }
 
-    /// The eventfd that wakes whoever serves this queue (its kick fd): written when a completion frees a
-    /// slot after a round stopped with [`Pop::Full`].
+    /// The eventfd that wakes whoever serves this queue (its kick fd): written when a slot is freed after
+    /// a round stopped with [`Pop::Full`].
     pub fn set_waker(&self, waker: Arc<vmm_sys_util::eventfd::EventFd>) {
         *self.waker.lock() = Some(waker);
     }
@@ -402,11 +416,12 @@ impl Virtqueue {
     }
 
     /// Like [`arm`](Self::arm), for a queue a previous server was serving: `in_flight` heads (in pop order)
-    /// are served again first, then the avail ring from `used_idx + in_flight.len()`.
-    pub fn arm_resumed(&self, used_idx: u16, in_flight: Vec<u16>) {
+    /// are served again first, then the avail ring from `next_avail`. A head the dead server had logged
+    /// but not yet counted in `next_avail` shows up again there and is refused as a duplicate.
+    pub fn arm_resumed(&self, next_avail: u16, in_flight: Vec<u16>) {
         let mut r = self.ring.lock();
         r.state = State::Armed;
-        r.resume_avail = Some(used_idx.wrapping_add(in_flight.len() as u16));
+        r.resume_avail = Some(next_avail);
         r.resubmit = in_flight.into();
     }
 
@@ -416,6 +431,12 @@ impl Virtqueue {
         if r.state != State::Off {
             r.state = State::Quiesced;
         }
+    }
+
+    /// Waits until no publish that may have used an older map is in progress (the message loop calls it
+    /// after invalidating the map and before revoking mappings). `false` if the lock was not free in time.
+    pub fn barrier(&self, deadline: Instant) -> bool {
+        self.ring.try_lock_until(deadline).is_some()
     }
 
     /// Requests in flight on this queue.
@@ -442,6 +463,7 @@ impl Virtqueue {
         r.resubmit.clear();
         r.resume_avail = None;
         r.need_notify = false;
+        r.full = false;
         drop(r);
         if let Some(log) = &self.log {
             log.clear();
@@ -452,7 +474,14 @@ impl Virtqueue {
     /// Fences the requests `affected` selects (their buffers are going away) and returns how many.
     pub fn fence_where(&self, affected: impl Fn(&[Segment]) -> bool) -> (usize, Vec<Arc<IotlbMap>>) {
         let mut r = self.ring.lock();
-        self.fence_locked(&mut r, |s| affected(&s.segments))
+        let (n, maps) = self.fence_locked(&mut r, |s| affected(&s.segments));
+        // Freed slots: a round that stopped on a full ring can go on.
+        let wake = n > 0 && std::mem::take(&mut r.full);
+        drop(r);
+        if wake {
+            self.wake();
+        }
+        (n, maps)
     }
 
     /// How many in-flight requests `affected` selects.
@@ -475,6 +504,7 @@ impl Virtqueue {
                 continue;
             }
             s.live = false;
+            s.native = false;
             s.gen = s.gen.wrapping_add(1) & Ticket::GEN_MASK;
             if let Some(hs) = head_slot.get_mut(usize::from(s.head)) {
                 *hs = 0;
@@ -491,13 +521,12 @@ impl Virtqueue {
             n += 1;
         }
         r.live -= n;
-        drop(pick);
         self.stats.fenced.fetch_add(n as u64, Ordering::Relaxed);
         self.inflight.sub(n);
         (n, maps)
     }
 
-    fn refuse(&self, r: &mut Ring, map: &IotlbMap, err: ChainError, head: u16) {
+    fn refuse(&self, r: &mut Ring, map: &IotlbMap, err: ChainError, head: u16, next_avail: u16) {
         self.stats.bad_chains[err.index()].fetch_add(1, Ordering::Relaxed);
         if !self.logged[err.index()].swap(true, Ordering::Relaxed) {
             log::warn!(
@@ -506,7 +535,15 @@ impl Virtqueue {
                 err.as_str()
             );
         }
-        self.publish_locked(r, map, head, 0);
+        // The log counts the chain as taken before it is answered: a crash in between loses only it.
+        if let Some(log) = &self.log {
+            log.set_next_avail(next_avail);
+        }
+        if self.publish_locked(r, map, head, 0) {
+            if let (Some(log), Some(q)) = (&self.log, r.queue.as_ref()) {
+                log.set_used_idx(q.next_used());
+            }
+        }
     }
 
     fn break_ring(&self, r: &mut Ring, why: &str) {
@@ -548,16 +585,19 @@ impl Virtqueue {
             self.break_ring(r, "the rings lie outside memory the device may access");
             return false;
         }
-        let Ok(used) = queue.used_idx(map, Ordering::Acquire) else {
-            return false;
+        let used = match queue.used_idx(map, Ordering::Acquire) {
+            Ok(u) => u.0,
+            Err(e) => {
+                self.break_ring(r, &format!("the used ring is unreadable ({e})"));
+                return false;
+            }
         };
-        queue.set_next_used(used.0);
-        match r.resume_avail.take() {
-            Some(avail) => queue.set_next_avail(avail),
-            None => queue.set_next_avail(info.avail_idx),
-        }
+        queue.set_next_used(used);
+        let next_avail = r.resume_avail.take().unwrap_or(info.avail_idx);
+        queue.set_next_avail(next_avail);
         if let Some(log) = &self.log {
-            log.set_used_idx(used.0);
+            log.set_used_idx(used);
+            log.set_next_avail(next_avail);
         }
         // Slots are never dropped or recreated: their generations must keep counting across resets, or a
         // ticket fenced by a reset could complete a new request in the same slot.
@@ -578,24 +618,23 @@ impl Virtqueue {
     /// whether the IOTLB grew. Returns whether to call again without waiting for a kick.
     pub fn pop(&self, budget: Budget, batch: &mut RequestBatch) -> Pop {
         let mut missed_once = false;
+        let mut tries = 0;
         loop {
-            let map = match self.memory.snapshot() {
-                Ok(m) => m,
-                Err(e) => {
-                    log::error!("queue {}: cannot read the IOTLB: {e}", self.index);
-                    batch.clear(Arc::new(IotlbMap::empty()));
-                    return Pop::Idle;
-                }
-            };
+            let map = self.memory.snapshot();
             batch.clear(map.clone());
-            match self.pop_locked(&map, budget, batch, missed_once) {
+            // After a few changes under our feet, go on with the last map: it is at most one update old,
+            // and the next kick retries.
+            let strict = tries < FRESH_MAP_TRIES;
+            tries += 1;
+            match self.pop_locked(&map, budget, batch, missed_once, strict) {
                 Ok(p) => return p,
-                Err(addr) => {
+                Err(Again::Stale) => continue,
+                Err(Again::Miss(addr)) => {
                     // Outside the lock: this may mmap, which must never happen while the message loop could
                     // be waiting for the queue lock.
                     missed_once = true;
-                    let grew = self.memory.miss(addr);
-                    log::debug!("queue {}: IOTLB miss at {addr:#x} (map grew: {grew})", self.index);
+                    let fresh = self.memory.miss(&map, addr);
+                    log::debug!("queue {}: IOTLB miss at {addr:#x} (retry: {fresh})", self.index);
                 }
             }
         }
@@ -607,8 +646,14 @@ impl Virtqueue {
         budget: Budget,
         batch: &mut RequestBatch,
         refuse_unmapped: bool,
-    ) -> Result<Pop, u64> {
+        strict: bool,
+    ) -> Result<Pop, Again> {
         let mut guard = self.ring.lock();
+        // The message loop changes the map before it revokes anything; it takes this lock in between, so
+        // a map found current here stays mapped while we hold it.
+        if strict && !self.memory.is_current(map) {
+            return Err(Again::Stale);
+        }
         let r = &mut *guard;
         if r.state == State::Armed && !self.activate(r, map) {
             return Ok(Pop::Idle);
@@ -632,10 +677,12 @@ impl Virtqueue {
                 break;
             }
             r.resubmit.pop_front();
-            let desc_table = r.queue.as_ref().map_or(0, |q| q.desc_table());
-            let size = r.queue.as_ref().map_or(0, |q| q.size());
+            let (desc_table, size, next) = r
+                .queue
+                .as_ref()
+                .map_or((0, 0, 0), |q| (q.desc_table(), q.size(), q.next_avail()));
             if let Taken::Refused(ChainError::Unmapped(addr)) =
-                self.take(r, map, desc_table, size, head, batch, true)
+                self.take(r, map, desc_table, size, head, batch, true, next)
             {
                 log::warn!(
                     "queue {}: a taken-over request points outside memory ({addr:#x})",
@@ -684,17 +731,25 @@ impl Virtqueue {
                         return Ok(Pop::Idle);
                     }
                 };
-                next = next.wrapping_add(1);
                 let before = batch.segments.len();
-                match self.take(r, map, desc_table, size, head, batch, refuse_unmapped) {
+                match self.take(
+                    r,
+                    map,
+                    desc_table,
+                    size,
+                    head,
+                    batch,
+                    refuse_unmapped,
+                    next.wrapping_add(1),
+                ) {
                     Taken::Yes => descriptors += batch.segments.len() - before + 1,
                     Taken::Missed(addr) => {
-                        next = next.wrapping_sub(1);
                         miss = Some(addr);
                         break;
                     }
                     Taken::Refused(_) => descriptors += 1,
                 }
+                next = next.wrapping_add(1);
             }
             if let Some(q) = r.queue.as_mut() {
                 q.set_next_avail(next);
@@ -710,7 +765,7 @@ impl Virtqueue {
             // Serve what was popped first: the caller retries after the miss.
             if popped == 0 {
                 drop(guard);
-                return Err(addr);
+                return Err(Again::Miss(addr));
             }
             return Ok(Pop::More);
         }
@@ -732,6 +787,7 @@ impl Virtqueue {
 
     /// Validates the chain at `head` and, if valid, gives it a slot and appends it to `batch`; otherwise
     /// refuses it — except an unmapped address when `refuse_unmapped` is false, which is left to the caller.
+    /// `next_avail`: the avail index once this chain is taken (for the log).
     #[allow(clippy::too_many_arguments)]
     fn take(
         &self,
@@ -742,6 +798,7 @@ impl Virtqueue {
         head: u16,
         batch: &mut RequestBatch,
         refuse_unmapped: bool,
+        next_avail: u16,
     ) -> Taken {
         if usize::from(head) < r.head_slot.len() && r.head_slot[usize::from(head)] != 0 {
             self.stats.duplicate_heads.fetch_add(1, Ordering::Relaxed);
@@ -752,6 +809,9 @@ impl Virtqueue {
                 );
             }
             // Not published: the head's first request still owns its used entry.
+            if let Some(log) = &self.log {
+                log.set_next_avail(next_avail);
+            }
             return Taken::Refused(ChainError::BadIndex);
         }
         let slot_id = *r.free.last().expect("a free slot");
@@ -762,6 +822,7 @@ impl Virtqueue {
                 r.free.pop();
                 let slot = &mut r.slots[usize::from(slot_id)];
                 slot.live = true;
+                slot.native = false;
                 slot.gen = slot.gen.wrapping_add(1) & Ticket::GEN_MASK;
                 slot.head = head;
                 slot.shape = shape;
@@ -775,28 +836,28 @@ impl Virtqueue {
                 self.inflight.add(1);
                 if let Some(log) = &self.log {
                     log.begin(head);
+                    log.set_next_avail(next_avail);
                 }
                 Taken::Yes
             }
             Err(ChainError::Unmapped(addr)) if !refuse_unmapped => Taken::Missed(addr),
             Err(e) => {
-                self.refuse(r, map, e, head);
+                self.refuse(r, map, e, head, next_avail);
                 Taken::Refused(e)
             }
         }
     }
 
-    fn publish_locked(&self, r: &mut Ring, map: &IotlbMap, head: u16, len: u32) {
-        let Some(q) = r.queue.as_mut() else { return };
+    /// Adds a used element (and publishes the used index). False if the used ring is out of reach.
+    fn publish_locked(&self, r: &mut Ring, map: &IotlbMap, head: u16, len: u32) -> bool {
+        let Some(q) = r.queue.as_mut() else { return false };
         if let Err(e) = q.add_used(map, head, len) {
             // The used ring went out of reach (the driver unmapped it): nothing can be reported any more.
             self.break_ring(r, &format!("cannot write the used ring ({e})"));
-            return;
+            return false;
         }
         r.need_notify = true;
-        if let Some(log) = &self.log {
-            log.set_used_idx(q.next_used());
-        }
+        true
     }
 
     fn notify_locked(&self, r: &mut Ring, map: &IotlbMap) -> bool {
@@ -812,6 +873,20 @@ impl Virtqueue {
         notify
     }
 
+    /// Locks the ring with a map that is current under the lock (see [`pop_locked`]); after a few changes
+    /// under our feet, with the last one.
+    fn lock_fresh(&self) -> (parking_lot::MutexGuard<'_, Ring>, Arc<IotlbMap>) {
+        let mut tries = 0;
+        loop {
+            let map = self.memory.snapshot();
+            let guard = self.ring.lock();
+            tries += 1;
+            if tries >= FRESH_MAP_TRIES || self.memory.is_current(&map) {
+                return (guard, map);
+            }
+        }
+    }
+
     /// Runs `f` on a request in flight (its buffers and the map they live in); `None` if the ticket is not
     /// in flight. `f` runs under the queue lock: keep it short and never block in it.
     pub fn with_request<T>(
@@ -821,7 +896,38 @@ impl Virtqueue {
     ) -> Option<T> {
         let r = self.ring.lock();
         let s = r.slots.get(usize::from(ticket.slot()))?;
-        if !s.live || s.gen != ticket.gen() {
+        if !s.live || s.gen != ticket.gen() || s.native {
+            return None;
+        }
+        Some(f(s.map.as_ref()?, s.shape, &s.segments))
+    }
+
+    /// Hands request `ticket` to native I/O: from now on only [`complete_native`](Self::complete_native)
+    /// completes it. Runs `f` on it like [`with_request`](Self::with_request).
+    pub fn start_native<T>(
+        &self,
+        ticket: Ticket,
+        f: impl FnOnce(&Arc<IotlbMap>, Shape, &[Segment]) -> T,
+    ) -> Option<T> {
+        let mut r = self.ring.lock();
+        let s = r.slots.get_mut(usize::from(ticket.slot()))?;
+        if !s.live || s.gen != ticket.gen() || s.native {
+            return None;
+        }
+        s.native = true;
+        Some(f(s.map.as_ref()?, s.shape, &s.segments))
+    }
+
+    /// Runs `f` on a request native I/O owns (see [`start_native`](Self::start_native)); `None` if it was
+    /// fenced meanwhile.
+    pub fn with_native<T>(
+        &self,
+        ticket: Ticket,
+        f: impl FnOnce(&Arc<IotlbMap>, Shape, &[Segment]) -> T,
+    ) -> Option<T> {
+        let r = self.ring.lock();
+        let s = r.slots.get(usize::from(ticket.slot()))?;
+        if !s.live || s.gen != ticket.gen() || !s.native {
             return None;
         }
         Some(f(s.map.as_ref()?, s.shape, &s.segments))
@@ -831,10 +937,18 @@ impl Virtqueue {
     /// writing `status` into its last writable byte first if given. Publishes it at once; the interrupt
     /// waits for [`notify`](Self::notify), so a caller completing many requests raises at most one.
     pub fn complete(&self, ticket: Ticket, used_len: u32, status: Option<u8>) -> Completion {
-        let map = self.memory.peek();
-        let mut r = self.ring.lock();
-        let done = self.complete_locked(&mut r, &map, ticket, used_len, status);
-        let wake = std::mem::take(&mut r.full) && done.is_ok();
+        self.complete_one(ticket, used_len, status, false)
+    }
+
+    /// [`complete`](Self::complete) for native I/O, which owns its requests once started.
+    pub fn complete_native(&self, ticket: Ticket, used_len: u32, status: Option<u8>) -> Completion {
+        self.complete_one(ticket, used_len, status, true)
+    }
+
+    fn complete_one(&self, ticket: Ticket, used_len: u32, status: Option<u8>, native: bool) -> Completion {
+        let (mut r, map) = self.lock_fresh();
+        let done = self.complete_locked(&mut r, &map, ticket, used_len, status, native);
+        let wake = done.is_ok() && std::mem::take(&mut r.full);
         drop(r);
         if wake {
             self.wake();
@@ -849,15 +963,15 @@ impl Virtqueue {
         }
     }
 
-    /// Completes several requests and raises at most one interrupt. Returns how many were in flight.
+    /// Completes several requests (none native-owned) and raises at most one interrupt. Returns how many
+    /// were in flight.
     pub fn complete_all(&self, done: impl IntoIterator<Item = (Ticket, u32, Option<u8>)>) -> usize {
-        let map = self.memory.peek();
         let mut keep: Option<Arc<IotlbMap>> = None;
         let mut others: Vec<Arc<IotlbMap>> = Vec::new();
         let mut n = 0;
-        let mut r = self.ring.lock();
+        let (mut r, map) = self.lock_fresh();
         for (ticket, len, status) in done {
-            if let Ok(old) = self.complete_locked(&mut r, &map, ticket, len, status) {
+            if let Ok(old) = self.complete_locked(&mut r, &map, ticket, len, status, false) {
                 n += 1;
                 // Old maps are released after the lock: the last reference unmaps.
                 match (&keep, old) {
@@ -886,12 +1000,12 @@ impl Virtqueue {
         ticket: Ticket,
         used_len: u32,
         status: Option<u8>,
+        native: bool,
     ) -> Result<Option<Arc<IotlbMap>>, ()> {
         let idx = usize::from(ticket.slot());
-        let live = r
-            .slots
-            .get(idx)
-            .is_some_and(|s| s.live && s.gen == ticket.gen() && ticket.queue() == self.index);
+        let live = r.slots.get(idx).is_some_and(|s| {
+            s.live && s.gen == ticket.gen() && s.native == native && ticket.queue() == self.index
+        });
         if !live {
             self.stats.stale_completions.fetch_add(1, Ordering::Relaxed);
             return Err(());
@@ -906,15 +1020,20 @@ impl Virtqueue {
         let len = used_len.min(slot.shape.writable_bytes);
         let head = slot.head;
         slot.live = false;
+        slot.native = false;
         slot.gen = slot.gen.wrapping_add(1) & Ticket::GEN_MASK;
         r.free.push(ticket.slot());
         if let Some(hs) = r.head_slot.get_mut(usize::from(head)) {
             *hs = 0;
         }
         r.live -= 1;
-        self.publish_locked(r, map, head, len);
+        // Crash-consistent order (see `inflight`): used ring, then the head's entry, then the used index.
+        let published = self.publish_locked(r, map, head, len);
         if let Some(log) = &self.log {
             log.end(head);
+            if let (true, Some(q)) = (published, r.queue.as_ref()) {
+                log.set_used_idx(q.next_used());
+            }
         }
         self.stats.completions.fetch_add(1, Ordering::Relaxed);
         self.inflight.sub(1);
@@ -923,8 +1042,7 @@ impl Virtqueue {
 
     /// Raises the interrupt owed for completions published since the last one (EVENT_IDX honoured).
     pub fn notify(&self) {
-        let map = self.memory.peek();
-        let mut r = self.ring.lock();
+        let (mut r, map) = self.lock_fresh();
         self.notify_locked(&mut r, &map);
     }
 

@@ -390,7 +390,7 @@ fn an_iotlb_miss_asks_the_kernel_once_and_uses_memory_that_appeared() {
     let memory = Arc::new(Memory::new(source.clone()));
     memory.invalidate();
     let rig = Rig::with_memory(memory.clone());
-    let map = memory.snapshot().unwrap();
+    let map = memory.snapshot();
     let rig = Rig { map, ..rig };
     let (mock, q) = rig.queue(16, false);
     // The data buffer is in memory the device has not mapped yet (a bounce region appearing).
@@ -449,7 +449,7 @@ fn revoked_memory_keeps_late_writers_away_from_the_drivers_pages() {
         .push((0, 0x20_0000, VDUSE_ACCESS_RW, driver_mem.clone()));
     let memory = Arc::new(Memory::new(source.clone()));
     memory.invalidate();
-    let device_map = memory.snapshot().unwrap();
+    let device_map = memory.snapshot();
     let rig = Rig::with_memory(memory.clone());
     let rig = Rig {
         map: device_map.clone(),
@@ -510,14 +510,14 @@ fn an_iotlb_reload_keeps_unchanged_mappings() {
         .push((0, 0x1000, VDUSE_ACCESS_RW, a.clone()));
     let memory = Memory::new(source.clone());
     memory.invalidate();
-    let first = memory.snapshot().unwrap();
+    let first = memory.snapshot();
     source
         .entries
         .lock()
         .unwrap()
         .push((0x10_0000, 0x1000, VDUSE_ACCESS_RO, memfd(0x1000)));
     memory.invalidate();
-    let second = memory.snapshot().unwrap();
+    let second = memory.snapshot();
     assert_eq!(second.regions(), 2);
     let kept = second.keys().next().unwrap();
     assert!(first.contains_key(&kept));
@@ -541,4 +541,110 @@ fn an_iotlb_reload_keeps_unchanged_mappings() {
     assert_eq!(removed[0].0.first, 0);
     let _ = IotlbMap::empty();
     let _ = VDUSE_ACCESS_RO;
+}
+
+#[test]
+fn fences_wake_a_full_ring_and_stale_completions_do_not_eat_the_wake() {
+    let rig = Rig::new();
+    let (mock, q) = rig.queue(16, false);
+    let waker = Arc::new(vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap());
+    q.set_waker(waker.clone());
+    let table: Vec<_> = (0..QSIZE)
+        .map(|h| (h, desc(0x14_0000 + 0x100 * u64::from(h), 8, W, 0)))
+        .collect();
+    offer(&mock, &table, &(0..QSIZE).collect::<Vec<_>>());
+    let t = pop_all(&q);
+    let mut batch = RequestBatch::default();
+    offer(&mock, &[], &[7]);
+    assert_eq!(q.pop(Budget::default(), &mut batch), Pop::Full);
+    // A late completion of an old ticket neither completes anything nor consumes the pending wake-up.
+    assert_eq!(q.complete(t[0], 0, None), Completion::Done);
+    assert_eq!(waker.read().unwrap(), 1);
+    assert_eq!(q.complete(t[0], 0, None), Completion::Stale);
+    assert_eq!(q.pop(Budget::default(), &mut batch), Pop::Idle);
+    // Fill it again, then fence everything: the server is woken to go on.
+    offer(&mock, &[], &[0]);
+    assert_eq!(pop_all(&q).len(), 1);
+    offer(&mock, &[], &[5]);
+    assert_eq!(
+        q.pop(Budget::default(), &mut batch),
+        Pop::Full,
+        "work waits, no free slot"
+    );
+    let (n, _) = q.fence_where(|_| true);
+    assert_eq!(n, usize::from(QSIZE));
+    assert_eq!(
+        waker.read().unwrap(),
+        1,
+        "fencing freed slots and woke the server"
+    );
+}
+
+#[test]
+fn requests_handed_to_native_io_complete_only_through_it() {
+    let rig = Rig::new();
+    let (mock, q) = rig.queue(16, false);
+    offer(&mock, &get_id(&rig, 0, 0x14_0000), &[0]);
+    let t = pop_all(&q)[0];
+    assert!(q.start_native(t, |_, shape, _| shape.writable_bytes).is_some());
+    assert!(q.start_native(t, |_, _, _| ()).is_none(), "started once");
+    assert!(
+        q.with_request(t, |_, _, _| ()).is_none(),
+        "its buffers are the native I/O's now"
+    );
+    assert_eq!(
+        q.complete(t, 21, Some(VIRTIO_BLK_S_OK)),
+        Completion::Stale,
+        "not by another path"
+    );
+    assert_eq!(q.complete_native(t, 21, Some(VIRTIO_BLK_S_OK)), Completion::Done);
+    q.notify();
+    assert_eq!(used(&mock, 0), vec![(0, 21)]);
+}
+
+#[test]
+fn the_state_file_follows_pops_completions_and_refusals() {
+    use vduse_core::inflight::{StateFile, StateInfo};
+    let dir = std::env::temp_dir().join(format!("vduse-q-{}", std::process::id()));
+    let state = StateFile::create(
+        &dir.join("q"),
+        &StateInfo {
+            device_id: 2,
+            num_queues: 1,
+            queue_size: QSIZE,
+            features: 0,
+            config: vec![],
+        },
+    )
+    .unwrap();
+    let rig = Rig::new();
+    let (mock, _) = rig.queue(16, false);
+    let q = vduse_core::Virtqueue::new(
+        0,
+        QSIZE,
+        16,
+        rig.memory.clone(),
+        rig.transport.clone(),
+        rig.inflight.clone(),
+        state.queue(0),
+    );
+    q.arm();
+    let mut table = get_id(&rig, 0, 0x14_0000);
+    table.extend(get_id(&rig, 3, 0x15_0000));
+    table.push((6, desc(0x7000_0000, 8, W, 0))); // refused: unmapped
+    table.extend(get_id(&rig, 8, 0x16_0000));
+    offer(&mock, &table, &[0, 3, 6, 8]);
+    let t = pop_all(&q);
+    assert_eq!(t.len(), 3);
+    let log = state.queue(0).unwrap();
+    assert_eq!(log.next_avail(), 4, "every chain taken, the refused one too");
+    assert_eq!(log.used_idx(), 1, "the refused chain is published");
+    assert_eq!(log.in_flight(), vec![0, 3, 8]);
+    assert_eq!(q.complete(t[1], 21, Some(VIRTIO_BLK_S_OK)), Completion::Done);
+    assert_eq!(log.in_flight(), vec![0, 8]);
+    assert_eq!(log.used_idx(), 2);
+    q.stop();
+    assert!(log.in_flight().is_empty(), "a reset forgets everything");
+    state.remove();
+    let _ = std::fs::remove_dir(&dir);
 }

@@ -14,7 +14,7 @@ use vduse_core::{
 
 use crate::error::{native, to_napi, Code, NativeError};
 use crate::native_io::{IoPool, Op};
-use crate::serve::{copy_in, copy_out, Arrays, JsServer};
+use crate::serve::{copy_in, copy_out, Arrays, JsServer, ServerHandle};
 
 /// What TypeScript tells the binding about a device.
 #[napi(object)]
@@ -171,7 +171,7 @@ pub fn counters(stats: DeviceStats, server: Option<&JsServer>, io: Option<&IoPoo
 /// Memory access and completions, shared by every binding class that serves queues from JavaScript.
 pub struct JsQueues {
     pub queues: Vec<Arc<Virtqueue>>,
-    pub server: Option<Box<JsServer>>,
+    pub server: Option<ServerHandle>,
 }
 
 impl JsQueues {
@@ -202,6 +202,12 @@ impl JsQueues {
         if let Some(s) = &self.server {
             s.flush();
         }
+    }
+
+    /// Whether request `ticket` is still in flight (not completed, not fenced).
+    pub fn is_live(&self, ticket: f64) -> bool {
+        self.queue(ticket)
+            .is_some_and(|(q, t)| q.with_request(t, |_, _, _| ()).is_some())
     }
 }
 
@@ -279,8 +285,8 @@ pub fn create_device(
     .map_err(to_napi)?;
     let queues = device.queues().to_vec();
     // SAFETY: `on_batch` is a function of this env; we are on the JS thread.
-    let mut server = unsafe {
-        JsServer::new(
+    let server = unsafe {
+        JsServer::start(
             env.raw(),
             queues.clone(),
             device.kick_fds().to_vec(),
@@ -288,7 +294,6 @@ pub fn create_device(
             on_batch.raw(),
         )
     }?;
-    server.start()?;
     let io = IoPool::new(init.io_threads.unwrap_or(4) as usize, queues.clone()).map_err(native)?;
     Ok(BindingDevice {
         device: Some(device),
@@ -349,6 +354,13 @@ impl BindingDevice {
     #[napi]
     pub fn flush(&self) {
         self.serving.flush();
+    }
+
+    /// Whether request `ticket` is still in flight: false once it was completed or fenced (a reset, an
+    /// IOTLB change).
+    #[napi]
+    pub fn is_live(&self, ticket: f64) -> bool {
+        self.serving.is_live(ticket)
     }
 
     /// Hands block I/O to native threads: `ops` holds `[ticket, fd, kind (0 read, 1 write, 2 flush),

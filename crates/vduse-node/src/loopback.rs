@@ -70,8 +70,8 @@ pub fn create_loopback(
         )
     }?;
     // SAFETY: as above.
-    let mut server = unsafe {
-        JsServer::new(
+    let server = unsafe {
+        JsServer::start(
             env.raw(),
             vec![lb.queue().clone()],
             vec![lb.kick_fd().clone()],
@@ -79,7 +79,6 @@ pub fn create_loopback(
             on_batch.raw(),
         )
     }?;
-    server.start()?;
     Ok(BindingLoopback {
         serving: JsQueues {
             queues: vec![lb.queue().clone()],
@@ -106,6 +105,11 @@ impl BindingLoopback {
     #[napi]
     pub fn flush(&self) {
         self.serving.flush();
+    }
+
+    #[napi]
+    pub fn is_live(&self, ticket: f64) -> bool {
+        self.serving.is_live(ticket)
     }
 
     /// Most requests in flight at once (the ring holds this many 3-buffer chains).
@@ -143,7 +147,8 @@ impl BindingLoopback {
     /// model call per batch, completions).
     #[napi]
     pub fn run_inline(&self, total: f64, batch: u32) -> LoopbackReport {
-        let Some(server) = self.serving.server.as_deref() else {
+        // The driver waits for completions this thread makes: refuse to run from inside the model.
+        let Some(server) = self.serving.server.as_deref().filter(|s| !s.is_serving()) else {
             return LoopbackReport {
                 requests: 0.0,
                 elapsed_ns: 0.0,
@@ -165,7 +170,8 @@ impl BindingLoopback {
     /// Stops serving.
     #[napi]
     pub fn close(&mut self) {
-        if let Some(s) = self.serving.server.take() {
+        // Not dropped here: `close` may be called from inside `onBatch`, while the server is serving.
+        if let Some(s) = &self.serving.server {
             s.close();
         }
     }

@@ -3,8 +3,10 @@
 //! (parses, validates, picks the file offset); this pool moves the bytes, writes the virtio-blk status
 //! byte and completes the request, raising one interrupt per queue per batch of operations.
 //!
-//! A request fenced meanwhile (reset, IOTLB change) is skipped if it has not started; if it has, its
-//! memory was revoked, so the transfer lands in memory the device owns and the completion is dropped.
+//! Once started, a request belongs to its I/O: nothing else can complete it. A request fenced meanwhile
+//! (reset, IOTLB change) is skipped if it has not started; if it has, its memory was revoked, so a
+//! buffered transfer lands in memory the device owns, and the completion is dropped. O_DIRECT transfers
+//! (pages pinned at submission) go through a device-owned aligned buffer instead.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -19,6 +21,16 @@ use vduse_core::queue::{Ticket, Virtqueue};
 pub const OP_READ: u8 = 0;
 pub const OP_WRITE: u8 = 1;
 pub const OP_FLUSH: u8 = 2;
+
+/// Whether `fd` was opened with O_DIRECT: the kernel then pins the pages it transfers at submission, so
+/// revoking a mapping would not stop a transfer in flight. Such I/O goes through a buffer the device owns,
+/// and the request's memory is touched only under its ticket. Asked per operation, so a backend cannot get
+/// it wrong.
+fn is_direct(fd: i32) -> bool {
+    // SAFETY: F_GETFL on a caller-provided fd; a bad fd just fails.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    flags >= 0 && flags & libc::O_DIRECT != 0
+}
 
 const STATUS_OK: u8 = 0;
 const STATUS_IOERR: u8 = 1;
@@ -114,8 +126,63 @@ impl Drop for IoPool {
     }
 }
 
+/// An aligned buffer for O_DIRECT transfers, grown as needed and kept for the thread's life.
+struct Bounce {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl Bounce {
+    const ALIGN: usize = 4096;
+
+    fn new() -> Self {
+        Self {
+            ptr: std::ptr::null_mut(),
+            len: 0,
+        }
+    }
+
+    fn get(&mut self, len: usize) -> Option<&mut [u8]> {
+        if len > self.len {
+            self.free();
+            let size = len.div_ceil(Self::ALIGN) * Self::ALIGN;
+            let layout = std::alloc::Layout::from_size_align(size, Self::ALIGN).ok()?;
+            // SAFETY: a non-zero-sized layout.
+            let ptr = unsafe { std::alloc::alloc(layout) };
+            if ptr.is_null() {
+                return None;
+            }
+            self.ptr = ptr;
+            self.len = size;
+        }
+        // SAFETY: `ptr` owns `self.len >= len` bytes, borrowed mutably through `&mut self`.
+        Some(unsafe { std::slice::from_raw_parts_mut(self.ptr, len) })
+    }
+
+    fn free(&mut self) {
+        if !self.ptr.is_null() {
+            // SAFETY: allocated in `get` with this layout.
+            unsafe {
+                std::alloc::dealloc(
+                    self.ptr,
+                    std::alloc::Layout::from_size_align_unchecked(self.len, Self::ALIGN),
+                )
+            };
+            self.ptr = std::ptr::null_mut();
+            self.len = 0;
+        }
+    }
+}
+
+impl Drop for Bounce {
+    fn drop(&mut self) {
+        self.free();
+    }
+}
+
 fn worker(work: &(Mutex<Work>, Condvar), queues: &[Arc<Virtqueue>], stats: &IoStats) {
     let (lock, cv) = work;
+    let mut bounce = Bounce::new();
     let mut batch = Vec::new();
     let mut segments: Vec<Segment> = Vec::new();
     let mut ranges: Vec<(*mut u8, usize)> = Vec::new();
@@ -137,8 +204,8 @@ fn worker(work: &(Mutex<Work>, Condvar), queues: &[Arc<Virtqueue>], stats: &IoSt
         for op in batch.drain(..) {
             let q = usize::from(op.ticket.queue());
             let Some(vq) = queues.get(q) else { continue };
-            // Copy what the operation needs out of the slot: no lock is held during the I/O.
-            let Some((map, shape)) = vq.with_request(op.ticket, |map, shape, segs| {
+            // Take the request over, and copy what the operation needs: no lock is held during the I/O.
+            let Some((map, shape)) = vq.start_native(op.ticket, |map, shape, segs| {
                 segments.clear();
                 segments.extend_from_slice(segs);
                 (map.clone(), shape)
@@ -147,11 +214,15 @@ fn worker(work: &(Mutex<Work>, Condvar), queues: &[Arc<Virtqueue>], stats: &IoSt
                 continue;
             };
             stats.ops.fetch_add(1, Ordering::Relaxed);
-            let (status, used) = execute(&op, &map, shape, &segments, &mut ranges, &mut iov);
+            let (status, used) = if is_direct(op.fd) {
+                execute_direct(&op, vq, shape, &mut bounce)
+            } else {
+                execute(&op, &map, shape, &segments, &mut ranges, &mut iov)
+            };
             if status != STATUS_OK {
                 stats.errors.fetch_add(1, Ordering::Relaxed);
             }
-            vq.complete(op.ticket, used, Some(status));
+            vq.complete_native(op.ticket, used, Some(status));
             touched[q] = true;
             drop(map);
         }
@@ -241,6 +312,92 @@ fn execute(
         _ => STATUS_IOERR,
     };
     (status, used)
+}
+
+/// O_DIRECT: the file's DMA goes to and from `bounce`; guest memory is touched only by copies made under
+/// the ticket check (a request fenced meanwhile is skipped, its data dropped).
+fn execute_direct(op: &Op, vq: &Virtqueue, shape: Shape, bounce: &mut Bounce) -> (u8, u32) {
+    let kind = op.kind;
+    if kind == OP_FLUSH {
+        // SAFETY: fdatasync on a caller-provided fd; a bad fd just fails.
+        return match unsafe { libc::fdatasync(op.fd) } {
+            0 => (STATUS_OK, 1),
+            _ => (STATUS_IOERR, 1),
+        };
+    }
+    if shape.writable == 0 {
+        return (STATUS_IOERR, 0);
+    }
+    let (len, skip) = match kind {
+        OP_READ => (u64::from(shape.writable_bytes) - 1, 0),
+        OP_WRITE => (
+            u64::from(shape.readable_bytes).saturating_sub(u64::from(op.skip)),
+            u64::from(op.skip),
+        ),
+        _ => return (STATUS_IOERR, 1),
+    };
+    let Some(buf) = bounce.get(len as usize) else {
+        return (STATUS_IOERR, 1);
+    };
+    if kind == OP_WRITE {
+        let copied = vq.with_native(op.ticket, |map, shape, segs| {
+            copy_segments(map, &segs[..usize::from(shape.readable)], skip, buf, false)
+        });
+        if copied != Some(true) {
+            return (STATUS_IOERR, 1);
+        }
+    }
+    let mut iov = [libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    }];
+    if !transfer(op.fd, &mut iov, op.position, kind == OP_WRITE) {
+        return (STATUS_IOERR, 1);
+    }
+    if kind == OP_READ {
+        let copied = vq.with_native(op.ticket, |map, shape, segs| {
+            copy_segments(map, &segs[usize::from(shape.readable)..], 0, buf, true)
+        });
+        if copied != Some(true) {
+            return (STATUS_IOERR, 1);
+        }
+        return (STATUS_OK, 1 + len as u32);
+    }
+    (STATUS_OK, 1)
+}
+
+/// Copies between `buf` and `buf.len()` bytes of `segments` starting `skip` bytes in: into the guest if
+/// `to_guest`, out of it otherwise.
+fn copy_segments(
+    map: &IotlbMap,
+    segments: &[Segment],
+    mut skip: u64,
+    buf: &mut [u8],
+    to_guest: bool,
+) -> bool {
+    let mut at = 0usize;
+    for seg in segments {
+        if at == buf.len() {
+            break;
+        }
+        let seg_len = u64::from(seg.len);
+        if skip >= seg_len {
+            skip -= seg_len;
+            continue;
+        }
+        let n = ((seg_len - skip) as usize).min(buf.len() - at);
+        let ok = if to_guest {
+            map.write_from(seg.addr + skip, &buf[at..at + n])
+        } else {
+            map.read_into(seg.addr + skip, &mut buf[at..at + n])
+        };
+        if !ok {
+            return false;
+        }
+        at += n;
+        skip = 0;
+    }
+    at == buf.len()
 }
 
 /// Moves all bytes of `iov` at `position`, retrying partial transfers. Reads past the end of the file

@@ -31,75 +31,154 @@ pub const DONE_FIELDS: usize = 3;
 /// Pop rounds per wake-up before other events get their turn.
 const ROUNDS: usize = 4;
 
-/// A typed array JavaScript owns, kept alive by a reference while we read or write it.
+/// A typed array JavaScript owns, kept alive by a reference while we use it. Its address is read again
+/// before every use: JavaScript can detach (transfer) an ArrayBuffer, which would otherwise leave us a
+/// dangling pointer.
 struct JsArray<T> {
-    ptr: *mut T,
-    len: usize,
-    reference: sys::napi_ref,
+    ptr: Cell<*mut T>,
+    len: Cell<usize>,
+    kind: sys::napi_typedarray_type,
+    reference: Cell<sys::napi_ref>,
+}
+
+/// The typed array's element type, data and length; `None` if `value` is not a typed array of `kind`
+/// over a plain (non-shared) ArrayBuffer.
+///
+/// # Safety
+/// `env` is the current environment and `value` one of its values.
+unsafe fn typed_array<T>(
+    env: sys::napi_env,
+    value: sys::napi_value,
+    kind: sys::napi_typedarray_type,
+) -> Option<(*mut T, usize)> {
+    let mut actual = 0;
+    let mut len = 0usize;
+    let mut data: *mut c_void = ptr::null_mut();
+    let mut buffer = ptr::null_mut();
+    let mut offset = 0usize;
+    let mut is_plain = false;
+    // SAFETY: forwarded from the caller; out-pointers are valid locals.
+    unsafe {
+        if sys::napi_get_typedarray_info(
+            env,
+            value,
+            &mut actual,
+            &mut len,
+            &mut data,
+            &mut buffer,
+            &mut offset,
+        ) != sys::Status::napi_ok
+            || actual != kind
+            || sys::napi_is_arraybuffer(env, buffer, &mut is_plain) != sys::Status::napi_ok
+        {
+            return None;
+        }
+    }
+    // A SharedArrayBuffer is not an ArrayBuffer: another thread could write it while we do.
+    if !is_plain
+        || (len > 0 && (data.is_null() || !(data as usize).is_multiple_of(std::mem::align_of::<T>())))
+    {
+        return None;
+    }
+    Some((data.cast(), len))
 }
 
 impl<T> JsArray<T> {
     /// # Safety
-    /// `value` is a typed array of `T` elements, and `env` the current environment.
-    unsafe fn new(env: sys::napi_env, value: sys::napi_value) -> Result<Self, NativeError> {
-        let mut kind = 0;
-        let mut len = 0usize;
-        let mut data: *mut c_void = ptr::null_mut();
-        let mut buffer = ptr::null_mut();
-        let mut offset = 0usize;
-        // SAFETY: the caller passes a typed array value of this env.
-        let status = unsafe {
-            sys::napi_get_typedarray_info(
-                env,
-                value,
-                &mut kind,
-                &mut len,
-                &mut data,
-                &mut buffer,
-                &mut offset,
-            )
-        };
-        if status != sys::Status::napi_ok {
-            return Err(native("expected a typed array"));
-        }
-        if len * std::mem::size_of::<T>() > 0 && data.is_null() {
-            return Err(native("typed array has no memory"));
-        }
+    /// `env` is the current environment and `value` one of its values.
+    unsafe fn new(
+        env: sys::napi_env,
+        value: sys::napi_value,
+        kind: sys::napi_typedarray_type,
+        what: &str,
+    ) -> Result<Self, NativeError> {
+        // SAFETY: forwarded from the caller.
+        let (ptr, len) = unsafe { typed_array::<T>(env, value, kind) }.ok_or_else(|| {
+            native(format!(
+                "{what} must be a typed array of the right kind, not shared"
+            ))
+        })?;
         let mut reference = ptr::null_mut();
-        // SAFETY: a strong reference keeps the array (and its backing store, which never moves) alive.
-        let status = unsafe { sys::napi_create_reference(env, value, 1, &mut reference) };
-        if status != sys::Status::napi_ok {
+        // SAFETY: a strong reference keeps the array alive.
+        if unsafe { sys::napi_create_reference(env, value, 1, &mut reference) } != sys::Status::napi_ok {
             return Err(native("cannot reference a typed array"));
         }
         Ok(Self {
-            ptr: data.cast(),
-            len,
-            reference,
+            ptr: Cell::new(ptr),
+            len: Cell::new(len),
+            kind,
+            reference: Cell::new(reference),
         })
+    }
+
+    /// Reads the array's address and length again; false (and empty) if it was detached or released.
+    ///
+    /// # Safety
+    /// `env` is the current environment, on its thread.
+    unsafe fn refresh(&self, env: sys::napi_env) -> bool {
+        let reference = self.reference.get();
+        let mut value = ptr::null_mut();
+        let found = !reference.is_null()
+            // SAFETY: a live reference of this env.
+            && unsafe { sys::napi_get_reference_value(env, reference, &mut value) } == sys::Status::napi_ok
+            && !value.is_null();
+        let array = if found {
+            // SAFETY: `value` is a value of this env.
+            unsafe { typed_array::<T>(env, value, self.kind) }
+        } else {
+            None
+        };
+        match array {
+            Some((ptr, len)) => {
+                self.ptr.set(ptr);
+                self.len.set(len);
+                len > 0
+            }
+            None => {
+                self.len.set(0);
+                false
+            }
+        }
+    }
+
+    /// # Safety
+    /// As for `refresh`.
+    unsafe fn release(&self, env: sys::napi_env) {
+        let reference = self.reference.replace(ptr::null_mut());
+        self.len.set(0);
+        if !reference.is_null() {
+            // SAFETY: our reference, deleted once.
+            unsafe { sys::napi_delete_reference(env, reference) };
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.len.get()
     }
 
     fn get(&self, i: usize) -> Option<T>
     where
         T: Copy,
     {
-        // SAFETY: bounds checked; the array is alive (referenced) and only touched on the JS thread.
-        (i < self.len).then(|| unsafe { self.ptr.add(i).read() })
+        // SAFETY: bounds checked against the length read at the last refresh, which happened after the
+        // last time JavaScript ran; only this thread touches the array.
+        (i < self.len()).then(|| unsafe { self.ptr.get().add(i).read() })
     }
 
     fn set(&self, i: usize, v: T) {
-        if i < self.len {
+        if i < self.len() {
             // SAFETY: as in `get`.
-            unsafe { self.ptr.add(i).write(v) };
+            unsafe { self.ptr.get().add(i).write(v) };
         }
     }
 
     /// Lends elements `[start, start+n)` (clamped) to `f` for writing.
     fn with_slice<R>(&self, start: usize, n: usize, f: impl FnOnce(&mut [T]) -> R) -> R {
-        let end = (start + n).min(self.len);
+        let end = (start + n).min(self.len());
         let start = start.min(end);
-        // SAFETY: in bounds; the array is only touched on the JS thread, never while JavaScript runs, and
-        // the slice does not outlive `f`.
-        f(unsafe { std::slice::from_raw_parts_mut(self.ptr.add(start), end - start) })
+        // SAFETY: in bounds of the last refresh; the array is only touched on the JS thread, never while
+        // JavaScript runs, and the slice does not outlive `f`.
+        f(unsafe { std::slice::from_raw_parts_mut(self.ptr.get().add(start), end - start) })
     }
 }
 
@@ -124,17 +203,38 @@ impl Arrays {
         // SAFETY: forwarded from the caller.
         unsafe {
             Ok(Self {
-                reqs: JsArray::new(env, reqs)?,
-                heads: JsArray::new(env, heads)?,
-                done: JsArray::new(env, done)?,
-                ctl: JsArray::new(env, ctl)?,
+                reqs: JsArray::new(env, reqs, sys::TypedarrayType::float64_array, "reqs")?,
+                heads: JsArray::new(env, heads, sys::TypedarrayType::uint8_array, "heads")?,
+                done: JsArray::new(env, done, sys::TypedarrayType::float64_array, "done")?,
+                ctl: JsArray::new(env, ctl, sys::TypedarrayType::uint32_array, "ctl")?,
             })
         }
     }
 
     /// Requests per batch the arrays hold.
     pub fn capacity(&self) -> usize {
-        (self.reqs.len / REQ_FIELDS).min(self.heads.len / HEAD_BYTES)
+        (self.reqs.len() / REQ_FIELDS).min(self.heads.len() / HEAD_BYTES)
+    }
+
+    /// # Safety
+    /// `env` is the current environment, on its thread.
+    unsafe fn refresh(&self, env: sys::napi_env) -> bool {
+        // SAFETY: forwarded.
+        unsafe {
+            self.reqs.refresh(env) & self.heads.refresh(env) & self.done.refresh(env) & self.ctl.refresh(env)
+        }
+    }
+
+    /// # Safety
+    /// As for `refresh`.
+    unsafe fn release(&self, env: sys::napi_env) {
+        // SAFETY: forwarded.
+        unsafe {
+            self.reqs.release(env);
+            self.heads.release(env);
+            self.done.release(env);
+            self.ctl.release(env);
+        }
     }
 }
 
@@ -143,43 +243,61 @@ struct PollCtx {
     queue: usize,
 }
 
-/// Serves a set of queues from the JavaScript thread. Lives in a `Box` (polls point at it) owned by a
-/// binding object; [`close`](Self::close) stops it before it goes.
+/// Serves a set of queues from the JavaScript thread. Owned through a [`ServerHandle`]: libuv's poll
+/// handles point at it, so it lives at a fixed address (a leaked box) until the handle closes the polls.
 pub struct JsServer {
     env: sys::napi_env,
     queues: Vec<Arc<Virtqueue>>,
     kicks: Vec<Arc<EventFd>>,
-    /// One per queue; a boxed slice never moves, and the poll handles point into it.
-    ctxs: Box<[PollCtx]>,
-    polls: RefCell<Vec<uv::Poll>>,
-    on_batch: sys::napi_ref,
-    async_ctx: sys::napi_async_context,
+    on_batch: Cell<sys::napi_ref>,
+    async_ctx: Cell<sys::napi_async_context>,
     arrays: Arrays,
     budget: Budget,
     batch: RefCell<RequestBatch>,
     touched: RefCell<Vec<bool>>,
     closed: Cell<bool>,
+    /// Inside `serve`: JavaScript called back into us (a nested `serve` does nothing).
+    serving: Cell<bool>,
     pub wakeups: Cell<u64>,
     pub js_calls: Cell<u64>,
 }
 
+/// Owns a [`JsServer`] and its poll handles.
+pub struct ServerHandle {
+    server: std::ptr::NonNull<JsServer>,
+    ctxs: Box<[PollCtx]>,
+    polls: RefCell<Vec<uv::Poll>>,
+}
+
+impl std::ops::Deref for ServerHandle {
+    type Target = JsServer;
+    fn deref(&self) -> &JsServer {
+        // SAFETY: the box leaked in `start` lives until `Drop` reclaims it; only shared references to it
+        // are ever made.
+        unsafe { self.server.as_ref() }
+    }
+}
+
 impl JsServer {
+    /// Creates the server and starts polling every queue's kick fd on Node's loop.
+    ///
     /// # Safety
     /// `on_batch` is a function value of `env`; call on the JavaScript thread.
-    pub unsafe fn new(
+    pub unsafe fn start(
         env: sys::napi_env,
         queues: Vec<Arc<Virtqueue>>,
         kicks: Vec<Arc<EventFd>>,
         arrays: Arrays,
         on_batch: sys::napi_value,
-    ) -> Result<Box<Self>, NativeError> {
+    ) -> Result<ServerHandle, NativeError> {
         let capacity = arrays.capacity();
-        if capacity == 0 || arrays.done.len < DONE_FIELDS || arrays.ctl.len < 1 {
+        if capacity == 0 || arrays.done.len() < DONE_FIELDS || arrays.ctl.len() < 1 {
             return Err(native("batch arrays are too small"));
         }
         let mut on_batch_ref = ptr::null_mut();
         let mut async_ctx = ptr::null_mut();
         let mut name = ptr::null_mut();
+        let mut lp: *mut sys::uv_loop_s = ptr::null_mut();
         // SAFETY: plain N-API calls on the JS thread with valid out-pointers.
         unsafe {
             if sys::napi_create_reference(env, on_batch, 1, &mut on_batch_ref) != sys::Status::napi_ok {
@@ -189,16 +307,17 @@ impl JsServer {
             if sys::napi_async_init(env, ptr::null_mut(), name, &mut async_ctx) != sys::Status::napi_ok {
                 return Err(native("napi_async_init failed"));
             }
+            if sys::napi_get_uv_event_loop(env, &mut lp) != sys::Status::napi_ok {
+                return Err(native("cannot get the event loop"));
+            }
         }
         let n = queues.len();
-        let server = Box::new(Self {
+        let server = Box::into_raw(Box::new(Self {
             env,
             queues,
             kicks,
-            ctxs: Box::new([]),
-            polls: RefCell::new(Vec::new()),
-            on_batch: on_batch_ref,
-            async_ctx,
+            on_batch: Cell::new(on_batch_ref),
+            async_ctx: Cell::new(async_ctx),
             arrays,
             budget: Budget {
                 requests: capacity,
@@ -207,28 +326,21 @@ impl JsServer {
             batch: RefCell::new(RequestBatch::default()),
             touched: RefCell::new(vec![false; n]),
             closed: Cell::new(false),
+            serving: Cell::new(false),
             wakeups: Cell::new(0),
             js_calls: Cell::new(0),
-        });
-        Ok(server)
-    }
-
-    /// Starts polling every queue's kick fd on Node's loop.
-    pub fn start(self: &mut Box<Self>) -> Result<(), NativeError> {
-        let mut lp: *mut sys::uv_loop_s = ptr::null_mut();
-        // SAFETY: the env is alive and this is its thread.
-        if unsafe { sys::napi_get_uv_event_loop(self.env, &mut lp) } != sys::Status::napi_ok {
-            return Err(native("cannot get the event loop"));
-        }
-        let me: *const JsServer = &**self;
-        self.ctxs = (0..self.queues.len())
-            .map(|queue| PollCtx { server: me, queue })
-            .collect();
+        }));
+        let handle = ServerHandle {
+            // SAFETY: from Box::into_raw, never null.
+            server: unsafe { std::ptr::NonNull::new_unchecked(server) },
+            ctxs: (0..n).map(|queue| PollCtx { server, queue }).collect(),
+            polls: RefCell::new(Vec::new()),
+        };
         let mut polls = Vec::new();
-        for (ctx, kick) in self.ctxs.iter().zip(&self.kicks) {
+        for (ctx, kick) in handle.ctxs.iter().zip(&handle.kicks) {
             let data = (ctx as *const PollCtx).cast_mut().cast::<c_void>();
             use std::os::fd::AsRawFd;
-            // SAFETY: our thread's loop; `data` lives in `self.ctxs` until `close` closes the polls.
+            // SAFETY: our thread's loop; `data` lives in `handle.ctxs` until the handle closes the polls.
             let poll = unsafe { uv::Poll::start(lp.cast(), kick.as_raw_fd(), data, on_kick) };
             match poll {
                 Ok(p) => polls.push(p),
@@ -240,25 +352,27 @@ impl JsServer {
                 }
             }
         }
-        *self.polls.borrow_mut() = polls;
-        Ok(())
+        *handle.polls.borrow_mut() = polls;
+        Ok(handle)
     }
 
-    /// Stops serving: no callback runs after this. Requests JavaScript holds can still be completed.
-    pub fn close(&self) {
-        if self.closed.replace(true) {
-            return;
-        }
-        for p in self.polls.borrow_mut().drain(..) {
-            p.close();
-        }
-    }
-
-    /// Serves queue `q` now (the poll callback does this on a kick).
+    /// Serves queue `q` now (the poll callback does this on a kick). Re-entered from JavaScript (a model
+    /// that calls back into the binding), it does nothing.
     pub fn serve(&self, q: usize) {
-        if self.closed.get() {
+        if self.closed.get() || self.serving.replace(true) {
             return;
         }
+        // Reading our references creates handles: a libuv callback has no scope of its own.
+        let mut scope = ptr::null_mut();
+        // SAFETY: on the JS thread; the scope is closed below.
+        unsafe { sys::napi_open_handle_scope(self.env, &mut scope) };
+        self.serve_rounds(q);
+        // SAFETY: the scope opened above.
+        unsafe { sys::napi_close_handle_scope(self.env, scope) };
+        self.serving.set(false);
+    }
+
+    fn serve_rounds(&self, q: usize) {
         let (Some(vq), Some(kick)) = (self.queues.get(q), self.kicks.get(q)) else {
             return;
         };
@@ -266,6 +380,12 @@ impl JsServer {
         vq.kicked();
         self.wakeups.set(self.wakeups.get() + 1);
         for _ in 0..ROUNDS {
+            // JavaScript ran since the last round: the arrays may have moved or been detached.
+            // SAFETY: the JS thread, our env.
+            if !unsafe { self.arrays.refresh(self.env) } {
+                self.fail("the batch arrays were detached or released; the device cannot deliver requests");
+                return;
+            }
             let (more, count) = {
                 let mut batch = self.batch.borrow_mut();
                 let more = vq.pop(self.budget, &mut batch);
@@ -273,10 +393,10 @@ impl JsServer {
             };
             if count > 0 {
                 self.call(q, count);
-                self.flush();
                 if self.closed.get() {
                     return;
                 }
+                self.flush();
             }
             if more != Pop::More {
                 return; // Idle: wait for a kick; Full: a completion writes the kick fd
@@ -284,6 +404,22 @@ impl JsServer {
         }
         // The budget ran out: continue after the other events of this loop turn.
         let _ = kick.write(1);
+    }
+
+    /// Reports a failure of the serving machinery itself as an uncaught exception (like any bug).
+    fn fail(&self, message: &str) {
+        let env = self.env;
+        // SAFETY: N-API calls on the JS thread with valid out-pointers.
+        unsafe {
+            let mut scope = ptr::null_mut();
+            sys::napi_open_handle_scope(env, &mut scope);
+            let mut msg = ptr::null_mut();
+            let mut err = ptr::null_mut();
+            sys::napi_create_string_utf8(env, message.as_ptr().cast(), message.len() as isize, &mut msg);
+            sys::napi_create_error(env, ptr::null_mut(), msg, &mut err);
+            sys::napi_fatal_exception(env, err);
+            sys::napi_close_handle_scope(env, scope);
+        }
     }
 
     /// Writes the batch into the JavaScript arrays; returns how many requests it holds.
@@ -320,6 +456,10 @@ impl JsServer {
     }
 
     fn call(&self, queue: usize, count: usize) {
+        let on_batch = self.on_batch.get();
+        if on_batch.is_null() {
+            return;
+        }
         self.js_calls.set(self.js_calls.get() + 1);
         let env = self.env;
         // SAFETY: N-API calls on the JS thread, inside a handle scope; values are from this env.
@@ -329,15 +469,22 @@ impl JsServer {
             let mut func = ptr::null_mut();
             let mut recv = ptr::null_mut();
             let mut args = [ptr::null_mut(); 2];
-            sys::napi_get_reference_value(env, self.on_batch, &mut func);
+            sys::napi_get_reference_value(env, on_batch, &mut func);
             sys::napi_get_global(env, &mut recv);
             sys::napi_create_uint32(env, queue as u32, &mut args[0]);
             sys::napi_create_uint32(env, count as u32, &mut args[1]);
             let mut result = ptr::null_mut();
             // make_callback: async hooks see it, and microtasks run when it returns (we are the bottom
             // of the stack here).
-            let status =
-                sys::napi_make_callback(env, self.async_ctx, recv, func, 2, args.as_ptr(), &mut result);
+            let status = sys::napi_make_callback(
+                env,
+                self.async_ctx.get(),
+                recv,
+                func,
+                2,
+                args.as_ptr(),
+                &mut result,
+            );
             if status == sys::Status::napi_pending_exception {
                 // The TypeScript side catches model errors itself; anything else is a bug that must
                 // surface like any uncaught exception.
@@ -352,8 +499,16 @@ impl JsServer {
     /// Publishes what JavaScript completed since the last flush: per queue one lock, and at most one
     /// interrupt.
     pub fn flush(&self) {
+        if self.closed.get() {
+            return;
+        }
+        // SAFETY: called on the JS thread (poll callbacks and napi methods), our env.
+        let fresh = unsafe { self.arrays.done.refresh(self.env) & self.arrays.ctl.refresh(self.env) };
+        if !fresh {
+            return;
+        }
         let a = &self.arrays;
-        let n = (a.ctl.get(0).unwrap_or(0) as usize).min(a.done.len / DONE_FIELDS);
+        let n = (a.ctl.get(0).unwrap_or(0) as usize).min(a.done.len() / DONE_FIELDS);
         if n == 0 {
             return;
         }
@@ -385,24 +540,47 @@ impl JsServer {
         }
         a.ctl.set(0, 0);
     }
+
+    /// Inside `serve` (JavaScript is handling a batch).
+    pub fn is_serving(&self) -> bool {
+        self.serving.get()
+    }
 }
 
-impl Drop for JsServer {
+impl ServerHandle {
+    /// Stops serving and lets go of everything JavaScript (the model and its arrays): no callback runs
+    /// after this, and the device object can be collected. Safe inside `onBatch` (the server itself stays
+    /// until the handle is dropped).
+    pub fn close(&self) {
+        let server: &JsServer = self;
+        if server.closed.replace(true) {
+            return;
+        }
+        for p in self.polls.borrow_mut().drain(..) {
+            p.close();
+        }
+        let env = server.env;
+        // SAFETY: on the JS thread (napi methods and finalizers run there); our references, deleted once.
+        unsafe {
+            let r = server.on_batch.replace(ptr::null_mut());
+            if !r.is_null() {
+                sys::napi_delete_reference(env, r);
+            }
+            let ctx = server.async_ctx.replace(ptr::null_mut());
+            if !ctx.is_null() {
+                sys::napi_async_destroy(env, ctx);
+            }
+            server.arrays.release(env);
+        }
+    }
+}
+
+impl Drop for ServerHandle {
     fn drop(&mut self) {
         self.close();
-        // SAFETY: releasing what `new` created, on the JS thread (finalizers run there).
-        unsafe {
-            sys::napi_async_destroy(self.env, self.async_ctx);
-            sys::napi_delete_reference(self.env, self.on_batch);
-            for r in [
-                self.arrays.reqs.reference,
-                self.arrays.heads.reference,
-                self.arrays.done.reference,
-                self.arrays.ctl.reference,
-            ] {
-                sys::napi_delete_reference(self.env, r);
-            }
-        }
+        // SAFETY: the polls are closed (no callback will dereference the server any more), and this is the
+        // only owner of the leaked box.
+        drop(unsafe { Box::from_raw(self.server.as_ptr()) });
     }
 }
 
@@ -411,7 +589,7 @@ unsafe extern "C" fn on_kick(handle: *mut uv::Handle, status: std::ffi::c_int, _
         return;
     }
     // SAFETY: `data` is the PollCtx set in `start`, alive until the poll is closed; the server it points
-    // at outlives its polls (it closes them before it goes).
+    // at outlives its polls (the handle closes them before freeing it).
     let ctx = unsafe { &*((*handle).data as *const PollCtx) };
     // SAFETY: as above.
     let server = unsafe { &*ctx.server };

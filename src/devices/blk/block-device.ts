@@ -322,13 +322,14 @@ export class BlockDevice extends VirtioDevice {
     this.completions.complete(ticket, 1, BLK_STATUS.IOERR)
   }
 
-  protected override onReset(): void {
-    // Every request the backend still holds was completed or fenced by the reset: tell the backend.
+  protected override onFenced(): void {
+    // Requests the backend still holds whose tickets died: forget them, and tell the backend. Live ones
+    // (of a new session) stay.
     for (let k = 0; k < this.#pending.length; k++) {
       const p = this.#pending[k]
-      if (!p) continue
+      if (!p || this.isLive(p.ticket)) continue
       this.#forget(k)
-      p.io?.abort('the driver reset the device')
+      p.io?.abort('the request was fenced (driver reset, or its memory unmapped)')
     }
   }
 
@@ -478,6 +479,12 @@ export class BlockDevice extends VirtioDevice {
       io,
     }
     const slot = ticketSlot(ticket)
+    const stale = this.#pending[slot]
+    if (stale) {
+      // The slot was reused: its previous request was fenced without our hearing of it yet.
+      this.#forget(slot)
+      stale.io?.abort('the request was fenced (driver reset, or its memory unmapped)')
+    }
     this.#pending[slot] = record
     // A request waiting for its deadline is work in progress: the sweeper keeps the loop alive meanwhile.
     if (this.#pendingCount++ === 0) this.#sweeper?.ref()
