@@ -21,6 +21,7 @@ const loopbackTransport: Transport = {
       read: (t, o, dst, at, n) => lb.read(t, o, dst, at, n),
       write: (t, o, src, at, n) => lb.write(t, o, src, at, n),
       flush: () => lb.flush(),
+      isLive: (t) => lb.isLive(t),
       updateConfig: () => {},
       status: () => 4,
       negotiatedFeatures: () => 0n,

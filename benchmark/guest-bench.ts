@@ -1,7 +1,9 @@
 // Runs inside the test guest (benchmark/run): the same fio matrix on every target — vduse (TypeScript
 // model with null, memory and file backends; the native Rust model), QEMU's own VDUSE export
-// (qemu-storage-daemon), the kernel (null_blk, loop) and NBD (qemu-nbd) — and writes the results.
-// It is a benchmark, not a test: it asserts nothing about speed.
+// (qemu-storage-daemon 10.0, the reference peer, and 7.2), ublk (rublk null and loop: what a Linux user
+// picks instead for a host-side userspace disk), the kernel (null_blk, loop) and NBD (qemu-nbd) — and
+// writes the results, with the CPU time each userspace server spends per request. It is a benchmark, not
+// a test: it asserts nothing about speed.
 import { execFile, spawn, type ChildProcess } from 'node:child_process'
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs'
 import { cpus, release, totalmem } from 'node:os'
@@ -15,7 +17,7 @@ const SIZE_MIB = 256
 const RUNTIME = Number(process.env.VDUSE_BENCH_RUNTIME ?? 5)
 const RAMP = 1
 const QUEUES = 2
-const QUEUE_SIZE = 128
+const QUEUE_SIZE = 256
 const IMAGE = '/tmp/bench.img'
 const quick = process.argv.includes('--quick')
 const only = process.argv
@@ -36,6 +38,23 @@ interface Workload {
   numjobs: number
 }
 
+/** Peer tools (unpacked or built on the host by benchmark/run, cached; read-only here). */
+async function peerPaths(): Promise<Record<string, string>> {
+  const out: Record<string, string> = {}
+  for (const script of ['scripts/peers/fetch', 'scripts/peers/rublk']) {
+    try {
+      for (const line of (await exec(join(ROOT, script), [], { cwd: ROOT })).stdout.split('\n')) {
+        const eq = line.indexOf('=')
+        if (eq > 0) out[line.slice(0, eq)] = line.slice(eq + 1)
+      }
+    } catch (err) {
+      console.log(`${script}: ${(err as Error).message.split('\n')[0]}`)
+    }
+  }
+  return out
+}
+let PEERS: Record<string, string> = {}
+
 const WORKLOADS: Workload[] = [
   { id: 'rr4k-qd1', label: '4k randread QD1', rw: 'randread', bs: '4k', iodepth: 1, numjobs: 1 },
   { id: 'rr4k-qd16', label: '4k randread QD16', rw: 'randread', bs: '4k', iodepth: 16, numjobs: 1 },
@@ -49,12 +68,30 @@ interface Result {
   meanUs: number
   p99Us: number
   errors: number
+  /** CPU time of the serving process per request (µs), for userspace servers. */
+  cpuUs?: number
 }
 
-async function fio(path: string, w: Workload, runtime = RUNTIME): Promise<Result> {
+/** utime + stime of a process (all threads), in seconds. */
+function cpuSeconds(pid: number | undefined): number | undefined {
+  if (pid === undefined) return undefined
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8')
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ')
+    return (Number(fields[11]) + Number(fields[12])) / 100 // clock ticks (USER_HZ = 100)
+  } catch {
+    return undefined
+  }
+}
+
+async function fio(path: string, w: Workload, runtime = RUNTIME, pid?: number): Promise<Result> {
+  const cpuBefore = cpuSeconds(pid)
+  const started = Date.now()
   const out = await exec(
     'fio',
     [
+      // One job runs on one CPU (and so one queue); two jobs spread over both.
+      ...(w.numjobs === 1 ? ['--cpus_allowed=0'] : []),
       `--name=${w.id}`,
       `--filename=${path}`,
       `--rw=${w.rw}`,
@@ -72,14 +109,21 @@ async function fio(path: string, w: Workload, runtime = RUNTIME): Promise<Result
     ],
     { maxBuffer: 16 << 20 },
   )
+  const cpuAfter = cpuSeconds(pid)
   const job = (JSON.parse(out.stdout) as { jobs: FioJob[] }).jobs[0]!
   const side = w.rw.includes('write') ? job.write : job.read
-  return {
+  const result: Result = {
     iops: side.iops,
     meanUs: side.clat_ns.mean / 1000,
     p99Us: (side.clat_ns.percentile?.['99.000000'] ?? 0) / 1000,
     errors: job.error,
   }
+  if (cpuBefore !== undefined && cpuAfter !== undefined) {
+    // The CPU time covers the whole fio run (ramp included): divide by the requests of that whole time.
+    const requests = side.iops * ((Date.now() - started) / 1000)
+    if (requests > 0) result.cpuUs = ((cpuAfter - cpuBefore) * 1e6) / requests
+  }
+  return result
 }
 
 interface FioJob {
@@ -94,6 +138,8 @@ interface FioSide {
 
 interface Running {
   path: string
+  /** The serving process, for CPU time per request. */
+  pid?: number
   stop(): Promise<Record<string, unknown> | undefined>
 }
 
@@ -150,6 +196,7 @@ function vduseCli(backend: string[]): () => Promise<Running> {
     const stopped = waitLine(child, (l) => l.includes('"stopped"'), 'vduse')
     return {
       path: ready.path,
+      ...(child.pid === undefined ? {} : { pid: child.pid }),
       stop: async () => {
         child.kill('SIGTERM')
         return JSON.parse(await stopped) as Record<string, unknown>
@@ -171,6 +218,7 @@ async function nativeRam(): Promise<Running> {
   await sh('vdpa dev add name bench-native mgmtdev vduse')
   return {
     path: await vdaFor('bench-native'),
+    ...(child.pid === undefined ? {} : { pid: child.pid }),
     stop: async () => {
       await sh('vdpa dev del bench-native')
       child.stdin!.end()
@@ -179,11 +227,11 @@ async function nativeRam(): Promise<Running> {
   }
 }
 
-function qsd(blockdev: string): () => Promise<Running> {
+function qsd(blockdev: string, binary: () => string, tag: string): () => Promise<Running> {
   return async () => {
-    const name = `qsd-${blockdev.startsWith('driver=null') ? 'null' : 'file'}`
+    const name = `${tag}-${blockdev.startsWith('driver=null') ? 'null' : 'file'}`
     const child = spawn(
-      'qemu-storage-daemon',
+      binary(),
       [
         '--blockdev',
         `${blockdev},node-name=disk0`,
@@ -201,10 +249,36 @@ function qsd(blockdev: string): () => Promise<Running> {
     await sh(`vdpa dev add name ${name} mgmtdev vduse`)
     return {
       path: await vdaFor(name),
+      ...(child.pid === undefined ? {} : { pid: child.pid }),
       stop: async () => {
         await sh(`vdpa dev del ${name}`)
         child.kill('SIGTERM')
         await new Promise((r) => child.once('exit', r))
+        return undefined
+      },
+    }
+  }
+}
+
+/** A ublk device served by rublk (`rublk add null|loop`), its daemon's pid for CPU time. */
+function rublk(args: string[]): () => Promise<Running> {
+  return async () => {
+    await modprobe('ublk_drv').catch(() => {})
+    const bin = PEERS.RUBLK
+    if (!bin) throw new Error('rublk is not built (scripts/peers/rublk)')
+    // The daemon keeps rublk's stdout and stderr: send them to a file, or the pipe never closes.
+    const log = `/tmp/rublk-${process.pid}.log`
+    const cmd = [bin, 'add', ...args, '-q', String(QUEUES), '-d', String(QUEUE_SIZE)].join(' ')
+    const out = await sh(`${cmd} </dev/null >${log} 2>&1; cat ${log}`)
+    // `rublk add` returns once the device is live and dumps "dev id N: ..." and "daemon pid P".
+    const id = Number(/dev id (\d+):/.exec(out)?.[1] ?? NaN)
+    if (!Number.isFinite(id)) throw new Error(`rublk add failed: ${out}`)
+    const pid = Number(/daemon pid (\d+)/.exec(out)?.[1] ?? NaN)
+    return {
+      path: `/dev/ublkb${id}`,
+      ...(Number.isFinite(pid) ? { pid } : {}),
+      stop: async () => {
+        await exec(bin, ['del', '-n', String(id)])
         return undefined
       },
     }
@@ -219,41 +293,73 @@ const TARGETS: Target[] = [
   {
     id: 'vduse-null',
     label: 'vduse CLI --null (TypeScript)',
-    peer: 'qsd-null',
+    peer: 'qsd10-null',
     start: vduseCli(['--null', `${SIZE_MIB}M`]),
   },
   {
     id: 'vduse-memory',
     label: 'vduse CLI --memory (TypeScript)',
-    peer: 'qsd-file',
+    peer: 'qsd10-file',
     start: vduseCli(['--memory', `${SIZE_MIB}M`]),
   },
   {
     id: 'vduse-file',
     label: 'vduse CLI --file tmpfs (native I/O)',
-    peer: 'qsd-file',
+    peer: 'qsd10-file',
     start: vduseCli(['--file', IMAGE]),
   },
   {
     id: 'vduse-native',
     label: 'vduse-core native RAM model (Rust only)',
-    peer: 'qsd-file',
+    peer: 'qsd10-null',
     start: nativeRam,
   },
   {
-    id: 'qsd-null',
-    label: 'qemu-storage-daemon vduse-blk, null-co',
-    start: qsd(`driver=null-co,size=${SIZE_MIB << 20}`),
+    id: 'qsd10-null',
+    label: 'qemu-storage-daemon 10.0 vduse-blk, null-co',
+    start: qsd(
+      `driver=null-co,size=${SIZE_MIB << 20}`,
+      () => PEERS.QSD10 ?? 'qemu-storage-daemon-10-missing',
+      'qsd10',
+    ),
   },
   {
-    id: 'qsd-file',
-    label: 'qemu-storage-daemon vduse-blk, tmpfs file',
-    start: qsd(`driver=file,filename=${IMAGE}`),
+    id: 'qsd10-file',
+    label: 'qemu-storage-daemon 10.0 vduse-blk, tmpfs file',
+    start: qsd(
+      `driver=file,filename=${IMAGE}`,
+      () => PEERS.QSD10 ?? 'qemu-storage-daemon-10-missing',
+      'qsd10',
+    ),
+  },
+  {
+    id: 'qsd7-null',
+    label: 'qemu-storage-daemon 7.2 vduse-blk, null-co',
+    peer: 'qsd10-null',
+    start: qsd(`driver=null-co,size=${SIZE_MIB << 20}`, () => 'qemu-storage-daemon', 'qsd7'),
+  },
+  {
+    id: 'qsd7-file',
+    label: 'qemu-storage-daemon 7.2 vduse-blk, tmpfs file',
+    peer: 'qsd10-file',
+    start: qsd(`driver=file,filename=${IMAGE}`, () => 'qemu-storage-daemon', 'qsd7'),
+  },
+  {
+    id: 'ublk-null',
+    label: 'ublk: rublk null',
+    peer: 'qsd10-null',
+    start: rublk(['null']),
+  },
+  {
+    id: 'ublk-loop',
+    label: 'ublk: rublk loop, tmpfs file',
+    peer: 'qsd10-file',
+    start: rublk(['loop', '-f', IMAGE, '--buffered-io']),
   },
   {
     id: 'null_blk',
     label: 'kernel null_blk',
-    peer: 'qsd-null',
+    peer: 'qsd10-null',
     start: async () => {
       await modprobe(
         `null_blk nr_devices=1 gb=1 queue_mode=2 submit_queues=${QUEUES} hw_queue_depth=${QUEUE_SIZE}`,
@@ -264,7 +370,7 @@ const TARGETS: Target[] = [
   {
     id: 'loop',
     label: 'kernel loop, tmpfs file',
-    peer: 'qsd-file',
+    peer: 'qsd10-file',
     start: async () => {
       await modprobe('loop').catch(() => {})
       const dev = (await sh(`losetup -f --show ${IMAGE}`)).trim()
@@ -274,7 +380,7 @@ const TARGETS: Target[] = [
   {
     id: 'nbd',
     label: 'qemu-nbd + kernel NBD, tmpfs file',
-    peer: 'qsd-file',
+    peer: 'qsd10-file',
     start: async () => {
       await modprobe('nbd').catch(() => {})
       const server = spawn('qemu-nbd', ['-k', '/tmp/nbd.sock', '-f', 'raw', '-t', IMAGE], { stdio: 'ignore' })
@@ -318,7 +424,8 @@ function table(all: TargetResult[]): string {
       if (!r) return t.error ? 'failed' : '–'
       const peer = t.peer ? byId.get(t.peer)?.results[w.id] : undefined
       const ratio = peer && peer.iops > 0 ? ` (${(r.iops / peer.iops).toFixed(2)}×)` : ''
-      return `${fmt(r.iops)}${ratio}<br>${fmt(r.meanUs)} / ${fmt(r.p99Us)} µs`
+      const cpu = r.cpuUs !== undefined ? `<br>${r.cpuUs.toFixed(1)} µs CPU/req` : ''
+      return `${fmt(r.iops)}${ratio}<br>${fmt(r.meanUs)} / ${fmt(r.p99Us)} µs${cpu}`
     })
     return `| ${t.label}${t.peer ? ` — vs ${t.peer}` : ''} | ${cells.join(' | ')} |`
   })
@@ -326,6 +433,7 @@ function table(all: TargetResult[]): string {
 }
 
 async function main(): Promise<void> {
+  PEERS = await peerPaths()
   const meminfo = readFileSync('/proc/meminfo', 'utf8').match(/MemTotal:\s+(\d+)/)?.[1]
   const env = {
     date: new Date().toISOString(),
@@ -336,6 +444,7 @@ async function main(): Promise<void> {
     accelerator: 'QEMU TCG (software emulation)',
     fio: (await sh('fio --version')).trim(),
     qemu: (await sh('qemu-storage-daemon --version | head -1')).trim(),
+    qemu10: PEERS.QEMU_VERSION ?? 'missing',
     node: process.version,
     runtimeSeconds: RUNTIME,
     rampSeconds: RAMP,
@@ -354,7 +463,7 @@ async function main(): Promise<void> {
     try {
       running = await target.start()
       for (const w of WORKLOADS) {
-        entry.results[w.id] = await fio(running.path, w)
+        entry.results[w.id] = await fio(running.path, w, RUNTIME, running.pid)
         console.log(
           `${target.id.padEnd(14)} ${w.label.padEnd(26)} ${fmt(entry.results[w.id]!.iops).padStart(8)} IOPS`,
         )
@@ -378,8 +487,10 @@ async function main(): Promise<void> {
     `# vduse benchmark, ${env.date.slice(0, 10)}\n\n` +
     `Guest: ${env.guestCpus} vCPUs, ${env.guestMemoryMiB} MiB, kernel ${env.kernel}, ${env.accelerator} on ${env.cpuModel}.\n` +
     `fio ${env.fio}, libaio, direct=1, ${RUNTIME} s per run after ${RAMP} s warm-up; devices of ${SIZE_MIB} MiB with ` +
-    `${QUEUES} queues of ${QUEUE_SIZE}; ${env.qemu}. Absolute numbers under TCG mean little: compare ratios within one run.\n\n` +
-    `Each cell: IOPS (ratio to the matching qemu-storage-daemon target)<br>mean / p99 completion latency.\n\n` +
+    `${QUEUES} queues of ${QUEUE_SIZE} (one-job workloads run on one CPU, so one queue); reference peer: ` +
+    `qemu-storage-daemon ${env.qemu10}, also ${env.qemu}. Absolute numbers under TCG mean little: compare ratios within one run.\n\n` +
+    `Each cell: IOPS (ratio to the matching qemu-storage-daemon 10.0 target)<br>mean / p99 completion latency` +
+    `<br>CPU time of the serving process per request (userspace servers).\n\n` +
     table(all) +
     (all.some((t) => t.soak)
       ? `\nSoak (4k randread QD16, six 10 s runs back to back):\n\n| target | IOPS per 10 s | drift first→last |\n|---|---|---|\n` +
