@@ -31,6 +31,8 @@ export declare class BindingDevice {
   submitIo(ops: Float64Array, count: number): void
   /** Rewrites part of the config space; tells the driver once it is running. */
   updateConfig(offset: number, data: Buffer): void
+  /** Whether this device was taken over from a server that died (`recover`), rather than created. */
+  get recovered(): boolean
   status(): number
   negotiatedFeatures(): bigint
   /** The state file that lets a restarted server take the device over, if any. */
@@ -41,6 +43,11 @@ export declare class BindingDevice {
    * keeps serving — while the device is still attached to the vDPA bus.
    */
   close(): Promise<unknown>
+  /**
+   * Stops serving without detaching or destroying the device, for a successor that takes it over with
+   * `recover` (off the JavaScript thread). Requests still in flight are served again by the successor.
+   */
+  release(): Promise<unknown>
 }
 
 export declare class BindingLoopback {
@@ -117,6 +124,8 @@ export interface DeviceCounters {
   jsCalls: number
   ioOps: number
   ioErrors: number
+  /** Requests a taken-over device found in flight and served again. */
+  resubmitted: number
 }
 
 /** Something the kernel-facing side did, reported to JavaScript. */
@@ -157,6 +166,13 @@ export interface DeviceInit {
   ioThreads?: number
   /** Directory of the state file; empty: none. Default /run/vduse. */
   stateDir?: string
+  /**
+   * Take over a device of this name whose server died (its state file must match), instead of creating
+   * one; a device that does not exist is created.
+   */
+  recover?: boolean
+  /** What stores the data, as a stable identity (recorded for, and checked by, a takeover). */
+  backendId?: string
 }
 
 /** `fallocate(2)` on the libuv pool (punch holes, zero ranges) without blocking the JavaScript thread. */
@@ -167,6 +183,12 @@ export declare function fallocate(fd: number, mode: number, offset: number, len:
  * Throws `ERR_VDUSE_UNAVAILABLE` when the node is missing and `ERR_VDUSE_PERMISSION` when it may not be opened.
  */
 export declare function getApiVersion(controlPath?: string | undefined | null): number
+
+/**
+ * Reads device `name`'s state file in `stateDir` (default /run/vduse; empty: none). Null when there is no
+ * valid one.
+ */
+export declare function inspectState(name: string, stateDir?: string | undefined | null): StateSummary | null
 
 /** Names of all VDUSE devices that exist (any process's, including stale ones). */
 export declare function listDevices(): Array<string>
@@ -196,3 +218,18 @@ export declare function reclaimDevice(name: string, stateDir?: string | undefine
 
 /** Where Rust log records go (`null` to stop forwarding), and the most verbose level forwarded. */
 export declare function setLogSink(sink?: ((arg: LogRecord) => void) | undefined | null, level?: string | undefined | null): void
+
+/** What a device's state file says (for `vduse list`), read without changing it. */
+export interface StateSummary {
+  kind: string
+  /** The backend's identity; empty: the data died with the server (not recoverable). */
+  backend: string
+  /** The last server's process id. */
+  pid: number
+  /** The status the device acknowledged last. */
+  status: number
+  numQueues: number
+  queueSize: number
+  /** Servers that have served the device: 1, plus one per takeover. */
+  servings: number
+}

@@ -843,6 +843,7 @@ module.exports.createLoopback = nativeBinding.createLoopback
 module.exports.destroyDevice = nativeBinding.destroyDevice
 module.exports.fallocate = nativeBinding.fallocate
 module.exports.getApiVersion = nativeBinding.getApiVersion
+module.exports.inspectState = nativeBinding.inspectState
 module.exports.listDevices = nativeBinding.listDevices
 module.exports.reclaimDevice = nativeBinding.reclaimDevice
 module.exports.setLogSink = nativeBinding.setLogSink

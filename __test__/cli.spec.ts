@@ -35,6 +35,7 @@ test('blk options parse into a command with defaults', (t) => {
     readOnly: false,
     attach: 'virtio',
     replace: false,
+    recover: false,
     json: true,
   })
   const c = parseCommand([
@@ -70,6 +71,7 @@ test('blk options parse into a command with defaults', (t) => {
     attach: 'vhost',
     timeoutMs: 5000,
   })
+  t.like(parseCommand(['blk', '--name', 'd2', '--file', '/tmp/x.img', '--recover']), { recover: true })
   t.deepEqual(parseCommand(['list', '--json']), { command: 'list', json: true })
   t.deepEqual(parseCommand(['destroy', 'd0']), { command: 'destroy', name: 'd0' })
   t.deepEqual(parseCommand([]), { command: 'help' })
@@ -86,6 +88,8 @@ test('bad usage is a UsageError naming the problem', (t) => {
     [['blk', '--name', 'a/b', '--memory', '1M'], /--name/],
     [['blk', '--name', 'x', '--memory', '1M', '--size', '2M'], /go with --file/],
     [['blk', '--name', 'x', '--memory', '1M', '--bogus'], /bogus/],
+    [['blk', '--name', 'x', '--file', 'f', '--replace', '--recover'], /exclude each other/],
+    [['blk', '--name', 'x', '--file', 'f', '--size', '1M', '--recover'], /drop --size/],
     [['frobnicate'], /unknown command/],
     [['destroy'], /exactly one/],
   ]

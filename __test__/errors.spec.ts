@@ -1,9 +1,9 @@
 import test from 'ava'
-import { writeFileSync, mkdtempSync } from 'node:fs'
+import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
-import { getApiVersion, VduseError } from '../src'
+import { ERROR_CODES, getApiVersion, VduseError } from '../src'
 import { fromNativeError } from '../src/errors'
 
 test('a missing control node is ERR_VDUSE_UNAVAILABLE with a modprobe hint', (t) => {
@@ -39,4 +39,19 @@ test('a native error whose message is not JSON keeps the message', (t) => {
   t.true(err instanceof VduseError)
   t.is((err as VduseError).message, 'plain text')
   t.is((err as VduseError).code, 'ERR_VDUSE_BUSY')
+})
+
+test('every code the Rust side can raise is a documented VduseError code', (t) => {
+  const rust = ['crates/vduse-core/src/error.rs', 'crates/vduse-node/src/error.rs']
+    .map((f) => readFileSync(join(__dirname, '..', f), 'utf8'))
+    .join('\n')
+  const raised = new Set(rust.match(/ERR_VDUSE_[A-Z_]+/g))
+  t.true(raised.size >= 10)
+  const readme = readFileSync(join(__dirname, '..', 'README.md'), 'utf8')
+  for (const code of raised) {
+    t.true((ERROR_CODES as readonly string[]).includes(code), `${code} is missing from ERROR_CODES`)
+    const wrapped = fromNativeError(Object.assign(new Error('{}'), { code }))
+    t.true(wrapped instanceof VduseError, `${code} is not turned into a VduseError`)
+  }
+  for (const code of ERROR_CODES) t.true(readme.includes(code), `${code} is not in the README's table`)
 })

@@ -27,6 +27,7 @@ const loopbackTransport: Transport = {
       negotiatedFeatures: () => 0n,
       counters: () => lb.counters(),
       statePath: () => null,
+      recovered: false,
       close: async () => lb.close(),
     }
   },

@@ -17,6 +17,27 @@ export function listDevices(): string[] {
   return native(() => binding.listDevices())
 }
 
+/** What a device's state file says (its kind, backend identity, last server), or null without one. */
+export interface DeviceState {
+  kind: string
+  /** The backend's identity; empty: the data died with its server, so it cannot be recovered. */
+  backend: string
+  /** The last server's process id. */
+  pid: number
+  /** The status the device acknowledged last. */
+  status: number
+  numQueues: number
+  queueSize: number
+  /** Servers that have served the device: 1, plus one per takeover. */
+  servings: number
+}
+
+/** Reads device `name`'s state file (in `stateDir`, default `/run/vduse`) without changing it. */
+export function inspectState(name: string, options: { stateDir?: string | null } = {}): DeviceState | null {
+  const dir = options.stateDir === null ? '' : options.stateDir
+  return native(() => binding.inspectState(name, dir)) ?? null
+}
+
 /**
  * Destroys a VDUSE device that no process serves (e.g. left by a crash). It must be detached from the
  * vDPA bus first (`vdpa dev del NAME`).

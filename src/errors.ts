@@ -1,17 +1,22 @@
-/** Stable error codes. Match on `error.code`, never on the message. */
-export type VduseErrorCode =
-  | 'ERR_VDUSE_UNAVAILABLE'
-  | 'ERR_VDUSE_PERMISSION'
-  | 'ERR_VDUSE_EXISTS'
-  | 'ERR_VDUSE_NOT_FOUND'
-  | 'ERR_VDUSE_BUSY'
-  | 'ERR_VDUSE_INVALID_CONFIG'
-  | 'ERR_VDUSE_BROKEN'
-  | 'ERR_VDUSE_SYSCALL'
-  | 'ERR_VDUSE_ATTACH'
-  | 'ERR_VDUSE_CLOSED'
-  | 'ERR_VDUSE_TIMEOUT'
-  | 'ERR_VDUSE_NATIVE'
+/** Every stable error code. Match on `error.code`, never on the message. */
+export const ERROR_CODES = [
+  'ERR_VDUSE_UNAVAILABLE',
+  'ERR_VDUSE_PERMISSION',
+  'ERR_VDUSE_EXISTS',
+  'ERR_VDUSE_NOT_FOUND',
+  'ERR_VDUSE_BUSY',
+  'ERR_VDUSE_INVALID_CONFIG',
+  'ERR_VDUSE_BROKEN',
+  'ERR_VDUSE_NOT_RECOVERABLE',
+  'ERR_VDUSE_MISMATCH',
+  'ERR_VDUSE_SYSCALL',
+  'ERR_VDUSE_ATTACH',
+  'ERR_VDUSE_CLOSED',
+  'ERR_VDUSE_TIMEOUT',
+  'ERR_VDUSE_NATIVE',
+] as const
+
+export type VduseErrorCode = (typeof ERROR_CODES)[number]
 
 export interface VduseErrorOptions {
   code: VduseErrorCode
@@ -39,17 +44,7 @@ export class VduseError extends Error {
   }
 }
 
-const KNOWN_CODES = new Set<string>([
-  'ERR_VDUSE_UNAVAILABLE',
-  'ERR_VDUSE_PERMISSION',
-  'ERR_VDUSE_EXISTS',
-  'ERR_VDUSE_NOT_FOUND',
-  'ERR_VDUSE_BUSY',
-  'ERR_VDUSE_INVALID_CONFIG',
-  'ERR_VDUSE_BROKEN',
-  'ERR_VDUSE_SYSCALL',
-  'ERR_VDUSE_NATIVE',
-])
+const KNOWN_CODES: ReadonlySet<string> = new Set(ERROR_CODES)
 
 interface NativeErrorRecord {
   code?: unknown

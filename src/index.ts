@@ -1,6 +1,7 @@
-export { VduseError } from './errors'
+export { ERROR_CODES, VduseError } from './errors'
 export type { VduseErrorCode, VduseErrorOptions } from './errors'
-export { getApiVersion, listDevices, destroyDevice, removeStaleDevice } from './control'
+export { getApiVersion, listDevices, destroyDevice, removeStaleDevice, inspectState } from './control'
+export type { DeviceState } from './control'
 
 export { VirtioDevice } from './virtio/device'
 export type { VirtioDeviceOptions, AttachOptions, VirtioDeviceEvents, DrainInfo } from './virtio/device'

@@ -1,49 +1,13 @@
 import test from 'ava'
-import { spawn, type ChildProcess } from 'node:child_process'
+import { spawn } from 'node:child_process'
 import { readFileSync } from 'node:fs'
-import { join } from 'node:path'
 import { createInterface } from 'node:readline'
 
-import { assertInGuest, exerciseBlockDevice, sh } from './guest'
+import { assertInGuest, CLI, exerciseBlockDevice, sh, startCli as start } from './guest'
 
-const BIN = join(__dirname, '../../bin/vduse.js')
+const BIN = CLI
 
 test.before(() => assertInGuest())
-
-interface Running {
-  child: ChildProcess
-  events: Array<Record<string, unknown>>
-  next(event: string): Promise<Record<string, unknown>>
-  exit: Promise<number | null>
-  stderr: () => string
-}
-
-function start(args: string[]): Running {
-  const child = spawn(process.execPath, [BIN, ...args], { stdio: ['ignore', 'pipe', 'pipe'] })
-  const events: Array<Record<string, unknown>> = []
-  const waiters: Array<{ event: string; resolve: (e: Record<string, unknown>) => void }> = []
-  let err = ''
-  child.stderr!.on('data', (d: Buffer) => (err += d.toString()))
-  createInterface({ input: child.stdout! }).on('line', (line) => {
-    const e = JSON.parse(line) as Record<string, unknown>
-    events.push(e)
-    for (const w of waiters.filter((w) => w.event === e.event)) w.resolve(e)
-  })
-  const exit = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)))
-  return {
-    child,
-    events,
-    exit,
-    stderr: () => err,
-    next: (event) =>
-      new Promise((resolve, reject) => {
-        const seen = events.find((e) => e.event === event)
-        if (seen) return resolve(seen)
-        waiters.push({ event, resolve })
-        void exit.then((code) => reject(new Error(`vduse exited (${code}) before "${event}": ${err}`)))
-      }),
-  }
-}
 
 test('vduse blk --memory 64M --name d0 --attach virtio --json serves a working /dev/vdX and stops cleanly', async (t) => {
   const cli = start([

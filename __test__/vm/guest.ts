@@ -1,5 +1,7 @@
 // Helpers for specs that run inside the test guest (scripts/vm/run): real kernel, real modules.
-import { execFile } from 'node:child_process'
+import { execFile, spawn, type ChildProcess } from 'node:child_process'
+import { join } from 'node:path'
+import { createInterface } from 'node:readline'
 import { promisify } from 'node:util'
 
 export const execFileAsync = promisify(execFile)
@@ -81,5 +83,45 @@ export async function until(
   while (!(await check())) {
     if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`)
     await new Promise((r) => setTimeout(r, 20))
+  }
+}
+
+/** A `vduse` CLI process with `--json` events. */
+export interface Running {
+  child: ChildProcess
+  events: Array<Record<string, unknown>>
+  next(event: string): Promise<Record<string, unknown>>
+  exit: Promise<number | null>
+  stderr: () => string
+}
+
+/** The CLI entry point (runs the built `dist/`). */
+export const CLI = join(__dirname, '../../bin/vduse.js')
+
+/** Starts the CLI; `next(event)` resolves with the first JSON event of that name. */
+export function startCli(args: string[]): Running {
+  const child = spawn(process.execPath, [CLI, ...args], { stdio: ['ignore', 'pipe', 'pipe'] })
+  const events: Array<Record<string, unknown>> = []
+  const waiters: Array<{ event: string; resolve: (e: Record<string, unknown>) => void }> = []
+  let err = ''
+  child.stderr!.on('data', (d: Buffer) => (err += d.toString()))
+  createInterface({ input: child.stdout! }).on('line', (line) => {
+    const e = JSON.parse(line) as Record<string, unknown>
+    events.push(e)
+    for (const w of waiters.filter((w) => w.event === e.event)) w.resolve(e)
+  })
+  const exit = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)))
+  return {
+    child,
+    events,
+    exit,
+    stderr: () => err,
+    next: (event) =>
+      new Promise((resolve, reject) => {
+        const seen = events.find((e) => e.event === event)
+        if (seen) return resolve(seen)
+        waiters.push({ event, resolve })
+        void exit.then((code) => reject(new Error(`vduse exited (${code}) before "${event}": ${err}`)))
+      }),
   }
 }

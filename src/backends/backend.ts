@@ -41,6 +41,13 @@ export interface BlockBackend {
   /** Offer the device read-only. */
   readonly readOnly?: boolean
   /**
+   * A stable identity of the storage: the same storage gives the same string after a restart (a file's
+   * device and inode, a volume id). A restarted server may take over a device whose server died
+   * (`recover`) only with a backend of the same identity; leave it out for storage whose data dies with
+   * the process (memory).
+   */
+  readonly id?: string
+  /**
    * A file descriptor the device may read and write directly (preadv/pwritev on native threads, data
    * never passing through JavaScript). `read`/`write` are still used where native I/O is unavailable.
    */

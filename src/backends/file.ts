@@ -28,6 +28,11 @@ export class FileBackend implements BlockBackend {
     readonly readOnly: boolean,
     private readonly regular: boolean,
     readonly path: string,
+    /**
+     * `file:DEV:INO[:BIRTH]` or `blockdev:RDEV`: the same storage after a restart, even under another
+     * path. A block device is named by its number only: re-pointing a loop device is not detected.
+     */
+    readonly id: string,
   ) {}
 
   static async open(path: string, options: FileBackendOptions = {}): Promise<FileBackend> {
@@ -66,7 +71,13 @@ export class FileBackend implements BlockBackend {
       await handle.close()
       throw new VduseError(`${path} is empty; give a size to create it`, { code: 'ERR_VDUSE_INVALID_CONFIG' })
     }
-    return new FileBackend(handle, size, readOnly, st.isFile(), path)
+    // Device and inode name the file; its birth time tells a file recreated under a recycled inode
+    // number apart (where the file system records one).
+    const big = await handle.stat({ bigint: true })
+    const id = st.isBlockDevice()
+      ? `blockdev:${big.rdev}`
+      : `file:${big.dev}:${big.ino}${big.birthtimeNs > 0n ? `:${big.birthtimeNs}` : ''}`
+    return new FileBackend(handle, size, readOnly, st.isFile(), path, id)
   }
 
   get size(): number {

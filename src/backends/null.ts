@@ -5,6 +5,8 @@ import type { BlockBackend, BlockIo } from './backend'
  * `{ zeroes: true }`). For measuring the transport itself.
  */
 export class NullBackend implements BlockBackend {
+  /** Nothing is stored, so any null backend may take over a null device. */
+  readonly id = 'null'
   constructor(
     readonly size: number,
     private readonly options: { zeroes?: boolean } = {},

@@ -11,7 +11,8 @@ export const HELP = `Usage:
   vduse destroy NAME
 
 Serve a virtio-blk device from this process through VDUSE (Linux >= 5.15; as root, with
-\`modprobe vduse virtio_vdpa\`), until SIGINT or SIGTERM.
+\`modprobe vduse virtio_vdpa\`), until SIGINT or SIGTERM (finish, flush, detach, destroy). SIGUSR2 hands
+the device over instead: stop serving and leave it attached for \`vduse blk --recover\` (an upgrade).
 
 Backends (exactly one):
   --memory SIZE          a RAM disk of SIZE bytes (suffixes K, M, G, T)
@@ -31,10 +32,13 @@ Options for blk:
                          (/dev/vhost-vdpa-N for a VM), or leave it detached
   --timeout MS           fail a backend call that takes longer (default: no limit)
   --replace              replace a stale device of the same name left by a dead process
-  --json                 one JSON event per line on stdout (ready, stopped, error)
+  --recover              take over the device of the same name whose server died (same backend and
+                         options), serving again what it left in flight; the driver sees a pause.
+                         Creates the device if there is none
+  --json                 one JSON event per line on stdout (ready, stopped, released, error, …)
 
 Other commands:
-  list                   VDUSE devices on this machine, ours and stale ones
+  list                   VDUSE devices on this machine: served, stale, or recoverable (--recover)
   destroy NAME           detach and destroy a stale device
 
   -h, --help             this help
@@ -79,6 +83,7 @@ export interface BlkCommand {
   attach: 'virtio' | 'vhost' | 'none'
   timeoutMs?: number
   replace: boolean
+  recover: boolean
   json: boolean
 }
 
@@ -115,6 +120,7 @@ export function parseCommand(argv: readonly string[]): Command {
         attach: { type: 'string' },
         timeout: { type: 'string' },
         replace: { type: 'boolean' },
+        recover: { type: 'boolean' },
         json: { type: 'boolean' },
         help: { type: 'boolean', short: 'h' },
       },
@@ -163,6 +169,10 @@ export function parseCommand(argv: readonly string[]): Command {
   if (attach !== 'virtio' && attach !== 'vhost' && attach !== 'none') {
     throw new UsageError('--attach must be virtio, vhost or none')
   }
+  if (v.replace && v.recover) throw new UsageError('--replace and --recover exclude each other')
+  // Growing the image before the takeover is checked would change what a refused restart must leave alone.
+  if (v.recover && v.size !== undefined)
+    throw new UsageError('--recover takes the image as it is: drop --size')
   if (v.serial !== undefined && Buffer.byteLength(v.serial) > 20)
     throw new UsageError('--serial is at most 20 bytes')
   const cmd: BlkCommand = {
@@ -175,6 +185,7 @@ export function parseCommand(argv: readonly string[]): Command {
     readOnly: v['read-only'] ?? false,
     attach,
     replace: v.replace ?? false,
+    recover: v.recover ?? false,
     json: v.json ?? false,
   }
   if (v.serial !== undefined) cmd.serial = v.serial

@@ -5,7 +5,7 @@ import { FileBackend } from '../backends/file'
 import { MemoryBackend } from '../backends/memory'
 import { NullBackend } from '../backends/null'
 import type { BlockBackend } from '../backends/backend'
-import { listDevices, removeStaleDevice } from '../control'
+import { inspectState, listDevices, removeStaleDevice } from '../control'
 import { BlockDevice } from '../devices/blk/block-device'
 import { VduseError } from '../errors'
 import { logs, type LogRecord } from '../log'
@@ -49,6 +49,7 @@ async function serveBlk(cmd: BlkCommand, emit: Emit): Promise<number> {
       logicalBlockSize: cmd.blockSize,
       readOnly: cmd.readOnly,
       replaceStale: cmd.replace,
+      recover: cmd.recover,
     }
     if (cmd.serial !== undefined) options.serial = cmd.serial
     if (cmd.timeoutMs !== undefined) options.requestTimeoutMs = cmd.timeoutMs
@@ -80,6 +81,16 @@ async function serveBlk(cmd: BlkCommand, emit: Emit): Promise<number> {
     for (const sig of ['SIGINT', 'SIGTERM'] as const) {
       process.once(sig, () => stop(sig).then(resolve, reject))
     }
+    // A handover (an upgrade): stop serving but leave the device where it is, for `--recover`.
+    process.once('SIGUSR2', () => {
+      stopping ??= (async () => {
+        await device.release()
+        await backend.close?.()
+        emit({ event: 'released', name: cmd.name, stats: device.stats, counters: device.counters() })
+        return 0
+      })()
+      stopping.then(resolve, reject)
+    })
     // A broken device serves nothing any more: say so, clean up what can be cleaned, exit non-zero.
     device.on('broken', (err) => {
       emit({ event: 'broken', name: cmd.name, code: err.code, message: err.message, hint: err.hint })
@@ -90,9 +101,10 @@ async function serveBlk(cmd: BlkCommand, emit: Emit): Promise<number> {
     })
   })
 
-  let path: string | undefined
+  let path = device.path
   try {
-    if (cmd.attach !== 'none') path = await device.attach({ driver: cmd.attach })
+    // A recovered device is usually still attached where its dead server left it.
+    if (cmd.attach !== 'none' && !device.attached) path = await device.attach({ driver: cmd.attach })
   } catch (err) {
     await device.close().catch(() => {})
     await backend.close?.()
@@ -105,6 +117,7 @@ async function serveBlk(cmd: BlkCommand, emit: Emit): Promise<number> {
     size: device.size,
     queues: cmd.queues,
     features: device.offeredFeatures,
+    ...(device.recovered ? { recovered: true, resubmitted: device.counters().resubmitted } : {}),
   })
   return stopped
 }
@@ -120,12 +133,18 @@ async function list(json: boolean): Promise<number> {
       served = (err as NodeJS.ErrnoException).code === 'EBUSY'
     }
     const attached = await isAttached(name)
+    const state = served ? null : inspectState(name)
     rows.push({
       name,
       served,
       stale: !served,
+      // Its server died and left a state file naming storage that outlives it: `vduse blk --recover`.
+      recoverable: state !== null && state.backend !== '' && state.kind === 'blk',
       attached,
       driver: attached ? ((await boundDriver(name)) ?? null) : null,
+      ...(state
+        ? { kind: state.kind, backend: state.backend || null, lastPid: state.pid, servings: state.servings }
+        : {}),
     })
   }
   if (json) for (const r of rows) process.stdout.write(JSON.stringify(r) + '\n')
@@ -133,7 +152,8 @@ async function list(json: boolean): Promise<number> {
   else {
     for (const r of rows) {
       const where = r.attached ? `attached (${r.driver ?? 'no driver'})` : 'detached'
-      process.stdout.write(`${r.name}\t${r.served ? 'served' : 'stale'}\t${where}\n`)
+      const what = r.served ? 'served' : r.recoverable ? 'stale, recoverable' : 'stale'
+      process.stdout.write(`${r.name}\t${what}\t${where}\n`)
     }
   }
   return 0

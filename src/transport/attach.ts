@@ -113,6 +113,17 @@ export async function detach(name: string, options: { signal?: AbortSignal } = {
   await vdpa(['dev', 'del', name], options.signal)
 }
 
+/** Where device `name` is attached now, if it is: the driver and the node it made. */
+export async function currentAttachment(
+  name: string,
+): Promise<{ driver: AttachDriver; path: string } | undefined> {
+  const bound = await currentDriver(name)
+  const driver = bound === 'virtio_vdpa' ? 'virtio' : bound === 'vhost_vdpa' ? 'vhost' : undefined
+  if (driver === undefined) return undefined
+  const path = await nodeFor(name, driver)
+  return path === undefined ? undefined : { driver, path }
+}
+
 /** Whether `name` is on the vDPA bus now. */
 export async function isAttached(name: string): Promise<boolean> {
   return exists(join(BUS, 'devices', name))

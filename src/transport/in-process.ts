@@ -82,6 +82,7 @@ export class InProcessTransport implements Transport {
       negotiatedFeatures: () => this.features,
       counters: (): DeviceCounters => this.counters(),
       statePath: () => null,
+      recovered: false,
       close: async () => {
         this.closed = true
       },
@@ -108,6 +109,7 @@ export class InProcessTransport implements Transport {
       jsCalls: this.counts.batches,
       ioOps: 0,
       ioErrors: 0,
+      resubmitted: 0,
     }
   }
 

@@ -24,7 +24,9 @@ export const vduseTransport: Transport = {
       negotiatedFeatures: () => device.negotiatedFeatures(),
       counters: () => device.counters(),
       statePath: () => device.statePath() ?? null,
+      recovered: device.recovered,
       close: () => nativeAsync(async () => void (await device.close())),
+      release: () => nativeAsync(async () => void (await native(() => device.release()))),
     }
     return source
   },

@@ -39,8 +39,12 @@ export interface RequestSource {
   counters(): DeviceCounters
   /** The state file that lets a restarted server take the device over, if any. */
   statePath(): string | null
+  /** Whether the device was taken over from a server that died (`recover`), rather than created. */
+  readonly recovered: boolean
   /** Stops serving and destroys the device. Rejects with ERR_VDUSE_BUSY while it is attached. */
   close(): Promise<void>
+  /** Stops serving, leaving the device (attached, with its state file) to a successor (`recover`). */
+  release?(): Promise<void>
 }
 
 /** Opens a device: the kernel (VDUSE) by default, or the in-process transport in tests. */

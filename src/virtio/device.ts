@@ -3,7 +3,7 @@ import { EventEmitter } from 'node:events'
 import { removeStaleDevice } from '../control'
 import { VduseError } from '../errors'
 import { installLogSink } from '../log'
-import { attach, detach, isAttached, type AttachDriver } from '../transport/attach'
+import { attach, currentAttachment, detach, isAttached, type AttachDriver } from '../transport/attach'
 import { BatchArrays, Completions, RequestBatch } from '../transport/batch'
 import { vduseTransport } from '../transport/native'
 import type { DeviceCounters, DeviceEvent, DeviceInit, RequestSource, Transport } from '../transport/source'
@@ -34,6 +34,17 @@ export interface VirtioDeviceOptions {
    * `/run/vduse`); `null`: keep none.
    */
   stateDir?: string | null
+  /**
+   * Take over a device of this name whose server died, instead of creating one: same options, same
+   * backend (`BlockBackend.id`), same state directory. The requests the dead server left in flight are
+   * served again first, in their original order; the driver sees a pause, not an error. A device that
+   * does not exist is created as usual.
+   *
+   * @throws ERR_VDUSE_MISMATCH (the device differs: size, features, queues, backend — nothing is changed),
+   *   ERR_VDUSE_NOT_RECOVERABLE (no state file, or its data died with its server), ERR_VDUSE_BUSY (a live
+   *   process serves it).
+   */
+  recover?: boolean
 }
 
 export interface AttachOptions {
@@ -81,7 +92,9 @@ export abstract class VirtioDevice extends EventEmitter<VirtioDeviceEvents> impl
   protected batch!: RequestBatch
   protected completions!: Completions
   #keepAlive: NodeJS.Timeout | undefined
-  #attachedAs: AttachDriver | undefined
+  /** The driver the device is bound to; `unbound` when it is on the vDPA bus without one. */
+  #attachedAs: AttachDriver | 'unbound' | undefined
+  #path: string | undefined
   #closing: Promise<void> | undefined
   #status = 0
   #features = 0n
@@ -96,6 +109,12 @@ export abstract class VirtioDevice extends EventEmitter<VirtioDeviceEvents> impl
 
   /** With `replaceStale`, removes a leftover device of this name (also when it is still attached). */
   protected async prepare(): Promise<void> {
+    if (this.#options.replaceStale && this.#options.recover) {
+      throw new VduseError('replaceStale and recover exclude each other', {
+        code: 'ERR_VDUSE_INVALID_CONFIG',
+        hint: "recover takes a dead server's device over; replaceStale destroys it",
+      })
+    }
     if (this.#options.replaceStale && this.#options.transport === undefined) {
       try {
         await removeStaleDevice(this.name, { stateDir: this.#options.stateDir })
@@ -124,6 +143,7 @@ export abstract class VirtioDevice extends EventEmitter<VirtioDeviceEvents> impl
       drainTimeoutMs: this.#options.drainTimeoutMs ?? 5000,
       ioThreads: this.#options.ioThreads ?? 4,
       ...(stateDir === undefined ? {} : { stateDir: stateDir ?? '' }),
+      recover: this.#options.recover ?? false,
     }
     const capacity = this.#options.batchSize ?? 64
     const arrays = new BatchArrays(capacity, Math.max(256, capacity * 4))
@@ -133,6 +153,11 @@ export abstract class VirtioDevice extends EventEmitter<VirtioDeviceEvents> impl
       (queue, count) => this.#onBatch(queue, count),
       (event) => this.#onEvent(event),
     )
+    if (this.source.recovered) {
+      // The driver may have started the device long ago: pick up where the dead server was.
+      this.#status = this.source.status()
+      this.#features = this.source.negotiatedFeatures()
+    }
     this.completions = new Completions(arrays, this.source)
     this.batch = new RequestBatch(arrays, this.source, this.completions)
     // Served devices keep the process alive (unref() opts out), like a listening server.
@@ -145,6 +170,15 @@ export abstract class VirtioDevice extends EventEmitter<VirtioDeviceEvents> impl
       if (signal.aborted) onAbort()
       else signal.addEventListener('abort', onAbort, { once: true })
     }
+  }
+
+  /** Called by the subclass's factory once the device is open: a taken-over device learns where it is attached. */
+  protected async opened(): Promise<void> {
+    if (!this.source.recovered || this.#options.transport !== undefined) return
+    if (!(await isAttached(this.name))) return
+    const now = await currentAttachment(this.name)
+    this.#attachedAs = now?.driver ?? 'unbound'
+    this.#path = now?.path
   }
 
   /** Handles request `i` of `batch`: complete it through `batch` now, or later by its ticket. */
@@ -277,9 +311,22 @@ export abstract class VirtioDevice extends EventEmitter<VirtioDeviceEvents> impl
     return this.source.statePath()
   }
 
-  /** Whether the device was attached to the vDPA bus by `attach()`. */
+  /** Whether the device is attached to the vDPA bus (by `attach()`, or found so when it was recovered). */
   get attached(): boolean {
     return this.#attachedAs !== undefined
+  }
+
+  /** The node the attached driver made (`/dev/vdX`, `/dev/vhost-vdpa-N`, an interface name). */
+  get path(): string | undefined {
+    return this.#path
+  }
+
+  /**
+   * Whether this device was taken over from a server that died (`recover`). A recovered device the
+   * driver had already started emits no `ready`: `status` and `negotiatedFeatures` hold what it set.
+   */
+  get recovered(): boolean {
+    return this.source.recovered
   }
 
   /**
@@ -288,9 +335,16 @@ export abstract class VirtioDevice extends EventEmitter<VirtioDeviceEvents> impl
    */
   async attach(options: AttachOptions = {}): Promise<string> {
     this.assertOpen()
+    if (this.#attachedAs !== undefined) {
+      throw new VduseError(`device ${this.name} is already attached`, {
+        code: 'ERR_VDUSE_BUSY',
+        hint: 'a recovered device stays where its old server left it; detach() first to move it',
+      })
+    }
     const driver = options.driver ?? 'virtio'
     const path = await attach(this.name, driver, options)
     this.#attachedAs = driver
+    this.#path = path
     return path
   }
 
@@ -299,6 +353,7 @@ export abstract class VirtioDevice extends EventEmitter<VirtioDeviceEvents> impl
     if (this.#attachedAs === undefined && !(await isAttached(this.name))) return
     await detach(this.name, options)
     this.#attachedAs = undefined
+    this.#path = undefined
   }
 
   /** Rewrites config-space bytes; the driver gets a config interrupt once it is running. */
@@ -331,6 +386,47 @@ export abstract class VirtioDevice extends EventEmitter<VirtioDeviceEvents> impl
     return this.#closing
   }
 
+  /**
+   * Hands the device over to a successor — an upgrade without the driver seeing an error: stops serving
+   * without detaching or destroying the device. Requests still in the model after the drain timeout
+   * are left in the state file; the successor (`recover: true`, `vduse blk --recover`) serves them again.
+   * Exit the process afterwards, so that nothing of this server can touch the backend any more; until
+   * the successor has taken over, the driver waits (and a reset it sends meanwhile must be answered
+   * within the kernel's 30 s).
+   *
+   * @throws ERR_VDUSE_NOT_RECOVERABLE when the device keeps no state file (`stateDir: null`).
+   */
+  release(): Promise<void> {
+    this.#closing ??= this.#doRelease()
+    return this.#closing
+  }
+
+  async #doRelease(): Promise<void> {
+    try {
+      if (!this.source.release) {
+        throw new VduseError('this transport cannot hand a device over', {
+          code: 'ERR_VDUSE_NOT_RECOVERABLE',
+        })
+      }
+      await this.#settle()
+      await this.source.release()
+      this.#lastCounters = this.source.counters()
+    } finally {
+      if (this.#keepAlive) clearInterval(this.#keepAlive)
+      this.emit('close')
+    }
+  }
+
+  /** Lets requests in the model finish (up to the drain timeout), then flushes the backend. */
+  async #settle(): Promise<void> {
+    const deadline = Date.now() + (this.#options.drainTimeoutMs ?? 5000)
+    while (this.inFlight() > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 5))
+    this.completions.flush()
+    await this.shutdown()
+    this.completions.close()
+    this.#lastCounters = this.source.counters()
+  }
+
   async [Symbol.asyncDispose](): Promise<void> {
     await this.close()
   }
@@ -343,12 +439,7 @@ export abstract class VirtioDevice extends EventEmitter<VirtioDeviceEvents> impl
       ) {
         await this.detach()
       }
-      const deadline = Date.now() + (this.#options.drainTimeoutMs ?? 5000)
-      while (this.inFlight() > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 5))
-      this.completions.flush()
-      await this.shutdown()
-      this.completions.close()
-      this.#lastCounters = this.source.counters()
+      await this.#settle()
       await this.source.close()
       this.#lastCounters = this.source.counters()
     } finally {

@@ -34,7 +34,7 @@ use vmm_sys_util::ioctl::{ioctl, ioctl_with_mut_ref, ioctl_with_ptr, ioctl_with_
 
 use crate::control::Control;
 use crate::error::{last_os, Error, Result};
-use crate::inflight::{StateFile, StateInfo};
+use crate::inflight::{QueueLog, StateFile, StateInfo};
 use crate::memory::{enumerate, EntryKey, IotlbMap, Janitor, Mapping, Memory};
 use crate::model::{DeviceModel, DeviceSpec};
 use crate::queue::{Budget, InFlight, RingInfo, Ticket, Transport, Virtqueue};
@@ -81,6 +81,11 @@ pub struct DeviceOptions {
     /// Directory of the state file (in-flight log) that lets a restarted server take the device over.
     /// `None`: no state file.
     pub state_dir: Option<PathBuf>,
+    /// What stores the device's data, as a stable identity (a file's device and inode, a volume id):
+    /// recorded in the state file. A takeover ([`VduseDevice::adopt`] with a spec) refuses a different
+    /// backend, and a device whose backend has none — its data died with its server — cannot be taken
+    /// over.
+    pub backend: Option<String>,
     /// How much one pop round may take.
     pub budget: Budget,
 }
@@ -93,6 +98,7 @@ impl DeviceOptions {
             replace_stale: false,
             drain_timeout: Duration::from_secs(5),
             state_dir: Some(PathBuf::from(DEFAULT_STATE_DIR)),
+            backend: None,
             budget: Budget::default(),
         }
     }
@@ -288,6 +294,8 @@ pub struct DeviceStats {
     pub drains: u64,
     /// Longest a single drain kept the kernel waiting (microseconds).
     pub max_drain_us: u64,
+    /// Requests a taken-over device found in flight and served again.
+    pub resubmitted: u64,
 }
 
 struct Shared {
@@ -307,6 +315,7 @@ struct Shared {
     broken: AtomicBool,
     drains: AtomicU64,
     max_drain_us: AtomicU64,
+    resubmitted: AtomicU64,
 }
 
 /// A created (or taken-over) VDUSE device being served. Close it after detaching it; dropping it without
@@ -353,6 +362,12 @@ impl VduseDevice {
                 return Err(e);
             }
         };
+        // A state file of an earlier device of this name describes rings that are gone: one that stayed
+        // where a successor would look must not be taken for this device's.
+        let default_path = Path::new(DEFAULT_STATE_DIR).join(&options.name);
+        if options.state_path().as_deref() != Some(default_path.as_path()) {
+            let _ = std::fs::remove_file(&default_path);
+        }
         let state = match options.state_path() {
             Some(path) => {
                 let info = StateInfo {
@@ -365,6 +380,7 @@ impl VduseDevice {
                 match StateFile::create(&path, &info) {
                     Ok(s) => {
                         s.set_kind(&spec.kind);
+                        s.set_backend(options.backend.as_deref().unwrap_or(""));
                         Some(s)
                     }
                     Err(e) => {
@@ -373,6 +389,7 @@ impl VduseDevice {
                             options.name,
                             path.display()
                         );
+                        let _ = std::fs::remove_file(&path);
                         None
                     }
                 }
@@ -396,12 +413,26 @@ impl VduseDevice {
         serving: impl FnOnce(&DeviceSpec) -> Serving,
         events: Option<Arc<dyn DeviceEvents>>,
     ) -> Result<Self> {
-        let dev = match OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
-            .open(format!("{}/{}", uapi::DEV_DIR, options.name))
-        {
+        let node = format!("{}/{}", uapi::DEV_DIR, options.name);
+        let open = || {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
+                .open(&node)
+        };
+        // The node admits one opener: a tool probing it (`vduse list`) holds it for an instant.
+        let mut opened = open();
+        for _ in 0..5 {
+            match &opened {
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    std::thread::sleep(Duration::from_millis(10));
+                    opened = open();
+                }
+                _ => break,
+            }
+        }
+        let dev = match opened {
             Ok(f) => Arc::new(f),
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
                 return Err(Error::Busy {
@@ -414,7 +445,7 @@ impl VduseDevice {
                     name: options.name.clone(),
                 })
             }
-            Err(e) => return Err(Error::open(format!("{}/{}", uapi::DEV_DIR, options.name), e)),
+            Err(e) => return Err(Error::open(node, e)),
         };
         let path = options.state_path().ok_or_else(|| Error::NotRecoverable {
             name: options.name.clone(),
@@ -435,22 +466,48 @@ impl VduseDevice {
             kind: state.kind(),
         };
         if let Some(want) = expect {
+            // The storage first: a device whose data died with its server is not worth comparing.
+            let recorded = state.backend();
+            match options.backend.as_deref() {
+                _ if recorded.is_empty() => {
+                    return Err(Error::NotRecoverable {
+                        name: options.name.clone(),
+                        reason: "its data did not outlive its server (the backend had no identity)".into(),
+                    })
+                }
+                None | Some("") => {
+                    return Err(Error::NotRecoverable {
+                        name: options.name.clone(),
+                        reason: "the new backend has no identity to check against the old one".into(),
+                    })
+                }
+                Some(ours) if ours != recorded => {
+                    return Err(Error::Mismatch {
+                        name: options.name.clone(),
+                        what: "backend".into(),
+                        expected: ours.into(),
+                        found: recorded,
+                    })
+                }
+                Some(_) => {}
+            }
             mismatch(&options.name, want, &spec)?;
         }
-        state.set_pid(std::process::id());
         let status = state.status();
         let features = state.driver_features();
         let serving = serving(&spec);
-        Self::serve(
+        let device = Self::serve(
             &options,
             spec,
             serving,
             events,
             dev,
-            Some(state),
+            Some(state.clone()),
             status,
             features,
-        )
+        )?;
+        state.begin_serving();
+        Ok(device)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -501,6 +558,7 @@ impl VduseDevice {
             broken: AtomicBool::new(false),
             drains: AtomicU64::new(0),
             max_drain_us: AtomicU64::new(0),
+            resubmitted: AtomicU64::new(0),
         });
         let mut workers = Vec::new();
         if let Serving::Workers(model) = serving {
@@ -601,6 +659,7 @@ impl VduseDevice {
         s.iotlb_reloads = self.shared.memory.reloads();
         s.drains = self.shared.drains.load(Ordering::Relaxed);
         s.max_drain_us = self.shared.max_drain_us.load(Ordering::Relaxed);
+        s.resubmitted = self.shared.resubmitted.load(Ordering::Relaxed);
         s
     }
 
@@ -610,6 +669,10 @@ impl VduseDevice {
         buf[..4].copy_from_slice(&offset.to_ne_bytes());
         buf[4..8].copy_from_slice(&(data.len() as u32).to_ne_bytes());
         buf[8..].copy_from_slice(data);
+        // The state file first: a successor compares its own config (from the resized backend) with it.
+        if let Some(state) = &self.shared.state {
+            state.set_config(offset as usize, data);
+        }
         // SAFETY: VDUSE_DEV_SET_CONFIG reads a vduse_config_data header followed by `length` bytes.
         let ret = unsafe {
             ioctl_with_ptr(
@@ -620,9 +683,6 @@ impl VduseDevice {
         };
         if ret < 0 {
             return Err(self.shared.device_error("ioctl(VDUSE_DEV_SET_CONFIG)"));
-        }
-        if let Some(state) = &self.shared.state {
-            state.set_config(offset as usize, data);
         }
         if self.status() & STATUS_DRIVER_OK != 0 {
             // SAFETY: VDUSE_DEV_INJECT_CONFIG_IRQ takes no argument.
@@ -663,7 +723,7 @@ impl VduseDevice {
         // Nothing may touch guest memory any more.
         let mut maps = Vec::new();
         for q in &self.shared.queues {
-            maps.extend(q.stop().1);
+            maps.extend(q.abandon().1);
         }
         let old = self.shared.memory.clear();
         let mut mappings = old.mappings();
@@ -693,13 +753,15 @@ impl VduseDevice {
         Ok(())
     }
 
-    /// Stops serving without destroying the device (its state file stays): a server that is being
-    /// replaced, so that the next one can take the device over.
+    /// Stops serving without destroying or detaching the device: a server handing over to its successor
+    /// (an upgrade), which takes the device over with [`adopt`](Self::adopt). Requests still in flight stay
+    /// in the state file and are served again by the successor. Until it comes, the driver waits — and a
+    /// control message it sends meanwhile breaks the device if nobody answers it within the kernel's 30 s.
     pub fn release(&mut self) -> Result<()> {
-        if !self.closed && is_attached(&self.shared.name) {
-            return Err(Error::Busy {
+        if self.shared.state.is_none() {
+            return Err(Error::NotRecoverable {
                 name: self.shared.name.clone(),
-                reason: "still attached to the vDPA bus",
+                reason: "it keeps no state file, so no successor could take it over".into(),
             });
         }
         self.shutdown(false)
@@ -720,7 +782,7 @@ impl Drop for VduseDevice {
                 w.stop();
             }
             for q in &self.shared.queues {
-                q.stop();
+                q.abandon();
             }
             // The message loop thread keeps the device answerable; it ends with the process.
             self.message_loop.take();
@@ -906,10 +968,23 @@ impl Shared {
         Ok(())
     }
 
-    /// A taken-over device whose driver is running: repair the logs against the used rings and resume
-    /// every queue the driver enabled, the dead server's requests first.
+    /// A taken-over device whose driver is running: check every queue's log against its rings, then repair
+    /// the logs and resume every queue the driver enabled, the dead server's requests first. Nothing is
+    /// changed unless every queue checks out: a log that does not describe these rings (a state file left
+    /// by another instance of the device) would replay requests the driver finished long ago.
     fn resume(&self) -> Result<()> {
         let features = self.read_features()?;
+        let state = self.state.as_ref().expect("resume needs a state file");
+        let refuse = |reason: String| Error::NotRecoverable {
+            name: self.name.clone(),
+            reason,
+        };
+        let recorded = state.driver_features();
+        if recorded != 0 && recorded != features {
+            return Err(refuse(format!(
+                "the driver's features are {features:#x}, the state file recorded {recorded:#x}"
+            )));
+        }
         self.features.store(features, Ordering::Release);
         let event_idx = features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
         self.memory.invalidate();
@@ -920,39 +995,117 @@ impl Shared {
         let kernel = Kernel {
             dev: self.dev.clone(),
         };
-        let state = self.state.as_ref().expect("resume needs a state file");
+        let read_u16 = |addr: u64| map.read_obj::<u16>(GuestAddress(addr)).ok().map(u16::from_le);
+
+        /// What one queue resumes from.
+        struct Plan {
+            log: QueueLog,
+            info: RingInfo,
+            used: u16,
+            next_avail: u16,
+            published: Vec<u16>,
+        }
+        let mut plans = Vec::new();
         for q in &self.queues {
-            q.set_event_idx(event_idx);
             let Some(log) = state.queue(q.index) else { continue };
             let info = kernel
                 .ring_info(q.index)
                 .map_err(|e| Error::sys("ioctl(VDUSE_VQ_GET_INFO)", e))?;
             if !info.ready || info.size == 0 {
-                q.arm();
+                // Never enabled: it starts fresh when it is (activation clears its log).
                 continue;
             }
-            let Ok(used) = map.read_obj::<u16>(GuestAddress(info.used + 2)) else {
-                log::error!("queue {}: the used ring is out of reach; not resumed", q.index);
-                q.arm();
-                continue;
+            let size = info.size;
+            if size > self.spec.queue_size || !size.is_power_of_two() {
+                return Err(refuse(format!("queue {} has {size} entries", q.index)));
+            }
+            let (Some(used), Some(avail)) = (read_u16(info.used + 2), read_u16(info.avail + 2)) else {
+                return Err(refuse(format!("queue {}'s rings are out of reach", q.index)));
             };
-            let used = u16::from_le(used);
-            log.repair(used, |k| {
-                let at = info.used + 4 + 8 * u64::from(k % info.size);
-                map.read_obj::<u32>(GuestAddress(at))
-                    .ok()
-                    .map(|id| u32::from_le(id) as u16)
-            });
-            let in_flight = log.in_flight();
-            let next_avail = log.next_avail();
-            log::info!(
-                "queue {}: taking over with {} request(s) in flight (used index {used}, next avail {next_avail})",
-                q.index,
-                in_flight.len()
-            );
-            q.arm_resumed(next_avail, in_flight);
+            // Heads published after the log's used index: the dead server died between the two.
+            let since = used.wrapping_sub(log.used_idx());
+            if since > size {
+                return Err(refuse(format!(
+                    "queue {}: the used ring is {since} ahead of the log",
+                    q.index
+                )));
+            }
+            let mut published = Vec::with_capacity(usize::from(since));
+            for k in 0..since {
+                let at = info.used + 4 + 8 * u64::from(log.used_idx().wrapping_add(k) % size);
+                match map.read_obj::<u32>(GuestAddress(at)) {
+                    Ok(id) => published.push(u32::from_le(id) as u16),
+                    Err(_) => return Err(refuse(format!("queue {}'s used ring is out of reach", q.index))),
+                }
+            }
+            let mut in_flight = log.in_flight();
+            in_flight.retain(|h| !published.contains(h));
+            let mut next_avail = log.next_avail();
+            // A crash between logging a pop and advancing the log's avail index leaves the newest request
+            // both in flight and next in the avail ring: take it once.
+            if avail != next_avail {
+                let at = info.avail + 4 + 2 * u64::from(next_avail % size);
+                if read_u16(at).is_some_and(|h| in_flight.last() == Some(&h)) {
+                    next_avail = next_avail.wrapping_add(1);
+                }
+            }
+            let taken = next_avail.wrapping_sub(used);
+            if avail.wrapping_sub(next_avail) > size || taken > size || in_flight.len() > usize::from(taken) {
+                return Err(refuse(format!(
+                    "queue {}: the log (next avail {next_avail}, {} in flight) does not fit the rings \
+                     (avail {avail}, used {used})",
+                    q.index,
+                    in_flight.len()
+                )));
+            }
+            plans.push((
+                q,
+                Plan {
+                    log,
+                    info,
+                    used,
+                    next_avail,
+                    published,
+                },
+            ));
         }
         drop(map);
+        for q in &self.queues {
+            q.set_event_idx(event_idx);
+        }
+        for (q, plan) in plans {
+            let Plan {
+                log,
+                info,
+                used,
+                next_avail,
+                published,
+            } = plan;
+            let published_at = |k: u16| {
+                let i = usize::from(k.wrapping_sub(log.used_idx()));
+                published.get(i).copied()
+            };
+            log.repair(used, published_at);
+            log.set_next_avail(next_avail);
+            let in_flight = log.in_flight();
+            log::info!(
+                "queue {}: taking over with {} request(s) in flight (ring of {}, used index {used}, next avail \
+                 {next_avail})",
+                q.index,
+                in_flight.len(),
+                info.size
+            );
+            self.resubmitted
+                .fetch_add(in_flight.len() as u64, Ordering::Relaxed);
+            q.arm_resumed(next_avail, in_flight);
+            // The dead server may have published completions without raising their interrupt, and a
+            // driver waiting for them would wait forever; a spurious interrupt costs nothing.
+            kernel.notify(q.index);
+        }
+        // Queues not resumed (never enabled) start fresh when the driver enables them.
+        for q in &self.queues {
+            q.arm();
+        }
         self.register_kicks()?;
         for kick in &self.kicks {
             let _ = kick.write(1);

@@ -130,8 +130,8 @@ impl Error {
                 Some("detach it (`vdpa dev del NAME`), then destroy and recreate the device")
             }
             Error::NotRecoverable { .. } => Some(
-                "the server that died kept no state file (state_dir); detach and destroy the device \
-                 (`vduse destroy NAME`) and create it again",
+                "its server kept no usable state, or its data did not outlive it (a memory backend); \
+                 destroy the device (`vduse destroy NAME`) and create it again",
             ),
             Error::Mismatch { .. } => Some(
                 "serve it with the same backend, size and options as before, or destroy it (`vduse destroy NAME`)",

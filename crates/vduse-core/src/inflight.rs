@@ -40,7 +40,12 @@ mod off {
     pub const PID: usize = 48;
     pub const SERVINGS: usize = 56;
     pub const DEVICE_KIND: usize = 64;
+    pub const BACKEND: usize = 128;
 }
+
+/// Longest device kind and backend identity (bytes; longer ones are cut).
+const KIND_LEN: usize = 64;
+const BACKEND_LEN: usize = 512;
 
 /// What the state file records about the device itself.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -51,6 +56,23 @@ pub struct StateInfo {
     /// Features offered (device and transport bits).
     pub features: u64,
     pub config: Vec<u8>,
+}
+
+/// A state file's description of its device (see [`StateFile::inspect`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StateSummary {
+    pub device_id: u32,
+    pub num_queues: u16,
+    pub queue_size: u16,
+    /// The status the device acknowledged last.
+    pub status: u8,
+    /// The last server's process id.
+    pub pid: u32,
+    /// How many servers have served the device (1 + takeovers).
+    pub servings: u64,
+    pub kind: String,
+    /// The backend's identity; empty: its data died with the server.
+    pub backend: String,
 }
 
 /// An open, mapped state file.
@@ -98,7 +120,12 @@ impl StateFile {
             .custom_flags(libc::O_CLOEXEC)
             .open(path)?;
         let len = file_len(info.num_queues, info.queue_size);
-        file.set_len(len as u64)?;
+        // Allocated, not sparse: a store into a hole of a full tmpfs would be a SIGBUS on the data path.
+        // SAFETY: posix_fallocate on a file we own; it only fails.
+        let err = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len as libc::off_t) };
+        if err != 0 {
+            return Err(std::io::Error::from_raw_os_error(err));
+        }
         let state = Self::map(file, path, len, info.num_queues, info.queue_size)?;
         state.put_u32(off::VERSION, VERSION);
         state.put_u32(off::DEVICE_ID, info.device_id);
@@ -156,10 +183,41 @@ impl StateFile {
                 path.display()
             )));
         }
-        let state = Self::map(file, path, len, num_queues, queue_size)?;
-        let servings = state.get_u64(off::SERVINGS);
-        state.put_u64(off::SERVINGS, servings + 1);
-        Ok(Arc::new(state))
+        Ok(Arc::new(Self::map(file, path, len, num_queues, queue_size)?))
+    }
+
+    /// What a state file says about its device, read without changing it (for `vduse list`).
+    pub fn inspect(path: &Path) -> std::io::Result<StateSummary> {
+        let file = File::open(path)?;
+        let mut head = vec![0u8; HEADER];
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut head, 0)?;
+        if &head[..8] != MAGIC {
+            return Err(invalid(format!("{} is not a vduse state file", path.display())));
+        }
+        let u32_at = |o: usize| u32::from_ne_bytes(head[o..o + 4].try_into().unwrap_or_default());
+        let u64_at = |o: usize| u64::from_ne_bytes(head[o..o + 8].try_into().unwrap_or_default());
+        let str_at = |o: usize, cap: usize| {
+            let raw = &head[o..o + cap];
+            let end = raw.iter().position(|&b| b == 0).unwrap_or(cap);
+            String::from_utf8_lossy(&raw[..end]).into_owned()
+        };
+        let version = u32_at(off::VERSION);
+        if version != VERSION {
+            return Err(invalid(format!(
+                "{}: state file version {version}, expected {VERSION}",
+                path.display()
+            )));
+        }
+        Ok(StateSummary {
+            device_id: u32_at(off::DEVICE_ID),
+            num_queues: u32_at(off::NUM_QUEUES) as u16,
+            queue_size: u32_at(off::QUEUE_SIZE) as u16,
+            status: u32_at(off::STATUS) as u8,
+            pid: u32_at(off::PID),
+            servings: u64_at(off::SERVINGS),
+            kind: str_at(off::DEVICE_KIND, KIND_LEN),
+            backend: str_at(off::BACKEND, BACKEND_LEN),
+        })
     }
 
     fn map(file: File, path: &Path, len: usize, num_queues: u16, queue_size: u16) -> std::io::Result<Self> {
@@ -270,8 +328,10 @@ impl StateFile {
         self.get_u32(off::PID)
     }
 
-    pub fn set_pid(&self, pid: u32) {
-        self.put_u32(off::PID, pid);
+    /// This process takes the device over: it becomes the recorded server, one more serving.
+    pub fn begin_serving(&self) {
+        self.put_u32(off::PID, std::process::id());
+        self.put_u64(off::SERVINGS, self.get_u64(off::SERVINGS) + 1);
     }
 
     /// How many servers have served this device (1 after creation, +1 per take-over).
@@ -280,21 +340,42 @@ impl StateFile {
     }
 
     /// A free-form tag of the model (e.g. "blk"), for tools that take the device over.
+    /// Records the device model's short name ("blk").
     pub fn set_kind(&self, kind: &str) {
-        let bytes = kind.as_bytes();
-        let n = bytes.len().min(63);
-        // SAFETY: 64 bytes at DEVICE_KIND lie inside the header page.
-        unsafe {
-            std::ptr::write_bytes(self.ptr.add(off::DEVICE_KIND), 0, 64);
-            std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr.add(off::DEVICE_KIND), n);
-        }
+        self.put_str(off::DEVICE_KIND, KIND_LEN, kind);
     }
 
     pub fn kind(&self) -> String {
-        let mut raw = [0u8; 64];
-        // SAFETY: as in `set_kind`.
-        unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(off::DEVICE_KIND), raw.as_mut_ptr(), 64) };
-        let end = raw.iter().position(|&b| b == 0).unwrap_or(64);
+        self.get_str(off::DEVICE_KIND, KIND_LEN)
+    }
+
+    /// Records what stores the device's data, as a stable identity (empty: data that dies with the
+    /// server, which cannot be taken over).
+    pub fn set_backend(&self, backend: &str) {
+        self.put_str(off::BACKEND, BACKEND_LEN, backend);
+    }
+
+    pub fn backend(&self) -> String {
+        self.get_str(off::BACKEND, BACKEND_LEN)
+    }
+
+    fn put_str(&self, offset: usize, cap: usize, value: &str) {
+        let bytes = value.as_bytes();
+        let n = bytes.len().min(cap - 1);
+        assert!(offset + cap <= HEADER);
+        // SAFETY: `cap` bytes at `offset` lie inside the header page (asserted above).
+        unsafe {
+            std::ptr::write_bytes(self.ptr.add(offset), 0, cap);
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr.add(offset), n);
+        }
+    }
+
+    fn get_str(&self, offset: usize, cap: usize) -> String {
+        let mut raw = vec![0u8; cap];
+        assert!(offset + cap <= HEADER);
+        // SAFETY: as in `put_str`.
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(offset), raw.as_mut_ptr(), cap) };
+        let end = raw.iter().position(|&b| b == 0).unwrap_or(cap);
         String::from_utf8_lossy(&raw[..end]).into_owned()
     }
 
@@ -440,6 +521,7 @@ mod tests {
         let state = StateFile::create(&path, &info()).unwrap();
         state.set_status(0xf);
         state.set_kind("blk");
+        state.set_backend("file:8:1234");
         let log = state.queue(1).unwrap();
         for head in [5, 2, 7] {
             log.begin(head);
@@ -447,8 +529,17 @@ mod tests {
         // Head 2 was published (used ring index 0) but the process died before logging it.
         drop(log);
         drop(state);
+        let summary = StateFile::inspect(&path).unwrap();
+        assert_eq!(
+            (summary.kind.as_str(), summary.backend.as_str(), summary.servings),
+            ("blk", "file:8:1234", 1),
+            "inspect reads without counting a serving"
+        );
         let state = StateFile::open(&path).unwrap();
         assert_eq!(state.info(), info());
+        assert_eq!(state.backend(), "file:8:1234");
+        assert_eq!(state.servings(), 1, "opening is not serving");
+        state.begin_serving();
         assert_eq!(state.status(), 0xf);
         assert_eq!(state.kind(), "blk");
         assert_eq!(state.servings(), 2);

@@ -416,8 +416,8 @@ impl Virtqueue {
     }
 
     /// Like [`arm`](Self::arm), for a queue a previous server was serving: `in_flight` heads (in pop order)
-    /// are served again first, then the avail ring from `next_avail`. A head the dead server had logged
-    /// but not yet counted in `next_avail` shows up again there and is refused as a duplicate.
+    /// are served again first, then the avail ring from `next_avail` (which the caller has checked
+    /// against the rings: no head is both in `in_flight` and at or after `next_avail`).
     pub fn arm_resumed(&self, next_avail: u16, in_flight: Vec<u16>) {
         let mut r = self.ring.lock();
         r.state = State::Armed;
@@ -453,9 +453,20 @@ impl Virtqueue {
         self.ring.lock().queue.as_ref().map(|q| q.next_avail())
     }
 
-    /// Fences every request in flight and stops serving until armed again (reset). Returns how many
-    /// requests were fenced and the memory maps they held (drop them off the message loop).
+    /// Fences every request in flight and stops serving until armed again: the driver reset the queue, so
+    /// its in-flight log is cleared. Returns how many requests were fenced and the memory maps they held
+    /// (drop them off the message loop).
     pub fn stop(&self) -> (usize, Vec<Arc<IotlbMap>>) {
+        self.halt(true)
+    }
+
+    /// Like [`stop`](Self::stop), but the server is going away while the driver is not: the log keeps
+    /// the fenced requests in flight, for a successor that takes the device over.
+    pub fn abandon(&self) -> (usize, Vec<Arc<IotlbMap>>) {
+        self.halt(false)
+    }
+
+    fn halt(&self, forget: bool) -> (usize, Vec<Arc<IotlbMap>>) {
         let mut r = self.ring.lock();
         let (n, maps) = self.fence_locked(&mut r, |_| true);
         r.state = State::Off;
@@ -465,7 +476,7 @@ impl Virtqueue {
         r.need_notify = false;
         r.full = false;
         drop(r);
-        if let Some(log) = &self.log {
+        if let (true, Some(log)) = (forget, &self.log) {
             log.clear();
         }
         (n, maps)
@@ -593,9 +604,14 @@ impl Virtqueue {
             }
         };
         queue.set_next_used(used);
-        let next_avail = r.resume_avail.take().unwrap_or(info.avail_idx);
+        let resumed = r.resume_avail.take();
+        let next_avail = resumed.unwrap_or(info.avail_idx);
         queue.set_next_avail(next_avail);
         if let Some(log) = &self.log {
+            if resumed.is_none() {
+                // A fresh start: whatever the log held belongs to rings that are gone.
+                log.clear();
+            }
             log.set_used_idx(used);
             log.set_next_avail(next_avail);
         }

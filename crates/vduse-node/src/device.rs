@@ -40,6 +40,11 @@ pub struct DeviceInit {
     pub io_threads: Option<u32>,
     /// Directory of the state file; empty: none. Default /run/vduse.
     pub state_dir: Option<String>,
+    /// Take over a device of this name whose server died (its state file must match), instead of creating
+    /// one; a device that does not exist is created.
+    pub recover: Option<bool>,
+    /// What stores the data, as a stable identity (recorded for, and checked by, a takeover).
+    pub backend_id: Option<String>,
 }
 
 /// The JavaScript arrays of the batch protocol (see `serve.rs`).
@@ -139,6 +144,8 @@ pub struct DeviceCounters {
     pub js_calls: f64,
     pub io_ops: f64,
     pub io_errors: f64,
+    /// Requests a taken-over device found in flight and served again.
+    pub resubmitted: f64,
 }
 
 pub fn counters(stats: DeviceStats, server: Option<&JsServer>, io: Option<&IoPool>) -> DeviceCounters {
@@ -165,6 +172,7 @@ pub fn counters(stats: DeviceStats, server: Option<&JsServer>, io: Option<&IoPoo
         io_errors: io.map_or(0.0, |i| {
             i.stats.errors.load(std::sync::atomic::Ordering::Relaxed) as f64
         }),
+        resubmitted: stats.resubmitted as f64,
     }
 }
 
@@ -217,6 +225,7 @@ pub struct BindingDevice {
     io: Option<IoPool>,
     serving: JsQueues,
     final_counters: Option<DeviceCounters>,
+    recovered: bool,
 }
 
 fn spec_of(init: &DeviceInit) -> Result<DeviceSpec, NativeError> {
@@ -260,6 +269,8 @@ pub fn create_device(
         Some(dir) => options.state_dir = Some(dir.into()),
         None => {}
     }
+    options.backend = init.backend_id.clone().filter(|b| !b.is_empty());
+    let recover = init.recover.unwrap_or(false) && vduse_core::list_devices().contains(&init.name);
     // SAFETY: the values come straight from this call's arguments, on the JS thread.
     let arrays = unsafe {
         Arrays::new(
@@ -276,12 +287,12 @@ pub fn create_device(
         .weak::<true>()
         .build()
         .map_err(native)?;
-    let device = VduseDevice::create(
-        options,
-        spec,
-        Serving::External,
-        Some(Arc::new(JsEvents { sink })),
-    )
+    let events: Arc<dyn DeviceEvents> = Arc::new(JsEvents { sink });
+    let device = if recover {
+        VduseDevice::adopt(options, Some(&spec), |_| Serving::External, Some(events))
+    } else {
+        VduseDevice::create(options, spec, Serving::External, Some(events))
+    }
     .map_err(to_napi)?;
     let queues = device.queues().to_vec();
     // SAFETY: `on_batch` is a function of this env; we are on the JS thread.
@@ -303,12 +314,15 @@ pub fn create_device(
             server: Some(server),
         },
         final_counters: None,
+        recovered: recover,
     })
 }
 
 pub struct Close {
     device: Option<VduseDevice>,
     io: Option<IoPool>,
+    /// Destroy the device (close), or leave it to a successor (release).
+    destroy: bool,
 }
 
 impl napi::Task for Close {
@@ -320,7 +334,12 @@ impl napi::Task for Close {
             io.stop();
         }
         if let Some(mut device) = self.device.take() {
-            device.close().map_err(|e| {
+            let done = if self.destroy {
+                device.close()
+            } else {
+                device.release()
+            };
+            done.map_err(|e| {
                 let e = to_napi(e);
                 napi::Error::new(Status::GenericFailure, e.reason.clone())
             })?;
@@ -384,6 +403,12 @@ impl BindingDevice {
         device.update_config(offset, &data).map_err(to_napi)
     }
 
+    /// Whether this device was taken over from a server that died (`recover`), rather than created.
+    #[napi(getter)]
+    pub fn recovered(&self) -> bool {
+        self.recovered
+    }
+
     #[napi]
     pub fn status(&self) -> u32 {
         self.device.as_ref().map_or(0, |d| u32::from(d.status()))
@@ -436,6 +461,35 @@ impl BindingDevice {
         Ok(AsyncTask::new(Close {
             device: self.device.take(),
             io: self.io.take(),
+            destroy: true,
+        }))
+    }
+
+    /// Stops serving without detaching or destroying the device, for a successor that takes it over with
+    /// `recover` (off the JavaScript thread). Requests still in flight are served again by the successor.
+    #[napi]
+    pub fn release(&mut self) -> napi::Result<AsyncTask<Close>, Code> {
+        if let Some(d) = &self.device {
+            if d.state_path().is_none() {
+                return Err(to_napi(vduse_core::Error::NotRecoverable {
+                    name: d.name().to_string(),
+                    reason: "it keeps no state file, so no successor could take it over".into(),
+                }));
+            }
+            self.final_counters = Some(counters(
+                d.stats(),
+                self.serving.server.as_deref(),
+                self.io.as_ref(),
+            ));
+        }
+        if let Some(s) = &self.serving.server {
+            s.flush();
+            s.close();
+        }
+        Ok(AsyncTask::new(Close {
+            device: self.device.take(),
+            io: self.io.take(),
+            destroy: false,
         }))
     }
 }

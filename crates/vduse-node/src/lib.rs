@@ -129,3 +129,40 @@ pub fn reclaim_device(name: String, state_dir: Option<String>) -> napi::Result<B
         took_over,
     })
 }
+
+/// What a device's state file says (for `vduse list`), read without changing it.
+#[napi(object)]
+pub struct StateSummary {
+    pub kind: String,
+    /// The backend's identity; empty: the data died with the server (not recoverable).
+    pub backend: String,
+    /// The last server's process id.
+    pub pid: u32,
+    /// The status the device acknowledged last.
+    pub status: u32,
+    pub num_queues: u32,
+    pub queue_size: u32,
+    /// Servers that have served the device: 1, plus one per takeover.
+    pub servings: f64,
+}
+
+/// Reads device `name`'s state file in `stateDir` (default /run/vduse; empty: none). Null when there is no
+/// valid one.
+#[napi]
+pub fn inspect_state(name: String, state_dir: Option<String>) -> Option<StateSummary> {
+    let dir = match state_dir.as_deref() {
+        Some("") => return None,
+        Some(d) => std::path::PathBuf::from(d),
+        None => std::path::PathBuf::from(vduse_core::device::DEFAULT_STATE_DIR),
+    };
+    let s = vduse_core::inflight::StateFile::inspect(&dir.join(&name)).ok()?;
+    Some(StateSummary {
+        kind: s.kind,
+        backend: s.backend,
+        pid: s.pid,
+        status: u32::from(s.status),
+        num_queues: u32::from(s.num_queues),
+        queue_size: u32::from(s.queue_size),
+        servings: s.servings as f64,
+    })
+}

@@ -196,6 +196,7 @@ export class BlockDevice extends VirtioDevice {
     const device = new BlockDevice(options)
     await device.prepare()
     device.#start(options)
+    await device.opened()
     return device
   }
 
@@ -271,6 +272,7 @@ export class BlockDevice extends VirtioDevice {
       // header + data buffers + status
       maxSegments: segMax + 2,
       kind: 'blk',
+      ...(this.backend.id === undefined ? {} : { backendId: this.backend.id }),
     })
     if (this.#timeoutMs > 0) {
       this.#sweeper = setInterval(() => this.#expire(), Math.max(10, this.#timeoutMs / 4))
