@@ -17,12 +17,14 @@ export interface BlockIo {
    */
   readonly signal: AbortSignal
   /**
-   * Reads: copies `length` bytes of `source`, from `sourceOffset`, into the request's buffers. Returns
-   * false if the request is gone (timed out or fenced) — then nothing was copied.
+   * Reads: copies `length` bytes of `source`, from `sourceOffset`, into the request's data at byte `at`
+   * (default: all of the request's data, from `source[sourceOffset]`). Data arriving in pieces (a network
+   * reply) lands piece by piece, with no buffer in between. Returns false if the request is gone (timed
+   * out or fenced) — then nothing was copied — or if the range is not within the request and `source`.
    */
-  copyFrom(source: Uint8Array, sourceOffset?: number): boolean
-  /** Writes: copies the request's `length` bytes into `target` at `targetOffset`. False if it is gone. */
-  copyTo(target: Uint8Array, targetOffset?: number): boolean
+  copyFrom(source: Uint8Array, sourceOffset?: number, length?: number, at?: number): boolean
+  /** Writes: copies `length` bytes of the request's data from byte `at` into `target` at `targetOffset`. */
+  copyTo(target: Uint8Array, targetOffset?: number, length?: number, at?: number): boolean
   /** The data as device-owned Buffers (see above): fill them for a read; they hold the data of a write. */
   readonly buffers: readonly Buffer[]
   /** Calls `fn` for each piece of `buffers`: `buffer[start, start+length)` is device offset `deviceOffset`. */
@@ -56,10 +58,13 @@ export interface BlockBackend {
   write(io: BlockIo): void | Promise<void>
   /** Make acknowledged writes durable. */
   flush?(): void | Promise<void>
-  /** The range's contents no longer matter (may be deallocated). */
-  discard?(offset: number, length: number): void | Promise<void>
-  /** Zero the range; `unmap` allows deallocating it. */
-  writeZeroes?(offset: number, length: number, unmap: boolean): void | Promise<void>
+  /**
+   * The range's contents no longer matter (may be deallocated). `signal` aborts when the request stops
+   * mattering (as `BlockIo.signal`): do not start work for it after that.
+   */
+  discard?(offset: number, length: number, signal?: AbortSignal): void | Promise<void>
+  /** Zero the range; `unmap` allows deallocating it. `signal` as for `discard`. */
+  writeZeroes?(offset: number, length: number, unmap: boolean, signal?: AbortSignal): void | Promise<void>
   /** Change the size (online resize). */
   resize?(size: number): void | Promise<void>
   close?(): void | Promise<void>

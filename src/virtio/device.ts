@@ -408,23 +408,33 @@ export abstract class VirtioDevice extends EventEmitter<VirtioDeviceEvents> impl
           code: 'ERR_VDUSE_NOT_RECOVERABLE',
         })
       }
-      await this.#settle()
+      const flushFailed = await this.#settle()
       await this.source.release()
       this.#lastCounters = this.source.counters()
+      if (flushFailed) throw flushFailed
     } finally {
       if (this.#keepAlive) clearInterval(this.#keepAlive)
       this.emit('close')
     }
   }
 
-  /** Lets requests in the model finish (up to the drain timeout), then flushes the backend. */
-  async #settle(): Promise<void> {
+  /**
+   * Lets requests in the model finish (up to the drain timeout), then flushes the backend. A failed
+   * flush does not keep the device alive: it is returned, to be thrown once the device is gone.
+   */
+  async #settle(): Promise<Error | undefined> {
     const deadline = Date.now() + (this.#options.drainTimeoutMs ?? 5000)
     while (this.inFlight() > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 5))
     this.completions.flush()
-    await this.shutdown()
+    let failed: Error | undefined
+    try {
+      await this.shutdown()
+    } catch (err) {
+      failed = asError(err)
+    }
     this.completions.close()
     this.#lastCounters = this.source.counters()
+    return failed
   }
 
   async [Symbol.asyncDispose](): Promise<void> {
@@ -439,9 +449,10 @@ export abstract class VirtioDevice extends EventEmitter<VirtioDeviceEvents> impl
       ) {
         await this.detach()
       }
-      await this.#settle()
+      const flushFailed = await this.#settle()
       await this.source.close()
       this.#lastCounters = this.source.counters()
+      if (flushFailed) throw flushFailed
     } finally {
       if (this.#keepAlive) clearInterval(this.#keepAlive)
       this.emit('close')

@@ -59,6 +59,12 @@ export interface BlockStats {
   timeouts: number
 }
 
+function fencedError(): VduseError {
+  return new VduseError('the request was fenced (driver reset, or its memory unmapped)', {
+    code: 'ERR_VDUSE_TIMEOUT',
+  })
+}
+
 function isPromise(x: unknown): x is Promise<unknown> {
   return typeof (x as { then?: unknown } | null | undefined)?.then === 'function'
 }
@@ -94,14 +100,20 @@ class Io implements BlockIo {
     return this
   }
 
-  copyFrom(source: Uint8Array, sourceOffset = 0): boolean {
-    const n = Math.min(this.length, source.length - sourceOffset)
-    return this.source.write(this.ticket, 0, source, sourceOffset, n) === this.length
+  copyFrom(source: Uint8Array, sourceOffset = 0, length = this.length, at = 0): boolean {
+    if (!this.#fits(source, sourceOffset, length, at)) return false
+    return this.source.write(this.ticket, at, source, sourceOffset, length) === length
   }
 
-  copyTo(target: Uint8Array, targetOffset = 0): boolean {
-    const n = Math.min(this.length, target.length - targetOffset)
-    return this.source.read(this.ticket, this.skip, target, targetOffset, n) === this.length
+  copyTo(target: Uint8Array, targetOffset = 0, length = this.length, at = 0): boolean {
+    if (!this.#fits(target, targetOffset, length, at)) return false
+    return this.source.read(this.ticket, this.skip + at, target, targetOffset, length) === length
+  }
+
+  #fits(buffer: Uint8Array, offset: number, length: number, at: number): boolean {
+    return (
+      offset >= 0 && length >= 0 && at >= 0 && at + length <= this.length && offset + length <= buffer.length
+    )
   }
 
   private bounceBuffer(): Buffer {
@@ -154,6 +166,8 @@ interface Pending {
   used: number
   deadline: number
   io: Io | undefined
+  /** Discard / write-zeroes: their cancellation (transfers use their Io's). */
+  cancel: AbortController | undefined
 }
 
 /**
@@ -332,6 +346,7 @@ export class BlockDevice extends VirtioDevice {
       if (!p || this.isLive(p.ticket)) continue
       this.#forget(k)
       p.io?.abort('the request was fenced (driver reset, or its memory unmapped)')
+      p.cancel?.abort(fencedError())
     }
   }
 
@@ -446,21 +461,33 @@ export class BlockDevice extends VirtioDevice {
       list.push([offset, length, unmap])
     }
     const backend = this.backend
+    // Ranges are rare: a controller each, so a fenced or timed-out request stops between ranges and its
+    // backend knows not to start it (a late write of zeroes would destroy newer data).
+    const cancel = new AbortController()
+    const { signal } = cancel
     this.#run(
       ticket,
       async () => {
         for (const [offset, length, unmap] of list) {
-          if (discard) await backend.discard!(offset, length)
-          else await backend.writeZeroes!(offset, length, unmap)
+          if (signal.aborted) throw signal.reason
+          if (discard) await backend.discard!(offset, length, signal)
+          else await backend.writeZeroes!(offset, length, unmap, signal)
         }
       },
       0,
       undefined,
+      cancel,
     )
   }
 
   /** Runs a backend call; answers now if it returned, or when its promise settles. */
-  #run(ticket: number, call: () => unknown, dataBytes: number, io: Io | undefined): void {
+  #run(
+    ticket: number,
+    call: () => unknown,
+    dataBytes: number,
+    io: Io | undefined,
+    cancel?: AbortController,
+  ): void {
     let result: unknown
     try {
       result = call()
@@ -479,6 +506,7 @@ export class BlockDevice extends VirtioDevice {
       used: dataBytes,
       deadline: this.#timeoutMs > 0 ? Date.now() + this.#timeoutMs : Infinity,
       io,
+      cancel,
     }
     const slot = ticketSlot(ticket)
     const stale = this.#pending[slot]
@@ -486,6 +514,7 @@ export class BlockDevice extends VirtioDevice {
       // The slot was reused: its previous request was fenced without our hearing of it yet.
       this.#forget(slot)
       stale.io?.abort('the request was fenced (driver reset, or its memory unmapped)')
+      stale.cancel?.abort(fencedError())
     }
     this.#pending[slot] = record
     // A request waiting for its deadline is work in progress: the sweeper keeps the loop alive meanwhile.
@@ -527,6 +556,7 @@ export class BlockDevice extends VirtioDevice {
       // The ticket dies with this completion: whatever the backend does later cannot reach the driver's
       // memory (copies through the ticket fail; its bounce buffer is the device's). The Io is not reused.
       record.io?.abort()
+      record.cancel?.abort(new VduseError('request timed out', { code: 'ERR_VDUSE_TIMEOUT' }))
       this.#finish(record.ticket, BLK_STATUS.IOERR, 0)
       this.emit(
         'requestError',
