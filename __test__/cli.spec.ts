@@ -31,7 +31,6 @@ test('blk options parse into a command with defaults', (t) => {
     backend: { kind: 'memory', size: 64 << 20 },
     queues: 1,
     queueSize: 256,
-    blockSize: 512,
     readOnly: false,
     attach: 'virtio',
     replace: false,
@@ -72,6 +71,24 @@ test('blk options parse into a command with defaults', (t) => {
     timeoutMs: 5000,
   })
   t.like(parseCommand(['blk', '--name', 'd2', '--file', '/tmp/x.img', '--recover']), { recover: true })
+  t.like(
+    parseCommand([
+      'blk',
+      '--name',
+      'n0',
+      '--nbd',
+      'nbd://10.0.0.1/vol',
+      '--connections',
+      '4',
+      '--reconnect-timeout',
+      '9000',
+    ]),
+    { backend: { kind: 'nbd', uri: 'nbd://10.0.0.1/vol', connections: 4, reconnectTimeoutMs: 9000 } },
+  )
+  t.is(
+    (parseCommand(['blk', '--name', 'n0', '--nbd', 'nbd://h/']) as { blockSize?: number }).blockSize,
+    undefined,
+  )
   t.deepEqual(parseCommand(['list', '--json']), { command: 'list', json: true })
   t.deepEqual(parseCommand(['destroy', 'd0']), { command: 'destroy', name: 'd0' })
   t.deepEqual(parseCommand([]), { command: 'help' })
@@ -90,6 +107,8 @@ test('bad usage is a UsageError naming the problem', (t) => {
     [['blk', '--name', 'x', '--memory', '1M', '--bogus'], /bogus/],
     [['blk', '--name', 'x', '--file', 'f', '--replace', '--recover'], /exclude each other/],
     [['blk', '--name', 'x', '--file', 'f', '--size', '1M', '--recover'], /drop --size/],
+    [['blk', '--name', 'x', '--memory', '1M', '--connections', '2'], /go with --nbd/],
+    [['blk', '--name', 'x', '--nbd', 'nbd://h/', '--connections', '99'], /--connections/],
     [['frobnicate'], /unknown command/],
     [['destroy'], /exactly one/],
   ]

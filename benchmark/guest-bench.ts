@@ -1,8 +1,8 @@
 // Runs inside the test guest (benchmark/run): the same fio matrix on every target — vduse (TypeScript
 // model with null, memory and file backends; the native Rust model), QEMU's own VDUSE export
 // (qemu-storage-daemon 10.0, the reference peer, and 7.2), ublk (rublk null and loop: what a Linux user
-// picks instead for a host-side userspace disk), the kernel (null_blk, loop) and NBD (qemu-nbd) — and
-// writes the results, with the CPU time each userspace server spends per request. It is a benchmark, not
+// picks instead for a host-side userspace disk), the kernel (null_blk, loop) and NBD (qemu-nbd served by
+// the kernel's client and by vduse --nbd) — and writes the results, with the CPU time each userspace server spends per request. It is a benchmark, not
 // a test: it asserts nothing about speed.
 import { execFile, spawn, type ChildProcess } from 'node:child_process'
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs'
@@ -172,9 +172,8 @@ async function vdaFor(name: string): Promise<string> {
   throw new Error(`no block device for ${name}`)
 }
 
-function vduseCli(backend: string[]): () => Promise<Running> {
+function vduseCli(backend: string[], name = `bench-${backend[0]!.slice(2)}`): () => Promise<Running> {
   return async () => {
-    const name = `bench-${backend[0]!.slice(2)}`
     const child = spawn(
       process.execPath,
       [
@@ -285,6 +284,63 @@ function rublk(args: string[]): () => Promise<Running> {
   }
 }
 
+/** qemu-nbd on the tmpfs image over a UNIX socket, allowing multi-conn; resolves once it listens. */
+async function qemuNbd(socket: string): Promise<() => Promise<void>> {
+  await sh(`rm -f ${socket}`)
+  const server = spawn('qemu-nbd', ['-k', socket, '-f', 'raw', '-t', '--shared=4', IMAGE], {
+    stdio: 'ignore',
+  })
+  for (let i = 0; i < 100; i++) {
+    if ((await sh(`test -S ${socket} && echo y || true`)).trim()) break
+    await new Promise((r) => setTimeout(r, 50))
+  }
+  return async () => {
+    server.kill('SIGTERM')
+    await new Promise((r) => server.once('exit', r))
+  }
+}
+
+/** vduse --nbd against its own qemu-nbd (over a UNIX socket), with `connections` connections. */
+function vduseNbd(id: string, connections: number): () => Promise<Running> {
+  return async () => {
+    const socket = `/tmp/${id}.sock`
+    const stopServer = await qemuNbd(socket)
+    const running = await vduseCli(
+      ['--nbd', `nbd+unix:///?socket=${socket}`, '--connections', String(connections)],
+      `bench-${id}`,
+    )().catch(async (err: unknown) => {
+      await stopServer()
+      throw err
+    })
+    return {
+      ...running,
+      stop: async () => {
+        const stopped = await running.stop()
+        await stopServer()
+        return stopped
+      },
+    }
+  }
+}
+
+/** The kernel's NBD client (nbd-client) against qemu-nbd over a UNIX socket, `connections` connections. */
+function kernelNbd(id: string, connections: number): () => Promise<Running> {
+  return async () => {
+    await modprobe('nbd').catch(() => {})
+    const socket = `/tmp/${id}.sock`
+    const stopServer = await qemuNbd(socket)
+    await sh(`nbd-client -unix ${socket} /dev/nbd0 -b 4096 -N "" -C ${connections} >/dev/null`)
+    return {
+      path: '/dev/nbd0',
+      stop: async () => {
+        await sh('nbd-client -d /dev/nbd0 >/dev/null')
+        await stopServer()
+        return undefined
+      },
+    }
+  }
+}
+
 async function modprobe(args: string): Promise<void> {
   await sh(`modprobe -d "$VDUSE_VM_MODROOT" ${args}`)
 }
@@ -379,25 +435,27 @@ const TARGETS: Target[] = [
   },
   {
     id: 'nbd',
-    label: 'qemu-nbd + kernel NBD, tmpfs file',
+    label: 'qemu-nbd + kernel NBD client, tmpfs file',
     peer: 'qsd10-file',
-    start: async () => {
-      await modprobe('nbd').catch(() => {})
-      const server = spawn('qemu-nbd', ['-k', '/tmp/nbd.sock', '-f', 'raw', '-t', IMAGE], { stdio: 'ignore' })
-      for (let i = 0; i < 100; i++) {
-        if ((await sh('test -S /tmp/nbd.sock && echo y || true')).trim()) break
-        await new Promise((r) => setTimeout(r, 50))
-      }
-      await sh(`nbd-client -unix /tmp/nbd.sock /dev/nbd0 -b 4096 -N "" >/dev/null`)
-      return {
-        path: '/dev/nbd0',
-        stop: async () => {
-          await sh('nbd-client -d /dev/nbd0 >/dev/null')
-          server.kill('SIGTERM')
-          return undefined
-        },
-      }
-    },
+    start: kernelNbd('nbd', 1),
+  },
+  {
+    id: 'nbd-mc',
+    label: 'qemu-nbd + kernel NBD client, 2 connections',
+    peer: 'nbd',
+    start: kernelNbd('nbd-mc', 2),
+  },
+  {
+    id: 'vduse-nbd',
+    label: 'vduse CLI --nbd to qemu-nbd, UNIX socket (TypeScript)',
+    peer: 'nbd',
+    start: vduseNbd('vduse-nbd', 1),
+  },
+  {
+    id: 'vduse-nbd-mc',
+    label: 'vduse CLI --nbd, 2 connections (multi-conn)',
+    peer: 'nbd-mc',
+    start: vduseNbd('vduse-nbd-mc', 2),
   },
 ]
 
@@ -468,7 +526,12 @@ async function main(): Promise<void> {
           `${target.id.padEnd(14)} ${w.label.padEnd(26)} ${fmt(entry.results[w.id]!.iops).padStart(8)} IOPS`,
         )
       }
-      if (!quick && target.id.startsWith('vduse-') && target.id !== 'vduse-file') {
+      if (
+        !quick &&
+        target.id.startsWith('vduse-') &&
+        target.id !== 'vduse-file' &&
+        !target.id.includes('nbd')
+      ) {
         // Soak: six back-to-back 10 s runs of 4k randread QD16; the IOPS series shows any drift.
         const iops: number[] = []
         for (let i = 0; i < 6; i++) iops.push((await fio(running.path, WORKLOADS[1]!, 10)).iops)
@@ -512,7 +575,8 @@ async function main(): Promise<void> {
   console.log('\n' + md)
   const dir = join(ROOT, 'benchmark/results')
   mkdirSync(dir, { recursive: true })
-  const stamp = env.date.slice(0, 10)
+  // A partial run (--only) goes beside the full results, never over them.
+  const stamp = env.date.slice(0, 10) + (only ? `-only-${only.join('+')}` : '')
   writeFileSync(join(dir, `${stamp}.md`), md)
   writeFileSync(
     join(dir, `${stamp}.json`),

@@ -21,6 +21,8 @@ export { MemoryBackend } from './backends/memory'
 export { NullBackend } from './backends/null'
 export { FileBackend } from './backends/file'
 export type { FileBackendOptions } from './backends/file'
+export { NbdBackend, NBD_FLAGS, parseNbdUri } from './backends/nbd'
+export type { NbdAddress, NbdBackendEvents, NbdBackendOptions, NbdExportInfo } from './backends/nbd'
 
 export { InProcessTransport } from './transport/in-process'
 export type { InProcessResult } from './transport/in-process'

@@ -22,6 +22,9 @@ VM_HOST_NEEDS=(
   "vdpa:iproute2"
   "mkfs.ext4:e2fsprogs"
   "setpriv:util-linux"
+  # Real NBD servers for the NBD backend's tests (host and guest).
+  "qemu-nbd:qemu-utils"
+  "nbdkit:nbdkit"
 )
 
 # Installs missing host tools when root; otherwise names the exact apt command and fails.

@@ -6,7 +6,7 @@ export class UsageError extends Error {
 }
 
 export const HELP = `Usage:
-  vduse blk --name NAME (--memory SIZE | --file PATH | --null SIZE) [options]
+  vduse blk --name NAME (--memory SIZE | --file PATH | --nbd URI | --null SIZE) [options]
   vduse list [--json]
   vduse destroy NAME
 
@@ -17,6 +17,8 @@ the device over instead: stop serving and leave it attached for \`vduse blk --re
 Backends (exactly one):
   --memory SIZE          a RAM disk of SIZE bytes (suffixes K, M, G, T)
   --file PATH            a regular file or block device; data moves natively
+  --nbd URI              an NBD export: nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH
+                         (qemu-nbd, nbdkit, …); reconnects by itself when the connection drops
   --null SIZE            discards writes, reads return whatever is in the buffers
 
 Options for blk:
@@ -30,7 +32,12 @@ Options for blk:
   --attach virtio|vhost|none
                          bind to virtio_vdpa (a /dev/vdX here, the default), to vhost_vdpa
                          (/dev/vhost-vdpa-N for a VM), or leave it detached
-  --timeout MS           fail a backend call that takes longer (default: no limit)
+  --timeout MS           fail a backend call that takes longer (default: no limit). With --nbd: a
+                         connection with requests in flight that receives nothing for MS counts as
+                         hung: it is replaced and its requests sent again (default 30000)
+  --connections N        with --nbd: connections when the server allows several (default: --queues)
+  --reconnect-timeout MS with --nbd: how long requests wait for the server to come back before they
+                         fail with an I/O error (default 60000); reconnecting goes on after that
   --replace              replace a stale device of the same name left by a dead process
   --recover              take over the device of the same name whose server died (same backend and
                          options), serving again what it left in flight; the driver sees a pause.
@@ -70,6 +77,7 @@ export type Backend =
   | { kind: 'memory'; size: number }
   | { kind: 'null'; size: number }
   | { kind: 'file'; path: string; size?: number; direct: boolean }
+  | { kind: 'nbd'; uri: string; connections?: number; reconnectTimeoutMs?: number }
 
 export interface BlkCommand {
   command: 'blk'
@@ -77,7 +85,8 @@ export interface BlkCommand {
   backend: Backend
   queues: number
   queueSize: number
-  blockSize: 512 | 4096
+  /** Unset: 512, or what the backend needs (an NBD server's minimum block size). */
+  blockSize?: 512 | 4096
   readOnly: boolean
   serial?: string
   attach: 'virtio' | 'vhost' | 'none'
@@ -110,6 +119,9 @@ export function parseCommand(argv: readonly string[]): Command {
         memory: { type: 'string' },
         file: { type: 'string' },
         null: { type: 'string' },
+        nbd: { type: 'string' },
+        connections: { type: 'string' },
+        'reconnect-timeout': { type: 'string' },
         size: { type: 'string' },
         direct: { type: 'boolean' },
         queues: { type: 'string' },
@@ -148,21 +160,31 @@ export function parseCommand(argv: readonly string[]): Command {
   if (!/^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$/.test(v.name) || v.name === 'control') {
     throw new UsageError(`--name "${v.name}": use letters, digits, '.', '_' and '-' (not "control")`)
   }
-  const chosen = (['memory', 'file', 'null'] as const).filter((k) => v[k] !== undefined)
+  const chosen = (['memory', 'file', 'nbd', 'null'] as const).filter((k) => v[k] !== undefined)
   if (chosen.length !== 1)
-    throw new UsageError('blk needs exactly one of --memory SIZE, --file PATH, --null SIZE')
+    throw new UsageError('blk needs exactly one of --memory SIZE, --file PATH, --nbd URI, --null SIZE')
   let backend: Backend
   if (v.memory !== undefined) backend = { kind: 'memory', size: parseSize(v.memory, '--memory') }
   else if (v.null !== undefined) backend = { kind: 'null', size: parseSize(v.null, '--null') }
-  else {
+  else if (v.nbd !== undefined) {
+    backend = { kind: 'nbd', uri: v.nbd }
+    const connections = parseInteger(v.connections, '--connections', 1, 16)
+    if (connections !== undefined) backend.connections = connections
+    const reconnect = parseInteger(v['reconnect-timeout'], '--reconnect-timeout', 1, 86_400_000)
+    if (reconnect !== undefined) backend.reconnectTimeoutMs = reconnect
+  } else {
     backend = { kind: 'file', path: v.file!, direct: v.direct ?? false }
     if (v.size !== undefined) backend.size = parseSize(v.size, '--size')
   }
   if (backend.kind !== 'file' && (v.size !== undefined || v.direct)) {
     throw new UsageError('--size and --direct go with --file')
   }
-  const blockSize = parseInteger(v['block-size'], '--block-size', 512, 4096) ?? 512
-  if (blockSize !== 512 && blockSize !== 4096) throw new UsageError('--block-size must be 512 or 4096')
+  if (backend.kind !== 'nbd' && (v.connections !== undefined || v['reconnect-timeout'] !== undefined)) {
+    throw new UsageError('--connections and --reconnect-timeout go with --nbd')
+  }
+  const blockSize = parseInteger(v['block-size'], '--block-size', 512, 4096)
+  if (blockSize !== undefined && blockSize !== 512 && blockSize !== 4096)
+    throw new UsageError('--block-size must be 512 or 4096')
   const queueSize = parseInteger(v['queue-size'], '--queue-size', 4, 32768) ?? 256
   if ((queueSize & (queueSize - 1)) !== 0) throw new UsageError('--queue-size must be a power of two')
   const attach = v.attach ?? 'virtio'
@@ -181,13 +203,13 @@ export function parseCommand(argv: readonly string[]): Command {
     backend,
     queues: parseInteger(v.queues, '--queues', 1, 64) ?? 1,
     queueSize,
-    blockSize,
     readOnly: v['read-only'] ?? false,
     attach,
     replace: v.replace ?? false,
     recover: v.recover ?? false,
     json: v.json ?? false,
   }
+  if (blockSize !== undefined) cmd.blockSize = blockSize
   if (v.serial !== undefined) cmd.serial = v.serial
   const timeout = parseInteger(v.timeout, '--timeout', 1, 3_600_000)
   if (timeout !== undefined) cmd.timeoutMs = timeout

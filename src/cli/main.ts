@@ -3,6 +3,7 @@ import { join } from 'node:path'
 
 import { FileBackend } from '../backends/file'
 import { MemoryBackend } from '../backends/memory'
+import { NbdBackend } from '../backends/nbd'
 import { NullBackend } from '../backends/null'
 import type { BlockBackend } from '../backends/backend'
 import { inspectState, listDevices, removeStaleDevice } from '../control'
@@ -23,8 +24,42 @@ function fail(err: unknown, json: boolean): number {
   return 1
 }
 
-async function openBackend(spec: BlkCommand['backend'], readOnly: boolean): Promise<BlockBackend> {
+async function openBackend(cmd: BlkCommand, emit: Emit): Promise<BlockBackend> {
+  const { backend: spec, readOnly } = cmd
   switch (spec.kind) {
+    case 'nbd': {
+      const nbd = await NbdBackend.connect(spec.uri, {
+        readOnly,
+        connections: spec.connections ?? cmd.queues,
+        ...(cmd.timeoutMs === undefined ? {} : { hangTimeoutMs: cmd.timeoutMs }),
+        ...(spec.reconnectTimeoutMs === undefined ? {} : { reconnectTimeoutMs: spec.reconnectTimeoutMs }),
+      })
+      const name = cmd.name
+      nbd.on('disconnected', (e) =>
+        emit({ event: 'nbd-disconnected', name, connection: e.connection, message: e.error.message }),
+      )
+      nbd.on('reconnected', (e) => emit({ event: 'nbd-reconnected', name, ...e }))
+      nbd.on('reconnectFailed', (e) =>
+        emit({
+          event: 'nbd-reconnect-failed',
+          name,
+          connection: e.connection,
+          attempts: e.attempts,
+          code: e.error.code,
+          message: e.error.message,
+        }),
+      )
+      nbd.on('unavailable', (e) =>
+        emit({
+          event: 'nbd-unavailable',
+          name,
+          failed: e.failed,
+          code: e.error.code,
+          message: e.error.message,
+        }),
+      )
+      return nbd
+    }
     case 'memory':
       return new MemoryBackend(spec.size)
     case 'null':
@@ -38,21 +73,30 @@ async function openBackend(spec: BlkCommand['backend'], readOnly: boolean): Prom
 }
 
 async function serveBlk(cmd: BlkCommand, emit: Emit): Promise<number> {
-  const backend = await openBackend(cmd.backend, cmd.readOnly)
+  const backend = await openBackend(cmd, emit)
   let device: BlockDevice
   try {
+    // An NBD server's minimum block size decides the logical block size unless one is given.
+    const needed = backend instanceof NbdBackend ? backend.blockSize : 512
+    const blockSize = cmd.blockSize ?? needed
+    if (blockSize < needed) {
+      throw new VduseError(`--block-size ${blockSize} is below the server's minimum block size ${needed}`, {
+        code: 'ERR_VDUSE_INVALID_CONFIG',
+      })
+    }
     const options: Parameters<typeof BlockDevice.create>[0] = {
       name: cmd.name,
       backend,
       queues: cmd.queues,
       queueSize: cmd.queueSize,
-      logicalBlockSize: cmd.blockSize,
+      logicalBlockSize: blockSize,
       readOnly: cmd.readOnly,
       replaceStale: cmd.replace,
       recover: cmd.recover,
     }
     if (cmd.serial !== undefined) options.serial = cmd.serial
-    if (cmd.timeoutMs !== undefined) options.requestTimeoutMs = cmd.timeoutMs
+    // NBD handles its own reply deadline (a hung connection is replaced and the request resent).
+    if (cmd.timeoutMs !== undefined && cmd.backend.kind !== 'nbd') options.requestTimeoutMs = cmd.timeoutMs
     device = await BlockDevice.create(options)
   } catch (err) {
     await backend.close?.()
@@ -70,8 +114,11 @@ async function serveBlk(cmd: BlkCommand, emit: Emit): Promise<number> {
   let stopping: Promise<number> | undefined
   const stop = (signal: string): Promise<number> => {
     stopping ??= (async () => {
-      await device.close()
-      await backend.close?.()
+      try {
+        await device.close()
+      } finally {
+        await backend.close?.()
+      }
       emit({ event: 'stopped', name: cmd.name, signal, stats: device.stats, counters: device.counters() })
       return 0
     })()
@@ -84,8 +131,11 @@ async function serveBlk(cmd: BlkCommand, emit: Emit): Promise<number> {
     // A handover (an upgrade): stop serving but leave the device where it is, for `--recover`.
     process.once('SIGUSR2', () => {
       stopping ??= (async () => {
-        await device.release()
-        await backend.close?.()
+        try {
+          await device.release()
+        } finally {
+          await backend.close?.()
+        }
         emit({ event: 'released', name: cmd.name, stats: device.stats, counters: device.counters() })
         return 0
       })()
