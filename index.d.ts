@@ -77,8 +77,11 @@ export declare class BindingLoopback {
 export declare class BindingReclaim {
   /** Whether the queues were taken over (requests in flight are being failed, so a detach completes). */
   get tookOver(): boolean
-  /** Destroys the device (detach it first). Throws ERR_VDUSE_BUSY while it is attached. */
-  destroy(): void
+  /**
+   * Destroys the device (detach it first), off the JavaScript thread: the kernel may need a moment
+   * after a detach before it lets go. Rejects with ERR_VDUSE_BUSY while it is attached.
+   */
+  destroy(): Promise<void>
 }
 
 /** The JavaScript arrays of the batch protocol (see `serve.rs`). */

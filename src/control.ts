@@ -1,4 +1,4 @@
-import { native } from './errors'
+import { native, nativeAsync, type VduseError } from './errors'
 import { detach, isAttached } from './transport/attach'
 import { binding } from './transport/binding'
 
@@ -61,8 +61,25 @@ export async function removeStaleDevice(
 ): Promise<boolean> {
   if (!listDevices().includes(name)) return false
   const stateDir = options.stateDir === null ? '' : options.stateDir
-  const reclaim = native(() => binding.reclaimDevice(name, stateDir))
-  if (await isAttached(name)) await detach(name)
-  native(() => reclaim.destroy())
-  return true
+  const deadline = Date.now() + 30_000
+  for (let attempt = 0; ; attempt++) {
+    // Answers the device's messages (and fails what the dead server left in flight) while it goes.
+    const reclaim = native(() => binding.reclaimDevice(name, stateDir))
+    // The dead server may have left a detach in progress (its own stop, stuck on requests the reclaim now
+    // fails): ours may then fail; what counts is that the device leaves the bus.
+    if (attempt === 0 && (await isAttached(name))) await detach(name).catch(() => {})
+    while ((await isAttached(name)) && Date.now() < deadline) await sleep(50)
+    try {
+      await nativeAsync(() => reclaim.destroy())
+      return true
+    } catch (err) {
+      // Still held: a detach in progress may be waiting for one more answer (its final reset), which the
+      // next reclaim gives — the kernel hands an unanswered message to the next reader.
+      if ((err as VduseError).code !== 'ERR_VDUSE_BUSY' || Date.now() > deadline) throw err
+    }
+  }
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms))
 }

@@ -53,6 +53,8 @@ pub const TRANSPORT_FEATURES: u64 = (1 << VIRTIO_F_VERSION_1)
     | (1 << VIRTIO_RING_F_INDIRECT_DESC);
 
 /// Feature bits 24–49 belong to the transport (virtio 1.2 §6); a model may not offer them.
+/// How long a destroy waits for the kernel to let go of a device that was just detached.
+pub const DESTROY_WAIT: Duration = Duration::from_secs(2);
 const TRANSPORT_BITS: u64 = ((1u64 << 50) - 1) & !((1u64 << 24) - 1);
 
 const VIRTIO_ID_NET: u32 = 1;
@@ -220,6 +222,21 @@ pub fn destroy_device(control: &Control, name: &str) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// [`destroy_device`], waiting out a transient `Busy`: right after a detach the kernel may still hold the
+/// device for a moment (the vDPA device is released after its driver's removal returns). Gives up after
+/// `timeout` with the last `Busy`.
+pub fn destroy_device_waiting(control: &Control, name: &str, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match destroy_device(control, name) {
+            Err(Error::Busy { .. }) if Instant::now() < deadline && !is_attached(name) => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Names of the VDUSE devices that exist now (any process's, including stale ones).
@@ -746,7 +763,7 @@ impl VduseDevice {
             return Ok(());
         }
         let control = Control::open()?;
-        destroy_device(&control, &self.shared.name)?;
+        destroy_device_waiting(&control, &self.shared.name, DESTROY_WAIT)?;
         if let Some(state) = &self.shared.state {
             state.remove();
         }

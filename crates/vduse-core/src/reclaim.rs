@@ -135,7 +135,7 @@ impl Reclaim {
                     let _ = t.join();
                 }
                 let control = crate::Control::open()?;
-                crate::destroy_device(&control, &self.name)
+                crate::device::destroy_device_waiting(&control, &self.name, crate::device::DESTROY_WAIT)
             }
         }
     }

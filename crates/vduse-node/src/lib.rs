@@ -102,13 +102,35 @@ impl BindingReclaim {
         self.took_over
     }
 
-    /// Destroys the device (detach it first). Throws ERR_VDUSE_BUSY while it is attached.
-    #[napi]
-    pub fn destroy(&mut self) -> napi::Result<(), Code> {
-        match self.inner.take() {
-            Some(r) => r.destroy().map_err(to_napi),
+    /// Destroys the device (detach it first), off the JavaScript thread: the kernel may need a moment
+    /// after a detach before it lets go. Rejects with ERR_VDUSE_BUSY while it is attached.
+    #[napi(ts_return_type = "Promise<void>")]
+    pub fn destroy(&mut self) -> napi::bindgen_prelude::AsyncTask<ReclaimDestroy> {
+        napi::bindgen_prelude::AsyncTask::new(ReclaimDestroy {
+            reclaim: self.inner.take(),
+        })
+    }
+}
+
+pub struct ReclaimDestroy {
+    reclaim: Option<vduse_core::Reclaim>,
+}
+
+impl napi::Task for ReclaimDestroy {
+    type Output = ();
+    type JsValue = ();
+
+    fn compute(&mut self) -> napi::Result<()> {
+        match self.reclaim.take() {
+            Some(r) => r
+                .destroy()
+                .map_err(|e| napi::Error::new(napi::Status::GenericFailure, to_napi(e).reason.clone())),
             None => Ok(()),
         }
+    }
+
+    fn resolve(&mut self, _env: napi::Env, _output: ()) -> napi::Result<()> {
+        Ok(())
     }
 }
 
