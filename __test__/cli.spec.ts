@@ -89,6 +89,12 @@ test('blk options parse into a command with defaults', (t) => {
     (parseCommand(['blk', '--name', 'n0', '--nbd', 'nbd://h/']) as { blockSize?: number }).blockSize,
     undefined,
   )
+  t.like(
+    parseCommand(['blk', '--name', 'p0', '--backend', './b.mjs', '--size', '16M', '--', '--label', 'x']),
+    {
+      backend: { kind: 'plugin', module: './b.mjs', size: 16 << 20, args: ['--label', 'x'] },
+    },
+  )
   t.deepEqual(parseCommand(['list', '--json']), { command: 'list', json: true })
   t.deepEqual(parseCommand(['destroy', 'd0']), { command: 'destroy', name: 'd0' })
   t.deepEqual(parseCommand([]), { command: 'help' })
@@ -103,7 +109,8 @@ test('bad usage is a UsageError naming the problem', (t) => {
     [['blk', '--name', 'x', '--memory', '1M', '--block-size', '1024'], /512 or 4096/],
     [['blk', '--name', 'x', '--memory', '1M', '--attach', 'pci'], /virtio, vhost or none/],
     [['blk', '--name', 'a/b', '--memory', '1M'], /--name/],
-    [['blk', '--name', 'x', '--memory', '1M', '--size', '2M'], /go with --file/],
+    [['blk', '--name', 'x', '--memory', '1M', '--size', '2M'], /goes with --file or --backend/],
+    [['blk', '--name', 'x', '--memory', '1M', '--', 'extra'], /for a --backend plugin/],
     [['blk', '--name', 'x', '--memory', '1M', '--bogus'], /bogus/],
     [['blk', '--name', 'x', '--file', 'f', '--replace', '--recover'], /exclude each other/],
     [['blk', '--name', 'x', '--file', 'f', '--size', '1M', '--recover'], /drop --size/],

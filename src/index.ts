@@ -23,6 +23,8 @@ export { FileBackend } from './backends/file'
 export type { FileBackendOptions } from './backends/file'
 export { NbdBackend, NBD_FLAGS, parseNbdUri } from './backends/nbd'
 export type { NbdAddress, NbdBackendEvents, NbdBackendOptions, NbdExportInfo } from './backends/nbd'
+export { defineBackend, loadBackendPlugin } from './plugin'
+export type { BackendFactory, BackendPluginOptions } from './plugin'
 
 export { InProcessTransport } from './transport/in-process'
 export type { InProcessResult } from './transport/in-process'

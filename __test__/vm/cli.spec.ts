@@ -129,3 +129,90 @@ test('npx vduse blk --memory 64M --name d0 --attach virtio --json prints the rea
     await new Promise((r) => setTimeout(r, 100))
   t.false((await sh(`node ${BIN} list`)).includes('d0'), 'the device is gone after the stop')
 })
+
+test('a backend plugin through the CLI: vduse blk --backend ./examples/plugin-backend serves a working /dev/vdX', async (t) => {
+  const cli = start([
+    'blk',
+    '--name',
+    'plug0',
+    '--backend',
+    './examples/plugin-backend',
+    '--size',
+    '32M',
+    '--json',
+    '--',
+    '--label',
+    'vduse-plugin;',
+  ])
+  const ready = await cli.next('ready')
+  const dev = ready.path as string
+  t.regex(dev, /^\/dev\/vd[a-z]+$/)
+  t.is(ready.size, 32 << 20)
+  // The plugin got its arguments: unwritten blocks read as the label.
+  t.is(
+    await sh(`dd if=${dev} bs=4096 count=1 iflag=direct status=none | head -c 26`),
+    'vduse-plugin;vduse-plugin;',
+  )
+  await exerciseBlockDevice(dev, 32 << 20, 'plugin')
+  cli.child.kill('SIGTERM')
+  t.is(await cli.exit, 0)
+  t.like(await cli.next('stopped'), { event: 'stopped', name: 'plug0' })
+  // A plugin that cannot load: one clear line, exit 1, nothing left behind.
+  const bad = start(['blk', '--name', 'plug1', '--backend', './examples/missing.mjs', '--size', '1M'])
+  t.is(await bad.exit, 1)
+  t.regex(bad.stderr(), /backend plugin "\.\/examples\/missing\.mjs": not found.*ERR_VDUSE_INVALID_CONFIG/)
+  t.false((await sh(`node ${BIN} list`)).includes('plug1'))
+})
+
+test('signals: SIGUSR1 prints stats; a second stop signal says what the stop waits for; a third forces an exit', async (t) => {
+  await sh('ip link set lo up')
+  const image = '/tmp/cli-signals.img'
+  const socket = '/tmp/cli-signals.sock'
+  await sh(`rm -f ${image} ${socket}; truncate -s 64M ${image}`)
+  const server = spawn('qemu-nbd', ['--format=raw', '--persistent', `--socket=${socket}`, image], {
+    stdio: 'ignore',
+  })
+  t.teardown(() => server.kill('SIGKILL'))
+  for (let i = 0; i < 200 && !(await sh(`test -S ${socket} && echo y || true`)).trim(); i++) {
+    await new Promise((r) => setTimeout(r, 25))
+  }
+  const uri = `nbd+unix:///?socket=${socket}`
+  for (const phase of ['graceful', 'forced'] as const) {
+    const name = `sig-${phase}`
+    const cli = start(['blk', '--nbd', uri, '--name', name, '--json'])
+    const dev = (await cli.next('ready')).path as string
+    cli.child.kill('SIGUSR1')
+    t.like(await cli.next('stats'), { event: 'stats', name })
+    // The server stops answering: a write is stuck in the backend, so the stop cannot finish yet.
+    server.kill('SIGSTOP')
+    const dd = sh(`dd if=/dev/urandom of=${dev} bs=4k count=1 oflag=direct status=none`).then(
+      () => 'ok',
+      (err: Error) => err.message,
+    )
+    await new Promise((r) => setTimeout(r, 500))
+    cli.child.kill('SIGHUP')
+    await new Promise((r) => setTimeout(r, 1000))
+    cli.child.kill('SIGTERM')
+    const stopping = await cli.next('stopping')
+    t.regex(stopping.waitingFor as string, /detach/)
+    await new Promise((r) => setTimeout(r, 200))
+    t.regex(cli.stderr(), /still stopping sig-\w+: waiting for the device to detach/)
+    if (phase === 'graceful') {
+      // The server answers again: the write completes, the stop finishes, exit 0.
+      server.kill('SIGCONT')
+      t.is(await cli.exit, 0)
+      t.like(await cli.next('stopped'), { name, signal: 'SIGHUP' })
+      t.is(await dd, 'ok')
+    } else {
+      cli.child.kill('SIGINT')
+      t.is(await cli.exit, 130)
+      t.like(await cli.next('forced'), { name })
+      t.regex(cli.stderr(), new RegExp(`vduse destroy ${name}`))
+      // What was left behind goes with `vduse destroy`; the stuck write fails, the server may resume.
+      t.regex(await sh(`node ${BIN} destroy ${name}`), new RegExp(`destroyed ${name}`))
+      server.kill('SIGCONT')
+      await dd
+      t.false((await sh(`node ${BIN} list`)).includes(name))
+    }
+  }
+})

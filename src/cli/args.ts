@@ -7,11 +7,13 @@ export class UsageError extends Error {
 
 export const HELP = `Usage:
   vduse blk --name NAME (--memory SIZE | --file PATH | --nbd URI | --null SIZE) [options]
+  vduse blk --name NAME --backend MODULE [--size SIZE] [options] [-- plugin arguments]
   vduse list [--json]
   vduse destroy NAME
 
 Serve a virtio-blk device from this process through VDUSE (Linux >= 5.15; as root, with
-\`modprobe vduse virtio_vdpa\`), until SIGINT or SIGTERM (finish, flush, detach, destroy). SIGUSR2 hands
+\`modprobe vduse virtio_vdpa\`), until SIGINT, SIGTERM or SIGHUP (finish, flush, detach, destroy; a
+second signal says what the stop waits for, a third forces an exit). SIGUSR1 prints stats. SIGUSR2 hands
 the device over instead: stop serving and leave it attached for \`vduse blk --recover\` (an upgrade).
 
 Backends (exactly one):
@@ -20,9 +22,11 @@ Backends (exactly one):
   --nbd URI              an NBD export: nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH
                          (qemu-nbd, nbdkit, …); reconnects by itself when the connection drops
   --null SIZE            discards writes, reads return whatever is in the buffers
+  --backend MODULE       a backend plugin: a file (./my-backend.mjs) or a package whose default export
+                         is (options) => BlockBackend; it gets --size, --read-only and what follows --
 
 Options for blk:
-  --size SIZE            with --file: create or grow the file to SIZE
+  --size SIZE            with --file: create or grow the file to SIZE; with --backend: for the plugin
   --direct               with --file: O_DIRECT
   --queues N             virtqueues (default 1)
   --queue-size N         ring size, a power of two (default 256)
@@ -78,6 +82,7 @@ export type Backend =
   | { kind: 'null'; size: number }
   | { kind: 'file'; path: string; size?: number; direct: boolean }
   | { kind: 'nbd'; uri: string; connections?: number; reconnectTimeoutMs?: number }
+  | { kind: 'plugin'; module: string; size?: number; args: string[] }
 
 export interface BlkCommand {
   command: 'blk'
@@ -108,10 +113,14 @@ export function parseCommand(argv: readonly string[]): Command {
   if (command === undefined || command === '-h' || command === '--help' || command === 'help')
     return { command: 'help' }
   if (command === '--version') return { command: 'version' }
+  // Everything after `--` belongs to a backend plugin.
+  const split = rest.indexOf('--')
+  const own = split < 0 ? rest : rest.slice(0, split)
+  const pluginArgs = split < 0 ? [] : rest.slice(split + 1)
   let parsed
   try {
     parsed = parseArgs({
-      args: rest as string[],
+      args: own as string[],
       allowPositionals: true,
       strict: true,
       options: {
@@ -120,6 +129,7 @@ export function parseCommand(argv: readonly string[]): Command {
         file: { type: 'string' },
         null: { type: 'string' },
         nbd: { type: 'string' },
+        backend: { type: 'string' },
         connections: { type: 'string' },
         'reconnect-timeout': { type: 'string' },
         size: { type: 'string' },
@@ -160,13 +170,22 @@ export function parseCommand(argv: readonly string[]): Command {
   if (!/^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$/.test(v.name) || v.name === 'control') {
     throw new UsageError(`--name "${v.name}": use letters, digits, '.', '_' and '-' (not "control")`)
   }
-  const chosen = (['memory', 'file', 'nbd', 'null'] as const).filter((k) => v[k] !== undefined)
-  if (chosen.length !== 1)
-    throw new UsageError('blk needs exactly one of --memory SIZE, --file PATH, --nbd URI, --null SIZE')
+  const chosen = (['memory', 'file', 'nbd', 'null', 'backend'] as const).filter((k) => v[k] !== undefined)
+  if (chosen.length !== 1) {
+    throw new UsageError(
+      'blk needs exactly one of --memory SIZE, --file PATH, --nbd URI, --null SIZE, --backend MODULE',
+    )
+  }
+  if (v.backend === undefined && pluginArgs.length > 0) {
+    throw new UsageError('arguments after -- are for a --backend plugin')
+  }
   let backend: Backend
   if (v.memory !== undefined) backend = { kind: 'memory', size: parseSize(v.memory, '--memory') }
   else if (v.null !== undefined) backend = { kind: 'null', size: parseSize(v.null, '--null') }
-  else if (v.nbd !== undefined) {
+  else if (v.backend !== undefined) {
+    backend = { kind: 'plugin', module: v.backend, args: pluginArgs }
+    if (v.size !== undefined) backend.size = parseSize(v.size, '--size')
+  } else if (v.nbd !== undefined) {
     backend = { kind: 'nbd', uri: v.nbd }
     const connections = parseInteger(v.connections, '--connections', 1, 16)
     if (connections !== undefined) backend.connections = connections
@@ -176,8 +195,9 @@ export function parseCommand(argv: readonly string[]): Command {
     backend = { kind: 'file', path: v.file!, direct: v.direct ?? false }
     if (v.size !== undefined) backend.size = parseSize(v.size, '--size')
   }
-  if (backend.kind !== 'file' && (v.size !== undefined || v.direct)) {
-    throw new UsageError('--size and --direct go with --file')
+  if (v.direct && backend.kind !== 'file') throw new UsageError('--direct goes with --file')
+  if (v.size !== undefined && backend.kind !== 'file' && backend.kind !== 'plugin') {
+    throw new UsageError('--size goes with --file or --backend')
   }
   if (backend.kind !== 'nbd' && (v.connections !== undefined || v['reconnect-timeout'] !== undefined)) {
     throw new UsageError('--connections and --reconnect-timeout go with --nbd')

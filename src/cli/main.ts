@@ -7,6 +7,7 @@ import { NbdBackend } from '../backends/nbd'
 import { NullBackend } from '../backends/null'
 import type { BlockBackend } from '../backends/backend'
 import { inspectState, listDevices, removeStaleDevice } from '../control'
+import { loadBackendPlugin } from '../plugin'
 import { BlockDevice } from '../devices/blk/block-device'
 import { VduseError } from '../errors'
 import { logs, type LogRecord } from '../log'
@@ -27,6 +28,13 @@ function fail(err: unknown, json: boolean): number {
 async function openBackend(cmd: BlkCommand, emit: Emit): Promise<BlockBackend> {
   const { backend: spec, readOnly } = cmd
   switch (spec.kind) {
+    case 'plugin':
+      return loadBackendPlugin(spec.module, {
+        name: cmd.name,
+        readOnly,
+        args: spec.args,
+        ...(spec.size === undefined ? {} : { size: spec.size }),
+      })
     case 'nbd': {
       const nbd = await NbdBackend.connect(spec.uri, {
         readOnly,
@@ -112,11 +120,15 @@ async function serveBlk(cmd: BlkCommand, emit: Emit): Promise<number> {
   logs.on('log', onLog)
 
   let stopping: Promise<number> | undefined
+  /** What a stop is waiting for, for a user who signals again. */
+  let stage = ''
   const stop = (signal: string): Promise<number> => {
     stopping ??= (async () => {
       try {
+        stage = 'the device to detach, its requests in flight to finish, and the backend to flush'
         await device.close()
       } finally {
+        stage = 'the backend to close'
         await backend.close?.()
       }
       emit({ event: 'stopped', name: cmd.name, signal, stats: device.stats, counters: device.counters() })
@@ -124,10 +136,36 @@ async function serveBlk(cmd: BlkCommand, emit: Emit): Promise<number> {
     })()
     return stopping
   }
+  // Stats on demand.
+  process.on('SIGUSR1', () =>
+    emit({ event: 'stats', name: cmd.name, stats: device.stats, counters: device.counters() }),
+  )
   const stopped = new Promise<number>((resolve, reject) => {
-    for (const sig of ['SIGINT', 'SIGTERM'] as const) {
-      process.once(sig, () => stop(sig).then(resolve, reject))
+    // The first stop signal stops gracefully; a second says what the stop waits for; a third forces an
+    // exit, leaving the device for `vduse destroy` (or `--recover`).
+    let signals = 0
+    const onSignal = (sig: NodeJS.Signals): void => {
+      signals++
+      if (signals === 1) {
+        stop(sig).then(resolve, reject)
+        return
+      }
+      const inFlight = device.counters().inFlight
+      if (signals === 2) {
+        emit({ event: 'stopping', name: cmd.name, signal: sig, waitingFor: stage, inFlight })
+        process.stderr.write(
+          `vduse: still stopping ${cmd.name}: waiting for ${stage} (${inFlight} in flight); ` +
+            `${sig} again forces an exit\n`,
+        )
+        return
+      }
+      emit({ event: 'forced', name: cmd.name, signal: sig, inFlight })
+      process.stderr.write(
+        `vduse: forced exit: ${cmd.name} is left as it is; \`vduse destroy ${cmd.name}\` removes it\n`,
+      )
+      process.exit(130)
     }
+    for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.on(sig, onSignal)
     // A handover (an upgrade): stop serving but leave the device where it is, for `--recover`.
     process.once('SIGUSR2', () => {
       stopping ??= (async () => {
