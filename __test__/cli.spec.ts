@@ -3,6 +3,7 @@ import { execFile } from 'node:child_process'
 import { join } from 'node:path'
 
 import { parseCommand, parseSize, UsageError } from '../src/cli/args'
+import { EventLimiter } from '../src/cli/limiter'
 
 const CLI = join(__dirname, '../src/cli/main.ts')
 
@@ -36,6 +37,7 @@ test('blk options parse into a command with defaults', (t) => {
     replace: false,
     recover: false,
     json: true,
+    logLevel: 'warn',
   })
   const c = parseCommand([
     'blk',
@@ -96,7 +98,9 @@ test('blk options parse into a command with defaults', (t) => {
     },
   )
   t.deepEqual(parseCommand(['list', '--json']), { command: 'list', json: true })
-  t.deepEqual(parseCommand(['destroy', 'd0']), { command: 'destroy', name: 'd0' })
+  t.deepEqual(parseCommand(['destroy', 'd0']), { command: 'destroy', name: 'd0', all: false })
+  t.deepEqual(parseCommand(['destroy', '--all']), { command: 'destroy', all: true })
+  t.like(parseCommand(['blk', '--name', 'd0', '--null', '1M', '--log-level', 'debug']), { logLevel: 'debug' })
   t.deepEqual(parseCommand([]), { command: 'help' })
 })
 
@@ -118,6 +122,8 @@ test('bad usage is a UsageError naming the problem', (t) => {
     [['blk', '--name', 'x', '--nbd', 'nbd://h/', '--connections', '99'], /--connections/],
     [['frobnicate'], /unknown command/],
     [['destroy'], /exactly one/],
+    [['destroy', 'd0', '--all'], /not both/],
+    [['blk', '--name', 'x', '--null', '1M', '--log-level', 'loud'], /--log-level must be one of/],
   ]
   for (const [args, message] of bad)
     t.throws(() => parseCommand(args), { instanceOf: UsageError, message }, args.join(' '))
@@ -137,6 +143,16 @@ test('without VDUSE the CLI says so in one line with the fix, and exits non-zero
   t.is(res.code, 1)
   t.regex(res.stderr, /^vduse: .*\(ERR_VDUSE_UNAVAILABLE\) — load the module with `modprobe vduse`/)
   t.is(res.stderr.trim().split('\n').length, 1)
-  const event = JSON.parse(res.stdout.trim()) as { event: string; code: string }
-  t.deepEqual([event.event, event.code], ['error', 'ERR_VDUSE_UNAVAILABLE'])
+  const event = JSON.parse(res.stdout.trim()) as { event: string; code: string; v: number; ts: string }
+  t.deepEqual([event.event, event.code, event.v], ['error', 'ERR_VDUSE_UNAVAILABLE', 1])
+  t.true(Math.abs(Date.parse(event.ts) - Date.now()) < 60_000, 'an ISO timestamp')
+})
+
+test('request-error events are limited to 10 a second; the next one says how many were held back', (t) => {
+  const limiter = new EventLimiter(10)
+  const passed = Array.from({ length: 25 }, (_, i) => limiter.admit(1000 + i).pass)
+  t.is(passed.filter(Boolean).length, 10)
+  t.is(limiter.total, 15)
+  t.deepEqual(limiter.admit(2000), { pass: true, held: 15 })
+  t.deepEqual(limiter.admit(2001), { pass: true, held: 0 })
 })

@@ -24,24 +24,31 @@ test('vduse blk --memory 64M --name d0 --attach virtio --json serves a working /
   ])
   const ready = await cli.next('ready')
   t.is(ready.name, 'd0')
+  t.is(ready.v, 1, 'every JSON event carries the schema version')
+  t.regex(ready.ts as string, /^\d{4}-\d\d-\d\dT/)
   const dev = ready.path as string
   t.regex(dev, /^\/dev\/vd[a-z]+$/)
   await exerciseBlockDevice(dev, 64 << 20, 'climem')
-  const listed = await sh(`node ${BIN} list --json`)
+  const listed = JSON.parse(await sh(`node ${BIN} list --json`)) as Array<Record<string, unknown>>
   t.like(
-    JSON.parse(
-      listed
-        .trim()
-        .split('\n')
-        .find((l) => l.includes('"d0"'))!,
-    ),
+    listed.find((r) => r.name === 'd0'),
     {
       name: 'd0',
+      type: 'blk',
+      size: 64 << 20,
+      queues: 2,
+      state: 'served',
       served: true,
       attached: true,
       driver: 'virtio_vdpa',
+      path: dev,
+      pid: cli.child.pid,
     },
   )
+  // The human table has a header and the same facts.
+  const table = await sh(`node ${BIN} list`)
+  t.regex(table, /^NAME\s+TYPE\s+SIZE\s+QUEUES\s+ATTACHED\s+PID\s+STATE\n/)
+  t.regex(table, new RegExp(`\\nd0\\s+blk\\s+64M\\s+2x256\\s+${dev}\\s+${cli.child.pid}\\s+served\\n`))
   // A second server for the same name: one clear line, non-zero exit.
   const clash = start(['blk', '--memory', '1M', '--name', 'd0', '--attach', 'none'])
   t.is(await clash.exit, 1)
@@ -85,15 +92,22 @@ test('vduse list shows a stale device left by a killed server, and vduse destroy
   await cli.next('ready')
   cli.child.kill('SIGKILL')
   await cli.exit
-  const row = JSON.parse(
-    (await sh(`node ${BIN} list --json`))
-      .trim()
-      .split('\n')
-      .find((l) => l.includes('stale0'))!,
+  const rows = JSON.parse(await sh(`node ${BIN} list --json`)) as Array<Record<string, unknown>>
+  t.like(
+    rows.find((r) => r.name === 'stale0'),
+    { name: 'stale0', served: false, stale: true, state: 'stale', attached: true },
   )
-  t.like(row, { name: 'stale0', served: false, stale: true, attached: true })
-  t.regex(await sh(`node ${BIN} destroy stale0`), /destroyed stale0/)
-  t.false((await sh(`node ${BIN} list`)).includes('stale0'))
+  // `destroy --all` takes every stale device, and only those.
+  const live = start(['blk', '--memory', '8M', '--name', 'live0', '--attach', 'none', '--json'])
+  await live.next('ready')
+  const out = await sh(`node ${BIN} destroy --all`)
+  t.regex(out, /destroyed stale0/)
+  t.notRegex(out, /live0/)
+  const after = await sh(`node ${BIN} list`)
+  t.false(after.includes('stale0'))
+  t.true(after.includes('live0'))
+  live.child.kill('SIGTERM')
+  t.is(await live.exit, 0)
   // A name that does not exist: non-zero, one line.
   const missing = start(['destroy', 'nothing-here'])
   t.is(await missing.exit, 1)

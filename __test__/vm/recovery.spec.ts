@@ -16,13 +16,8 @@ test.before(() => assertInGuest())
 
 /** The device's row in `vduse list --json`. */
 async function listed(name: string): Promise<Record<string, unknown> | undefined> {
-  const out = await sh(`node ${CLI} list --json`)
-  return out
-    .trim()
-    .split('\n')
-    .filter(Boolean)
-    .map((l) => JSON.parse(l) as Record<string, unknown>)
-    .find((r) => r.name === name)
+  const rows = JSON.parse(await sh(`node ${CLI} list --json`)) as Array<Record<string, unknown>>
+  return rows.find((r) => r.name === name)
 }
 
 function readAt(path: string, offset: number, length: number): Buffer {

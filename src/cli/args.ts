@@ -1,5 +1,9 @@
 import { parseArgs } from 'node:util'
 
+import type { LogLevel } from '../log'
+
+const LOG_LEVELS: readonly LogLevel[] = ['off', 'error', 'warn', 'info', 'debug', 'trace']
+
 /** A usage error: printed with the help hint, exit code 2. */
 export class UsageError extends Error {
   override name = 'UsageError'
@@ -9,7 +13,7 @@ export const HELP = `Usage:
   vduse blk --name NAME (--memory SIZE | --file PATH | --nbd URI | --null SIZE) [options]
   vduse blk --name NAME --backend MODULE [--size SIZE] [options] [-- plugin arguments]
   vduse list [--json]
-  vduse destroy NAME
+  vduse destroy NAME | --all
 
 Serve a virtio-blk device from this process through VDUSE (Linux >= 5.15; as root, with
 \`modprobe vduse virtio_vdpa\`), until SIGINT, SIGTERM or SIGHUP (finish, flush, detach, destroy; a
@@ -46,11 +50,14 @@ Options for blk:
   --recover              take over the device of the same name whose server died (same backend and
                          options), serving again what it left in flight; the driver sees a pause.
                          Creates the device if there is none
-  --json                 one JSON event per line on stdout (ready, stopped, released, error, …)
+  --json                 one JSON event per line on stdout (ready, stopped, released, error, …), each
+                         with "v" (schema version) and "ts" (ISO time)
+  --log-level LEVEL      native log records to report: off, error, warn (default), info, debug, trace
 
 Other commands:
-  list                   VDUSE devices on this machine: served, stale, or recoverable (--recover)
-  destroy NAME           detach and destroy a stale device
+  list                   VDUSE devices on this machine: type, size, queues, where attached, owning pid,
+                         state (served, stale, or recoverable with --recover); --json: an array
+  destroy NAME           detach and destroy a stale device; --all: every stale device
 
   -h, --help             this help
   --version              the package version
@@ -99,12 +106,13 @@ export interface BlkCommand {
   replace: boolean
   recover: boolean
   json: boolean
+  logLevel: LogLevel
 }
 
 export type Command =
   | BlkCommand
   | { command: 'list'; json: boolean }
-  | { command: 'destroy'; name: string }
+  | { command: 'destroy'; name?: string; all: boolean }
   | { command: 'help' }
   | { command: 'version' }
 
@@ -144,6 +152,8 @@ export function parseCommand(argv: readonly string[]): Command {
         replace: { type: 'boolean' },
         recover: { type: 'boolean' },
         json: { type: 'boolean' },
+        all: { type: 'boolean' },
+        'log-level': { type: 'string' },
         help: { type: 'boolean', short: 'h' },
       },
     })
@@ -157,8 +167,12 @@ export function parseCommand(argv: readonly string[]): Command {
       if (positionals.length > 0) throw new UsageError('list takes no arguments')
       return { command: 'list', json: v.json ?? false }
     case 'destroy': {
-      if (positionals.length !== 1) throw new UsageError('destroy takes exactly one device name')
-      return { command: 'destroy', name: positionals[0]! }
+      if (v.all) {
+        if (positionals.length > 0) throw new UsageError('destroy takes a device name or --all, not both')
+        return { command: 'destroy', all: true }
+      }
+      if (positionals.length !== 1) throw new UsageError('destroy takes exactly one device name (or --all)')
+      return { command: 'destroy', name: positionals[0]!, all: false }
     }
     case 'blk':
       break
@@ -228,6 +242,13 @@ export function parseCommand(argv: readonly string[]): Command {
     replace: v.replace ?? false,
     recover: v.recover ?? false,
     json: v.json ?? false,
+    logLevel: 'warn',
+  }
+  if (v['log-level'] !== undefined) {
+    if (!LOG_LEVELS.includes(v['log-level'] as LogLevel)) {
+      throw new UsageError(`--log-level must be one of ${LOG_LEVELS.join(', ')}`)
+    }
+    cmd.logLevel = v['log-level'] as LogLevel
   }
   if (blockSize !== undefined) cmd.blockSize = blockSize
   if (v.serial !== undefined) cmd.serial = v.serial

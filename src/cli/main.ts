@@ -10,17 +10,27 @@ import { inspectState, listDevices, removeStaleDevice } from '../control'
 import { loadBackendPlugin } from '../plugin'
 import { BlockDevice } from '../devices/blk/block-device'
 import { VduseError } from '../errors'
-import { logs, type LogRecord } from '../log'
-import { boundDriver, isAttached } from '../transport/attach'
+import { logs, setLogLevel, type LogRecord } from '../log'
+import { boundDriver, currentAttachment, isAttached, readSysfs } from '../transport/attach'
 import { HELP, parseCommand, UsageError, type BlkCommand } from './args'
+import { EventLimiter } from './limiter'
 
 type Emit = (event: Record<string, unknown>) => void
+
+/** Version of the JSON events' shape (`v`): fields are only added within a version. */
+export const EVENT_SCHEMA = 1
+
+/** Every JSON event carries the schema version and when it happened. */
+function envelope(e: Record<string, unknown>): Record<string, unknown> {
+  return { ...e, v: EVENT_SCHEMA, ts: new Date().toISOString() }
+}
 
 function fail(err: unknown, json: boolean): number {
   const e = err instanceof Error ? err : new Error(String(err))
   const code = (e as { code?: string }).code
   const hint = e instanceof VduseError ? e.hint : undefined
-  if (json) process.stdout.write(JSON.stringify({ event: 'error', code, message: e.message, hint }) + '\n')
+  if (json)
+    process.stdout.write(JSON.stringify(envelope({ event: 'error', code, message: e.message, hint })) + '\n')
   process.stderr.write(`vduse: ${e.message}${code ? ` (${code})` : ''}${hint ? ` — ${hint}` : ''}\n`)
   return 1
 }
@@ -81,6 +91,7 @@ async function openBackend(cmd: BlkCommand, emit: Emit): Promise<BlockBackend> {
 }
 
 async function serveBlk(cmd: BlkCommand, emit: Emit): Promise<number> {
+  setLogLevel(cmd.logLevel)
   const backend = await openBackend(cmd, emit)
   let device: BlockDevice
   try {
@@ -110,13 +121,25 @@ async function serveBlk(cmd: BlkCommand, emit: Emit): Promise<number> {
     await backend.close?.()
     throw err
   }
-  device.on('requestError', (err) => emit({ event: 'request-error', name: cmd.name, message: err.message }))
+  // At most 10 request-error events a second: a failing backend must not flood the log. What was held
+  // back is counted in the next one (`suppressed`) and in the stop event.
+  const requestErrors = new EventLimiter(10)
+  device.on('requestError', (err) => {
+    const { pass, held } = requestErrors.admit()
+    if (!pass) return
+    const code = (err as { code?: unknown }).code
+    emit({
+      event: 'request-error',
+      name: cmd.name,
+      message: err.message,
+      ...(typeof code === 'string' ? { code } : {}),
+      ...(held > 0 ? { suppressed: held } : {}),
+    })
+  })
   device.on('error', (err) => emit({ event: 'error', name: cmd.name, message: err.message }))
   device.on('drained', (info) => emit({ event: 'drained', name: cmd.name, ...info }))
-  const onLog = (r: LogRecord): void => {
-    if (r.level === 'error' || r.level === 'warn')
-      emit({ event: 'log', name: cmd.name, level: r.level, message: r.message })
-  }
+  const onLog = (r: LogRecord): void =>
+    emit({ event: 'log', name: cmd.name, level: r.level, message: r.message })
   logs.on('log', onLog)
 
   let stopping: Promise<number> | undefined
@@ -131,7 +154,14 @@ async function serveBlk(cmd: BlkCommand, emit: Emit): Promise<number> {
         stage = 'the backend to close'
         await backend.close?.()
       }
-      emit({ event: 'stopped', name: cmd.name, signal, stats: device.stats, counters: device.counters() })
+      emit({
+        event: 'stopped',
+        name: cmd.name,
+        signal,
+        stats: device.stats,
+        counters: device.counters(),
+        ...(requestErrors.total > 0 ? { requestErrorsSuppressed: requestErrors.total } : {}),
+      })
       return 0
     })()
     return stopping
@@ -210,9 +240,32 @@ async function serveBlk(cmd: BlkCommand, emit: Emit): Promise<number> {
   return stopped
 }
 
-/** `vduse list`: every VDUSE device, whether a live process serves it, and where it is attached. */
-async function list(json: boolean): Promise<number> {
-  const rows = []
+/** One device in `vduse list`. */
+interface ListRow {
+  name: string
+  /** What the device is (from its state file): `blk`, … ; null when it keeps none. */
+  type: string | null
+  /** Bytes, when the device is attached as a block device here. */
+  size: number | null
+  queues: number | null
+  queueSize: number | null
+  /** served: a live process serves it; stale: its server died; recoverable: stale, and `--recover` can take it. */
+  state: 'served' | 'stale' | 'recoverable'
+  served: boolean
+  stale: boolean
+  recoverable: boolean
+  attached: boolean
+  driver: string | null
+  /** The node its driver made: /dev/vdX, an interface, or /dev/vhost-vdpa-N. */
+  path: string | null
+  /** The process serving it (served), or the last one that did (stale). */
+  pid: number | null
+  backend: string | null
+  servings: number | null
+}
+
+async function listRows(): Promise<ListRow[]> {
+  const rows: ListRow[] = []
   for (const name of listDevices()) {
     let served = false
     try {
@@ -221,39 +274,102 @@ async function list(json: boolean): Promise<number> {
       served = (err as NodeJS.ErrnoException).code === 'EBUSY'
     }
     const attached = await isAttached(name)
-    const state = served ? null : inspectState(name)
+    const at = attached ? await currentAttachment(name) : undefined
+    // Reading the state file changes nothing, whoever serves the device.
+    const state = inspectState(name)
+    // Its server died and left a state file naming storage that outlives it: `vduse blk --recover`.
+    const recoverable = !served && state !== null && state.backend !== '' && state.kind === 'blk'
+    let size: number | null = null
+    if (at?.path.startsWith('/dev/vd')) {
+      const sectors = Number(await readSysfs(`/sys/block/${at.path.slice(5)}/size`))
+      if (Number.isFinite(sectors)) size = sectors * 512
+    }
     rows.push({
       name,
+      type: state?.kind ?? null,
+      size,
+      queues: state?.numQueues ?? null,
+      queueSize: state?.queueSize ?? null,
+      state: served ? 'served' : recoverable ? 'recoverable' : 'stale',
       served,
       stale: !served,
-      // Its server died and left a state file naming storage that outlives it: `vduse blk --recover`.
-      recoverable: state !== null && state.backend !== '' && state.kind === 'blk',
+      recoverable,
       attached,
       driver: attached ? ((await boundDriver(name)) ?? null) : null,
-      ...(state
-        ? { kind: state.kind, backend: state.backend || null, lastPid: state.pid, servings: state.servings }
-        : {}),
+      path: at?.path ?? null,
+      pid: state?.pid || null,
+      backend: state?.backend || null,
+      servings: state?.servings ?? null,
     })
   }
-  if (json) for (const r of rows) process.stdout.write(JSON.stringify(r) + '\n')
-  else if (rows.length === 0) process.stdout.write('no VDUSE devices\n')
-  else {
-    for (const r of rows) {
-      const where = r.attached ? `attached (${r.driver ?? 'no driver'})` : 'detached'
-      const what = r.served ? 'served' : r.recoverable ? 'stale, recoverable' : 'stale'
-      process.stdout.write(`${r.name}\t${what}\t${where}\n`)
-    }
+  return rows
+}
+
+function human(bytes: number | null): string {
+  if (bytes === null) return '-'
+  const units = ['B', 'K', 'M', 'G', 'T']
+  let v = bytes
+  let u = 0
+  while (v >= 1024 && u < units.length - 1 && v % 1024 === 0) {
+    v /= 1024
+    u++
+  }
+  return `${v}${units[u]}`
+}
+
+/** `vduse list`: every VDUSE device, whether a live process serves it, and where it is attached. */
+async function list(json: boolean): Promise<number> {
+  const rows = await listRows()
+  if (json) {
+    process.stdout.write(JSON.stringify(rows) + '\n')
+    return 0
+  }
+  if (rows.length === 0) {
+    process.stdout.write('no VDUSE devices\n')
+    return 0
+  }
+  const table = [
+    ['NAME', 'TYPE', 'SIZE', 'QUEUES', 'ATTACHED', 'PID', 'STATE'],
+    ...rows.map((r) => [
+      r.name,
+      r.type ?? '-',
+      human(r.size),
+      r.queues === null ? '-' : `${r.queues}x${r.queueSize}`,
+      r.attached ? (r.path ?? r.driver ?? 'yes (no driver)') : '-',
+      r.pid === null ? '-' : String(r.pid),
+      r.state,
+    ]),
+  ]
+  const widths = table[0]!.map((_, c) => Math.max(...table.map((row) => row[c]!.length)))
+  for (const row of table) {
+    process.stdout.write(
+      row.map((cell, c) => (c === row.length - 1 ? cell : cell.padEnd(widths[c]!))).join('  ') + '\n',
+    )
   }
   return 0
 }
 
-async function destroy(name: string): Promise<number> {
-  if (!listDevices().includes(name)) {
-    throw new VduseError(`no VDUSE device named "${name}"`, { code: 'ERR_VDUSE_NOT_FOUND' })
+async function destroy(names: string[], all: boolean): Promise<number> {
+  if (all) {
+    // Every stale device; the served ones are their servers' business.
+    names = (await listRows()).filter((r) => r.stale).map((r) => r.name)
+    if (names.length === 0) process.stdout.write('no stale VDUSE devices\n')
   }
-  await removeStaleDevice(name)
-  process.stdout.write(`destroyed ${name}\n`)
-  return 0
+  let failed = 0
+  for (const name of names) {
+    try {
+      if (!listDevices().includes(name)) {
+        throw new VduseError(`no VDUSE device named "${name}"`, { code: 'ERR_VDUSE_NOT_FOUND' })
+      }
+      await removeStaleDevice(name)
+      process.stdout.write(`destroyed ${name}\n`)
+    } catch (err) {
+      if (!all) throw err
+      failed++
+      fail(err, false)
+    }
+  }
+  return failed > 0 ? 1 : 0
 }
 
 export async function main(argv: readonly string[]): Promise<number> {
@@ -274,11 +390,11 @@ export async function main(argv: readonly string[]): Promise<number> {
       case 'list':
         return await list(cmd.json)
       case 'destroy':
-        return await destroy(cmd.name)
+        return await destroy(cmd.name === undefined ? [] : [cmd.name], cmd.all)
       case 'blk': {
         json = cmd.json
         const emit: Emit = json
-          ? (e) => process.stdout.write(JSON.stringify(e) + '\n')
+          ? (e) => process.stdout.write(JSON.stringify(envelope(e)) + '\n')
           : (e) => {
               if (e.event === 'ready')
                 process.stderr.write(
