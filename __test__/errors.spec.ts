@@ -11,7 +11,7 @@ test('a missing control node is ERR_VDUSE_UNAVAILABLE with a modprobe hint', (t)
     instanceOf: VduseError,
   })
   t.is(err?.code, 'ERR_VDUSE_UNAVAILABLE')
-  t.is(err?.errno, 2)
+  t.is(err?.errno, -2)
   t.is(err?.syscall, 'open')
   t.regex(err?.hint ?? '', /modprobe vduse/)
   t.regex(err?.message ?? '', /\/nonexistent\/vduse\/control/)
@@ -22,7 +22,7 @@ test('a node that is not VDUSE fails the ioctl with errno and syscall', (t) => {
   writeFileSync(file, '')
   const err = t.throws(() => getApiVersion({ controlPath: file }), { instanceOf: VduseError })
   t.is(err?.code, 'ERR_VDUSE_SYSCALL')
-  t.is(err?.errno, 25) // ENOTTY
+  t.is(err?.errno, -25) // ENOTTY, negative as in Node
   t.is(err?.syscall, 'ioctl(VDUSE_GET_API_VERSION)')
 })
 

@@ -16,7 +16,7 @@ test('a feature offered without the one it requires is refused with a clear erro
   t.is(err?.code, 'ERR_VDUSE_INVALID_CONFIG')
   t.regex(err?.message ?? '', /B requires A/)
   t.is(set.mask(['A', 'B']), 6n)
-  t.throws(() => new FeatureSet({ X: { bit: 64 } }), { instanceOf: RangeError })
+  t.throws(() => new FeatureSet({ X: { bit: 64 } }), { code: 'ERR_VDUSE_INVALID_CONFIG' })
 })
 
 test('config layouts encode little-endian and check sizes', (t) => {
@@ -34,10 +34,10 @@ test('config layouts encode little-endian and check sizes', (t) => {
   t.is(err?.code, 'ERR_VDUSE_INVALID_CONFIG')
   t.throws(() => layout.encode({ b: -1 }), { instanceOf: VduseError })
   t.throws(() => layout.encode({ c: 1.5 }), { instanceOf: VduseError })
-  t.throws(() => new ConfigLayout(4, { x: { offset: 2, type: 'u32' } }), { instanceOf: RangeError })
+  t.throws(() => new ConfigLayout(4, { x: { offset: 2, type: 'u32' } }), { code: 'ERR_VDUSE_INVALID_CONFIG' })
   t.throws(
     () => new ConfigLayout(8, { x: { offset: 2, type: 'u32' } }),
-    { instanceOf: RangeError },
+    { code: 'ERR_VDUSE_INVALID_CONFIG' },
     'misaligned',
   )
 })

@@ -1,6 +1,7 @@
 import { native, nativeAsync, type VduseError } from './errors'
 import { detach, isAttached } from './transport/attach'
 import { binding } from './transport/binding'
+import type { StateSummary } from '../index'
 
 /**
  * The VDUSE API version the kernel speaks (0 on Linux 6.12).
@@ -18,19 +19,7 @@ export function listDevices(): string[] {
 }
 
 /** What a device's state file says (its kind, backend identity, last server), or null without one. */
-export interface DeviceState {
-  kind: string
-  /** The backend's identity; empty: the data died with its server, so it cannot be recovered. */
-  backend: string
-  /** The last server's process id. */
-  pid: number
-  /** The status the device acknowledged last. */
-  status: number
-  numQueues: number
-  queueSize: number
-  /** Servers that have served the device: 1, plus one per takeover. */
-  servings: number
-}
+export type DeviceState = StateSummary
 
 /** Reads device `name`'s state file (in `stateDir`, default `/run/vduse`) without changing it. */
 export function inspectState(name: string, options: { stateDir?: string | null } = {}): DeviceState | null {

@@ -75,7 +75,8 @@ export function fromNativeError(err: unknown): unknown {
   if (typeof code !== 'string' || !KNOWN_CODES.has(code)) return err
   return new VduseError(typeof record.message === 'string' ? record.message : err.message, {
     code: code as VduseErrorCode,
-    errno: typeof record.errno === 'number' ? record.errno : undefined,
+    // Negative, as Node's own system errors are (-13 for EACCES).
+    errno: typeof record.errno === 'number' ? -Math.abs(record.errno) : undefined,
     syscall: typeof record.syscall === 'string' ? record.syscall : undefined,
     hint: typeof record.hint === 'string' ? record.hint : undefined,
   })

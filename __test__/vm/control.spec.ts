@@ -31,7 +31,7 @@ test('an unprivileged process gets ERR_VDUSE_PERMISSION', async (t) => {
     hint?: string
   }
   t.is(result.code, 'ERR_VDUSE_PERMISSION')
-  t.is(result.errno, 13)
+  t.is(result.errno, -13)
   t.regex(result.hint ?? '', /root|access/)
 })
 

@@ -47,7 +47,7 @@ export class FileBackend implements BlockBackend {
       const e = err as NodeJS.ErrnoException
       throw new VduseError(`cannot open ${path}: ${e.message}`, {
         code: 'ERR_VDUSE_SYSCALL',
-        errno: typeof e.errno === 'number' ? -e.errno : undefined,
+        errno: typeof e.errno === 'number' ? -Math.abs(e.errno) : undefined,
         syscall: 'open',
         cause: err,
       })

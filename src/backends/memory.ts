@@ -1,3 +1,4 @@
+import { VduseError } from '../errors'
 import type { BlockBackend, BlockIo } from './backend'
 
 /** A RAM disk. Discarded and zeroed ranges read back as zeroes. */
@@ -6,7 +7,9 @@ export class MemoryBackend implements BlockBackend {
 
   constructor(size: number) {
     if (!Number.isSafeInteger(size) || size <= 0)
-      throw new RangeError(`size must be a positive integer, got ${size}`)
+      throw new VduseError(`size must be a positive integer, got ${size}`, {
+        code: 'ERR_VDUSE_INVALID_CONFIG',
+      })
     this.data = Buffer.alloc(size)
   }
 

@@ -1,3 +1,4 @@
+import { VduseError } from '../errors'
 import type { BlockBackend, BlockIo } from './backend'
 
 /**
@@ -12,7 +13,9 @@ export class NullBackend implements BlockBackend {
     private readonly options: { zeroes?: boolean } = {},
   ) {
     if (!Number.isSafeInteger(size) || size <= 0)
-      throw new RangeError(`size must be a positive integer, got ${size}`)
+      throw new VduseError(`size must be a positive integer, got ${size}`, {
+        code: 'ERR_VDUSE_INVALID_CONFIG',
+      })
   }
 
   private zero = Buffer.alloc(0)

@@ -27,11 +27,16 @@ export class ConfigLayout<F extends string> {
     readonly fields: Readonly<Record<F, FieldDefinition>>,
   ) {
     if (!Number.isInteger(size) || size < 0 || size > 4096) {
-      throw new RangeError(`config space size ${size} must be 0..4096 bytes`)
+      throw new VduseError(`config space size ${size} must be 0..4096 bytes`, {
+        code: 'ERR_VDUSE_INVALID_CONFIG',
+      })
     }
     for (const [name, f] of Object.entries(fields) as [F, FieldDefinition][]) {
       if (f.offset < 0 || f.offset + WIDTH[f.type] > size || f.offset % WIDTH[f.type] !== 0) {
-        throw new RangeError(`config field ${name} (${f.type} at ${f.offset}) does not fit or is misaligned`)
+        throw new VduseError(
+          `config field ${name} (${f.type} at ${f.offset}) does not fit or is misaligned`,
+          { code: 'ERR_VDUSE_INVALID_CONFIG' },
+        )
       }
     }
   }

@@ -22,7 +22,9 @@ export class FeatureSet<Name extends string> {
   constructor(private readonly definitions: Readonly<Record<Name, FeatureDefinition>>) {
     for (const [name, def] of Object.entries(definitions) as [Name, FeatureDefinition][]) {
       if (!Number.isInteger(def.bit) || def.bit < 0 || def.bit > 63) {
-        throw new RangeError(`feature ${name}: bit ${def.bit} is not in 0..63`)
+        throw new VduseError(`feature ${name}: bit ${def.bit} is not in 0..63`, {
+          code: 'ERR_VDUSE_INVALID_CONFIG',
+        })
       }
     }
   }
