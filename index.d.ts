@@ -125,6 +125,8 @@ export interface DeviceCounters {
   /** Wake-ups of the JavaScript thread by kicks, and model calls (one per batch). */
   wakeups: number
   jsCalls: number
+  /** Times polling the rings (instead of sleeping) found requests: wake-ups saved. */
+  polled: number
   ioOps: number
   ioErrors: number
   /** Requests a taken-over device found in flight and served again. */
@@ -176,6 +178,11 @@ export interface DeviceInit {
   recover?: boolean
   /** What stores the data, as a stable identity (recorded for, and checked by, a takeover). */
   backendId?: string
+  /**
+   * Longest the JavaScript-thread server polls a ring for new requests before it sleeps (µs, at most
+   * 1000; default 0: never). Adaptive: it polls only while polling catches requests.
+   */
+  pollUs?: number
 }
 
 /** `fallocate(2)` on the libuv pool (punch holes, zero ranges) without blocking the JavaScript thread. */

@@ -298,3 +298,17 @@ test('bad options are refused with ERR_VDUSE_INVALID_CONFIG', async (t) => {
     t.is(err?.code, 'ERR_VDUSE_INVALID_CONFIG')
   }
 })
+
+test('pollUs is validated', async (t) => {
+  for (const pollUs of [-1, 1.5, 5000]) {
+    await t.throwsAsync(
+      BlockDevice.create({
+        name: `poll${pollUs}`,
+        backend: new MemoryBackend(1 << 20),
+        transport: new InProcessTransport(),
+        pollUs,
+      }),
+      { code: 'ERR_VDUSE_INVALID_CONFIG' },
+    )
+  }
+})

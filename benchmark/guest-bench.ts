@@ -353,6 +353,12 @@ const TARGETS: Target[] = [
     start: vduseCli(['--null', `${SIZE_MIB}M`]),
   },
   {
+    id: 'vduse-null-poll',
+    label: 'vduse CLI --null --poll-us 300 (TypeScript, adaptive polling)',
+    peer: 'qsd10-null',
+    start: vduseCli(['--null', `${SIZE_MIB}M`, '--poll-us', '300'], 'bench-null-poll'),
+  },
+  {
     id: 'vduse-memory',
     label: 'vduse CLI --memory (TypeScript)',
     peer: 'qsd10-file',

@@ -103,3 +103,17 @@ test('a backend that throws yields EIO in the guest, and the next request succee
   t.true(device.stats.ioErrors >= 1)
   await device.close()
 })
+
+test('adaptive polling (pollUs) serves correctly and catches requests without a kick at queue depth 1', async (t) => {
+  const backend = new MemoryBackend(32 << 20)
+  const device = await BlockDevice.create({ name: 'ts-poll', backend, pollUs: 1000, replaceStale: true })
+  const dev = await device.attach()
+  await sh(`fio --name=poll --filename=${dev} --rw=randwrite --bs=4k --iodepth=1 --ioengine=libaio --direct=1 \
+    --size=8M --verify=crc32c --verify_state_save=0 --do_verify=1 --verify_fatal=1 --output-format=terse >/dev/null`)
+  const c = device.counters()
+  t.is(c.badChains, 0)
+  t.true(c.polled > 0, `requests found by polling: ${c.polled} of ${c.requests} (wake-ups ${c.wakeups})`)
+  t.true(c.wakeups < c.requests, 'polling saved wake-ups')
+  await device.close()
+  t.is(device.stats.ioErrors, 0)
+})

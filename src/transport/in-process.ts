@@ -107,6 +107,7 @@ export class InProcessTransport implements Transport {
       maxDrainMs: 0,
       wakeups: this.counts.batches,
       jsCalls: this.counts.batches,
+      polled: 0,
       ioOps: 0,
       ioErrors: 0,
       resubmitted: 0,
@@ -163,7 +164,8 @@ export class InProcessTransport implements Transport {
     const len = typeof data === 'number' ? data : data.length
     if (this.next + len > this.memory.length) this.next = 0
     const off = this.next
-    if (off + len > this.memory.length) throw new RangeError('request larger than the fake guest memory')
+    if (off + len > this.memory.length)
+      throw new VduseError('request larger than the fake guest memory', { code: 'ERR_VDUSE_INVALID_CONFIG' })
     if (typeof data !== 'number') this.memory.set(data, off)
     this.next = off + ((len + 63) & ~63)
     return off

@@ -30,6 +30,14 @@ export interface VirtioDeviceOptions {
   /** Requests per batch handed to the model (default 64). */
   batchSize?: number
   /**
+   * Poll the rings for up to this long (µs, at most 1000) after a batch before sleeping, adaptively
+   * (only while polling catches requests). Default 0: never. It trades CPU for latency: at queue depth 1
+   * it removes a wake-up per request (in our guest runs QD1 went from 0.56× to 1.2× qemu-storage-daemon);
+   * under load it shrinks batches and costs throughput (QD16 from 1.26× to 0.85×). For latency-bound,
+   * low-depth workloads.
+   */
+  pollUs?: number
+  /**
    * Directory of the state file that lets a restarted server take the device over (default
    * `/run/vduse`); `null`: keep none.
    */
@@ -144,6 +152,11 @@ export abstract class VirtioDevice extends EventEmitter<VirtioDeviceEvents> impl
       ioThreads: this.#options.ioThreads ?? 4,
       ...(stateDir === undefined ? {} : { stateDir: stateDir ?? '' }),
       recover: this.#options.recover ?? false,
+      ...(this.#options.pollUs === undefined ? {} : { pollUs: this.#options.pollUs }),
+    }
+    const poll = this.#options.pollUs
+    if (poll !== undefined && (!Number.isInteger(poll) || poll < 0 || poll > 1000)) {
+      throw new VduseError('pollUs must be an integer from 0 to 1000', { code: 'ERR_VDUSE_INVALID_CONFIG' })
     }
     const capacity = this.#options.batchSize ?? 64
     const arrays = new BatchArrays(capacity, Math.max(256, capacity * 4))

@@ -1062,6 +1062,33 @@ impl Virtqueue {
         self.notify_locked(&mut r, &map);
     }
 
+    /// For busy polling: stops the driver's notifications while the caller polls
+    /// [`has_avail`](Self::has_avail) instead of sleeping. The next [`pop`](Self::pop) that finds the ring
+    /// empty turns them back on and checks once more, so no request can slip between the two.
+    pub fn suppress_notifications(&self) {
+        let (mut r, map) = self.lock_fresh();
+        if r.state == State::Active {
+            if let Some(q) = r.queue.as_mut() {
+                let _ = q.disable_notification(map.as_ref());
+            }
+        }
+    }
+
+    /// Whether the driver made requests available that were not popped yet: one read of the avail
+    /// index (false when the queue is not active or the ring is unreadable; `pop` reports those).
+    pub fn has_avail(&self) -> bool {
+        let (r, map) = self.lock_fresh();
+        if r.state != State::Active {
+            return false;
+        }
+        if !r.resubmit.is_empty() {
+            return true;
+        }
+        let Some(q) = r.queue.as_ref() else { return false };
+        q.avail_idx(map.as_ref(), Ordering::Acquire)
+            .is_ok_and(|idx| idx.0 != q.next_avail())
+    }
+
     /// Counts a kick.
     pub fn kicked(&self) {
         self.stats.kicks.fetch_add(1, Ordering::Relaxed);

@@ -77,6 +77,7 @@ pub fn create_loopback(
             vec![lb.kick_fd().clone()],
             arrays,
             on_batch.raw(),
+            0,
         )
     }?;
     Ok(BindingLoopback {

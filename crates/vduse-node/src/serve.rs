@@ -17,6 +17,7 @@ use std::cell::{Cell, RefCell};
 use std::ffi::c_void;
 use std::ptr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use napi::sys;
 use vduse_core::queue::{Budget, Pop, RequestBatch, Ticket, Virtqueue};
@@ -30,6 +31,8 @@ pub const REQ_FIELDS: usize = 6;
 pub const DONE_FIELDS: usize = 3;
 /// Pop rounds per wake-up before other events get their turn.
 const ROUNDS: usize = 4;
+/// Adaptive polling starts here when it turns on.
+const POLL_START_NS: u64 = 4_000;
 
 /// A typed array JavaScript owns, kept alive by a reference while we use it. Its address is read again
 /// before every use: JavaScript can detach (transfer) an ArrayBuffer, which would otherwise leave us a
@@ -260,6 +263,13 @@ pub struct JsServer {
     serving: Cell<bool>,
     pub wakeups: Cell<u64>,
     pub js_calls: Cell<u64>,
+    /// Adaptive polling (see `poll`): how long to poll now, the most it may grow to, and per queue
+    /// since when it has been waiting for a kick.
+    poll_ns: Cell<u64>,
+    poll_max_ns: u64,
+    idle_since: RefCell<Vec<Option<Instant>>>,
+    /// Batches found by polling rather than by a kick.
+    pub polled: Cell<u64>,
 }
 
 /// Owns a [`JsServer`] and its poll handles.
@@ -289,6 +299,7 @@ impl JsServer {
         kicks: Vec<Arc<EventFd>>,
         arrays: Arrays,
         on_batch: sys::napi_value,
+        poll_max_ns: u64,
     ) -> Result<ServerHandle, NativeError> {
         let capacity = arrays.capacity();
         if capacity == 0 || arrays.done.len() < DONE_FIELDS || arrays.ctl.len() < 1 {
@@ -329,6 +340,10 @@ impl JsServer {
             serving: Cell::new(false),
             wakeups: Cell::new(0),
             js_calls: Cell::new(0),
+            poll_ns: Cell::new(0),
+            poll_max_ns,
+            idle_since: RefCell::new(vec![None; n]),
+            polled: Cell::new(0),
         }));
         let handle = ServerHandle {
             // SAFETY: from Box::into_raw, never null.
@@ -379,7 +394,14 @@ impl JsServer {
         let _ = kick.read();
         vq.kicked();
         self.wakeups.set(self.wakeups.get() + 1);
-        for _ in 0..ROUNDS {
+        let slept = self.idle_since.borrow_mut()[q].take();
+        if let Some(since) = slept {
+            self.adapt(since.elapsed());
+        }
+        let mut polled = false;
+        let mut rounds = 0;
+        while rounds < ROUNDS {
+            rounds += 1;
             // JavaScript ran since the last round: the arrays may have moved or been detached.
             // SAFETY: the JS thread, our env.
             if !unsafe { self.arrays.refresh(self.env) } {
@@ -398,12 +420,66 @@ impl JsServer {
                 }
                 self.flush();
             }
-            if more != Pop::More {
-                return; // Idle: wait for a kick; Full: a completion writes the kick fd
+            match more {
+                Pop::More => {}
+                // A completion writes the kick fd.
+                Pop::Full => return,
+                Pop::Idle if !polled && self.poll_ns.get() > 0 => {
+                    // Poll a while instead of sleeping; either way, pop once more: it turns the
+                    // notifications back on (when the ring is empty) and catches what raced with that.
+                    polled = true;
+                    if self.poll(vq) {
+                        self.polled.set(self.polled.get() + 1);
+                        polled = false;
+                    }
+                }
+                Pop::Idle => {
+                    self.idle_since.borrow_mut()[q] = Some(Instant::now());
+                    return; // wait for a kick
+                }
             }
         }
         // The budget ran out: continue after the other events of this loop turn.
         let _ = kick.write(1);
+    }
+
+    /// Polls `vq`'s avail ring for up to the current poll time, with its notifications suppressed.
+    /// Returns whether the driver made requests available meanwhile.
+    fn poll(&self, vq: &Virtqueue) -> bool {
+        let ns = self.poll_ns.get();
+        if ns == 0 {
+            return false;
+        }
+        vq.suppress_notifications();
+        let deadline = Instant::now() + Duration::from_nanos(ns);
+        loop {
+            if vq.has_avail() {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            // Yield, not spin: on a busy machine the work that produces the next request (the driver's
+            // process, the kernel's interrupt worker) may be waiting for this very CPU.
+            std::thread::yield_now();
+        }
+    }
+
+    /// Adaptive polling, as QEMU's event loop does it: a kick that came soon after polling gave up means a
+    /// longer poll would have caught it (grow, up to the maximum); a long sleep means polling is wasted
+    /// here (shrink).
+    fn adapt(&self, slept: Duration) {
+        let max = self.poll_max_ns;
+        if max == 0 {
+            return;
+        }
+        let slept = slept.as_nanos() as u64;
+        let ns = self.poll_ns.get();
+        if slept <= max {
+            self.poll_ns.set(((ns * 2).max(POLL_START_NS)).min(max));
+        } else if ns > 0 {
+            self.poll_ns.set(if ns / 2 < POLL_START_NS { 0 } else { ns / 2 });
+        }
     }
 
     /// Reports a failure of the serving machinery itself as an uncaught exception (like any bug).
