@@ -1,7 +1,15 @@
 import test from 'ava'
 import { readFileSync } from 'node:fs'
 
-import { BlockDevice, FileBackend, MemoryBackend, type BlockBackend, type BlockIo } from '../../src'
+import {
+  BlockDevice,
+  FileBackend,
+  listDevices,
+  MemoryBackend,
+  type BlockBackend,
+  type BlockIo,
+  type VduseError,
+} from '../../src'
 import { assertInGuest, exerciseBlockDevice, sh } from './guest'
 
 test.before(() => assertInGuest())
@@ -116,4 +124,25 @@ test('adaptive polling (pollUs) serves correctly and catches requests without a 
   t.true(c.wakeups < c.requests, 'polling saved wake-ups')
   await device.close()
   t.is(device.stats.ioErrors, 0)
+})
+
+test('an attach that times out or is aborted leaves nothing behind; the next attach works', async (t) => {
+  const name = 'ts-attach-fail'
+  const onBus = async (): Promise<boolean> =>
+    (await sh('ls /sys/bus/vdpa/devices/')).split('\n').includes(name)
+  for (const [how, options, code] of [
+    ['timed out', { timeoutMs: 1 }, 'ERR_VDUSE_TIMEOUT'],
+    ['aborted', { signal: AbortSignal.abort() }, 'ERR_VDUSE_ATTACH'],
+  ] as const) {
+    const device = await BlockDevice.create({ name, backend: new MemoryBackend(8 << 20), replaceStale: true })
+    const err = await t.throwsAsync<VduseError>(device.attach(options))
+    t.is(err?.code, code, `${how}: ${err?.message}`)
+    t.false(await onBus(), `${how}: nothing left on the vDPA bus`)
+    t.false(device.attached)
+    await device.close() // no ERR_VDUSE_BUSY
+    t.false(listDevices().includes(name), `${how}: the device is gone`)
+  }
+  const device = await BlockDevice.create({ name, backend: new MemoryBackend(8 << 20), replaceStale: true })
+  t.regex(await device.attach(), /^\/dev\/vd[a-z]+$/)
+  await device.close()
 })

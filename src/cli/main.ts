@@ -225,7 +225,15 @@ async function serveBlk(cmd: BlkCommand, emit: Emit): Promise<number> {
     // A recovered device is usually still attached where its dead server left it.
     if (cmd.attach !== 'none' && !device.attached) path = await device.attach({ driver: cmd.attach })
   } catch (err) {
-    await device.close().catch(() => {})
+    // A failed attach leaves nothing on the bus; should the cleanup still fail, say so.
+    await device.close().catch((e: Error) =>
+      emit({
+        event: 'log',
+        name: cmd.name,
+        level: 'error',
+        message: `cleanup after a failed attach: ${e.message}`,
+      }),
+    )
     await backend.close?.()
     throw err
   }

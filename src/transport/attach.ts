@@ -96,16 +96,38 @@ export async function attach(
       hint: `modprobe ${kernelDriver}`,
     })
   }
-  const deadline = Date.now() + (options.timeoutMs ?? 60_000)
-  await vdpa(['dev', 'add', 'name', name, 'mgmtdev', 'vduse'], options.signal)
-  // With both drivers loaded the first registered one wins; move the device if it is the wrong one.
-  const bound = await currentDriver(name)
-  if (bound !== kernelDriver) {
-    if (bound !== undefined) await writeFile(join(BUS, 'drivers', bound, 'unbind'), name)
-    await writeFile(join(BUS, 'devices', name, 'driver_override'), kernelDriver)
-    await writeFile(join(BUS, 'drivers', kernelDriver, 'bind'), name)
+  const timeoutMs = options.timeoutMs ?? 60_000
+  const deadline = Date.now() + timeoutMs
+  // The whole attach is bounded, the `vdpa` call included (it is killed when time runs out).
+  const expiry = AbortSignal.timeout(timeoutMs)
+  const signal = options.signal ? AbortSignal.any([options.signal, expiry]) : expiry
+  try {
+    await vdpa(['dev', 'add', 'name', name, 'mgmtdev', 'vduse'], signal)
+    // With both drivers loaded the first registered one wins; move the device if it is the wrong one.
+    const bound = await currentDriver(name)
+    if (bound !== kernelDriver) {
+      if (bound !== undefined) await writeFile(join(BUS, 'drivers', bound, 'unbind'), name)
+      await writeFile(join(BUS, 'devices', name, 'driver_override'), kernelDriver)
+      await writeFile(join(BUS, 'drivers', kernelDriver, 'bind'), name)
+    }
+    return await poll(`the ${driver} node of ${name}`, deadline, () => nodeFor(name, driver))
+  } catch (err) {
+    // Leave nothing behind: the device may be on the bus even when `vdpa dev add` was interrupted (the
+    // kernel finishes an add before the killed tool exits, and the tool has exited by now).
+    let leftover = ''
+    if (await isAttached(name)) {
+      await detach(name).catch((e: Error) => (leftover = ` (and detaching it again failed: ${e.message})`))
+    }
+    if (expiry.aborted && !options.signal?.aborted) {
+      throw new VduseError(`attaching ${name} took longer than ${timeoutMs} ms${leftover}`, {
+        code: 'ERR_VDUSE_TIMEOUT',
+        hint: 'the driver probe waits for I/O this process serves: keep its event loop free while attaching',
+        cause: err,
+      })
+    }
+    if (leftover && err instanceof Error) err.message += leftover
+    throw err
   }
-  return poll(`the ${driver} node of ${name}`, deadline, () => nodeFor(name, driver))
 }
 
 /** Removes the device from the vDPA bus (the kernel resets it; the device keeps being served meanwhile). */
