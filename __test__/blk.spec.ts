@@ -1,7 +1,9 @@
 import test from 'ava'
+import { execFile } from 'node:child_process'
 import { mkdtempSync, readFileSync, statSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
+import { promisify } from 'node:util'
 
 import {
   BLK_FEATURES,
@@ -311,4 +313,31 @@ test('pollUs is validated', async (t) => {
       { code: 'ERR_VDUSE_INVALID_CONFIG' },
     )
   }
+})
+
+test('models, backends and the in-process transport work without the native binary (it loads lazily)', async (t) => {
+  // A child process in which loading the native loader fails, as on a platform without a prebuilt binary.
+  const script = `
+    const Module = require('node:module')
+    const load = Module._load
+    Module._load = function (request, parent, isMain) {
+      if (/[\\\\/]index\\.js$/.test(Module._resolveFilename(request, parent)) && !request.includes('dist')) {
+        throw new Error('no native binary for this platform')
+      }
+      return load.apply(this, arguments)
+    }
+    const { BlockDevice, InProcessTransport, MemoryBackend } = require(${JSON.stringify(join(__dirname, '../dist/index.js'))})
+    ;(async () => {
+      const transport = new InProcessTransport()
+      const device = await BlockDevice.create({ name: 'nobin', backend: new MemoryBackend(1 << 20), transport })
+      transport.start()
+      const h = Buffer.alloc(16); h.writeUInt32LE(1, 0)
+      const w = await transport.request([h, Buffer.alloc(512, 7)], [1])
+      const r = await transport.request([Buffer.alloc(16)], [512, 1])
+      await device.close()
+      console.log(JSON.stringify({ write: w.writable[0][0], read: r.writable[0][0] }))
+    })().catch((e) => { console.error(e); process.exit(1) })
+  `
+  const { stdout } = await promisify(execFile)(process.execPath, ['-e', script])
+  t.deepEqual(JSON.parse(stdout), { write: 0, read: 7 })
 })
