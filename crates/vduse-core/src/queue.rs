@@ -273,6 +273,15 @@ struct Slot {
     map: Option<Arc<IotlbMap>>,
 }
 
+impl Slot {
+    /// The slot of `ticket` while that very request is in flight and owned by native I/O (`native`) or
+    /// not; `None` for a completed, fenced or reused slot.
+    fn of(slots: &[Slot], ticket: Ticket, native: bool) -> Option<&Slot> {
+        let s = slots.get(usize::from(ticket.slot()))?;
+        (s.live && s.gen == ticket.gen() && s.native == native).then_some(s)
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
     Off,
@@ -911,10 +920,7 @@ impl Virtqueue {
         f: impl FnOnce(&Arc<IotlbMap>, Shape, &[Segment]) -> T,
     ) -> Option<T> {
         let r = self.ring.lock();
-        let s = r.slots.get(usize::from(ticket.slot()))?;
-        if !s.live || s.gen != ticket.gen() || s.native {
-            return None;
-        }
+        let s = Slot::of(&r.slots, ticket, false)?;
         Some(f(s.map.as_ref()?, s.shape, &s.segments))
     }
 
@@ -926,10 +932,8 @@ impl Virtqueue {
         f: impl FnOnce(&Arc<IotlbMap>, Shape, &[Segment]) -> T,
     ) -> Option<T> {
         let mut r = self.ring.lock();
-        let s = r.slots.get_mut(usize::from(ticket.slot()))?;
-        if !s.live || s.gen != ticket.gen() || s.native {
-            return None;
-        }
+        Slot::of(&r.slots, ticket, false)?;
+        let s = &mut r.slots[usize::from(ticket.slot())];
         s.native = true;
         Some(f(s.map.as_ref()?, s.shape, &s.segments))
     }
@@ -942,10 +946,7 @@ impl Virtqueue {
         f: impl FnOnce(&Arc<IotlbMap>, Shape, &[Segment]) -> T,
     ) -> Option<T> {
         let r = self.ring.lock();
-        let s = r.slots.get(usize::from(ticket.slot()))?;
-        if !s.live || s.gen != ticket.gen() || !s.native {
-            return None;
-        }
+        let s = Slot::of(&r.slots, ticket, true)?;
         Some(f(s.map.as_ref()?, s.shape, &s.segments))
     }
 

@@ -17,6 +17,7 @@ use vduse_core::worker::drain;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::RawDescriptor;
 use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::EventFd;
 
 mod common;
 use common::rig::{desc, memfd, offer, used, MemfdIotlb, Rig, QSIZE, RO_START};
@@ -320,18 +321,22 @@ fn a_stop_fences_requests_in_the_model_and_their_late_completions_are_dropped() 
     assert_eq!(used(&mock, 0), vec![(0, 21)]);
 }
 
-#[test]
-fn a_full_ring_waits_and_duplicate_heads_are_refused() {
-    let rig = Rig::new();
+/// A queue with a waker whose driver offered one single-descriptor request per head, all of them.
+fn offer_every_head(rig: &Rig) -> (common::rig::DriverRing, Arc<vduse_core::Virtqueue>, Arc<EventFd>) {
     let (mock, q) = rig.queue(16, false);
-    let waker = Arc::new(vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap());
+    let waker = Arc::new(EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap());
     q.set_waker(waker.clone());
-    // One single-descriptor request per head, all 16 heads.
     let table: Vec<_> = (0..QSIZE)
         .map(|h| (h, desc(0x14_0000 + 0x100 * u64::from(h), 8, W, 0)))
         .collect();
-    let heads: Vec<u16> = (0..QSIZE).collect();
-    offer(&mock, &table, &heads);
+    offer(&mock, &table, &(0..QSIZE).collect::<Vec<_>>());
+    (mock, q, waker)
+}
+
+#[test]
+fn a_full_ring_waits_and_duplicate_heads_are_refused() {
+    let rig = Rig::new();
+    let (mock, q, waker) = offer_every_head(&rig);
     let t = pop_all(&q);
     assert_eq!(t.len(), usize::from(QSIZE));
     // A hostile driver offers head 3 again while it is in flight (and the ring is "full").
@@ -546,13 +551,7 @@ fn an_iotlb_reload_keeps_unchanged_mappings() {
 #[test]
 fn fences_wake_a_full_ring_and_stale_completions_do_not_eat_the_wake() {
     let rig = Rig::new();
-    let (mock, q) = rig.queue(16, false);
-    let waker = Arc::new(vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap());
-    q.set_waker(waker.clone());
-    let table: Vec<_> = (0..QSIZE)
-        .map(|h| (h, desc(0x14_0000 + 0x100 * u64::from(h), 8, W, 0)))
-        .collect();
-    offer(&mock, &table, &(0..QSIZE).collect::<Vec<_>>());
+    let (mock, q, waker) = offer_every_head(&rig);
     let t = pop_all(&q);
     let mut batch = RequestBatch::default();
     offer(&mock, &[], &[7]);

@@ -394,9 +394,13 @@ impl JsServer {
         let _ = kick.read();
         vq.kicked();
         self.wakeups.set(self.wakeups.get() + 1);
-        let slept = self.idle_since.borrow_mut()[q].take();
-        if let Some(since) = slept {
-            self.adapt(since.elapsed());
+        // Polling is off unless asked for: then not even a clock read per wake-up.
+        let polling = self.poll_max_ns > 0;
+        if polling {
+            let slept = self.idle_since.borrow_mut()[q].take();
+            if let Some(since) = slept {
+                self.adapt(since.elapsed());
+            }
         }
         let mut polled = false;
         let mut rounds = 0;
@@ -434,7 +438,9 @@ impl JsServer {
                     }
                 }
                 Pop::Idle => {
-                    self.idle_since.borrow_mut()[q] = Some(Instant::now());
+                    if polling {
+                        self.idle_since.borrow_mut()[q] = Some(Instant::now());
+                    }
                     return; // wait for a kick
                 }
             }
@@ -470,9 +476,6 @@ impl JsServer {
     /// here (shrink).
     fn adapt(&self, slept: Duration) {
         let max = self.poll_max_ns;
-        if max == 0 {
-            return;
-        }
         let slept = slept.as_nanos() as u64;
         let ns = self.poll_ns.get();
         if slept <= max {
