@@ -5,6 +5,7 @@ import { join } from 'node:path'
 
 import { ERROR_CODES, getApiVersion, VduseError } from '../src'
 import { fromNativeError } from '../src/errors'
+import { binding } from '../src/transport/binding'
 
 test('a missing control node is ERR_VDUSE_UNAVAILABLE with a modprobe hint', (t) => {
   const err = t.throws(() => getApiVersion({ controlPath: '/nonexistent/vduse/control' }), {
@@ -34,7 +35,27 @@ test('native errors with unknown codes pass through untouched', (t) => {
   t.is(fromNativeError('a string'), 'a string')
 })
 
-test('a native error whose message is not JSON keeps the message', (t) => {
+test('the binding throws structured errors: properties, a plain message', (t) => {
+  const err = t.throws(() => binding.getApiVersion('/nonexistent/vduse/control')) as Error &
+    Record<string, unknown>
+  t.false(err instanceof VduseError) // the raw binding; the public API wraps it
+  t.is(err.code, 'ERR_VDUSE_UNAVAILABLE')
+  t.is(err.errno, -2)
+  t.is(err.syscall, 'open')
+  t.regex(String(err.hint), /modprobe vduse/)
+  t.notRegex(err.message, /^\{/)
+  t.regex(err.message, /\/nonexistent\/vduse\/control/)
+})
+
+test('async native work rejects with the same structured errors', async (t) => {
+  const err = (await t.throwsAsync(binding.fallocate(-1, 0, 0, 4096))) as Error & Record<string, unknown>
+  t.is(err.code, 'ERR_VDUSE_SYSCALL')
+  t.is(err.errno, -9) // EBADF
+  t.is(err.syscall, 'fallocate')
+  t.notRegex(err.message, /^\{/)
+})
+
+test('a native error keeps its message', (t) => {
   const err = fromNativeError(Object.assign(new Error('plain text'), { code: 'ERR_VDUSE_BUSY' }))
   t.true(err instanceof VduseError)
   t.is((err as VduseError).message, 'plain text')

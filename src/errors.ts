@@ -49,36 +49,21 @@ export class VduseError extends Error {
 
 const KNOWN_CODES: ReadonlySet<string> = new Set(ERROR_CODES)
 
-interface NativeErrorRecord {
-  code?: unknown
-  message?: unknown
-  errno?: unknown
-  syscall?: unknown
-  hint?: unknown
-}
-
 /**
- * Turns an error thrown by the native binding into a `VduseError`. The binding sets `code` and packs
- * `message`, `errno`, `syscall` and `hint` as JSON into the message; anything else is passed through.
+ * Turns an error thrown by the native binding into a `VduseError`. The binding throws `Error`s that carry
+ * `code` and, where known, `errno` (negative), `syscall` and `hint` as properties; anything else (an
+ * engine error) passes through untouched.
  */
 export function fromNativeError(err: unknown): unknown {
-  if (!(err instanceof Error)) return err
-  let record: NativeErrorRecord = {}
-  try {
-    record = JSON.parse(err.message) as NativeErrorRecord
-  } catch {
-    record = { message: err.message }
-  }
-  // Errors from async native work carry their code only inside the record.
-  const own = (err as { code?: unknown }).code
-  const code = typeof own === 'string' && KNOWN_CODES.has(own) ? own : record.code
+  if (!(err instanceof Error) || err instanceof VduseError) return err
+  const fields = err as Error & { code?: unknown; errno?: unknown; syscall?: unknown; hint?: unknown }
+  const code = fields.code
   if (typeof code !== 'string' || !KNOWN_CODES.has(code)) return err
-  return new VduseError(typeof record.message === 'string' ? record.message : err.message, {
+  return new VduseError(err.message, {
     code: code as VduseErrorCode,
-    // Negative, as Node's own system errors are (-13 for EACCES).
-    errno: typeof record.errno === 'number' ? -Math.abs(record.errno) : undefined,
-    syscall: typeof record.syscall === 'string' ? record.syscall : undefined,
-    hint: typeof record.hint === 'string' ? record.hint : undefined,
+    errno: typeof fields.errno === 'number' ? -Math.abs(fields.errno) : undefined,
+    syscall: typeof fields.syscall === 'string' ? fields.syscall : undefined,
+    hint: typeof fields.hint === 'string' ? fields.hint : undefined,
   })
 }
 

@@ -12,7 +12,7 @@ use vduse_core::{
     DeviceEvent, DeviceEvents, DeviceOptions, DeviceSpec, DeviceStats, DrainReason, Serving, VduseDevice,
 };
 
-use crate::error::{native, to_napi, Code, NativeError};
+use crate::error::{native, Failure, OrThrow, Parked};
 use crate::native_io::{IoPool, Op};
 use crate::serve::{copy_in, copy_out, Arrays, JsServer, ServerHandle};
 
@@ -234,7 +234,7 @@ pub struct BindingDevice {
     recovered: bool,
 }
 
-fn spec_of(init: &DeviceInit) -> Result<DeviceSpec, NativeError> {
+fn spec_of(init: &DeviceInit) -> Result<DeviceSpec, Failure> {
     let (_, features, lossless) = init.features.get_u64();
     if !lossless {
         return Err(native("features must fit in 64 bits"));
@@ -261,9 +261,9 @@ pub fn create_device(
     arrays: BatchArrays,
     on_batch: Function<FnArgs<(u32, u32)>, ()>,
     on_event: Function<DeviceEventJs, ()>,
-) -> napi::Result<BindingDevice, Code> {
+) -> napi::Result<BindingDevice> {
     crate::logger::install();
-    let spec = spec_of(&init)?;
+    let spec = spec_of(&init).or_throw(&env)?;
     let mut options = DeviceOptions::new(init.name.clone());
     options.vendor_id = init.vendor_id.unwrap_or(0);
     options.replace_stale = init.replace_stale.unwrap_or(false);
@@ -286,20 +286,22 @@ pub fn create_device(
             arrays.done.raw(),
             arrays.ctl.raw(),
         )
-    }?;
+    }
+    .or_throw(&env)?;
     let sink: EventSink = on_event
         .build_threadsafe_function()
         .callee_handled::<false>()
         .weak::<true>()
         .build()
-        .map_err(native)?;
+        .map_err(native)
+        .or_throw(&env)?;
     let events: Arc<dyn DeviceEvents> = Arc::new(JsEvents { sink });
     let device = if recover {
         VduseDevice::adopt(options, Some(&spec), |_| Serving::External, Some(events))
     } else {
         VduseDevice::create(options, spec, Serving::External, Some(events))
     }
-    .map_err(to_napi)?;
+    .or_throw(&env)?;
     let queues = device.queues().to_vec();
     // SAFETY: `on_batch` is a function of this env; we are on the JS thread.
     let server = unsafe {
@@ -311,8 +313,11 @@ pub fn create_device(
             on_batch.raw(),
             u64::from(init.poll_us.unwrap_or(0).min(1_000)) * 1_000,
         )
-    }?;
-    let io = IoPool::new(init.io_threads.unwrap_or(4) as usize, queues.clone()).map_err(native)?;
+    }
+    .or_throw(&env)?;
+    let io = IoPool::new(init.io_threads.unwrap_or(4) as usize, queues.clone())
+        .map_err(native)
+        .or_throw(&env)?;
     Ok(BindingDevice {
         device: Some(device),
         io: Some(io),
@@ -330,6 +335,7 @@ pub struct Close {
     io: Option<IoPool>,
     /// Destroy the device (close), or leave it to a successor (release).
     destroy: bool,
+    failure: Parked,
 }
 
 impl napi::Task for Close {
@@ -346,16 +352,17 @@ impl napi::Task for Close {
             } else {
                 device.release()
             };
-            done.map_err(|e| {
-                let e = to_napi(e);
-                napi::Error::new(Status::GenericFailure, e.reason.clone())
-            })?;
+            done.map_err(|e| self.failure.park(e))?;
         }
         Ok(())
     }
 
     fn resolve(&mut self, _env: Env, _output: ()) -> napi::Result<()> {
         Ok(())
+    }
+
+    fn reject(&mut self, env: Env, err: napi::Error) -> napi::Result<()> {
+        self.failure.reject(&env, err)
     }
 }
 
@@ -405,9 +412,13 @@ impl BindingDevice {
 
     /// Rewrites part of the config space; tells the driver once it is running.
     #[napi]
-    pub fn update_config(&self, offset: u32, data: Buffer) -> napi::Result<(), Code> {
-        let device = self.device.as_ref().ok_or_else(|| native("device is closed"))?;
-        device.update_config(offset, &data).map_err(to_napi)
+    pub fn update_config(&self, env: Env, offset: u32, data: Buffer) -> napi::Result<()> {
+        let device = self
+            .device
+            .as_ref()
+            .ok_or_else(|| native("device is closed"))
+            .or_throw(&env)?;
+        device.update_config(offset, &data).or_throw(&env)
     }
 
     /// Whether this device was taken over from a server that died (`recover`), rather than created.
@@ -447,13 +458,14 @@ impl BindingDevice {
     /// Stops serving and destroys the device (off the JavaScript thread). Throws ERR_VDUSE_BUSY — and
     /// keeps serving — while the device is still attached to the vDPA bus.
     #[napi]
-    pub fn close(&mut self) -> napi::Result<AsyncTask<Close>, Code> {
+    pub fn close(&mut self, env: Env) -> napi::Result<AsyncTask<Close>> {
         if let Some(d) = &self.device {
             if vduse_core::is_attached(d.name()) {
-                return Err(to_napi(vduse_core::Error::Busy {
+                return Err(vduse_core::Error::Busy {
                     name: d.name().to_string(),
                     reason: "still attached to the vDPA bus; detach it first",
-                }));
+                })
+                .or_throw(&env);
             }
         }
         Ok(self.stop_serving(true))
@@ -462,13 +474,14 @@ impl BindingDevice {
     /// Stops serving without detaching or destroying the device, for a successor that takes it over with
     /// `recover` (off the JavaScript thread). Requests still in flight are served again by the successor.
     #[napi]
-    pub fn release(&mut self) -> napi::Result<AsyncTask<Close>, Code> {
+    pub fn release(&mut self, env: Env) -> napi::Result<AsyncTask<Close>> {
         if let Some(d) = &self.device {
             if d.state_path().is_none() {
-                return Err(to_napi(vduse_core::Error::NotRecoverable {
+                return Err(vduse_core::Error::NotRecoverable {
                     name: d.name().to_string(),
                     reason: "it keeps no state file, so no successor could take it over".into(),
-                }));
+                })
+                .or_throw(&env);
             }
         }
         Ok(self.stop_serving(false))
@@ -494,6 +507,7 @@ impl BindingDevice {
             device: self.device.take(),
             io: self.io.take(),
             destroy,
+            failure: Parked::default(),
         })
     }
 }

@@ -14,18 +14,19 @@ mod native_io;
 mod serve;
 mod uv;
 
-use error::{to_napi, Code};
+use error::{OrThrow, Parked};
+use napi::Env;
 
 /// The VDUSE API version spoken by `/dev/vduse/control` (0 on Linux 6.12).
 /// Throws `ERR_VDUSE_UNAVAILABLE` when the node is missing and `ERR_VDUSE_PERMISSION` when it may not be opened.
 #[napi]
-pub fn get_api_version(control_path: Option<String>) -> napi::Result<u32, Code> {
+pub fn get_api_version(env: Env, control_path: Option<String>) -> napi::Result<u32> {
     let control = match control_path {
         Some(p) => vduse_core::Control::open_path(p),
         None => vduse_core::Control::open(),
     }
-    .map_err(to_napi)?;
-    let version = control.api_version().map_err(to_napi)?;
+    .or_throw(&env)?;
+    let version = control.api_version().or_throw(&env)?;
     Ok(version as u32)
 }
 
@@ -37,9 +38,9 @@ pub fn list_devices() -> Vec<String> {
 
 /// Destroys a VDUSE device by name (detached and not served by any process).
 #[napi]
-pub fn destroy_device(name: String) -> napi::Result<(), Code> {
-    let control = vduse_core::Control::open().map_err(to_napi)?;
-    vduse_core::destroy_device(&control, &name).map_err(to_napi)
+pub fn destroy_device(env: Env, name: String) -> napi::Result<()> {
+    let control = vduse_core::Control::open().or_throw(&env)?;
+    vduse_core::destroy_device(&control, &name).or_throw(&env)
 }
 
 pub struct Fallocate {
@@ -47,6 +48,7 @@ pub struct Fallocate {
     mode: i32,
     offset: i64,
     len: i64,
+    failure: Parked,
 }
 
 impl napi::Task for Fallocate {
@@ -58,20 +60,17 @@ impl napi::Task for Fallocate {
         let ret = unsafe { libc::fallocate(self.fd, self.mode, self.offset, self.len) };
         if ret < 0 {
             let err = std::io::Error::last_os_error();
-            let errno = err.raw_os_error().unwrap_or(0);
-            return Err(napi::Error::new(
-                napi::Status::GenericFailure,
-                format!(
-                    "{{\"code\":\"ERR_VDUSE_SYSCALL\",\"message\":\"fallocate failed: {}\",\"errno\":{errno},\"syscall\":\"fallocate\"}}",
-                    err.to_string().replace('"', "'")
-                ),
-            ));
+            return Err(self.failure.park(error::syscall("fallocate", err)));
         }
         Ok(())
     }
 
     fn resolve(&mut self, _env: napi::Env, _output: ()) -> napi::Result<()> {
         Ok(())
+    }
+
+    fn reject(&mut self, env: napi::Env, err: napi::Error) -> napi::Result<()> {
+        self.failure.reject(&env, err)
     }
 }
 
@@ -83,6 +82,7 @@ pub fn fallocate(fd: i32, mode: i32, offset: f64, len: f64) -> napi::bindgen_pre
         mode,
         offset: offset as i64,
         len: len as i64,
+        failure: Parked::default(),
     })
 }
 
@@ -108,12 +108,14 @@ impl BindingReclaim {
     pub fn destroy(&mut self) -> napi::bindgen_prelude::AsyncTask<ReclaimDestroy> {
         napi::bindgen_prelude::AsyncTask::new(ReclaimDestroy {
             reclaim: self.inner.take(),
+            failure: Parked::default(),
         })
     }
 }
 
 pub struct ReclaimDestroy {
     reclaim: Option<vduse_core::Reclaim>,
+    failure: Parked,
 }
 
 impl napi::Task for ReclaimDestroy {
@@ -122,9 +124,7 @@ impl napi::Task for ReclaimDestroy {
 
     fn compute(&mut self) -> napi::Result<()> {
         match self.reclaim.take() {
-            Some(r) => r
-                .destroy()
-                .map_err(|e| napi::Error::new(napi::Status::GenericFailure, to_napi(e).reason.clone())),
+            Some(r) => r.destroy().map_err(|e| self.failure.park(e)),
             None => Ok(()),
         }
     }
@@ -132,19 +132,23 @@ impl napi::Task for ReclaimDestroy {
     fn resolve(&mut self, _env: napi::Env, _output: ()) -> napi::Result<()> {
         Ok(())
     }
+
+    fn reject(&mut self, env: napi::Env, err: napi::Error) -> napi::Result<()> {
+        self.failure.reject(&env, err)
+    }
 }
 
 /// Starts serving a stale device (no live process serves it). Throws `ERR_VDUSE_BUSY` if a live process
 /// serves it. `stateDir`: where the dead server kept its state file (default /run/vduse).
 #[napi]
-pub fn reclaim_device(name: String, state_dir: Option<String>) -> napi::Result<BindingReclaim, Code> {
+pub fn reclaim_device(env: Env, name: String, state_dir: Option<String>) -> napi::Result<BindingReclaim> {
     logger::install();
     let dir = match state_dir.as_deref() {
         Some("") => None,
         Some(d) => Some(d.into()),
         None => Some(vduse_core::device::DEFAULT_STATE_DIR.into()),
     };
-    let inner = vduse_core::Reclaim::open(&name, dir).map_err(to_napi)?;
+    let inner = vduse_core::Reclaim::open(&name, dir).or_throw(&env)?;
     let took_over = inner.took_over();
     Ok(BindingReclaim {
         inner: Some(inner),

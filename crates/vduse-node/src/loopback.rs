@@ -10,7 +10,7 @@ use napi_derive::napi;
 use vduse_core::loopback::Loopback;
 
 use crate::device::{counters, BatchArrays, DeviceCounters, JsQueues};
-use crate::error::{native, Code};
+use crate::error::{native, OrThrow};
 use crate::serve::{Arrays, JsServer};
 
 #[napi]
@@ -57,8 +57,12 @@ pub fn create_loopback(
     queue_size: u32,
     arrays: BatchArrays,
     on_batch: Function<FnArgs<(u32, u32)>, ()>,
-) -> napi::Result<BindingLoopback, Code> {
-    let lb = Arc::new(Loopback::new(queue_size.clamp(4, 32768) as u16).map_err(native)?);
+) -> napi::Result<BindingLoopback> {
+    let lb = Arc::new(
+        Loopback::new(queue_size.clamp(4, 32768) as u16)
+            .map_err(native)
+            .or_throw(&env)?,
+    );
     // SAFETY: values from this call's arguments, on the JS thread.
     let arrays = unsafe {
         Arrays::new(
@@ -68,7 +72,8 @@ pub fn create_loopback(
             arrays.done.raw(),
             arrays.ctl.raw(),
         )
-    }?;
+    }
+    .or_throw(&env)?;
     // SAFETY: as above.
     let server = unsafe {
         JsServer::start(
@@ -79,7 +84,8 @@ pub fn create_loopback(
             on_batch.raw(),
             0,
         )
-    }?;
+    }
+    .or_throw(&env)?;
     Ok(BindingLoopback {
         serving: JsQueues {
             queues: vec![lb.queue().clone()],

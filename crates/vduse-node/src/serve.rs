@@ -23,7 +23,7 @@ use napi::sys;
 use vduse_core::queue::{Budget, Pop, RequestBatch, Ticket, Virtqueue};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::error::{native, NativeError};
+use crate::error::{native, Failure};
 use crate::uv;
 
 pub const HEAD_BYTES: usize = 64;
@@ -94,7 +94,7 @@ impl<T> JsArray<T> {
         value: sys::napi_value,
         kind: sys::napi_typedarray_type,
         what: &str,
-    ) -> Result<Self, NativeError> {
+    ) -> Result<Self, Failure> {
         // SAFETY: forwarded from the caller.
         let (ptr, len) = unsafe { typed_array::<T>(env, value, kind) }.ok_or_else(|| {
             native(format!(
@@ -202,7 +202,7 @@ impl Arrays {
         heads: sys::napi_value,
         done: sys::napi_value,
         ctl: sys::napi_value,
-    ) -> Result<Self, NativeError> {
+    ) -> Result<Self, Failure> {
         // SAFETY: forwarded from the caller.
         unsafe {
             Ok(Self {
@@ -300,7 +300,7 @@ impl JsServer {
         arrays: Arrays,
         on_batch: sys::napi_value,
         poll_max_ns: u64,
-    ) -> Result<ServerHandle, NativeError> {
+    ) -> Result<ServerHandle, Failure> {
         let capacity = arrays.capacity();
         if capacity == 0 || arrays.done.len() < DONE_FIELDS || arrays.ctl.len() < 1 {
             return Err(native("batch arrays are too small"));
