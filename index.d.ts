@@ -92,6 +92,12 @@ export interface BatchArrays {
   ctl: unknown
 }
 
+/** `ioctl(BLKDISCARD)` on a block device, on the libuv pool. */
+export declare function blkDiscard(fd: number, offset: number, len: number): Promise<unknown>
+
+/** `ioctl(BLKZEROOUT)` on a block device, on the libuv pool. */
+export declare function blkZeroOut(fd: number, offset: number, len: number): Promise<unknown>
+
 /**
  * Creates a VDUSE device served on the JavaScript thread: `onBatch(queue, count)` is called with a batch
  * in `arrays`; `onEvent` reports status changes, drains and a broken device.
@@ -202,6 +208,15 @@ export declare function inspectState(name: string, stateDir?: string | undefined
 
 /** Names of all VDUSE devices that exist (any process's, including stale ones). */
 export declare function listDevices(): Array<string>
+
+/**
+ * Locks an image the way QEMU does by default: we use "consistent read" (and "write" when writing) and
+ * let nobody else write — two readers may share an image, a writer excludes everyone. Throws
+ * `ERR_VDUSE_BUSY` when another process (vduse, or QEMU with its default locking) holds it in a
+ * conflicting way; then no lock of ours is left. The locks belong to the open file description: they go
+ * away when the file is closed or the process dies.
+ */
+export declare function lockImage(fd: number, write: boolean): void
 
 /** One log record, as JavaScript sees it. */
 export interface LogRecord {

@@ -59,6 +59,50 @@ test('TypeScript API, file backend: native I/O, image holds the data, blkdiscard
   await backend2.close()
 })
 
+test('file backend on block devices: their block size reaches the driver; discard only where the disk has it', async (t) => {
+  // A loop device with 4096-byte sectors over a sparse file: discard punches holes in that file.
+  await sh(
+    'modprobe -d "$VDUSE_VM_MODROOT" loop 2>/dev/null || true; rm -f /tmp/loop4k.img; truncate -s 64M /tmp/loop4k.img',
+  )
+  const loop = (await sh('losetup --sector-size 4096 -f --show /tmp/loop4k.img')).trim()
+  try {
+    await using backend = await FileBackend.open(loop)
+    t.is(backend.capabilities.logicalBlockSize, 4096)
+    t.true(backend.capabilities.discard, 'a loop device discards')
+    await t.throwsAsync(FileBackend.open(loop), { message: /in use/ }, 'the disk is locked while served')
+    await using device = await BlockDevice.create({ name: 'ts-loop', backend, replaceStale: true })
+    const dev = await device.attach()
+    const sys = `/sys/block/${dev.slice(5)}/queue`
+    t.is((await sh(`cat ${sys}/logical_block_size`)).trim(), '4096')
+    t.true(device.offeredFeatures.includes('DISCARD'))
+    // Our writes land in /dev/loopN's page cache; sync pushes them into the loop's file.
+    await sh(`dd if=/dev/urandom of=${dev} bs=1M count=16 oflag=direct status=none; sync`)
+    const before = Number((await sh('stat -c %b /tmp/loop4k.img')).trim())
+    await sh(`blkdiscard -o 0 -l 16M ${dev}; sync`)
+    const after = Number((await sh('stat -c %b /tmp/loop4k.img')).trim())
+    t.true(after < before / 4, `BLKDISCARD reached the loop's file: blocks ${before} -> ${after}`)
+    t.is((await sh(`cmp -n 16M ${dev} /dev/zero 2>&1 || true`)).trim(), '', 'discarded blocks read as zeroes')
+    await sh(`blkdiscard -z -o 16M -l 1M ${dev}`) // write-zeroes
+    await device.close()
+  } finally {
+    await sh(`losetup -d ${loop}`)
+  }
+  // null_blk without discard: DISCARD is not offered (it used to be offered and silently ignored).
+  await sh(`rmmod null_blk 2>/dev/null || true
+    modprobe -d "$VDUSE_VM_MODROOT" null_blk nr_devices=1 gb=1 bs=512 memory_backed=1`)
+  try {
+    await using backend = await FileBackend.open('/dev/nullb0')
+    t.false(backend.capabilities.discard)
+    await using device = await BlockDevice.create({ name: 'ts-nullb', backend, replaceStale: true })
+    t.false(device.offeredFeatures.includes('DISCARD'))
+    const dev = await device.attach()
+    await t.throwsAsync(sh(`blkdiscard ${dev}`), { message: /not supported/i })
+    await device.close()
+  } finally {
+    await sh('rmmod null_blk || true')
+  }
+})
+
 test('read-only devices reject writes; resize is seen by the guest', async (t) => {
   const ro = await BlockDevice.create({
     name: 'ts-ro',

@@ -29,13 +29,53 @@ export interface BlockIo {
   readonly buffers: readonly Buffer[]
   /** Calls `fn` for each piece of `buffers`: `buffer[start, start+length)` is device offset `deviceOffset`. */
   forEach(fn: (buffer: Buffer, start: number, length: number, deviceOffset: number) => void): void
+  /**
+   * Writes only: the write must be durable before it completes (Forced Unit Access). Set on every write
+   * when the backend declares `fua` but cannot `flush`: the driver, offered no FLUSH, assumes a
+   * write-through disk.
+   */
+  readonly fua: boolean
+}
+
+/**
+ * What a backend can do, declared rather than guessed from which methods exist (as nbdkit's `can_*`
+ * callbacks). Every field is optional; the defaults are in brackets.
+ */
+export interface BlockBackendCapabilities {
+  /** Offer FLUSH [`flush` is implemented]. */
+  flush?: boolean
+  /** Offer DISCARD [`discard` is implemented]. */
+  discard?: boolean
+  /** Offer WRITE_ZEROES [`writeZeroes` is implemented]. */
+  writeZeroes?: boolean
+  /** `writeZeroes(…, unmap = true)` may deallocate (tells the driver; write_zeroes_may_unmap) [`discard`]. */
+  writeZeroesUnmap?: boolean
+  /**
+   * The backend can make one write durable by itself (`io.fua`) [false]. Without `flush`, the device then
+   * asks for it on every write; with neither, acknowledged writes are only as durable as the backend.
+   */
+  fua?: boolean
+  /** The smallest block the storage can address: 512 or 4096 [512]. A device may not use a smaller one. */
+  logicalBlockSize?: 512 | 4096
+  /** The block the storage writes without read-modify-write, a power of two ≥ the logical size. */
+  physicalBlockSize?: number
+  /** The preferred I/O size in bytes (a multiple of the logical size), e.g. a RAID stripe. */
+  optimalIoSize?: number
+  /**
+   * Most backend calls in flight at once [unlimited]. Further requests wait in the device, in arrival
+   * order, and their `requestTimeoutMs` runs while they wait.
+   */
+  maxInFlight?: number
 }
 
 /**
  * Storage behind a block device. Implement `read` and `write`; every optional method you implement
  * turns on the matching virtio-blk feature (`flush` → FLUSH, `discard` → DISCARD, `writeZeroes` →
- * WRITE_ZEROES, `resize` → online resize). Methods may return a promise; throwing or rejecting fails
- * that one request with an I/O error, and the device keeps serving.
+ * WRITE_ZEROES, `resize` → online resize) unless `capabilities` says otherwise. Methods may return a
+ * promise; throwing or rejecting fails that one request with an I/O error, and the device keeps serving.
+ *
+ * The device does not own the backend: `BlockDevice.close()` flushes it but never closes it. Close it
+ * yourself after the device (the CLI does).
  */
 export interface BlockBackend {
   /** Device size in bytes (a multiple of the logical block size). */
@@ -54,6 +94,8 @@ export interface BlockBackend {
    * never passing through JavaScript). `read`/`write` are still used where native I/O is unavailable.
    */
   readonly fd?: number
+  /** What it can do (see `BlockBackendCapabilities`); read once, when the device is created. */
+  readonly capabilities?: BlockBackendCapabilities
   read(io: BlockIo): void | Promise<void>
   write(io: BlockIo): void | Promise<void>
   /** Make acknowledged writes durable. */

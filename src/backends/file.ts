@@ -1,9 +1,9 @@
 import { constants } from 'node:fs'
 import { open, readFile, type FileHandle } from 'node:fs/promises'
 
-import { VduseError, nativeAsync } from '../errors'
+import { VduseError, native, nativeAsync } from '../errors'
 import { binding } from '../transport/binding'
-import type { BlockBackend, BlockIo } from './backend'
+import type { BlockBackend, BlockBackendCapabilities, BlockIo } from './backend'
 
 const FALLOC_FL_KEEP_SIZE = 0x01
 const FALLOC_FL_PUNCH_HOLE = 0x02
@@ -15,11 +15,55 @@ export interface FileBackendOptions {
   direct?: boolean
   /** Create (or grow) a regular file to this size. */
   size?: number
+  /**
+   * Lock the image as QEMU does (default true): a writer excludes every other user, readers exclude
+   * writers — vduse servers, qemu-nbd, qemu-img and VMs alike. Opening an image in use fails with
+   * `ERR_VDUSE_BUSY`. `false` skips the check (and takes no lock): only for images you know are safe to share.
+   */
+  lock?: boolean
+}
+
+/** What sysfs says about a block device's queue (all in bytes; 0 when unknown). */
+interface QueueLimits {
+  logical: number
+  physical: number
+  optimal: number
+  discardMax: number
+}
+
+async function sysfsNumber(path: string): Promise<number> {
+  try {
+    const n = Number((await readFile(path, 'utf8')).trim())
+    return Number.isFinite(n) ? n : 0
+  } catch {
+    return 0
+  }
+}
+
+/** The queue limits of block device `major:minor` (a partition's are its disk's). */
+async function queueLimits(major: number, minor: number): Promise<QueueLimits> {
+  const base = `/sys/dev/block/${major}:${minor}`
+  // A partition has no queue directory of its own; its parent (the disk) does.
+  const queue =
+    (await sysfsNumber(`${base}/queue/logical_block_size`)) > 0 ? `${base}/queue` : `${base}/../queue`
+  return {
+    logical: await sysfsNumber(`${queue}/logical_block_size`),
+    physical: await sysfsNumber(`${queue}/physical_block_size`),
+    optimal: await sysfsNumber(`${queue}/optimal_io_size`),
+    discardMax: await sysfsNumber(`${queue}/discard_max_bytes`),
+  }
+}
+
+function splitDev(dev: number): [number, number] {
+  return [Math.floor(dev / 256) & 0xfff, (dev & 0xff) | ((dev >> 12) & 0xfff00)]
 }
 
 /**
  * A regular file or a block device. Data moves natively between the file and guest memory (preadv/
- * pwritev on native threads); flush is fdatasync, discard punches holes, write-zeroes zeroes ranges.
+ * pwritev on native threads); flush is fdatasync; discard punches holes in a file and is BLKDISCARD on a
+ * block device (offered only when the device supports it); write-zeroes zeroes ranges. A block device's
+ * logical and physical block sizes and optimal I/O size are passed on to the driver. The image is
+ * locked while open (see `lock`).
  */
 export class FileBackend implements BlockBackend {
   private constructor(
@@ -33,6 +77,8 @@ export class FileBackend implements BlockBackend {
      * path. A block device is named by its number only: re-pointing a loop device is not detected.
      */
     readonly id: string,
+    /** What the storage can do (block sizes, discard), as detected at open. */
+    readonly capabilities: BlockBackendCapabilities,
   ) {}
 
   static async open(path: string, options: FileBackendOptions = {}): Promise<FileBackend> {
@@ -52,23 +98,40 @@ export class FileBackend implements BlockBackend {
         cause: err,
       })
     }
+    try {
+      return await FileBackend.#init(handle, path, options, readOnly)
+    } catch (err) {
+      await handle.close().catch(() => {})
+      throw err
+    }
+  }
+
+  static async #init(
+    handle: FileHandle,
+    path: string,
+    options: FileBackendOptions,
+    readOnly: boolean,
+  ): Promise<FileBackend> {
+    // Locked before anything is read or changed (a resize below), so a clash changes nothing.
+    if (options.lock ?? true) native(() => binding.lockImage(handle.fd, !readOnly))
     const st = await handle.stat()
     let size: number
+    let limits: QueueLimits | undefined
     if (st.isBlockDevice()) {
-      const major = Math.floor(st.rdev / 256) & 0xfff
-      const minor = (st.rdev & 0xff) | ((st.rdev >> 12) & 0xfff00)
-      size = Number(await readFile(`/sys/dev/block/${major}:${minor}/size`, 'utf8')) * 512
+      const [major, minor] = splitDev(st.rdev)
+      size = (await sysfsNumber(`/sys/dev/block/${major}:${minor}/size`)) * 512
+      limits = await queueLimits(major, minor)
     } else if (st.isFile()) {
+      // With O_DIRECT, I/O must be aligned to the logical block size of the disk under the file system.
+      if (options.direct) limits = await queueLimits(...splitDev(st.dev))
       if (options.size !== undefined && st.size < options.size) await handle.truncate(options.size)
       size = options.size ?? st.size
     } else {
-      await handle.close()
       throw new VduseError(`${path} is neither a regular file nor a block device`, {
         code: 'ERR_VDUSE_INVALID_CONFIG',
       })
     }
     if (size <= 0) {
-      await handle.close()
       throw new VduseError(`${path} is empty; give a size to create it`, { code: 'ERR_VDUSE_INVALID_CONFIG' })
     }
     // Device and inode name the file; its birth time tells a file recreated under a recycled inode
@@ -77,7 +140,18 @@ export class FileBackend implements BlockBackend {
     const id = st.isBlockDevice()
       ? `blockdev:${big.rdev}`
       : `file:${big.dev}:${big.ino}${big.birthtimeNs > 0n ? `:${big.birthtimeNs}` : ''}`
-    return new FileBackend(handle, size, readOnly, st.isFile(), path, id)
+    const logical = (limits?.logical ?? 0) > 512 ? 4096 : 512
+    const capabilities: BlockBackendCapabilities = {
+      logicalBlockSize: logical,
+      // A file punches holes; a block device discards only if its queue says it can.
+      discard: st.isFile() || (limits?.discardMax ?? 0) > 0,
+      writeZeroesUnmap: st.isFile() || (limits?.discardMax ?? 0) > 0,
+    }
+    const physical = limits?.physical ?? 0
+    if (physical > logical && (physical & (physical - 1)) === 0) capabilities.physicalBlockSize = physical
+    const optimal = limits?.optimal ?? 0
+    if (optimal > 0 && optimal % logical === 0) capabilities.optimalIoSize = optimal
+    return new FileBackend(handle, size, readOnly, st.isFile(), path, id, capabilities)
   }
 
   get size(): number {
@@ -110,20 +184,37 @@ export class FileBackend implements BlockBackend {
   }
 
   async discard(offset: number, length: number): Promise<void> {
-    if (!this.regular) return
-    await nativeAsync(() =>
-      binding.fallocate(this.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length),
-    )
+    if (this.regular) {
+      await nativeAsync(() =>
+        binding.fallocate(this.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length),
+      )
+    } else {
+      await nativeAsync(() => binding.blkDiscard(this.fd, offset, length))
+    }
   }
 
-  async writeZeroes(offset: number, length: number, unmap: boolean): Promise<void> {
-    const mode = unmap && this.regular ? FALLOC_FL_PUNCH_HOLE : FALLOC_FL_ZERO_RANGE
+  async writeZeroes(offset: number, length: number, unmap: boolean, signal?: AbortSignal): Promise<void> {
+    // Punching a hole reads back as zeroes (on a block device: a discard that guarantees zeroes).
+    if (unmap && this.capabilities.writeZeroesUnmap) {
+      try {
+        const hole = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+        await nativeAsync(() => binding.fallocate(this.fd, hole, offset, length))
+        return
+      } catch {
+        // The device cannot guarantee zeroes after a discard: zero it instead.
+      }
+    }
     try {
-      await nativeAsync(() => binding.fallocate(this.fd, mode | FALLOC_FL_KEEP_SIZE, offset, length))
+      await nativeAsync(() =>
+        this.regular
+          ? binding.fallocate(this.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
+          : binding.blkZeroOut(this.fd, offset, length),
+      )
     } catch {
-      // Not supported here (e.g. a block device without zeroing support): write zeroes.
+      // Not supported here (a file system without ZERO_RANGE): write zeroes.
       const zero = Buffer.alloc(Math.min(length, 1 << 20))
       for (let done = 0; done < length;) {
+        if (signal?.aborted) throw signal.reason
         const n = Math.min(zero.length, length - done)
         await this.handle.write(zero, 0, n, offset + done)
         done += n
@@ -139,8 +230,31 @@ export class FileBackend implements BlockBackend {
     this.bytes = size
   }
 
-  async close(): Promise<void> {
-    if (!this.readOnly) await this.handle.datasync().catch(() => {})
-    await this.handle.close()
+  #closing: Promise<void> | undefined
+
+  /** Makes written data durable and closes the file (which drops its lock). Idempotent. */
+  close(): Promise<void> {
+    this.#closing ??= (async () => {
+      let failed: NodeJS.ErrnoException | undefined
+      if (!this.readOnly) {
+        await this.handle.datasync().catch((err: NodeJS.ErrnoException) => {
+          failed = err
+        })
+      }
+      await this.handle.close()
+      if (failed) {
+        throw new VduseError(`flushing ${this.path} before closing it failed: ${failed.message}`, {
+          code: 'ERR_VDUSE_SYSCALL',
+          errno: typeof failed.errno === 'number' ? -Math.abs(failed.errno) : undefined,
+          syscall: 'fdatasync',
+          cause: failed,
+        })
+      }
+    })()
+    return this.#closing
+  }
+
+  [Symbol.asyncDispose](): Promise<void> {
+    return this.close()
   }
 }

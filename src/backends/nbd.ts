@@ -2,7 +2,7 @@ import { EventEmitter } from 'node:events'
 import { connect as netConnect, type Socket } from 'node:net'
 
 import { VduseError, type VduseErrorCode } from '../errors'
-import type { BlockBackend, BlockIo } from './backend'
+import type { BlockBackend, BlockBackendCapabilities, BlockIo } from './backend'
 
 // The NBD protocol (https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.md), client side:
 // fixed-newstyle handshake, NBD_OPT_GO, structured replies, many requests in flight per connection.
@@ -775,6 +775,8 @@ export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockB
   readonly info: NbdExportInfo
   /** Logical block size to offer: the server's minimum block size, at least 512. */
   readonly blockSize: 512 | 4096
+  /** The block sizes of the export, and FUA when the server offers it. */
+  readonly capabilities: BlockBackendCapabilities
   flush?: () => Promise<void>
   discard?: (offset: number, length: number, signal?: AbortSignal) => Promise<void>
   writeZeroes?: (offset: number, length: number, unmap: boolean, signal?: AbortSignal) => Promise<void>
@@ -786,11 +788,11 @@ export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockB
   #waiting: Op[] = []
   /** Since when no connection has been ready (0: one is). */
   #downSince = 0
-  readonly #writeFlags: number
   readonly #maxPayload: number
   readonly #receive: Buffer[] = []
   #timer: NodeJS.Timeout | undefined
-  readonly #reconnects: Array<{ timer: NodeJS.Timeout | undefined; attempts: number; since: number }> = []
+  /** Per connection: its pending reconnect (timer, attempts, down since). */
+  readonly #redial: Array<{ timer: NodeJS.Timeout | undefined; attempts: number; since: number }> = []
   #closed = false
   /** Connections lost and replaced, since the start. */
   reconnects = 0
@@ -863,8 +865,15 @@ export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockB
     const limit = Math.min(info.maxBlockSize || DEFAULT_MAX_PAYLOAD, DEFAULT_MAX_PAYLOAD)
     this.#maxPayload = Math.max(this.blockSize, limit - (limit % this.blockSize))
     const has = (flag: number): boolean => (info.flags & flag) !== 0
-    // Without FLUSH but with FUA, every write is made durable before it is acknowledged.
-    this.#writeFlags = !has(NBD_FLAGS.SEND_FLUSH) && has(NBD_FLAGS.SEND_FUA) ? CMD_FLAG_FUA : 0
+    // Without FLUSH but with FUA, the device asks for FUA on every write (io.fua).
+    const preferred = info.preferredBlockSize
+    this.capabilities = {
+      logicalBlockSize: this.blockSize,
+      fua: has(NBD_FLAGS.SEND_FUA),
+      ...(preferred > this.blockSize && preferred % this.blockSize === 0 && preferred <= this.#maxPayload
+        ? { optimalIoSize: preferred }
+        : {}),
+    }
     if (has(NBD_FLAGS.SEND_FLUSH)) this.flush = () => this.#command(CMD_FLUSH, 0, 0, 0)
     if (!this.readOnly && has(NBD_FLAGS.SEND_TRIM)) {
       this.discard = (offset, length, signal) => this.#ranges(CMD_TRIM, offset, length, 0, signal)
@@ -874,7 +883,7 @@ export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockB
         this.#ranges(CMD_WRITE_ZEROES, offset, length, unmap ? 0 : CMD_FLAG_NO_HOLE, signal)
     }
     for (const c of conns) this.#watch(c)
-    this.#reconnects = conns.map(() => ({ timer: undefined, attempts: 0, since: 0 }))
+    this.#redial = conns.map(() => ({ timer: undefined, attempts: 0, since: 0 }))
   }
 
   /** Connections ready now. */
@@ -892,7 +901,7 @@ export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockB
   }
 
   write(io: BlockIo): Promise<void> {
-    return this.#transfer(io, CMD_WRITE, this.#writeFlags)
+    return this.#transfer(io, CMD_WRITE, io.fua ? CMD_FLAG_FUA : 0)
   }
 
   #transfer(io: BlockIo, type: number, flags: number): Promise<void> {
@@ -1002,7 +1011,7 @@ export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockB
     }
     this.emit('disconnected', { connection: conn.index, error: err })
     this.#dispatch()
-    const r = this.#reconnects[conn.index]!
+    const r = this.#redial[conn.index]!
     r.attempts = 0
     r.since = Date.now()
     this.#scheduleReconnect(conn.index)
@@ -1010,7 +1019,7 @@ export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockB
   }
 
   #scheduleReconnect(index: number): void {
-    const r = this.#reconnects[index]!
+    const r = this.#redial[index]!
     // 50 ms, doubling, at most 2 s between attempts.
     const delay = Math.min(2000, 50 * 2 ** Math.min(r.attempts, 6))
     // Reconnecting alone does not keep the process alive; requests waiting for it do (the watchdog).
@@ -1025,7 +1034,7 @@ export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockB
   }
 
   async #reconnect(index: number): Promise<void> {
-    const r = this.#reconnects[index]!
+    const r = this.#redial[index]!
     r.timer = undefined
     if (this.#closed) return
     r.attempts++
@@ -1152,6 +1161,10 @@ export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockB
   }
 
   /** Waits (up to `timeoutMs`) for the commands in flight, then ends every session politely. */
+  [Symbol.asyncDispose](): Promise<void> {
+    return this.close()
+  }
+
   async close(timeoutMs = 5000): Promise<void> {
     if (this.#closed) return
     const deadline = Date.now() + timeoutMs
@@ -1160,7 +1173,7 @@ export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockB
     }
     this.#closed = true
     if (this.#timer) clearInterval(this.#timer)
-    for (const r of this.#reconnects) if (r.timer) clearTimeout(r.timer)
+    for (const r of this.#redial) if (r.timer) clearTimeout(r.timer)
     this.#failWaiting(new VduseError('the NBD backend is closed', { code: 'ERR_VDUSE_CLOSED' }))
     for (const c of this.#conns) {
       if (!c) continue

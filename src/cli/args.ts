@@ -32,9 +32,11 @@ Backends (exactly one):
 Options for blk:
   --size SIZE            with --file: create or grow the file to SIZE; with --backend: for the plugin
   --direct               with --file: O_DIRECT
+  --no-lock              with --file: take no image lock (QEMU's locking protocol; unsafe if
+                         another process writes the image)
+  --block-size 512|4096  logical block size (default: the storage's, else 512)
   --queues N             virtqueues (default 1)
   --queue-size N         ring size, a power of two (default 256)
-  --block-size 512|4096  logical block size (default 512)
   --read-only            offer the device read-only
   --serial S             serial number (up to 20 bytes)
   --attach virtio|vhost|none
@@ -89,7 +91,7 @@ function parseInteger(text: string | undefined, what: string, min: number, max: 
 export type Backend =
   | { kind: 'memory'; size: number }
   | { kind: 'null'; size: number }
-  | { kind: 'file'; path: string; size?: number; direct: boolean }
+  | { kind: 'file'; path: string; size?: number; direct: boolean; lock: boolean }
   | { kind: 'nbd'; uri: string; connections?: number; reconnectTimeoutMs?: number }
   | { kind: 'plugin'; module: string; size?: number; args: string[] }
 
@@ -145,6 +147,7 @@ export function parseCommand(argv: readonly string[]): Command {
         'reconnect-timeout': { type: 'string' },
         size: { type: 'string' },
         direct: { type: 'boolean' },
+        'no-lock': { type: 'boolean' },
         queues: { type: 'string' },
         'queue-size': { type: 'string' },
         'block-size': { type: 'string' },
@@ -210,10 +213,11 @@ export function parseCommand(argv: readonly string[]): Command {
     const reconnect = parseInteger(v['reconnect-timeout'], '--reconnect-timeout', 1, 86_400_000)
     if (reconnect !== undefined) backend.reconnectTimeoutMs = reconnect
   } else {
-    backend = { kind: 'file', path: v.file!, direct: v.direct ?? false }
+    backend = { kind: 'file', path: v.file!, direct: v.direct ?? false, lock: !(v['no-lock'] ?? false) }
     if (v.size !== undefined) backend.size = parseSize(v.size, '--size')
   }
   if (v.direct && backend.kind !== 'file') throw new UsageError('--direct goes with --file')
+  if (v['no-lock'] && backend.kind !== 'file') throw new UsageError('--no-lock goes with --file')
   if (v.size !== undefined && backend.kind !== 'file' && backend.kind !== 'plugin') {
     throw new UsageError('--size goes with --file or --backend')
   }

@@ -1,7 +1,7 @@
 import { openSync, closeSync, constants, readFileSync } from 'node:fs'
 import { join } from 'node:path'
 
-import { FileBackend } from '../backends/file'
+import { FileBackend, type FileBackendOptions } from '../backends/file'
 import { MemoryBackend } from '../backends/memory'
 import { NbdBackend } from '../backends/nbd'
 import { NullBackend } from '../backends/null'
@@ -83,7 +83,7 @@ async function openBackend(cmd: BlkCommand, emit: Emit): Promise<BlockBackend> {
     case 'null':
       return new NullBackend(spec.size)
     case 'file': {
-      const options: { readOnly: boolean; direct: boolean; size?: number } = { readOnly, direct: spec.direct }
+      const options: FileBackendOptions = { readOnly, direct: spec.direct, lock: spec.lock }
       if (spec.size !== undefined) options.size = spec.size
       return FileBackend.open(spec.path, options)
     }
@@ -95,20 +95,13 @@ async function serveBlk(cmd: BlkCommand, emit: Emit): Promise<number> {
   const backend = await openBackend(cmd, emit)
   let device: BlockDevice
   try {
-    // An NBD server's minimum block size decides the logical block size unless one is given.
-    const needed = backend instanceof NbdBackend ? backend.blockSize : 512
-    const blockSize = cmd.blockSize ?? needed
-    if (blockSize < needed) {
-      throw new VduseError(`--block-size ${blockSize} is below the server's minimum block size ${needed}`, {
-        code: 'ERR_VDUSE_INVALID_CONFIG',
-      })
-    }
     const options: Parameters<typeof BlockDevice.create>[0] = {
       name: cmd.name,
       backend,
       queues: cmd.queues,
       queueSize: cmd.queueSize,
-      logicalBlockSize: blockSize,
+      // Unless given, the backend's storage decides (an NBD server's or a disk's block size).
+      ...(cmd.blockSize === undefined ? {} : { logicalBlockSize: cmd.blockSize }),
       readOnly: cmd.readOnly,
       replaceStale: cmd.replace,
       recover: cmd.recover,

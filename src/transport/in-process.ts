@@ -30,7 +30,9 @@ export interface InProcessResult {
  * A transport without a kernel: the device model runs exactly as over VDUSE (same batch protocol, same
  * tickets that die when a request is completed or fenced), driven by a fake driver in the same process.
  * For tests, examples and machines without VDUSE. It has no native block I/O, so file backends take their
- * JavaScript path. `reset()` simulates a driver reset with requests in flight.
+ * JavaScript path. It simulates what the kernel side can do to a model: a driver reset with requests in
+ * flight (`reset`), a driver reload with other features (`renegotiate`), memory unmapped under requests
+ * (`remap`), and a device the kernel gave up on (`breakDevice`).
  */
 export class InProcessTransport implements Transport {
   /** The "guest memory" requests live in. */
@@ -147,16 +149,42 @@ export class InProcessTransport implements Transport {
    * driver starts again.
    */
   reset(): number {
+    const fenced = this.#fenceAll()
+    if (fenced > 0) this.onEvent?.({ kind: 'drained', reason: 'reset', waitedMs: 0, fenced })
+    this.setStatus(0)
+    return fenced
+  }
+
+  #fenceAll(): number {
     const fenced = [...this.slots.values()]
     this.slots.clear()
     for (const r of fenced) {
       this.counts.fenced++
       r.resolve({ used: 0, writable: [], fenced: true, writableAt: r.writable.map(([off]) => off) })
     }
-    if (fenced.length > 0)
-      this.onEvent?.({ kind: 'drained', reason: 'reset', waitedMs: 0, fenced: fenced.length })
-    this.setStatus(0)
     return fenced.length
+  }
+
+  /** A driver reload: a reset (fencing what is in flight), then features `accept` negotiated afresh. */
+  renegotiate(accept: bigint = this.offered): number {
+    const fenced = this.reset()
+    this.start(accept)
+    return fenced
+  }
+
+  /**
+   * The driver changed its memory map under requests in flight (an IOTLB update that could not wait for
+   * them): they are fenced as by `reset()`, but the device stays running.
+   */
+  remap(): number {
+    const fenced = this.#fenceAll()
+    if (fenced > 0) this.onEvent?.({ kind: 'drained', reason: 'iotlb', waitedMs: 0, fenced })
+    return fenced
+  }
+
+  /** The kernel gave up on the device (a control message went unanswered past its timeout). */
+  breakDevice(): void {
+    this.onEvent?.({ kind: 'broken' })
   }
 
   /** Places `data` in guest memory; returns its offset. */

@@ -262,6 +262,8 @@ export abstract class VirtioDevice extends EventEmitter<VirtioDeviceEvents> impl
     try {
       if (e.kind === 'status') this.#onStatus(e.status ?? 0, e.features ?? 0n)
       else if (e.kind === 'drained') {
+        // Requests fenced by an IOTLB change die without a status change: the model must hear of it too.
+        if ((e.fenced ?? 0) > 0) this.onFenced()
         this.emit('drained', {
           reason: e.reason ?? 'reset',
           waitedMs: e.waitedMs ?? 0,

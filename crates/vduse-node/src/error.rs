@@ -28,6 +28,24 @@ impl From<vduse_core::Error> for Failure {
     }
 }
 
+impl Failure {
+    pub fn new(
+        code: &'static str,
+        message: String,
+        errno: Option<i32>,
+        syscall: Option<&'static str>,
+        hint: Option<&'static str>,
+    ) -> Self {
+        Failure {
+            code,
+            message,
+            errno,
+            syscall,
+            hint,
+        }
+    }
+}
+
 /// An error of the binding itself (bad arguments from the TypeScript layer, napi failures).
 pub fn native(msg: impl std::fmt::Display) -> Failure {
     Failure {

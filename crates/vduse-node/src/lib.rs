@@ -8,6 +8,7 @@ use napi_derive::napi;
 
 mod device;
 mod error;
+mod file;
 mod logger;
 mod loopback;
 mod native_io;
@@ -41,49 +42,6 @@ pub fn list_devices() -> Vec<String> {
 pub fn destroy_device(env: Env, name: String) -> napi::Result<()> {
     let control = vduse_core::Control::open().or_throw(&env)?;
     vduse_core::destroy_device(&control, &name).or_throw(&env)
-}
-
-pub struct Fallocate {
-    fd: i32,
-    mode: i32,
-    offset: i64,
-    len: i64,
-    failure: Parked,
-}
-
-impl napi::Task for Fallocate {
-    type Output = ();
-    type JsValue = ();
-
-    fn compute(&mut self) -> napi::Result<()> {
-        // SAFETY: fallocate on a caller-provided fd; a bad fd or mode only fails.
-        let ret = unsafe { libc::fallocate(self.fd, self.mode, self.offset, self.len) };
-        if ret < 0 {
-            let err = std::io::Error::last_os_error();
-            return Err(self.failure.park(error::syscall("fallocate", err)));
-        }
-        Ok(())
-    }
-
-    fn resolve(&mut self, _env: napi::Env, _output: ()) -> napi::Result<()> {
-        Ok(())
-    }
-
-    fn reject(&mut self, env: napi::Env, err: napi::Error) -> napi::Result<()> {
-        self.failure.reject(&env, err)
-    }
-}
-
-/// `fallocate(2)` on the libuv pool (punch holes, zero ranges) without blocking the JavaScript thread.
-#[napi]
-pub fn fallocate(fd: i32, mode: i32, offset: f64, len: f64) -> napi::bindgen_prelude::AsyncTask<Fallocate> {
-    napi::bindgen_prelude::AsyncTask::new(Fallocate {
-        fd,
-        mode,
-        offset: offset as i64,
-        len: len as i64,
-        failure: Parked::default(),
-    })
 }
 
 /// Takes a stale device over (its server died) so that it can be detached cleanly: answers the kernel,

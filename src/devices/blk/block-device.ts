@@ -1,5 +1,5 @@
 import { VduseError } from '../../errors'
-import type { BlockBackend, BlockIo } from '../../backends/backend'
+import type { BlockBackend, BlockBackendCapabilities, BlockIo } from '../../backends/backend'
 import {
   FILE_IO_FLUSH,
   FILE_IO_READ,
@@ -31,7 +31,7 @@ export interface BlockDeviceOptions extends VirtioDeviceOptions {
   queues?: number
   /** Ring size per queue, a power of two up to 32768 (default 256). */
   queueSize?: number
-  /** 512 (default) or 4096. */
+  /** 512 or 4096 (default: the backend's `capabilities.logicalBlockSize`, else 512). */
   logicalBlockSize?: 512 | 4096
   /** Offer the device read-only (also when the backend is). */
   readOnly?: boolean
@@ -80,6 +80,7 @@ class Io implements BlockIo {
   /** Where the data starts in the request's buffers: after the header for writes, at 0 for reads. */
   private skip = 0
   private write = false
+  fua = false
   private bounce: Buffer | undefined
   /** `buffers` were handed out: a read's data is in the bounce buffer, to be copied to the driver. */
   private bounced = false
@@ -88,8 +89,9 @@ class Io implements BlockIo {
 
   constructor(private readonly source: RequestSource) {}
 
-  start(ticket: number, offset: number, length: number, write: boolean, skip: number): this {
+  start(ticket: number, offset: number, length: number, write: boolean, skip: number, fua: boolean): this {
     this.ticket = ticket
+    this.fua = fua
     this.offset = offset
     this.length = length
     this.write = write
@@ -170,6 +172,16 @@ interface Pending {
   cancel: AbortController | undefined
 }
 
+/** A request waiting for a backend slot (`maxInFlight`). */
+interface Waiting {
+  ticket: number
+  call: () => unknown
+  used: number
+  deadline: number
+  io: Io | undefined
+  cancel: AbortController | undefined
+}
+
 /**
  * A virtio-blk device backed by any `BlockBackend`. Requests IN, OUT, FLUSH, GET_ID, DISCARD and
  * WRITE_ZEROES; everything else is answered UNSUPP. A request outside the device, malformed, or whose
@@ -204,6 +216,18 @@ export class BlockDevice extends VirtioDevice {
   readonly #timeoutMs: number
   #sweeper: NodeJS.Timeout | undefined
   readonly #nativeFd: number | undefined
+  readonly #canFlush: boolean
+  readonly #canDiscard: boolean
+  readonly #canWriteZeroes: boolean
+  readonly #maxInFlight: number
+  /** Requests beyond `maxInFlight`, in arrival order (bounded by the rings' sizes). */
+  #waiting: Waiting[] = []
+  /** Every write asks for FUA (the backend declared `fua` but cannot flush). */
+  readonly #fua: boolean
+  readonly #capabilities: Required<Pick<BlockBackendCapabilities, 'writeZeroesUnmap'>> & {
+    physicalBlockSize: number
+    optimalIoSize: number
+  }
 
   /** Creates the device and starts serving it; attach it with `attach()`. */
   static async create(options: BlockDeviceOptions): Promise<BlockDevice> {
@@ -224,9 +248,49 @@ export class BlockDevice extends VirtioDevice {
       bad('backend must implement read() and write()')
     }
     this.backend = backend
-    this.logicalBlockSize = options.logicalBlockSize ?? 512
+    const caps: BlockBackendCapabilities = backend.capabilities ?? {}
+    const minimum = caps.logicalBlockSize ?? 512
+    if (minimum !== 512 && minimum !== 4096) bad('capabilities.logicalBlockSize must be 512 or 4096')
+    this.logicalBlockSize = options.logicalBlockSize ?? minimum
     if (this.logicalBlockSize !== 512 && this.logicalBlockSize !== 4096)
       bad('logicalBlockSize must be 512 or 4096')
+    if (this.logicalBlockSize < minimum) {
+      bad(
+        `the backend's storage addresses ${minimum}-byte blocks; logicalBlockSize ${this.logicalBlockSize} is too small`,
+      )
+    }
+    const physical = caps.physicalBlockSize ?? this.logicalBlockSize
+    if (
+      !Number.isInteger(physical) ||
+      physical < this.logicalBlockSize ||
+      (physical & (physical - 1)) !== 0
+    ) {
+      bad('capabilities.physicalBlockSize must be a power of two, at least the logical block size')
+    }
+    const optimal = caps.optimalIoSize ?? 0
+    if (!Number.isInteger(optimal) || optimal < 0 || optimal % this.logicalBlockSize !== 0) {
+      bad('capabilities.optimalIoSize must be a multiple of the logical block size')
+    }
+    this.#maxInFlight = caps.maxInFlight ?? Infinity
+    if (!(this.#maxInFlight >= 1)) bad('capabilities.maxInFlight must be at least 1')
+    /** A capability: declared, or implied by the method; declaring one without its method is an error. */
+    const can = (name: 'flush' | 'discard' | 'writeZeroes'): boolean => {
+      const has = typeof backend[name] === 'function'
+      if (caps[name] === true && !has) bad(`capabilities.${name} is true but the backend has no ${name}()`)
+      return caps[name] ?? has
+    }
+    const canFlush = can('flush')
+    const canDiscard = can('discard')
+    const canWriteZeroes = can('writeZeroes')
+    this.#canFlush = canFlush
+    this.#canDiscard = canDiscard
+    this.#canWriteZeroes = canWriteZeroes
+    this.#fua = !canFlush && (caps.fua ?? false)
+    this.#capabilities = {
+      writeZeroesUnmap: caps.writeZeroesUnmap ?? canDiscard,
+      physicalBlockSize: physical,
+      optimalIoSize: optimal,
+    }
     this.#bytes = backend.size
     if (!Number.isSafeInteger(this.#bytes) || this.#bytes <= 0 || this.#bytes % this.logicalBlockSize !== 0) {
       bad(`backend size ${this.#bytes} must be a positive multiple of ${this.logicalBlockSize}`)
@@ -242,11 +306,11 @@ export class BlockDevice extends VirtioDevice {
     this.#nativeFd = backend.fd
     const features: BlkFeature[] = ['SEG_MAX', 'BLK_SIZE', 'TOPOLOGY']
     if (options.maxSegmentSize !== undefined) features.push('SIZE_MAX')
-    if (backend.flush) features.push('FLUSH')
+    if (canFlush) features.push('FLUSH')
     if (this.readOnly) features.push('RO')
     if (this.queues > 1) features.push('MQ')
-    if (!this.readOnly && backend.discard) features.push('DISCARD')
-    if (!this.readOnly && backend.writeZeroes) features.push('WRITE_ZEROES')
+    if (!this.readOnly && canDiscard) features.push('DISCARD')
+    if (!this.readOnly && canWriteZeroes) features.push('WRITE_ZEROES')
     this.offeredFeatures = features
   }
 
@@ -268,14 +332,16 @@ export class BlockDevice extends VirtioDevice {
       size_max: options.maxSegmentSize ?? 0,
       seg_max: segMax,
       blk_size: this.logicalBlockSize,
+      physical_block_exp: Math.log2(this.#capabilities.physicalBlockSize / this.logicalBlockSize),
       min_io_size: 1,
+      opt_io_size: this.#capabilities.optimalIoSize / this.logicalBlockSize,
       num_queues: this.queues,
       max_discard_sectors: MAX_RANGE_SECTORS,
       max_discard_seg: MAX_RANGES,
       discard_sector_alignment: this.logicalBlockSize / SECTOR,
       max_write_zeroes_sectors: MAX_RANGE_SECTORS,
       max_write_zeroes_seg: MAX_RANGES,
-      write_zeroes_may_unmap: this.backend.discard ? 1 : 0,
+      write_zeroes_may_unmap: this.#capabilities.writeZeroesUnmap ? 1 : 0,
     })
     this.open({
       deviceId: VIRTIO_ID_BLOCK,
@@ -325,12 +391,12 @@ export class BlockDevice extends VirtioDevice {
   }
 
   protected inFlight(): number {
-    return this.#pendingCount
+    return this.#pendingCount + this.#waiting.length
   }
 
   protected async shutdown(): Promise<void> {
     if (this.#sweeper) clearInterval(this.#sweeper)
-    if (!this.readOnly && this.backend.flush) await this.backend.flush()
+    if (!this.readOnly && this.#canFlush) await this.backend.flush!()
   }
 
   protected override failRequest(ticket: number): void {
@@ -348,6 +414,15 @@ export class BlockDevice extends VirtioDevice {
       p.io?.abort('the request was fenced (driver reset, or its memory unmapped)')
       p.cancel?.abort(fencedError())
     }
+    if (this.#waiting.length > 0) {
+      const live: Waiting[] = []
+      for (const w of this.#waiting) {
+        if (this.isLive(w.ticket)) live.push(w)
+        else this.#recycle(w.io)
+      }
+      this.#waiting = live
+    }
+    this.#pump()
   }
 
   protected handleRequest(batch: RequestBatch, i: number): void {
@@ -380,7 +455,7 @@ export class BlockDevice extends VirtioDevice {
         this.stats.flushes++
         if (this.#nativeFd !== undefined && batch.nativeIo)
           return batch.submitIo(ticket, this.#nativeFd, FILE_IO_FLUSH, 0, 0)
-        if (!this.backend.flush) return this.#finish(ticket, BLK_STATUS.OK, 0)
+        if (!this.#canFlush) return this.#finish(ticket, BLK_STATUS.OK, 0)
         return this.#run(ticket, () => this.backend.flush!(), 0, undefined)
       case REQ.GET_ID: {
         this.stats.getIds++
@@ -424,6 +499,7 @@ export class BlockDevice extends VirtioDevice {
       length,
       write,
       write ? HEADER_BYTES : 0,
+      write && this.#fua,
     )
     this.#run(ticket, () => (write ? this.backend.write(io) : this.backend.read(io)), write ? 0 : length, io)
   }
@@ -432,8 +508,7 @@ export class BlockDevice extends VirtioDevice {
     const discard = type === REQ.DISCARD
     if (discard) this.stats.discards++
     else this.stats.writeZeroes++
-    const op = discard ? this.backend.discard : this.backend.writeZeroes
-    if (!op) {
+    if (!(discard ? this.#canDiscard : this.#canWriteZeroes)) {
       this.stats.unsupported++
       return this.#finish(ticket, BLK_STATUS.UNSUPP, 0)
     }
@@ -480,13 +555,45 @@ export class BlockDevice extends VirtioDevice {
     )
   }
 
-  /** Runs a backend call; answers now if it returned, or when its promise settles. */
+  /**
+   * Runs a backend call; answers now if it returned, or when its promise settles. Beyond `maxInFlight`
+   * calls at once, it waits its turn.
+   */
   #run(
     ticket: number,
     call: () => unknown,
     dataBytes: number,
     io: Io | undefined,
     cancel?: AbortController,
+  ): void {
+    if (this.#pendingCount >= this.#maxInFlight) {
+      const deadline = this.#timeoutMs > 0 ? Date.now() + this.#timeoutMs : Infinity
+      this.#waiting.push({ ticket, call, used: dataBytes, deadline, io, cancel })
+      if (this.#pendingCount + this.#waiting.length === 1) this.#sweeper?.ref()
+      return
+    }
+    this.#call(ticket, call, dataBytes, io, cancel)
+  }
+
+  /** Starts waiting requests while there is room; those whose ticket died are dropped. */
+  #pump(): void {
+    while (this.#waiting.length > 0 && this.#pendingCount < this.#maxInFlight) {
+      const w = this.#waiting.shift()!
+      if (!this.isLive(w.ticket)) {
+        this.#recycle(w.io)
+        continue
+      }
+      this.#call(w.ticket, w.call, w.used, w.io, w.cancel, w.deadline)
+    }
+  }
+
+  #call(
+    ticket: number,
+    call: () => unknown,
+    dataBytes: number,
+    io: Io | undefined,
+    cancel: AbortController | undefined,
+    deadline = this.#timeoutMs > 0 ? Date.now() + this.#timeoutMs : Infinity,
   ): void {
     let result: unknown
     try {
@@ -501,13 +608,7 @@ export class BlockDevice extends VirtioDevice {
       this.#recycle(io)
       return this.#finish(ticket, ok ? BLK_STATUS.OK : BLK_STATUS.IOERR, ok ? dataBytes : 0)
     }
-    const record: Pending = {
-      ticket,
-      used: dataBytes,
-      deadline: this.#timeoutMs > 0 ? Date.now() + this.#timeoutMs : Infinity,
-      io,
-      cancel,
-    }
+    const record: Pending = { ticket, used: dataBytes, deadline, io, cancel }
     const slot = ticketSlot(ticket)
     const stale = this.#pending[slot]
     if (stale) {
@@ -518,7 +619,7 @@ export class BlockDevice extends VirtioDevice {
     }
     this.#pending[slot] = record
     // A request waiting for its deadline is work in progress: the sweeper keeps the loop alive meanwhile.
-    if (this.#pendingCount++ === 0) this.#sweeper?.ref()
+    if (this.#pendingCount++ === 0 && this.#waiting.length === 0) this.#sweeper?.ref()
     result.then(
       () => this.#settle(slot, record, BLK_STATUS.OK),
       (err: unknown) => {
@@ -530,7 +631,7 @@ export class BlockDevice extends VirtioDevice {
 
   #forget(slot: number): void {
     this.#pending[slot] = undefined
-    if (--this.#pendingCount === 0) this.#sweeper?.unref()
+    if (--this.#pendingCount === 0 && this.#waiting.length === 0) this.#sweeper?.unref()
   }
 
   #settle(slot: number, record: Pending, status: number): void {
@@ -540,6 +641,7 @@ export class BlockDevice extends VirtioDevice {
     if (ok && record.io) ok = record.io.finishRead()
     this.#recycle(record.io)
     this.#finish(record.ticket, ok ? BLK_STATUS.OK : BLK_STATUS.IOERR, ok ? record.used : 0)
+    this.#pump()
   }
 
   #recycle(io: Io | undefined): void {
@@ -548,6 +650,23 @@ export class BlockDevice extends VirtioDevice {
 
   #expire(): void {
     const now = Date.now()
+    if (this.#waiting.length > 0 && this.#waiting[0]!.deadline <= now) {
+      // Arrival order = deadline order: the expired ones are at the front. Their backend call never started.
+      while (this.#waiting.length > 0 && this.#waiting[0]!.deadline <= now) {
+        const w = this.#waiting.shift()!
+        this.stats.timeouts++
+        w.io?.abort()
+        w.cancel?.abort(new VduseError('request timed out', { code: 'ERR_VDUSE_TIMEOUT' }))
+        this.#finish(w.ticket, BLK_STATUS.IOERR, 0)
+        this.emit(
+          'requestError',
+          new VduseError(`request timed out after ${this.#timeoutMs} ms waiting for the backend`, {
+            code: 'ERR_VDUSE_TIMEOUT',
+          }),
+        )
+      }
+      if (this.#pendingCount + this.#waiting.length === 0) this.#sweeper?.unref()
+    }
     for (let slot = 0; slot < this.#pending.length; slot++) {
       const record = this.#pending[slot]
       if (!record || record.deadline > now) continue
@@ -563,6 +682,7 @@ export class BlockDevice extends VirtioDevice {
         new VduseError(`request timed out after ${this.#timeoutMs} ms`, { code: 'ERR_VDUSE_TIMEOUT' }),
       )
     }
+    this.#pump()
   }
 
   #backendFailed(err: unknown): void {
