@@ -13,6 +13,7 @@ import {
   MemoryBackend,
   NullBackend,
   VduseError,
+  AbortError,
   type BlockBackend,
   type BlockIo,
 } from '../src'
@@ -283,6 +284,35 @@ test('close flushes, is idempotent, and AbortSignal / asyncDispose close too', a
   const third = await setup(new NullBackend(4096))
   await third.device[Symbol.asyncDispose]()
   t.true(third.device.closed)
+})
+
+test('an already aborted signal rejects with an AbortError; a failed close on abort is reported as an event', async (t) => {
+  const aborted = AbortSignal.abort(new Error('changed my mind'))
+  const transport = new InProcessTransport()
+  const err = await t.throwsAsync(
+    BlockDevice.create({ name: 'ab', backend: new NullBackend(4096), transport, signal: aborted }),
+    { instanceOf: AbortError },
+  )
+  t.is(err?.name, 'AbortError')
+  t.is((err as AbortError).code, 'ABORT_ERR')
+  t.is((err?.cause as Error).message, 'changed my mind')
+  const { device } = await setup(new NullBackend(4096))
+  await t.throwsAsync(device.attach({ signal: aborted }), { instanceOf: AbortError })
+  await t.throwsAsync(device.detach({ signal: aborted }), { instanceOf: AbortError })
+  await device.close()
+
+  // The abort closes the device; its backend's flush fails: an 'error' event, not an unhandled rejection.
+  const ac = new AbortController()
+  const failing: BlockBackend = {
+    size: 4096,
+    read: () => {},
+    write: () => {},
+    flush: () => Promise.reject(new Error('disk gone')),
+  }
+  const { device: d2 } = await setup(failing, { signal: ac.signal })
+  const reported = new Promise<Error>((resolve) => d2.once('error', resolve))
+  ac.abort()
+  t.regex((await reported).message, /disk gone/)
 })
 
 test('bad options are refused with ERR_VDUSE_INVALID_CONFIG', async (t) => {

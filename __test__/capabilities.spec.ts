@@ -60,11 +60,15 @@ const tick = () => new Promise((r) => setImmediate(r))
 
 test('declared capabilities decide the features, not just which methods exist', async (t) => {
   const mem = new MemoryBackend(1 << 20)
-  const off = await setup(
-    Object.assign(Object.create(mem) as MemoryBackend, {
-      capabilities: { flush: false, discard: false, writeZeroes: true, writeZeroesUnmap: false },
-    }),
-  )
+  const off = await setup({
+    size: mem.size,
+    read: (io) => mem.read(io),
+    write: (io) => mem.write(io),
+    flush: () => mem.flush(),
+    discard: (o, l) => mem.discard(o, l),
+    writeZeroes: (o, l) => mem.writeZeroes(o, l),
+    capabilities: { flush: false, discard: false, writeZeroes: true, writeZeroesUnmap: false },
+  })
   t.deepEqual([...off.device.offeredFeatures].sort(), ['BLK_SIZE', 'SEG_MAX', 'TOPOLOGY', 'WRITE_ZEROES'])
   t.is(off.transport.config[56], 0, 'write_zeroes_may_unmap follows writeZeroesUnmap')
   t.is((await off.driver.simple(T.DISCARD, [range(0, 8)])).status, S.UNSUPP)

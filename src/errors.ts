@@ -47,6 +47,24 @@ export class VduseError extends Error {
   }
 }
 
+/**
+ * How an operation given an aborted `signal` fails, as Node's own APIs do: `name` 'AbortError', `code`
+ * 'ABORT_ERR', and the signal's `reason` as `cause`.
+ */
+export class AbortError extends Error {
+  readonly code = 'ABORT_ERR'
+
+  constructor(message = 'The operation was aborted', options?: { cause?: unknown }) {
+    super(message, options)
+    this.name = 'AbortError'
+  }
+}
+
+/** Throws an `AbortError` if `signal` is aborted. */
+export function throwIfAborted(signal: AbortSignal | undefined, what = 'The operation'): void {
+  if (signal?.aborted) throw new AbortError(`${what} was aborted`, { cause: signal.reason })
+}
+
 const KNOWN_CODES: ReadonlySet<string> = new Set(ERROR_CODES)
 
 /**

@@ -1,4 +1,4 @@
-export { ERROR_CODES, VduseError } from './errors'
+export { AbortError, ERROR_CODES, VduseError } from './errors'
 export type { VduseErrorCode, VduseErrorOptions } from './errors'
 export { getApiVersion, listDevices, destroyDevice, removeStaleDevice, inspectState } from './control'
 export type { DeviceState } from './control'

@@ -66,11 +66,15 @@ function splitDev(dev: number): [number, number] {
  * locked while open (see `lock`).
  */
 export class FileBackend implements BlockBackend {
+  readonly #handle: FileHandle
+  #bytes: number
+  readonly #regular: boolean
+
   private constructor(
-    private readonly handle: FileHandle,
-    private bytes: number,
+    handle: FileHandle,
+    bytes: number,
     readonly readOnly: boolean,
-    private readonly regular: boolean,
+    regular: boolean,
     readonly path: string,
     /**
      * `file:DEV:INO[:BIRTH]` or `blockdev:RDEV`: the same storage after a restart, even under another
@@ -79,7 +83,11 @@ export class FileBackend implements BlockBackend {
     readonly id: string,
     /** What the storage can do (block sizes, discard), as detected at open. */
     readonly capabilities: BlockBackendCapabilities,
-  ) {}
+  ) {
+    this.#handle = handle
+    this.#bytes = bytes
+    this.#regular = regular
+  }
 
   static async open(path: string, options: FileBackendOptions = {}): Promise<FileBackend> {
     const readOnly = options.readOnly ?? false
@@ -155,18 +163,18 @@ export class FileBackend implements BlockBackend {
   }
 
   get size(): number {
-    return this.bytes
+    return this.#bytes
   }
 
   get fd(): number {
-    return this.handle.fd
+    return this.#handle.fd
   }
 
   // The JavaScript path, used where native I/O is not available (the in-process transport).
   async read(io: BlockIo): Promise<void> {
     const parts: Promise<unknown>[] = []
     io.forEach((buf, start, length, at) => {
-      parts.push(this.handle.read(buf, start, length, at))
+      parts.push(this.#handle.read(buf, start, length, at))
     })
     await Promise.all(parts)
   }
@@ -174,17 +182,17 @@ export class FileBackend implements BlockBackend {
   async write(io: BlockIo): Promise<void> {
     const parts: Promise<unknown>[] = []
     io.forEach((buf, start, length, at) => {
-      parts.push(this.handle.write(buf, start, length, at))
+      parts.push(this.#handle.write(buf, start, length, at))
     })
     await Promise.all(parts)
   }
 
   async flush(): Promise<void> {
-    await this.handle.datasync()
+    await this.#handle.datasync()
   }
 
   async discard(offset: number, length: number): Promise<void> {
-    if (this.regular) {
+    if (this.#regular) {
       await nativeAsync(() =>
         binding.fallocate(this.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length),
       )
@@ -206,7 +214,7 @@ export class FileBackend implements BlockBackend {
     }
     try {
       await nativeAsync(() =>
-        this.regular
+        this.#regular
           ? binding.fallocate(this.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
           : binding.blkZeroOut(this.fd, offset, length),
       )
@@ -216,18 +224,18 @@ export class FileBackend implements BlockBackend {
       for (let done = 0; done < length;) {
         if (signal?.aborted) throw signal.reason
         const n = Math.min(zero.length, length - done)
-        await this.handle.write(zero, 0, n, offset + done)
+        await this.#handle.write(zero, 0, n, offset + done)
         done += n
       }
     }
   }
 
   async resize(size: number): Promise<void> {
-    if (!this.regular) {
+    if (!this.#regular) {
       throw new VduseError('only a regular file can be resized', { code: 'ERR_VDUSE_INVALID_CONFIG' })
     }
-    await this.handle.truncate(size)
-    this.bytes = size
+    await this.#handle.truncate(size)
+    this.#bytes = size
   }
 
   #closing: Promise<void> | undefined
@@ -237,11 +245,11 @@ export class FileBackend implements BlockBackend {
     this.#closing ??= (async () => {
       let failed: NodeJS.ErrnoException | undefined
       if (!this.readOnly) {
-        await this.handle.datasync().catch((err: NodeJS.ErrnoException) => {
+        await this.#handle.datasync().catch((err: NodeJS.ErrnoException) => {
           failed = err
         })
       }
-      await this.handle.close()
+      await this.#handle.close()
       if (failed) {
         throw new VduseError(`flushing ${this.path} before closing it failed: ${failed.message}`, {
           code: 'ERR_VDUSE_SYSCALL',

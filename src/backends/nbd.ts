@@ -203,49 +203,49 @@ const Parse = { Magic: 0, Header: 1, Collect: 2, Data: 3, Skip: 4 } as const
 
 /** Handshake reading: whole messages from a byte stream, before the transmission phase. */
 class Reader {
-  private chunks: Buffer[] = []
-  private have = 0
-  private waiter: { n: number; resolve: (b: Buffer) => void } | undefined
+  #chunks: Buffer[] = []
+  #have = 0
+  #waiter: { n: number; resolve: (b: Buffer) => void } | undefined
   failed: Error | undefined
-  private reject: ((err: Error) => void) | undefined
+  #reject: ((err: Error) => void) | undefined
 
   push(chunk: Buffer): void {
     // The handshake is a few small messages: a server that floods it is broken or hostile.
-    if (this.have + chunk.length > MAX_SMALL_PAYLOAD + 64) {
+    if (this.#have + chunk.length > MAX_SMALL_PAYLOAD + 64) {
       return this.fail(protocol('the server sent more than a handshake needs'))
     }
-    this.chunks.push(chunk)
-    this.have += chunk.length
-    this.wake()
+    this.#chunks.push(chunk)
+    this.#have += chunk.length
+    this.#wake()
   }
 
   fail(err: Error): void {
     this.failed ??= err
-    this.reject?.(err)
+    this.#reject?.(err)
   }
 
   read(n: number): Promise<Buffer> {
     if (this.failed) return Promise.reject(this.failed)
     return new Promise((resolve, reject) => {
-      this.waiter = { n, resolve }
-      this.reject = reject
-      this.wake()
+      this.#waiter = { n, resolve }
+      this.#reject = reject
+      this.#wake()
     })
   }
 
   /** What arrived beyond the handshake (a server sends nothing unasked, so this is empty). */
   rest(): Buffer {
-    return Buffer.concat(this.chunks)
+    return Buffer.concat(this.#chunks)
   }
 
-  private wake(): void {
-    const w = this.waiter
-    if (!w || this.have < w.n) return
-    const all = this.chunks.length === 1 ? this.chunks[0]! : Buffer.concat(this.chunks)
-    this.chunks = all.length > w.n ? [all.subarray(w.n)] : []
-    this.have -= w.n
-    this.waiter = undefined
-    this.reject = undefined
+  #wake(): void {
+    const w = this.#waiter
+    if (!w || this.#have < w.n) return
+    const all = this.#chunks.length === 1 ? this.#chunks[0]! : Buffer.concat(this.#chunks)
+    this.#chunks = all.length > w.n ? [all.subarray(w.n)] : []
+    this.#have -= w.n
+    this.#waiter = undefined
+    this.#reject = undefined
     w.resolve(all.subarray(0, w.n))
   }
 }
@@ -271,33 +271,36 @@ class Connection {
   readonly inflight = new Map<number, Op>()
   info: NbdExportInfo | undefined
   dead = false
-  private reader: Reader | undefined = new Reader()
-  private nextCookie = 1
-  private corked = false
+  #reader: Reader | undefined = new Reader()
+  #nextCookie = 1
+  #corked = false
   // Reply parser state.
-  private state: number = Parse.Magic
-  private readonly header = Buffer.alloc(20)
-  private headerHave = 0
-  private headerWant = 4
-  private scratch = Buffer.alloc(64)
-  private collectHave = 0
-  private collectWant = 0
-  private remaining = 0
-  private dataAt = 0
-  private op: Op | undefined
-  private cookie = 0
-  private chunkType = 0
-  private chunkFlags = 0
-  private onClosed: ((err: Error) => void) | undefined
-  private connectFailed: ((err: Error) => void) | undefined
+  #state: number = Parse.Magic
+  readonly #header = Buffer.alloc(20)
+  #headerHave = 0
+  #headerWant = 4
+  #scratch = Buffer.alloc(64)
+  #collectHave = 0
+  #collectWant = 0
+  #remaining = 0
+  #dataAt = 0
+  #op: Op | undefined
+  #cookie = 0
+  #chunkType = 0
+  #chunkFlags = 0
+  #onClosed: ((err: Error) => void) | undefined
+  #connectFailed: ((err: Error) => void) | undefined
   /** When anything was last received, or the connection went from idle to busy: hang detection. */
   lastProgress = 0
+
+  readonly #receive: Buffer
 
   constructor(
     readonly index: number,
     address: NbdAddress,
-    private readonly receive: Buffer,
+    receive: Buffer,
   ) {
+    this.#receive = receive
     const opts =
       address.socket !== undefined ? { path: address.socket } : { host: address.host!, port: address.port! }
     this.socket = netConnect({
@@ -305,8 +308,8 @@ class Connection {
       noDelay: true,
       // Replies are parsed out of one buffer per connection as they arrive: no allocation per read.
       onread: {
-        buffer: this.receive,
-        callback: (n: number, buf: Uint8Array) => this.onRead(n, buf as Buffer),
+        buffer: this.#receive,
+        callback: (n: number, buf: Uint8Array) => this.#onRead(n, buf as Buffer),
       },
     })
     this.socket.on('error', (err) => this.close(err))
@@ -315,29 +318,29 @@ class Connection {
 
   /** Called once, when the connection is lost (not when `disconnect()` closes it on purpose). */
   whenClosed(fn: (err: Error) => void): void {
-    this.onClosed = fn
+    this.#onClosed = fn
   }
 
   close(err: Error): void {
     if (this.dead) return
     this.dead = true
-    this.reader?.fail(err)
-    this.connectFailed?.(err)
+    this.#reader?.fail(err)
+    this.#connectFailed?.(err)
     this.socket.destroy()
-    this.onClosed?.(err)
+    this.#onClosed?.(err)
   }
 
   /** Handshake: fixed newstyle, structured replies, NBD_OPT_GO (falling back to EXPORT_NAME). */
   async handshake(address: NbdAddress): Promise<NbdExportInfo> {
-    const r = this.reader!
+    const r = this.#reader!
     // Settles on connect, on an error, or when close() gives up (the connect timeout): a connect that
     // hangs (dropped SYNs) must not hang the caller.
     await new Promise<void>((resolve, reject) => {
       if (r.failed) return reject(r.failed)
-      this.connectFailed = reject
+      this.#connectFailed = reject
       this.socket.once('connect', resolve)
     })
-    this.connectFailed = undefined
+    this.#connectFailed = undefined
     const hello = await r.read(18)
     if (hello.toString('latin1', 0, 8) !== 'NBDMAGIC') throw protocol('the peer is not an NBD server')
     if (hello.toString('latin1', 8, 16) !== 'IHAVEOPT') {
@@ -357,8 +360,8 @@ class Connection {
 
     let structured = false
     if (fixed) {
-      this.sendOption(OPT_STRUCTURED_REPLY, Buffer.alloc(0))
-      const reply = await this.readOptionReply(OPT_STRUCTURED_REPLY)
+      this.#sendOption(OPT_STRUCTURED_REPLY, Buffer.alloc(0))
+      const reply = await this.#readOptionReply(OPT_STRUCTURED_REPLY)
       structured = reply.type === REP_ACK
       // An error reply just means simple replies only.
       const go = Buffer.alloc(4 + name.length + 2 + 2)
@@ -366,7 +369,7 @@ class Connection {
       name.copy(go, 4)
       go.writeUInt16BE(1, 4 + name.length)
       go.writeUInt16BE(INFO_BLOCK_SIZE, 6 + name.length)
-      this.sendOption(OPT_GO, go)
+      this.#sendOption(OPT_GO, go)
       const info: NbdExportInfo = {
         size: -1,
         flags: 0,
@@ -376,7 +379,7 @@ class Connection {
         structuredReplies: structured,
       }
       for (;;) {
-        const reply = await this.readOptionReply(OPT_GO)
+        const reply = await this.#readOptionReply(OPT_GO)
         if (reply.type === REP_INFO && reply.data.length >= 2) {
           const kind = reply.data.readUInt16BE(0)
           if (kind === INFO_EXPORT && reply.data.length >= 12) {
@@ -391,14 +394,14 @@ class Connection {
         }
         if (reply.type === REP_ACK) {
           if (info.size < 0) throw protocol('NBD_OPT_GO succeeded without saying the export size')
-          return this.established(info)
+          return this.#established(info)
         }
         if (reply.type === REP_ERR_UNSUP) break // an old server: NBD_OPT_EXPORT_NAME below
         throw refusal(address, reply.type, reply.data)
       }
     }
     // NBD_OPT_EXPORT_NAME: no reply on failure (the server closes), no block size information.
-    this.sendOption(OPT_EXPORT_NAME, name)
+    this.#sendOption(OPT_EXPORT_NAME, name)
     const answer = await r.read(noZeroes ? 10 : 134).catch((err: Error) => {
       throw nbdError(
         'ERR_VDUSE_REFUSED',
@@ -407,7 +410,7 @@ class Connection {
         err,
       )
     })
-    return this.established({
+    return this.#established({
       size: readU64(answer, 0),
       flags: answer.readUInt16BE(8),
       minBlockSize: 1,
@@ -417,15 +420,15 @@ class Connection {
     })
   }
 
-  private established(info: NbdExportInfo): NbdExportInfo {
+  #established(info: NbdExportInfo): NbdExportInfo {
     this.info = info
-    const rest = this.reader!.rest()
-    this.reader = undefined
-    if (rest.length > 0) this.parse(rest, rest.length)
+    const rest = this.#reader!.rest()
+    this.#reader = undefined
+    if (rest.length > 0) this.#parse(rest, rest.length)
     return info
   }
 
-  private sendOption(option: number, data: Buffer): void {
+  #sendOption(option: number, data: Buffer): void {
     const h = Buffer.alloc(16)
     h.write('IHAVEOPT', 0, 'latin1')
     h.writeUInt32BE(option, 8)
@@ -433,21 +436,21 @@ class Connection {
     this.socket.write(data.length > 0 ? Buffer.concat([h, data]) : h)
   }
 
-  private async readOptionReply(option: number): Promise<{ type: number; data: Buffer }> {
-    const h = await this.reader!.read(20)
+  async #readOptionReply(option: number): Promise<{ type: number; data: Buffer }> {
+    const h = await this.#reader!.read(20)
     if (h.readUInt32BE(0) !== OPTION_REPLY_MAGIC_HI || h.readUInt32BE(4) !== OPTION_REPLY_MAGIC_LO) {
       throw protocol('bad option reply magic')
     }
     if (h.readUInt32BE(8) !== option) throw protocol('an option reply for another option')
     const length = h.readUInt32BE(16)
     if (length > MAX_SMALL_PAYLOAD) throw protocol(`an option reply of ${length} bytes`)
-    const data = length > 0 ? Buffer.from(await this.reader!.read(length)) : Buffer.alloc(0)
+    const data = length > 0 ? Buffer.from(await this.#reader!.read(length)) : Buffer.alloc(0)
     return { type: h.readUInt32BE(12), data }
   }
 
   /** Sends one command. Commands sent in one event-loop turn leave in one write. */
   send(op: Op): void {
-    const cookie = this.nextCookie++
+    const cookie = this.#nextCookie++
     const h = Buffer.allocUnsafe(28)
     h.writeUInt32BE(REQUEST_MAGIC, 0)
     h.writeUInt16BE(op.flags, 4)
@@ -461,11 +464,11 @@ class Connection {
     op.error = 0
     op.chunks = undefined
     this.inflight.set(cookie, op)
-    if (!this.corked) {
-      this.corked = true
+    if (!this.#corked) {
+      this.#corked = true
       this.socket.cork()
       process.nextTick(() => {
-        this.corked = false
+        this.#corked = false
         this.socket.uncork()
       })
     }
@@ -476,7 +479,7 @@ class Connection {
   /** Ends the session politely (NBD_CMD_DISC) and closes. */
   disconnect(): void {
     if (this.dead) return
-    this.onClosed = undefined
+    this.#onClosed = undefined
     const h = Buffer.alloc(28)
     h.writeUInt32BE(REQUEST_MAGIC, 0)
     h.writeUInt16BE(CMD_DISC, 6)
@@ -485,16 +488,16 @@ class Connection {
     setTimeout(() => this.socket.destroy(), 1000).unref()
   }
 
-  private onRead(n: number, buf: Buffer): boolean {
+  #onRead(n: number, buf: Buffer): boolean {
     if (this.dead) return false
-    if (this.reader) {
+    if (this.#reader) {
       // The handshake reads whole messages; the receive buffer is reused, so keep a copy.
-      this.reader.push(Buffer.from(buf.subarray(0, n)))
+      this.#reader.push(Buffer.from(buf.subarray(0, n)))
       return true
     }
     this.lastProgress = Date.now()
     try {
-      this.parse(buf, n)
+      this.#parse(buf, n)
     } catch (err) {
       this.close(err as Error)
       return false
@@ -503,129 +506,129 @@ class Connection {
   }
 
   /** The reply parser: replies are taken apart as bytes arrive; read data goes straight to the request. */
-  private parse(buf: Buffer, n: number): void {
+  #parse(buf: Buffer, n: number): void {
     let p = 0
     while (p < n) {
-      switch (this.state) {
+      switch (this.#state) {
         case Parse.Magic:
         case Parse.Header: {
-          const take = Math.min(this.headerWant - this.headerHave, n - p)
-          buf.copy(this.header, this.headerHave, p, p + take)
+          const take = Math.min(this.#headerWant - this.#headerHave, n - p)
+          buf.copy(this.#header, this.#headerHave, p, p + take)
           p += take
-          this.headerHave += take
-          if (this.headerHave < this.headerWant) break
-          if (this.state === Parse.Magic) {
-            const magic = this.header.readUInt32BE(0)
-            if (magic === SIMPLE_REPLY_MAGIC) this.headerWant = 16
-            else if (magic === STRUCTURED_REPLY_MAGIC && this.info?.structuredReplies) this.headerWant = 20
+          this.#headerHave += take
+          if (this.#headerHave < this.#headerWant) break
+          if (this.#state === Parse.Magic) {
+            const magic = this.#header.readUInt32BE(0)
+            if (magic === SIMPLE_REPLY_MAGIC) this.#headerWant = 16
+            else if (magic === STRUCTURED_REPLY_MAGIC && this.info?.structuredReplies) this.#headerWant = 20
             else throw protocol(`bad reply magic 0x${magic.toString(16)}`)
-            this.state = Parse.Header
+            this.#state = Parse.Header
             break
           }
-          this.onHeader()
+          this.#onHeader()
           break
         }
         case Parse.Collect: {
-          const take = Math.min(this.collectWant - this.collectHave, n - p)
-          buf.copy(this.scratch, this.collectHave, p, p + take)
+          const take = Math.min(this.#collectWant - this.#collectHave, n - p)
+          buf.copy(this.#scratch, this.#collectHave, p, p + take)
           p += take
-          this.collectHave += take
-          if (this.collectHave === this.collectWant) this.onCollected()
+          this.#collectHave += take
+          if (this.#collectHave === this.#collectWant) this.#onCollected()
           break
         }
         case Parse.Data: {
-          const take = Math.min(this.remaining, n - p)
+          const take = Math.min(this.#remaining, n - p)
           // A request that is gone (fenced, timed out) refuses the copy; its bytes are consumed all the same.
-          this.op!.io?.copyFrom(buf, p, take, this.dataAt)
+          this.#op!.io?.copyFrom(buf, p, take, this.#dataAt)
           p += take
-          this.dataAt += take
-          this.remaining -= take
-          if (this.remaining === 0) this.chunkDone()
+          this.#dataAt += take
+          this.#remaining -= take
+          if (this.#remaining === 0) this.#chunkDone()
           break
         }
         case Parse.Skip: {
-          const take = Math.min(this.remaining, n - p)
+          const take = Math.min(this.#remaining, n - p)
           p += take
-          this.remaining -= take
-          if (this.remaining === 0) this.chunkDone()
+          this.#remaining -= take
+          if (this.#remaining === 0) this.#chunkDone()
           break
         }
       }
     }
   }
 
-  private lookup(): Op {
-    const hi = this.header.readUInt32BE(8)
-    const cookie = hi * 0x1_0000_0000 + this.header.readUInt32BE(12)
+  #lookup(): Op {
+    const hi = this.#header.readUInt32BE(8)
+    const cookie = hi * 0x1_0000_0000 + this.#header.readUInt32BE(12)
     const op = this.inflight.get(cookie)
     if (!op) throw protocol(`a reply to cookie ${cookie}, which is not in flight`)
-    this.cookie = cookie
+    this.#cookie = cookie
     return op
   }
 
-  private onHeader(): void {
-    const op = (this.op = this.lookup())
-    if (this.headerWant === 16) {
+  #onHeader(): void {
+    const op = (this.#op = this.#lookup())
+    if (this.#headerWant === 16) {
       // A simple reply: an error, or success (followed by the data, for a read).
-      this.chunkFlags = REPLY_FLAG_DONE
-      this.chunkType = REPLY_TYPE_NONE
-      const error = this.header.readUInt32BE(4)
+      this.#chunkFlags = REPLY_FLAG_DONE
+      this.#chunkType = REPLY_TYPE_NONE
+      const error = this.#header.readUInt32BE(4)
       if (error !== 0) op.error = error
       else if (op.type === CMD_READ) {
         if (this.info?.structuredReplies) throw protocol('a simple reply with data to a read')
         op.covered = op.length
-        return this.expectData(op.at, op.length)
+        return this.#expectData(op.at, op.length)
       }
-      return this.chunkDone()
+      return this.#chunkDone()
     }
-    this.chunkFlags = this.header.readUInt16BE(4)
-    this.chunkType = this.header.readUInt16BE(6)
-    const length = this.header.readUInt32BE(16)
-    switch (this.chunkType) {
+    this.#chunkFlags = this.#header.readUInt16BE(4)
+    this.#chunkType = this.#header.readUInt16BE(6)
+    const length = this.#header.readUInt32BE(16)
+    switch (this.#chunkType) {
       case REPLY_TYPE_NONE:
-        if (length !== 0 || !(this.chunkFlags & REPLY_FLAG_DONE)) throw protocol('a bad NONE chunk')
-        return this.chunkDone()
+        if (length !== 0 || !(this.#chunkFlags & REPLY_FLAG_DONE)) throw protocol('a bad NONE chunk')
+        return this.#chunkDone()
       case REPLY_TYPE_OFFSET_DATA:
         if (op.type !== CMD_READ || length <= 8) throw protocol('a bad OFFSET_DATA chunk')
-        this.remaining = length - 8
-        return this.collect(8)
+        this.#remaining = length - 8
+        return this.#collect(8)
       case REPLY_TYPE_OFFSET_HOLE:
         if (op.type !== CMD_READ || length !== 12) throw protocol('a bad OFFSET_HOLE chunk')
-        return this.collect(12)
+        return this.#collect(12)
       default:
-        if (this.chunkType & REPLY_TYPE_ERROR_BIT) {
+        if (this.#chunkType & REPLY_TYPE_ERROR_BIT) {
           if (length < 6 || length > MAX_SMALL_PAYLOAD) throw protocol(`an error chunk of ${length} bytes`)
-          return this.collect(length)
+          return this.#collect(length)
         }
         // A chunk type we did not ask for and do not know: skip it.
-        if (length === 0) return this.chunkDone()
-        this.remaining = length
-        this.state = Parse.Skip
+        if (length === 0) return this.#chunkDone()
+        this.#remaining = length
+        this.#state = Parse.Skip
     }
   }
 
-  private collect(n: number): void {
-    if (this.scratch.length < n) this.scratch = Buffer.alloc(n)
-    this.collectHave = 0
-    this.collectWant = n
-    this.state = Parse.Collect
+  #collect(n: number): void {
+    if (this.#scratch.length < n) this.#scratch = Buffer.alloc(n)
+    this.#collectHave = 0
+    this.#collectWant = n
+    this.#state = Parse.Collect
   }
 
-  private onCollected(): void {
-    const op = this.op!
-    switch (this.chunkType) {
+  #onCollected(): void {
+    const op = this.#op!
+    switch (this.#chunkType) {
       case REPLY_TYPE_OFFSET_DATA: {
-        const offset = readU64(this.scratch, 0)
-        const length = this.remaining
+        const offset = readU64(this.#scratch, 0)
+        const length = this.#remaining
         if (offset < op.offset || offset + length > op.offset + op.length) {
           throw protocol('read data outside the requested range')
         }
         cover(op, offset - op.offset, length)
-        return this.expectData(op.at + (offset - op.offset), length)
+        return this.#expectData(op.at + (offset - op.offset), length)
       }
       case REPLY_TYPE_OFFSET_HOLE: {
-        const offset = readU64(this.scratch, 0)
-        const length = this.scratch.readUInt32BE(8)
+        const offset = readU64(this.#scratch, 0)
+        const length = this.#scratch.readUInt32BE(8)
         if (offset < op.offset || offset + length > op.offset + op.length) {
           throw protocol('a hole outside the requested range')
         }
@@ -635,35 +638,35 @@ class Connection {
           op.io?.copyFrom(ZERO, 0, n, op.at + (offset - op.offset) + done)
           done += n
         }
-        return this.chunkDone()
+        return this.#chunkDone()
       }
       default: {
         // An error chunk: errno first (0 is not an error; a broken server — still fail the request).
-        op.error = this.scratch.readUInt32BE(0) || 5
-        return this.chunkDone()
+        op.error = this.#scratch.readUInt32BE(0) || 5
+        return this.#chunkDone()
       }
     }
   }
 
-  private expectData(at: number, length: number): void {
-    this.dataAt = at
-    this.remaining = length
-    this.state = Parse.Data
-    if (length === 0) this.chunkDone()
+  #expectData(at: number, length: number): void {
+    this.#dataAt = at
+    this.#remaining = length
+    this.#state = Parse.Data
+    if (length === 0) this.#chunkDone()
   }
 
-  private chunkDone(): void {
-    this.state = Parse.Magic
-    this.headerHave = 0
-    this.headerWant = 4
-    if (!(this.chunkFlags & REPLY_FLAG_DONE)) return
-    const op = this.op!
+  #chunkDone(): void {
+    this.#state = Parse.Magic
+    this.#headerHave = 0
+    this.#headerWant = 4
+    if (!(this.#chunkFlags & REPLY_FLAG_DONE)) return
+    const op = this.#op!
     // Checked while the op is still in flight: the connection's loss then resends it.
     if (op.error === 0 && op.type === CMD_READ && op.covered !== op.length) {
       throw protocol(`a read reply covered ${op.covered} of ${op.length} bytes`)
     }
-    this.op = undefined
-    this.inflight.delete(this.cookie)
+    this.#op = undefined
+    this.inflight.delete(this.#cookie)
     finish(op, op.error)
   }
 }

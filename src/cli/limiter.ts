@@ -9,7 +9,10 @@ export class EventLimiter {
   /** Events held back since the start. */
   total = 0
 
-  constructor(private readonly perSecond: number) {}
+  readonly #perSecond: number
+  constructor(perSecond: number) {
+    this.#perSecond = perSecond
+  }
 
   /** Whether this event passes; `held`: events held back since the last one that passed. */
   admit(now: number = Date.now()): { pass: boolean; held: number } {
@@ -17,7 +20,7 @@ export class EventLimiter {
       this.#windowStart = now
       this.#inWindow = 0
     }
-    if (this.#inWindow++ >= this.perSecond) {
+    if (this.#inWindow++ >= this.#perSecond) {
       this.#held++
       this.total++
       return { pass: false, held: 0 }

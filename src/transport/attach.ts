@@ -2,7 +2,7 @@ import { execFile } from 'node:child_process'
 import { access, readdir, readFile, readlink, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 
-import { VduseError } from '../errors'
+import { AbortError, VduseError } from '../errors'
 
 /** Which kernel driver takes the device: the host's own virtio driver, or vhost-vdpa for a VM. */
 export type AttachDriver = 'virtio' | 'vhost'
@@ -124,6 +124,9 @@ export async function attach(
         hint: 'the driver probe waits for I/O this process serves: keep its event loop free while attaching',
         cause: err,
       })
+    }
+    if (options.signal?.aborted) {
+      throw new AbortError(`attaching ${name} was aborted${leftover}`, { cause: options.signal.reason })
     }
     if (leftover && err instanceof Error) err.message += leftover
     throw err

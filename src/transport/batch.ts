@@ -46,24 +46,25 @@ export class BatchArrays {
 export class Completions {
   /** True while the model handles a batch (the native side publishes right after). */
   inBatch = false
-  private scheduled = false
-  private readonly ops: Float64Array
-  private opCount = 0
-  private closed = false
+  #scheduled = false
+  readonly #ops: Float64Array
+  #opCount = 0
+  #closed = false
 
-  constructor(
-    private readonly arrays: BatchArrays,
-    private readonly source: RequestSource,
-  ) {
-    this.ops = new Float64Array(arrays.capacity * IO_FIELDS)
+  readonly #arrays: BatchArrays
+  readonly #source: RequestSource
+  constructor(arrays: BatchArrays, source: RequestSource) {
+    this.#source = source
+    this.#arrays = arrays
+    this.#ops = new Float64Array(arrays.capacity * IO_FIELDS)
   }
 
   /** Completes `ticket`: `usedLength` bytes written into its writable buffers; `status` ≥ 0 goes into the last one. */
   complete(ticket: number, usedLength: number, status: number): void {
-    const a = this.arrays
+    const a = this.#arrays
     let n = a.ctl[0]!
     if (n === a.doneCapacity) {
-      this.source.flush()
+      this.#source.flush()
       n = 0
     }
     const d = n * DONE_FIELDS
@@ -71,45 +72,45 @@ export class Completions {
     a.done[d + 1] = usedLength
     a.done[d + 2] = status
     a.ctl[0] = n + 1
-    if (!this.inBatch) this.schedule()
+    if (!this.inBatch) this.#schedule()
   }
 
   /** Hands request `ticket` to native block I/O, which completes it (status byte included). */
   submitIo(ticket: number, fd: number, kind: number, position: number, skip: number): void {
-    if (this.opCount * IO_FIELDS === this.ops.length) this.flushIo()
-    const o = this.opCount * IO_FIELDS
-    this.ops[o] = ticket
-    this.ops[o + 1] = fd
-    this.ops[o + 2] = kind
-    this.ops[o + 3] = position
-    this.ops[o + 4] = skip
-    this.opCount++
-    if (!this.inBatch) this.schedule()
+    if (this.#opCount * IO_FIELDS === this.#ops.length) this.flushIo()
+    const o = this.#opCount * IO_FIELDS
+    this.#ops[o] = ticket
+    this.#ops[o + 1] = fd
+    this.#ops[o + 2] = kind
+    this.#ops[o + 3] = position
+    this.#ops[o + 4] = skip
+    this.#opCount++
+    if (!this.inBatch) this.#schedule()
   }
 
   flushIo(): void {
-    if (this.opCount === 0) return
-    const n = this.opCount
-    this.opCount = 0
-    this.source.submitIo?.(this.ops, n)
+    if (this.#opCount === 0) return
+    const n = this.#opCount
+    this.#opCount = 0
+    this.#source.submitIo?.(this.#ops, n)
   }
 
   /** Sends everything now. */
   flush(): void {
-    this.scheduled = false
-    if (this.closed) return
+    this.#scheduled = false
+    if (this.#closed) return
     this.flushIo()
-    if (this.arrays.ctl[0]! > 0) this.source.flush()
+    if (this.#arrays.ctl[0]! > 0) this.#source.flush()
   }
 
   close(): void {
     this.flush()
-    this.closed = true
+    this.#closed = true
   }
 
-  private schedule(): void {
-    if (this.scheduled) return
-    this.scheduled = true
+  #schedule(): void {
+    if (this.#scheduled) return
+    this.#scheduled = true
     setImmediate(() => this.flush())
   }
 }
@@ -122,49 +123,54 @@ export class Completions {
 export class RequestBatch {
   count = 0
 
+  readonly #arrays: BatchArrays
+  readonly #source: RequestSource
   constructor(
-    private readonly arrays: BatchArrays,
-    private readonly source: RequestSource,
+    arrays: BatchArrays,
+    source: RequestSource,
     readonly completions: Completions,
-  ) {}
+  ) {
+    this.#source = source
+    this.#arrays = arrays
+  }
 
   ticket(i: number): number {
-    return this.arrays.reqs[i * REQ_FIELDS]!
+    return this.#arrays.reqs[i * REQ_FIELDS]!
   }
   queue(i: number): number {
-    return this.arrays.reqs[i * REQ_FIELDS + 1]!
+    return this.#arrays.reqs[i * REQ_FIELDS + 1]!
   }
   /** Bytes the driver gave the device to read (request headers and data out). */
   readableBytes(i: number): number {
-    return this.arrays.reqs[i * REQ_FIELDS + 2]!
+    return this.#arrays.reqs[i * REQ_FIELDS + 2]!
   }
   /** Bytes the device may write (data in and status). */
   writableBytes(i: number): number {
-    return this.arrays.reqs[i * REQ_FIELDS + 3]!
+    return this.#arrays.reqs[i * REQ_FIELDS + 3]!
   }
   /** How many of the first readable bytes are in `heads` (at most 64). */
   headLength(i: number): number {
-    return this.arrays.reqs[i * REQ_FIELDS + 4]!
+    return this.#arrays.reqs[i * REQ_FIELDS + 4]!
   }
   /** Where request `i`'s head starts in `heads` / `view`. */
   headOffset(i: number): number {
     return i * HEAD_BYTES
   }
   get heads(): Uint8Array {
-    return this.arrays.heads
+    return this.#arrays.heads
   }
   /** A DataView over `heads`, for reading header fields without allocating. */
   get view(): DataView {
-    return this.arrays.view
+    return this.#arrays.view
   }
 
   /** See `RequestSource.read`. */
   read(ticket: number, offset: number, dst: Uint8Array, at = 0, length = dst.length - at): number {
-    return this.source.read(ticket, offset, dst, at, length)
+    return this.#source.read(ticket, offset, dst, at, length)
   }
   /** See `RequestSource.write`. */
   write(ticket: number, offset: number, src: Uint8Array, at = 0, length = src.length - at): number {
-    return this.source.write(ticket, offset, src, at, length)
+    return this.#source.write(ticket, offset, src, at, length)
   }
 
   /** Completes a request; `status` (if given) is written into its last writable byte. */
@@ -178,7 +184,7 @@ export class RequestBatch {
   }
 
   get nativeIo(): boolean {
-    return this.source.submitIo !== undefined
+    return this.#source.submitIo !== undefined
   }
 }
 

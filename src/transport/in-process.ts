@@ -37,21 +37,21 @@ export interface InProcessResult {
 export class InProcessTransport implements Transport {
   /** The "guest memory" requests live in. */
   readonly memory: Buffer
-  private next = 0
-  private readonly slots = new Map<number, InFlight>()
-  private readonly gens = new Map<number, number>()
-  private nextSlot = 0
-  private pending: InFlight[] = []
-  private scheduled = false
-  private onBatch: ((queue: number, count: number) => void) | undefined
-  private onEvent: ((e: DeviceEvent) => void) | undefined
-  private arrays: BatchArrays | undefined
-  private statusValue = 0
-  private features = 0n
-  private offered = 0n
-  private configSpace = Buffer.alloc(0)
-  private closed = false
-  private readonly counts = { requests: 0, completions: 0, batches: 0, fenced: 0, stale: 0 }
+  #next = 0
+  readonly #slots = new Map<number, InFlight>()
+  readonly #gens = new Map<number, number>()
+  #nextSlot = 0
+  #pending: InFlight[] = []
+  #scheduled = false
+  #onBatch: ((queue: number, count: number) => void) | undefined
+  #onEvent: ((e: DeviceEvent) => void) | undefined
+  #arrays: BatchArrays | undefined
+  #statusValue = 0
+  #features = 0n
+  #offered = 0n
+  #configSpace = Buffer.alloc(0)
+  #closed = false
+  readonly #counts = { requests: 0, completions: 0, batches: 0, fenced: 0, stale: 0 }
   /** Config interrupts the device raised (each `updateConfig` after DRIVER_OK). */
   configInterrupts = 0
 
@@ -65,50 +65,50 @@ export class InProcessTransport implements Transport {
     onBatch: (queue: number, count: number) => void,
     onEvent: (e: DeviceEvent) => void,
   ): RequestSource {
-    if (this.onBatch) throw new VduseError('in-process transport already open', { code: 'ERR_VDUSE_EXISTS' })
-    this.onBatch = onBatch
-    this.onEvent = onEvent
-    this.arrays = arrays
-    this.offered = init.features | (1n << 32n) | (1n << 33n)
-    this.configSpace = Buffer.from(init.config)
+    if (this.#onBatch) throw new VduseError('in-process transport already open', { code: 'ERR_VDUSE_EXISTS' })
+    this.#onBatch = onBatch
+    this.#onEvent = onEvent
+    this.#arrays = arrays
+    this.#offered = init.features | (1n << 32n) | (1n << 33n)
+    this.#configSpace = Buffer.from(init.config)
     return {
-      read: (t, o, dst, at, n) => this.copy(t, o, dst, at, n, false),
-      write: (t, o, src, at, n) => this.copy(t, o, src, at, n, true),
-      flush: () => this.flush(),
-      isLive: (t) => this.live(t) !== undefined,
+      read: (t, o, dst, at, n) => this.#copy(t, o, dst, at, n, false),
+      write: (t, o, src, at, n) => this.#copy(t, o, src, at, n, true),
+      flush: () => this.#flush(),
+      isLive: (t) => this.#live(t) !== undefined,
       updateConfig: (offset, data) => {
-        data.copy(this.configSpace, offset)
-        if (this.statusValue & STATUS.DRIVER_OK) this.configInterrupts++
+        data.copy(this.#configSpace, offset)
+        if (this.#statusValue & STATUS.DRIVER_OK) this.configInterrupts++
       },
-      status: () => this.statusValue,
-      negotiatedFeatures: () => this.features,
-      counters: (): DeviceCounters => this.counters(),
+      status: () => this.#statusValue,
+      negotiatedFeatures: () => this.#features,
+      counters: (): DeviceCounters => this.#counters(),
       statePath: () => null,
       recovered: false,
       close: async () => {
-        this.closed = true
+        this.#closed = true
       },
     }
   }
 
-  private counters(): DeviceCounters {
+  #counters(): DeviceCounters {
     return {
-      kicks: this.counts.batches,
-      batches: this.counts.batches,
-      requests: this.counts.requests,
-      completions: this.counts.completions,
-      interrupts: this.counts.batches,
+      kicks: this.#counts.batches,
+      batches: this.#counts.batches,
+      requests: this.#counts.requests,
+      completions: this.#counts.completions,
+      interrupts: this.#counts.batches,
       badChains: 0,
       duplicateHeads: 0,
-      fenced: this.counts.fenced,
-      staleCompletions: this.counts.stale,
+      fenced: this.#counts.fenced,
+      staleCompletions: this.#counts.stale,
       brokenQueues: 0,
-      inFlight: this.slots.size,
+      inFlight: this.#slots.size,
       iotlbReloads: 0,
       drains: 0,
       maxDrainMs: 0,
-      wakeups: this.counts.batches,
-      jsCalls: this.counts.batches,
+      wakeups: this.#counts.batches,
+      jsCalls: this.#counts.batches,
       polled: 0,
       ioOps: 0,
       ioErrors: 0,
@@ -120,27 +120,27 @@ export class InProcessTransport implements Transport {
 
   /** The config space as the driver reads it. */
   get config(): Buffer {
-    return this.configSpace
+    return this.#configSpace
   }
 
   get offeredFeatures(): bigint {
-    return this.offered
+    return this.#offered
   }
 
   /** Requests the device holds right now. */
   get inFlight(): number {
-    return this.slots.size
+    return this.#slots.size
   }
 
   /** Negotiates `accept & offered` and sets DRIVER_OK, like a driver probing the device. */
-  start(accept: bigint = this.offered): void {
-    this.features = accept & this.offered
+  start(accept: bigint = this.#offered): void {
+    this.#features = accept & this.#offered
     for (const s of [0, STATUS.ACKNOWLEDGE, 3, 0x0b, 0x0f]) this.setStatus(s)
   }
 
   setStatus(status: number): void {
-    this.statusValue = status
-    this.onEvent?.({ kind: 'status', status, features: this.features })
+    this.#statusValue = status
+    this.#onEvent?.({ kind: 'status', status, features: this.#features })
   }
 
   /**
@@ -150,23 +150,23 @@ export class InProcessTransport implements Transport {
    */
   reset(): number {
     const fenced = this.#fenceAll()
-    if (fenced > 0) this.onEvent?.({ kind: 'drained', reason: 'reset', waitedMs: 0, fenced })
+    if (fenced > 0) this.#onEvent?.({ kind: 'drained', reason: 'reset', waitedMs: 0, fenced })
     this.setStatus(0)
     return fenced
   }
 
   #fenceAll(): number {
-    const fenced = [...this.slots.values()]
-    this.slots.clear()
+    const fenced = [...this.#slots.values()]
+    this.#slots.clear()
     for (const r of fenced) {
-      this.counts.fenced++
+      this.#counts.fenced++
       r.resolve({ used: 0, writable: [], fenced: true, writableAt: r.writable.map(([off]) => off) })
     }
     return fenced.length
   }
 
   /** A driver reload: a reset (fencing what is in flight), then features `accept` negotiated afresh. */
-  renegotiate(accept: bigint = this.offered): number {
+  renegotiate(accept: bigint = this.#offered): number {
     const fenced = this.reset()
     this.start(accept)
     return fenced
@@ -178,24 +178,24 @@ export class InProcessTransport implements Transport {
    */
   remap(): number {
     const fenced = this.#fenceAll()
-    if (fenced > 0) this.onEvent?.({ kind: 'drained', reason: 'iotlb', waitedMs: 0, fenced })
+    if (fenced > 0) this.#onEvent?.({ kind: 'drained', reason: 'iotlb', waitedMs: 0, fenced })
     return fenced
   }
 
   /** The kernel gave up on the device (a control message went unanswered past its timeout). */
   breakDevice(): void {
-    this.onEvent?.({ kind: 'broken' })
+    this.#onEvent?.({ kind: 'broken' })
   }
 
   /** Places `data` in guest memory; returns its offset. */
   place(data: Uint8Array | number): number {
     const len = typeof data === 'number' ? data : data.length
-    if (this.next + len > this.memory.length) this.next = 0
-    const off = this.next
+    if (this.#next + len > this.memory.length) this.#next = 0
+    const off = this.#next
     if (off + len > this.memory.length)
       throw new VduseError('request larger than the fake guest memory', { code: 'ERR_VDUSE_INVALID_CONFIG' })
     if (typeof data !== 'number') this.memory.set(data, off)
-    this.next = off + ((len + 63) & ~63)
+    this.#next = off + ((len + 63) & ~63)
     return off
   }
 
@@ -204,7 +204,7 @@ export class InProcessTransport implements Transport {
    * device completes it (or it is fenced by `reset()`).
    */
   request(readable: Uint8Array[], writableLengths: number[], queue = 0): Promise<InProcessResult> {
-    if (this.closed) return Promise.reject(new Error('transport closed'))
+    if (this.#closed) return Promise.reject(new Error('transport closed'))
     const r = readable.map((d) => [this.place(d), d.length] as [number, number])
     const w = writableLengths.map((n) => {
       const at = this.place(n)
@@ -212,48 +212,48 @@ export class InProcessTransport implements Transport {
       return [at, n] as [number, number]
     })
     return new Promise((resolve) => {
-      const slot = queue * SLOT_BITS + (this.nextSlot++ % SLOT_BITS)
-      const gen = ((this.gens.get(slot) ?? 0) + 1) % 0x4000_0000
-      this.gens.set(slot, gen)
+      const slot = queue * SLOT_BITS + (this.#nextSlot++ % SLOT_BITS)
+      const gen = ((this.#gens.get(slot) ?? 0) + 1) % 0x4000_0000
+      this.#gens.set(slot, gen)
       const req: InFlight = { ticket: gen * GEN_UNIT + slot, queue, readable: r, writable: w, resolve }
-      this.pending.push(req)
-      this.counts.requests++
-      if (!this.scheduled) {
-        this.scheduled = true
-        queueMicrotask(() => this.deliver())
+      this.#pending.push(req)
+      this.#counts.requests++
+      if (!this.#scheduled) {
+        this.#scheduled = true
+        queueMicrotask(() => this.#deliver())
       }
     })
   }
 
   /** Hands pending requests to the model in batches, like a kick on the JavaScript thread. */
-  private deliver(): void {
-    this.scheduled = false
-    const a = this.arrays
-    if (!a || !this.onBatch || this.closed) return
-    while (this.pending.length > 0) {
-      const n = Math.min(this.pending.length, a.capacity)
-      const batch = this.pending.splice(0, n)
+  #deliver(): void {
+    this.#scheduled = false
+    const a = this.#arrays
+    if (!a || !this.#onBatch || this.#closed) return
+    while (this.#pending.length > 0) {
+      const n = Math.min(this.#pending.length, a.capacity)
+      const batch = this.#pending.splice(0, n)
       for (let i = 0; i < n; i++) {
         const req = batch[i]!
-        this.slots.set(req.ticket % GEN_UNIT, req)
+        this.#slots.set(req.ticket % GEN_UNIT, req)
         const readableBytes = req.readable.reduce((s, [, len]) => s + len, 0)
         const writableBytes = req.writable.reduce((s, [, len]) => s + len, 0)
         const head = Math.min(HEAD_BYTES, readableBytes)
-        this.copy(req.ticket, 0, a.heads, i * HEAD_BYTES, head, false)
+        this.#copy(req.ticket, 0, a.heads, i * HEAD_BYTES, head, false)
         a.reqs.set([req.ticket, req.queue, readableBytes, writableBytes, head, 0], i * 6)
       }
-      this.counts.batches++
-      this.onBatch(batch[0]!.queue, n)
-      this.flush()
+      this.#counts.batches++
+      this.#onBatch(batch[0]!.queue, n)
+      this.#flush()
     }
   }
 
-  private live(ticket: number): InFlight | undefined {
-    const r = this.slots.get(ticket % GEN_UNIT)
+  #live(ticket: number): InFlight | undefined {
+    const r = this.#slots.get(ticket % GEN_UNIT)
     return r && r.ticket === ticket ? r : undefined
   }
 
-  private copy(
+  #copy(
     ticket: number,
     offset: number,
     js: Uint8Array,
@@ -261,7 +261,7 @@ export class InProcessTransport implements Transport {
     length: number,
     toGuest: boolean,
   ): number {
-    const req = this.live(ticket)
+    const req = this.#live(ticket)
     if (!req) return -1
     const pieces = toGuest ? req.writable : req.readable
     let skip = offset
@@ -281,8 +281,8 @@ export class InProcessTransport implements Transport {
     return done
   }
 
-  private flush(): void {
-    const a = this.arrays
+  #flush(): void {
+    const a = this.#arrays
     if (!a) return
     const n = a.ctl[0]!
     a.ctl[0] = 0
@@ -290,18 +290,18 @@ export class InProcessTransport implements Transport {
       const ticket = a.done[i * 3]!
       const used = a.done[i * 3 + 1]!
       const status = a.done[i * 3 + 2]!
-      const req = this.live(ticket)
+      const req = this.#live(ticket)
       if (!req) {
-        this.counts.stale++
+        this.#counts.stale++
         continue
       }
-      this.slots.delete(ticket % GEN_UNIT)
+      this.#slots.delete(ticket % GEN_UNIT)
       const writableBytes = req.writable.reduce((s, [, len]) => s + len, 0)
       if (status >= 0 && req.writable.length > 0) {
         const [addr, len] = req.writable[req.writable.length - 1]!
         this.memory[addr + len - 1] = status
       }
-      this.counts.completions++
+      this.#counts.completions++
       req.resolve({
         used: Math.min(used, writableBytes),
         writable: req.writable.map(([off, len]) => Buffer.from(this.memory.subarray(off, off + len))),

@@ -45,21 +45,21 @@ export class ConfigLayout<F extends string> {
   encode(values: ConfigValues<F>): Buffer {
     const buf = Buffer.alloc(this.size)
     for (const [name, value] of Object.entries(values) as [F, number | bigint | undefined][]) {
-      if (value !== undefined) this.write(buf, name, value)
+      if (value !== undefined) this.#write(buf, name, value)
     }
     return buf
   }
 
   /** The bytes of one field (for a live update of just that field). */
   encodeField(name: F, value: number | bigint): { offset: number; data: Buffer } {
-    const f = this.field(name)
+    const f = this.#field(name)
     const data = Buffer.alloc(WIDTH[f.type])
-    this.write(data, name, value, 0)
+    this.#write(data, name, value, 0)
     return { offset: f.offset, data }
   }
 
   decode(buf: Buffer, name: F): bigint {
-    const f = this.field(name)
+    const f = this.#field(name)
     switch (f.type) {
       case 'u8':
         return BigInt(buf.readUInt8(f.offset))
@@ -72,14 +72,14 @@ export class ConfigLayout<F extends string> {
     }
   }
 
-  private field(name: F): FieldDefinition {
+  #field(name: F): FieldDefinition {
     const f = this.fields[name]
     if (f === undefined) throw new VduseError(`no config field ${name}`, { code: 'ERR_VDUSE_INVALID_CONFIG' })
     return f
   }
 
-  private write(buf: Buffer, name: F, value: number | bigint, at?: number): void {
-    const f = this.field(name)
+  #write(buf: Buffer, name: F, value: number | bigint, at?: number): void {
+    const f = this.#field(name)
     const offset = at ?? f.offset
     if (typeof value === 'number' && !Number.isSafeInteger(value)) {
       throw new VduseError(`config field ${name}: ${value} is not an integer`, {

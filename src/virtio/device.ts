@@ -1,7 +1,7 @@
 import { EventEmitter } from 'node:events'
 
 import { removeStaleDevice } from '../control'
-import { VduseError } from '../errors'
+import { VduseError, throwIfAborted } from '../errors'
 import { installLogSink } from '../log'
 import { attach, currentAttachment, detach, isAttached, type AttachDriver } from '../transport/attach'
 import { BatchArrays, Completions, RequestBatch } from '../transport/batch'
@@ -117,6 +117,7 @@ export abstract class VirtioDevice extends EventEmitter<VirtioDeviceEvents> impl
 
   /** With `replaceStale`, removes a leftover device of this name (also when it is still attached). */
   protected async prepare(): Promise<void> {
+    throwIfAborted(this.#options.signal, 'Creating the device')
     if (this.#options.replaceStale && this.#options.recover) {
       throw new VduseError('replaceStale and recover exclude each other', {
         code: 'ERR_VDUSE_INVALID_CONFIG',
@@ -187,6 +188,12 @@ export abstract class VirtioDevice extends EventEmitter<VirtioDeviceEvents> impl
 
   /** Called by the subclass's factory once the device is open: a taken-over device learns where it is attached. */
   protected async opened(): Promise<void> {
+    const signal = this.#options.signal
+    if (signal?.aborted) {
+      // Aborted while it was being created: the abort handler closes it; the caller gets no device.
+      await this.close().catch(() => {})
+      throwIfAborted(signal, 'Creating the device')
+    }
     if (!this.source.recovered || this.#options.transport !== undefined) return
     if (!(await isAttached(this.name))) return
     const now = await currentAttachment(this.name)
@@ -356,6 +363,7 @@ export abstract class VirtioDevice extends EventEmitter<VirtioDeviceEvents> impl
         hint: 'a recovered device stays where its old server left it; detach() first to move it',
       })
     }
+    throwIfAborted(options.signal, 'Attaching')
     const driver = options.driver ?? 'virtio'
     const path = await attach(this.name, driver, options)
     this.#attachedAs = driver
@@ -365,6 +373,7 @@ export abstract class VirtioDevice extends EventEmitter<VirtioDeviceEvents> impl
 
   /** Removes the device from the vDPA bus. */
   async detach(options: { signal?: AbortSignal } = {}): Promise<void> {
+    throwIfAborted(options.signal, 'Detaching')
     if (this.#attachedAs === undefined && !(await isAttached(this.name))) return
     await detach(this.name, options)
     this.#attachedAs = undefined

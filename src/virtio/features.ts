@@ -19,7 +19,9 @@ export const TRANSPORT_FEATURES = {
  * dependencies) and masks back into names (for negotiated features, logs and errors).
  */
 export class FeatureSet<Name extends string> {
-  constructor(private readonly definitions: Readonly<Record<Name, FeatureDefinition>>) {
+  readonly #definitions: Readonly<Record<Name, FeatureDefinition>>
+  constructor(definitions: Readonly<Record<Name, FeatureDefinition>>) {
+    this.#definitions = definitions
     for (const [name, def] of Object.entries(definitions) as [Name, FeatureDefinition][]) {
       if (!Number.isInteger(def.bit) || def.bit < 0 || def.bit > 63) {
         throw new VduseError(`feature ${name}: bit ${def.bit} is not in 0..63`, {
@@ -34,7 +36,7 @@ export class FeatureSet<Name extends string> {
     const set = new Set(names)
     let mask = 0n
     for (const name of set) {
-      const def = this.definitions[name]
+      const def = this.#definitions[name]
       if (def === undefined) {
         throw new VduseError(`unknown feature ${name}`, { code: 'ERR_VDUSE_INVALID_CONFIG' })
       }
@@ -50,10 +52,10 @@ export class FeatureSet<Name extends string> {
 
   /** The names of the bits set in `mask` that this set defines. */
   names(mask: bigint): Name[] {
-    return (Object.keys(this.definitions) as Name[]).filter((n) => this.has(mask, n))
+    return (Object.keys(this.#definitions) as Name[]).filter((n) => this.has(mask, n))
   }
 
   has(mask: bigint, name: Name): boolean {
-    return ((mask >> BigInt(this.definitions[name].bit)) & 1n) === 1n
+    return ((mask >> BigInt(this.#definitions[name].bit)) & 1n) === 1n
   }
 }

@@ -78,38 +78,42 @@ class Io implements BlockIo {
   offset = 0
   length = 0
   /** Where the data starts in the request's buffers: after the header for writes, at 0 for reads. */
-  private skip = 0
-  private write = false
+  #skip = 0
+  #write = false
   fua = false
-  private bounce: Buffer | undefined
+  #bounce: Buffer | undefined
   /** `buffers` were handed out: a read's data is in the bounce buffer, to be copied to the driver. */
-  private bounced = false
-  private controller: AbortController | undefined
-  private dead = false
+  #bounced = false
+  #controller: AbortController | undefined
+  #dead = false
 
-  constructor(private readonly source: RequestSource) {}
+  readonly #source: RequestSource
+
+  constructor(source: RequestSource) {
+    this.#source = source
+  }
 
   start(ticket: number, offset: number, length: number, write: boolean, skip: number, fua: boolean): this {
     this.ticket = ticket
     this.fua = fua
     this.offset = offset
     this.length = length
-    this.write = write
-    this.skip = skip
-    this.bounced = false
-    this.controller = undefined
-    this.dead = false
+    this.#write = write
+    this.#skip = skip
+    this.#bounced = false
+    this.#controller = undefined
+    this.#dead = false
     return this
   }
 
   copyFrom(source: Uint8Array, sourceOffset = 0, length = this.length, at = 0): boolean {
     if (!this.#fits(source, sourceOffset, length, at)) return false
-    return this.source.write(this.ticket, at, source, sourceOffset, length) === length
+    return this.#source.write(this.ticket, at, source, sourceOffset, length) === length
   }
 
   copyTo(target: Uint8Array, targetOffset = 0, length = this.length, at = 0): boolean {
     if (!this.#fits(target, targetOffset, length, at)) return false
-    return this.source.read(this.ticket, this.skip + at, target, targetOffset, length) === length
+    return this.#source.read(this.ticket, this.#skip + at, target, targetOffset, length) === length
   }
 
   #fits(buffer: Uint8Array, offset: number, length: number, at: number): boolean {
@@ -118,47 +122,47 @@ class Io implements BlockIo {
     )
   }
 
-  private bounceBuffer(): Buffer {
-    if (!this.bounce || this.bounce.length < this.length) this.bounce = Buffer.allocUnsafe(this.length)
-    const view = this.bounce.length === this.length ? this.bounce : this.bounce.subarray(0, this.length)
-    if (!this.bounced) {
-      this.bounced = true
-      if (this.write) this.source.read(this.ticket, this.skip, view, 0, this.length)
+  #bounceBuffer(): Buffer {
+    if (!this.#bounce || this.#bounce.length < this.length) this.#bounce = Buffer.allocUnsafe(this.length)
+    const view = this.#bounce.length === this.length ? this.#bounce : this.#bounce.subarray(0, this.length)
+    if (!this.#bounced) {
+      this.#bounced = true
+      if (this.#write) this.#source.read(this.ticket, this.#skip, view, 0, this.length)
     }
     return view
   }
 
   get buffers(): readonly Buffer[] {
-    return [this.bounceBuffer()]
+    return [this.#bounceBuffer()]
   }
 
   forEach(fn: (buffer: Buffer, start: number, length: number, deviceOffset: number) => void): void {
-    fn(this.bounceBuffer(), 0, this.length, this.offset)
+    fn(this.#bounceBuffer(), 0, this.length, this.offset)
   }
 
   /** A read answered from the bounce buffer: copy it to the driver's buffers. False if the request is gone. */
   finishRead(): boolean {
-    if (this.write || !this.bounced || !this.bounce) return true
-    return this.source.write(this.ticket, 0, this.bounce, 0, this.length) === this.length
+    if (this.#write || !this.#bounced || !this.#bounce) return true
+    return this.#source.write(this.ticket, 0, this.#bounce, 0, this.length) === this.length
   }
 
   get signal(): AbortSignal {
-    this.controller ??= new AbortController()
-    if (this.dead && !this.controller.signal.aborted) this.abort()
-    return this.controller.signal
+    this.#controller ??= new AbortController()
+    if (this.#dead && !this.#controller.signal.aborted) this.abort()
+    return this.#controller.signal
   }
 
   /** The request stopped mattering (timed out or fenced): tell the backend. */
   abort(reason: string = 'request timed out'): void {
-    this.dead = true
-    if (this.controller && !this.controller.signal.aborted) {
-      this.controller.abort(new VduseError(reason, { code: 'ERR_VDUSE_TIMEOUT' }))
+    this.#dead = true
+    if (this.#controller && !this.#controller.signal.aborted) {
+      this.#controller.abort(new VduseError(reason, { code: 'ERR_VDUSE_TIMEOUT' }))
     }
   }
 
   /** May it be reused (its bounce buffer is not too large)? */
   get poolable(): boolean {
-    return (this.bounce?.length ?? 0) <= POOLED_BOUNCE
+    return (this.#bounce?.length ?? 0) <= POOLED_BOUNCE
   }
 }
 
