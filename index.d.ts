@@ -93,10 +93,10 @@ export interface BatchArrays {
 }
 
 /** `ioctl(BLKDISCARD)` on a block device, on the libuv pool. */
-export declare function blkDiscard(fd: number, offset: number, len: number): Promise<unknown>
+export declare function blkDiscard(fd: number, offset: number, len: number): Promise<void>
 
 /** `ioctl(BLKZEROOUT)` on a block device, on the libuv pool. */
-export declare function blkZeroOut(fd: number, offset: number, len: number): Promise<unknown>
+export declare function blkZeroOut(fd: number, offset: number, len: number): Promise<void>
 
 /**
  * Creates a VDUSE device served on the JavaScript thread: `onBatch(queue, count)` is called with a batch
@@ -192,7 +192,7 @@ export interface DeviceInit {
 }
 
 /** `fallocate(2)` on the libuv pool (punch holes, zero ranges) without blocking the JavaScript thread. */
-export declare function fallocate(fd: number, mode: number, offset: number, len: number): Promise<unknown>
+export declare function fallocate(fd: number, mode: number, offset: number, len: number): Promise<void>
 
 /**
  * The VDUSE API version spoken by `/dev/vduse/control` (0 on Linux 6.12).

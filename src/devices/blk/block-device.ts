@@ -481,7 +481,10 @@ export class BlockDevice extends VirtioDevice {
     if (
       (write && this.readOnly) ||
       length < 0 ||
-      length % SECTOR !== 0 ||
+      // A driver sends whole logical blocks (Linux does); a hostile one must not reach a backend that
+      // relies on it, or an O_DIRECT file, with less.
+      length % this.logicalBlockSize !== 0 ||
+      offset % this.logicalBlockSize !== 0 ||
       !Number.isSafeInteger(offset) ||
       offset + length > this.#bytes
     ) {
