@@ -189,6 +189,11 @@ export interface DeviceInit {
    * 1000; default 0: never). Adaptive: it polls only while polling catches requests.
    */
   pollUs?: number
+  /**
+   * Queues whose buffers the model holds until it has data for them (a NIC's receive queue): a reset
+   * or an IOTLB change fences them at once instead of waiting for them.
+   */
+  heldQueues?: Array<number>
 }
 
 /** `fallocate(2)` on the libuv pool (punch holes, zero ranges) without blocking the JavaScript thread. */

@@ -25,6 +25,10 @@ VM_HOST_NEEDS=(
   # Real NBD servers for the NBD backend's tests (host and guest).
   "qemu-nbd:qemu-utils"
   "nbdkit:nbdkit"
+  # virtio-net tests: traffic between network namespaces inside the guest.
+  "ping:iputils-ping"
+  "iperf3:iperf3"
+  "ethtool:ethtool"
 )
 
 # Installs missing host tools when root; otherwise names the exact apt command and fails.

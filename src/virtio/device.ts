@@ -94,7 +94,12 @@ export interface VirtioDeviceEvents {
  * close — and isolates errors: a request whose handler throws is answered with an error and reported
  * (`requestError`), and the device keeps serving.
  */
-export abstract class VirtioDevice extends EventEmitter<VirtioDeviceEvents> implements AsyncDisposable {
+export abstract class VirtioDevice<
+  Events extends VirtioDeviceEvents & Record<keyof Events, unknown[]> = VirtioDeviceEvents,
+>
+  extends EventEmitter<Events>
+  implements AsyncDisposable
+{
   readonly name: string
   protected source!: RequestSource
   protected batch!: RequestBatch
@@ -108,6 +113,11 @@ export abstract class VirtioDevice extends EventEmitter<VirtioDeviceEvents> impl
   #features = 0n
   #lastCounters: DeviceCounters | undefined
   readonly #options: VirtioDeviceOptions
+
+  /** This emitter, typed with the events every device has (subclasses add their own). */
+  get #events(): EventEmitter<VirtioDeviceEvents> {
+    return this as unknown as EventEmitter<VirtioDeviceEvents>
+  }
 
   protected constructor(options: VirtioDeviceOptions) {
     super()
@@ -256,7 +266,7 @@ export abstract class VirtioDevice extends EventEmitter<VirtioDeviceEvents> impl
       this.completions.complete(ticket, 0, -1)
     }
     try {
-      this.emit('requestError', asError(err))
+      this.#events.emit('requestError', asError(err))
     } catch (listenerError) {
       // A listener that throws is a bug like any throwing listener: surface it, after this batch is done.
       queueMicrotask(() => {
@@ -271,7 +281,7 @@ export abstract class VirtioDevice extends EventEmitter<VirtioDeviceEvents> impl
       else if (e.kind === 'drained') {
         // Requests fenced by an IOTLB change die without a status change: the model must hear of it too.
         if ((e.fenced ?? 0) > 0) this.onFenced()
-        this.emit('drained', {
+        this.#events.emit('drained', {
           reason: e.reason ?? 'reset',
           waitedMs: e.waitedMs ?? 0,
           fenced: e.fenced ?? 0,
@@ -281,7 +291,7 @@ export abstract class VirtioDevice extends EventEmitter<VirtioDeviceEvents> impl
           code: 'ERR_VDUSE_BROKEN',
           hint: 'a control message went unanswered past its timeout; detach, destroy and recreate the device',
         })
-        if (this.listenerCount('broken') > 0) this.emit('broken', err)
+        if (this.#events.listenerCount('broken') > 0) this.#events.emit('broken', err)
         else this.#report(err)
       }
     } catch (err) {
@@ -292,24 +302,24 @@ export abstract class VirtioDevice extends EventEmitter<VirtioDeviceEvents> impl
   #onStatus(status: number, features: bigint): void {
     const before = this.#status
     this.#status = status
-    this.emit('status', status)
+    this.#events.emit('status', status)
     if (status & STATUS.DRIVER_OK && !(before & STATUS.DRIVER_OK)) {
       this.#features = features
-      this.emit('ready', features)
+      this.#events.emit('ready', features)
     }
     if ((status === 0 && before !== 0) || (before & STATUS.DRIVER_OK && !(status & STATUS.DRIVER_OK))) {
       // The reset fenced what was still in the model before this event was sent; requests of a new
       // session may already be in the model too (kicks and events travel separately): `onFenced` tells
       // them apart by ticket.
       this.onFenced()
-      this.emit('reset')
+      this.#events.emit('reset')
     }
   }
 
   /** An error nobody asked for: an 'error' event if someone listens, a warning otherwise — never a crash. */
   #report(err: unknown): void {
     const e = asError(err)
-    if (this.listenerCount('error') > 0) this.emit('error', e)
+    if (this.#events.listenerCount('error') > 0) this.#events.emit('error', e)
     else process.emitWarning(e)
   }
 
@@ -438,7 +448,7 @@ export abstract class VirtioDevice extends EventEmitter<VirtioDeviceEvents> impl
       if (flushFailed) throw flushFailed
     } finally {
       if (this.#keepAlive) clearInterval(this.#keepAlive)
-      this.emit('close')
+      this.#events.emit('close')
     }
   }
 
@@ -479,7 +489,7 @@ export abstract class VirtioDevice extends EventEmitter<VirtioDeviceEvents> impl
       if (flushFailed) throw flushFailed
     } finally {
       if (this.#keepAlive) clearInterval(this.#keepAlive)
-      this.emit('close')
+      this.#events.emit('close')
     }
   }
 

@@ -481,6 +481,7 @@ impl VduseDevice {
             queue_size: info.queue_size,
             max_segments: expect.map_or(usize::from(info.queue_size), |s| s.max_segments),
             kind: state.kind(),
+            held_queues: expect.map_or(0, |s| s.held_queues),
         };
         if let Some(want) = expect {
             // The storage first: a device whose data died with its server is not worth comparing.
@@ -555,6 +556,7 @@ impl VduseDevice {
                 state.as_ref().and_then(|s| s.queue(i)),
             );
             q.set_waker(kick.clone());
+            q.set_held(i < 64 && spec.held_queues & (1 << i) != 0);
             queues.push(q);
             kicks.push(kick);
         }
@@ -1138,13 +1140,23 @@ impl Shared {
         for q in &self.queues {
             q.quiesce();
         }
-        let busy = self.inflight.get() > 0;
-        let drained = self.inflight.wait_until(deadline, || self.inflight.get() == 0);
+        // Held buffers (a NIC's receive buffers) wait for data, not for the model: not waited for.
+        let waited = || {
+            self.queues
+                .iter()
+                .filter(|q| !q.held())
+                .map(|q| q.count_where(|_| true))
+                .sum::<usize>()
+        };
+        let busy = waited() > 0;
+        let drained = !busy || self.inflight.wait_until(deadline, || waited() == 0);
         let mut fenced = 0;
         let mut maps = Vec::new();
         for q in &self.queues {
             let (n, m) = q.stop();
-            fenced += n;
+            if !q.held() {
+                fenced += n;
+            }
             maps.extend(m);
         }
         let old = self.memory.clear();
@@ -1194,17 +1206,27 @@ impl Shared {
                 .iter()
                 .any(|s| removed.iter().any(|(k, _)| k.overlaps(s.addr, u64::from(s.len))))
         };
-        let busy = self.queues.iter().map(|q| q.count_where(affected)).sum::<usize>();
+        let busy = self
+            .queues
+            .iter()
+            .filter(|q| !q.held())
+            .map(|q| q.count_where(affected))
+            .sum::<usize>();
         if busy > 0 {
             self.inflight.wait_until(deadline, || {
-                self.queues.iter().all(|q| q.count_where(affected) == 0)
+                self.queues
+                    .iter()
+                    .filter(|q| !q.held())
+                    .all(|q| q.count_where(affected) == 0)
             });
         }
         let mut fenced = 0;
         let mut maps = Vec::new();
         for q in &self.queues {
             let (n, m) = q.fence_where(affected);
-            fenced += n;
+            if !q.held() {
+                fenced += n;
+            }
             maps.extend(m);
         }
         // A publish that took the old map before the invalidation finishes under the queue lock; every

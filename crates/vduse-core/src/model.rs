@@ -22,6 +22,9 @@ pub struct DeviceSpec {
     pub max_segments: usize,
     /// A short name of the model ("blk", "net"), recorded for whoever takes the device over.
     pub kind: String,
+    /// Queues whose buffers the model holds until it has something to put in them (a NIC's receive
+    /// queue), as a bit mask. A reset or an IOTLB change does not wait for them: they are fenced at once.
+    pub held_queues: u64,
 }
 
 /// A device model written in Rust, served by one worker thread per queue.

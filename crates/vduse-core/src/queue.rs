@@ -356,6 +356,8 @@ pub struct Virtqueue {
     logged: [AtomicBool; ChainError::KINDS],
     event_idx: AtomicBool,
     waker: Mutex<Option<Arc<vmm_sys_util::eventfd::EventFd>>>,
+    /// The model holds this queue's buffers until it has data for them (see `DeviceSpec::held_queues`).
+    held: AtomicBool,
 }
 
 impl Virtqueue {
@@ -392,6 +394,7 @@ impl Virtqueue {
             logged: Default::default(),
             event_idx: AtomicBool::new(false),
             waker: Mutex::new(None),
+            held: AtomicBool::new(false),
         })
     }
 
@@ -435,6 +438,15 @@ impl Virtqueue {
     }
 
     /// Stops taking new requests (a reset is draining); completions still go out.
+    /// Marks the queue's buffers as held by design (a NIC's receive queue): drains do not wait for them.
+    pub fn set_held(&self, held: bool) {
+        self.held.store(held, Ordering::Relaxed);
+    }
+
+    pub fn held(&self) -> bool {
+        self.held.load(Ordering::Relaxed)
+    }
+
     pub fn quiesce(&self) {
         let mut r = self.ring.lock();
         if r.state != State::Off {

@@ -106,6 +106,7 @@ impl RamBlk {
             queue_size: self.queue_size,
             max_segments: usize::from(self.queue_size),
             kind: "blk".into(),
+            held_queues: 0,
         }
     }
 

@@ -48,6 +48,9 @@ pub struct DeviceInit {
     /// Longest the JavaScript-thread server polls a ring for new requests before it sleeps (µs, at most
     /// 1000; default 0: never). Adaptive: it polls only while polling catches requests.
     pub poll_us: Option<u32>,
+    /// Queues whose buffers the model holds until it has data for them (a NIC's receive queue): a reset
+    /// or an IOTLB change fences them at once instead of waiting for them.
+    pub held_queues: Option<Vec<u32>>,
 }
 
 /// The JavaScript arrays of the batch protocol (see `serve.rs`).
@@ -249,6 +252,13 @@ fn spec_of(init: &DeviceInit) -> Result<DeviceSpec, Failure> {
         queue_size,
         max_segments: init.max_segments.map_or(usize::from(queue_size), |m| m as usize),
         kind: init.kind.clone().unwrap_or_default(),
+        held_queues: init
+            .held_queues
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .filter(|&&q| q < 64)
+            .fold(0u64, |m, &q| m | (1 << q)),
     })
 }
 

@@ -1,0 +1,219 @@
+// The virtio-net model over the in-process transport: a fake driver posts receive buffers and sends
+// frames exactly as Linux's virtio_net does (a 12-byte virtio_net_hdr_v1 first).
+import test from 'ava'
+
+import { InProcessTransport, NET_FEATURES, NetDevice, NetSwitch, type NetHeader } from '../src'
+
+const HDR = 12
+let n = 0
+
+async function nic(options: Partial<Parameters<typeof NetDevice.create>[0]> = {}, accept?: bigint) {
+  const transport = new InProcessTransport()
+  const device = await NetDevice.create({ name: `n${n++}`, transport, ...options })
+  device.unref()
+  transport.start(accept)
+  return { device, transport }
+}
+
+function header(
+  fields: Partial<
+    Record<'flags' | 'gsoType' | 'hdrLen' | 'gsoSize' | 'csumStart' | 'csumOffset', number>
+  > = {},
+): Buffer {
+  const h = Buffer.alloc(HDR)
+  h[0] = fields.flags ?? 0
+  h[1] = fields.gsoType ?? 0
+  h.writeUInt16LE(fields.hdrLen ?? 0, 2)
+  h.writeUInt16LE(fields.gsoSize ?? 0, 4)
+  h.writeUInt16LE(fields.csumStart ?? 0, 6)
+  h.writeUInt16LE(fields.csumOffset ?? 0, 8)
+  return h
+}
+
+function frame(dst: string, src: string, size: number, fill = 0xab): Buffer {
+  const f = Buffer.alloc(size, fill)
+  Buffer.from(dst.split(':').map((x) => parseInt(x, 16))).copy(f, 0)
+  Buffer.from(src.split(':').map((x) => parseInt(x, 16))).copy(f, 6)
+  f.writeUInt16BE(0x0800, 12)
+  return f
+}
+
+const tick = () => new Promise((r) => setImmediate(r))
+
+test('config space and features: MAC, MTU, link up, one queue pair; offloads optional', async (t) => {
+  const { device, transport } = await nic({ mac: '52:54:00:12:34:56', mtu: 9000 })
+  const c = transport.config
+  t.is(c.subarray(0, 6).toString('hex'), '525400123456')
+  t.is(c.readUInt16LE(6), 1, 'link up')
+  t.is(c.readUInt16LE(8), 1, 'max_virtqueue_pairs')
+  t.is(c.readUInt16LE(10), 9000)
+  t.true(NET_FEATURES.has(transport.offeredFeatures, 'CSUM'))
+  t.is(transport.offeredFeatures & (1n << 17n), 0n, 'no CTRL_VQ (VDUSE refuses it)')
+  t.true(device.negotiatedNetFeatures.includes('MRG_RXBUF'))
+  device.setLink(false)
+  t.is(transport.config.readUInt16LE(6), 0)
+  t.is(transport.configInterrupts, 1)
+  await device.close()
+  const plain = await nic({ offloads: false })
+  t.deepEqual([...plain.device.offeredFeatures].sort(), ['MAC', 'MRG_RXBUF', 'MTU', 'STATUS'])
+  await plain.device.close()
+  await t.throwsAsync(nic({ mac: '01:00:5e:00:00:01' }), { message: /unicast/ })
+  await t.throwsAsync(nic({ mtu: 10 }), { message: /mtu/ })
+})
+
+test('receive buffers are held until a frame arrives; a frame spans buffers with MRG_RXBUF', async (t) => {
+  const { device, transport } = await nic()
+  const posted = [0, 1, 2].map(() => transport.request([], [1024], 0))
+  await tick()
+  t.is(device.rxBuffers, 3)
+  t.is(transport.inFlight, 3, 'held, not completed')
+  const f = frame('ff:ff:ff:ff:ff:ff', '02:00:00:00:00:01', 1500)
+  t.true(device.send(f))
+  const [a, b] = await Promise.all([posted[0]!, posted[1]!])
+  t.is(a.used, 1024)
+  t.is(b.used, HDR + 1500 - 1024)
+  t.is(a.writable[0]!.readUInt16LE(10), 2, 'num_buffers')
+  t.deepEqual(Buffer.concat([a.writable[0]!.subarray(HDR), b.writable[0]!.subarray(0, b.used)]), f)
+  t.is(device.rxBuffers, 1)
+  t.is(device.stats.rxFrames, 1)
+  await device.close()
+})
+
+test('backpressure: with no buffers a frame is dropped and counted, and writable says when they are back', async (t) => {
+  const { device, transport } = await nic()
+  t.false(device.send(frame('02:00:00:00:00:02', '02:00:00:00:00:01', 60)))
+  t.is(device.stats.rxNoBuffers, 1)
+  const writable = new Promise<void>((resolve) => device.once('writable', resolve))
+  const posted = transport.request([], [2048], 0)
+  await writable
+  t.true(device.send(frame('02:00:00:00:00:02', '02:00:00:00:00:01', 60)))
+  t.is((await posted).used, HDR + 60)
+  // More frames than buffers: the extra ones are dropped, never queued without bound.
+  const few = [0, 1].map(() => transport.request([], [2048], 0))
+  await tick()
+  let sent = 0
+  for (let i = 0; i < 10; i++) if (device.send(frame('02:00:00:00:00:02', '02:00:00:00:00:01', 100))) sent++
+  t.is(sent, 2)
+  t.is(device.stats.rxNoBuffers, 1 + 8)
+  await Promise.all(few)
+  await device.close()
+})
+
+test('a reset gives held receive buffers back at once; later frames use the new ones only', async (t) => {
+  const { device, transport } = await nic()
+  const old = [0, 1].map(() => transport.request([], [2048], 0))
+  await tick()
+  t.is(device.rxBuffers, 2)
+  t.is(transport.renegotiate(), 2)
+  for (const r of await Promise.all(old)) t.true(r.fenced)
+  t.is(device.rxBuffers, 0, 'forgotten on reset')
+  const fresh = transport.request([], [2048], 0)
+  await tick()
+  t.true(device.send(frame('02:00:00:00:00:02', '02:00:00:00:00:01', 64)))
+  t.is((await fresh).used, HDR + 64)
+  // An IOTLB change fences them too; the device keeps running.
+  const held = transport.request([], [2048], 0)
+  await tick()
+  transport.remap()
+  t.true((await held).fenced)
+  t.false(device.send(frame('02:00:00:00:00:02', '02:00:00:00:00:01', 64)), 'no live buffer left')
+  t.is(device.rxBuffers, 0)
+  await device.close()
+})
+
+test('TX: frames reach listeners with their header; malformed ones are dropped and counted', async (t) => {
+  const { device, transport } = await nic({ mtu: 1500 })
+  const seen: Array<{ frame: Buffer; header: NetHeader }> = []
+  device.on('frame', (f, h) => seen.push({ frame: Buffer.from(f), header: { ...h } }))
+  const good = frame('02:00:00:00:00:02', '02:00:00:00:00:01', 1514)
+  const r = await transport.request([header(), good], [], 1)
+  t.is(r.used, 0)
+  const gsoFrame = frame('02:00:00:00:00:02', '02:00:00:00:00:01', 30_000)
+  const tso = header({ flags: 1, gsoType: 1, hdrLen: 54, gsoSize: 1448, csumStart: 34, csumOffset: 16 })
+  await transport.request([tso, gsoFrame.subarray(0, 100), gsoFrame.subarray(100)], [], 1)
+  t.is(seen.length, 2)
+  t.deepEqual(seen[0]!.frame, good)
+  t.deepEqual(seen[1]!.frame, gsoFrame)
+  t.like(seen[1]!.header, { flags: 1, gsoType: 1, gsoSize: 1448, csumStart: 34, csumOffset: 16 })
+  const bad = [
+    [header(), Buffer.alloc(10)], // shorter than an Ethernet header
+    [Buffer.alloc(6)], // not even a virtio-net header
+    [header(), frame('02:00:00:00:00:02', '02:00:00:00:00:01', 1600)], // over the MTU without GSO
+    [header({ gsoType: 1, gsoSize: 1448 }), gsoFrame], // GSO without a partial checksum
+    [header({ flags: 1, csumStart: 1990, csumOffset: 16 }), good.subarray(0, 2000 - 14)], // checksum outside
+    [header({ gsoType: 3, flags: 1, gsoSize: 1400, csumStart: 34, csumOffset: 6 }), gsoFrame], // UFO: not offered
+    [header({ flags: 0x40 }), good], // flags the driver may not set
+  ]
+  for (const parts of bad) t.is((await transport.request(parts, [], 1)).used, 0)
+  t.is(device.stats.txMalformed, bad.length)
+  t.is(seen.length, 2, 'none of them reached a listener')
+  t.is(device.stats.txFrames, 2)
+  await device.close()
+})
+
+test('offloads a receiver did not negotiate: checksums are completed, large GSO frames refused', async (t) => {
+  // The driver accepts MAC/MTU/STATUS/MRG_RXBUF only.
+  const { device, transport } = await nic(
+    {},
+    NET_FEATURES.mask(['MAC', 'MTU', 'STATUS', 'MRG_RXBUF']) | (1n << 32n),
+  )
+  const posted = transport.request([], [4096], 0)
+  await tick()
+  // A UDP/IPv4 frame with a partial checksum: the pseudo-header sum is in the field.
+  const f = frame('02:00:00:00:00:02', '02:00:00:00:00:01', 14 + 20 + 8 + 32, 0x11)
+  f.writeUInt16BE(0x1234, 14 + 20 + 6)
+  t.true(device.send(f, { flags: 1, gsoType: 0, hdrLen: 0, gsoSize: 0, csumStart: 34, csumOffset: 6 }))
+  const got = (await posted).writable[0]!
+  t.is(got[0], 0, 'no NEEDS_CSUM for this driver')
+  // Verify as a receiver would: the pseudo-header's sum (0x1234 here) plus the segment folds to 0xffff.
+  let sum = 0x1234
+  for (let i = HDR + 34; i < HDR + f.length; i += 2) sum += got.readUInt16BE(i)
+  while (sum > 0xffff) sum = (sum & 0xffff) + (sum >>> 16)
+  t.is(sum, 0xffff, 'the completed checksum verifies')
+  t.false(
+    device.send(Buffer.alloc(30_000), {
+      flags: 1,
+      gsoType: 1,
+      hdrLen: 54,
+      gsoSize: 1448,
+      csumStart: 34,
+      csumOffset: 16,
+    }),
+  )
+  t.is(device.stats.rxRefused, 1)
+  await device.close()
+})
+
+test('the switch learns addresses, forwards unicast, floods broadcast and unknown destinations', async (t) => {
+  const a = await nic({ mac: '02:00:00:00:00:0a' })
+  const b = await nic({ mac: '02:00:00:00:00:0b' })
+  const c = await nic({ mac: '02:00:00:00:00:0c' })
+  const sw = new NetSwitch().connect(a.device).connect(b.device).connect(c.device)
+  const rx = (x: { transport: InProcessTransport }) => x.transport.request([], [2048], 0)
+  let bRx = rx(b)
+  let cRx = rx(c)
+  await tick()
+  // a → broadcast: flooded to b and c.
+  await a.transport.request([header(), frame('ff:ff:ff:ff:ff:ff', '02:00:00:00:00:0a', 60)], [], 1)
+  t.is((await bRx).used, HDR + 60)
+  t.is((await cRx).used, HDR + 60)
+  t.is(sw.stats.flooded, 1)
+  // b → a: a was learned; only a receives it.
+  const aRx = rx(a)
+  cRx = rx(c)
+  await tick()
+  await b.transport.request([header(), frame('02:00:00:00:00:0a', '02:00:00:00:00:0b', 80)], [], 1)
+  t.is((await aRx).used, HDR + 80)
+  t.is(c.device.rxBuffers, 1, 'c did not get it')
+  t.is(sw.stats.forwarded, 1)
+  // a → b, now learned too.
+  bRx = rx(b)
+  await tick()
+  await a.transport.request([header(), frame('02:00:00:00:00:0b', '02:00:00:00:00:0a', 90)], [], 1)
+  t.is((await bRx).used, HDR + 90)
+  t.is(sw.stats.forwarded, 2)
+  sw.disconnect(c.device)
+  t.is(sw.ports.length, 2)
+  for (const x of [a, b, c]) await x.device.close()
+  void cRx
+})
