@@ -31,6 +31,15 @@ export declare class BindingDevice {
   submitIo(ops: Float64Array, count: number): void
   /** Rewrites part of the config space; tells the driver once it is running. */
   updateConfig(offset: number, data: Buffer): void
+  /** The tap interface a natively served NIC is bridged to. */
+  get tapName(): string | null
+  /**
+   * Tells a natively served NIC what the driver negotiated (after DRIVER_OK): buffer merging, and
+   * the offloads the tap may hand it.
+   */
+  configureNet(features: bigint): void
+  /** Frame counters of a natively served NIC. */
+  tapStats(): TapCounters | null
   /** Whether this device was taken over from a server that died (`recover`), rather than created. */
   get recovered(): boolean
   status(): number
@@ -194,6 +203,11 @@ export interface DeviceInit {
    * or an IOTLB change fences them at once instead of waiting for them.
    */
   heldQueues?: Array<number>
+  /**
+   * Serve the device natively as a NIC bridged to this tap interface ("" lets the kernel name one)
+   * instead of on the JavaScript thread: frames never reach JavaScript.
+   */
+  tap?: string
 }
 
 /** `fallocate(2)` on the libuv pool (punch holes, zero ranges) without blocking the JavaScript thread. */
@@ -262,4 +276,12 @@ export interface StateSummary {
   queueSize: number
   /** Servers that have served the device: 1, plus one per takeover. */
   servings: number
+}
+
+/** Frames a natively served NIC moved between the driver and its tap. */
+export interface TapCounters {
+  txFrames: number
+  txDropped: number
+  rxFrames: number
+  rxDropped: number
 }

@@ -20,7 +20,7 @@ async function nic(
   name: string,
   ns: string,
   ip: string,
-  options: { offloads?: boolean; mtu?: number } = {},
+  options: { offloads?: boolean; mtu?: number; tap?: string } = {},
 ): Promise<Nic> {
   const device = await NetDevice.create({ name, replaceStale: true, mtu: options.mtu ?? 9000, ...options })
   const ifname = await device.attach()
@@ -122,6 +122,58 @@ test('two NICs through the TypeScript switch: ping, jumbo frames, iperf3 both wa
   } finally {
     await cleanup([a, b])
   }
+})
+
+test('a NIC bridged natively to a tap in another namespace: ping, jumbo frames, iperf3 both ways with and without offloads, link state', async (t) => {
+  await sh('modprobe -d "$VDUSE_VM_MODROOT" tun 2>/dev/null || true')
+  const a = await nic('vnet-tap', 'ns-t', '10.78.0.1', { tap: 'vtap0' })
+  // The tap's end: moved into its own namespace (the NIC keeps its file descriptor).
+  const tap: Nic = { device: a.device, ifname: 'vtap0', ns: 'ns-u', ip: '10.78.0.2' }
+  try {
+    t.is(a.device.tapName, 'vtap0')
+    await sh(`ip netns del ns-u 2>/dev/null || true; ip netns add ns-u
+      ip link set vtap0 netns ns-u
+      ip -n ns-u link set lo up
+      ip -n ns-u addr add 10.78.0.2/24 dev vtap0
+      ip -n ns-u link set vtap0 up`)
+    t.is(await ping(a, tap, 1000), 0, '1000 pings, none lost')
+    t.is(await ping(tap, a, 100), 0, 'and from the tap side')
+    await sh(`ip -n ns-t link set ${a.ifname} mtu 9000; ip -n ns-u link set vtap0 mtu 9000`)
+    t.is(await ping(a, tap, 100, 8972, '-M do'), 0, '9000-byte frames')
+    const forward = await iperf(tap, a)
+    const reverse = await iperf(tap, a, true)
+    t.log(
+      `iperf3 NIC <-> tap with offloads: ${(forward / 1e6).toFixed(0)} / ${(reverse / 1e6).toFixed(0)} Mbit/s`,
+    )
+    t.true(forward > 0 && reverse > 0)
+    await sh(`ip netns exec ns-t ethtool -K ${a.ifname} tx off tso off gso off
+      ip netns exec ns-u ethtool -K vtap0 tx off tso off gso off`)
+    const plainForward = await iperf(tap, a)
+    const plainReverse = await iperf(tap, a, true)
+    t.log(`iperf3 without: ${(plainForward / 1e6).toFixed(0)} / ${(plainReverse / 1e6).toFixed(0)} Mbit/s`)
+    t.true(plainForward > 0 && plainReverse > 0)
+    const c = a.device.tapCounters()!
+    t.true(c.txFrames > 1000 && c.rxFrames > 1000, JSON.stringify(c))
+    // Frames the driver sent before the tap was up (IPv6 solicitations) are dropped, as by a cable-less NIC.
+    t.true(c.txDropped < 20, JSON.stringify(c))
+    a.device.setLink(false)
+    await sh(
+      `for i in $(seq 50); do [ "$(ip netns exec ns-t cat /sys/class/net/${a.ifname}/carrier)" = 0 ] && exit 0; sleep 0.1; done; exit 1`,
+    )
+    a.device.setLink(true)
+    await sh(
+      `for i in $(seq 50); do [ "$(ip netns exec ns-t cat /sys/class/net/${a.ifname}/carrier)" = 1 ] && exit 0; sleep 0.1; done; exit 1`,
+    )
+    t.is(await ping(a, tap, 20), 0)
+    t.throws(() => a.device.send(Buffer.alloc(60)), { message: /bridged to a tap/ })
+  } finally {
+    await cleanup([a])
+    await sh('ip netns del ns-u 2>/dev/null || true')
+  }
+  t.false(
+    (await sh('ip -o link show 2>/dev/null; ip -n ns-u -o link show 2>/dev/null || true')).includes('vtap0'),
+    'the tap went away with the NIC',
+  )
 })
 
 test('a NIC attached to vhost-vdpa (for a VM) and detached cleanly', async (t) => {

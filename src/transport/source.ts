@@ -45,6 +45,20 @@ export interface RequestSource {
   close(): Promise<void>
   /** Stops serving, leaving the device (attached, with its state file) to a successor (`recover`). */
   release?(): Promise<void>
+  /** A NIC served natively (`DeviceInit.tap`): the tap it is bridged to. */
+  readonly tapName?: string | undefined
+  /** A NIC served natively: what the driver negotiated (buffer merging, the tap's offloads). */
+  configureNet?(features: bigint): void
+  /** A NIC served natively: its frame counters. */
+  tapCounters?(): TapCounters | undefined
+}
+
+/** Frames a natively served NIC moved between the driver and its tap. */
+export interface TapCounters {
+  txFrames: number
+  txDropped: number
+  rxFrames: number
+  rxDropped: number
 }
 
 /** Opens a device: the kernel (VDUSE) by default, or the in-process transport in tests. */

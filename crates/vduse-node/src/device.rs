@@ -15,6 +15,7 @@ use vduse_core::{
 use crate::error::{native, Failure, OrThrow, Parked};
 use crate::native_io::{IoPool, Op};
 use crate::serve::{copy_in, copy_out, Arrays, JsServer, ServerHandle};
+use crate::tap::TapModel;
 
 /// What TypeScript tells the binding about a device.
 #[napi(object)]
@@ -51,6 +52,9 @@ pub struct DeviceInit {
     /// Queues whose buffers the model holds until it has data for them (a NIC's receive queue): a reset
     /// or an IOTLB change fences them at once instead of waiting for them.
     pub held_queues: Option<Vec<u32>>,
+    /// Serve the device natively as a NIC bridged to this tap interface ("" lets the kernel name one)
+    /// instead of on the JavaScript thread: frames never reach JavaScript.
+    pub tap: Option<String>,
 }
 
 /// The JavaScript arrays of the batch protocol (see `serve.rs`).
@@ -234,6 +238,8 @@ pub struct BindingDevice {
     io: Option<IoPool>,
     serving: JsQueues,
     final_counters: Option<DeviceCounters>,
+    /// The natively served NIC's tap model, if the device is one.
+    tap: Option<Arc<TapModel>>,
     recovered: bool,
 }
 
@@ -306,13 +312,44 @@ pub fn create_device(
         .map_err(native)
         .or_throw(&env)?;
     let events: Arc<dyn DeviceEvents> = Arc::new(JsEvents { sink });
+    let tap = match init.tap.as_deref() {
+        Some(name) => Some(
+            TapModel::open(name)
+                .map_err(|e| {
+                    Failure::new(
+                        "ERR_VDUSE_SYSCALL",
+                        format!("cannot open tap interface {name:?}: {e}"),
+                        e.raw_os_error(),
+                        Some("open(/dev/net/tun)"),
+                        Some("needs CAP_NET_ADMIN and the tun module (modprobe tun); a tap of that name owned by another process is busy"),
+                    )
+                })
+                .or_throw(&env)?,
+        ),
+        None => None,
+    };
+    let serving = || match &tap {
+        Some(model) => Serving::Workers(model.clone()),
+        None => Serving::External,
+    };
     let device = if recover {
-        VduseDevice::adopt(options, Some(&spec), |_| Serving::External, Some(events))
+        VduseDevice::adopt(options, Some(&spec), |_| serving(), Some(events))
     } else {
-        VduseDevice::create(options, spec, Serving::External, Some(events))
+        VduseDevice::create(options, spec, serving(), Some(events))
     }
     .or_throw(&env)?;
     let queues = device.queues().to_vec();
+    if tap.is_some() {
+        // Native serving: worker threads pop the queues; no JavaScript server, no file I/O pool.
+        return Ok(BindingDevice {
+            device: Some(device),
+            io: None,
+            serving: JsQueues { queues, server: None },
+            final_counters: None,
+            recovered: recover,
+            tap,
+        });
+    }
     // SAFETY: `on_batch` is a function of this env; we are on the JS thread.
     let server = unsafe {
         JsServer::start(
@@ -337,12 +374,23 @@ pub fn create_device(
         },
         final_counters: None,
         recovered: recover,
+        tap: None,
     })
+}
+
+/// Frames a natively served NIC moved between the driver and its tap.
+#[napi(object)]
+pub struct TapCounters {
+    pub tx_frames: f64,
+    pub tx_dropped: f64,
+    pub rx_frames: f64,
+    pub rx_dropped: f64,
 }
 
 pub struct Close {
     device: Option<VduseDevice>,
     io: Option<IoPool>,
+    tap: Option<Arc<TapModel>>,
     /// Destroy the device (close), or leave it to a successor (release).
     destroy: bool,
     failure: Parked,
@@ -363,6 +411,10 @@ impl napi::Task for Close {
                 device.release()
             };
             done.map_err(|e| self.failure.park(e))?;
+        }
+        // After the device: its workers no longer use the tap; this stops the reader and closes it.
+        if let Some(tap) = self.tap.take() {
+            tap.stop();
         }
         Ok(())
     }
@@ -429,6 +481,37 @@ impl BindingDevice {
             .ok_or_else(|| native("device is closed"))
             .or_throw(&env)?;
         device.update_config(offset, &data).or_throw(&env)
+    }
+
+    /// The tap interface a natively served NIC is bridged to.
+    #[napi(getter)]
+    pub fn tap_name(&self) -> Option<String> {
+        self.tap.as_ref().map(|t| t.name().to_string())
+    }
+
+    /// Tells a natively served NIC what the driver negotiated (after DRIVER_OK): buffer merging, and
+    /// the offloads the tap may hand it.
+    #[napi]
+    pub fn configure_net(&self, env: Env, features: BigInt) -> napi::Result<()> {
+        let Some(tap) = &self.tap else { return Ok(()) };
+        tap.configure(features.get_u64().1)
+            .map_err(|e| crate::error::syscall("ioctl(TUNSETOFFLOAD)", e))
+            .or_throw(&env)
+    }
+
+    /// Frame counters of a natively served NIC.
+    #[napi]
+    pub fn tap_stats(&self) -> Option<TapCounters> {
+        self.tap.as_ref().map(|t| {
+            let s = t.stats();
+            let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed) as f64;
+            TapCounters {
+                tx_frames: get(&s.tx_frames),
+                tx_dropped: get(&s.tx_dropped),
+                rx_frames: get(&s.rx_frames),
+                rx_dropped: get(&s.rx_dropped),
+            }
+        })
     }
 
     /// Whether this device was taken over from a server that died (`recover`), rather than created.
@@ -516,6 +599,7 @@ impl BindingDevice {
         AsyncTask::new(Close {
             device: self.device.take(),
             io: self.io.take(),
+            tap: self.tap.take(),
             destroy,
             failure: Parked::default(),
         })

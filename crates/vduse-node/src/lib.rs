@@ -13,6 +13,7 @@ mod logger;
 mod loopback;
 mod native_io;
 mod serve;
+mod tap;
 mod uv;
 
 use error::{OrThrow, Parked};

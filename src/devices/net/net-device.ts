@@ -46,6 +46,12 @@ export interface NetDeviceOptions extends VirtioDeviceOptions {
   offloads?: boolean
   /** Ring size per queue, a power of two (default 256). */
   queueSize?: number
+  /**
+   * Bridge the NIC to this kernel tap interface (created if it does not exist; "" lets the kernel name
+   * one): frames then move natively between the driver and the tap, on native threads — no `frame`
+   * events, no `send`. The tap mirrors the offloads the driver negotiated (TUNSETOFFLOAD).
+   */
+  tap?: string
 }
 
 /** Counters of the virtio-net model. */
@@ -146,6 +152,7 @@ export class NetDevice extends VirtioDevice<NetDeviceEvents> {
   readonly #txHeader: NetHeader = { flags: 0, gsoType: 0, hdrLen: 0, gsoSize: 0, csumStart: 0, csumOffset: 0 }
   readonly #rxHdr = Buffer.alloc(NET_HDR_BYTES)
   readonly #csum = Buffer.alloc(2)
+  readonly #tap: string | undefined
 
   /** Creates the device and starts serving it; attach it with `attach()`. */
   static async create(options: NetDeviceOptions): Promise<NetDevice> {
@@ -173,6 +180,15 @@ export class NetDevice extends VirtioDevice<NetDeviceEvents> {
     this.#queueSize = queueSize
     this.#rxTickets = new Float64Array(queueSize)
     this.#rxSizes = new Uint32Array(queueSize)
+    this.#tap = options.tap
+    if (this.#tap !== undefined && (this.#tap.length > 15 || /[\s/\0]/.test(this.#tap))) {
+      throw new VduseError(
+        `tap ${JSON.stringify(this.#tap)} is not an interface name (up to 15 characters)`,
+        {
+          code: 'ERR_VDUSE_INVALID_CONFIG',
+        },
+      )
+    }
     const features: NetFeature[] = ['MAC', 'MTU', 'STATUS', 'MRG_RXBUF']
     if (options.offloads ?? true) features.push(...OFFLOAD_FEATURES)
     this.offeredFeatures = features
@@ -197,11 +213,13 @@ export class NetDevice extends VirtioDevice<NetDeviceEvents> {
       maxSegments: Math.min(this.#queueSize, 64),
       kind: 'net',
       heldQueues: [RX_QUEUE],
+      ...(this.#tap === undefined ? {} : { tap: this.#tap }),
     })
     this.on('ready', (features) => this.#negotiated(features))
   }
 
   #negotiated(features: bigint): void {
+    if (this.#tap !== undefined) this.source.configureNet?.(features)
     const has = (f: NetFeature): boolean => NET_FEATURES.has(features, f)
     this.#mergeable = has('MRG_RXBUF')
     this.#guestCsum = has('GUEST_CSUM')
@@ -215,6 +233,16 @@ export class NetDevice extends VirtioDevice<NetDeviceEvents> {
   /** The negotiated virtio-net features, by name (after `ready`). */
   get negotiatedNetFeatures(): NetFeature[] {
     return NET_FEATURES.names(this.negotiatedFeatures)
+  }
+
+  /** The tap interface a bridged NIC moves its frames through (`tap` option), as the kernel named it. */
+  get tapName(): string | undefined {
+    return this.source.tapName
+  }
+
+  /** Frames a bridged NIC moved natively: to the tap (tx), from it (rx), and those dropped. */
+  tapCounters(): { txFrames: number; txDropped: number; rxFrames: number; rxDropped: number } | undefined {
+    return this.source.tapCounters?.()
   }
 
   /** Receive buffers the driver has posted and the device holds now. */
@@ -240,6 +268,11 @@ export class NetDevice extends VirtioDevice<NetDeviceEvents> {
    * (wait for `writable`), too large for the driver, or offloads it did not accept.
    */
   send(frame: Uint8Array, header?: NetHeader): boolean {
+    if (this.#tap !== undefined) {
+      throw new VduseError('this NIC is bridged to a tap: its frames move natively', {
+        code: 'ERR_VDUSE_INVALID_CONFIG',
+      })
+    }
     const len = frame.length
     const gso = header ? header.gsoType & ~GSO.ECN : GSO.NONE
     const partial = header !== undefined && (header.flags & HDR_F_NEEDS_CSUM) !== 0
