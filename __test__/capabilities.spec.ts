@@ -173,6 +173,56 @@ test('maxInFlight: a request fenced while waiting never reaches the backend; one
   await s.device.close()
 })
 
+test('maxInFlight: nothing waiting reaches the backend after close; fenced waiters let the process exit', async (t) => {
+  let closed = false
+  let lateCalls = 0
+  const releases: Array<() => void> = []
+  const backend: BlockBackend = {
+    size: 1 << 20,
+    read: () => {
+      if (closed) lateCalls++
+      return new Promise<void>((r) => releases.push(r))
+    },
+    write: () => {},
+    flush: () => {},
+    capabilities: { maxInFlight: 1 },
+  }
+  const { device, transport } = await setup(backend, { drainTimeoutMs: 50 })
+  void transport.request([header(T.IN, 0)], [512, 1])
+  void transport.request([header(T.IN, 1)], [512, 1])
+  await tick()
+  await device.close()
+  closed = true
+  releases[0]!()
+  await new Promise((r) => setTimeout(r, 50))
+  t.is(lateCalls, 0, 'the waiting request never started after the final flush')
+
+  // A child process whose waiting request was fenced must exit by itself (no sweeper left referenced).
+  const script = `
+    const { BlockDevice, InProcessTransport } = require('./src')
+    const { header } = require('./__test__/helpers/blk-driver')
+    ;(async () => {
+      const releases = []
+      const backend = { size: 1 << 20, read: () => new Promise((r) => releases.push(r)), write: () => {},
+        capabilities: { maxInFlight: 1 } }
+      const transport = new InProcessTransport()
+      const device = await BlockDevice.create({ name: 'x', backend, transport, requestTimeoutMs: 60000 })
+      device.unref()
+      transport.start()
+      void transport.request([header(0, 0)], [512, 1])
+      void transport.request([header(0, 1)], [512, 1])
+      await new Promise((r) => setImmediate(r))
+      transport.reset()
+      releases[0]()
+    })()`
+  const started = Date.now()
+  await run(process.execPath, ['--import', 'tsx', '-e', script], {
+    cwd: join(__dirname, '..'),
+    timeout: 20_000,
+  })
+  t.true(Date.now() - started < 15_000, 'exited on its own')
+})
+
 test('simulated faults: remap fences in-flight requests and tells the backend; renegotiation; broken', async (t) => {
   const g = gatedBackend()
   const { device, transport } = await setup(g.backend)

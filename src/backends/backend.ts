@@ -34,7 +34,7 @@ export interface BlockIo {
    * when the backend declares `fua` but cannot `flush`: the driver, offered no FLUSH, assumes a
    * write-through disk.
    */
-  readonly fua: boolean
+  readonly fua?: boolean
 }
 
 /**

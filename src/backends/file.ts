@@ -148,14 +148,25 @@ export class FileBackend implements BlockBackend {
     const id = st.isBlockDevice()
       ? `blockdev:${big.rdev}`
       : `file:${big.dev}:${big.ino}${big.birthtimeNs > 0n ? `:${big.birthtimeNs}` : ''}`
-    const logical = (limits?.logical ?? 0) > 512 ? 4096 : 512
+    // Through the page cache any 512-byte I/O works, whatever the disk's sectors: only O_DIRECT needs
+    // the device's logical block size. A larger one is then passed on as the physical block size.
+    const diskLogical = limits?.logical ?? 0
+    if (options.direct && diskLogical > 4096) {
+      throw new VduseError(
+        `${path}: ${diskLogical}-byte logical blocks are larger than virtio-blk serves (4096)`,
+        {
+          code: 'ERR_VDUSE_INVALID_CONFIG',
+        },
+      )
+    }
+    const logical = options.direct && diskLogical > 512 ? 4096 : 512
     const capabilities: BlockBackendCapabilities = {
       logicalBlockSize: logical,
       // A file punches holes; a block device discards only if its queue says it can.
       discard: st.isFile() || (limits?.discardMax ?? 0) > 0,
       writeZeroesUnmap: st.isFile() || (limits?.discardMax ?? 0) > 0,
     }
-    const physical = limits?.physical ?? 0
+    const physical = Math.max(limits?.physical ?? 0, diskLogical)
     if (physical > logical && (physical & (physical - 1)) === 0) capabilities.physicalBlockSize = physical
     const optimal = limits?.optimal ?? 0
     if (optimal > 0 && optimal % logical === 0) capabilities.optimalIoSize = optimal

@@ -904,7 +904,9 @@ export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockB
   }
 
   write(io: BlockIo): Promise<void> {
-    return this.#transfer(io, CMD_WRITE, io.fua ? CMD_FLAG_FUA : 0)
+    // The device sets io.fua; a caller that does not know it gets the safe default (FUA when no flush).
+    const fua = io.fua ?? (this.flush === undefined && (this.info.flags & NBD_FLAGS.SEND_FUA) !== 0)
+    return this.#transfer(io, CMD_WRITE, fua ? CMD_FLAG_FUA : 0)
   }
 
   #transfer(io: BlockIo, type: number, flags: number): Promise<void> {

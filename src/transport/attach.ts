@@ -52,10 +52,16 @@ async function currentDriver(name: string): Promise<string | undefined> {
   }
 }
 
-async function poll<T>(what: string, deadline: number, probe: () => Promise<T | undefined>): Promise<T> {
+async function poll<T>(
+  what: string,
+  deadline: number,
+  probe: () => Promise<T | undefined>,
+  signal?: AbortSignal,
+): Promise<T> {
   for (;;) {
     const found = await probe()
     if (found !== undefined) return found
+    signal?.throwIfAborted()
     if (Date.now() > deadline) {
       throw new VduseError(`timed out waiting for ${what}`, { code: 'ERR_VDUSE_ATTACH' })
     }
@@ -110,7 +116,7 @@ export async function attach(
       await writeFile(join(BUS, 'devices', name, 'driver_override'), kernelDriver)
       await writeFile(join(BUS, 'drivers', kernelDriver, 'bind'), name)
     }
-    return await poll(`the ${driver} node of ${name}`, deadline, () => nodeFor(name, driver))
+    return await poll(`the ${driver} node of ${name}`, deadline, () => nodeFor(name, driver), signal)
   } catch (err) {
     // Leave nothing behind: the device may be on the bus even when `vdpa dev add` was interrupted (the
     // kernel finishes an add before the killed tool exits, and the tool has exited by now).
@@ -135,7 +141,14 @@ export async function attach(
 
 /** Removes the device from the vDPA bus (the kernel resets it; the device keeps being served meanwhile). */
 export async function detach(name: string, options: { signal?: AbortSignal } = {}): Promise<void> {
-  await vdpa(['dev', 'del', name], options.signal)
+  try {
+    await vdpa(['dev', 'del', name], options.signal)
+  } catch (err) {
+    if (options.signal?.aborted) {
+      throw new AbortError(`detaching ${name} was aborted`, { cause: options.signal.reason })
+    }
+    throw err
+  }
 }
 
 /** Where device `name` is attached now, if it is: the driver and the node it made. */

@@ -159,8 +159,15 @@ pub fn lock_image(env: Env, fd: i32, write: bool) -> napi::Result<()> {
     let attempt = || -> Result<(), Failure> {
         for &byte in ours {
             // Only shared locks are part of the protocol; a foreign exclusive one is a conflict too.
-            ofd_lock(fd, libc::F_OFD_SETLK, libc::F_RDLCK as libc::c_short, byte)
-                .map_err(|e| busy(e.raw_os_error(), "another process holds a lock on it"))?;
+            ofd_lock(fd, libc::F_OFD_SETLK, libc::F_RDLCK as libc::c_short, byte).map_err(|e| {
+                match e.raw_os_error() {
+                    Some(libc::EAGAIN | libc::EACCES) => {
+                        busy(e.raw_os_error(), "another process holds a lock on it")
+                    }
+                    // No OFD locks here (an old kernel, some network file systems), a bad fd…: not "busy".
+                    _ => crate::error::syscall("fcntl(F_OFD_SETLK)", e),
+                }
+            })?;
         }
         match conflict(fd, write) {
             Ok(None) => Ok(()),

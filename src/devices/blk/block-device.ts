@@ -226,6 +226,8 @@ export class BlockDevice extends VirtioDevice {
   readonly #maxInFlight: number
   /** Requests beyond `maxInFlight`, in arrival order (bounded by the rings' sizes). */
   #waiting: Waiting[] = []
+  /** `shutdown` ran: nothing new reaches the backend (a released device's requests are the successor's). */
+  #stopped = false
   /** Every write asks for FUA (the backend declared `fua` but cannot flush). */
   readonly #fua: boolean
   readonly #capabilities: Required<Pick<BlockBackendCapabilities, 'writeZeroesUnmap'>> & {
@@ -400,6 +402,13 @@ export class BlockDevice extends VirtioDevice {
 
   protected async shutdown(): Promise<void> {
     if (this.#sweeper) clearInterval(this.#sweeper)
+    // Requests still waiting for a backend slot never start: after a close their tickets are dead, after
+    // a release they are the successor's to serve. Nothing may reach the backend after its final flush.
+    this.#stopped = true
+    for (const w of this.#waiting.splice(0)) {
+      w.io?.abort('the device is closing')
+      w.cancel?.abort(fencedError())
+    }
     if (!this.readOnly && this.#canFlush) await this.backend.flush!()
   }
 
@@ -427,6 +436,7 @@ export class BlockDevice extends VirtioDevice {
       this.#waiting = live
     }
     this.#pump()
+    this.#updateRef()
   }
 
   protected handleRequest(batch: RequestBatch, i: number): void {
@@ -573,25 +583,47 @@ export class BlockDevice extends VirtioDevice {
     io: Io | undefined,
     cancel?: AbortController,
   ): void {
+    if (this.#stopped) return // shutting down: left in flight (see shutdown)
     if (this.#pendingCount >= this.#maxInFlight) {
       const deadline = this.#timeoutMs > 0 ? Date.now() + this.#timeoutMs : Infinity
       this.#waiting.push({ ticket, call, used: dataBytes, deadline, io, cancel })
-      if (this.#pendingCount + this.#waiting.length === 1) this.#sweeper?.ref()
+      this.#updateRef()
       return
     }
     this.#call(ticket, call, dataBytes, io, cancel)
   }
 
-  /** Starts waiting requests while there is room; those whose ticket died are dropped. */
+  /**
+   * Starts waiting requests while there is room. Those whose ticket died are dropped; those past their
+   * deadline are failed without starting.
+   */
   #pump(): void {
-    while (this.#waiting.length > 0 && this.#pendingCount < this.#maxInFlight) {
+    const now = Date.now()
+    while (!this.#stopped && this.#waiting.length > 0 && this.#pendingCount < this.#maxInFlight) {
       const w = this.#waiting.shift()!
-      if (!this.isLive(w.ticket)) {
-        this.#recycle(w.io)
-        continue
-      }
-      this.#call(w.ticket, w.call, w.used, w.io, w.cancel, w.deadline)
+      if (!this.isLive(w.ticket)) this.#recycle(w.io)
+      else if (w.deadline <= now) this.#timeOutWaiting(w)
+      else this.#call(w.ticket, w.call, w.used, w.io, w.cancel, w.deadline)
     }
+    this.#updateRef()
+  }
+
+  #timeOutWaiting(w: Waiting): void {
+    this.stats.timeouts++
+    w.io?.abort()
+    w.cancel?.abort(new VduseError('request timed out', { code: 'ERR_VDUSE_TIMEOUT' }))
+    this.#finish(w.ticket, BLK_STATUS.IOERR, 0)
+    this.#requestError(
+      new VduseError(`request timed out after ${this.#timeoutMs} ms waiting for the backend`, {
+        code: 'ERR_VDUSE_TIMEOUT',
+      }),
+    )
+  }
+
+  /** The sweeper keeps the process alive exactly while requests wait for the backend (or a slot). */
+  #updateRef(): void {
+    if (this.#pendingCount + this.#waiting.length > 0) this.#sweeper?.ref()
+    else this.#sweeper?.unref()
   }
 
   #call(
@@ -626,7 +658,7 @@ export class BlockDevice extends VirtioDevice {
     }
     this.#pending[slot] = record
     // A request waiting for its deadline is work in progress: the sweeper keeps the loop alive meanwhile.
-    if (this.#pendingCount++ === 0 && this.#waiting.length === 0) this.#sweeper?.ref()
+    if (this.#pendingCount++ === 0) this.#updateRef()
     result.then(
       () => this.#settle(slot, record, BLK_STATUS.OK),
       (err: unknown) => {
@@ -638,7 +670,7 @@ export class BlockDevice extends VirtioDevice {
 
   #forget(slot: number): void {
     this.#pending[slot] = undefined
-    if (--this.#pendingCount === 0 && this.#waiting.length === 0) this.#sweeper?.unref()
+    if (--this.#pendingCount === 0) this.#updateRef()
   }
 
   #settle(slot: number, record: Pending, status: number): void {
@@ -657,22 +689,11 @@ export class BlockDevice extends VirtioDevice {
 
   #expire(): void {
     const now = Date.now()
-    if (this.#waiting.length > 0 && this.#waiting[0]!.deadline <= now) {
-      // Arrival order = deadline order: the expired ones are at the front. Their backend call never started.
-      while (this.#waiting.length > 0 && this.#waiting[0]!.deadline <= now) {
-        const w = this.#waiting.shift()!
-        this.stats.timeouts++
-        w.io?.abort()
-        w.cancel?.abort(new VduseError('request timed out', { code: 'ERR_VDUSE_TIMEOUT' }))
-        this.#finish(w.ticket, BLK_STATUS.IOERR, 0)
-        this.emit(
-          'requestError',
-          new VduseError(`request timed out after ${this.#timeoutMs} ms waiting for the backend`, {
-            code: 'ERR_VDUSE_TIMEOUT',
-          }),
-        )
-      }
-      if (this.#pendingCount + this.#waiting.length === 0) this.#sweeper?.unref()
+    // Arrival order = deadline order: the expired waiting ones are at the front; their call never started.
+    while (this.#waiting.length > 0 && this.#waiting[0]!.deadline <= now) {
+      const w = this.#waiting.shift()!
+      if (this.isLive(w.ticket)) this.#timeOutWaiting(w)
+      else this.#recycle(w.io) // fenced meanwhile: nothing to answer
     }
     for (let slot = 0; slot < this.#pending.length; slot++) {
       const record = this.#pending[slot]
@@ -684,8 +705,7 @@ export class BlockDevice extends VirtioDevice {
       record.io?.abort()
       record.cancel?.abort(new VduseError('request timed out', { code: 'ERR_VDUSE_TIMEOUT' }))
       this.#finish(record.ticket, BLK_STATUS.IOERR, 0)
-      this.emit(
-        'requestError',
+      this.#requestError(
         new VduseError(`request timed out after ${this.#timeoutMs} ms`, { code: 'ERR_VDUSE_TIMEOUT' }),
       )
     }
@@ -694,7 +714,18 @@ export class BlockDevice extends VirtioDevice {
 
   #backendFailed(err: unknown): void {
     // Not 'error': a failed request is the backend's business and must not crash an unprepared process.
-    this.emit('requestError', err instanceof Error ? err : new Error(String(err)))
+    this.#requestError(err instanceof Error ? err : new Error(String(err)))
+  }
+
+  /** A listener that throws is a bug like any throwing listener: surfaced, but after our bookkeeping. */
+  #requestError(err: Error): void {
+    try {
+      this.emit('requestError', err)
+    } catch (listenerError) {
+      queueMicrotask(() => {
+        throw listenerError
+      })
+    }
   }
 
   #finish(ticket: number, status: number, dataBytes: number): void {
