@@ -110,7 +110,7 @@ test('fua: asked on every write when the backend can FUA but not flush', async (
     size: 1 << 20,
     read: () => {},
     write: (io) => {
-      seen.push(io.fua)
+      seen.push(io.fua === true)
     },
     capabilities: { fua: true },
     ...(flush ? { flush: () => {} } : {}),
