@@ -102,6 +102,27 @@ test('blk options parse into a command with defaults', (t) => {
   t.deepEqual(parseCommand(['destroy', '--all']), { command: 'destroy', all: true })
   t.like(parseCommand(['blk', '--name', 'd0', '--null', '1M', '--log-level', 'debug']), { logLevel: 'debug' })
   t.deepEqual(parseCommand([]), { command: 'help' })
+  t.deepEqual(
+    parseCommand(['net', '--name', 'n0', '--tap', 'tap0', '--mac', '02:00:00:00:00:01', '--mtu', '9000']),
+    {
+      command: 'net',
+      names: ['n0'],
+      tap: 'tap0',
+      mac: '02:00:00:00:00:01',
+      mtu: 9000,
+      offloads: true,
+      queueSize: 256,
+      attach: 'virtio',
+      replace: false,
+      json: false,
+      logLevel: 'warn',
+    },
+  )
+  t.like(parseCommand(['net', '--switch', '--name', 'a', '--name', 'b', '--no-offloads', '--json']), {
+    names: ['a', 'b'],
+    offloads: false,
+    json: true,
+  })
 })
 
 test('bad usage is a UsageError naming the problem', (t) => {
@@ -124,6 +145,16 @@ test('bad usage is a UsageError naming the problem', (t) => {
     [['destroy'], /exactly one/],
     [['destroy', 'd0', '--all'], /not both/],
     [['blk', '--name', 'x', '--null', '1M', '--log-level', 'loud'], /--log-level must be one of/],
+    [['blk', '--name', 'x', '--memory', '1M', '--no-lock'], /goes with --file/],
+    [['net', '--tap', 't0'], /--name/],
+    [['net', '--name', 'a'], /exactly one of --tap TAP, --switch/],
+    [['net', '--name', 'a', '--tap', 't0', '--switch'], /exactly one of/],
+    [['net', '--name', 'a', '--name', 'b', '--tap', 't0'], /one --name/],
+    [['net', '--name', 'a', '--name', 'a', '--switch'], /different/],
+    [['net', '--name', 'a', '--name', 'b', '--switch', '--mac', '02:00:00:00:00:01'], /one --name/],
+    [['net', '--name', 'a', '--switch', '--mtu', '20'], /--mtu/],
+    [['net', '--name', 'a', '--tap', 'a/b'], /interface name/],
+    [['net', '--name', 'a', '--switch', '--memory', '1M'], /memory/],
   ]
   for (const [args, message] of bad)
     t.throws(() => parseCommand(args), { instanceOf: UsageError, message }, args.join(' '))

@@ -4,7 +4,7 @@
 import test from 'ava'
 
 import { NetDevice, NetSwitch } from '../../src'
-import { assertInGuest, sh } from './guest'
+import { assertInGuest, sh, startCli } from './guest'
 
 test.before(() => assertInGuest())
 
@@ -186,5 +186,69 @@ test('a NIC attached to vhost-vdpa (for a VM) and detached cleanly', async (t) =
     t.false(device.attached)
   } finally {
     await device.close()
+  }
+})
+
+test('vduse net --switch and --tap from the CLI: one ready event per NIC, traffic, a clean stop on SIGTERM', async (t) => {
+  const sw = startCli(['net', '--switch', '--name', 'cli-a', '--name', 'cli-b', '--replace', '--json'])
+  try {
+    await sw.next('ready')
+    await new Promise((r) => setTimeout(r, 200))
+    const ready = sw.events.filter((e) => e.event === 'ready')
+    while (ready.length < 2) {
+      await new Promise((r) => setTimeout(r, 100))
+      ready.splice(0, ready.length, ...sw.events.filter((e) => e.event === 'ready'))
+    }
+    t.deepEqual(
+      ready.map((e) => e.name),
+      ['cli-a', 'cli-b'],
+    )
+    const [ia, ib] = ready.map((e) => String(e.path))
+    t.true((await sh(`cat /sys/class/net/${ia}/address`)).trim() === ready[0]!.mac)
+    await sh(`ip netns del ns-ca 2>/dev/null || true; ip netns del ns-cb 2>/dev/null || true
+      ip netns add ns-ca; ip netns add ns-cb
+      ip link set ${ia} netns ns-ca; ip link set ${ib} netns ns-cb
+      ip -n ns-ca addr add 10.79.0.1/24 dev ${ia}; ip -n ns-ca link set ${ia} up
+      ip -n ns-cb addr add 10.79.0.2/24 dev ${ib}; ip -n ns-cb link set ${ib} up`)
+    const a: Nic = { device: undefined as never, ifname: ia!, ns: 'ns-ca', ip: '10.79.0.1' }
+    const b: Nic = { device: undefined as never, ifname: ib!, ns: 'ns-cb', ip: '10.79.0.2' }
+    t.is(await ping(a, b, 50), 0)
+    sw.child.kill('SIGUSR1')
+    const stats = await sw.next('stats')
+    t.true(((stats.switch as { forwarded: number }).forwarded ?? 0) > 0, JSON.stringify(stats))
+    sw.child.kill('SIGTERM')
+    t.is(await sw.exit, 0, sw.stderr())
+    t.is(sw.events.filter((e) => e.event === 'stopped').length, 2)
+    t.true(sw.events.every((e) => e.v === 1 && typeof e.ts === 'string'))
+  } finally {
+    if (sw.child.exitCode === null) sw.child.kill('SIGKILL')
+    await sh('ip netns del ns-ca 2>/dev/null || true; ip netns del ns-cb 2>/dev/null || true')
+  }
+
+  await sh('modprobe -d "$VDUSE_VM_MODROOT" tun 2>/dev/null || true')
+  const tap = startCli([
+    'net',
+    '--name',
+    'cli-t',
+    '--tap',
+    'cli-tap0',
+    '--mtu',
+    '9000',
+    '--replace',
+    '--json',
+  ])
+  try {
+    const ready = await tap.next('ready')
+    t.is(ready.tap, 'cli-tap0')
+    t.is(ready.mtu, 9000)
+    t.regex(await sh('ip -o link show cli-tap0'), /cli-tap0/)
+    tap.child.kill('SIGTERM')
+    t.is(await tap.exit, 0, tap.stderr())
+    t.like(
+      tap.events.find((e) => e.event === 'stopped'),
+      { name: 'cli-t' },
+    )
+  } finally {
+    if (tap.child.exitCode === null) tap.child.kill('SIGKILL')
   }
 })

@@ -12,6 +12,8 @@ export class UsageError extends Error {
 export const HELP = `Usage:
   vduse blk --name NAME (--memory SIZE | --file PATH | --nbd URI | --null SIZE) [options]
   vduse blk --name NAME --backend MODULE [--size SIZE] [options] [-- plugin arguments]
+  vduse net --name NAME --tap TAP [--mac MAC] [options]
+  vduse net --switch --name NAME [--name NAME …] [options]
   vduse list [--json]
   vduse destroy NAME | --all
 
@@ -58,6 +60,15 @@ Options for blk:
                          with "v" (schema version) and "ts" (ISO time)
   --log-level LEVEL      native log records to report: off, error, warn (default), info, debug, trace
 
+Options for net (virtio-net NICs; the kernel shows each as a network interface, or hands it to a VM):
+  --tap TAP              bridge the NIC to kernel tap interface TAP (created if missing); frames move
+                         natively, never through JavaScript
+  --switch               wire every --name NIC to one Ethernet switch in this process (MAC learning)
+  --mac MAC              the NIC's MAC address (one NIC; default: random, locally administered)
+  --mtu N                the largest MTU the driver may set (default 1500)
+  --no-offloads          offer no checksum or segmentation offloads
+  --attach, --replace, --json, --log-level, --queue-size   as for blk
+
 Other commands:
   list                   VDUSE devices on this machine: type, size, queues, where attached, owning pid,
                          state (served, stale, or recoverable with --recover); --json: an array
@@ -66,6 +77,81 @@ Other commands:
   -h, --help             this help
   --version              the package version
 `
+
+function checkName(name: string): void {
+  if (!/^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$/.test(name) || name === 'control') {
+    throw new UsageError(`--name "${name}": use letters, digits, '.', '_' and '-' (not "control")`)
+  }
+}
+
+function parseLogLevel(text: string | undefined): LogLevel {
+  if (text === undefined) return 'warn'
+  if (!LOG_LEVELS.includes(text as LogLevel)) {
+    throw new UsageError(`--log-level must be one of ${LOG_LEVELS.join(', ')}`)
+  }
+  return text as LogLevel
+}
+
+function parseNet(args: readonly string[]): NetCommand | { command: 'help' } {
+  let parsed
+  try {
+    parsed = parseArgs({
+      args: args as string[],
+      strict: true,
+      options: {
+        name: { type: 'string', multiple: true },
+        tap: { type: 'string' },
+        switch: { type: 'boolean' },
+        mac: { type: 'string' },
+        mtu: { type: 'string' },
+        'no-offloads': { type: 'boolean' },
+        'queue-size': { type: 'string' },
+        attach: { type: 'string' },
+        replace: { type: 'boolean' },
+        json: { type: 'boolean' },
+        'log-level': { type: 'string' },
+        help: { type: 'boolean', short: 'h' },
+      },
+    })
+  } catch (err) {
+    throw new UsageError((err as Error).message)
+  }
+  const v = parsed.values
+  if (v.help) return { command: 'help' }
+  const names = v.name ?? []
+  if (names.length === 0) throw new UsageError('net needs --name NAME')
+  for (const name of names) checkName(name)
+  if (new Set(names).size !== names.length) throw new UsageError('each --name must be different')
+  if ((v.tap === undefined) === !v.switch)
+    throw new UsageError('net needs exactly one of --tap TAP, --switch')
+  if (v.tap !== undefined) {
+    if (names.length !== 1) throw new UsageError('--tap bridges one NIC: give one --name')
+    if (!/^[A-Za-z0-9._-]{1,15}$/.test(v.tap))
+      throw new UsageError(`--tap "${v.tap}" is not an interface name`)
+  }
+  if (v.mac !== undefined && names.length !== 1) throw new UsageError('--mac goes with one --name')
+  const queueSize = parseInteger(v['queue-size'], '--queue-size', 4, 32768) ?? 256
+  if ((queueSize & (queueSize - 1)) !== 0) throw new UsageError('--queue-size must be a power of two')
+  const attach = v.attach ?? 'virtio'
+  if (attach !== 'virtio' && attach !== 'vhost' && attach !== 'none') {
+    throw new UsageError('--attach must be virtio, vhost or none')
+  }
+  const cmd: NetCommand = {
+    command: 'net',
+    names,
+    offloads: !(v['no-offloads'] ?? false),
+    queueSize,
+    attach,
+    replace: v.replace ?? false,
+    json: v.json ?? false,
+    logLevel: parseLogLevel(v['log-level']),
+  }
+  if (v.tap !== undefined) cmd.tap = v.tap
+  if (v.mac !== undefined) cmd.mac = v.mac
+  const mtu = parseInteger(v.mtu, '--mtu', 68, 65535)
+  if (mtu !== undefined) cmd.mtu = mtu
+  return cmd
+}
 
 const SIZE = /^(\d+)([KMGT]i?B?|[kmgt])?$/
 
@@ -114,8 +200,24 @@ export interface BlkCommand {
   logLevel: LogLevel
 }
 
+export interface NetCommand {
+  command: 'net'
+  names: string[]
+  /** A tap to bridge the (one) NIC to; undefined: the NICs share an in-process switch. */
+  tap?: string
+  mac?: string
+  mtu?: number
+  offloads: boolean
+  queueSize: number
+  attach: 'virtio' | 'vhost' | 'none'
+  replace: boolean
+  json: boolean
+  logLevel: LogLevel
+}
+
 export type Command =
   | BlkCommand
+  | NetCommand
   | { command: 'list'; json: boolean }
   | { command: 'destroy'; name?: string; all: boolean }
   | { command: 'help' }
@@ -126,6 +228,7 @@ export function parseCommand(argv: readonly string[]): Command {
   if (command === undefined || command === '-h' || command === '--help' || command === 'help')
     return { command: 'help' }
   if (command === '--version') return { command: 'version' }
+  if (command === 'net') return parseNet(rest)
   // Everything after `--` belongs to a backend plugin.
   const split = rest.indexOf('--')
   const own = split < 0 ? rest : rest.slice(0, split)

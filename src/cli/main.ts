@@ -14,6 +14,7 @@ import { logs, setLogLevel, type LogRecord } from '../log'
 import { boundDriver, currentAttachment, isAttached, readSysfs } from '../transport/attach'
 import { HELP, parseCommand, UsageError, type BlkCommand } from './args'
 import { EventLimiter } from './limiter'
+import { serveNet } from './net'
 
 type Emit = (event: Record<string, unknown>) => void
 
@@ -393,7 +394,8 @@ export async function main(argv: readonly string[]): Promise<number> {
         return await list(cmd.json)
       case 'destroy':
         return await destroy(cmd.name === undefined ? [] : [cmd.name], cmd.all)
-      case 'blk': {
+      case 'blk':
+      case 'net': {
         json = cmd.json
         const emit: Emit = json
           ? (e) => process.stdout.write(JSON.stringify(envelope(e)) + '\n')
@@ -405,7 +407,7 @@ export async function main(argv: readonly string[]): Promise<number> {
               else if (e.event === 'stopped') process.stderr.write(`vduse: ${String(e.name)} stopped\n`)
               else process.stderr.write(`vduse: ${String(e.event)}: ${String(e.message ?? '')}\n`)
             }
-        return await serveBlk(cmd, emit)
+        return cmd.command === 'blk' ? await serveBlk(cmd, emit) : await serveNet(cmd, emit)
       }
     }
   } catch (err) {

@@ -1,0 +1,118 @@
+// `vduse net`: virtio-net NICs served by this process — one bridged natively to a kernel tap, or several
+// wired to one in-process switch. Events, signals and exit codes as for `vduse blk`.
+import { NetDevice, type NetDeviceOptions } from '../devices/net/net-device'
+import { NetSwitch } from '../devices/net/switch'
+import { logs, setLogLevel, type LogRecord } from '../log'
+import type { NetCommand } from './args'
+
+type Emit = (event: Record<string, unknown>) => void
+
+function statsOf(nic: NetDevice, sw: NetSwitch | undefined): Record<string, unknown> {
+  return {
+    name: nic.name,
+    stats: nic.stats,
+    counters: nic.counters(),
+    ...(nic.tapName === undefined ? {} : { tap: nic.tapCounters() }),
+    ...(sw === undefined ? {} : { switch: sw.stats }),
+  }
+}
+
+export async function serveNet(cmd: NetCommand, emit: Emit): Promise<number> {
+  setLogLevel(cmd.logLevel)
+  const sw = cmd.tap === undefined ? new NetSwitch() : undefined
+  const nics: NetDevice[] = []
+  const closeAll = async (): Promise<void> => {
+    // Detach and destroy every NIC, even if one fails; the first failure is reported.
+    const results = await Promise.allSettled(nics.map((n) => n.close()))
+    const failed = results.find((r) => r.status === 'rejected')
+    if (failed) throw failed.reason
+  }
+  try {
+    for (const name of cmd.names) {
+      const options: NetDeviceOptions = {
+        name,
+        offloads: cmd.offloads,
+        queueSize: cmd.queueSize,
+        replaceStale: cmd.replace,
+      }
+      if (cmd.tap !== undefined) options.tap = cmd.tap
+      if (cmd.mac !== undefined) options.mac = cmd.mac
+      if (cmd.mtu !== undefined) options.mtu = cmd.mtu
+      const nic = await NetDevice.create(options)
+      nics.push(nic)
+      sw?.connect(nic)
+      nic.on('error', (err) => emit({ event: 'error', name, message: err.message }))
+      nic.on('drained', (info) => emit({ event: 'drained', name, ...info }))
+    }
+  } catch (err) {
+    await closeAll().catch(() => {})
+    throw err
+  }
+  const onLog = (r: LogRecord): void => emit({ event: 'log', level: r.level, message: r.message })
+  logs.on('log', onLog)
+
+  let stopping: Promise<number> | undefined
+  let stage = ''
+  const stop = (signal: string): Promise<number> => {
+    stopping ??= (async () => {
+      stage = 'the NICs to detach and be destroyed'
+      await closeAll()
+      for (const nic of nics) emit({ event: 'stopped', signal, ...statsOf(nic, sw) })
+      return 0
+    })()
+    return stopping
+  }
+  process.on('SIGUSR1', () => {
+    for (const nic of nics) emit({ event: 'stats', ...statsOf(nic, sw) })
+  })
+  const stopped = new Promise<number>((resolve, reject) => {
+    let signals = 0
+    const onSignal = (sig: NodeJS.Signals): void => {
+      signals++
+      if (signals === 1) {
+        stop(sig).then(resolve, reject)
+        return
+      }
+      if (signals === 2) {
+        for (const nic of nics) emit({ event: 'stopping', name: nic.name, signal: sig, waitingFor: stage })
+        process.stderr.write(`vduse: still stopping: waiting for ${stage}; ${sig} again forces an exit\n`)
+        return
+      }
+      for (const nic of nics) emit({ event: 'forced', name: nic.name, signal: sig })
+      process.stderr.write('vduse: forced exit: `vduse destroy --all` removes what is left\n')
+      process.exit(130)
+    }
+    for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.on(sig, onSignal)
+    for (const nic of nics) {
+      nic.on('broken', (err) => {
+        emit({ event: 'broken', name: nic.name, code: err.code, message: err.message, hint: err.hint })
+        stop('broken').then(
+          () => resolve(1),
+          () => resolve(1),
+        )
+      })
+    }
+  })
+
+  try {
+    for (const nic of nics) {
+      const path = cmd.attach === 'none' ? undefined : await nic.attach({ driver: cmd.attach })
+      emit({
+        event: 'ready',
+        name: nic.name,
+        path: path ?? null,
+        mac: nic.mac,
+        mtu: nic.mtu,
+        features: nic.offeredFeatures,
+        ...(nic.tapName === undefined ? {} : { tap: nic.tapName }),
+      })
+    }
+  } catch (err) {
+    // A failed attach leaves nothing behind: every NIC of this command goes.
+    await closeAll().catch((e: Error) =>
+      emit({ event: 'log', level: 'error', message: `cleanup after a failed attach: ${e.message}` }),
+    )
+    throw err
+  }
+  return stopped
+}
