@@ -1,6 +1,7 @@
 // The virtio-net model over the in-process transport: a fake driver posts receive buffers and sends
 // frames exactly as Linux's virtio_net does (a 12-byte virtio_net_hdr_v1 first).
 import test from 'ava'
+import { createResponder } from '../examples/net-responder'
 
 import { InProcessTransport, NET_FEATURES, NetDevice, NetSwitch, type NetHeader } from '../src'
 
@@ -216,4 +217,46 @@ test('the switch learns addresses, forwards unicast, floods broadcast and unknow
   t.is(sw.ports.length, 2)
   for (const x of [a, b, c]) await x.device.close()
   void cRx
+})
+
+test('the ~40-line responder example answers ARP and ping', async (t) => {
+  const transport = new InProcessTransport()
+  const nic = await createResponder({ name: `resp${n++}`, transport })
+  nic.unref()
+  transport.start()
+  const peer = '02:00:00:00:80:01'
+  // ARP: who has 10.80.0.2? tell 10.80.0.1
+  const arp = frame('ff:ff:ff:ff:ff:ff', peer, 42)
+  arp.writeUInt16BE(0x0806, 12)
+  Buffer.from([0, 1, 8, 0, 6, 4, 0, 1]).copy(arp, 14)
+  arp.fill(0, 22)
+  Buffer.from(peer.split(':').map((x) => parseInt(x, 16))).copy(arp, 22)
+  Buffer.from([10, 80, 0, 1]).copy(arp, 28)
+  Buffer.from([10, 80, 0, 2]).copy(arp, 38)
+  let rx = transport.request([], [2048], 0)
+  await tick()
+  await transport.request([header(), arp], [], 1)
+  let got = (await rx).writable[0]!.subarray(HDR, (await rx).used)
+  t.is(got.readUInt16BE(20), 2, 'ARP reply')
+  t.is(got.subarray(22, 28).toString('hex'), '020000008002')
+  t.deepEqual([...got.subarray(28, 32)], [10, 80, 0, 2])
+  // ICMP echo request 10.80.0.1 → 10.80.0.2
+  const ping = frame('02:00:00:00:80:02', peer, 14 + 20 + 8 + 16, 0x5a)
+  Buffer.from([0x45, 0, 0, 44, 0, 1, 0, 0, 64, 1, 0, 0, 10, 80, 0, 1, 10, 80, 0, 2]).copy(ping, 14)
+  Buffer.from([8, 0, 0, 0, 0, 7, 0, 1]).copy(ping, 34)
+  rx = transport.request([], [2048], 0)
+  await tick()
+  await transport.request([header(), ping], [], 1)
+  got = (await rx).writable[0]!.subarray(HDR, (await rx).used)
+  t.is(got[34], 0, 'echo reply')
+  t.deepEqual([...got.subarray(26, 34)], [10, 80, 0, 2, 10, 80, 0, 1])
+  const fold = (b: Buffer) => {
+    let s = 0
+    for (let i = 0; i + 1 < b.length; i += 2) s += b.readUInt16BE(i)
+    while (s > 0xffff) s = (s & 0xffff) + (s >>> 16)
+    return s
+  }
+  t.is(fold(got.subarray(14, 34)), 0xffff, 'IP header checksum')
+  t.is(fold(got.subarray(34)), 0xffff, 'ICMP checksum')
+  await nic.close()
 })

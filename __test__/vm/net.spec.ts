@@ -2,6 +2,7 @@
 // interfaces, moved into network namespaces the test creates (the guest has no other network), and
 // wired together through the in-process switch. No traffic leaves the guest.
 import test from 'ava'
+import { createResponder } from '../../examples/net-responder'
 
 import { NetDevice, NetSwitch } from '../../src'
 import { assertInGuest, sh, startCli } from './guest'
@@ -250,5 +251,19 @@ test('vduse net --switch and --tap from the CLI: one ready event per NIC, traffi
     )
   } finally {
     if (tap.child.exitCode === null) tap.child.kill('SIGKILL')
+  }
+})
+
+test('the responder example answers ping from a namespace', async (t) => {
+  const nic = await createResponder({ replaceStale: true })
+  try {
+    const ifname = await nic.attach()
+    await sh(`ip netns del ns-r 2>/dev/null || true; ip netns add ns-r; ip link set ${ifname} netns ns-r
+      ip -n ns-r addr add 10.80.0.1/24 dev ${ifname}; ip -n ns-r link set ${ifname} up`)
+    const out = await sh('ip netns exec ns-r ping -q -n -c 20 -i 0.01 -W 2 10.80.0.2 2>&1 || true')
+    t.regex(out, / 0% packet loss/, out)
+  } finally {
+    await nic.close()
+    await sh('ip netns del ns-r 2>/dev/null || true')
   }
 })
