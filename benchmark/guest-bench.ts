@@ -11,6 +11,7 @@ import { join } from 'node:path'
 import { createInterface } from 'node:readline'
 import { promisify } from 'node:util'
 
+import { runNetBench } from './net-bench'
 const exec = promisify(execFile)
 const ROOT = join(__dirname, '..')
 const SIZE_MIB = 256
@@ -552,6 +553,7 @@ async function main(): Promise<void> {
       if (stopped) entry.stopped = stopped
     }
   }
+  const net = await runNetBench(only, RUNTIME)
   const md =
     `# vduse benchmark, ${env.date.slice(0, 10)}\n\n` +
     `Guest: ${env.guestCpus} vCPUs, ${env.guestMemoryMiB} MiB, kernel ${env.kernel}, ${env.accelerator} on ${env.cpuModel}.\n` +
@@ -577,7 +579,8 @@ async function main(): Promise<void> {
       .filter((t) => t.stopped)
       .map((t) => `- ${t.id}: \`${JSON.stringify(t.stopped)}\``)
       .join('\n') +
-    '\n'
+    '\n' +
+    (net.results.length > 0 ? net.md : '')
   console.log('\n' + md)
   const dir = join(ROOT, 'benchmark/results')
   mkdirSync(dir, { recursive: true })
@@ -586,7 +589,7 @@ async function main(): Promise<void> {
   writeFileSync(join(dir, `${stamp}.md`), md)
   writeFileSync(
     join(dir, `${stamp}.json`),
-    JSON.stringify({ env, targets: all, workloads: WORKLOADS }, null, 1) + '\n',
+    JSON.stringify({ env, targets: all, workloads: WORKLOADS, network: net.results }, null, 1) + '\n',
   )
   console.log(`results written to benchmark/results/${stamp}.{md,json}`)
 }
