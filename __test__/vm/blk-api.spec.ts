@@ -8,7 +8,6 @@ import {
   MemoryBackend,
   type BlockBackend,
   type BlockIo,
-  type VduseError,
 } from '../../src'
 import { assertInGuest, exerciseBlockDevice, sh } from './guest'
 
@@ -184,14 +183,17 @@ test('an attach that times out or is aborted leaves nothing behind; the next att
     (await sh('ls /sys/bus/vdpa/devices/')).split('\n').includes(name)
   for (const [how, options, code] of [
     ['timed out', { timeoutMs: 1 }, 'ERR_VDUSE_TIMEOUT'],
-    ['aborted', { signal: AbortSignal.abort() }, 'ERR_VDUSE_ATTACH'],
+    ['aborted', { signal: AbortSignal.abort() }, 'ABORT_ERR'],
   ] as const) {
     const device = await BlockDevice.create({ name, backend: new MemoryBackend(8 << 20), replaceStale: true })
-    const err = await t.throwsAsync<VduseError>(device.attach(options))
-    t.is(err?.code, code, `${how}: ${err?.message}`)
-    t.false(await onBus(), `${how}: nothing left on the vDPA bus`)
-    t.false(device.attached)
-    await device.close() // no ERR_VDUSE_BUSY
+    try {
+      const err = await t.throwsAsync<Error & { code?: string }>(device.attach(options))
+      t.is(err?.code, code, `${how}: ${err?.message}`)
+      t.false(await onBus(), `${how}: nothing left on the vDPA bus`)
+      t.false(device.attached)
+    } finally {
+      await device.close() // no ERR_VDUSE_BUSY
+    }
     t.false(listDevices().includes(name), `${how}: the device is gone`)
   }
   const device = await BlockDevice.create({ name, backend: new MemoryBackend(8 << 20), replaceStale: true })
