@@ -328,6 +328,8 @@ struct Shared {
     drain_timeout: Duration,
     janitor: Janitor,
     events: Option<Arc<dyn DeviceEvents>>,
+    /// The native model, told of each session's features before its first request.
+    model: Option<Arc<dyn DeviceModel>>,
     state: Option<Arc<StateFile>>,
     broken: AtomicBool,
     drains: AtomicU64,
@@ -573,6 +575,10 @@ impl VduseDevice {
             drain_timeout: options.drain_timeout.min(MAX_DRAIN),
             janitor: Janitor::new(&options.name).map_err(|e| Error::sys("spawn", e))?,
             events,
+            model: match &serving {
+                Serving::Workers(model) => Some(model.clone()),
+                Serving::External => None,
+            },
             state,
             broken: AtomicBool::new(false),
             drains: AtomicU64::new(0),
@@ -974,8 +980,12 @@ impl Shared {
         }
         self.memory.invalidate();
         let event_idx = features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        if let Some(model) = &self.model {
+            model.started(features);
+        }
         for q in &self.queues {
             q.set_event_idx(event_idx);
+            q.set_features(features);
             q.arm();
         }
         self.register_kicks()?;
@@ -1089,8 +1099,12 @@ impl Shared {
             ));
         }
         drop(map);
+        if let Some(model) = &self.model {
+            model.started(features);
+        }
         for q in &self.queues {
             q.set_event_idx(event_idx);
+            q.set_features(features);
         }
         for (q, plan) in plans {
             let Plan {
@@ -1223,10 +1237,15 @@ impl Shared {
         let mut fenced = 0;
         let mut maps = Vec::new();
         for q in &self.queues {
-            let (n, m) = q.fence_where(affected);
-            if !q.held() {
-                fenced += n;
+            if q.held() {
+                // Receive buffers hold nothing yet: give them back (the driver posts new ones) rather
+                // than lose them until its next reset.
+                let (_, m) = q.give_back_where(affected);
+                maps.extend(m);
+                continue;
             }
+            let (n, m) = q.fence_where(affected);
+            fenced += n;
             maps.extend(m);
         }
         // A publish that took the old map before the invalidation finishes under the queue lock; every

@@ -35,7 +35,7 @@ pub use device::{
 };
 pub use error::{Error, Result};
 pub use model::{Completer, DeviceModel, DeviceSpec};
-pub use queue::{Budget, Completion, Pop, Request, RequestBatch, Ticket, Virtqueue};
+pub use queue::{Budget, Completion, Done, Pop, Request, RequestBatch, Ticket, Virtqueue};
 pub use reclaim::Reclaim;
 
 use std::os::fd::RawFd;

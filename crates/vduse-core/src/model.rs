@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use crate::queue::{Completion, RequestBatch, Ticket, Virtqueue};
+use crate::queue::{Completion, Done, RequestBatch, Ticket, Virtqueue};
 
 /// What a virtio device is, as the transport needs to know it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -33,6 +33,11 @@ pub trait DeviceModel: Send + Sync + 'static {
     /// now, or later from another thread (clone the completer; the ticket stays valid until completed or
     /// fenced, and `completer.with_request` reaches its buffers meanwhile).
     fn handle(&self, queue: u16, batch: &RequestBatch, completer: &Completer);
+
+    /// The driver started a session (DRIVER_OK) with these negotiated features, before any of its requests
+    /// reach [`handle`](Self::handle) (the same features are on every request's queue:
+    /// [`Virtqueue::features`]). Called on the message loop, which the kernel waits on: never block.
+    fn started(&self, _features: u64) {}
 }
 
 /// Answers requests of one queue. Completions are published at once; [`flush`](Self::flush) raises the
@@ -56,6 +61,13 @@ impl Completer {
     /// completed already is ignored (and counted).
     pub fn complete(&self, ticket: Ticket, used_len: u32, status: Option<u8>) -> Completion {
         self.queue.complete(ticket, used_len, status)
+    }
+
+    /// Completes several requests under one lock, published with one used-index store (a unit of
+    /// [`Done::joined`] completions — a frame over several receive buffers — goes out whole or as
+    /// runts); [`flush`](Self::flush) raises the interrupt. Returns how many were in flight.
+    pub fn complete_all(&self, done: impl IntoIterator<Item = Done>) -> usize {
+        self.queue.complete_all_quietly(done)
     }
 
     /// Raises the interrupt for what was completed since the last flush.

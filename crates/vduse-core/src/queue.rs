@@ -302,6 +302,12 @@ struct Ring {
     live: usize,
     /// Used entries were added since the last notification check.
     need_notify: bool,
+    /// Used entries added since the last notification check (EVENT_IDX: which `used_event` they passed).
+    added: u16,
+    /// Heads whose used elements are written but not yet covered by the used index (see `push_used`).
+    unpublished: Vec<u16>,
+    /// Scratch for a group of completions published together (see [`Done::joined`]).
+    group: Vec<Done>,
     /// Heads to serve before the avail ring (requests taken over from a previous server).
     resubmit: std::collections::VecDeque<u16>,
     /// Avail index to resume from, when taking over a running queue.
@@ -338,6 +344,32 @@ pub enum Completion {
     Stale,
 }
 
+/// One completion for [`Virtqueue::complete_all`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Done {
+    pub ticket: Ticket,
+    /// Bytes written into the request's writable buffers (capped to what it can hold).
+    pub used_len: u32,
+    /// Written into the last writable byte first (virtio-blk's status byte).
+    pub status: Option<u8>,
+    /// The next completion belongs to the same unit — a received frame spread over several buffers
+    /// (`num_buffers`). A unit is published whole with one used-index store; if any of its buffers was
+    /// fenced meanwhile, the others are published with length 0 (the driver drops them as runts) rather
+    /// than leaving it a frame with a hole in it.
+    pub joined: bool,
+}
+
+impl Done {
+    pub fn new(ticket: Ticket, used_len: u32, status: Option<u8>) -> Self {
+        Self {
+            ticket,
+            used_len,
+            status,
+            joined: false,
+        }
+    }
+}
+
 /// How many times a publish retries for a map that keeps changing before using what it has.
 const FRESH_MAP_TRIES: usize = 4;
 
@@ -355,6 +387,8 @@ pub struct Virtqueue {
     pub stats: QueueStats,
     logged: [AtomicBool; ChainError::KINDS],
     event_idx: AtomicBool,
+    /// The features the driver negotiated for the current session (set at DRIVER_OK, before arming).
+    features: AtomicU64,
     waker: Mutex<Option<Arc<vmm_sys_util::eventfd::EventFd>>>,
     /// The model holds this queue's buffers until it has data for them (see `DeviceSpec::held_queues`).
     held: AtomicBool,
@@ -382,6 +416,9 @@ impl Virtqueue {
                 head_slot: Vec::new(),
                 live: 0,
                 need_notify: false,
+                added: 0,
+                unpublished: Vec::new(),
+                group: Vec::new(),
                 resubmit: Default::default(),
                 resume_avail: None,
                 full: false,
@@ -393,6 +430,7 @@ impl Virtqueue {
             stats: QueueStats::default(),
             logged: Default::default(),
             event_idx: AtomicBool::new(false),
+            features: AtomicU64::new(0),
             waker: Mutex::new(None),
             held: AtomicBool::new(false),
         })
@@ -413,6 +451,26 @@ impl Virtqueue {
     /// Turns EVENT_IDX on or off for the ring set up next (the negotiated features, at DRIVER_OK).
     pub fn set_event_idx(&self, on: bool) {
         self.event_idx.store(on, Ordering::Release);
+    }
+
+    /// Records the session's negotiated features (DRIVER_OK, before the queue is armed): a model reads
+    /// them with the requests it pops, so requests and features always belong to the same session.
+    pub fn set_features(&self, features: u64) {
+        self.features.store(features, Ordering::Release);
+    }
+
+    /// The features negotiated for the session whose requests this queue serves.
+    pub fn features(&self) -> u64 {
+        self.features.load(Ordering::Acquire)
+    }
+
+    /// The ring's size (the largest allowed until the driver set one up).
+    pub fn size(&self) -> u16 {
+        self.ring
+            .lock()
+            .queue
+            .as_ref()
+            .map_or(self.max_size, |q| q.size())
     }
 
     pub fn memory(&self) -> &Arc<Memory> {
@@ -495,6 +553,8 @@ impl Virtqueue {
         r.resubmit.clear();
         r.resume_avail = None;
         r.need_notify = false;
+        r.added = 0;
+        r.unpublished.clear();
         r.full = false;
         drop(r);
         if let (true, Some(log)) = (forget, &self.log) {
@@ -514,6 +574,42 @@ impl Virtqueue {
             self.wake();
         }
         (n, maps)
+    }
+
+    /// Gives the requests `affected` selects back to the driver unused (used length 0) instead of fencing
+    /// them: for held buffers (a NIC's receive buffers) whose memory the driver is unmapping — they have
+    /// nothing in them to lose, and a fenced one would be lost to the driver until it resets. Returns how
+    /// many, and the maps they held (to dispose of off this thread, like [`fence_where`]'s). The used ring
+    /// itself must still be reachable; where it is not, the ring breaks (as any publish would).
+    ///
+    /// Called by the message loop during an IOTLB update: it publishes through the map as it was (no
+    /// reload: the loop must never mmap while the kernel waits), whose mappings stay valid until revoked.
+    pub fn give_back_where(&self, affected: impl Fn(&[Segment]) -> bool) -> (usize, Vec<Arc<IotlbMap>>) {
+        let map = self.memory.peek();
+        let mut r = self.ring.lock();
+        let mut n = 0;
+        let mut old_maps: Vec<Arc<IotlbMap>> = Vec::new();
+        for i in 0..r.slots.len() {
+            let s = &r.slots[i];
+            if !s.live || s.native || !affected(&s.segments) {
+                continue;
+            }
+            let ticket = Ticket::new(self.index, i as u16, s.gen);
+            if let Ok(Some(old)) = self.complete_locked(&mut r, &map, ticket, 0, None, false) {
+                if !old_maps.iter().any(|m| Arc::ptr_eq(m, &old)) {
+                    old_maps.push(old);
+                }
+            }
+            n += 1;
+        }
+        self.publish_used(&mut r, &map);
+        self.notify_locked(&mut r, &map);
+        let wake = n > 0 && std::mem::take(&mut r.full);
+        drop(r);
+        if wake {
+            self.wake();
+        }
+        (n, old_maps)
     }
 
     /// How many in-flight requests `affected` selects.
@@ -571,10 +667,8 @@ impl Virtqueue {
         if let Some(log) = &self.log {
             log.set_next_avail(next_avail);
         }
-        if self.publish_locked(r, map, head, 0) {
-            if let (Some(log), Some(q)) = (&self.log, r.queue.as_ref()) {
-                log.set_used_idx(q.next_used());
-            }
+        if self.push_used(r, map, head, 0) {
+            self.publish_used(r, map);
         }
     }
 
@@ -885,24 +979,85 @@ impl Virtqueue {
         }
     }
 
-    /// Adds a used element (and publishes the used index). False if the used ring is out of reach.
-    fn publish_locked(&self, r: &mut Ring, map: &IotlbMap, head: u16, len: u32) -> bool {
+    /// Writes a used element without publishing it: [`publish_used`](Self::publish_used) stores the used
+    /// index once for everything pushed since (under the same lock hold). `virtio-queue`'s `add_used`
+    /// stores the index per element, which would show the driver the first buffers of a frame before the
+    /// rest hold it. False if the used ring is out of reach.
+    fn push_used(&self, r: &mut Ring, map: &IotlbMap, head: u16, len: u32) -> bool {
         let Some(q) = r.queue.as_mut() else { return false };
-        if let Err(e) = q.add_used(map, head, len) {
+        let next = q.next_used();
+        // struct virtq_used { le16 flags; le16 idx; struct { le32 id; le32 len; } ring[size]; }
+        let addr = q.used_ring() + 4 + u64::from(next % q.size()) * 8;
+        let mut elem = [0u8; 8];
+        elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
+        elem[4..].copy_from_slice(&len.to_le_bytes());
+        if let Err(e) = map.write_slice(&elem, GuestAddress(addr)) {
             // The used ring went out of reach (the driver unmapped it): nothing can be reported any more.
             self.break_ring(r, &format!("cannot write the used ring ({e})"));
             return false;
         }
-        r.need_notify = true;
+        q.set_next_used(next.wrapping_add(1));
+        r.added = r.added.wrapping_add(1);
+        r.unpublished.push(head);
         true
+    }
+
+    /// Publishes the used elements pushed since the last publish: one used-index store (release: the
+    /// elements are visible first), then the log (crash-consistent order, see `inflight`: used ring, then
+    /// the heads' entries, then the used index).
+    fn publish_used(&self, r: &mut Ring, map: &IotlbMap) {
+        if r.unpublished.is_empty() {
+            return;
+        }
+        let Some(q) = r.queue.as_ref() else {
+            r.unpublished.clear();
+            return;
+        };
+        let next = q.next_used();
+        if let Err(e) = map.store(
+            u16::to_le(next),
+            GuestAddress(q.used_ring() + 2),
+            Ordering::Release,
+        ) {
+            r.unpublished.clear();
+            self.break_ring(r, &format!("cannot write the used index ({e})"));
+            return;
+        }
+        r.need_notify = true;
+        if let Some(log) = &self.log {
+            for &head in &r.unpublished {
+                log.end(head);
+            }
+            log.set_used_idx(next);
+        }
+        r.unpublished.clear();
+    }
+
+    /// Whether the driver wants an interrupt for the used entries added since the last check: with
+    /// EVENT_IDX, when they passed its `used_event` (as Linux's `vring_need_event`); else always.
+    fn needs_interrupt(r: &mut Ring, map: &IotlbMap) -> bool {
+        let added = std::mem::take(&mut r.added);
+        let Some(q) = r.queue.as_ref() else { return false };
+        if !q.event_idx_enabled() {
+            return true;
+        }
+        // The used index stores before the read of used_event (the driver orders the other way).
+        std::sync::atomic::fence(Ordering::SeqCst);
+        // used_event sits after the avail ring: flags, idx, ring[size].
+        let at = q.avail_ring() + 4 + 2 * u64::from(q.size());
+        let Ok(event) = map.load::<u16>(GuestAddress(at), Ordering::Relaxed) else {
+            return true;
+        };
+        let new = q.next_used();
+        let old = new.wrapping_sub(added);
+        new.wrapping_sub(u16::from_le(event)).wrapping_sub(1) < new.wrapping_sub(old)
     }
 
     fn notify_locked(&self, r: &mut Ring, map: &IotlbMap) -> bool {
         if !std::mem::take(&mut r.need_notify) {
             return false;
         }
-        let Some(q) = r.queue.as_mut() else { return false };
-        let notify = q.needs_notification(map).unwrap_or(true);
+        let notify = Self::needs_interrupt(r, map);
         if notify {
             self.stats.interrupts.fetch_add(1, Ordering::Relaxed);
             self.transport.notify(self.index);
@@ -977,6 +1132,7 @@ impl Virtqueue {
     fn complete_one(&self, ticket: Ticket, used_len: u32, status: Option<u8>, native: bool) -> Completion {
         let (mut r, map) = self.lock_fresh();
         let done = self.complete_locked(&mut r, &map, ticket, used_len, status, native);
+        self.publish_used(&mut r, &map);
         let wake = done.is_ok() && std::mem::take(&mut r.full);
         drop(r);
         if wake {
@@ -992,26 +1148,61 @@ impl Virtqueue {
         }
     }
 
-    /// Completes several requests (none native-owned) and raises at most one interrupt. Returns how many
-    /// were in flight.
-    pub fn complete_all(&self, done: impl IntoIterator<Item = (Ticket, u32, Option<u8>)>) -> usize {
+    /// Completes several requests (none native-owned), publishes them with one used-index store and
+    /// raises at most one interrupt. Returns how many were in flight.
+    pub fn complete_all(&self, done: impl IntoIterator<Item = Done>) -> usize {
+        self.complete_many(done, true)
+    }
+
+    /// [`complete_all`](Self::complete_all) without the interrupt: [`notify`](Self::notify) raises it,
+    /// once for many calls.
+    pub fn complete_all_quietly(&self, done: impl IntoIterator<Item = Done>) -> usize {
+        self.complete_many(done, false)
+    }
+
+    fn complete_many(&self, done: impl IntoIterator<Item = Done>, notify: bool) -> usize {
         let mut keep: Option<Arc<IotlbMap>> = None;
         let mut others: Vec<Arc<IotlbMap>> = Vec::new();
         let mut n = 0;
         let (mut r, map) = self.lock_fresh();
-        for (ticket, len, status) in done {
-            if let Ok(old) = self.complete_locked(&mut r, &map, ticket, len, status, false) {
-                n += 1;
-                // Old maps are released after the lock: the last reference unmaps.
-                match (&keep, old) {
-                    (_, None) => {}
-                    (Some(k), Some(old)) if Arc::ptr_eq(k, &old) => {}
-                    (None, Some(old)) => keep = Some(old),
-                    (Some(_), Some(old)) => others.push(old),
+        let mut group = std::mem::take(&mut r.group);
+        let mut done = done.into_iter();
+        loop {
+            group.clear();
+            for d in done.by_ref() {
+                group.push(d);
+                if !d.joined {
+                    break;
+                }
+            }
+            if group.is_empty() {
+                break;
+            }
+            // A unit with a fenced buffer goes out as runts: no frame with a hole in it.
+            let whole = group.len() == 1
+                || group
+                    .iter()
+                    .all(|d| d.ticket.queue() == self.index && Slot::of(&r.slots, d.ticket, false).is_some());
+            for d in &group {
+                let len = if whole { d.used_len } else { 0 };
+                if let Ok(old) = self.complete_locked(&mut r, &map, d.ticket, len, d.status, false) {
+                    n += 1;
+                    // Old maps are released after the lock: the last reference unmaps.
+                    match (&keep, old) {
+                        (_, None) => {}
+                        (Some(k), Some(old)) if Arc::ptr_eq(k, &old) => {}
+                        (None, Some(old)) => keep = Some(old),
+                        (Some(_), Some(old)) => others.push(old),
+                    }
                 }
             }
         }
-        self.notify_locked(&mut r, &map);
+        group.clear();
+        r.group = group;
+        self.publish_used(&mut r, &map);
+        if notify {
+            self.notify_locked(&mut r, &map);
+        }
         let wake = n > 0 && std::mem::take(&mut r.full);
         drop(r);
         if wake {
@@ -1056,14 +1247,8 @@ impl Virtqueue {
             *hs = 0;
         }
         r.live -= 1;
-        // Crash-consistent order (see `inflight`): used ring, then the head's entry, then the used index.
-        let published = self.publish_locked(r, map, head, len);
-        if let Some(log) = &self.log {
-            log.end(head);
-            if let (true, Some(q)) = (published, r.queue.as_ref()) {
-                log.set_used_idx(q.next_used());
-            }
-        }
+        // The caller publishes (`publish_used`): the log learns of it after the used index.
+        self.push_used(r, map, head, len);
         self.stats.completions.fetch_add(1, Ordering::Relaxed);
         self.inflight.sub(1);
         Ok(old)

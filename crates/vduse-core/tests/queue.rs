@@ -8,7 +8,7 @@ use std::sync::Arc;
 use vduse_core::chain::ChainError;
 use vduse_core::memory::{Access, IotlbMap, Memory};
 use vduse_core::model::Completer;
-use vduse_core::queue::{Budget, Completion, Pop, RequestBatch, Ticket};
+use vduse_core::queue::{Budget, Completion, Done, Pop, RequestBatch, Ticket};
 use vduse_core::ram_blk::{
     RamBlk, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
@@ -646,4 +646,135 @@ fn the_state_file_follows_pops_completions_and_refusals() {
     assert!(log.in_flight().is_empty(), "a reset forgets everything");
     state.remove();
     let _ = std::fs::remove_dir(&dir);
+}
+
+/// `n` receive-buffer-like chains (one writable 64-byte descriptor each) at heads `first..first+n`.
+fn rx_buffers(first: u16, n: u16) -> (Vec<(u16, RawDescriptor)>, Vec<u16>) {
+    let table = (first..first + n)
+        .map(|h| (h, desc(0x14_0000 + 0x100 * u64::from(h), 64, W, 0)))
+        .collect();
+    (table, (first..first + n).collect())
+}
+
+fn unit(tickets: &[Ticket], len: u32) -> Vec<Done> {
+    let last = tickets.len() - 1;
+    tickets
+        .iter()
+        .enumerate()
+        .map(|(k, &t)| Done {
+            ticket: t,
+            used_len: len,
+            status: None,
+            joined: k < last,
+        })
+        .collect()
+}
+
+#[test]
+fn a_unit_of_joined_completions_is_published_whole_never_in_part() {
+    let rig = Rig::new();
+    let (mock, q) = rig.queue(4, false);
+    // A driver on another CPU reads the used index all along: it must only ever see whole frames.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let (map, used_at, stop) = (rig.map.clone(), mock.used, stop.clone());
+        std::thread::spawn(move || {
+            let mut seen_parts = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                let idx: u16 = map.load(GuestAddress(used_at + 2), Ordering::Acquire).unwrap();
+                if !u16::from_le(idx).is_multiple_of(3) {
+                    seen_parts += 1;
+                }
+            }
+            seen_parts
+        })
+    };
+    for round in 0..3000u32 {
+        let first = (round % 5) as u16 * 3;
+        let (table, heads) = rx_buffers(first, 3);
+        offer(&mock, &table, &heads);
+        let t = pop_all(&q);
+        assert_eq!(t.len(), 3);
+        assert_eq!(q.complete_all(unit(&t, 40)), 3);
+    }
+    stop.store(true, Ordering::Relaxed);
+    assert_eq!(watcher.join().unwrap(), 0, "the driver saw part of a frame");
+    assert_eq!(mock.used_idx(), 9000);
+}
+
+#[test]
+fn a_unit_with_a_fenced_buffer_goes_out_as_runts() {
+    let rig = Rig::new();
+    let (mock, q) = rig.queue(4, false);
+    let (table, heads) = rx_buffers(0, 3);
+    offer(&mock, &table, &heads);
+    let t = pop_all(&q);
+    // The driver unmapped the middle buffer's memory (an IOTLB change) while the frame was copied.
+    let middle = 0x14_0100;
+    let (fenced, _maps) = q.fence_where(|segs| segs.iter().any(|s| s.addr == middle));
+    assert_eq!(fenced, 1);
+    assert_eq!(q.complete_all(unit(&t, 64)), 2);
+    assert_eq!(
+        used(&mock, 0),
+        vec![(0, 0), (2, 0)],
+        "no frame with a hole: both runts"
+    );
+    // A single completion is not a unit: its length stands.
+    let (table, heads) = rx_buffers(3, 1);
+    offer(&mock, &table, &heads);
+    let t = pop_all(&q);
+    assert_eq!(q.complete_all(unit(&t, 64)), 1);
+    assert_eq!(used(&mock, 2), vec![(3, 64)]);
+}
+
+#[test]
+fn held_buffers_under_unmapped_memory_are_given_back_not_lost() {
+    let rig = Rig::new();
+    let (mock, q) = rig.queue(4, false);
+    q.set_held(true);
+    let (table, heads) = rx_buffers(0, 2);
+    offer(&mock, &table, &heads);
+    let t = pop_all(&q);
+    let (given, _maps) = q.give_back_where(|segs| segs.iter().any(|s| s.addr == 0x14_0000));
+    assert_eq!(given, 1);
+    assert_eq!(
+        used(&mock, 0),
+        vec![(0, 0)],
+        "the driver has its buffer back, empty"
+    );
+    assert_eq!(
+        q.complete(t[0], 64, None),
+        Completion::Stale,
+        "and the model cannot fill it any more"
+    );
+    assert_eq!(q.complete(t[1], 64, None), Completion::Done);
+    assert_eq!(q.stats.fenced.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn event_idx_interrupts_only_when_the_drivers_used_event_is_passed() {
+    let rig = Rig::new();
+    let (mock, q) = rig.queue(4, true);
+    let interrupts = || rig.transport.interrupts.load(Ordering::Relaxed);
+    let before = interrupts();
+    // The driver wants an interrupt once used entry 2 is published (used_event = 2).
+    mock.set_used_event(2);
+    let (table, heads) = rx_buffers(0, 4);
+    offer(&mock, &table, &heads);
+    let t = pop_all(&q);
+    let one = |k: usize| vec![Done::new(t[k], 8, None)];
+    q.complete_all(one(0)); // used idx 1: entry 0 published, not past 2
+    q.complete_all(one(1)); // used idx 2
+    assert_eq!(interrupts(), before, "used_event not passed yet");
+    q.complete_all(one(2)); // used idx 3: entry 2 published
+    assert_eq!(interrupts(), before + 1);
+    q.complete_all(one(3)); // past it already, and the driver did not move it
+    assert_eq!(interrupts(), before + 1);
+    // Several at once that pass it: one interrupt.
+    mock.set_used_event(5);
+    let (table, heads) = rx_buffers(4, 4);
+    offer(&mock, &table, &heads);
+    let t = pop_all(&q);
+    q.complete_all(t.iter().map(|&t| Done::new(t, 8, None)));
+    assert_eq!(interrupts(), before + 2);
 }
