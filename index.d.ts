@@ -33,11 +33,6 @@ export declare class BindingDevice {
   updateConfig(offset: number, data: Buffer): void
   /** The tap interface a natively served NIC is bridged to. */
   get tapName(): string | null
-  /**
-   * Tells a natively served NIC what the driver negotiated (after DRIVER_OK): buffer merging, and
-   * the offloads the tap may hand it.
-   */
-  configureNet(features: bigint): void
   /** Frame counters of a natively served NIC. */
   tapStats(): TapCounters | null
   /** Whether this device was taken over from a server that died (`recover`), rather than created. */

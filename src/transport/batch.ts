@@ -6,6 +6,14 @@ const REQ_FIELDS = 6
 const DONE_FIELDS = 3
 const IO_FIELDS = 5
 
+/**
+ * A completion `status` for a unit of several buffers (a received frame over `num_buffers` buffers):
+ * no status byte, and the next completion belongs to the same unit. A unit is published with one
+ * used-index store — the driver never sees part of it — or, if one of its buffers died meanwhile, as
+ * runts of length 0.
+ */
+export const STATUS_JOINED = -2
+
 /** Native block I/O kinds (`RequestSource.submitIo`). */
 export const FILE_IO_READ = 0
 export const FILE_IO_WRITE = 1
@@ -15,9 +23,11 @@ export const FILE_IO_FLUSH = 2
  * The typed arrays of the batch protocol, owned by JavaScript and reused for every batch — the native
  * side writes requests into them and reads completions out, so nothing is allocated per request:
  *
- * - `reqs`: per request `[ticket, queue, readableBytes, writableBytes, headLength, 0]`;
+ * - `reqs`: per request `[ticket, queue, readableBytes, writableBytes, headLength, features]` (the
+ *   session's negotiated device features, bits 0–23: requests and features always belong together);
  * - `heads`: per request the first 64 readable bytes (the request header, with no copy call);
- * - `done`: per completion `[ticket, usedLength, status]` (`status` < 0: no status byte);
+ * - `done`: per completion `[ticket, usedLength, status]` (`status` < 0: no status byte;
+ *   `STATUS_JOINED`: and the next completion is of the same unit);
  * - `ctl[0]`: completions waiting in `done`.
  */
 export class BatchArrays {
@@ -73,6 +83,14 @@ export class Completions {
     a.done[d + 2] = status
     a.ctl[0] = n + 1
     if (!this.inBatch) this.#schedule()
+  }
+
+  /**
+   * Makes room for `n` completions that must go out in one publish (a unit of `STATUS_JOINED` ones):
+   * flushes now if fewer are free. `n` must not exceed the array's capacity (at least the ring size).
+   */
+  reserve(n: number): void {
+    if (this.#arrays.ctl[0]! + n > this.#arrays.doneCapacity) this.#source.flush()
   }
 
   /** Hands request `ticket` to native block I/O, which completes it (status byte included). */
@@ -147,6 +165,10 @@ export class RequestBatch {
   /** Bytes the device may write (data in and status). */
   writableBytes(i: number): number {
     return this.#arrays.reqs[i * REQ_FIELDS + 3]!
+  }
+  /** The session's negotiated device features (bits 0–23) this request was made under. */
+  features(i: number): number {
+    return this.#arrays.reqs[i * REQ_FIELDS + 5]!
   }
   /** How many of the first readable bytes are in `heads` (at most 64). */
   headLength(i: number): number {

@@ -1,6 +1,6 @@
 import { VduseError } from '../errors'
 import { STATUS } from '../virtio/status'
-import { HEAD_BYTES, type BatchArrays } from './batch'
+import { HEAD_BYTES, STATUS_JOINED, type BatchArrays } from './batch'
 import type { DeviceCounters, DeviceEvent, DeviceInit, RequestSource, Transport } from './source'
 
 const SLOT_BITS = 0x8000
@@ -49,6 +49,7 @@ export class InProcessTransport implements Transport {
   #statusValue = 0
   #features = 0n
   #offered = 0n
+  #held = new Set<number>()
   #configSpace = Buffer.alloc(0)
   #closed = false
   readonly #counts = { requests: 0, completions: 0, batches: 0, fenced: 0, stale: 0 }
@@ -70,6 +71,7 @@ export class InProcessTransport implements Transport {
     this.#onEvent = onEvent
     this.#arrays = arrays
     this.#offered = init.features | (1n << 32n) | (1n << 33n)
+    this.#held = new Set(init.heldQueues ?? [])
     this.#configSpace = Buffer.from(init.config)
     return {
       read: (t, o, dst, at, n) => this.#copy(t, o, dst, at, n, false),
@@ -174,10 +176,22 @@ export class InProcessTransport implements Transport {
 
   /**
    * The driver changed its memory map under requests in flight (an IOTLB update that could not wait for
-   * them): they are fenced as by `reset()`, but the device stays running.
+   * them): they are fenced as by `reset()`, but the device stays running — except buffers of held queues
+   * (a NIC's receive buffers), which are given back unused (`used` 0, not fenced), as the kernel path does.
+   * Returns how many were fenced.
    */
   remap(): number {
-    const fenced = this.#fenceAll()
+    let fenced = 0
+    for (const [slot, r] of [...this.#slots]) {
+      this.#slots.delete(slot)
+      const given = this.#held.has(r.queue)
+      if (given) this.#counts.completions++
+      else {
+        this.#counts.fenced++
+        fenced++
+      }
+      r.resolve({ used: 0, writable: [], fenced: !given, writableAt: r.writable.map(([off]) => off) })
+    }
     if (fenced > 0) this.#onEvent?.({ kind: 'drained', reason: 'iotlb', waitedMs: 0, fenced })
     return fenced
   }
@@ -230,6 +244,8 @@ export class InProcessTransport implements Transport {
     this.#scheduled = false
     const a = this.#arrays
     if (!a || !this.#onBatch || this.#closed) return
+    // The session's device features travel with its requests (bits 0–23), as on the kernel path.
+    const features = Number(this.#features & 0xff_ffffn)
     while (this.#pending.length > 0) {
       const n = Math.min(this.#pending.length, a.capacity)
       const batch = this.#pending.splice(0, n)
@@ -240,7 +256,7 @@ export class InProcessTransport implements Transport {
         const writableBytes = req.writable.reduce((s, [, len]) => s + len, 0)
         const head = Math.min(HEAD_BYTES, readableBytes)
         this.#copy(req.ticket, 0, a.heads, i * HEAD_BYTES, head, false)
-        a.reqs.set([req.ticket, req.queue, readableBytes, writableBytes, head, 0], i * 6)
+        a.reqs.set([req.ticket, req.queue, readableBytes, writableBytes, head, features], i * 6)
       }
       this.#counts.batches++
       this.#onBatch(batch[0]!.queue, n)
@@ -286,10 +302,23 @@ export class InProcessTransport implements Transport {
     if (!a) return
     const n = a.ctl[0]!
     a.ctl[0] = 0
+    // A unit of joined completions (STATUS_JOINED: a frame over several buffers) goes out whole, or —
+    // when one of its buffers died meanwhile — as runts of length 0, as the kernel path publishes it.
+    let unitWhole = true
+    let unitStart = -1
     for (let i = 0; i < n; i++) {
+      if (unitStart < 0) {
+        unitStart = i
+        unitWhole = true
+        for (let j = i; j < n; j++) {
+          if (this.#live(a.done[j * 3]!) === undefined) unitWhole = false
+          if (a.done[j * 3 + 2] !== STATUS_JOINED) break
+        }
+      }
       const ticket = a.done[i * 3]!
-      const used = a.done[i * 3 + 1]!
+      const used = unitWhole ? a.done[i * 3 + 1]! : 0
       const status = a.done[i * 3 + 2]!
+      if (status !== STATUS_JOINED) unitStart = -1
       const req = this.#live(ticket)
       if (!req) {
         this.#counts.stale++

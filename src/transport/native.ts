@@ -28,7 +28,6 @@ export const vduseTransport: Transport = {
       close: () => nativeAsync(async () => void (await device.close())),
       release: () => nativeAsync(async () => void (await native(() => device.release()))),
       tapName: device.tapName ?? undefined,
-      configureNet: (features) => native(() => device.configureNet(features)),
       tapCounters: () => device.tapStats() ?? undefined,
     }
     return source

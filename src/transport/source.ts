@@ -47,8 +47,6 @@ export interface RequestSource {
   release?(): Promise<void>
   /** A NIC served natively (`DeviceInit.tap`): the tap it is bridged to. */
   readonly tapName?: string | undefined
-  /** A NIC served natively: what the driver negotiated (buffer merging, the tap's offloads). */
-  configureNet?(features: bigint): void
   /** A NIC served natively: its frame counters. */
   tapCounters?(): TapCounters | undefined
 }

@@ -170,7 +170,8 @@ export abstract class VirtioDevice<
       throw new VduseError('pollUs must be an integer from 0 to 1000', { code: 'ERR_VDUSE_INVALID_CONFIG' })
     }
     const capacity = this.#options.batchSize ?? 64
-    const arrays = new BatchArrays(capacity, Math.max(256, capacity * 4))
+    // Room for a whole ring of completions: a unit of joined ones (a frame over buffers) is never split.
+    const arrays = new BatchArrays(capacity, Math.max(256, capacity * 4, init.queueSize))
     this.source = transport.open(
       full,
       arrays,

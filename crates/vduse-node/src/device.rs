@@ -315,13 +315,28 @@ pub fn create_device(
     let tap = match init.tap.as_deref() {
         Some(name) => Some(
             TapModel::open(name)
-                .map_err(|e| {
+                .map_err(|(syscall, e)| {
+                    let (code, hint) = match e.raw_os_error() {
+                        Some(libc::EPERM | libc::EACCES) => (
+                            "ERR_VDUSE_PERMISSION",
+                            "creating or opening a tap needs CAP_NET_ADMIN (run as root)",
+                        ),
+                        Some(libc::EBUSY) => (
+                            "ERR_VDUSE_BUSY",
+                            "another process has this tap open (or it is not a tap with virtio-net headers); pick another name",
+                        ),
+                        Some(libc::ENOENT | libc::ENODEV | libc::ENXIO) if syscall.starts_with("open") => (
+                            "ERR_VDUSE_UNAVAILABLE",
+                            "no /dev/net/tun: load the tun module (modprobe tun)",
+                        ),
+                        _ => ("ERR_VDUSE_SYSCALL", "see the errno"),
+                    };
                     Failure::new(
-                        "ERR_VDUSE_SYSCALL",
-                        format!("cannot open tap interface {name:?}: {e}"),
+                        code,
+                        format!("cannot open tap interface {name:?}: {syscall} failed: {e}"),
                         e.raw_os_error(),
-                        Some("open(/dev/net/tun)"),
-                        Some("needs CAP_NET_ADMIN and the tun module (modprobe tun); a tap of that name owned by another process is busy"),
+                        Some(syscall),
+                        Some(hint),
                     )
                 })
                 .or_throw(&env)?,
@@ -487,16 +502,6 @@ impl BindingDevice {
     #[napi(getter)]
     pub fn tap_name(&self) -> Option<String> {
         self.tap.as_ref().map(|t| t.name().to_string())
-    }
-
-    /// Tells a natively served NIC what the driver negotiated (after DRIVER_OK): buffer merging, and
-    /// the offloads the tap may hand it.
-    #[napi]
-    pub fn configure_net(&self, env: Env, features: BigInt) -> napi::Result<()> {
-        let Some(tap) = &self.tap else { return Ok(()) };
-        tap.configure(features.get_u64().1)
-            .map_err(|e| crate::error::syscall("ioctl(TUNSETOFFLOAD)", e))
-            .or_throw(&env)
     }
 
     /// Frame counters of a natively served NIC.

@@ -8,9 +8,12 @@
 //! backend's promise) go out together once per event-loop turn (`flush`).
 //!
 //! Batch format (all numbers, JavaScript-owned, reused for every batch):
-//! - `reqs`: per request `[ticket, queue, readableBytes, writableBytes, headLength, 0]`;
+//! - `reqs`: per request `[ticket, queue, readableBytes, writableBytes, headLength, features]` (`features`:
+//!   the session's negotiated device features, bits 0–23);
 //! - `heads`: per request the first 64 readable bytes (a virtio request header, without a copy call);
-//! - `done`: per completion `[ticket, usedLength, status]` (`status` < 0: write no status byte);
+//! - `done`: per completion `[ticket, usedLength, status]` (`status` < 0: write no status byte; -2: and
+//!   the next completion belongs to the same unit, a frame over several receive buffers — published
+//!   together, see `Done::joined`);
 //! - `ctl[0]`: how many completions `done` holds.
 
 use std::cell::{Cell, RefCell};
@@ -20,7 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use napi::sys;
-use vduse_core::queue::{Budget, Pop, RequestBatch, Ticket, Virtqueue};
+use vduse_core::queue::{Budget, Done, Pop, RequestBatch, Ticket, Virtqueue};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::error::{native, Failure};
@@ -29,6 +32,8 @@ use crate::uv;
 pub const HEAD_BYTES: usize = 64;
 pub const REQ_FIELDS: usize = 6;
 pub const DONE_FIELDS: usize = 3;
+/// A `done` status: no status byte, and the next completion joins this one (see `Done::joined`).
+const STATUS_JOINED: f64 = -2.0;
 /// Pop rounds per wake-up before other events get their turn.
 const ROUNDS: usize = 4;
 /// Adaptive polling starts here when it turns on.
@@ -415,7 +420,7 @@ impl JsServer {
             let (more, count) = {
                 let mut batch = self.batch.borrow_mut();
                 let more = vq.pop(self.budget, &mut batch);
-                (more, self.fill(&batch))
+                (more, self.fill(&batch, vq.features()))
             };
             if count > 0 {
                 self.call(q, count);
@@ -502,8 +507,11 @@ impl JsServer {
     }
 
     /// Writes the batch into the JavaScript arrays; returns how many requests it holds.
-    fn fill(&self, batch: &RequestBatch) -> usize {
+    fn fill(&self, batch: &RequestBatch, features: u64) -> usize {
         let a = &self.arrays;
+        // The session's device features (bits 0–23, exact in a double): requests carry them, so a model
+        // never reads a request with the features of another session.
+        let features = (features & 0xff_ffff) as f64;
         let map = batch.memory();
         let mut n = 0;
         for req in batch.iter() {
@@ -528,7 +536,7 @@ impl JsServer {
             a.reqs.set(r + 2, f64::from(req.shape.readable_bytes));
             a.reqs.set(r + 3, f64::from(req.shape.writable_bytes));
             a.reqs.set(r + 4, at as f64);
-            a.reqs.set(r + 5, 0.0);
+            a.reqs.set(r + 5, features);
             n += 1;
         }
         n
@@ -591,20 +599,25 @@ impl JsServer {
         if n == 0 {
             return;
         }
-        let entry = |i: usize| -> Option<(Ticket, u32, Option<u8>)> {
+        let entry = |i: usize| -> Option<Done> {
             let d = i * DONE_FIELDS;
             let ticket = Ticket::from_raw(a.done.get(d)? as u64);
             let used = a.done.get(d + 1)?.clamp(0.0, f64::from(u32::MAX)) as u32;
             let status = a.done.get(d + 2)?;
-            Some((ticket, used, (status >= 0.0).then_some(status as u8)))
+            Some(Done {
+                ticket,
+                used_len: used,
+                status: (status >= 0.0).then_some(status as u8),
+                joined: status == STATUS_JOINED,
+            })
         };
         if self.queues.len() == 1 {
             self.queues[0].complete_all((0..n).filter_map(entry));
         } else {
             let mut touched = self.touched.borrow_mut();
             for i in 0..n {
-                if let Some((t, _, _)) = entry(i) {
-                    if let Some(flag) = touched.get_mut(usize::from(t.queue())) {
+                if let Some(d) = entry(i) {
+                    if let Some(flag) = touched.get_mut(usize::from(d.ticket.queue())) {
                         *flag = true;
                     }
                 }
@@ -612,8 +625,7 @@ impl JsServer {
             for (q, flag) in touched.iter_mut().enumerate() {
                 if std::mem::take(flag) {
                     let q16 = q as u16;
-                    self.queues[q]
-                        .complete_all((0..n).filter_map(entry).filter(|(t, _, _)| t.queue() == q16));
+                    self.queues[q].complete_all((0..n).filter_map(entry).filter(|d| d.ticket.queue() == q16));
                 }
             }
         }

@@ -2,7 +2,13 @@
 //! JavaScript. TX: each chain (virtio-net header + frame) goes to the tap with one `writev` straight from
 //! guest memory — the tap takes the same 12-byte header (`IFF_VNET_HDR`), offloads included. RX: a reader
 //! thread reads a frame (header + data) from the tap into one buffer and spreads it over the receive
-//! buffers the driver posted (`num_buffers` with MRG_RXBUF), which the model holds until then.
+//! buffers the driver posted (`num_buffers` with MRG_RXBUF), which the model holds until then, and
+//! publishes them with one used-index store: the driver never sees part of a frame.
+//!
+//! The session's negotiated features come with the receive queue (`Virtqueue::features`), so a frame is
+//! always shaped for the driver that will read it: a header the driver did not negotiate (a GSO or
+//! partial-checksum frame the tap queued before a renegotiation) is dropped, `DATA_VALID` is cleared
+//! without GUEST_CSUM, and without MRG_RXBUF a frame takes exactly one buffer.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -11,8 +17,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use vduse_core::memory::Access;
-use vduse_core::{Completer, DeviceModel, RequestBatch, Ticket};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vduse_core::{Completer, DeviceModel, Done, RequestBatch, Ticket};
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 use crate::serve::copy_in;
 
@@ -32,13 +38,26 @@ const ETH_HLEN: usize = 14;
 /// A 64 KiB GSO packet plus its Ethernet and VLAN headers.
 const MAX_FRAME: usize = 65_535 + ETH_HLEN + 4;
 
+const F_CSUM: u64 = 1 << 0;
 const F_GUEST_CSUM: u64 = 1 << 1;
+const F_HOST_TSO4: u64 = 1 << 11;
+const F_HOST_TSO6: u64 = 1 << 12;
 const F_GUEST_TSO4: u64 = 1 << 7;
 const F_GUEST_TSO6: u64 = 1 << 8;
 const F_MRG_RXBUF: u64 = 1 << 15;
 
+/// virtio_net_hdr flags and GSO types.
+const HDR_F_NEEDS_CSUM: u8 = 1;
+const GSO_NONE: u8 = 0;
+const GSO_TCPV4: u8 = 1;
+const GSO_TCPV6: u8 = 4;
+const GSO_ECN: u8 = 0x80;
+
 const RX_QUEUE: u16 = 0;
 const TX_QUEUE: u16 = 1;
+
+/// Marks `Shared::offloads` as set (bit 63, SPEED_DUPLEX, is never offered; no offload reads it).
+const OFFLOAD_PENDING: u64 = 1 << 63;
 
 /// Frames per wake-up before the reader raises the interrupt for what it delivered.
 const RX_BURST: usize = 64;
@@ -48,7 +67,8 @@ pub struct TapStats {
     pub tx_frames: AtomicU64,
     pub tx_dropped: AtomicU64,
     pub rx_frames: AtomicU64,
-    /// Frames dropped: too large for the posted buffers, or held back past a reset.
+    /// Frames dropped: larger than the driver's buffers can ever hold, or with offloads it did not
+    /// negotiate (queued by the tap before a renegotiation).
     pub rx_dropped: AtomicU64,
 }
 
@@ -62,8 +82,9 @@ struct Held {
 struct Shared {
     tap: OwnedFd,
     held: Mutex<Held>,
-    mergeable: AtomicBool,
-    /// Written when buffers are posted: the reader waits on it while none are held.
+    /// A session's features whose offloads the reader is to set on the tap (`OFFLOAD_PENDING` set).
+    offloads: AtomicU64,
+    /// Written when buffers are posted (and when `offloads` changed): the reader waits on it while none are held.
     posted: EventFd,
     stop: EventFd,
     stats: TapStats,
@@ -73,10 +94,23 @@ pub struct TapModel {
     shared: Arc<Shared>,
     name: String,
     reader: Mutex<Option<JoinHandle<()>>>,
+    /// The TX worker's iovec scratch (no allocation per batch).
+    #[allow(clippy::type_complexity)]
+    tx_scratch: Mutex<(Vec<(*mut u8, usize)>, Vec<libc::iovec>)>,
+    tx_error_logged: AtomicBool,
 }
 
+// SAFETY: the raw pointers in `tx_scratch` are only scratch space, rewritten before each use by the one
+// TX worker (under the mutex); nothing dereferences them after a batch.
+unsafe impl Send for TapModel {}
+// SAFETY: as above; all other state is Sync.
+unsafe impl Sync for TapModel {}
+
+/// A failed step of opening a tap: the system call and its error.
+pub type TapError = (&'static str, std::io::Error);
+
 /// Opens (or creates) tap interface `name` ("" lets the kernel pick), with virtio-net headers.
-fn open_tap(name: &str) -> std::io::Result<(OwnedFd, String)> {
+fn open_tap(name: &str) -> Result<(OwnedFd, String), TapError> {
     // SAFETY: a plain open of a NUL-terminated path.
     let fd = unsafe {
         libc::open(
@@ -85,7 +119,7 @@ fn open_tap(name: &str) -> std::io::Result<(OwnedFd, String)> {
         )
     };
     if fd < 0 {
-        return Err(std::io::Error::last_os_error());
+        return Err(("open(/dev/net/tun)", std::io::Error::last_os_error()));
     }
     // SAFETY: `fd` was just opened and is owned by nobody else.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
@@ -93,47 +127,54 @@ fn open_tap(name: &str) -> std::io::Result<(OwnedFd, String)> {
     let mut ifr = [0u8; 40];
     let bytes = name.as_bytes();
     if bytes.len() >= 16 || bytes.contains(&0) {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "tap name too long",
+        return Err((
+            "ioctl(TUNSETIFF)",
+            std::io::Error::from_raw_os_error(libc::EINVAL),
         ));
     }
     ifr[..bytes.len()].copy_from_slice(bytes);
     ifr[16..18].copy_from_slice(&(IFF_TAP | IFF_NO_PI | IFF_VNET_HDR).to_ne_bytes());
     // SAFETY: TUNSETIFF reads and writes a struct ifreq, 40 bytes on Linux, which `ifr` is.
     if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF as _, ifr.as_mut_ptr()) } < 0 {
-        return Err(std::io::Error::last_os_error());
+        return Err(("ioctl(TUNSETIFF)", std::io::Error::last_os_error()));
     }
     let hdr_len: libc::c_int = HDR as libc::c_int;
     // SAFETY: TUNSETVNETHDRSZ reads an int through the pointer.
     if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETVNETHDRSZ as _, &hdr_len) } < 0 {
-        return Err(std::io::Error::last_os_error());
+        return Err(("ioctl(TUNSETVNETHDRSZ)", std::io::Error::last_os_error()));
     }
     let end = ifr[..16].iter().position(|&b| b == 0).unwrap_or(16);
     Ok((fd, String::from_utf8_lossy(&ifr[..end]).into_owned()))
 }
 
 impl TapModel {
-    pub fn open(name: &str) -> std::io::Result<Arc<Self>> {
+    pub fn open(name: &str) -> Result<Arc<Self>, TapError> {
         let (tap, name) = open_tap(name)?;
+        let eventfd = || EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(|e| ("eventfd", e));
         let shared = Arc::new(Shared {
             tap,
             held: Mutex::new(Held::default()),
-            mergeable: AtomicBool::new(false),
-            posted: EventFd::new(EFD_NONBLOCK)?,
-            stop: EventFd::new(EFD_NONBLOCK)?,
+            offloads: AtomicU64::new(0),
+            posted: eventfd()?,
+            stop: eventfd()?,
             stats: TapStats::default(),
         });
         let reader = {
             let shared = shared.clone();
             std::thread::Builder::new()
                 .name(format!("vduse-tap-{name}"))
-                .spawn(move || read_loop(&shared))?
+                .spawn({
+                    let name = name.clone();
+                    move || read_loop(&shared, &name)
+                })
+                .map_err(|e| ("spawn", e))?
         };
         Ok(Arc::new(Self {
             shared,
             name,
             reader: Mutex::new(Some(reader)),
+            tx_scratch: Mutex::new((Vec::new(), Vec::new())),
+            tx_error_logged: AtomicBool::new(false),
         }))
     }
 
@@ -145,12 +186,8 @@ impl TapModel {
         &self.shared.stats
     }
 
-    /// The driver's negotiated features: how to fill receive buffers, and which offloads the tap may
-    /// hand us (only those the driver accepts: TUNSETOFFLOAD).
-    pub fn configure(&self, features: u64) -> std::io::Result<()> {
-        self.shared
-            .mergeable
-            .store(features & F_MRG_RXBUF != 0, Ordering::Relaxed);
+    /// Which offloads the tap may hand us: only those the driver accepts (TUNSETOFFLOAD).
+    fn configure(tap: &OwnedFd, features: u64) -> std::io::Result<()> {
         let mut offload = 0u32;
         if features & F_GUEST_CSUM != 0 {
             offload |= TUN_F_CSUM;
@@ -162,14 +199,7 @@ impl TapModel {
             }
         }
         // SAFETY: TUNSETOFFLOAD takes the flags as the argument value.
-        if unsafe {
-            libc::ioctl(
-                self.shared.tap.as_raw_fd(),
-                TUNSETOFFLOAD as _,
-                offload as libc::c_ulong,
-            )
-        } < 0
-        {
+        if unsafe { libc::ioctl(tap.as_raw_fd(), TUNSETOFFLOAD as _, offload as libc::c_ulong) } < 0 {
             return Err(std::io::Error::last_os_error());
         }
         Ok(())
@@ -184,16 +214,20 @@ impl TapModel {
 
     fn transmit(&self, batch: &RequestBatch, completer: &Completer) {
         let mem = batch.memory();
-        let mut ranges: Vec<(*mut u8, usize)> = Vec::new();
-        let mut iov: Vec<libc::iovec> = Vec::new();
+        // One worker thread per queue: the scratch lists are this queue's alone.
+        let mut scratch = self.tx_scratch.lock().unwrap_or_else(|e| e.into_inner());
+        let (ranges, iov) = &mut *scratch;
+        let features = completer.queue().features();
         for req in batch.iter() {
             let len = req.shape.readable_bytes as usize;
-            let ok = (HDR + ETH_HLEN..=HDR + MAX_FRAME).contains(&len) && {
-                ranges.clear();
-                req.readable
-                    .iter()
-                    .all(|s| mem.host_ranges(s.addr, u64::from(s.len), Access::Read, &mut ranges))
-            };
+            let ok = (HDR + ETH_HLEN..=HDR + MAX_FRAME).contains(&len)
+                && header_allowed(mem, req.readable, features)
+                && {
+                    ranges.clear();
+                    req.readable
+                        .iter()
+                        .all(|s| mem.host_ranges(s.addr, u64::from(s.len), Access::Read, ranges))
+                };
             if ok {
                 iov.clear();
                 iov.extend(ranges.iter().map(|&(base, len)| libc::iovec {
@@ -214,6 +248,14 @@ impl TapModel {
                 if n == len as isize {
                     self.shared.stats.tx_frames.fetch_add(1, Ordering::Relaxed);
                 } else {
+                    let err = std::io::Error::last_os_error();
+                    // EAGAIN: the tap's queue is full; EIO: the tap is down (no carrier). Both are a
+                    // NIC dropping on its link; anything else is worth a word.
+                    let link =
+                        err.kind() == std::io::ErrorKind::WouldBlock || err.raw_os_error() == Some(libc::EIO);
+                    if n < 0 && !link && !self.tx_error_logged.swap(true, Ordering::Relaxed) {
+                        log::warn!("tap {}: a frame could not be sent ({err}); dropped (logged once, counted in txDropped)", self.name);
+                    }
                     self.shared.stats.tx_dropped.fetch_add(1, Ordering::Relaxed);
                 }
             } else {
@@ -231,6 +273,16 @@ impl Drop for TapModel {
 }
 
 impl DeviceModel for TapModel {
+    fn started(&self, features: u64) {
+        // Not here: TUNSETOFFLOAD takes the RTNL lock, which virtio_net's probe holds while it waits for
+        // this very message to be answered. The reader sets it; meanwhile it fits every frame to the new
+        // features anyway (`fit_header`).
+        self.shared
+            .offloads
+            .store(features | OFFLOAD_PENDING, Ordering::Release);
+        let _ = self.shared.posted.write(1);
+    }
+
     fn handle(&self, queue: u16, batch: &RequestBatch, completer: &Completer) {
         match queue {
             TX_QUEUE => self.transmit(batch, completer),
@@ -238,6 +290,14 @@ impl DeviceModel for TapModel {
                 let mut held = self.shared.held.lock().unwrap_or_else(|e| e.into_inner());
                 if held.completer.is_none() {
                     held.completer = Some(completer.clone());
+                }
+                // Buffers of past sessions (fenced by resets) are forgotten here too, not only when a
+                // frame comes: a driver that posts and resets in a loop cannot grow the list.
+                let ring = usize::from(completer.queue().size());
+                if held.buffers.len() + batch.len() > ring {
+                    let queue = completer.queue().clone();
+                    held.buffers
+                        .retain(|&(t, _)| queue.with_request(t, |_, _, _| ()).is_some());
                 }
                 for req in batch.iter() {
                     if (req.shape.writable_bytes as usize) < HDR {
@@ -259,19 +319,28 @@ impl DeviceModel for TapModel {
     }
 }
 
-/// Polls `fds` (stop first); true when `stop` fired.
-fn wait(fds: &mut [libc::pollfd]) -> bool {
+/// Longest a frame waits for the driver to post enough buffers before it is dropped: a driver that posts
+/// none while the frame blocks its receive queue must not stall it for good.
+const PENDING_MS: i32 = 1000;
+
+/// Polls `fds` (stop first) for up to `timeout_ms` (-1: no limit). `None` when `stop` fired; else
+/// whether anything is ready.
+fn wait(fds: &mut [libc::pollfd], timeout_ms: i32) -> Option<bool> {
     for f in fds.iter_mut() {
         f.revents = 0;
     }
     // SAFETY: `fds` is a valid array for the duration of the call.
-    let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
-    n > 0 && fds[0].revents != 0
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+    if n > 0 && fds[0].revents != 0 {
+        return None;
+    }
+    Some(n > 0)
 }
 
-fn read_loop(shared: &Shared) {
+fn read_loop(shared: &Shared, name: &str) {
     let mut frame = vec![0u8; HDR + MAX_FRAME];
-    // A frame read but not delivered yet (no buffers posted): the tap's own queue holds the rest.
+    let mut done: Vec<Done> = Vec::new();
+    // A frame read but not delivered yet (too few buffers posted): the tap's own queue holds the rest.
     let mut pending: usize = 0;
     let pollfd = |fd: i32| libc::pollfd {
         fd,
@@ -285,26 +354,51 @@ fn read_loop(shared: &Shared) {
             .unwrap_or_else(|e| e.into_inner())
             .buffers
             .is_empty();
-        // Without buffers, wait for some (not for the tap: its queue is the backpressure).
+        // Watch the tap only when a frame could go somewhere; otherwise wait for buffers (the tap's
+        // queue is the backpressure). A frame waiting for more buffers waits for them, not for the tap.
         let mut fds = [
             pollfd(shared.stop.as_raw_fd()),
             pollfd(shared.posted.as_raw_fd()),
             pollfd(shared.tap.as_raw_fd()),
         ];
-        let watch = if have_buffers { 3 } else { 2 };
-        if wait(&mut fds[..watch]) {
+        let watch = if have_buffers && pending == 0 { 3 } else { 2 };
+        let timeout = if pending == 0 { -1 } else { PENDING_MS };
+        let Some(ready) = wait(&mut fds[..watch], timeout) else {
             return;
+        };
+        if !ready && pending != 0 {
+            shared.stats.rx_dropped.fetch_add(1, Ordering::Relaxed);
+            pending = 0;
+            continue;
         }
         if fds[1].revents != 0 {
             let _ = shared.posted.read();
+        }
+        let offloads = shared.offloads.swap(0, Ordering::AcqRel);
+        if offloads & OFFLOAD_PENDING != 0 {
+            if let Err(e) = TapModel::configure(&shared.tap, offloads & !OFFLOAD_PENDING) {
+                log::error!("tap {name}: cannot set its offloads (TUNSETOFFLOAD): {e}");
+            }
+        }
+        if watch == 3 && fds[2].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+            log::error!("tap {name}: the interface went away; the NIC receives nothing more");
+            return;
         }
         let mut delivered = false;
         for _ in 0..RX_BURST {
             if pending == 0 {
                 // SAFETY: reading into our own buffer of the given length.
                 let n = unsafe { libc::read(shared.tap.as_raw_fd(), frame.as_mut_ptr().cast(), frame.len()) };
-                if n <= 0 {
-                    break; // EAGAIN: nothing more for now
+                if n < 0 {
+                    let err = std::io::Error::last_os_error();
+                    match err.kind() {
+                        std::io::ErrorKind::WouldBlock => break,
+                        std::io::ErrorKind::Interrupted => continue,
+                        _ => {
+                            log::error!("tap {name}: read failed ({err}); the NIC receives nothing more");
+                            return;
+                        }
+                    }
                 }
                 pending = n as usize;
                 if pending < HDR + ETH_HLEN {
@@ -312,7 +406,7 @@ fn read_loop(shared: &Shared) {
                     continue;
                 }
             }
-            match deliver(shared, &mut frame[..pending]) {
+            match deliver(shared, &mut frame[..pending], &mut done) {
                 Delivery::Done => {
                     shared.stats.rx_frames.fetch_add(1, Ordering::Relaxed);
                     delivered = true;
@@ -345,15 +439,71 @@ enum Delivery {
     NoBuffers,
 }
 
-/// Spreads `frame` (header + data) over the oldest held buffers; dead ones (fenced) are skipped.
-fn deliver(shared: &Shared, frame: &mut [u8]) -> Delivery {
-    let mergeable = shared.mergeable.load(Ordering::Relaxed);
+/// Whether a TX frame's virtio-net header asks only for what the driver negotiated (spec 5.1.6.2): no
+/// flags but NEEDS_CSUM (and that only with CSUM), GSO only of a negotiated kind and with a partial
+/// checksum. The tap's kernel side checks the rest (sizes, offsets) before it builds a packet.
+fn header_allowed(
+    mem: &vduse_core::memory::IotlbMap,
+    readable: &[vduse_core::chain::Segment],
+    features: u64,
+) -> bool {
+    // The first two bytes, wherever the driver's framing put them.
+    let mut hdr = [0u8; 2];
+    let mut at = 0;
+    for seg in readable {
+        let k = (seg.len as usize).min(2 - at);
+        if !mem.read_into(seg.addr, &mut hdr[at..at + k]) {
+            return false;
+        }
+        at += k;
+        if at == 2 {
+            break;
+        }
+    }
+    let (flags, gso) = (hdr[0], hdr[1] & !GSO_ECN);
+    let csum = flags & HDR_F_NEEDS_CSUM != 0;
+    if flags & !HDR_F_NEEDS_CSUM != 0 || (csum && features & F_CSUM == 0) {
+        return false;
+    }
+    match gso {
+        GSO_NONE => true,
+        GSO_TCPV4 => csum && features & F_HOST_TSO4 != 0,
+        GSO_TCPV6 => csum && features & F_HOST_TSO6 != 0,
+        _ => false,
+    }
+}
+
+/// Fits the tap's header to what the driver negotiated; false: the driver cannot take this frame.
+fn fit_header(frame: &mut [u8], features: u64) -> bool {
+    let csum = features & F_GUEST_CSUM != 0;
+    if frame[0] & HDR_F_NEEDS_CSUM != 0 && !csum {
+        return false;
+    }
+    if !csum {
+        frame[0] = 0; // no DATA_VALID either: without GUEST_CSUM the flags must be 0
+    }
+    match frame[1] & !GSO_ECN {
+        GSO_NONE => true,
+        GSO_TCPV4 => features & F_GUEST_TSO4 != 0,
+        GSO_TCPV6 => features & F_GUEST_TSO6 != 0,
+        _ => false,
+    }
+}
+
+/// Spreads `frame` (header + data) over the oldest held buffers (dead ones, fenced, are skipped) and
+/// publishes them together.
+fn deliver(shared: &Shared, frame: &mut [u8], done: &mut Vec<Done>) -> Delivery {
     let mut held = shared.held.lock().unwrap_or_else(|e| e.into_inner());
     let Held { buffers, completer } = &mut *held;
     let Some(completer) = completer.clone() else {
         return Delivery::NoBuffers;
     };
     let queue = completer.queue().clone();
+    let features = queue.features();
+    if !fit_header(frame, features) {
+        return Delivery::Dropped;
+    }
+    let mergeable = features & F_MRG_RXBUF != 0;
     // Enough room among the live buffers at the front?
     let mut room = 0usize;
     let mut count = 0usize;
@@ -373,23 +523,37 @@ fn deliver(shared: &Shared, frame: &mut [u8]) -> Delivery {
     }
     if room < frame.len() {
         // Without MRG_RXBUF a frame takes one buffer: one too small for it means the frame is larger
-        // than the driver takes (the buffer stays for the next one).
-        return if !mergeable && count == 1 {
+        // than the driver takes (the buffer stays for the next one). With it, a frame that a full ring
+        // of buffers cannot hold never will be.
+        let never = if mergeable {
+            count >= usize::from(queue.size())
+        } else {
+            count == 1
+        };
+        return if never {
             Delivery::Dropped
         } else {
             Delivery::NoBuffers
         };
     }
     frame[10..12].copy_from_slice(&(count as u16).to_le_bytes());
-    let mut done = 0usize;
-    for _ in 0..count {
+    done.clear();
+    let mut at = 0usize;
+    for k in 0..count {
         let Some((ticket, size)) = buffers.pop_front() else {
             break;
         };
-        let n = (size as usize).min(frame.len() - done);
-        let copied = copy_in(&queue, ticket, 0, &frame[done..done + n]);
-        completer.complete(ticket, if copied < 0.0 { 0 } else { n as u32 }, None);
-        done += n;
+        let n = (size as usize).min(frame.len() - at);
+        let copied = copy_in(&queue, ticket, 0, &frame[at..at + n]);
+        done.push(Done {
+            ticket,
+            used_len: if copied < 0.0 { 0 } else { n as u32 },
+            status: None,
+            joined: k + 1 < count,
+        });
+        at += n;
     }
+    // All buffers of the frame become visible to the driver at once (one used-index store).
+    completer.complete_all(done.drain(..));
     Delivery::Done
 }

@@ -1,7 +1,7 @@
 import { randomBytes } from 'node:crypto'
 
 import { VduseError } from '../../errors'
-import type { RequestBatch } from '../../transport/batch'
+import { STATUS_JOINED, type RequestBatch } from '../../transport/batch'
 import { VirtioDevice, type VirtioDeviceEvents, type VirtioDeviceOptions } from '../../virtio/device'
 import {
   ETH_HLEN,
@@ -139,7 +139,8 @@ export class NetDevice extends VirtioDevice<NetDeviceEvents> {
   #rxCount = 0
   #starved = false
   #link = true
-  // Negotiated, decoded once per DRIVER_OK.
+  // Negotiated, decoded from the features each batch carries (so never those of another session).
+  #session = -1
   #mergeable = false
   #guestCsum = false
   #guestTso4 = false
@@ -215,11 +216,11 @@ export class NetDevice extends VirtioDevice<NetDeviceEvents> {
       heldQueues: [RX_QUEUE],
       ...(this.#tap === undefined ? {} : { tap: this.#tap }),
     })
-    this.on('ready', (features) => this.#negotiated(features))
   }
 
-  #negotiated(features: bigint): void {
-    if (this.#tap !== undefined) this.source.configureNet?.(features)
+  #negotiated(session: number): void {
+    this.#session = session
+    const features = BigInt(session)
     const has = (f: NetFeature): boolean => NET_FEATURES.has(features, f)
     this.#mergeable = has('MRG_RXBUF')
     this.#guestCsum = has('GUEST_CSUM')
@@ -324,7 +325,9 @@ export class NetDevice extends VirtioDevice<NetDeviceEvents> {
       hdr.writeUInt16LE(header!.gsoSize, HDR.gsoSize)
     }
     hdr.writeUInt16LE(buffers, HDR.numBuffers)
-    // Header, then the frame across the buffers, each completed with what it got.
+    // Header, then the frame across the buffers, each completed with what it got — as one unit: the
+    // driver sees all of them at once, never the first without the rest.
+    this.completions.reserve(buffers)
     let done = 0
     for (let b = 0; b < buffers; b++) {
       const ticket = this.#rxTickets[this.#rxHead]!
@@ -340,7 +343,7 @@ export class NetDevice extends VirtioDevice<NetDeviceEvents> {
       this.batch.write(ticket, at, frame, done, n)
       if (b === 0 && partial && !this.#guestCsum) this.#completeChecksum(ticket, frame, header)
       done += n
-      this.completions.complete(ticket, at + n, -1)
+      this.completions.complete(ticket, at + n, b + 1 < buffers ? STATUS_JOINED : -1)
     }
     this.stats.rxFrames++
     this.stats.rxBytes += len
@@ -371,6 +374,7 @@ export class NetDevice extends VirtioDevice<NetDeviceEvents> {
   }
 
   protected handleRequest(batch: RequestBatch, i: number): void {
+    if (batch.features(i) !== this.#session) this.#negotiated(batch.features(i))
     const ticket = batch.ticket(i)
     if (batch.queue(i) === RX_QUEUE) return this.#postRx(batch, ticket, i)
     if (batch.queue(i) === TX_QUEUE) return this.#transmit(batch, ticket, i)
@@ -379,6 +383,8 @@ export class NetDevice extends VirtioDevice<NetDeviceEvents> {
 
   #postRx(batch: RequestBatch, ticket: number, i: number): void {
     const size = batch.writableBytes(i)
+    // Dead buffers (given back or fenced under an IOTLB change, which tells no one) make room.
+    if (this.#rxCount === this.#queueSize) this.onFenced()
     if (size < NET_HDR_BYTES || this.#rxCount === this.#queueSize) {
       this.stats.rxMalformed++
       return batch.complete(ticket, 0)
@@ -414,7 +420,12 @@ export class NetDevice extends VirtioDevice<NetDeviceEvents> {
       (gso === GSO.NONE && len > this.mtu + ETH_HLEN + 4) ||
       (gso === GSO.TCPV4 && !this.#hostTso4) ||
       (gso === GSO.TCPV6 && !this.#hostTso6) ||
-      (gso !== GSO.NONE && ((gso !== GSO.TCPV4 && gso !== GSO.TCPV6) || header.gsoSize === 0 || !partial))
+      (gso !== GSO.NONE &&
+        ((gso !== GSO.TCPV4 && gso !== GSO.TCPV6) ||
+          header.gsoSize === 0 ||
+          header.gsoSize > this.mtu ||
+          header.hdrLen > len ||
+          !partial))
     ) {
       return this.#malformed(batch, ticket)
     }
