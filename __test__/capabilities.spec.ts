@@ -146,6 +146,23 @@ test('maxInFlight: calls beyond the limit wait their turn, in order', async (t) 
   await device.close()
 })
 
+test('maxInFlight: a call whose request timed out keeps its place until the backend returns from it', async (t) => {
+  const g = gatedBackend({ capabilities: { maxInFlight: 1 } })
+  const { device, driver } = await setup(g.backend, { requestTimeoutMs: 50 })
+  t.is((await driver.read(0, 512)).status, S.IOERR, 'answered at its deadline')
+  const next = driver.read(1, 512)
+  await new Promise((r) => setTimeout(r, 20))
+  t.is(g.calls.length, 1, 'the backend is still busy with the first call: the next one waits')
+  g.calls[0]!.release()
+  await tick()
+  await tick()
+  t.is(g.calls.length, 2, 'and starts once it returned')
+  g.calls[1]!.release()
+  t.is((await next).status, S.OK)
+  t.is(g.most(), 1)
+  await device.close()
+})
+
 test('maxInFlight: a request fenced while waiting never reaches the backend; one that waits too long times out', async (t) => {
   const g = gatedBackend({ capabilities: { maxInFlight: 1 } })
   const { device, transport, driver } = await setup(g.backend)

@@ -54,6 +54,12 @@ async function queueLimits(major: number, minor: number): Promise<QueueLimits> {
   }
 }
 
+/** A native call failed because the operation is not supported for this file or range. */
+function unsupported(err: unknown): boolean {
+  const errno = Math.abs((err as { errno?: number }).errno ?? 0)
+  return errno === 95 /* EOPNOTSUPP */ || errno === 22 /* EINVAL */ || errno === 25 /* ENOTTY */
+}
+
 function splitDev(dev: number): [number, number] {
   return [Math.floor(dev / 256) & 0xfff, (dev & 0xff) | ((dev >> 12) & 0xfff00)]
 }
@@ -69,6 +75,12 @@ export class FileBackend implements BlockBackend {
   readonly #handle: FileHandle
   #bytes: number
   readonly #regular: boolean
+  /** The disk's own logical block size (a block device; 512 for a file): BLKDISCARD's alignment. */
+  readonly #diskBlock: number
+  readonly #direct: boolean
+  /** Native calls (discard, zeroing) queued or running: they name the file by its descriptor number. */
+  #nativeCalls = 0
+  #nativeIdle: (() => void) | undefined
 
   private constructor(
     handle: FileHandle,
@@ -83,10 +95,27 @@ export class FileBackend implements BlockBackend {
     readonly id: string,
     /** What the storage can do (block sizes, discard), as detected at open. */
     readonly capabilities: BlockBackendCapabilities,
+    diskBlock: number,
+    direct: boolean,
   ) {
     this.#handle = handle
     this.#bytes = bytes
     this.#regular = regular
+    this.#diskBlock = diskBlock
+    this.#direct = direct
+  }
+
+  /**
+   * Runs a native call on the file's descriptor, counted: `close()` waits for the ones queued on the
+   * thread pool, or one could run on whatever file reuses the descriptor number.
+   */
+  async #native(call: () => Promise<void>): Promise<void> {
+    this.#nativeCalls++
+    try {
+      await nativeAsync(call)
+    } finally {
+      if (--this.#nativeCalls === 0) this.#nativeIdle?.()
+    }
   }
 
   static async open(path: string, options: FileBackendOptions = {}): Promise<FileBackend> {
@@ -170,7 +199,18 @@ export class FileBackend implements BlockBackend {
     if (physical > logical && (physical & (physical - 1)) === 0) capabilities.physicalBlockSize = physical
     const optimal = limits?.optimal ?? 0
     if (optimal > 0 && optimal % logical === 0) capabilities.optimalIoSize = optimal
-    return new FileBackend(handle, size, readOnly, st.isFile(), path, id, capabilities)
+    const diskBlock = st.isFile() ? 512 : Math.max(512, diskLogical)
+    return new FileBackend(
+      handle,
+      size,
+      readOnly,
+      st.isFile(),
+      path,
+      id,
+      capabilities,
+      diskBlock,
+      !!options.direct,
+    )
   }
 
   get size(): number {
@@ -204,12 +244,18 @@ export class FileBackend implements BlockBackend {
 
   async discard(offset: number, length: number): Promise<void> {
     if (this.#regular) {
-      await nativeAsync(() =>
+      await this.#native(() =>
         binding.fallocate(this.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length),
       )
-    } else {
-      await nativeAsync(() => binding.blkDiscard(this.fd, offset, length))
+      return
     }
+    // BLKDISCARD takes whole disk blocks only (EINVAL otherwise), and the driver may send 512-byte
+    // aligned ranges to a 4K disk served through the page cache: discard what lies whole inside (a
+    // discard is a hint; the rest keeps its data).
+    const b = this.#diskBlock
+    const start = Math.ceil(offset / b) * b
+    const end = Math.floor((offset + length) / b) * b
+    if (end > start) await this.#native(() => binding.blkDiscard(this.fd, start, end - start))
   }
 
   async writeZeroes(offset: number, length: number, unmap: boolean, signal?: AbortSignal): Promise<void> {
@@ -217,20 +263,24 @@ export class FileBackend implements BlockBackend {
     if (unmap && this.capabilities.writeZeroesUnmap) {
       try {
         const hole = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
-        await nativeAsync(() => binding.fallocate(this.fd, hole, offset, length))
+        await this.#native(() => binding.fallocate(this.fd, hole, offset, length))
         return
-      } catch {
-        // The device cannot guarantee zeroes after a discard: zero it instead.
+      } catch (err) {
+        // The device cannot guarantee zeroes after a discard (or not for this range): zero it instead.
+        if (!unsupported(err)) throw err
       }
     }
     try {
-      await nativeAsync(() =>
+      await this.#native(() =>
         this.#regular
           ? binding.fallocate(this.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
           : binding.blkZeroOut(this.fd, offset, length),
       )
-    } catch {
-      // Not supported here (a file system without ZERO_RANGE): write zeroes.
+    } catch (err) {
+      // Only "not supported here" (a file system without ZERO_RANGE, a range the disk cannot zero
+      // natively) falls back to writing zeroes; a real failure (EIO) is the request's. O_DIRECT needs
+      // aligned memory, which a JavaScript buffer is not: no fallback there.
+      if (!unsupported(err) || this.#direct) throw err
       const zero = Buffer.alloc(Math.min(length, 1 << 20))
       for (let done = 0; done < length;) {
         if (signal?.aborted) throw signal.reason
@@ -254,6 +304,7 @@ export class FileBackend implements BlockBackend {
   /** Makes written data durable and closes the file (which drops its lock). Idempotent. */
   close(): Promise<void> {
     this.#closing ??= (async () => {
+      if (this.#nativeCalls > 0) await new Promise<void>((resolve) => (this.#nativeIdle = resolve))
       let failed: NodeJS.ErrnoException | undefined
       if (!this.readOnly) {
         await this.#handle.datasync().catch((err: NodeJS.ErrnoException) => {

@@ -224,6 +224,8 @@ export class BlockDevice extends VirtioDevice {
   readonly #canDiscard: boolean
   readonly #canWriteZeroes: boolean
   readonly #maxInFlight: number
+  /** Backend calls that have not returned yet (answered or not): what `maxInFlight` limits. */
+  #running = 0
   /** Requests beyond `maxInFlight`, in arrival order (bounded by the rings' sizes). */
   #waiting: Waiting[] = []
   /** `shutdown` ran: nothing new reaches the backend (a released device's requests are the successor's). */
@@ -584,7 +586,7 @@ export class BlockDevice extends VirtioDevice {
     cancel?: AbortController,
   ): void {
     if (this.#stopped) return // shutting down: left in flight (see shutdown)
-    if (this.#pendingCount >= this.#maxInFlight) {
+    if (this.#running >= this.#maxInFlight) {
       const deadline = this.#timeoutMs > 0 ? Date.now() + this.#timeoutMs : Infinity
       this.#waiting.push({ ticket, call, used: dataBytes, deadline, io, cancel })
       this.#updateRef()
@@ -599,7 +601,7 @@ export class BlockDevice extends VirtioDevice {
    */
   #pump(): void {
     const now = Date.now()
-    while (!this.#stopped && this.#waiting.length > 0 && this.#pendingCount < this.#maxInFlight) {
+    while (!this.#stopped && this.#waiting.length > 0 && this.#running < this.#maxInFlight) {
       const w = this.#waiting.shift()!
       if (!this.isLive(w.ticket)) this.#recycle(w.io)
       else if (w.deadline <= now) this.#timeOutWaiting(w)
@@ -659,11 +661,14 @@ export class BlockDevice extends VirtioDevice {
     this.#pending[slot] = record
     // A request waiting for its deadline is work in progress: the sweeper keeps the loop alive meanwhile.
     if (this.#pendingCount++ === 0) this.#updateRef()
+    // The call occupies its place under maxInFlight until it returns — also after its request timed out
+    // or was fenced and answered: the backend is still busy with it.
+    this.#running++
     result.then(
-      () => this.#settle(slot, record, BLK_STATUS.OK),
+      () => this.#returned(slot, record, BLK_STATUS.OK),
       (err: unknown) => {
         this.#backendFailed(err)
-        this.#settle(slot, record, BLK_STATUS.IOERR)
+        this.#returned(slot, record, BLK_STATUS.IOERR)
       },
     )
   }
@@ -673,14 +678,18 @@ export class BlockDevice extends VirtioDevice {
     if (--this.#pendingCount === 0) this.#updateRef()
   }
 
+  #returned(slot: number, record: Pending, status: number): void {
+    this.#running--
+    if (this.#pending[slot] === record) this.#settle(slot, record, status)
+    this.#pump()
+  }
+
   #settle(slot: number, record: Pending, status: number): void {
-    if (this.#pending[slot] !== record) return // timed out or fenced: answered already
     this.#forget(slot)
     let ok = status === BLK_STATUS.OK
     if (ok && record.io) ok = record.io.finishRead()
     this.#recycle(record.io)
     this.#finish(record.ticket, ok ? BLK_STATUS.OK : BLK_STATUS.IOERR, ok ? record.used : 0)
-    this.#pump()
   }
 
   #recycle(io: Io | undefined): void {
