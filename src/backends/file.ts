@@ -110,6 +110,7 @@ export class FileBackend implements BlockBackend {
    * thread pool, or one could run on whatever file reuses the descriptor number.
    */
   async #native(call: () => Promise<void>): Promise<void> {
+    if (this.#closing) throw new VduseError(`${this.path} is closed`, { code: 'ERR_VDUSE_CLOSED' })
     this.#nativeCalls++
     try {
       await nativeAsync(call)
@@ -304,7 +305,8 @@ export class FileBackend implements BlockBackend {
   /** Makes written data durable and closes the file (which drops its lock). Idempotent. */
   close(): Promise<void> {
     this.#closing ??= (async () => {
-      if (this.#nativeCalls > 0) await new Promise<void>((resolve) => (this.#nativeIdle = resolve))
+      // No new native call starts from now on (#native refuses); wait for those queued or running.
+      while (this.#nativeCalls > 0) await new Promise<void>((resolve) => (this.#nativeIdle = resolve))
       let failed: NodeJS.ErrnoException | undefined
       if (!this.readOnly) {
         await this.#handle.datasync().catch((err: NodeJS.ErrnoException) => {

@@ -1,3 +1,4 @@
+import { VduseError } from '../errors'
 import type { RequestSource } from './source'
 
 /** Bytes of each request's readable head copied into the batch (a virtio request header fits). */
@@ -90,7 +91,15 @@ export class Completions {
    * flushes now if fewer are free. `n` must not exceed the array's capacity (at least the ring size).
    */
   reserve(n: number): void {
-    if (this.#arrays.ctl[0]! + n > this.#arrays.doneCapacity) this.#source.flush()
+    if (n > this.#arrays.doneCapacity) {
+      throw new VduseError(
+        `a unit of ${n} completions exceeds the batch arrays (${this.#arrays.doneCapacity})`,
+        {
+          code: 'ERR_VDUSE_INVALID_CONFIG',
+        },
+      )
+    }
+    if (this.#arrays.ctl[0]! + n > this.#arrays.doneCapacity) this.flush()
   }
 
   /** Hands request `ticket` to native block I/O, which completes it (status byte included). */

@@ -547,7 +547,7 @@ impl Virtqueue {
 
     fn halt(&self, forget: bool) -> (usize, Vec<Arc<IotlbMap>>) {
         let mut r = self.ring.lock();
-        let (n, maps) = self.fence_locked(&mut r, |_| true);
+        let (n, maps) = self.fence_locked(&mut r, forget, |_| true);
         r.state = State::Off;
         r.queue = None;
         r.resubmit.clear();
@@ -566,7 +566,7 @@ impl Virtqueue {
     /// Fences the requests `affected` selects (their buffers are going away) and returns how many.
     pub fn fence_where(&self, affected: impl Fn(&[Segment]) -> bool) -> (usize, Vec<Arc<IotlbMap>>) {
         let mut r = self.ring.lock();
-        let (n, maps) = self.fence_locked(&mut r, |s| affected(&s.segments));
+        let (n, maps) = self.fence_locked(&mut r, true, |s| affected(&s.segments));
         // Freed slots: a round that stopped on a full ring can go on.
         let wake = n > 0 && std::mem::take(&mut r.full);
         drop(r);
@@ -587,8 +587,9 @@ impl Virtqueue {
     pub fn give_back_where(&self, affected: impl Fn(&[Segment]) -> bool) -> (usize, Vec<Arc<IotlbMap>>) {
         let map = self.memory.peek();
         let mut r = self.ring.lock();
+        // Native I/O owns its requests: those are fenced, as on any other queue.
+        let (_, mut old_maps) = self.fence_locked(&mut r, true, |s| s.native && affected(&s.segments));
         let mut n = 0;
-        let mut old_maps: Vec<Arc<IotlbMap>> = Vec::new();
         for i in 0..r.slots.len() {
             let s = &r.slots[i];
             if !s.live || s.native || !affected(&s.segments) {
@@ -609,6 +610,8 @@ impl Virtqueue {
         if wake {
             self.wake();
         }
+        // Never the last reference while the memory holds it — but dropping maps is the janitor's job.
+        old_maps.push(map);
         (n, old_maps)
     }
 
@@ -618,7 +621,14 @@ impl Virtqueue {
         r.slots.iter().filter(|s| s.live && affected(&s.segments)).count()
     }
 
-    fn fence_locked(&self, r: &mut Ring, pick: impl Fn(&Slot) -> bool) -> (usize, Vec<Arc<IotlbMap>>) {
+    /// Fences the slots `pick` selects. `end`: they are gone for good (the log forgets them); else the
+    /// server is handing the device over, and the log keeps them in flight for its successor.
+    fn fence_locked(
+        &self,
+        r: &mut Ring,
+        end: bool,
+        pick: impl Fn(&Slot) -> bool,
+    ) -> (usize, Vec<Arc<IotlbMap>>) {
         let mut maps: Vec<Arc<IotlbMap>> = Vec::new();
         let mut n = 0;
         let Ring {
@@ -637,7 +647,7 @@ impl Virtqueue {
             if let Some(hs) = head_slot.get_mut(usize::from(s.head)) {
                 *hs = 0;
             }
-            if let Some(log) = &self.log {
+            if let (true, Some(log)) = (end, &self.log) {
                 log.end(s.head);
             }
             if let Some(m) = s.map.take() {
@@ -984,6 +994,9 @@ impl Virtqueue {
     /// stores the index per element, which would show the driver the first buffers of a frame before the
     /// rest hold it. False if the used ring is out of reach.
     fn push_used(&self, r: &mut Ring, map: &IotlbMap, head: u16, len: u32) -> bool {
+        if r.state == State::Broken {
+            return false; // nothing more reaches the driver until it resets the queue
+        }
         let Some(q) = r.queue.as_mut() else { return false };
         let next = q.next_used();
         // struct virtq_used { le16 flags; le16 idx; struct { le32 id; le32 len; } ring[size]; }
@@ -1013,6 +1026,11 @@ impl Virtqueue {
             r.unpublished.clear();
             return;
         };
+        if r.state == State::Broken {
+            // A push failed halfway: publishing the rest would show the driver a hole.
+            r.unpublished.clear();
+            return;
+        }
         let next = q.next_used();
         if let Err(e) = map.store(
             u16::to_le(next),
@@ -1039,7 +1057,9 @@ impl Virtqueue {
         let added = std::mem::take(&mut r.added);
         let Some(q) = r.queue.as_ref() else { return false };
         if !q.event_idx_enabled() {
-            return true;
+            // VRING_AVAIL_F_NO_INTERRUPT (the driver is polling, e.g. in NAPI): the spec's SHOULD.
+            let flags = map.load::<u16>(GuestAddress(q.avail_ring()), Ordering::Acquire);
+            return flags.map_or(true, |f| u16::from_le(f) & 1 == 0);
         }
         // The used index stores before the read of used_event (the driver orders the other way).
         std::sync::atomic::fence(Ordering::SeqCst);
@@ -1169,20 +1189,24 @@ impl Virtqueue {
         let mut done = done.into_iter();
         loop {
             group.clear();
+            let mut terminated = false;
             for d in done.by_ref() {
                 group.push(d);
                 if !d.joined {
+                    terminated = true;
                     break;
                 }
             }
             if group.is_empty() {
                 break;
             }
-            // A unit with a fenced buffer goes out as runts: no frame with a hole in it.
+            // A unit with a fenced buffer, or cut short (its end never came), goes out as runts: no frame
+            // with a hole in it.
             let whole = group.len() == 1
-                || group
-                    .iter()
-                    .all(|d| d.ticket.queue() == self.index && Slot::of(&r.slots, d.ticket, false).is_some());
+                || (terminated
+                    && group.iter().all(|d| {
+                        d.ticket.queue() == self.index && Slot::of(&r.slots, d.ticket, false).is_some()
+                    }));
             for d in &group {
                 let len = if whole { d.used_len } else { 0 };
                 if let Ok(old) = self.complete_locked(&mut r, &map, d.ticket, len, d.status, false) {

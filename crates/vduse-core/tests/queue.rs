@@ -642,6 +642,11 @@ fn the_state_file_follows_pops_completions_and_refusals() {
     assert_eq!(q.complete(t[1], 21, Some(VIRTIO_BLK_S_OK)), Completion::Done);
     assert_eq!(log.in_flight(), vec![0, 8]);
     assert_eq!(log.used_idx(), 2);
+    // A handover: the requests still in the model stay in the log, for the successor to serve again.
+    let (fenced, _maps) = q.abandon();
+    assert_eq!(fenced, 2);
+    assert_eq!(log.in_flight(), vec![0, 8], "a handover keeps what was in flight");
+    q.arm();
     q.stop();
     assert!(log.in_flight().is_empty(), "a reset forgets everything");
     state.remove();

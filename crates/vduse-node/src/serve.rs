@@ -38,6 +38,13 @@ const STATUS_JOINED: f64 = -2.0;
 const ROUNDS: usize = 4;
 /// Adaptive polling starts here when it turns on.
 const POLL_START_NS: u64 = 4_000;
+/// Polling pays at low queue depth only: there every request costs a wake-up, while a deeper load
+/// batches requests during the wake-up itself, and polling would take them one by one (one JS call and
+/// one interrupt each). A queue whose wake-ups find this many requests on average (×16, so 1.5) is
+/// served without polling.
+const DEEP_X16: u16 = 24;
+/// While polling, one idle in this many sleeps instead, to measure the load again (what a wake-up finds).
+const PROBE_EVERY: u32 = 32;
 
 /// A typed array JavaScript owns, kept alive by a reference while we use it. Its address is read again
 /// before every use: JavaScript can detach (transfer) an ArrayBuffer, which would otherwise leave us a
@@ -273,6 +280,10 @@ pub struct JsServer {
     poll_ns: Cell<u64>,
     poll_max_ns: u64,
     idle_since: RefCell<Vec<Option<Instant>>>,
+    /// Per queue, the requests a wake-up from sleep finds, averaged (×16; see `DEEP_X16`).
+    depth_x16: Box<[Cell<u16>]>,
+    /// Per queue, polls left before its next probe sleep.
+    probe: Box<[Cell<u32>]>,
     /// Batches found by polling rather than by a kick.
     pub polled: Cell<u64>,
 }
@@ -348,6 +359,8 @@ impl JsServer {
             poll_ns: Cell::new(0),
             poll_max_ns,
             idle_since: RefCell::new(vec![None; n]),
+            depth_x16: (0..n).map(|_| Cell::new(16)).collect(),
+            probe: (0..n).map(|_| Cell::new(PROBE_EVERY)).collect(),
             polled: Cell::new(0),
         }));
         let handle = ServerHandle {
@@ -401,10 +414,13 @@ impl JsServer {
         self.wakeups.set(self.wakeups.get() + 1);
         // Polling is off unless asked for: then not even a clock read per wake-up.
         let polling = self.poll_max_ns > 0;
+        // A wake-up from sleep: what it finds measures the load (see `may_poll`).
+        let mut measure = false;
         if polling {
             let slept = self.idle_since.borrow_mut()[q].take();
             if let Some(since) = slept {
                 self.adapt(since.elapsed());
+                measure = true;
             }
         }
         let mut polled = false;
@@ -423,6 +439,9 @@ impl JsServer {
                 (more, self.fill(&batch, vq.features()))
             };
             if count > 0 {
+                if std::mem::take(&mut measure) {
+                    self.measure(q, count);
+                }
                 self.call(q, count);
                 if self.closed.get() {
                     return;
@@ -433,7 +452,7 @@ impl JsServer {
                 Pop::More => {}
                 // A completion writes the kick fd.
                 Pop::Full => return,
-                Pop::Idle if !polled && self.poll_ns.get() > 0 => {
+                Pop::Idle if !polled && self.poll_ns.get() > 0 && self.may_poll(q) => {
                     // Poll a while instead of sleeping; either way, pop once more: it turns the
                     // notifications back on (when the ring is empty) and catches what raced with that.
                     polled = true;
@@ -473,6 +492,32 @@ impl JsServer {
             // Yield, not spin: on a busy machine the work that produces the next request (the driver's
             // process, the kernel's interrupt worker) may be waiting for this very CPU.
             std::thread::yield_now();
+        }
+    }
+
+    /// Folds what a wake-up from sleep found into the queue's average (an EWMA with weight 1/8).
+    fn measure(&self, q: usize, count: usize) {
+        let d = &self.depth_x16[q];
+        let found = count.min(64) as u16 * 16;
+        d.set(d.get() - d.get() / 8 + found / 8);
+    }
+
+    /// Whether queue `q` polls now: only at low depth, and not on a probe (one idle in `PROBE_EVERY`
+    /// sleeps, so that the next wake-up measures the load again — polling itself hides it).
+    fn may_poll(&self, q: usize) -> bool {
+        if self.depth_x16[q].get() >= DEEP_X16 {
+            return false;
+        }
+        let probe = &self.probe[q];
+        match probe.get() {
+            0 => {
+                probe.set(PROBE_EVERY);
+                false
+            }
+            p => {
+                probe.set(p - 1);
+                true
+            }
         }
     }
 
@@ -599,6 +644,7 @@ impl JsServer {
         if n == 0 {
             return;
         }
+        self.check_units(n);
         let entry = |i: usize| -> Option<Done> {
             let d = i * DONE_FIELDS;
             let ticket = Ticket::from_raw(a.done.get(d)? as u64);
@@ -630,6 +676,40 @@ impl JsServer {
             }
         }
         a.ctl.set(0, 0);
+    }
+
+    /// A unit of joined completions must be whole in one flush and on one queue (a frame over one queue's
+    /// receive buffers); one that is not — cut off at the end, or spread over queues, which the per-queue
+    /// publish below would tear apart — is turned into runts (length 0, no unit) in place.
+    fn check_units(&self, n: usize) {
+        let a = &self.arrays;
+        let queue_of = |i: usize| {
+            a.done
+                .get(i * DONE_FIELDS)
+                .map(|t| Ticket::from_raw(t as u64).queue())
+        };
+        let joined = |i: usize| a.done.get(i * DONE_FIELDS + 2) == Some(STATUS_JOINED);
+        let mut start = 0;
+        while start < n {
+            let mut end = start;
+            let mut sound = true;
+            while joined(end) {
+                end += 1;
+                if end == n {
+                    sound = false; // its last member never came
+                    end = n - 1;
+                    break;
+                }
+                sound &= queue_of(end) == queue_of(start);
+            }
+            if !sound {
+                for i in start..=end {
+                    a.done.set(i * DONE_FIELDS + 1, 0.0);
+                    a.done.set(i * DONE_FIELDS + 2, -1.0);
+                }
+            }
+            start = end + 1;
+        }
     }
 
     /// Inside `serve` (JavaScript is handling a batch).

@@ -51,7 +51,6 @@ const HDR_F_NEEDS_CSUM: u8 = 1;
 const GSO_NONE: u8 = 0;
 const GSO_TCPV4: u8 = 1;
 const GSO_TCPV6: u8 = 4;
-const GSO_ECN: u8 = 0x80;
 
 const RX_QUEUE: u16 = 0;
 const TX_QUEUE: u16 = 1;
@@ -95,16 +94,20 @@ pub struct TapModel {
     name: String,
     reader: Mutex<Option<JoinHandle<()>>>,
     /// The TX worker's iovec scratch (no allocation per batch).
-    #[allow(clippy::type_complexity)]
-    tx_scratch: Mutex<(Vec<(*mut u8, usize)>, Vec<libc::iovec>)>,
+    tx_scratch: Mutex<TxScratch>,
     tx_error_logged: AtomicBool,
 }
 
-// SAFETY: the raw pointers in `tx_scratch` are only scratch space, rewritten before each use by the one
-// TX worker (under the mutex); nothing dereferences them after a batch.
-unsafe impl Send for TapModel {}
-// SAFETY: as above; all other state is Sync.
-unsafe impl Sync for TapModel {}
+/// Host ranges of a frame and their iovecs, refilled for every frame.
+#[derive(Default)]
+struct TxScratch {
+    ranges: Vec<(*mut u8, usize)>,
+    iov: Vec<libc::iovec>,
+}
+
+// SAFETY: the raw pointers are scratch space, rewritten before each use by whoever holds the mutex;
+// nothing dereferences them after the frame they were filled for.
+unsafe impl Send for TxScratch {}
 
 /// A failed step of opening a tap: the system call and its error.
 pub type TapError = (&'static str, std::io::Error);
@@ -173,7 +176,7 @@ impl TapModel {
             shared,
             name,
             reader: Mutex::new(Some(reader)),
-            tx_scratch: Mutex::new((Vec::new(), Vec::new())),
+            tx_scratch: Mutex::new(TxScratch::default()),
             tx_error_logged: AtomicBool::new(false),
         }))
     }
@@ -216,7 +219,7 @@ impl TapModel {
         let mem = batch.memory();
         // One worker thread per queue: the scratch lists are this queue's alone.
         let mut scratch = self.tx_scratch.lock().unwrap_or_else(|e| e.into_inner());
-        let (ranges, iov) = &mut *scratch;
+        let TxScratch { ranges, iov } = &mut *scratch;
         let features = completer.queue().features();
         for req in batch.iter() {
             let len = req.shape.readable_bytes as usize;
@@ -460,7 +463,8 @@ fn header_allowed(
             break;
         }
     }
-    let (flags, gso) = (hdr[0], hdr[1] & !GSO_ECN);
+    // No ECN bit: HOST_ECN is not offered.
+    let (flags, gso) = (hdr[0], hdr[1]);
     let csum = flags & HDR_F_NEEDS_CSUM != 0;
     if flags & !HDR_F_NEEDS_CSUM != 0 || (csum && features & F_CSUM == 0) {
         return false;
@@ -482,7 +486,7 @@ fn fit_header(frame: &mut [u8], features: u64) -> bool {
     if !csum {
         frame[0] = 0; // no DATA_VALID either: without GUEST_CSUM the flags must be 0
     }
-    match frame[1] & !GSO_ECN {
+    match frame[1] {
         GSO_NONE => true,
         GSO_TCPV4 => features & F_GUEST_TSO4 != 0,
         GSO_TCPV6 => features & F_GUEST_TSO6 != 0,
@@ -539,19 +543,26 @@ fn deliver(shared: &Shared, frame: &mut [u8], done: &mut Vec<Done>) -> Delivery 
     frame[10..12].copy_from_slice(&(count as u16).to_le_bytes());
     done.clear();
     let mut at = 0usize;
+    let mut whole = true;
     for k in 0..count {
         let Some((ticket, size)) = buffers.pop_front() else {
             break;
         };
         let n = (size as usize).min(frame.len() - at);
-        let copied = copy_in(&queue, ticket, 0, &frame[at..at + n]);
+        whole &= copy_in(&queue, ticket, 0, &frame[at..at + n]) == n as f64;
         done.push(Done {
             ticket,
-            used_len: if copied < 0.0 { 0 } else { n as u32 },
+            used_len: n as u32,
             status: None,
             joined: k + 1 < count,
         });
         at += n;
+    }
+    if !whole {
+        // A buffer that could not take its part (fenced meanwhile): the frame goes out as runts.
+        for d in done.iter_mut() {
+            d.used_len = 0;
+        }
     }
     // All buffers of the frame become visible to the driver at once (one used-index store).
     completer.complete_all(done.drain(..));

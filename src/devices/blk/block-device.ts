@@ -399,7 +399,9 @@ export class BlockDevice extends VirtioDevice {
   }
 
   protected inFlight(): number {
-    return this.#pendingCount + this.#waiting.length
+    // Calls still running count even when their requests timed out and were answered: a close or a
+    // handover waits for them (up to the drain timeout), or a late write could land after the last flush.
+    return Math.max(this.#pendingCount, this.#running) + this.#waiting.length
   }
 
   protected async shutdown(): Promise<void> {

@@ -328,23 +328,34 @@ export class NetDevice extends VirtioDevice<NetDeviceEvents> {
     // Header, then the frame across the buffers, each completed with what it got — as one unit: the
     // driver sees all of them at once, never the first without the rest.
     this.completions.reserve(buffers)
+    const first = this.#rxHead
     let done = 0
+    let whole = true
     for (let b = 0; b < buffers; b++) {
-      const ticket = this.#rxTickets[this.#rxHead]!
-      const size = this.#rxSizes[this.#rxHead]!
-      this.#rxHead = (this.#rxHead + 1) % this.#queueSize
-      this.#rxCount--
+      const k = (first + b) % this.#queueSize
+      const ticket = this.#rxTickets[k]!
       let at = 0
       if (b === 0) {
-        this.batch.write(ticket, 0, hdr, 0, NET_HDR_BYTES)
+        whole &&= this.batch.write(ticket, 0, hdr, 0, NET_HDR_BYTES) === NET_HDR_BYTES
         at = NET_HDR_BYTES
       }
-      const n = Math.min(size - at, len - done)
-      this.batch.write(ticket, at, frame, done, n)
+      const n = Math.min(this.#rxSizes[k]! - at, len - done)
+      whole &&= this.batch.write(ticket, at, frame, done, n) === n
       if (b === 0 && partial && !this.#guestCsum) this.#completeChecksum(ticket, frame, header)
       done += n
-      this.completions.complete(ticket, at + n, b + 1 < buffers ? STATUS_JOINED : -1)
+      this.#rxSizes[k] = at + n // now: what the buffer holds
     }
+    // A buffer that could not take its part (it died meanwhile): the frame goes out as runts.
+    for (let b = 0; b < buffers; b++) {
+      const k = (first + b) % this.#queueSize
+      this.completions.complete(
+        this.#rxTickets[k]!,
+        whole ? this.#rxSizes[k]! : 0,
+        b + 1 < buffers ? STATUS_JOINED : -1,
+      )
+    }
+    this.#rxHead = (first + buffers) % this.#queueSize
+    this.#rxCount -= buffers
     this.stats.rxFrames++
     this.stats.rxBytes += len
     return true
@@ -412,7 +423,8 @@ export class NetDevice extends VirtioDevice<NetDeviceEvents> {
     header.gsoSize = view.getUint16(h + HDR.gsoSize, true)
     header.csumStart = view.getUint16(h + HDR.csumStart, true)
     header.csumOffset = view.getUint16(h + HDR.csumOffset, true)
-    const gso = header.gsoType & ~GSO.ECN
+    // No ECN bit: HOST_ECN is not offered.
+    const gso = header.gsoType
     const partial = (header.flags & HDR_F_NEEDS_CSUM) !== 0
     if (
       (header.flags & ~HDR_F_NEEDS_CSUM) !== 0 ||
