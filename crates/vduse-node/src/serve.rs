@@ -456,7 +456,7 @@ impl JsServer {
                     // Poll a while instead of sleeping; either way, pop once more: it turns the
                     // notifications back on (when the ring is empty) and catches what raced with that.
                     polled = true;
-                    if self.poll(vq) {
+                    if self.poll(q) {
                         self.polled.set(self.polled.get() + 1);
                         polled = false;
                     }
@@ -473,10 +473,14 @@ impl JsServer {
         let _ = kick.write(1);
     }
 
-    /// Polls `vq`'s avail ring for up to the current poll time, with its notifications suppressed.
-    /// Returns whether the driver made requests available meanwhile.
-    fn poll(&self, vq: &Virtqueue) -> bool {
+    /// Polls queue `q`'s avail ring for up to the current poll time, with its notifications suppressed.
+    /// Returns whether the driver made requests available meanwhile. Gives up early when another queue
+    /// has requests: its kick waits on this same thread.
+    fn poll(&self, q: usize) -> bool {
         let ns = self.poll_ns.get();
+        let Some(vq) = self.queues.get(q) else {
+            return false;
+        };
         if ns == 0 {
             return false;
         }
@@ -486,7 +490,13 @@ impl JsServer {
             if vq.has_avail() {
                 return true;
             }
-            if Instant::now() >= deadline {
+            if Instant::now() >= deadline
+                || self
+                    .queues
+                    .iter()
+                    .enumerate()
+                    .any(|(i, other)| i != q && other.has_avail())
+            {
                 return false;
             }
             // Yield, not spin: on a busy machine the work that produces the next request (the driver's
@@ -502,10 +512,14 @@ impl JsServer {
         d.set(d.get() - d.get() / 8 + found / 8);
     }
 
-    /// Whether queue `q` polls now: only at low depth, and not on a probe (one idle in `PROBE_EVERY`
-    /// sleeps, so that the next wake-up measures the load again — polling itself hides it).
+    /// Whether queue `q` polls now: only at low depth, only while none of its requests is still with the
+    /// model, and not on a probe (one idle in `PROBE_EVERY` sleeps, so that the next wake-up measures the
+    /// load again — polling itself hides it).
+    ///
+    /// A request still in flight means an asynchronous backend (a file, a socket): its completion arrives
+    /// as an event on this very loop, which polling would only delay.
     fn may_poll(&self, q: usize) -> bool {
-        if self.depth_x16[q].get() >= DEEP_X16 {
+        if self.depth_x16[q].get() >= DEEP_X16 || self.queues[q].live() > 0 {
             return false;
         }
         let probe = &self.probe[q];
