@@ -25,6 +25,9 @@ const IMAGE = '/tmp/bench.img'
 // hardware, so the rows use the maximum the option allows.
 const POLL_US = 1000
 const quick = process.argv.includes('--quick')
+// --repeat=N: run the whole matrix N times, the targets in reverse order every other time (so no target is
+// always first or last on a host whose speed drifts), and report each cell's median with every run's IOPS.
+const REPEAT = Math.max(1, Number(process.argv.find((a) => a.startsWith('--repeat='))?.slice(9) ?? 1) || 1)
 const only = process.argv
   .find((a) => a.startsWith('--only='))
   ?.slice(7)
@@ -480,7 +483,10 @@ interface TargetResult {
   id: string
   label: string
   peer?: string
+  /** Per workload the median run (by IOPS) of the repeats. */
   results: Record<string, Result>
+  /** Per workload every repeat's IOPS, in run order (with --repeat). */
+  runs?: Record<string, number[]>
   soak?: { iops: number[]; drift: number }
   stopped?: Record<string, unknown>
   error?: string
@@ -500,7 +506,9 @@ function table(all: TargetResult[]): string {
       const peer = t.peer ? byId.get(t.peer)?.results[w.id] : undefined
       const ratio = peer && peer.iops > 0 ? ` (${(r.iops / peer.iops).toFixed(2)}×)` : ''
       const cpu = r.cpuUs !== undefined ? `<br>${r.cpuUs.toFixed(1)} µs CPU/req` : ''
-      return `${fmt(r.iops)}${ratio}<br>${fmt(r.meanUs)} / ${fmt(r.p99Us)} µs${cpu}`
+      const runs = t.runs?.[w.id]
+      const spread = runs && runs.length > 1 ? `<br>runs: ${runs.map(fmt).join(', ')}` : ''
+      return `${fmt(r.iops)}${ratio}<br>${fmt(r.meanUs)} / ${fmt(r.p99Us)} µs${cpu}${spread}`
     })
     return `| ${t.label}${t.peer ? ` — vs ${t.peer}` : ''} | ${cells.join(' | ')} |`
   })
@@ -526,41 +534,63 @@ async function main(): Promise<void> {
     queues: QUEUES,
     queueSize: QUEUE_SIZE,
     deviceMiB: SIZE_MIB,
+    repeat: REPEAT,
   }
   console.log(`# vduse benchmark\n${JSON.stringify(env, null, 1)}`)
   await sh(`dd if=/dev/zero of=${IMAGE} bs=1M count=${SIZE_MIB} status=none`)
-  const all: TargetResult[] = []
-  for (const target of TARGETS.filter((t) => !only || only.includes(t.id))) {
-    const entry: TargetResult = { id: target.id, label: target.label, results: {} }
-    if (target.peer) entry.peer = target.peer
-    all.push(entry)
-    let running: Running | undefined
-    try {
-      running = await target.start()
-      for (const w of WORKLOADS) {
-        entry.results[w.id] = await fio(running.path, w, RUNTIME, running.pid)
-        console.log(
-          `${target.id.padEnd(14)} ${w.label.padEnd(26)} ${fmt(entry.results[w.id]!.iops).padStart(8)} IOPS`,
-        )
+  const selected = TARGETS.filter((t) => !only || only.includes(t.id))
+  const all: TargetResult[] = selected.map((t) => ({
+    id: t.id,
+    label: t.label,
+    results: {},
+    ...(t.peer ? { peer: t.peer } : {}),
+  }))
+  const samples = new Map<string, Result[]>()
+  for (let rep = 0; rep < REPEAT; rep++) {
+    const order = rep % 2 === 0 ? selected : [...selected].reverse()
+    for (const target of order) {
+      const entry = all.find((e) => e.id === target.id)!
+      if (entry.error) continue
+      if (REPEAT > 1) console.log(`${target.id}: run ${rep + 1} of ${REPEAT}`)
+      let running: Running | undefined
+      try {
+        running = await target.start()
+        for (const w of WORKLOADS) {
+          const result = await fio(running.path, w, RUNTIME, running.pid)
+          const key = `${target.id}|${w.id}`
+          samples.set(key, [...(samples.get(key) ?? []), result])
+          console.log(`${target.id.padEnd(14)} ${w.label.padEnd(26)} ${fmt(result.iops).padStart(8)} IOPS`)
+        }
+        if (
+          !quick &&
+          rep === REPEAT - 1 &&
+          target.id.startsWith('vduse-') &&
+          target.id !== 'vduse-file' &&
+          !target.id.includes('nbd')
+        ) {
+          // Soak: six back-to-back 10 s runs of 4k randread QD16; the IOPS series shows any drift.
+          const iops: number[] = []
+          for (let i = 0; i < 6; i++) iops.push((await fio(running.path, WORKLOADS[1]!, 10)).iops)
+          entry.soak = { iops, drift: (iops[iops.length - 1]! - iops[0]!) / iops[0]! }
+          console.log(`${target.id.padEnd(14)} soak 60 s: ${iops.map(fmt).join(', ')} IOPS`)
+        }
+      } catch (err) {
+        entry.error = (err as Error).message
+        console.log(`${target.id}: failed: ${entry.error}`)
+      } finally {
+        const stopped = await running?.stop().catch((err: Error) => ({ stopError: err.message }))
+        if (stopped) entry.stopped = stopped
       }
-      if (
-        !quick &&
-        target.id.startsWith('vduse-') &&
-        target.id !== 'vduse-file' &&
-        !target.id.includes('nbd')
-      ) {
-        // Soak: six back-to-back 10 s runs of 4k randread QD16; the IOPS series shows any drift.
-        const iops: number[] = []
-        for (let i = 0; i < 6; i++) iops.push((await fio(running.path, WORKLOADS[1]!, 10)).iops)
-        entry.soak = { iops, drift: (iops[iops.length - 1]! - iops[0]!) / iops[0]! }
-        console.log(`${target.id.padEnd(14)} soak 60 s: ${iops.map(fmt).join(', ')} IOPS`)
-      }
-    } catch (err) {
-      entry.error = (err as Error).message
-      console.log(`${target.id}: failed: ${entry.error}`)
-    } finally {
-      const stopped = await running?.stop().catch((err: Error) => ({ stopError: err.message }))
-      if (stopped) entry.stopped = stopped
+    }
+  }
+  for (const entry of all) {
+    for (const w of WORKLOADS) {
+      const runs = samples.get(`${entry.id}|${w.id}`)
+      if (!runs) continue
+      // The median run by IOPS (the lower middle one for an even count), with its own latency and CPU.
+      const sorted = [...runs].sort((a, b) => a.iops - b.iops)
+      entry.results[w.id] = sorted[Math.floor((sorted.length - 1) / 2)]!
+      if (runs.length > 1) (entry.runs ??= {})[w.id] = runs.map((r) => r.iops)
     }
   }
   const net = await runNetBench(only, RUNTIME)
@@ -570,8 +600,13 @@ async function main(): Promise<void> {
     `fio ${env.fio}, libaio, direct=1, ${RUNTIME} s per run after ${RAMP} s warm-up; devices of ${SIZE_MIB} MiB with ` +
     `${QUEUES} queues of ${QUEUE_SIZE} (one-job workloads run on one CPU, so one queue); reference peer: ` +
     `qemu-storage-daemon ${env.qemu10}, also ${env.qemu}. Absolute numbers under TCG mean little: compare ratios within one run.\n\n` +
+    (REPEAT > 1
+      ? `Every target ran ${REPEAT} times, in reverse order every other time; each cell is the median run.\n\n`
+      : '') +
     `Each cell: IOPS (ratio to the matching qemu-storage-daemon 10.0 target)<br>mean / p99 completion latency` +
-    `<br>CPU time of the serving process per request (userspace servers).\n\n` +
+    `<br>CPU time of the serving process per request (userspace servers)` +
+    (REPEAT > 1 ? `<br>every run's IOPS, in run order` : '') +
+    `.\n\n` +
     table(all) +
     (all.some((t) => t.soak)
       ? `\nSoak (4k randread QD16, six 10 s runs back to back):\n\n| target | IOPS per 10 s | drift first→last |\n|---|---|---|\n` +
@@ -595,7 +630,8 @@ async function main(): Promise<void> {
   const dir = join(ROOT, 'benchmark/results')
   mkdirSync(dir, { recursive: true })
   // A partial run (--only) goes beside the full results, never over them.
-  const stamp = env.date.slice(0, 10) + (only ? `-only-${only.join('+')}` : '')
+  const stamp =
+    env.date.slice(0, 10) + (only ? `-only-${only.join('+')}` : '') + (REPEAT > 1 ? `-x${REPEAT}` : '')
   writeFileSync(join(dir, `${stamp}.md`), md)
   writeFileSync(
     join(dir, `${stamp}.json`),
