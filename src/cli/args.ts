@@ -48,8 +48,8 @@ Options for blk:
                          connection with requests in flight that receives nothing for MS counts as
                          hung: it is replaced and its requests sent again (default 30000)
   --poll-us N            poll the rings up to N µs before sleeping (adaptive, only at low depth and
-                         while the backend holds no request; default 0): lower latency at queue depth 1
-                         for CPU time
+                         while no request waits on a JavaScript backend; default 0): lower latency at
+                         queue depth 1 for CPU time
   --connections N        with --nbd: connections when the server allows several (default: --queues)
   --reconnect-timeout MS with --nbd: how long requests wait for the server to come back before they
                          fail with an I/O error (default 60000); reconnecting goes on after that

@@ -30,10 +30,11 @@ export interface VirtioDeviceOptions {
   /** Requests per batch handed to the model (default 64). */
   batchSize?: number
   /**
-   * Poll the rings for up to this long (µs, at most 1000) after a batch before sleeping, adaptively:
-   * only while polling catches requests, only at low depth (a wake-up finds under 1.5 requests on
-   * average), only while no request of the queue is still with the backend (an asynchronous backend's
-   * completion arrives on this same event loop), and never while another queue has requests. Default 0:
+   * Poll the rings for up to this long (µs, at most 1000) after a batch before sleeping, adaptively (the
+   * poll time grows while kicks come within the cap after a sleep, and shrinks after longer sleeps):
+   * only at low depth (a wake-up finds under 1.5 requests on average), only while no request waits on a
+   * JavaScript backend (its completion arrives on this same event loop; requests handed to native file
+   * I/O do not count), and never while another queue has requests. Default 0:
    * never. It trades CPU on the JavaScript thread for latency: at queue depth 1 it removes a wake-up per
    * request (in a guest run QD1 went from 0.50× to 0.96× qemu-storage-daemon 10 for `--null`). The cap
    * must exceed the driver's gap between requests, or polling never starts.

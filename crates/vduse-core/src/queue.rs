@@ -523,6 +523,13 @@ impl Virtqueue {
         self.ring.lock().live
     }
 
+    /// Whether a request of this queue is in flight and still the model's to complete (not handed to
+    /// native I/O, which completes on its own threads).
+    pub fn awaits_model(&self) -> bool {
+        let r = self.ring.lock();
+        r.live > 0 && r.slots.iter().any(|s| s.live && !s.native)
+    }
+
     pub fn is_active(&self) -> bool {
         self.ring.lock().state == State::Active
     }

@@ -584,8 +584,12 @@ fn requests_handed_to_native_io_complete_only_through_it() {
     let rig = Rig::new();
     let (mock, q) = rig.queue(16, false);
     offer(&mock, &get_id(&rig, 0, 0x14_0000), &[0]);
+    assert!(!q.awaits_model(), "nothing in flight");
     let t = pop_all(&q)[0];
+    assert!(q.awaits_model(), "popped: the model's");
     assert!(q.start_native(t, |_, shape, _| shape.writable_bytes).is_some());
+    assert!(!q.awaits_model(), "native I/O's now");
+    assert_eq!(q.live(), 1);
     assert!(q.start_native(t, |_, _, _| ()).is_none(), "started once");
     assert!(
         q.with_request(t, |_, _, _| ()).is_none(),

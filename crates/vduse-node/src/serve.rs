@@ -475,7 +475,7 @@ impl JsServer {
 
     /// Polls queue `q`'s avail ring for up to the current poll time, with its notifications suppressed.
     /// Returns whether the driver made requests available meanwhile. Gives up early when another queue
-    /// has requests: its kick waits on this same thread.
+    /// has requests: they wait for this same thread.
     fn poll(&self, q: usize) -> bool {
         let ns = self.poll_ns.get();
         let Some(vq) = self.queues.get(q) else {
@@ -512,14 +512,15 @@ impl JsServer {
         d.set(d.get() - d.get() / 8 + found / 8);
     }
 
-    /// Whether queue `q` polls now: only at low depth, only while none of its requests is still with the
-    /// model, and not on a probe (one idle in `PROBE_EVERY` sleeps, so that the next wake-up measures the
-    /// load again — polling itself hides it).
+    /// Whether queue `q` polls now: only at low depth, only while no queue of this server has a request
+    /// the model still has to complete, and not on a probe (one idle in `PROBE_EVERY` sleeps, so that the
+    /// next wake-up measures the load again — polling itself hides it).
     ///
-    /// A request still in flight means an asynchronous backend (a file, a socket): its completion arrives
-    /// as an event on this very loop, which polling would only delay.
+    /// A request the model still holds belongs to an asynchronous backend (a socket, a promise): its
+    /// completion arrives as an event on this very loop, which polling would only delay. Requests handed
+    /// to native I/O complete on its own threads and do not count.
     fn may_poll(&self, q: usize) -> bool {
-        if self.depth_x16[q].get() >= DEEP_X16 || self.queues[q].live() > 0 {
+        if self.depth_x16[q].get() >= DEEP_X16 || self.queues.iter().any(|vq| vq.awaits_model()) {
             return false;
         }
         let probe = &self.probe[q];
