@@ -27,7 +27,11 @@ const POLL_US = 1000
 const quick = process.argv.includes('--quick')
 // --repeat=N: run the whole matrix N times, the targets in reverse order every other time (so no target is
 // always first or last on a host whose speed drifts), and report each cell's median with every run's IOPS.
-const REPEAT = Math.max(1, Number(process.argv.find((a) => a.startsWith('--repeat='))?.slice(9) ?? 1) || 1)
+const REPEAT = Number(process.argv.find((a) => a.startsWith('--repeat='))?.slice(9) ?? 1)
+if (!Number.isInteger(REPEAT) || REPEAT < 1 || REPEAT > 20) {
+  console.error('bench: --repeat takes a whole number from 1 to 20')
+  process.exit(2)
+}
 const only = process.argv
   .find((a) => a.startsWith('--only='))
   ?.slice(7)
@@ -496,6 +500,14 @@ function fmt(n: number): string {
   return n >= 100 ? Math.round(n).toLocaleString('en-US') : n.toFixed(1)
 }
 
+/** The median of `xs` (the mean of the middle two for an even count); undefined when empty. */
+function median(xs: number[]): number | undefined {
+  if (xs.length === 0) return undefined
+  const sorted = [...xs].sort((a, b) => a - b)
+  const mid = sorted.length >> 1
+  return sorted.length % 2 ? sorted[mid]! : (sorted[mid - 1]! + sorted[mid]!) / 2
+}
+
 function table(all: TargetResult[]): string {
   const byId = new Map(all.map((t) => [t.id, t]))
   const head = `| target | ${WORKLOADS.map((w) => w.label).join(' | ')} |\n|---|${WORKLOADS.map(() => '---').join('|')}|\n`
@@ -503,14 +515,26 @@ function table(all: TargetResult[]): string {
     const cells = WORKLOADS.map((w) => {
       const r = t.results[w.id]
       if (!r) return t.error ? 'failed' : '–'
-      const peer = t.peer ? byId.get(t.peer)?.results[w.id] : undefined
-      const ratio = peer && peer.iops > 0 ? ` (${(r.iops / peer.iops).toFixed(2)}×)` : ''
+      const peerEntry = t.peer ? byId.get(t.peer) : undefined
+      const peer = peerEntry?.results[w.id]
+      // Repeats pair up (target and peer ran in the same round, on the host as it was then): the ratio is
+      // the median of the per-round ratios, not a ratio of medians from different rounds.
+      const mine = t.runs?.[w.id]
+      const theirs = peerEntry?.runs?.[w.id]
+      const ratioValue =
+        mine && theirs && mine.length === theirs.length
+          ? median(mine.map((v, i) => v / theirs[i]!).filter((x) => Number.isFinite(x)))
+          : peer && peer.iops > 0
+            ? r.iops / peer.iops
+            : undefined
+      const ratio = ratioValue === undefined ? '' : ` (${ratioValue.toFixed(2)}×)`
       const cpu = r.cpuUs !== undefined ? `<br>${r.cpuUs.toFixed(1)} µs CPU/req` : ''
       const runs = t.runs?.[w.id]
       const spread = runs && runs.length > 1 ? `<br>runs: ${runs.map(fmt).join(', ')}` : ''
       return `${fmt(r.iops)}${ratio}<br>${fmt(r.meanUs)} / ${fmt(r.p99Us)} µs${cpu}${spread}`
     })
-    return `| ${t.label}${t.peer ? ` — vs ${t.peer}` : ''} | ${cells.join(' | ')} |`
+    const failed = t.error ? ` — **failed** (${t.error.slice(0, 80)}); cells hold the runs before it` : ''
+    return `| ${t.label}${t.peer ? ` — vs ${t.peer}` : ''}${failed} | ${cells.join(' | ')} |`
   })
   return head + rows.join('\n') + '\n'
 }
@@ -535,6 +559,7 @@ async function main(): Promise<void> {
     queueSize: QUEUE_SIZE,
     deviceMiB: SIZE_MIB,
     repeat: REPEAT,
+    revision: process.env.VDUSE_BENCH_REVISION ?? 'unknown',
   }
   console.log(`# vduse benchmark\n${JSON.stringify(env, null, 1)}`)
   await sh(`dd if=/dev/zero of=${IMAGE} bs=1M count=${SIZE_MIB} status=none`)
@@ -597,11 +622,13 @@ async function main(): Promise<void> {
   const md =
     `# vduse benchmark, ${env.date.slice(0, 10)}\n\n` +
     `Guest: ${env.guestCpus} vCPUs, ${env.guestMemoryMiB} MiB, kernel ${env.kernel}, ${env.accelerator} on ${env.cpuModel}.\n` +
-    `fio ${env.fio}, libaio, direct=1, ${RUNTIME} s per run after ${RAMP} s warm-up; devices of ${SIZE_MIB} MiB with ` +
+    `Build: ${env.revision}. fio ${env.fio}, libaio, direct=1, ${RUNTIME} s per run after ${RAMP} s warm-up; devices of ${SIZE_MIB} MiB with ` +
     `${QUEUES} queues of ${QUEUE_SIZE} (one-job workloads run on one CPU, so one queue); reference peer: ` +
     `qemu-storage-daemon ${env.qemu10}, also ${env.qemu}. Absolute numbers under TCG mean little: compare ratios within one run.\n\n` +
     (REPEAT > 1
-      ? `Every target ran ${REPEAT} times, in reverse order every other time; each cell is the median run.\n\n`
+      ? `Every target ran ${REPEAT} times, in reverse order every other time. Each cell shows the median run by ` +
+        `IOPS (the lower of the middle two for an even count) with its latency and CPU; the ratio is the median ` +
+        `of the per-round ratios to the peer. Device counters are those of the last round.\n\n`
       : '') +
     `Each cell: IOPS (ratio to the matching qemu-storage-daemon 10.0 target)<br>mean / p99 completion latency` +
     `<br>CPU time of the serving process per request (userspace servers)` +
