@@ -109,7 +109,7 @@ export declare function blkZeroOut(fd: number, offset: number, len: number): Pro
 export declare function createDevice(init: DeviceInit, arrays: BatchArrays, onBatch: (arg0: number, arg1: number) => void, onEvent: (arg: DeviceEventJs) => void): BindingDevice
 
 /** A one-queue loopback device served by JavaScript (`onBatch(queue, count)` as for `createDevice`). */
-export declare function createLoopback(queueSize: number, arrays: BatchArrays, onBatch: (arg0: number, arg1: number) => void): BindingLoopback
+export declare function createLoopback(queueSize: number, arrays: BatchArrays, onBatch: (arg0: number, arg1: number) => void, pollAuto?: boolean | undefined | null): BindingLoopback
 
 /** Destroys a VDUSE device by name (detached and not served by any process). */
 export declare function destroyDevice(name: string): void
@@ -137,6 +137,11 @@ export interface DeviceCounters {
   jsCalls: number
   /** Times polling the rings (instead of sleeping) found requests: wake-ups saved. */
   polled: number
+  /**
+   * The most the JavaScript-thread server polls now (µs; 0: never): the `pollUs` setting, or what
+   * automatic sizing chose.
+   */
+  pollCapUs: number
   ioOps: number
   ioErrors: number
   /** Requests a taken-over device found in flight and served again. */
@@ -193,6 +198,8 @@ export interface DeviceInit {
    * 1000; default 0: never). Adaptive: it polls only while polling catches requests.
    */
   pollUs?: number
+  /** Size the poll cap from this machine's measured cost of a wake-up instead (`poll_us` is ignored). */
+  pollAuto?: boolean
   /**
    * Queues whose buffers the model holds until it has data for them (a NIC's receive queue): a reset
    * or an IOTLB change fences them at once instead of waiting for them.

@@ -332,7 +332,7 @@ test('bad options are refused with ERR_VDUSE_INVALID_CONFIG', async (t) => {
 })
 
 test('pollUs is validated', async (t) => {
-  for (const pollUs of [-1, 1.5, 5000]) {
+  for (const pollUs of [-1, 1.5, 5000, 'fast' as 'auto']) {
     await t.throwsAsync(
       BlockDevice.create({
         name: `poll${pollUs}`,
@@ -343,6 +343,16 @@ test('pollUs is validated', async (t) => {
       { code: 'ERR_VDUSE_INVALID_CONFIG' },
     )
   }
+  for (const pollUs of [0, 1000, 'auto' as const]) {
+    const d = await BlockDevice.create({
+      name: `poll${pollUs}`,
+      backend: new MemoryBackend(1 << 20),
+      transport: new InProcessTransport(),
+      pollUs,
+    })
+    await d.close()
+  }
+  t.pass()
 })
 
 test('models, backends and the in-process transport work without the native binary (it loads lazily)', async (t) => {

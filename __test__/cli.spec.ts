@@ -34,11 +34,15 @@ test('blk options parse into a command with defaults', (t) => {
     queueSize: 256,
     readOnly: false,
     attach: 'virtio',
+    pollUs: 'auto',
     replace: false,
     recover: false,
     json: true,
     logLevel: 'warn',
   })
+  t.like(parseCommand(['blk', '--name', 'p0', '--null', '1M', '--poll-us', '0']), { pollUs: 0 })
+  t.like(parseCommand(['blk', '--name', 'p1', '--null', '1M', '--poll-us', '250']), { pollUs: 250 })
+  t.like(parseCommand(['blk', '--name', 'p2', '--null', '1M', '--poll-us', 'auto']), { pollUs: 'auto' })
   const c = parseCommand([
     'blk',
     '--name',
@@ -146,6 +150,8 @@ test('bad usage is a UsageError naming the problem', (t) => {
     [['destroy', 'd0', '--all'], /not both/],
     [['blk', '--name', 'x', '--null', '1M', '--log-level', 'loud'], /--log-level must be one of/],
     [['blk', '--name', 'x', '--memory', '1M', '--no-lock'], /goes with --file/],
+    [['blk', '--name', 'x', '--memory', '1M', '--poll-us', 'fast'], /--poll-us/],
+    [['blk', '--name', 'x', '--memory', '1M', '--poll-us', '2000'], /--poll-us/],
     [['net', '--tap', 't0'], /--name/],
     [['net', '--name', 'a'], /exactly one of --tap TAP, --switch/],
     [['net', '--name', 'a', '--tap', 't0', '--switch'], /exactly one of/],

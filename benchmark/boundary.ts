@@ -14,8 +14,8 @@ const REQUESTS_PER_ITERATION = 50_000
 
 let loopback: BindingLoopback | undefined
 const loopbackTransport: Transport = {
-  open(_init, arrays, onBatch): RequestSource {
-    const lb = binding.createLoopback(1024, arrays, onBatch)
+  open(init, arrays, onBatch): RequestSource {
+    const lb = binding.createLoopback(1024, arrays, onBatch, init.pollAuto ?? null)
     loopback = lb
     return {
       read: (t, o, dst, at, n) => lb.read(t, o, dst, at, n),
@@ -35,8 +35,8 @@ const loopbackTransport: Transport = {
 
 /** Completes every request at once, status byte included: only the boundary is measured. */
 class NoopDevice extends VirtioDevice {
-  static create(): NoopDevice {
-    const d = new NoopDevice({ name: 'loopback', transport: loopbackTransport, batchSize: 256 })
+  static create(pollUs: 0 | 'auto' = 0): NoopDevice {
+    const d = new NoopDevice({ name: 'loopback', transport: loopbackTransport, batchSize: 256, pollUs })
     d.open({
       deviceId: 2,
       features: 0n,
@@ -107,6 +107,21 @@ async function main(): Promise<void> {
     `model calls: ${c.jsCalls}, wake-ups: ${c.wakeups}, requests: ${c.requests}, interrupts: ${c.interrupts}`,
   )
   await device.close()
+
+  // What `pollUs: 'auto'` makes of this machine: the cap it sizes from a one-request wake-up's cost.
+  const polling = NoopDevice.create('auto')
+  const lbPoll = loopback!
+  let perSecond = 0
+  for (let it = 0; it < 3; it++) {
+    const r = (await lbPoll.run(REQUESTS_PER_ITERATION / 5, 1)) as LoopbackReport
+    perSecond = r.requests / (r.elapsedNs / 1e9)
+  }
+  const p = polling.counters()
+  console.log(
+    `pollUs 'auto' here: a cap of ${p.pollCapUs.toFixed(1)} µs; batch 1 at ${Math.round(perSecond)} requests/s ` +
+      `(${p.polled} of ${p.jsCalls} batches found by polling)`,
+  )
+  await polling.close()
 }
 
 main().catch((err: unknown) => {

@@ -47,9 +47,10 @@ Options for blk:
   --timeout MS           fail a backend call that takes longer (default: no limit). With --nbd: a
                          connection with requests in flight that receives nothing for MS counts as
                          hung: it is replaced and its requests sent again (default 30000)
-  --poll-us N            poll the rings up to N µs before sleeping (adaptive, only at low depth and
-                         while no request waits on a JavaScript backend; default 0): lower latency at
-                         queue depth 1 for CPU time
+  --poll-us N|auto       poll the rings up to N µs before sleeping (adaptive, only at low depth and
+                         while no request waits on a JavaScript backend): lower latency at queue
+                         depth 1 for CPU time. 0: never; auto (the default): a cap of 16 times what
+                         serving a one-request wake-up costs here, 16–1000 µs
   --connections N        with --nbd: connections when the server allows several (default: --queues)
   --reconnect-timeout MS with --nbd: how long requests wait for the server to come back before they
                          fail with an I/O error (default 60000); reconnecting goes on after that
@@ -194,7 +195,7 @@ export interface BlkCommand {
   serial?: string
   attach: 'virtio' | 'vhost' | 'none'
   timeoutMs?: number
-  pollUs?: number
+  pollUs: number | 'auto'
   replace: boolean
   recover: boolean
   json: boolean
@@ -343,6 +344,12 @@ export function parseCommand(argv: readonly string[]): Command {
     throw new UsageError('--recover takes the image as it is: drop --size')
   if (v.serial !== undefined && Buffer.byteLength(v.serial) > 20)
     throw new UsageError('--serial is at most 20 bytes')
+  // The CLI is a dedicated server: it polls by default, with a cap sized from this machine's cost of a
+  // wake-up (a library device leaves the JavaScript thread to its application: `pollUs` defaults to 0).
+  const pollUs =
+    v['poll-us'] === undefined || v['poll-us'] === 'auto'
+      ? 'auto'
+      : parseInteger(v['poll-us'], '--poll-us', 0, 1000)!
   const cmd: BlkCommand = {
     command: 'blk',
     name: v.name,
@@ -351,6 +358,7 @@ export function parseCommand(argv: readonly string[]): Command {
     queueSize,
     readOnly: v['read-only'] ?? false,
     attach,
+    pollUs,
     replace: v.replace ?? false,
     recover: v.recover ?? false,
     json: v.json ?? false,
@@ -363,8 +371,6 @@ export function parseCommand(argv: readonly string[]): Command {
     cmd.logLevel = v['log-level'] as LogLevel
   }
   if (blockSize !== undefined) cmd.blockSize = blockSize
-  const pollUs = parseInteger(v['poll-us'], '--poll-us', 0, 1000)
-  if (pollUs !== undefined) cmd.pollUs = pollUs
   if (v.serial !== undefined) cmd.serial = v.serial
   const timeout = parseInteger(v.timeout, '--timeout', 1, 3_600_000)
   if (timeout !== undefined) cmd.timeoutMs = timeout

@@ -108,7 +108,7 @@ async function serveBlk(cmd: BlkCommand, emit: Emit): Promise<number> {
       recover: cmd.recover,
     }
     if (cmd.serial !== undefined) options.serial = cmd.serial
-    if (cmd.pollUs !== undefined) options.pollUs = cmd.pollUs
+    options.pollUs = cmd.pollUs
     // NBD handles its own reply deadline (a hung connection is replaced and the request resent).
     if (cmd.timeoutMs !== undefined && cmd.backend.kind !== 'nbd') options.requestTimeoutMs = cmd.timeoutMs
     device = await BlockDevice.create(options)

@@ -112,6 +112,7 @@ export class InProcessTransport implements Transport {
       wakeups: this.#counts.batches,
       jsCalls: this.#counts.batches,
       polled: 0,
+      pollCapUs: 0,
       ioOps: 0,
       ioErrors: 0,
       resubmitted: 0,

@@ -34,12 +34,14 @@ export interface VirtioDeviceOptions {
    * poll time grows while kicks come within the cap after a sleep, and shrinks after longer sleeps):
    * only at low depth (a wake-up finds under 1.5 requests on average), only while no request waits on a
    * JavaScript backend (its completion arrives on this same event loop; requests handed to native file
-   * I/O do not count), and never while another queue has requests. Default 0:
-   * never. It trades CPU on the JavaScript thread for latency: at queue depth 1 it removes a wake-up per
-   * request (in a guest run QD1 went from 0.50× to 0.96× qemu-storage-daemon 10 for `--null`). The cap
-   * must exceed the driver's gap between requests, or polling never starts.
+   * I/O do not count), and never while another queue has requests. It trades CPU on the JavaScript
+   * thread for latency: at queue depth 1 it removes a wake-up per request. The cap must exceed the
+   * driver's gap between requests, or polling never starts; that gap scales with the machine, so
+   * `'auto'` sizes the cap as 16 times what serving a one-request wake-up measurably costs here (16–1000
+   * µs; the `pollCapUs` counter shows it). Default 0: never — the JavaScript thread is the
+   * application's. The CLI, a dedicated server, uses `'auto'`.
    */
-  pollUs?: number
+  pollUs?: number | 'auto'
   /**
    * Directory of the state file that lets a restarted server take the device over (default
    * `/run/vduse`); `null`: keep none.
@@ -166,11 +168,17 @@ export abstract class VirtioDevice<
       ioThreads: this.#options.ioThreads ?? 4,
       ...(stateDir === undefined ? {} : { stateDir: stateDir ?? '' }),
       recover: this.#options.recover ?? false,
-      ...(this.#options.pollUs === undefined ? {} : { pollUs: this.#options.pollUs }),
+      ...(this.#options.pollUs === 'auto'
+        ? { pollAuto: true }
+        : this.#options.pollUs === undefined
+          ? {}
+          : { pollUs: this.#options.pollUs }),
     }
     const poll = this.#options.pollUs
-    if (poll !== undefined && (!Number.isInteger(poll) || poll < 0 || poll > 1000)) {
-      throw new VduseError('pollUs must be an integer from 0 to 1000', { code: 'ERR_VDUSE_INVALID_CONFIG' })
+    if (poll !== undefined && poll !== 'auto' && (!Number.isInteger(poll) || poll < 0 || poll > 1000)) {
+      throw new VduseError("pollUs must be 'auto' or an integer from 0 to 1000", {
+        code: 'ERR_VDUSE_INVALID_CONFIG',
+      })
     }
     const capacity = this.#options.batchSize ?? 64
     // Room for a whole ring of completions: a unit of joined ones (a frame over buffers) is never split.

@@ -14,7 +14,7 @@ use vduse_core::{
 
 use crate::error::{native, Failure, OrThrow, Parked};
 use crate::native_io::{IoPool, Op};
-use crate::serve::{copy_in, copy_out, Arrays, JsServer, ServerHandle};
+use crate::serve::{copy_in, copy_out, Arrays, JsServer, PollCap, ServerHandle};
 use crate::tap::TapModel;
 
 /// What TypeScript tells the binding about a device.
@@ -49,6 +49,8 @@ pub struct DeviceInit {
     /// Longest the JavaScript-thread server polls a ring for new requests before it sleeps (µs, at most
     /// 1000; default 0: never). Adaptive: it polls only while polling catches requests.
     pub poll_us: Option<u32>,
+    /// Size the poll cap from this machine's measured cost of a wake-up instead (`poll_us` is ignored).
+    pub poll_auto: Option<bool>,
     /// Queues whose buffers the model holds until it has data for them (a NIC's receive queue): a reset
     /// or an IOTLB change fences them at once instead of waiting for them.
     pub held_queues: Option<Vec<u32>>,
@@ -154,6 +156,9 @@ pub struct DeviceCounters {
     pub js_calls: f64,
     /// Times polling the rings (instead of sleeping) found requests: wake-ups saved.
     pub polled: f64,
+    /// The most the JavaScript-thread server polls now (µs; 0: never): the `pollUs` setting, or what
+    /// automatic sizing chose.
+    pub poll_cap_us: f64,
     pub io_ops: f64,
     pub io_errors: f64,
     /// Requests a taken-over device found in flight and served again.
@@ -179,6 +184,7 @@ pub fn counters(stats: DeviceStats, server: Option<&JsServer>, io: Option<&IoPoo
         wakeups: server.map_or(0.0, |s| s.wakeups.get() as f64),
         js_calls: server.map_or(0.0, |s| s.js_calls.get() as f64),
         polled: server.map_or(0.0, |s| s.polled.get() as f64),
+        poll_cap_us: server.map_or(0.0, |s| s.poll_cap_ns() as f64 / 1000.0),
         io_ops: io.map_or(0.0, |i| {
             i.stats.ops.load(std::sync::atomic::Ordering::Relaxed) as f64
         }),
@@ -186,6 +192,15 @@ pub fn counters(stats: DeviceStats, server: Option<&JsServer>, io: Option<&IoPoo
             i.stats.errors.load(std::sync::atomic::Ordering::Relaxed) as f64
         }),
         resubmitted: stats.resubmitted as f64,
+    }
+}
+
+/// The poll cap a device's options ask for.
+pub fn poll_cap(auto: Option<bool>, us: Option<u32>) -> PollCap {
+    match (auto, us) {
+        (Some(true), _) => PollCap::Auto,
+        (_, None | Some(0)) => PollCap::Off,
+        (_, Some(us)) => PollCap::Fixed(u64::from(us) * 1_000),
     }
 }
 
@@ -373,7 +388,7 @@ pub fn create_device(
             device.kick_fds().to_vec(),
             arrays,
             on_batch.raw(),
-            u64::from(init.poll_us.unwrap_or(0).min(1_000)) * 1_000,
+            poll_cap(init.poll_auto, init.poll_us),
         )
     }
     .or_throw(&env)?;

@@ -9,7 +9,7 @@ use napi::JsValue;
 use napi_derive::napi;
 use vduse_core::loopback::Loopback;
 
-use crate::device::{counters, BatchArrays, DeviceCounters, JsQueues};
+use crate::device::{counters, poll_cap, BatchArrays, DeviceCounters, JsQueues};
 use crate::error::{native, OrThrow};
 use crate::serve::{Arrays, JsServer};
 
@@ -57,6 +57,7 @@ pub fn create_loopback(
     queue_size: u32,
     arrays: BatchArrays,
     on_batch: Function<FnArgs<(u32, u32)>, ()>,
+    poll_auto: Option<bool>,
 ) -> napi::Result<BindingLoopback> {
     let lb = Arc::new(
         Loopback::new(queue_size.clamp(4, 32768) as u16)
@@ -82,7 +83,7 @@ pub fn create_loopback(
             vec![lb.kick_fd().clone()],
             arrays,
             on_batch.raw(),
-            0,
+            poll_cap(poll_auto, None),
         )
     }
     .or_throw(&env)?;

@@ -45,6 +45,25 @@ const POLL_START_NS: u64 = 4_000;
 const DEEP_X16: u16 = 24;
 /// While polling, one idle in this many sleeps instead, to measure the load again (what a wake-up finds).
 const PROBE_EVERY: u32 = 32;
+/// An automatic poll cap is this many times what serving a one-request wake-up costs here: polling pays
+/// while the driver's next request comes within a few wake-ups' worth of our own work, and both scale
+/// with the machine (about 30 µs on the native host, where QEMU's iothreads default to 32 µs; the 1 ms
+/// clamp under TCG).
+const AUTO_CAP_FACTOR: u64 = 16;
+const AUTO_CAP_MIN_NS: u64 = 16_000;
+/// The most any cap may be, explicit or automatic.
+pub const POLL_CAP_MAX_NS: u64 = 1_000_000;
+
+/// How long the JavaScript-thread server may poll a ring before it sleeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PollCap {
+    /// Never poll: every request costs a wake-up.
+    Off,
+    /// Up to this many nanoseconds (clamped to `POLL_CAP_MAX_NS`).
+    Fixed(u64),
+    /// Sized from this machine's measured cost of serving a wake-up (see `AUTO_CAP_FACTOR`).
+    Auto,
+}
 
 /// A typed array JavaScript owns, kept alive by a reference while we use it. Its address is read again
 /// before every use: JavaScript can detach (transfer) an ArrayBuffer, which would otherwise leave us a
@@ -275,10 +294,13 @@ pub struct JsServer {
     serving: Cell<bool>,
     pub wakeups: Cell<u64>,
     pub js_calls: Cell<u64>,
-    /// Adaptive polling (see `poll`): how long to poll now, the most it may grow to, and per queue
-    /// since when it has been waiting for a kick.
+    /// Adaptive polling (see `poll`): how long to poll now, the most it may grow to (fixed, or sized by
+    /// `service_ns` when automatic), and per queue since when it has been waiting for a kick.
     poll_ns: Cell<u64>,
-    poll_max_ns: u64,
+    poll_max_ns: Cell<u64>,
+    poll_auto: bool,
+    /// What serving a one-request wake-up costs (an EWMA with weight 1/8; 0 until measured).
+    service_ns: Cell<u64>,
     idle_since: RefCell<Vec<Option<Instant>>>,
     /// Per queue, the requests a wake-up from sleep finds, averaged (×16; see `DEEP_X16`).
     depth_x16: Box<[Cell<u16>]>,
@@ -315,7 +337,7 @@ impl JsServer {
         kicks: Vec<Arc<EventFd>>,
         arrays: Arrays,
         on_batch: sys::napi_value,
-        poll_max_ns: u64,
+        poll: PollCap,
     ) -> Result<ServerHandle, Failure> {
         let capacity = arrays.capacity();
         if capacity == 0 || arrays.done.len() < DONE_FIELDS || arrays.ctl.len() < 1 {
@@ -357,7 +379,13 @@ impl JsServer {
             wakeups: Cell::new(0),
             js_calls: Cell::new(0),
             poll_ns: Cell::new(0),
-            poll_max_ns,
+            poll_max_ns: Cell::new(match poll {
+                PollCap::Off => 0,
+                PollCap::Fixed(ns) => ns.min(POLL_CAP_MAX_NS),
+                PollCap::Auto => AUTO_CAP_MIN_NS,
+            }),
+            poll_auto: poll == PollCap::Auto,
+            service_ns: Cell::new(0),
             idle_since: RefCell::new(vec![None; n]),
             depth_x16: (0..n).map(|_| Cell::new(16)).collect(),
             probe: (0..n).map(|_| Cell::new(PROBE_EVERY)).collect(),
@@ -413,7 +441,8 @@ impl JsServer {
         vq.kicked();
         self.wakeups.set(self.wakeups.get() + 1);
         // Polling is off unless asked for: then not even a clock read per wake-up.
-        let polling = self.poll_max_ns > 0;
+        let polling = self.poll_max_ns.get() > 0;
+        let woke = polling.then(Instant::now);
         // A wake-up from sleep: what it finds measures the load (see `may_poll`).
         let mut measure = false;
         if polling {
@@ -424,29 +453,46 @@ impl JsServer {
             }
         }
         let mut polled = false;
+        // JavaScript may have run since the arrays were last read (it can detach them): read them again
+        // before the first fill, and after every call into it.
+        let mut fresh = false;
         let mut rounds = 0;
         while rounds < ROUNDS {
             rounds += 1;
-            // JavaScript ran since the last round: the arrays may have moved or been detached.
-            // SAFETY: the JS thread, our env.
-            if !unsafe { self.arrays.refresh(self.env) } {
-                self.fail("the batch arrays were detached or released; the device cannot deliver requests");
-                return;
-            }
             let (more, count) = {
                 let mut batch = self.batch.borrow_mut();
                 let more = vq.pop(self.budget, &mut batch);
-                (more, self.fill(&batch, vq.features()))
+                if batch.is_empty() {
+                    (more, 0)
+                } else {
+                    if !fresh {
+                        // SAFETY: the JS thread, our env.
+                        if !unsafe { self.arrays.refresh(self.env) } {
+                            drop(batch);
+                            self.fail(
+                                "the batch arrays were detached or released; the device cannot deliver requests",
+                            );
+                            return;
+                        }
+                        fresh = true;
+                    }
+                    (more, self.fill(&batch, vq.features()))
+                }
             };
             if count > 0 {
                 if std::mem::take(&mut measure) {
                     self.measure(q, count);
                 }
                 self.call(q, count);
+                fresh = false;
                 if self.closed.get() {
                     return;
                 }
                 self.flush();
+                // The cost of a latency-bound wake-up (one request, first round) sizes an automatic cap.
+                if let (true, 1, 1, Some(t)) = (self.poll_auto, rounds, count, woke) {
+                    self.size_cap(t.elapsed());
+                }
             }
             match more {
                 Pop::More => {}
@@ -471,6 +517,27 @@ impl JsServer {
         }
         // The budget ran out: continue after the other events of this loop turn.
         let _ = kick.write(1);
+    }
+
+    /// An automatic cap follows what a one-request wake-up costs to serve (kick read to completions
+    /// published), `AUTO_CAP_FACTOR` times, clamped.
+    fn size_cap(&self, served: Duration) {
+        let sample = served.as_nanos().min(u128::from(POLL_CAP_MAX_NS)) as u64;
+        let ewma = match self.service_ns.get() {
+            0 => sample,
+            e => e - e / 8 + sample / 8,
+        };
+        self.service_ns.set(ewma);
+        let cap = (ewma * AUTO_CAP_FACTOR).clamp(AUTO_CAP_MIN_NS, POLL_CAP_MAX_NS);
+        self.poll_max_ns.set(cap);
+        if self.poll_ns.get() > cap {
+            self.poll_ns.set(cap);
+        }
+    }
+
+    /// The most polling may take now (ns; 0: polling is off).
+    pub fn poll_cap_ns(&self) -> u64 {
+        self.poll_max_ns.get()
     }
 
     /// Polls queue `q`'s avail ring for up to the current poll time, with its notifications suppressed.
@@ -540,7 +607,7 @@ impl JsServer {
     /// longer poll would have caught it (grow, up to the maximum); a long sleep means polling is wasted
     /// here (shrink).
     fn adapt(&self, slept: Duration) {
-        let max = self.poll_max_ns;
+        let max = self.poll_max_ns.get();
         let slept = slept.as_nanos() as u64;
         let ns = self.poll_ns.get();
         if slept <= max {
