@@ -43,6 +43,10 @@ test('blk options parse into a command with defaults', (t) => {
   t.like(parseCommand(['blk', '--name', 'p0', '--null', '1M', '--poll-us', '0']), { pollUs: 0 })
   t.like(parseCommand(['blk', '--name', 'p1', '--null', '1M', '--poll-us', '250']), { pollUs: 250 })
   t.like(parseCommand(['blk', '--name', 'p2', '--null', '1M', '--poll-us', 'auto']), { pollUs: 'auto' })
+  t.like(parseCommand(['blk', '--name', 'p3', '--file', '/tmp/x.img']), { pollUs: 0 })
+  t.like(parseCommand(['blk', '--name', 'p4', '--file', '/tmp/x.img', '--poll-us', 'auto']), {
+    pollUs: 'auto',
+  })
   const c = parseCommand([
     'blk',
     '--name',

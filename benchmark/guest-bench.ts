@@ -390,15 +390,15 @@ const TARGETS: Target[] = [
   },
   {
     id: 'vduse-file',
-    label: 'vduse CLI --file tmpfs (native I/O; polling: auto, the CLI default)',
+    label: 'vduse CLI --file tmpfs (native I/O; no polling, the CLI default with --file)',
     peer: 'qsd10-file',
     start: vduseCli(['--file', IMAGE]),
   },
   {
-    id: 'vduse-file-nopoll',
-    label: 'vduse CLI --file tmpfs --poll-us 0 (native I/O, never polls)',
+    id: 'vduse-file-poll',
+    label: 'vduse CLI --file tmpfs --poll-us auto (native I/O, polling)',
     peer: 'qsd10-file',
-    start: vduseCli(['--file', IMAGE, '--poll-us', '0'], 'bench-file-nopoll'),
+    start: vduseCli(['--file', IMAGE, '--poll-us', 'auto'], 'bench-file-poll'),
   },
   {
     id: 'vduse-native',
