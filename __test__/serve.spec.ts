@@ -10,6 +10,8 @@ import { VirtioDevice } from '../src/virtio/device'
 
 class LoopbackDevice extends VirtioDevice {
   loopback!: BindingLoopback
+  /** How long the model works on each request (busy), so that a wake-up has a known least cost. */
+  workNs = 0n
   static create(pollUs: 0 | 'auto'): LoopbackDevice {
     let lb: BindingLoopback | undefined
     const transport: Transport = {
@@ -44,6 +46,10 @@ class LoopbackDevice extends VirtioDevice {
     return d
   }
   protected handleRequest(batch: RequestBatch, i: number): void {
+    if (this.workNs > 0n) {
+      const until = process.hrtime.bigint() + this.workNs
+      while (process.hrtime.bigint() < until);
+    }
     batch.complete(batch.ticket(i), 1, 0)
   }
   protected inFlight(): number {
@@ -63,6 +69,16 @@ test("pollUs 'auto' sizes its cap from served wake-ups, within 16–1000 µs; ev
   t.is(c.staleCompletions, 0)
   t.true(c.pollCapUs >= 16 && c.pollCapUs <= 1000, `cap ${c.pollCapUs} µs`)
   t.log(`auto cap here: ${c.pollCapUs} µs; ${c.polled} of ${c.jsCalls} batches found by polling`)
+  await device.close()
+})
+
+test("pollUs 'auto' follows what a wake-up costs: 40 µs of model work puts the cap at 16 × 40 µs or more", async (t) => {
+  const device = LoopbackDevice.create('auto')
+  device.workNs = 40_000n
+  await device.loopback.run(300, 1)
+  const c = device.counters()
+  t.is(c.completions, 300)
+  t.true(c.pollCapUs >= 640, `cap ${c.pollCapUs} µs`)
   await device.close()
 })
 
