@@ -96,6 +96,15 @@ function cpuSeconds(pid: number | undefined): number | undefined {
   }
 }
 
+/**
+ * Writes the whole device once before its first workload, as storage benchmarks precondition a drive: a sparse
+ * backend (the `--memory` RAM disk, rublk over a file) would otherwise pay its first-touch allocation inside the
+ * measured write runs, while the tmpfs image the file peers serve is already written in full.
+ */
+async function precondition(path: string): Promise<void> {
+  await exec('dd', [`if=/dev/zero`, `of=${path}`, 'bs=1M', `count=${SIZE_MIB}`, 'oflag=direct', 'status=none'])
+}
+
 async function fio(path: string, w: Workload, runtime = RUNTIME, pid?: number): Promise<Result> {
   const cpuBefore = cpuSeconds(pid)
   const started = Date.now()
@@ -592,6 +601,7 @@ async function main(): Promise<void> {
       let running: Running | undefined
       try {
         running = await target.start()
+        await precondition(running.path)
         for (const w of WORKLOADS) {
           const result = await fio(running.path, w, RUNTIME, running.pid)
           const key = `${target.id}|${w.id}`
@@ -634,7 +644,7 @@ async function main(): Promise<void> {
   const md =
     `# vduse benchmark, ${env.date.slice(0, 10)}\n\n` +
     `Guest: ${env.guestCpus} vCPUs, ${env.guestMemoryMiB} MiB, kernel ${env.kernel}, ${env.accelerator} on ${env.cpuModel}.\n` +
-    `Build: ${env.revision}. fio ${env.fio}, libaio, direct=1, ${RUNTIME} s per run after ${RAMP} s warm-up; devices of ${SIZE_MIB} MiB with ` +
+    `Build: ${env.revision}. fio ${env.fio}, libaio, direct=1, ${RUNTIME} s per run after ${RAMP} s warm-up; devices of ${SIZE_MIB} MiB, each written once in full before its first run, with ` +
     `${QUEUES} queues of ${QUEUE_SIZE} (one-job workloads run on one CPU, so one queue); reference peer: ` +
     `qemu-storage-daemon ${env.qemu10}, also ${env.qemu}. Absolute numbers under TCG mean little: compare ratios within one run.\n\n` +
     (REPEAT > 1
