@@ -138,9 +138,15 @@ pub enum Pop {
 }
 
 /// Requests in flight across all queues of a device, for bounded drains.
+///
+/// Completions on every queue pass through here, so they only touch atomics: the mutex and condvar are
+/// taken only while a drain waits (`waiters`), which is rare and never on the request path.
 #[derive(Default)]
 pub struct InFlight {
     count: AtomicUsize,
+    /// Bumped by every completion, so a waiter can tell whether one came between its check and its wait.
+    epoch: AtomicUsize,
+    waiters: AtomicUsize,
     lock: Mutex<()>,
     changed: Condvar,
 }
@@ -152,28 +158,44 @@ impl InFlight {
     fn add(&self, n: usize) {
         self.count.fetch_add(n, Ordering::AcqRel);
     }
+    /// Call after the completed requests' slots are free (their ring lock may still be held: a waiter never
+    /// takes a ring lock while it holds `lock`).
     fn sub(&self, n: usize) {
-        if n > 0 {
-            self.count.fetch_sub(n, Ordering::AcqRel);
+        if n == 0 {
+            return;
+        }
+        self.count.fetch_sub(n, Ordering::AcqRel);
+        // SeqCst pairs with the waiter's `waiters` increment and `epoch` read: either the waiter reads the
+        // new epoch (and checks again before waiting) or this sees the waiter (and wakes it).
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        if self.waiters.load(Ordering::SeqCst) > 0 {
             let _g = self.lock.lock();
             self.changed.notify_all();
         }
     }
-    /// Waits until `done()` or `deadline`; `done` is re-evaluated after every completion.
+    /// Waits until `done()` or `deadline`; `done` is re-evaluated after every completion. It runs without
+    /// this lock held, so it may take ring locks.
     pub fn wait_until(&self, deadline: Instant, mut done: impl FnMut() -> bool) -> bool {
-        loop {
+        self.waiters.fetch_add(1, Ordering::SeqCst);
+        let drained = loop {
+            let seen = self.epoch.load(Ordering::SeqCst);
             if done() {
-                return true;
+                break true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                break done();
             }
             let mut g = self.lock.lock();
-            if Instant::now() >= deadline {
-                return done();
+            // A completion since `seen` may have notified before we held the lock: check again instead.
+            if self.epoch.load(Ordering::SeqCst) == seen {
+                // The step caps the cost of predicates that change without a completion.
+                let step = (deadline - now).min(std::time::Duration::from_millis(50));
+                self.changed.wait_for(&mut g, step);
             }
-            // Re-check under the lock so a completion between `done()` and the wait is not missed; the
-            // timeout caps the cost of predicates that change without a completion.
-            let step = (deadline - Instant::now()).min(std::time::Duration::from_millis(50));
-            self.changed.wait_for(&mut g, step);
-        }
+        };
+        self.waiters.fetch_sub(1, Ordering::SeqCst);
+        drained
     }
 }
 
@@ -603,13 +625,13 @@ impl Virtqueue {
                 continue;
             }
             let ticket = Ticket::new(self.index, i as u16, s.gen);
-            if let Ok(Some(old)) = self.complete_locked(&mut r, &map, ticket, 0, None, false) {
-                if !old_maps.iter().any(|m| Arc::ptr_eq(m, &old)) {
-                    old_maps.push(old);
-                }
+            match self.complete_locked(&mut r, &map, ticket, 0, None, false) {
+                Ok(Some(old)) if !old_maps.iter().any(|m| Arc::ptr_eq(m, &old)) => old_maps.push(old),
+                _ => {}
             }
             n += 1;
         }
+        self.inflight.sub(n);
         self.publish_used(&mut r, &map);
         self.notify_locked(&mut r, &map);
         let wake = n > 0 && std::mem::take(&mut r.full);
@@ -1162,6 +1184,7 @@ impl Virtqueue {
         self.publish_used(&mut r, &map);
         let wake = done.is_ok() && std::mem::take(&mut r.full);
         drop(r);
+        self.inflight.sub(usize::from(done.is_ok()));
         if wake {
             self.wake();
         }
@@ -1236,6 +1259,7 @@ impl Virtqueue {
         }
         let wake = n > 0 && std::mem::take(&mut r.full);
         drop(r);
+        self.inflight.sub(n);
         if wake {
             self.wake();
         }
@@ -1281,7 +1305,7 @@ impl Virtqueue {
         // The caller publishes (`publish_used`): the log learns of it after the used index.
         self.push_used(r, map, head, len);
         self.stats.completions.fetch_add(1, Ordering::Relaxed);
-        self.inflight.sub(1);
+        // The caller counts it out of `inflight` once for all it completes.
         Ok(old)
     }
 
