@@ -219,7 +219,7 @@ export class RequestBatch {
   }
 }
 
-/** Queue and slot of a ticket, as one dense number (for arrays of per-request state). */
-export function ticketSlot(ticket: number): number {
-  return ticket % 0x80_0000
-}
+/** A ticket is `generation × 2^23 + queue × TICKET_QUEUE_UNIT + slot` (vduse-core's `Ticket`). */
+export const TICKET_QUEUE_UNIT = 0x8000
+/** How many queues a ticket can name. */
+export const TICKET_QUEUES = 0x100

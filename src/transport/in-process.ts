@@ -40,7 +40,9 @@ export class InProcessTransport implements Transport {
   #next = 0
   readonly #slots = new Map<number, InFlight>()
   readonly #gens = new Map<number, number>()
-  #nextSlot = 0
+  /** Per queue, where the search for a free slot starts. */
+  readonly #cursor: number[] = []
+  #queueSize = 256
   #pending: InFlight[] = []
   #scheduled = false
   #onBatch: ((queue: number, count: number) => void) | undefined
@@ -73,6 +75,7 @@ export class InProcessTransport implements Transport {
     this.#offered = init.features | (1n << 32n) | (1n << 33n)
     this.#held = new Set(init.heldQueues ?? [])
     this.#configSpace = Buffer.from(init.config)
+    this.#queueSize = init.queueSize
     return {
       read: (t, o, dst, at, n) => this.#copy(t, o, dst, at, n, false),
       write: (t, o, src, at, n) => this.#copy(t, o, src, at, n, true),
@@ -165,6 +168,7 @@ export class InProcessTransport implements Transport {
       this.#counts.fenced++
       r.resolve({ used: 0, writable: [], fenced: true, writableAt: r.writable.map(([off]) => off) })
     }
+    this.#deliverLater()
     return fenced.length
   }
 
@@ -194,6 +198,7 @@ export class InProcessTransport implements Transport {
       r.resolve({ used: 0, writable: [], fenced: !given, writableAt: r.writable.map(([off]) => off) })
     }
     if (fenced > 0) this.#onEvent?.({ kind: 'drained', reason: 'iotlb', waitedMs: 0, fenced })
+    this.#deliverLater()
     return fenced
   }
 
@@ -227,10 +232,8 @@ export class InProcessTransport implements Transport {
       return [at, n] as [number, number]
     })
     return new Promise((resolve) => {
-      const slot = queue * SLOT_BITS + (this.#nextSlot++ % SLOT_BITS)
-      const gen = ((this.#gens.get(slot) ?? 0) + 1) % 0x4000_0000
-      this.#gens.set(slot, gen)
-      const req: InFlight = { ticket: gen * GEN_UNIT + slot, queue, readable: r, writable: w, resolve }
+      // The ticket comes with a slot, when the request is delivered (see `#assign`).
+      const req: InFlight = { ticket: -1, queue, readable: r, writable: w, resolve }
       this.#pending.push(req)
       this.#counts.requests++
       if (!this.#scheduled) {
@@ -248,11 +251,18 @@ export class InProcessTransport implements Transport {
     // The session's device features travel with its requests (bits 0–23), as on the kernel path.
     const features = Number(this.#features & 0xff_ffffn)
     while (this.#pending.length > 0) {
-      const n = Math.min(this.#pending.length, a.capacity)
-      const batch = this.#pending.splice(0, n)
+      // As on a ring, a queue holds at most queueSize requests: the rest wait for completions.
+      const batch: InFlight[] = []
+      const rest: InFlight[] = []
+      for (const req of this.#pending) {
+        if (batch.length < a.capacity && this.#assign(req)) batch.push(req)
+        else rest.push(req)
+      }
+      this.#pending = rest
+      const n = batch.length
+      if (n === 0) return // every ring with waiting requests is full: a completion delivers them
       for (let i = 0; i < n; i++) {
         const req = batch[i]!
-        this.#slots.set(req.ticket % GEN_UNIT, req)
         const readableBytes = req.readable.reduce((s, [, len]) => s + len, 0)
         const writableBytes = req.writable.reduce((s, [, len]) => s + len, 0)
         const head = Math.min(HEAD_BYTES, readableBytes)
@@ -263,6 +273,30 @@ export class InProcessTransport implements Transport {
       this.#onBatch(batch[0]!.queue, n)
       this.#flush()
     }
+  }
+
+  /** Gives `req` a free slot of its queue, and a ticket of that slot's next generation; false if none. */
+  #assign(req: InFlight): boolean {
+    const base = req.queue * SLOT_BITS
+    const from = this.#cursor[req.queue] ?? 0
+    for (let k = 0; k < this.#queueSize; k++) {
+      const s = (from + k) % this.#queueSize
+      if (this.#slots.has(base + s)) continue
+      this.#cursor[req.queue] = s + 1
+      const gen = ((this.#gens.get(base + s) ?? 0) + 1) % 0x4000_0000
+      this.#gens.set(base + s, gen)
+      req.ticket = gen * GEN_UNIT + base + s
+      this.#slots.set(base + s, req)
+      return true
+    }
+    return false
+  }
+
+  /** Requests waiting for a slot go out once completions or fencing free some. */
+  #deliverLater(): void {
+    if (this.#pending.length === 0 || this.#scheduled) return
+    this.#scheduled = true
+    queueMicrotask(() => this.#deliver())
   }
 
   #live(ticket: number): InFlight | undefined {
@@ -339,5 +373,6 @@ export class InProcessTransport implements Transport {
         writableAt: req.writable.map(([off]) => off),
       })
     }
+    this.#deliverLater()
   }
 }

@@ -4,7 +4,8 @@ import {
   FILE_IO_FLUSH,
   FILE_IO_READ,
   FILE_IO_WRITE,
-  ticketSlot,
+  TICKET_QUEUE_UNIT,
+  TICKET_QUEUES,
   type RequestBatch,
 } from '../../transport/batch'
 import type { RequestSource } from '../../transport/source'
@@ -68,6 +69,12 @@ function fencedError(): VduseError {
 function isPromise(x: unknown): x is Promise<unknown> {
   return typeof (x as { then?: unknown } | null | undefined)?.then === 'function'
 }
+
+/** What a backend call does (`#invoke`). */
+const OP_READ = 0
+const OP_WRITE = 1
+const OP_FLUSH = 2
+const OP_RANGES = 3
 
 /** Bounce buffers beyond this size are not kept for reuse. */
 const POOLED_BOUNCE = 1 << 20
@@ -179,7 +186,9 @@ interface Pending {
 /** A request waiting for a backend slot (`maxInFlight`). */
 interface Waiting {
   ticket: number
-  call: () => unknown
+  op: number
+  /** The call of an `OP_RANGES` request. */
+  call: (() => Promise<void>) | undefined
   used: number
   deadline: number
   io: Io | undefined
@@ -214,8 +223,12 @@ export class BlockDevice extends VirtioDevice {
   readonly #serial = Buffer.alloc(ID_BYTES)
   readonly #range = Buffer.alloc(RANGE_BYTES)
   readonly #pool: Io[] = []
-  /** Requests waiting for the backend, by ticket slot (no Map on the data path). */
+  /**
+   * Requests waiting for the backend, at `queue × queueSize + slot` (no Map on the data path). Filled
+   * in full at start so V8 keeps it a dense array: indexes far past its length would make it a dictionary.
+   */
   readonly #pending: Array<Pending | undefined> = []
+  #queueSize = 0
   #pendingCount = 0
   readonly #timeoutMs: number
   #sweeper: NodeJS.Timeout | undefined
@@ -334,6 +347,8 @@ export class BlockDevice extends VirtioDevice {
         code: 'ERR_VDUSE_INVALID_CONFIG',
       })
     }
+    this.#queueSize = queueSize
+    for (let k = this.queues * queueSize; k > 0; k--) this.#pending.push(undefined)
     const segMax = options.maxSegments ?? Math.min(queueSize - 2, 254)
     const config = BLK_CONFIG.encode({
       capacity: BigInt(this.#bytes / SECTOR),
@@ -474,7 +489,7 @@ export class BlockDevice extends VirtioDevice {
         if (this.#nativeFd !== undefined && batch.nativeIo)
           return batch.submitIo(ticket, this.#nativeFd, FILE_IO_FLUSH, 0, 0)
         if (!this.#canFlush) return this.#finish(ticket, BLK_STATUS.OK, 0)
-        return this.#run(ticket, () => this.backend.flush!(), 0, undefined)
+        return this.#run(ticket, OP_FLUSH, undefined, 0, undefined)
       case REQ.GET_ID: {
         this.stats.getIds++
         const n = Math.min(ID_BYTES, dataIn)
@@ -522,7 +537,7 @@ export class BlockDevice extends VirtioDevice {
       write ? HEADER_BYTES : 0,
       write && this.#fua,
     )
-    this.#run(ticket, () => (write ? this.backend.write(io) : this.backend.read(io)), write ? 0 : length, io)
+    this.#run(ticket, write ? OP_WRITE : OP_READ, undefined, write ? 0 : length, io)
   }
 
   #ranges(batch: RequestBatch, ticket: number, type: number, dataOut: number): void {
@@ -563,6 +578,7 @@ export class BlockDevice extends VirtioDevice {
     const { signal } = cancel
     this.#run(
       ticket,
+      OP_RANGES,
       async () => {
         for (const [offset, length, unmap] of list) {
           if (signal.aborted) throw signal.reason
@@ -582,7 +598,8 @@ export class BlockDevice extends VirtioDevice {
    */
   #run(
     ticket: number,
-    call: () => unknown,
+    op: number,
+    call: (() => Promise<void>) | undefined,
     dataBytes: number,
     io: Io | undefined,
     cancel?: AbortController,
@@ -590,11 +607,25 @@ export class BlockDevice extends VirtioDevice {
     if (this.#stopped) return // shutting down: left in flight (see shutdown)
     if (this.#running >= this.#maxInFlight) {
       const deadline = this.#timeoutMs > 0 ? Date.now() + this.#timeoutMs : Infinity
-      this.#waiting.push({ ticket, call, used: dataBytes, deadline, io, cancel })
+      this.#waiting.push({ ticket, op, call, used: dataBytes, deadline, io, cancel })
       this.#updateRef()
       return
     }
-    this.#call(ticket, call, dataBytes, io, cancel)
+    this.#call(ticket, op, call, dataBytes, io, cancel, undefined)
+  }
+
+  /** The backend call of a request: no closure per request on the synchronous path. */
+  #invoke(op: number, call: (() => Promise<void>) | undefined, io: Io | undefined): unknown {
+    switch (op) {
+      case OP_READ:
+        return this.backend.read(io!)
+      case OP_WRITE:
+        return this.backend.write(io!)
+      case OP_FLUSH:
+        return this.backend.flush!()
+      default:
+        return call!()
+    }
   }
 
   /**
@@ -607,7 +638,7 @@ export class BlockDevice extends VirtioDevice {
       const w = this.#waiting.shift()!
       if (!this.isLive(w.ticket)) this.#recycle(w.io)
       else if (w.deadline <= now) this.#timeOutWaiting(w)
-      else this.#call(w.ticket, w.call, w.used, w.io, w.cancel, w.deadline)
+      else this.#call(w.ticket, w.op, w.call, w.used, w.io, w.cancel, w.deadline)
     }
     this.#updateRef()
   }
@@ -632,15 +663,17 @@ export class BlockDevice extends VirtioDevice {
 
   #call(
     ticket: number,
-    call: () => unknown,
+    op: number,
+    call: (() => Promise<void>) | undefined,
     dataBytes: number,
     io: Io | undefined,
     cancel: AbortController | undefined,
-    deadline = this.#timeoutMs > 0 ? Date.now() + this.#timeoutMs : Infinity,
+    /** Set for a request that waited its turn; otherwise its timeout starts when the call returns a promise. */
+    waitedDeadline: number | undefined,
   ): void {
     let result: unknown
     try {
-      result = call()
+      result = this.#invoke(op, call, io)
     } catch (err) {
       this.#backendFailed(err)
       this.#recycle(io)
@@ -651,8 +684,9 @@ export class BlockDevice extends VirtioDevice {
       this.#recycle(io)
       return this.#finish(ticket, ok ? BLK_STATUS.OK : BLK_STATUS.IOERR, ok ? dataBytes : 0)
     }
+    const deadline = waitedDeadline ?? (this.#timeoutMs > 0 ? Date.now() + this.#timeoutMs : Infinity)
     const record: Pending = { ticket, used: dataBytes, deadline, io, cancel }
-    const slot = ticketSlot(ticket)
+    const slot = this.#slotOf(ticket)
     const stale = this.#pending[slot]
     if (stale) {
       // The slot was reused: its previous request was fenced without our hearing of it yet.
@@ -672,6 +706,14 @@ export class BlockDevice extends VirtioDevice {
         this.#backendFailed(err)
         this.#returned(slot, record, BLK_STATUS.IOERR)
       },
+    )
+  }
+
+  /** The dense index of a ticket's queue and slot (see `#pending`). */
+  #slotOf(ticket: number): number {
+    return (
+      (Math.floor(ticket / TICKET_QUEUE_UNIT) % TICKET_QUEUES) * this.#queueSize +
+      (ticket % TICKET_QUEUE_UNIT)
     )
   }
 
