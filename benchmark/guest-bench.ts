@@ -102,7 +102,14 @@ function cpuSeconds(pid: number | undefined): number | undefined {
  * measured write runs, while the tmpfs image the file peers serve is already written in full.
  */
 async function precondition(path: string): Promise<void> {
-  await exec('dd', [`if=/dev/zero`, `of=${path}`, 'bs=1M', `count=${SIZE_MIB}`, 'oflag=direct', 'status=none'])
+  await exec('dd', [
+    `if=/dev/zero`,
+    `of=${path}`,
+    'bs=1M',
+    `count=${SIZE_MIB}`,
+    'oflag=direct',
+    'status=none',
+  ])
 }
 
 async function fio(path: string, w: Workload, runtime = RUNTIME, pid?: number): Promise<Result> {
