@@ -7,7 +7,7 @@ use std::sync::RwLock;
 use crate::chain::Segment;
 use crate::memory::IotlbMap;
 use crate::model::{Completer, DeviceModel, DeviceSpec};
-use crate::queue::{Done, Request, RequestBatch, Ticket};
+use crate::queue::{Request, RequestBatch};
 
 pub const VIRTIO_ID_BLOCK: u32 = 2;
 pub const SECTOR_SIZE: u64 = 512;
@@ -181,38 +181,14 @@ impl RamBlk {
 impl DeviceModel for RamBlk {
     fn handle(&self, _queue: u16, batch: &RequestBatch, completer: &Completer) {
         let mem = batch.memory();
-        // Completions go out a chunk at a time: one ring lock and one used-index store per chunk, without a
-        // heap buffer, and no guest memory copied while the ring is locked.
-        const CHUNK: usize = 64;
-        let mut done = [Done {
-            ticket: Ticket::new(0, 0, 0),
-            used_len: 0,
-            status: None,
-            joined: false,
-        }; CHUNK];
-        let mut n = 0;
         for req in batch.iter() {
-            let (used_len, status) = if req.shape.writable == 0 {
+            if req.shape.writable == 0 {
                 // Without a writable byte for the status nothing can be reported.
-                (0, None)
-            } else {
-                let (status, written) = self.execute(mem, &req);
-                (written + 1, Some(status))
-            };
-            done[n] = Done {
-                ticket: req.ticket,
-                used_len,
-                status,
-                joined: false,
-            };
-            n += 1;
-            if n == CHUNK {
-                completer.complete_all(done);
-                n = 0;
+                completer.complete(req.ticket, 0, None);
+                continue;
             }
-        }
-        if n > 0 {
-            completer.complete_all(done[..n].iter().copied());
+            let (status, written) = self.execute(mem, &req);
+            completer.complete(req.ticket, written + 1, Some(status));
         }
     }
 }
