@@ -12,11 +12,24 @@ export declare const __napiBindingTarget: 'native' | 'wasm32-wasi' | 'wasm32-was
 export declare class BindingDevice {
   /**
    * Copies `length` bytes from the readable part of request `ticket`, starting `offset` bytes in, into
-   * `dst[at..]`. Returns the bytes copied, or -1 if the request is no longer in flight.
+   * `dst[at..]`. Returns the bytes copied, or -1 if the request is no longer in flight. Throws
+   * ERR_VDUSE_INVALID_ARGUMENT for a view of a SharedArrayBuffer.
    */
   read(ticket: number, offset: number, dst: Uint8Array, at: number, length: number): number
   /** Copies `src[at..at+length]` into the writable part of request `ticket`, `offset` bytes in. */
   write(ticket: number, offset: number, src: Uint8Array, at: number, length: number): number
+  /**
+   * Resolves once native block I/O has nothing queued or running (true), or after `timeoutMs` (false:
+   * something — possibly a fenced write still in its system call — is still running).
+   */
+  ioQuiet(timeoutMs: number): Promise<boolean>
+  /** Like `ioQuiet`, for transfers on bytes `[offset, offset+length)` of `fd` only. */
+  ioQuietRange(fd: number, offset: number, length: number, timeoutMs: number): Promise<boolean>
+  /**
+   * Native transfers still running for requests that are no longer in flight (fenced writes whose
+   * system call has not returned): while there are any, a range operation on the same bytes waits.
+   */
+  ioGhosts(): number
   /** Publishes the completions JavaScript wrote into `done` since the last flush. */
   flush(): void
   /**
@@ -50,6 +63,8 @@ export declare class BindingDevice {
   /**
    * Stops serving without detaching or destroying the device, for a successor that takes it over with
    * `recover` (off the JavaScript thread). Requests still in flight are served again by the successor.
+   * Throws ERR_VDUSE_BUSY — and changes nothing — while native I/O is queued or running (a write of
+   * this server could land after the successor's): wait for `ioQuiet` first, holding new submissions.
    */
   release(): Promise<unknown>
 }

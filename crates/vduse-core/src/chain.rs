@@ -4,7 +4,9 @@
 //! chain either becomes a well-formed request — readable buffers, then writable ones, all inside the
 //! IOTLB with the access the device needs — or is refused with the precise reason, including the address
 //! that was not mapped (so the caller can ask the kernel once whether its IOTLB grew). The work per chain
-//! is bounded by the table size and the device's segment limit.
+//! is bounded by the table size and the device's segment limit, and reported (`cost`: descriptors read),
+//! so the caller can charge a refused chain what it cost, not a flat one; every address check is one
+//! binary search plus one step per IOTLB entry a buffer crosses, never a step per page.
 
 use crate::memory::{Access, IotlbMap};
 
@@ -127,20 +129,15 @@ fn read_desc(map: &IotlbMap, at: u64) -> Result<Desc, ChainError> {
 
 /// Unmapped (with the first uncovered address) or Forbidden, for a range that failed a check.
 fn access_error(map: &IotlbMap, addr: u64, len: u64) -> ChainError {
-    let mut at = addr;
-    let end = addr.saturating_add(len);
-    while at < end {
-        if !map.covers(at) {
-            return ChainError::Unmapped(at);
-        }
-        // Skip to the next page; a gap inside a range starts at a page boundary or at `addr`.
-        at = (at | 0xfff).saturating_add(1);
+    match map.first_uncovered(addr, len) {
+        Some(at) => ChainError::Unmapped(at),
+        None => ChainError::Forbidden,
     }
-    ChainError::Forbidden
 }
 
 /// Walks the chain starting at `head` of the split descriptor table at `table` (with `size` entries),
-/// appending its buffers to `out` (readable first, then writable). On error `out` is restored.
+/// appending its buffers to `out` (readable first, then writable). On error `out` is restored. `cost`
+/// grows by the descriptors read, whether the chain is valid or not.
 pub fn walk(
     map: &IotlbMap,
     table: u64,
@@ -148,9 +145,10 @@ pub fn walk(
     head: u16,
     max_segments: usize,
     out: &mut Vec<Segment>,
+    cost: &mut usize,
 ) -> Result<Shape, ChainError> {
     let mark = out.len();
-    let result = walk_inner(map, table, size, head, max_segments, out);
+    let result = walk_inner(map, table, size, head, max_segments, out, cost);
     if result.is_err() {
         out.truncate(mark);
     }
@@ -164,6 +162,7 @@ fn walk_inner(
     head: u16,
     max_segments: usize,
     out: &mut Vec<Segment>,
+    cost: &mut usize,
 ) -> Result<Shape, ChainError> {
     let mut shape = Shape::default();
     let mut base = table;
@@ -179,6 +178,7 @@ fn walk_inner(
         if steps > entries {
             return Err(ChainError::Loop);
         }
+        *cost += 1;
         let desc = read_desc(map, base + index * DESC_SIZE)?;
         if desc.flags & DESC_F_INDIRECT != 0 {
             // Spec 2.7.5.3: one level only, not combined with NEXT; the table is a whole number of
@@ -273,7 +273,7 @@ mod tests {
 
     fn run(map: &IotlbMap, head: u16) -> Result<(Shape, Vec<Segment>), ChainError> {
         let mut out = vec![Segment::default()];
-        let r = walk(map, TABLE, 16, head, 8, &mut out);
+        let r = walk(map, TABLE, 16, head, 8, &mut out, &mut 0);
         match r {
             Ok(s) => Ok((s, out[1..].to_vec())),
             Err(e) => {
@@ -350,7 +350,7 @@ mod tests {
         );
         let mut out = Vec::new();
         assert_eq!(
-            walk(&m, TABLE, 16, 0, 64, &mut out),
+            walk(&m, TABLE, 16, 0, 64, &mut out, &mut 0),
             Err(ChainError::Loop),
             "…or the table size, whichever is smaller"
         );
@@ -394,11 +394,36 @@ mod tests {
     }
 
     #[test]
+    fn a_huge_buffer_into_a_hole_is_refused_at_the_hole_and_costs_one_descriptor() {
+        let m = rig();
+        // 4 GiB from inside the read-write entry, across the read-only one, into the hole after it.
+        d(&m, 0, 0x8000, u32::MAX, 0, 0);
+        let mut out = Vec::new();
+        let mut cost = 0;
+        assert_eq!(
+            walk(&m, TABLE, 16, 0, 8, &mut out, &mut cost),
+            Err(ChainError::Unmapped(0x10_1000))
+        );
+        assert_eq!(cost, 1);
+        // A chain of eight costs eight, refused or not.
+        for i in 0..8 {
+            d(&m, i, 0x8000, 16, N, i + 1);
+        }
+        d(&m, 8, 0x8000, 16, 0, 0);
+        let mut cost = 0;
+        assert_eq!(
+            walk(&m, TABLE, 16, 0, 8, &mut out, &mut cost),
+            Err(ChainError::TooManySegments)
+        );
+        assert_eq!(cost, 9);
+    }
+
+    #[test]
     fn a_table_outside_memory_is_unmapped() {
         let m = rig();
         let mut out = Vec::new();
         assert_eq!(
-            walk(&m, 0x9000_0000, 16, 0, 8, &mut out),
+            walk(&m, 0x9000_0000, 16, 0, 8, &mut out, &mut 0),
             Err(ChainError::Unmapped(0x9000_0000))
         );
     }

@@ -4,15 +4,22 @@
 //! JavaScript thread).
 //!
 //! The message loop answers every kernel message within a bounded time (all queues together), far below
-//! the kernel's 30 s timeout that would break the device for good:
+//! the kernel's 30 s timeout that would break the device for good — and answers only when nothing of
+//! this process can still touch memory the message takes from the device:
 //!
 //! - reset (`SET_STATUS` 0, or DRIVER_OK cleared): requests in flight get until the drain deadline to
-//!   finish; the rest are fenced, and every mapping is revoked, so late results touch only memory the
-//!   device owns;
+//!   finish; the rest are fenced (their tickets die, so no copy reaches their memory any more);
 //! - `UPDATE_IOTLB`: if no entry was removed or changed nothing waits; otherwise only requests that use
-//!   removed memory are drained and, at the deadline, fenced, and those mappings revoked;
+//!   removed memory are drained and, at the deadline, fenced;
 //! - DRIVER_OK: kick fds are registered and queues armed; they are set up on first use.
 //!
+//! After a fence, the only accesses left are system calls moving data straight into driver memory
+//! (native reads), which pin the mappings they use: the loop waits for those pins until the drain
+//! deadline, then revokes the pinned mappings (a late read lands in memory the device owns) and waits for
+//! that. It **fails closed**: an IOTLB update whose new map cannot be read, or whose memory cannot be
+//! revoked in time, is refused (the kernel rolls the update back); a reset — which the kernel carries out
+//! whatever the answer — is not answered until the memory is safe, and if that never happens within the
+//! budget, not at all (the kernel then marks the device broken rather than reuse pages we may touch).
 //! The loop never waits on the model beyond the drain deadline, and never mmaps or munmaps (see
 //! [`Janitor`]).
 
@@ -35,7 +42,7 @@ use vmm_sys_util::ioctl::{ioctl, ioctl_with_mut_ref, ioctl_with_ptr, ioctl_with_
 use crate::control::Control;
 use crate::error::{last_os, Error, Result};
 use crate::inflight::{QueueLog, StateFile, StateInfo};
-use crate::memory::{enumerate, EntryKey, IotlbMap, Janitor, Mapping, Memory};
+use crate::memory::{entry_keys, wait_unpinned, EntryKey, IotlbMap, Janitor, Mapping, Memory};
 use crate::model::{DeviceModel, DeviceSpec};
 use crate::queue::{Budget, InFlight, RingInfo, Ticket, Transport, Virtqueue};
 use crate::uapi::{self, vduse_dev_config, vduse_dev_request, vduse_dev_response, vduse_vq_info};
@@ -63,9 +70,13 @@ const VIRTIO_ID_FS: u32 = 26;
 const VIRTIO_BLK_F_CONFIG_WCE: u64 = 1 << 11;
 const VIRTIO_NET_F_CTRL_VQ: u64 = 1 << 17;
 
-/// The longest a reset or IOTLB change may keep the kernel waiting, whatever the options say: the kernel
+/// The longest a reset or IOTLB change may wait for requests, whatever the options say: the kernel
 /// breaks the device for good after 30 s.
 pub const MAX_DRAIN: Duration = Duration::from_secs(10);
+/// The longest the message loop keeps one message waiting, from when it read it — revocations included:
+/// past it, the answer is a refusal (or, for a reset, none). Well inside the kernel's 30 s, which also
+/// counts the time the message waited behind the one before it.
+pub const ANSWER_BUDGET: Duration = Duration::from_secs(20);
 /// Where state files live unless the options say otherwise.
 pub const DEFAULT_STATE_DIR: &str = "/run/vduse";
 
@@ -136,7 +147,7 @@ pub enum DeviceEvent {
         reason: DrainReason,
         waited: Duration,
         fenced: usize,
-        /// False if revoking the fenced memory did not finish before the reply (it finishes after).
+        /// Native I/O still held the fenced memory at the deadline, so it was revoked before the answer.
         revoked: bool,
     },
     /// The kernel marked the device broken (a message went unanswered past its timeout).
@@ -559,6 +570,7 @@ impl VduseDevice {
             );
             q.set_waker(kick.clone());
             q.set_held(i < 64 && spec.held_queues & (1 << i) != 0);
+            q.set_fail_status(spec.fail_status());
             queues.push(q);
             kicks.push(kick);
         }
@@ -745,7 +757,8 @@ impl VduseDevice {
         if let Some(t) = self.message_loop.take() {
             let _ = t.join();
         }
-        // Nothing may touch guest memory any more.
+        // Nothing may touch guest memory any more: fenced tickets reach no buffer; native reads still
+        // pinned get until the drain timeout, then their memory is revoked.
         let mut maps = Vec::new();
         for q in &self.shared.queues {
             maps.extend(q.abandon().1);
@@ -755,7 +768,17 @@ impl VduseDevice {
         for m in &maps {
             mappings.extend(m.mappings());
         }
-        self.shared.janitor.revoke(mappings, Duration::from_secs(5));
+        let started = Instant::now();
+        if self
+            .shared
+            .settle(mappings, started + self.shared.drain_timeout, started, false)
+            == Settled::Unsafe
+        {
+            log::error!(
+                "device {:?}: closing while native I/O may still touch the driver's memory",
+                self.shared.name
+            );
+        }
         drop((old, maps));
         // DESTROY_DEV fails while the device node is open: close it now. Other holders of the fd (a late
         // completion's interrupt) keep working on /dev/null instead of a recycled fd number.
@@ -1146,10 +1169,10 @@ impl Shared {
         Ok(())
     }
 
-    /// Reset or DRIVER_OK cleared: let requests in flight finish until the deadline, fence the rest, revoke
-    /// every mapping (the kernel reuses its bounce pages), and forget the map.
-    fn reset(&self) {
-        let started = Instant::now();
+    /// Reset or DRIVER_OK cleared: let requests in flight finish until the deadline, fence the rest, and
+    /// forget the map. True when nothing of ours can touch the old memory any more (the kernel reuses its
+    /// pages once answered); false when that could not be made sure within the budget.
+    fn reset(&self, started: Instant) -> bool {
         let deadline = started + self.drain_timeout;
         for q in &self.queues {
             q.quiesce();
@@ -1173,12 +1196,17 @@ impl Shared {
             }
             maps.extend(m);
         }
+        // Stopped queues touch no ring, and fenced tickets reach no buffer: what is left are pins.
         let old = self.memory.clear();
         let mut mappings: Vec<Arc<Mapping>> = old.mappings();
         for m in &maps {
-            mappings.extend(m.mappings());
+            for mapping in m.mappings() {
+                if !mappings.iter().any(|x| Arc::ptr_eq(x, &mapping)) {
+                    mappings.push(mapping);
+                }
+            }
         }
-        let revoked = self.janitor.revoke(mappings, revoke_wait(deadline));
+        let settled = self.settle(mappings, deadline, started, false);
         self.janitor.dispose((old, maps));
         if !drained || fenced > 0 {
             log::warn!(
@@ -1187,33 +1215,82 @@ impl Shared {
                 started.elapsed()
             );
         }
-        if busy || fenced > 0 {
-            self.record_drain(DrainReason::Reset, started, fenced, revoked);
+        if busy || fenced > 0 || settled != Settled::Quiet {
+            self.record_drain(DrainReason::Reset, started, fenced, settled == Settled::Revoked);
+        }
+        settled != Settled::Unsafe
+    }
+
+    /// Waits until none of `mappings` can be touched by this process any more: until no native I/O pins
+    /// them (up to `deadline`, at least briefly), else — or when `force`d — by revoking them (up to the
+    /// answer budget from `started`).
+    fn settle(
+        &self,
+        mappings: Vec<Arc<Mapping>>,
+        deadline: Instant,
+        started: Instant,
+        force: bool,
+    ) -> Settled {
+        let pin_deadline = deadline.max(Instant::now() + Duration::from_millis(100));
+        if !force && wait_unpinned(&mappings, pin_deadline) {
+            return Settled::Quiet;
+        }
+        let pinned: Vec<Arc<Mapping>> = if force {
+            mappings
+        } else {
+            mappings.into_iter().filter(|m| m.is_pinned()).collect()
+        };
+        let bytes: usize = pinned.iter().map(|m| m.len()).sum();
+        let mut revocation = self.janitor.revoke(pinned);
+        match revocation.wait_until(started + ANSWER_BUDGET) {
+            Some(true) => {
+                log::warn!(
+                    "device {:?}: native I/O still used {bytes} bytes of fenced memory; revoked them",
+                    self.name
+                );
+                Settled::Revoked
+            }
+            Some(false) => {
+                log::error!(
+                    "device {:?}: cannot revoke {bytes} bytes of fenced memory that native I/O still uses",
+                    self.name
+                );
+                Settled::Unsafe
+            }
+            None => {
+                log::error!(
+                    "device {:?}: revoking {bytes} bytes of fenced memory did not finish within {:?}",
+                    self.name,
+                    ANSWER_BUDGET
+                );
+                Settled::Unsafe
+            }
         }
     }
 
     /// `VDUSE_UPDATE_IOTLB`: the driver changed its memory map. Entries that stayed the same keep their
     /// mappings and their requests; requests using removed memory are drained (bounded) or fenced, and
-    /// that memory is revoked. Queues publish through a fresh map from now on.
-    fn iotlb_changed(&self) {
-        let started = Instant::now();
+    /// that memory is made unreachable before the answer. Queues publish through a fresh map from now on.
+    /// False: refuse the update (the new map could not be read, or the old memory not made safe).
+    fn iotlb_changed(&self, started: Instant) -> bool {
         let deadline = started + self.drain_timeout;
         self.memory.invalidate();
-        let keys: Vec<EntryKey> = match enumerate(self.dev.as_ref()) {
-            Ok(entries) => entries.into_iter().map(|(k, _file)| k).collect(),
+        // One fd open at a time, whatever the entry count: an fd shortage does not make this fail.
+        let keys: Vec<EntryKey> = match entry_keys(self.memory.source()) {
+            Ok(keys) => keys,
             Err(e) => {
-                // Without the new list nothing can be revoked safely; the queues reload before their next
-                // use (and keep the old map if that fails too).
+                // Without the new list nothing can be fenced or made safe: refuse the update (the kernel
+                // rolls it back); the queues reload the map before they next touch memory.
                 log::error!(
-                    "device {:?}: cannot read the IOTLB after an update: {e}",
+                    "device {:?}: cannot read the IOTLB after an update ({e}); refusing it",
                     self.name
                 );
-                return;
+                return false;
             }
         };
         let removed: Vec<(EntryKey, Arc<Mapping>)> = self.memory.peek().mappings_not_in(&keys);
         if removed.is_empty() {
-            return;
+            return true;
         }
         let affected = |segments: &[crate::chain::Segment]| {
             segments
@@ -1249,19 +1326,23 @@ impl Shared {
             maps.extend(m);
         }
         // A publish that took the old map before the invalidation finishes under the queue lock; every
-        // later one checks the map under that lock and reloads. After this, nothing writes through the
-        // mappings about to be revoked.
+        // later one checks the map under that lock and reloads. A queue whose lock stays taken past the
+        // deadline may still be writing through the old map: its memory is revoked, not trusted.
+        let mut barred = true;
         for q in &self.queues {
             if !q.barrier(deadline.max(Instant::now() + Duration::from_millis(100))) {
                 log::warn!(
                     "queue {}: busy past the drain deadline during an IOTLB update",
                     q.index
                 );
+                barred = false;
             }
         }
-        let revoked = self.janitor.revoke(
+        let settled = self.settle(
             removed.into_iter().map(|(_, m)| m).collect(),
-            revoke_wait(deadline),
+            deadline,
+            started,
+            !barred,
         );
         self.janitor.dispose(maps);
         if fenced > 0 {
@@ -1270,9 +1351,15 @@ impl Shared {
                 self.name
             );
         }
-        if busy > 0 || fenced > 0 {
-            self.record_drain(DrainReason::IotlbChange, started, fenced, revoked);
+        if busy > 0 || fenced > 0 || settled != Settled::Quiet {
+            self.record_drain(
+                DrainReason::IotlbChange,
+                started,
+                fenced,
+                settled == Settled::Revoked,
+            );
         }
+        settled != Settled::Unsafe
     }
 
     fn record_drain(&self, reason: DrainReason, started: Instant, fenced: usize, revoked: bool) {
@@ -1288,19 +1375,30 @@ impl Shared {
         });
     }
 
-    fn handle_message(&self, req: &vduse_dev_request) -> vduse_dev_response {
+    /// The answer to one message; `None`: no answer at all (a reset whose memory could not be made safe —
+    /// the kernel then marks the device broken instead of handing pages we may still touch to others).
+    fn handle_message(&self, req: &vduse_dev_request) -> Option<vduse_dev_response> {
+        let started = Instant::now();
         match req.type_ {
             uapi::VDUSE_SET_STATUS => {
                 let status = req.status();
                 let before = self.status.load(Ordering::Acquire);
                 let mut ok = true;
-                if status == 0 || (before & STATUS_DRIVER_OK != 0 && status & STATUS_DRIVER_OK == 0) {
-                    self.reset();
+                let resets =
+                    status == 0 || (before & STATUS_DRIVER_OK != 0 && status & STATUS_DRIVER_OK == 0);
+                if resets && !self.reset(started) {
+                    log::error!(
+                        "device {:?}: the reset is not answered: fenced memory may still be touched",
+                        self.name
+                    );
+                    return None;
                 }
                 if status & STATUS_DRIVER_OK != 0 && before & STATUS_DRIVER_OK == 0 {
                     if let Err(e) = self.start() {
                         log::error!("device {:?}: cannot start serving: {e}", self.name);
-                        self.reset();
+                        if !self.reset(started) {
+                            return None;
+                        }
                         ok = false;
                     }
                 }
@@ -1314,7 +1412,7 @@ impl Shared {
                         features: self.features.load(Ordering::Acquire),
                     });
                 }
-                vduse_dev_response::new(req.request_id, ok)
+                Some(vduse_dev_response::new(req.request_id, ok))
             }
             uapi::VDUSE_GET_VQ_STATE => {
                 let index = req.vq_index();
@@ -1331,15 +1429,15 @@ impl Shared {
                     })
                     .unwrap_or(0);
                 resp.set_split_vq_state(index, next);
-                resp
+                Some(resp)
             }
             uapi::VDUSE_UPDATE_IOTLB => {
-                self.iotlb_changed();
-                vduse_dev_response::new(req.request_id, true)
+                let ok = self.iotlb_changed(started);
+                Some(vduse_dev_response::new(req.request_id, ok))
             }
             other => {
                 log::debug!("device {:?}: unsupported message type {other}", self.name);
-                vduse_dev_response::new(req.request_id, false)
+                Some(vduse_dev_response::new(req.request_id, false))
             }
         }
     }
@@ -1358,7 +1456,9 @@ impl Shared {
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => return Ok(true),
             Err(e) => return Err(e),
         }
-        let resp = self.handle_message(&req);
+        let Some(resp) = self.handle_message(&req) else {
+            return Ok(true);
+        };
         if let Err(e) = (&*self.dev).write_all(resp.as_bytes()) {
             log::error!("device {:?}: reply to message {}: {e}", self.name, req.request_id);
         }
@@ -1401,12 +1501,15 @@ impl Shared {
     }
 }
 
-/// How long the message loop waits for revocations: what is left of the drain deadline, at least a
-/// little, never long.
-fn revoke_wait(deadline: Instant) -> Duration {
-    deadline
-        .saturating_duration_since(Instant::now())
-        .clamp(Duration::from_millis(200), Duration::from_secs(2))
+/// What became of memory the loop took from the device (see `Shared::settle`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Settled {
+    /// Nothing used it any more.
+    Quiet,
+    /// Native I/O still used it: it was revoked.
+    Revoked,
+    /// It could not be made safe in time: fail closed.
+    Unsafe,
 }
 
 /// The memory map the kernel has now, for tests and tools (mmaps: not for the message loop).

@@ -25,6 +25,8 @@ pub mod model;
 pub mod queue;
 pub mod ram_blk;
 pub mod reclaim;
+#[cfg(feature = "test-rig")]
+pub mod rig;
 pub mod uapi;
 pub mod worker;
 

@@ -6,17 +6,24 @@
 //!   that can outlive them. It implements vm-memory's [`GuestMemory`], so every access — virtio-queue's
 //!   ring accesses included — is checked against the entry's permission: a write into a read-only entry
 //!   is an error, never a SIGSEGV.
-//! - [`Mapping::revoke`] replaces a mapping's pages with private anonymous memory in place. Requests that
-//!   were fenced (reset, IOTLB change, timeout) may still hold pointers into it; after the revocation
-//!   their late reads and writes touch memory the device owns, never pages the driver reuses.
+//! - Who may touch driver memory, and when: the queue copies a request's bytes only under its ring lock
+//!   while the request's ticket is live, so a fence (taken under that lock) ends every such access at
+//!   once. The one exception is a system call that moves data straight into the driver's buffers
+//!   (native reads): it holds [`Pins`] on the mappings it uses, and the message loop waits for them —
+//!   or, at its deadline, [revokes](Mapping::revoke) those mappings — before it answers the kernel.
+//! - [`Mapping::revoke`] replaces a mapping's pages with private anonymous memory in place: late reads
+//!   and writes through old pointers touch memory the device owns, never pages the driver reuses. A
+//!   revocation that fails leaves the mapping *lost*: never reused, never unmapped (its range may hold
+//!   anything by then), and the caller fails closed.
 //! - [`Memory`] holds the current map. A change marks it stale; whoever serves the queues next reloads
 //!   it, reusing the mappings of entries that did not change. The message loop never mmaps or munmaps.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::MetadataExt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
 use vm_memory::bitmap::BS;
@@ -114,26 +121,39 @@ impl IotlbSource for File {
     }
 }
 
-/// Every entry the source has, in IOVA order, each with its key and an fd (closed when dropped).
-pub fn enumerate(source: &dyn IotlbSource) -> std::io::Result<Vec<(EntryKey, File)>> {
-    let mut out: Vec<(EntryKey, File)> = Vec::new();
+/// Calls `f` with every entry the source has, in IOVA order, and an fd to map it (closed when `f`
+/// returns: however many entries there are, at most one fd is open at a time).
+fn for_each_entry(
+    source: &dyn IotlbSource,
+    mut f: impl FnMut(EntryKey, &File) -> std::io::Result<()>,
+) -> std::io::Result<()> {
     let mut first = 0u64;
+    let mut count = 0usize;
     loop {
         let Some((entry, file)) = source.entry(first, u64::MAX)? else {
-            break;
+            return Ok(());
         };
         let key = key_of(&entry, &file)?;
-        if key.first < first || out.len() >= MAX_ENTRIES {
+        count += 1;
+        if key.first < first || count > MAX_ENTRIES {
             return Err(std::io::Error::other(format!("bad IOTLB entry {entry:?}")));
         }
-        let last = key.last;
-        out.push((key, file));
-        if last == u64::MAX {
-            break;
+        f(key, &file)?;
+        if key.last == u64::MAX {
+            return Ok(());
         }
-        first = last + 1;
+        first = key.last + 1;
     }
-    Ok(out)
+}
+
+/// The keys of every entry the source has, in IOVA order (what the message loop compares maps with).
+pub fn entry_keys(source: &dyn IotlbSource) -> std::io::Result<Vec<EntryKey>> {
+    let mut keys = Vec::new();
+    for_each_entry(source, |key, _| {
+        keys.push(key);
+        Ok(())
+    })?;
+    Ok(keys)
 }
 
 /// More entries than any kernel keeps (6.12 caps them at 2048): a guard against a kernel bug looping us.
@@ -153,6 +173,16 @@ fn key_of(entry: &vduse_iotlb_entry, file: &File) -> std::io::Result<EntryKey> {
     })
 }
 
+/// A mapping's state: live, revoked (anonymous memory in its place), or lost (a revocation failed
+/// half-way: what the range holds is unknown).
+const LIVE: u8 = 0;
+const REVOKED: u8 = 1;
+const LOST: u8 = 2;
+
+/// How much of a mapping one munmap call releases: a large unmap holds the process's mmap lock, and a
+/// revocation waiting for that lock must not wait for gigabytes at once.
+const UNMAP_STEP: usize = 64 << 20;
+
 /// One mmap'ed IOTLB entry (or anonymous memory for in-process use), unmapped on drop.
 #[derive(Debug)]
 pub struct Mapping {
@@ -162,16 +192,32 @@ pub struct Mapping {
     /// The whole mmap: it starts up to a page before `addr` when the kernel's offset is not aligned.
     base: *mut u8,
     base_len: usize,
-    revoked: AtomicBool,
+    state: AtomicU8,
+    /// System calls moving data straight into this mapping right now (see [`Pins`]).
+    pins: AtomicUsize,
+    /// Test hook: the next revocation fails as if the kernel refused it.
+    fail_revoke: std::sync::atomic::AtomicBool,
 }
 
 // SAFETY: the mapping is plain memory; all access goes through volatile slices or raw pointers whose
-// users check bounds, and the struct itself is immutable apart from the atomic flag.
+// users check bounds, and the struct itself is immutable apart from its atomics.
 unsafe impl Send for Mapping {}
 // SAFETY: as above.
 unsafe impl Sync for Mapping {}
 
 impl Mapping {
+    fn new(addr: *mut u8, len: usize, base: *mut u8, base_len: usize) -> Self {
+        Self {
+            addr,
+            len,
+            base,
+            base_len,
+            state: AtomicU8::new(LIVE),
+            pins: AtomicUsize::new(0),
+            fail_revoke: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
     fn map(file: &File, offset: u64, len: usize, perm: u8) -> std::io::Result<Self> {
         let mut prot = 0;
         if perm & uapi::VDUSE_ACCESS_RO != 0 {
@@ -200,14 +246,9 @@ impl Mapping {
         if base == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error());
         }
-        Ok(Self {
-            // SAFETY: delta < one page <= base_len.
-            addr: unsafe { base.cast::<u8>().add(delta) },
-            len,
-            base: base.cast(),
-            base_len,
-            revoked: AtomicBool::new(false),
-        })
+        // SAFETY: delta < one page <= base_len.
+        let addr = unsafe { base.cast::<u8>().add(delta) };
+        Ok(Self::new(addr, len, base.cast(), base_len))
     }
 
     /// Zero-filled anonymous memory the caller owns (in-process drivers, tests, benchmarks).
@@ -226,13 +267,7 @@ impl Mapping {
         if addr == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error());
         }
-        Ok(Self {
-            addr: addr.cast(),
-            len,
-            base: addr.cast(),
-            base_len: len,
-            revoked: AtomicBool::new(false),
-        })
+        Ok(Self::new(addr.cast(), len, addr.cast(), len))
     }
 
     pub fn len(&self) -> usize {
@@ -243,33 +278,71 @@ impl Mapping {
         self.len == 0
     }
 
+    /// Revoked or lost: no longer the driver's memory (and never reused for a new map).
     pub fn is_revoked(&self) -> bool {
-        self.revoked.load(Ordering::Acquire)
+        self.state.load(Ordering::Acquire) != LIVE
+    }
+
+    /// A revocation failed part-way: the range may hold anything, so it is never unmapped.
+    pub fn is_lost(&self) -> bool {
+        self.state.load(Ordering::Acquire) == LOST
+    }
+
+    /// Test hook: makes the next [`revoke`](Self::revoke) fail as if the kernel refused it (ENOMEM).
+    #[doc(hidden)]
+    pub fn fail_next_revoke(&self) {
+        self.fail_revoke.store(true, Ordering::Release);
+    }
+
+    /// Whether a system call may be moving data into this mapping right now.
+    pub fn is_pinned(&self) -> bool {
+        self.pins.load(Ordering::Acquire) > 0
     }
 
     /// Replaces the pages in place with private zero-filled memory (same addresses): anyone still holding
-    /// a pointer into the mapping — a backend's view, an I/O in progress — now reads zeroes and writes
-    /// into memory only this process sees. Idempotent. Must not run where the kernel may hold this
-    /// process's mmap lock while waiting on the caller (the VDUSE message loop): see [`Janitor`].
+    /// a pointer into the mapping — an I/O in progress — now reads zeroes and writes into memory only this
+    /// process sees. Idempotent. If the kernel refuses, the mapping is *lost* (an error is returned, now
+    /// and on every later call): a failed `MAP_FIXED` may have unmapped the range already, so it is never
+    /// reused or unmapped again. Must not run where the kernel may hold this process's mmap lock while
+    /// waiting on the caller (the VDUSE message loop): see [`Janitor`].
     pub fn revoke(&self) -> std::io::Result<()> {
-        if self.revoked.swap(true, Ordering::AcqRel) {
-            return Ok(());
+        match self
+            .state
+            .compare_exchange(LIVE, REVOKED, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => {}
+            Err(REVOKED) => return Ok(()),
+            Err(_) => {
+                return Err(std::io::Error::other(
+                    "the mapping was lost by a failed revocation",
+                ))
+            }
         }
-        // SAFETY: MAP_FIXED over exactly the range this struct owns; the range stays reserved (and is
-        // unmapped by Drop) so no other mapping can take these addresses meanwhile.
-        let addr = unsafe {
-            libc::mmap(
-                self.base.cast(),
-                self.base_len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
+        let failed = self.fail_revoke.swap(false, Ordering::AcqRel);
+        let addr = if failed {
+            libc::MAP_FAILED
+        } else {
+            // SAFETY: MAP_FIXED over exactly the range this struct owns: on success the range stays
+            // reserved (unmapped by Drop) so no other mapping can take these addresses meanwhile; on
+            // failure the range is marked lost and never touched again by us.
+            unsafe {
+                libc::mmap(
+                    self.base.cast(),
+                    self.base_len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                    -1,
+                    0,
+                )
+            }
         };
         if addr == libc::MAP_FAILED {
-            let err = std::io::Error::last_os_error();
-            self.revoked.store(false, Ordering::Release);
+            let err = if failed {
+                std::io::Error::from_raw_os_error(libc::ENOMEM)
+            } else {
+                std::io::Error::last_os_error()
+            };
+            self.state.store(LOST, Ordering::Release);
             return Err(err);
         }
         Ok(())
@@ -278,8 +351,90 @@ impl Mapping {
 
 impl Drop for Mapping {
     fn drop(&mut self) {
-        // SAFETY: base/base_len come from a successful mmap that nothing else unmaps.
-        unsafe { libc::munmap(self.base.cast(), self.base_len) };
+        if self.is_lost() {
+            // Whatever is at these addresses now is not ours to unmap: leak the range instead.
+            log::error!(
+                "leaving {} bytes of address space unmapped by us after a failed revocation",
+                self.base_len
+            );
+            return;
+        }
+        let mut at = 0;
+        while at < self.base_len {
+            let n = UNMAP_STEP.min(self.base_len - at);
+            // SAFETY: `[base + at, base + at + n)` lies in the range a successful mmap (or revocation)
+            // gave this struct, which nothing else unmaps.
+            unsafe { libc::munmap(self.base.add(at).cast(), n) };
+            at += n;
+        }
+    }
+}
+
+/// Host pointers into driver memory for a system call that moves data straight into it (a native
+/// read), and pins on the mappings they point into: while a mapping is pinned, the message loop does not
+/// tell the kernel it is done with that memory (it waits, and at its deadline revokes the mapping first).
+/// Taken under the queue lock of a live request (`Virtqueue::pin`), so a fence cannot miss one. The
+/// pointers are valid until [`release`](Self::release) (or drop); reuse one `Pins` per thread: it keeps
+/// its capacity.
+#[derive(Default)]
+pub struct Pins {
+    held: Vec<Arc<Mapping>>,
+    ranges: Vec<(*mut u8, usize)>,
+}
+
+// SAFETY: the pointers point into mappings the pins keep alive; they are data for the holder's system
+// calls, never dereferenced by this type.
+unsafe impl Send for Pins {}
+
+impl Pins {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+
+    /// The pinned byte ranges, in order.
+    pub fn ranges(&self) -> &[(*mut u8, usize)] {
+        &self.ranges
+    }
+
+    fn pin(&mut self, mapping: &Arc<Mapping>) {
+        if self.held.iter().any(|m| Arc::ptr_eq(m, mapping)) {
+            return;
+        }
+        mapping.pins.fetch_add(1, Ordering::AcqRel);
+        self.held.push(mapping.clone());
+    }
+
+    /// Forgets the ranges and unpins: from here on the pointers must not be used.
+    pub fn release(&mut self) {
+        self.ranges.clear();
+        for m in self.held.drain(..) {
+            m.pins.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// Waits until none of `mappings` is pinned, or `deadline`; true if none is.
+pub fn wait_unpinned(mappings: &[Arc<Mapping>], deadline: Instant) -> bool {
+    loop {
+        if mappings.iter().all(|m| !m.is_pinned()) {
+            return true;
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return false;
+        }
+        // Pins last one system call; a poll at this period costs nothing next to the drain it ends.
+        std::thread::sleep((deadline - now).min(Duration::from_millis(1)));
     }
 }
 
@@ -335,20 +490,21 @@ impl IotlbMap {
     }
 
     /// Reads every IOTLB entry of `source`, reusing the mappings of `previous` whose entries did not
-    /// change and mapping the others.
+    /// change (and were not revoked) and mapping the others.
     pub fn load(source: &dyn IotlbSource, previous: &IotlbMap) -> std::io::Result<Self> {
         let mut regions = Vec::new();
-        for (key, file) in enumerate(source)? {
+        for_each_entry(source, |key, file| {
             let mapping = match previous
                 .regions
                 .iter()
                 .find(|r| r.key == key && !r.mapping.is_revoked())
             {
                 Some(r) => r.mapping.clone(),
-                None => Arc::new(Mapping::map(&file, key.offset, key.len() as usize, key.perm)?),
+                None => Arc::new(Mapping::map(file, key.offset, key.len() as usize, key.perm)?),
             };
             regions.push(Region { key, mapping });
-        }
+            Ok(())
+        })?;
         Self::assemble(regions)
     }
 
@@ -380,6 +536,27 @@ impl IotlbMap {
     /// All mappings, for revoking them on reset.
     pub fn mappings(&self) -> Vec<Arc<Mapping>> {
         self.regions.iter().map(|r| r.mapping.clone()).collect()
+    }
+
+    /// The first address of `[addr, addr+len)` that no entry covers, if any: one binary search, then one
+    /// step per entry the range crosses (never per page, whatever the length).
+    pub fn first_uncovered(&self, addr: u64, len: u64) -> Option<u64> {
+        if len == 0 {
+            return None;
+        }
+        let last = addr.saturating_add(len - 1);
+        let mut at = addr;
+        let start = self.regions.partition_point(|r| r.key.last < at);
+        for r in &self.regions[start..] {
+            if r.key.first > at {
+                return Some(at);
+            }
+            if r.key.last >= last {
+                return None;
+            }
+            at = r.key.last + 1;
+        }
+        Some(at)
     }
 
     /// Whether some entry covers `addr` at all (regardless of permission).
@@ -419,19 +596,19 @@ impl IotlbMap {
         false
     }
 
-    /// Host pointers for `[addr, addr+len)`, one per region it crosses, appended to `out`; false (and
-    /// `out` unchanged) unless the whole range is mapped with `access`. The pointers are valid while this
-    /// map is alive; after a revocation they point at memory the device owns.
-    pub fn host_ranges(&self, addr: u64, len: u64, access: Access, out: &mut Vec<(*mut u8, usize)>) -> bool {
+    /// Host pointers for `[addr, addr+len)`, one per region it crosses, appended to `pins`' ranges with
+    /// their mappings pinned; false (and no range added) unless the whole range is mapped with `access`.
+    /// Only the queue calls this, under its lock, for a live request.
+    pub(crate) fn host_ranges_pinned(&self, addr: u64, len: u64, access: Access, pins: &mut Pins) -> bool {
         if !self.check(addr, len, access) {
             return false;
         }
-        let mark = out.len();
+        let mark = pins.ranges.len();
         let mut at = addr;
         let mut left = len;
         while left > 0 {
             let Some(i) = self.region_at(at) else {
-                out.truncate(mark);
+                pins.ranges.truncate(mark);
                 return false;
             };
             let r = &self.regions[i];
@@ -440,7 +617,8 @@ impl IotlbMap {
             // SAFETY: `offset + n` lies inside the region's mapping (checked above), whose length is the
             // entry's length.
             let ptr = unsafe { r.mapping.addr.add(offset as usize) };
-            out.push((ptr, n as usize));
+            pins.ranges.push((ptr, n as usize));
+            pins.pin(&r.mapping);
             at = at.wrapping_add(n);
             left -= n;
         }
@@ -551,6 +729,7 @@ pub struct Memory {
     reloading: Mutex<()>,
     source: Arc<dyn IotlbSource>,
     reloads: AtomicU64,
+    reload_failed: std::sync::atomic::AtomicBool,
 }
 
 impl Memory {
@@ -562,6 +741,7 @@ impl Memory {
             reloading: Mutex::new(()),
             source,
             reloads: AtomicU64::new(0),
+            reload_failed: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -590,6 +770,12 @@ impl Memory {
             }
         }
         self.peek()
+    }
+
+    /// Whether the last reload failed (fd or memory exhaustion, a broken device): the map is outdated
+    /// until one succeeds, and callers that must not touch memory through an outdated map fail closed.
+    pub fn reload_failing(&self) -> bool {
+        self.reload_failed.load(Ordering::Acquire)
     }
 
     /// The current map as it is, without reloading.
@@ -622,7 +808,9 @@ impl Memory {
             return Ok(()); // someone else just did it
         }
         let previous = self.peek();
-        let map = IotlbMap::load(self.source.as_ref(), &previous)?;
+        let map = IotlbMap::load(self.source.as_ref(), &previous);
+        self.reload_failed.store(map.is_err(), Ordering::Release);
+        let map = map?;
         self.reloads.fetch_add(1, Ordering::Relaxed);
         *self.current.write() = Arc::new(map);
         // A change that came in during the load bumped `wanted` past `want`: it stays stale.
@@ -661,77 +849,128 @@ impl Memory {
     }
 }
 
-/// Does mmap work for the message loop on a thread of its own, so the loop can bound its waits.
+/// Does mmap work for the message loop on threads of its own, so the loop can bound its waits.
 ///
 /// With vhost-vdpa the kernel may send a message while holding the *driver* process's mmap lock; when the
 /// driver is this very process (an in-process driver), an mmap or munmap in the message loop would wait
 /// for that lock while the kernel waits for our reply — until the message times out and breaks the device.
-/// Revocations and the final unmapping of old maps therefore run here; the loop waits a bounded time.
+/// Revocations and the final unmapping of old maps therefore run here. They run on two threads: a
+/// revocation (which the loop waits for) never queues behind the unmapping of a large old map (which
+/// nobody waits for), and unmapping goes in steps so a revocation gets the mmap lock between them.
 pub struct Janitor {
-    tx: Option<std::sync::mpsc::Sender<Job>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    revoker: Option<std::sync::mpsc::Sender<RevokeJob>>,
+    disposer: Option<std::sync::mpsc::Sender<Box<dyn Send>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
 
-enum Job {
-    Revoke(Vec<Arc<Mapping>>, std::sync::mpsc::Sender<bool>),
-    Drop(Box<dyn Send>),
+struct RevokeJob {
+    mappings: Vec<Arc<Mapping>>,
+    done: std::sync::mpsc::Sender<bool>,
+}
+
+/// A revocation under way (see [`Janitor::revoke`]).
+pub struct Revocation {
+    done: Option<std::sync::mpsc::Receiver<bool>>,
+    /// Known already (nothing to revoke, or the janitor is gone).
+    outcome: Option<bool>,
+}
+
+impl Revocation {
+    /// Waits until the revocation finished or `deadline`: `Some(true)` when every mapping was revoked,
+    /// `Some(false)` when one could not be (the kernel refused, or the janitor is gone), `None` while it
+    /// is still running — it keeps running, and a later call may still see it finish.
+    pub fn wait_until(&mut self, deadline: Instant) -> Option<bool> {
+        if let Some(o) = self.outcome {
+            return Some(o);
+        }
+        let rx = self.done.as_ref()?;
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(timeout) {
+            Ok(ok) => {
+                self.outcome = Some(ok);
+                Some(ok)
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                self.outcome = Some(false);
+                Some(false)
+            }
+        }
+    }
 }
 
 impl Janitor {
     pub fn new(name: &str) -> std::io::Result<Self> {
-        let (tx, rx) = std::sync::mpsc::channel::<Job>();
-        let thread = std::thread::Builder::new()
-            .name(format!("vduse-mm-{name}"))
-            .spawn(move || {
-                for job in rx {
-                    match job {
-                        Job::Revoke(mappings, done) => {
-                            let mut ok = true;
-                            for m in &mappings {
-                                if let Err(e) = m.revoke() {
-                                    ok = false;
-                                    log::error!("cannot revoke a mapping of {} bytes: {e}", m.len());
-                                }
+        let (revoker, revokes) = std::sync::mpsc::channel::<RevokeJob>();
+        let (disposer, disposals) = std::sync::mpsc::channel::<Box<dyn Send>>();
+        let mut threads = Vec::new();
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("vduse-rv-{name}"))
+                .spawn(move || {
+                    for job in revokes {
+                        let mut ok = true;
+                        for m in &job.mappings {
+                            if let Err(e) = m.revoke() {
+                                ok = false;
+                                log::error!("cannot revoke a mapping of {} bytes: {e}", m.len());
                             }
-                            drop(mappings);
-                            let _ = done.send(ok);
                         }
-                        Job::Drop(thing) => drop(thing),
+                        // Report before dropping: the last reference may unmap, which takes a while.
+                        let _ = job.done.send(ok);
+                        drop(job.mappings);
                     }
-                }
-            })?;
+                })?,
+        );
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("vduse-mm-{name}"))
+                .spawn(move || {
+                    for thing in disposals {
+                        drop(thing);
+                    }
+                })?,
+        );
         Ok(Self {
-            tx: Some(tx),
-            thread: Some(thread),
+            revoker: Some(revoker),
+            disposer: Some(disposer),
+            threads,
         })
     }
 
-    /// Revokes `mappings` and waits up to `timeout`; false if it did not finish in time (it still will) or
-    /// a revocation failed.
-    pub fn revoke(&self, mappings: Vec<Arc<Mapping>>, timeout: std::time::Duration) -> bool {
+    /// Starts revoking `mappings` (see [`Mapping::revoke`]); wait for it with
+    /// [`Revocation::wait_until`].
+    pub fn revoke(&self, mappings: Vec<Arc<Mapping>>) -> Revocation {
         if mappings.is_empty() {
-            return true;
+            return Revocation {
+                done: None,
+                outcome: Some(true),
+            };
         }
-        let (done_tx, done_rx) = std::sync::mpsc::channel();
-        let Some(tx) = self.tx.as_ref() else { return false };
-        if tx.send(Job::Revoke(mappings, done_tx)).is_err() {
-            return false;
+        let (done, rx) = std::sync::mpsc::channel();
+        let sent = self
+            .revoker
+            .as_ref()
+            .is_some_and(|tx| tx.send(RevokeJob { mappings, done }).is_ok());
+        Revocation {
+            done: sent.then_some(rx),
+            outcome: (!sent).then_some(false),
         }
-        done_rx.recv_timeout(timeout).unwrap_or(false)
     }
 
     /// Drops `thing` (typically the last reference to an old map) off the caller's thread.
     pub fn dispose(&self, thing: impl Send + 'static) {
-        if let Some(tx) = self.tx.as_ref() {
-            let _ = tx.send(Job::Drop(Box::new(thing)));
+        if let Some(tx) = self.disposer.as_ref() {
+            let _ = tx.send(Box::new(thing));
         }
     }
 }
 
 impl Drop for Janitor {
     fn drop(&mut self) {
-        self.tx = None;
-        if let Some(t) = self.thread.take() {
+        self.revoker = None;
+        self.disposer = None;
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }
@@ -795,24 +1034,29 @@ mod tests {
     }
 
     #[test]
-    fn host_ranges_split_at_region_boundaries() {
+    fn host_ranges_split_at_region_boundaries_and_pin_their_mappings() {
         let map = map(&[
             (0x0, 0x1000, uapi::VDUSE_ACCESS_RW),
             (0x1000, 0x1000, uapi::VDUSE_ACCESS_RW),
         ]);
-        let mut out = Vec::new();
-        assert!(map.host_ranges(0xff8, 16, Access::Write, &mut out));
-        assert_eq!(out.iter().map(|r| r.1).collect::<Vec<_>>(), vec![8, 8]);
-        assert!(!map.host_ranges(0x1ff8, 16, Access::Write, &mut out));
-        assert_eq!(out.len(), 2, "a failed lookup appends nothing");
+        let mut pins = Pins::new();
+        assert!(map.host_ranges_pinned(0xff8, 16, Access::Write, &mut pins));
+        assert_eq!(pins.ranges().iter().map(|r| r.1).collect::<Vec<_>>(), vec![8, 8]);
+        assert!(map.mappings().iter().all(|m| m.is_pinned()));
+        assert!(!map.host_ranges_pinned(0x1ff8, 16, Access::Write, &mut pins));
+        assert_eq!(pins.ranges().len(), 2, "a failed lookup appends nothing");
+        pins.release();
+        assert!(map.mappings().iter().all(|m| !m.is_pinned()));
+        assert!(wait_unpinned(&map.mappings(), Instant::now()));
     }
 
     #[test]
     fn a_revoked_mapping_keeps_its_addresses_but_not_its_contents() {
         let map = map(&[(0x0, 0x2000, uapi::VDUSE_ACCESS_RW)]);
         map.write_slice(&[7u8; 64], GuestAddress(0x100)).unwrap();
-        let mut ptrs = Vec::new();
-        assert!(map.host_ranges(0x100, 64, Access::Write, &mut ptrs));
+        let mut pins = Pins::new();
+        assert!(map.host_ranges_pinned(0x100, 64, Access::Write, &mut pins));
+        let ptrs = pins.ranges().to_vec();
         for m in map.mappings() {
             m.revoke().unwrap();
             m.revoke().unwrap();
@@ -830,6 +1074,37 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_revocation_loses_the_mapping_for_good() {
+        let first = map(&[(0x0, 0x2000, uapi::VDUSE_ACCESS_RW)]);
+        let m = first.mappings()[0].clone();
+        m.fail_next_revoke();
+        assert!(m.revoke().is_err(), "the kernel refused");
+        assert!(m.is_lost() && m.is_revoked());
+        assert!(
+            m.revoke().is_err(),
+            "a lost mapping stays lost: a retry must not claim it is revoked"
+        );
+        // Dropping it leaks the range instead of unmapping whatever now lives there.
+        drop(m);
+        drop(first);
+    }
+
+    #[test]
+    fn first_uncovered_steps_by_entry_not_by_page() {
+        let map = map(&[
+            (0x0, 0x1000, uapi::VDUSE_ACCESS_RW),
+            (0x1000, 0x1000, uapi::VDUSE_ACCESS_RO),
+            (0x4000, 0x1000, uapi::VDUSE_ACCESS_RW),
+        ]);
+        assert_eq!(map.first_uncovered(0, 0x2000), None);
+        assert_eq!(map.first_uncovered(0x800, 0x2000), Some(0x2000));
+        assert_eq!(map.first_uncovered(0x3000, 0x10), Some(0x3000));
+        assert_eq!(map.first_uncovered(0x4000, u64::from(u32::MAX)), Some(0x5000));
+        assert_eq!(map.first_uncovered(u64::MAX - 4, 16), Some(u64::MAX - 4));
+        assert_eq!(map.first_uncovered(0x9000, 0), None);
+    }
+
+    #[test]
     fn memory_swaps_snapshots_without_invalidating_readers() {
         let memory = Memory::fixed(map(&[(0, 0x1000, uapi::VDUSE_ACCESS_RW)]));
         let old = memory.snapshot();
@@ -840,11 +1115,46 @@ mod tests {
     }
 
     #[test]
-    fn janitor_revokes_within_the_bound() {
+    fn janitor_revokes_and_reports_failures() {
         let janitor = Janitor::new("test").unwrap();
         let map = map(&[(0, 0x1000, uapi::VDUSE_ACCESS_RW)]);
-        assert!(janitor.revoke(map.mappings(), std::time::Duration::from_secs(5)));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        assert_eq!(janitor.revoke(map.mappings()).wait_until(deadline), Some(true));
         assert!(map.mappings()[0].is_revoked());
+        assert_eq!(janitor.revoke(Vec::new()).wait_until(Instant::now()), Some(true));
+        let other = super::IotlbMap::anonymous(&[(0, 0x1000, uapi::VDUSE_ACCESS_RW)]).unwrap();
+        other.mappings()[0].fail_next_revoke();
+        assert_eq!(
+            janitor.revoke(other.mappings()).wait_until(deadline),
+            Some(false),
+            "a refused revocation is reported, not taken for done"
+        );
         janitor.dispose(map);
+    }
+
+    /// Drops only once told to: an old map whose unmapping takes a long time.
+    struct SlowDrop(std::sync::mpsc::Receiver<()>);
+
+    impl Drop for SlowDrop {
+        fn drop(&mut self) {
+            let _ = self.0.recv();
+        }
+    }
+
+    #[test]
+    fn a_revocation_never_waits_behind_a_disposal() {
+        let janitor = Janitor::new("busy").unwrap();
+        let (release, held) = std::sync::mpsc::channel();
+        // The disposal thread is busy (a multi-gigabyte unmap, say) until the test lets it go…
+        janitor.dispose(SlowDrop(held));
+        let map = map(&[(0, 0x1000, uapi::VDUSE_ACCESS_RW)]);
+        // …and a revocation the message loop waits for still finishes meanwhile.
+        let mut revocation = janitor.revoke(map.mappings());
+        assert_eq!(
+            revocation.wait_until(Instant::now() + Duration::from_secs(60)),
+            Some(true)
+        );
+        release.send(()).unwrap();
+        drop(janitor);
     }
 }

@@ -27,11 +27,25 @@ pub struct DeviceSpec {
     pub held_queues: u64,
 }
 
+const VIRTIO_ID_BLOCK: u32 = 2;
+const VIRTIO_BLK_S_IOERR: u8 = 1;
+
+impl DeviceSpec {
+    /// The status byte of a request the transport has to fail on the model's behalf (it cannot reach the
+    /// model): virtio-blk's IOERR. Other devices have no status byte: such a request is given back empty
+    /// (a NIC's buffer unused, a frame dropped).
+    pub fn fail_status(&self) -> Option<u8> {
+        (self.device_id == VIRTIO_ID_BLOCK).then_some(VIRTIO_BLK_S_IOERR)
+    }
+}
+
 /// A device model written in Rust, served by one worker thread per queue.
 pub trait DeviceModel: Send + Sync + 'static {
     /// Serves one batch popped from `queue`. Complete every request exactly once through `completer` —
     /// now, or later from another thread (clone the completer; the ticket stays valid until completed or
-    /// fenced, and `completer.with_request` reaches its buffers meanwhile).
+    /// fenced). Each request's header comes with it (`Request::header`); its buffers are reached through
+    /// the queue's ticket-checked copies (`completer.queue().read_request(…)` and the like), never
+    /// directly: a fence must be able to end every access to them.
     fn handle(&self, queue: u16, batch: &RequestBatch, completer: &Completer);
 
     /// The driver started a session (DRIVER_OK) with these negotiated features, before any of its requests

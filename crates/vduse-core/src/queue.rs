@@ -8,9 +8,18 @@
 //!
 //! A request lives in a *slot*; its [`Ticket`] names the slot and the slot's generation, which changes
 //! every time the slot is reused or fenced, so a late or duplicate completion can never complete another
-//! request. At most a ring's worth of requests is in flight per queue (a valid driver cannot have more);
-//! each pop round is bounded in requests and descriptors, so a hostile driver cannot make one round do
-//! unbounded work while the queue lock is held. Nothing blocking (mmap, ioctl waits) happens under it.
+//! request. At most a ring's worth of requests is in flight per queue (a valid driver cannot have more),
+//! holding at most a fixed budget of buffer descriptors between them. Each pop round is bounded in chains
+//! and in descriptors read — refused chains are charged what they cost — so a hostile driver cannot make
+//! one round do unbounded work while the queue lock is held; a driver that posts nothing but malformed
+//! chains for a ring's worth in a row breaks the queue until it resets it. Nothing blocking (mmap, ioctl
+//! waits) happens under the lock, and no hold of it is long: copies between a request's buffers and the
+//! model go in chunks, each under the lock with the ticket checked, so a fence (taken under the lock)
+//! ends every access to a request's memory at once.
+//!
+//! Ring accesses (avail, used, event indices) go through the *current* memory map only; when it cannot be
+//! brought up to date the queue breaks rather than write through a map that may name memory the driver
+//! took back.
 //!
 //! The queue's ring state machine: `Off` (no driver) → `Armed` (DRIVER_OK: set up on first use, which is
 //! also how queues the driver enables late are served) → `Active` → `Broken` (the driver corrupted the
@@ -26,7 +35,15 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 
 use crate::chain::{self, ChainError, Segment, Shape};
 use crate::inflight::QueueLog;
-use crate::memory::{IotlbMap, Memory};
+use crate::memory::{Access, IotlbMap, Memory, Pins};
+
+/// Bytes of each request's readable buffers copied into its batch while it is popped (a request header
+/// fits): models read headers there, never from driver memory after the pop.
+pub const HEAD_BYTES: usize = 64;
+/// The most bytes one hold of the queue lock copies between a request's buffers and the model.
+const COPY_CHUNK: usize = 256 << 10;
+/// A freed slot keeps this many segments of capacity at most once the queue holds more than its budget.
+const SLOT_SEGMENTS_KEPT: usize = 16;
 
 /// What a queue needs from its transport.
 pub trait Transport: Send + Sync {
@@ -207,6 +224,8 @@ pub struct Request<'a> {
     pub shape: Shape,
     pub readable: &'a [Segment],
     pub writable: &'a [Segment],
+    /// The first (up to [`HEAD_BYTES`]) readable bytes, copied when the request was popped.
+    pub header: &'a [u8],
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -215,6 +234,7 @@ struct Entry {
     head: u16,
     first: u32,
     shape: Shape,
+    header_len: u8,
 }
 
 /// Requests popped in one round, stored flat so a warmed-up batch allocates nothing.
@@ -223,6 +243,8 @@ pub struct RequestBatch {
     memory: Arc<IotlbMap>,
     entries: Vec<Entry>,
     segments: Vec<Segment>,
+    /// `HEAD_BYTES` per entry.
+    headers: Vec<u8>,
 }
 
 impl Default for RequestBatch {
@@ -237,11 +259,8 @@ impl RequestBatch {
             memory,
             entries: Vec::new(),
             segments: Vec::new(),
+            headers: Vec::new(),
         }
-    }
-    /// The memory the requests' buffers live in.
-    pub fn memory(&self) -> &Arc<IotlbMap> {
-        &self.memory
     }
     pub fn len(&self) -> usize {
         self.entries.len()
@@ -254,12 +273,14 @@ impl RequestBatch {
         let first = e.first as usize;
         let mid = first + usize::from(e.shape.readable);
         let end = mid + usize::from(e.shape.writable);
+        let h = i * HEAD_BYTES;
         Some(Request {
             ticket: e.ticket,
             head: e.head,
             shape: e.shape,
             readable: &self.segments[first..mid],
             writable: &self.segments[mid..end],
+            header: &self.headers[h..h + usize::from(e.header_len)],
         })
     }
     pub fn iter(&self) -> impl Iterator<Item = Request<'_>> {
@@ -269,15 +290,32 @@ impl RequestBatch {
         self.memory = memory;
         self.entries.clear();
         self.segments.clear();
+        self.headers.clear();
     }
-    fn push(&mut self, ticket: Ticket, head: u16, shape: Shape, segments: &[Segment]) {
+    /// Appends a request, copying its header out of `map` (the lock is held: the memory is the driver's).
+    fn push(&mut self, map: &IotlbMap, ticket: Ticket, head: u16, shape: Shape, segments: &[Segment]) {
         let first = self.segments.len() as u32;
         self.segments.extend_from_slice(segments);
+        let h = self.headers.len();
+        self.headers.resize(h + HEAD_BYTES, 0);
+        let want = (shape.readable_bytes as usize).min(HEAD_BYTES);
+        let mut at = 0;
+        for seg in &segments[..usize::from(shape.readable)] {
+            if at == want {
+                break;
+            }
+            let k = (seg.len as usize).min(want - at);
+            if !map.read_into(seg.addr, &mut self.headers[h + at..h + at + k]) {
+                break;
+            }
+            at += k;
+        }
         self.entries.push(Entry {
             ticket,
             head,
             first,
             shape,
+            header_len: at as u8,
         });
     }
 }
@@ -336,6 +374,11 @@ struct Ring {
     resume_avail: Option<u16>,
     /// A pop round stopped for want of a free slot: wake the server when one is freed.
     full: bool,
+    /// Chains refused in a row (a valid one resets it): a ring's worth breaks the queue.
+    refused_streak: usize,
+    /// Segments held by requests in flight, and the capacity all slots keep (see `seg_budget`).
+    held_segments: usize,
+    slot_capacity: usize,
 }
 
 /// What became of a chain.
@@ -392,8 +435,9 @@ impl Done {
     }
 }
 
-/// How many times a publish retries for a map that keeps changing before using what it has.
-const FRESH_MAP_TRIES: usize = 4;
+/// How many times a pop or publish tries for a current map while it keeps changing under its feet (each
+/// try reloads it) before it gives up: a pop then tries again later, a publish breaks the queue.
+const FRESH_MAP_TRIES: usize = 64;
 
 /// A virtqueue shared by whoever serves it (a worker thread or the JavaScript thread), whoever completes
 /// its requests (any thread), and the message loop (which arms, fences and stops it).
@@ -414,7 +458,32 @@ pub struct Virtqueue {
     waker: Mutex<Option<Arc<vmm_sys_util::eventfd::EventFd>>>,
     /// The model holds this queue's buffers until it has data for them (see `DeviceSpec::held_queues`).
     held: AtomicBool,
+    /// The most segments all requests in flight may hold together, and all slots may keep.
+    seg_budget: usize,
+    /// Written into the status byte of a request the transport fails on the model's behalf (virtio-blk:
+    /// IOERR); `None`: such a request is given back empty.
+    fail_status: std::sync::Mutex<Option<u8>>,
 }
+
+/// Which buffers of a request a copy or pin reaches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    /// Driver → device (headers, data to write).
+    Readable,
+    /// Device → driver (data read, status).
+    Writable,
+}
+
+/// Who completes a request now: the model, or native I/O it was handed to (`begin_native`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Owner {
+    Model,
+    Native,
+}
+
+/// The request is no longer in flight (completed or fenced): its memory is out of reach.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Gone;
 
 impl Virtqueue {
     pub fn new(
@@ -426,10 +495,15 @@ impl Virtqueue {
         inflight: Arc<InFlight>,
         log: Option<QueueLog>,
     ) -> Arc<Self> {
+        let max_segments = max_segments.max(1);
         Arc::new(Self {
             index,
             max_size,
-            max_segments: max_segments.max(1),
+            max_segments,
+            seg_budget: (1usize << 16)
+                .max(4 * usize::from(max_size))
+                .max(2 * max_segments),
+            fail_status: std::sync::Mutex::new(None),
             ring: Mutex::new(Ring {
                 state: State::Off,
                 queue: None,
@@ -444,6 +518,9 @@ impl Virtqueue {
                 resubmit: Default::default(),
                 resume_avail: None,
                 full: false,
+                refused_streak: 0,
+                held_segments: 0,
+                slot_capacity: 0,
             }),
             memory,
             transport,
@@ -468,6 +545,19 @@ impl Virtqueue {
         if let Some(w) = self.waker.lock().as_ref() {
             let _ = w.write(1);
         }
+    }
+
+    /// The status byte a request failed by the transport gets (see [`failure`](Self::failure)).
+    pub fn set_fail_status(&self, status: Option<u8>) {
+        *self.fail_status.lock().unwrap_or_else(|e| e.into_inner()) = status;
+    }
+
+    /// The completion that fails `ticket` on the model's behalf — when the transport cannot deliver it to
+    /// the model at all: the device's error status (virtio-blk: IOERR, so a read never "succeeds" with
+    /// stale data nor a write is acknowledged unwritten), or an empty completion for devices without one.
+    pub fn failure(&self, ticket: Ticket) -> Done {
+        let status = *self.fail_status.lock().unwrap_or_else(|e| e.into_inner());
+        Done::new(ticket, u32::from(status.is_some()), status)
     }
 
     /// Turns EVENT_IDX on or off for the ring set up next (the negotiated features, at DRIVER_OK).
@@ -556,9 +646,12 @@ impl Virtqueue {
         self.ring.lock().state == State::Active
     }
 
-    /// The next avail index the device would process (`VDUSE_GET_VQ_STATE`), if the ring is set up.
+    /// The next avail index the device would process (`VDUSE_GET_VQ_STATE`): the ring's, once it is set
+    /// up; before that, where a taken-over queue resumes (the log's progress, not the driver's initial
+    /// index); `None` for a queue with neither.
     pub fn next_avail(&self) -> Option<u16> {
-        self.ring.lock().queue.as_ref().map(|q| q.next_avail())
+        let r = self.ring.lock();
+        r.queue.as_ref().map(|q| q.next_avail()).or(r.resume_avail)
     }
 
     /// Fences every request in flight and stops serving until armed again: the driver reset the queue, so
@@ -585,6 +678,7 @@ impl Virtqueue {
         r.added = 0;
         r.unpublished.clear();
         r.full = false;
+        r.refused_streak = 0;
         drop(r);
         if let (true, Some(log)) = (forget, &self.log) {
             log.clear();
@@ -664,6 +758,8 @@ impl Virtqueue {
             slots,
             free,
             head_slot,
+            held_segments,
+            slot_capacity,
             ..
         } = r;
         for (i, s) in slots.iter_mut().enumerate() {
@@ -673,6 +769,8 @@ impl Virtqueue {
             s.live = false;
             s.native = false;
             s.gen = s.gen.wrapping_add(1) & Ticket::GEN_MASK;
+            *held_segments -= s.segments.len();
+            self.trim_slot(s, slot_capacity);
             if let Some(hs) = head_slot.get_mut(usize::from(s.head)) {
                 *hs = 0;
             }
@@ -784,20 +882,17 @@ impl Virtqueue {
     }
 
     /// Pops up to `budget` requests into `batch` (cleared first). Chains that are malformed are refused
-    /// (used length 0) and counted; a buffer outside the map makes the caller's thread ask the kernel once
-    /// whether the IOTLB grew. Returns whether to call again without waiting for a kick.
+    /// (used length 0) and counted — against the budget too, by the descriptors they cost; a buffer
+    /// outside the map makes the caller's thread ask the kernel once whether the IOTLB grew. Returns
+    /// whether to call again without waiting for a kick.
     pub fn pop(&self, budget: Budget, batch: &mut RequestBatch) -> Pop {
         let mut missed_once = false;
-        let mut tries = 0;
-        loop {
+        for _ in 0..FRESH_MAP_TRIES {
             let map = self.memory.snapshot();
             batch.clear(map.clone());
-            // After a few changes under our feet, go on with the last map: it is at most one update old,
-            // and the next kick retries.
-            let strict = tries < FRESH_MAP_TRIES;
-            tries += 1;
-            match self.pop_locked(&map, budget, batch, missed_once, strict) {
+            match self.pop_locked(&map, budget, batch, missed_once) {
                 Ok(p) => return p,
+                Err(Again::Stale) if self.memory.reload_failing() => break,
                 Err(Again::Stale) => continue,
                 Err(Again::Miss(addr)) => {
                     // Outside the lock: this may mmap, which must never happen while the message loop could
@@ -808,6 +903,17 @@ impl Virtqueue {
                 }
             }
         }
+        batch.clear(Arc::new(IotlbMap::empty()));
+        if !self.memory.reload_failing() {
+            // The map kept changing under our feet: nothing is popped through an outdated one; later.
+            return Pop::More;
+        }
+        // The map cannot be brought up to date: the queue stops until the driver resets it.
+        let mut r = self.ring.lock();
+        if matches!(r.state, State::Armed | State::Active) {
+            self.break_ring(&mut r, "the driver's memory map cannot be brought up to date");
+        }
+        Pop::Idle
     }
 
     fn pop_locked(
@@ -816,12 +922,11 @@ impl Virtqueue {
         budget: Budget,
         batch: &mut RequestBatch,
         refuse_unmapped: bool,
-        strict: bool,
     ) -> Result<Pop, Again> {
         let mut guard = self.ring.lock();
-        // The message loop changes the map before it revokes anything; it takes this lock in between, so
-        // a map found current here stays mapped while we hold it.
-        if strict && !self.memory.is_current(map) {
+        // The message loop changes the map before it fences or revokes anything; it takes this lock in
+        // between, so a map found current here stays the driver's while we hold it.
+        if !self.memory.is_current(map) {
             return Err(Again::Stale);
         }
         let r = &mut *guard;
@@ -831,6 +936,9 @@ impl Virtqueue {
         if r.state != State::Active {
             return Ok(Pop::Idle);
         }
+        // Every chain taken or refused counts against `requests`, and what reading it cost against
+        // `descriptors`: a round never does more than the budget, whatever the driver posts.
+        let mut chains = 0usize;
         let mut descriptors = 0usize;
         let mut out_of_budget = false;
         let mut full = false;
@@ -838,11 +946,11 @@ impl Virtqueue {
         let mut miss = None;
         // Taken-over requests first, then the avail ring.
         while let Some(&head) = r.resubmit.front() {
-            if r.free.is_empty() {
+            if r.free.is_empty() || r.held_segments + self.max_segments > self.seg_budget {
                 full = true;
                 break;
             }
-            if batch.len() >= budget.requests {
+            if chains >= budget.requests || descriptors >= budget.descriptors {
                 out_of_budget = true;
                 break;
             }
@@ -851,16 +959,25 @@ impl Virtqueue {
                 .queue
                 .as_ref()
                 .map_or((0, 0, 0), |q| (q.desc_table(), q.size(), q.next_avail()));
-            if let Taken::Refused(ChainError::Unmapped(addr)) =
-                self.take(r, map, desc_table, size, head, batch, true, next)
-            {
+            chains += 1;
+            if let Taken::Refused(ChainError::Unmapped(addr)) = self.take(
+                r,
+                map,
+                desc_table,
+                size,
+                head,
+                batch,
+                true,
+                next,
+                &mut descriptors,
+            ) {
                 log::warn!(
                     "queue {}: a taken-over request points outside memory ({addr:#x})",
                     self.index
                 );
             }
         }
-        if !out_of_budget && !full {
+        if !out_of_budget && !full && r.state == State::Active {
             let q = r.queue.as_mut().expect("active queue");
             let _ = q.disable_notification(map.as_ref());
             let desc_table = q.desc_table();
@@ -884,12 +1001,13 @@ impl Virtqueue {
                     exhausted = true;
                     break;
                 }
-                if batch.len() >= budget.requests || descriptors >= budget.descriptors {
+                if chains >= budget.requests || descriptors >= budget.descriptors {
                     out_of_budget = true;
                     break;
                 }
-                if r.free.is_empty() {
-                    // A ring's worth in flight: a valid driver cannot add more. Wait for completions.
+                if r.free.is_empty() || r.held_segments + self.max_segments > self.seg_budget {
+                    // A ring's worth in flight (a valid driver cannot add more), or as many buffers as
+                    // the queue may hold: wait for completions.
                     full = true;
                     break;
                 }
@@ -901,7 +1019,7 @@ impl Virtqueue {
                         return Ok(Pop::Idle);
                     }
                 };
-                let before = batch.segments.len();
+                chains += 1;
                 match self.take(
                     r,
                     map,
@@ -911,15 +1029,19 @@ impl Virtqueue {
                     batch,
                     refuse_unmapped,
                     next.wrapping_add(1),
+                    &mut descriptors,
                 ) {
-                    Taken::Yes => descriptors += batch.segments.len() - before + 1,
+                    Taken::Yes => {}
                     Taken::Missed(addr) => {
                         miss = Some(addr);
                         break;
                     }
-                    Taken::Refused(_) => descriptors += 1,
+                    Taken::Refused(_) => {}
                 }
                 next = next.wrapping_add(1);
+                if r.state != State::Active {
+                    break; // a refusal streak broke the queue
+                }
             }
             if let Some(q) = r.queue.as_mut() {
                 q.set_next_avail(next);
@@ -931,6 +1053,9 @@ impl Virtqueue {
             self.stats.requests.fetch_add(popped as u64, Ordering::Relaxed);
         }
         self.notify_locked(r, map);
+        if r.state != State::Active {
+            return Ok(if popped > 0 { Pop::More } else { Pop::Idle });
+        }
         if let Some(addr) = miss {
             // Serve what was popped first: the caller retries after the miss.
             if popped == 0 {
@@ -957,7 +1082,8 @@ impl Virtqueue {
 
     /// Validates the chain at `head` and, if valid, gives it a slot and appends it to `batch`; otherwise
     /// refuses it — except an unmapped address when `refuse_unmapped` is false, which is left to the caller.
-    /// `next_avail`: the avail index once this chain is taken (for the log).
+    /// `next_avail`: the avail index once this chain is taken (for the log). `descriptors` grows by what
+    /// reading the chain cost, valid or not.
     #[allow(clippy::too_many_arguments)]
     fn take(
         &self,
@@ -969,7 +1095,10 @@ impl Virtqueue {
         batch: &mut RequestBatch,
         refuse_unmapped: bool,
         next_avail: u16,
+        descriptors: &mut usize,
     ) -> Taken {
+        // Even a refusal costs a descriptor's worth of the budget.
+        *descriptors += 1;
         if usize::from(head) < r.head_slot.len() && r.head_slot[usize::from(head)] != 0 {
             self.stats.duplicate_heads.fetch_add(1, Ordering::Relaxed);
             if !self.logged[ChainError::BadIndex.index()].swap(true, Ordering::Relaxed) {
@@ -982,14 +1111,29 @@ impl Virtqueue {
             if let Some(log) = &self.log {
                 log.set_next_avail(next_avail);
             }
+            self.count_refusal(r);
             return Taken::Refused(ChainError::BadIndex);
         }
         let slot_id = *r.free.last().expect("a free slot");
         let slot = &mut r.slots[usize::from(slot_id)];
         slot.segments.clear();
-        match chain::walk(map, desc_table, size, head, self.max_segments, &mut slot.segments) {
+        let capacity = slot.segments.capacity();
+        let mut cost = 0;
+        let walked = chain::walk(
+            map,
+            desc_table,
+            size,
+            head,
+            self.max_segments,
+            &mut slot.segments,
+            &mut cost,
+        );
+        r.slot_capacity += slot.segments.capacity() - capacity;
+        *descriptors += cost.saturating_sub(1);
+        match walked {
             Ok(shape) => {
                 r.free.pop();
+                r.refused_streak = 0;
                 let slot = &mut r.slots[usize::from(slot_id)];
                 slot.live = true;
                 slot.native = false;
@@ -998,7 +1142,8 @@ impl Virtqueue {
                 slot.shape = shape;
                 slot.map = Some(map.clone());
                 let ticket = Ticket::new(self.index, slot_id, slot.gen);
-                batch.push(ticket, head, shape, &slot.segments);
+                batch.push(map, ticket, head, shape, &slot.segments);
+                r.held_segments += slot.segments.len();
                 if let Some(hs) = r.head_slot.get_mut(usize::from(head)) {
                     *hs = slot_id + 1;
                 }
@@ -1012,10 +1157,49 @@ impl Virtqueue {
             }
             Err(ChainError::Unmapped(addr)) if !refuse_unmapped => Taken::Missed(addr),
             Err(e) => {
+                let Ring {
+                    slots, slot_capacity, ..
+                } = &mut *r;
+                self.trim_slot(&mut slots[usize::from(slot_id)], slot_capacity);
                 self.refuse(r, map, e, head, next_avail);
+                self.count_refusal(r);
                 Taken::Refused(e)
             }
         }
+    }
+
+    /// A driver that posts nothing but malformed chains, a ring's worth in a row, is not a driver having
+    /// a bad moment: stop serving the queue until it resets it (QEMU marks such a device broken).
+    fn count_refusal(&self, r: &mut Ring) {
+        r.refused_streak += 1;
+        let ring = r
+            .queue
+            .as_ref()
+            .map_or(usize::from(self.max_size), |q| usize::from(q.size()));
+        if r.refused_streak >= ring.max(1) {
+            self.break_ring(
+                r,
+                &format!("the driver posted {} malformed chains in a row", r.refused_streak),
+            );
+        }
+    }
+
+    /// A freed slot gives back the capacity it grew beyond a few segments once the queue keeps more than
+    /// its budget: a driver that once posted huge chains cannot make every slot hold that much for good.
+    fn trim_slot(&self, slot: &mut Slot, capacity: &mut usize) {
+        if *capacity > self.seg_budget && slot.segments.capacity() > SLOT_SEGMENTS_KEPT {
+            let before = slot.segments.capacity();
+            slot.segments.clear();
+            slot.segments.shrink_to(SLOT_SEGMENTS_KEPT);
+            *capacity = *capacity + slot.segments.capacity() - before;
+        }
+    }
+
+    /// Segments held by requests in flight, and the capacity all slots keep (both bounded by the queue's
+    /// budget, give or take one chain).
+    pub fn segment_usage(&self) -> (usize, usize) {
+        let r = self.ring.lock();
+        (r.held_segments, r.slot_capacity)
     }
 
     /// Writes a used element without publishing it: [`publish_used`](Self::publish_used) stores the used
@@ -1114,56 +1298,207 @@ impl Virtqueue {
         notify
     }
 
-    /// Locks the ring with a map that is current under the lock (see [`pop_locked`]); after a few changes
-    /// under our feet, with the last one.
-    fn lock_fresh(&self) -> (parking_lot::MutexGuard<'_, Ring>, Arc<IotlbMap>) {
-        let mut tries = 0;
-        loop {
+    /// Locks the ring with a map that is current under the lock (see [`pop_locked`]) — the only kind the
+    /// rings are touched through. `None` if none could be had (the reload keeps failing, or the map keeps
+    /// changing under our feet): then the caller must not touch the rings, and the queue is broken.
+    fn lock_fresh(&self) -> (parking_lot::MutexGuard<'_, Ring>, Option<Arc<IotlbMap>>) {
+        for _ in 0..FRESH_MAP_TRIES {
             let map = self.memory.snapshot();
             let guard = self.ring.lock();
-            tries += 1;
-            if tries >= FRESH_MAP_TRIES || self.memory.is_current(&map) {
-                return (guard, map);
+            if self.memory.is_current(&map) {
+                return (guard, Some(map));
+            }
+            if self.memory.reload_failing() {
+                return (guard, None);
+            }
+        }
+        (self.ring.lock(), None)
+    }
+
+    /// The current map for a publish, or — failing that — a broken ring (fail closed: nothing is written
+    /// through a map that may name memory the driver took back) and an empty map that is never touched.
+    fn map_or_break(&self, r: &mut Ring, map: Option<Arc<IotlbMap>>) -> Arc<IotlbMap> {
+        match map {
+            Some(m) => m,
+            None => {
+                self.break_ring(r, "the driver's memory map cannot be brought up to date");
+                Arc::new(IotlbMap::empty())
             }
         }
     }
 
-    /// Runs `f` on a request in flight (its buffers and the map they live in); `None` if the ticket is not
-    /// in flight. `f` runs under the queue lock: keep it short and never block in it.
+    /// Runs `f` on a request in flight and owned by `owner` (its shape and buffers); `None` if the ticket
+    /// is not. `f` runs under the queue lock: keep it short and never block in it. It sees no memory:
+    /// copies go through [`read_request`](Self::read_request) and the like, which check the ticket.
     pub fn with_request<T>(
         &self,
         ticket: Ticket,
-        f: impl FnOnce(&Arc<IotlbMap>, Shape, &[Segment]) -> T,
+        owner: Owner,
+        f: impl FnOnce(Shape, &[Segment]) -> T,
     ) -> Option<T> {
         let r = self.ring.lock();
-        let s = Slot::of(&r.slots, ticket, false)?;
-        Some(f(s.map.as_ref()?, s.shape, &s.segments))
+        let s = Slot::of(&r.slots, ticket, owner == Owner::Native)?;
+        Some(f(s.shape, &s.segments))
+    }
+
+    /// Whether `ticket` is in flight (owned by the model or by native I/O): false once it was completed
+    /// or fenced.
+    pub fn is_live(&self, ticket: Ticket) -> bool {
+        let r = self.ring.lock();
+        r.slots
+            .get(usize::from(ticket.slot()))
+            .is_some_and(|s| s.live && s.gen == ticket.gen() && ticket.queue() == self.index)
     }
 
     /// Hands request `ticket` to native I/O: from now on only [`complete_native`](Self::complete_native)
-    /// completes it. Runs `f` on it like [`with_request`](Self::with_request).
-    pub fn start_native<T>(
-        &self,
-        ticket: Ticket,
-        f: impl FnOnce(&Arc<IotlbMap>, Shape, &[Segment]) -> T,
-    ) -> Option<T> {
+    /// completes it. Returns its shape; `None` if it is not in flight (or native I/O has it already).
+    pub fn begin_native(&self, ticket: Ticket) -> Option<Shape> {
         let mut r = self.ring.lock();
         Slot::of(&r.slots, ticket, false)?;
         let s = &mut r.slots[usize::from(ticket.slot())];
         s.native = true;
-        Some(f(s.map.as_ref()?, s.shape, &s.segments))
+        Some(s.shape)
     }
 
-    /// Runs `f` on a request native I/O owns (see [`start_native`](Self::start_native)); `None` if it was
-    /// fenced meanwhile.
-    pub fn with_native<T>(
+    /// Copies the request's readable bytes (driver → device) from `offset` into `dst`. Returns how many
+    /// were copied (fewer if the request has fewer), or `Gone` if the ticket died — before or during the
+    /// copy: then `dst` holds a partial copy that must not be used.
+    pub fn read_request(
         &self,
         ticket: Ticket,
-        f: impl FnOnce(&Arc<IotlbMap>, Shape, &[Segment]) -> T,
-    ) -> Option<T> {
+        owner: Owner,
+        offset: u64,
+        dst: &mut [u8],
+    ) -> Result<usize, Gone> {
+        self.copy(
+            ticket,
+            owner,
+            Part::Readable,
+            offset,
+            dst.len(),
+            |map, addr, at, n| map.read_into(addr, &mut dst[at..at + n]),
+        )
+    }
+
+    /// Copies `src` into the request's writable bytes (device → driver) from `offset`. Returns how many
+    /// were copied, or `Gone` if the ticket died (the part copied before lies in the request's buffers,
+    /// which the driver will never read as this request's answer).
+    pub fn write_request(
+        &self,
+        ticket: Ticket,
+        owner: Owner,
+        offset: u64,
+        src: &[u8],
+    ) -> Result<usize, Gone> {
+        self.copy(
+            ticket,
+            owner,
+            Part::Writable,
+            offset,
+            src.len(),
+            |map, addr, at, n| map.write_from(addr, &src[at..at + n]),
+        )
+    }
+
+    /// Walks `len` bytes of a request's `part` from `offset`, calling `f(map, guest address, position,
+    /// length)` per piece, at most `COPY_CHUNK` bytes per hold of the lock and with the ticket checked at
+    /// every hold: a fence between two chunks ends the copy (`Gone`), so nothing reaches the request's
+    /// memory after it was fenced, and no control message waits long for the lock.
+    fn copy(
+        &self,
+        ticket: Ticket,
+        owner: Owner,
+        part: Part,
+        offset: u64,
+        len: usize,
+        mut f: impl FnMut(&IotlbMap, u64, usize, usize) -> bool,
+    ) -> Result<usize, Gone> {
+        let mut done = 0usize;
+        let mut want = None;
+        loop {
+            let r = self.ring.lock();
+            let s = Slot::of(&r.slots, ticket, owner == Owner::Native).ok_or(Gone)?;
+            let map = s.map.as_deref().ok_or(Gone)?;
+            let (segs, total) = match part {
+                Part::Readable => (
+                    &s.segments[..usize::from(s.shape.readable)],
+                    u64::from(s.shape.readable_bytes),
+                ),
+                Part::Writable => (
+                    &s.segments[usize::from(s.shape.readable)..],
+                    u64::from(s.shape.writable_bytes),
+                ),
+            };
+            let want = *want.get_or_insert_with(|| total.saturating_sub(offset).min(len as u64) as usize);
+            if done == want {
+                return Ok(done);
+            }
+            let stop = want.min(done + COPY_CHUNK);
+            let mut skip = offset + done as u64;
+            for seg in segs {
+                if done == stop {
+                    break;
+                }
+                let seg_len = u64::from(seg.len);
+                if skip >= seg_len {
+                    skip -= seg_len;
+                    continue;
+                }
+                let k = ((seg_len - skip) as usize).min(stop - done);
+                if !f(map, seg.addr + skip, done, k) {
+                    return Ok(done);
+                }
+                done += k;
+                skip = 0;
+            }
+        }
+    }
+
+    /// Host pointers for `len` bytes of the request's `part` from `offset`, for a system call that moves
+    /// data straight between a file and the driver's buffers (a native read): appended to `pins`' ranges,
+    /// with their mappings pinned (the message loop does not answer the kernel while they are: keep the
+    /// call short, and release the pins when it returns). `Ok(false)` if the range is not wholly mapped
+    /// with the access `part` needs (nothing is added); `Gone` if the ticket is not in flight.
+    pub fn pin(
+        &self,
+        ticket: Ticket,
+        owner: Owner,
+        part: Part,
+        offset: u64,
+        len: u64,
+        pins: &mut Pins,
+    ) -> Result<bool, Gone> {
         let r = self.ring.lock();
-        let s = Slot::of(&r.slots, ticket, true)?;
-        Some(f(s.map.as_ref()?, s.shape, &s.segments))
+        let s = Slot::of(&r.slots, ticket, owner == Owner::Native).ok_or(Gone)?;
+        let map = s.map.as_deref().ok_or(Gone)?;
+        let (segs, access) = match part {
+            Part::Readable => (&s.segments[..usize::from(s.shape.readable)], Access::Read),
+            Part::Writable => (&s.segments[usize::from(s.shape.readable)..], Access::Write),
+        };
+        let mut skip = offset;
+        let mut left = len;
+        for seg in segs {
+            if left == 0 {
+                break;
+            }
+            let seg_len = u64::from(seg.len);
+            if skip >= seg_len {
+                skip -= seg_len;
+                continue;
+            }
+            let n = (seg_len - skip).min(left);
+            if !map.host_ranges_pinned(seg.addr + skip, n, access, pins) {
+                pins.release();
+                return Ok(false);
+            }
+            left -= n;
+            skip = 0;
+        }
+        if left > 0 {
+            pins.release();
+            return Ok(false);
+        }
+        Ok(true)
     }
 
     /// Completes the request `ticket` with `used_len` bytes written (capped to what the request can hold),
@@ -1180,6 +1515,7 @@ impl Virtqueue {
 
     fn complete_one(&self, ticket: Ticket, used_len: u32, status: Option<u8>, native: bool) -> Completion {
         let (mut r, map) = self.lock_fresh();
+        let map = self.map_or_break(&mut r, map);
         let done = self.complete_locked(&mut r, &map, ticket, used_len, status, native);
         self.publish_used(&mut r, &map);
         let wake = done.is_ok() && std::mem::take(&mut r.full);
@@ -1215,6 +1551,7 @@ impl Virtqueue {
         let mut others: Vec<Arc<IotlbMap>> = Vec::new();
         let mut n = 0;
         let (mut r, map) = self.lock_fresh();
+        let map = self.map_or_break(&mut r, map);
         let mut group = std::mem::take(&mut r.group);
         let mut done = done.into_iter();
         loop {
@@ -1230,11 +1567,11 @@ impl Virtqueue {
             if group.is_empty() {
                 break;
             }
-            // A unit with a fenced buffer, or cut short (its end never came), goes out as runts: no frame
-            // with a hole in it.
-            let whole = group.len() == 1
-                || (terminated
-                    && group.iter().all(|d| {
+            // A unit with a fenced buffer, or cut short (its end never came — even a unit of one that says
+            // more follow), goes out as runts: no frame with a hole in it.
+            let whole = terminated
+                && (group.len() == 1
+                    || group.iter().all(|d| {
                         d.ticket.queue() == self.index && Slot::of(&r.slots, d.ticket, false).is_some()
                     }));
             for d in &group {
@@ -1297,6 +1634,8 @@ impl Virtqueue {
         slot.live = false;
         slot.native = false;
         slot.gen = slot.gen.wrapping_add(1) & Ticket::GEN_MASK;
+        r.held_segments -= slot.segments.len();
+        self.trim_slot(slot, &mut r.slot_capacity);
         r.free.push(ticket.slot());
         if let Some(hs) = r.head_slot.get_mut(usize::from(head)) {
             *hs = 0;
@@ -1312,6 +1651,7 @@ impl Virtqueue {
     /// Raises the interrupt owed for completions published since the last one (EVENT_IDX honoured).
     pub fn notify(&self) {
         let (mut r, map) = self.lock_fresh();
+        let map = self.map_or_break(&mut r, map);
         self.notify_locked(&mut r, &map);
     }
 
@@ -1320,6 +1660,7 @@ impl Virtqueue {
     /// empty turns them back on and checks once more, so no request can slip between the two.
     pub fn suppress_notifications(&self) {
         let (mut r, map) = self.lock_fresh();
+        let Some(map) = map else { return };
         if r.state == State::Active {
             if let Some(q) = r.queue.as_mut() {
                 let _ = q.disable_notification(map.as_ref());
@@ -1331,6 +1672,7 @@ impl Virtqueue {
     /// index (false when the queue is not active or the ring is unreadable; `pop` reports those).
     pub fn has_avail(&self) -> bool {
         let (r, map) = self.lock_fresh();
+        let Some(map) = map else { return false };
         if r.state != State::Active {
             return false;
         }

@@ -1,13 +1,13 @@
 //! The native reference model: a RAM-backed virtio-blk (IN, OUT, FLUSH, GET_ID; anything else is
 //! UNSUPP). Small, but strict about bounds and request shapes, and allocation-free per request; tests and
-//! benchmarks use it to measure the transport without any JavaScript in the way.
+//! benchmarks use it to measure the transport without any JavaScript in the way. Data moves through the
+//! queue's ticket-checked copies: a request fenced mid-copy stops there, so the disk never takes bytes
+//! from memory the driver no longer owns.
 
 use std::sync::RwLock;
 
-use crate::chain::Segment;
-use crate::memory::IotlbMap;
 use crate::model::{Completer, DeviceModel, DeviceSpec};
-use crate::queue::{Request, RequestBatch};
+use crate::queue::{Owner, Request, RequestBatch, Virtqueue};
 
 pub const VIRTIO_ID_BLOCK: u32 = 2;
 pub const SECTOR_SIZE: u64 = 512;
@@ -36,35 +36,6 @@ pub struct RamBlk {
     queues: u16,
     queue_size: u16,
     serial: [u8; ID_LEN],
-}
-
-/// Calls `f(addr, len)` for the bytes `[skip, skip + len)` of `segments`, in order; false if they are
-/// fewer, or if `f` says so.
-fn for_each_range(
-    segments: &[Segment],
-    mut skip: u64,
-    mut len: u64,
-    mut f: impl FnMut(u64, usize, usize) -> bool,
-) -> bool {
-    let mut done = 0usize;
-    for seg in segments {
-        if len == 0 {
-            break;
-        }
-        let seg_len = u64::from(seg.len);
-        if skip >= seg_len {
-            skip -= seg_len;
-            continue;
-        }
-        let n = (seg_len - skip).min(len);
-        if !f(seg.addr + skip, done, n as usize) {
-            return false;
-        }
-        done += n as usize;
-        len -= n;
-        skip = 0;
-    }
-    len == 0
 }
 
 impl RamBlk {
@@ -110,14 +81,11 @@ impl RamBlk {
         }
     }
 
-    /// Serves one request; returns `(status, bytes written into the data buffers)`.
-    pub fn execute(&self, mem: &IotlbMap, req: &Request<'_>) -> (u8, u32) {
-        let mut hdr = [0u8; HEADER_LEN as usize];
-        if !for_each_range(req.readable, 0, HEADER_LEN, |addr, at, n| {
-            mem.read_into(addr, &mut hdr[at..at + n])
-        }) {
+    /// Serves one request of `queue`; returns `(status, bytes written into the data buffers)`.
+    pub fn execute(&self, queue: &Virtqueue, req: &Request<'_>) -> (u8, u32) {
+        let Some(hdr) = req.header.get(..HEADER_LEN as usize) else {
             return (VIRTIO_BLK_S_IOERR, 0);
-        }
+        };
         let kind = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
         let sector = u64::from_le_bytes([
             hdr[8], hdr[9], hdr[10], hdr[11], hdr[12], hdr[13], hdr[14], hdr[15],
@@ -126,16 +94,17 @@ impl RamBlk {
         let data_in = u64::from(req.shape.writable_bytes).saturating_sub(1);
         let data_out = u64::from(req.shape.readable_bytes).saturating_sub(HEADER_LEN);
         let offset = sector.checked_mul(SECTOR_SIZE);
+        let whole = |copied: Result<usize, crate::queue::Gone>, want: u64| copied == Ok(want as usize);
         match kind {
             VIRTIO_BLK_T_IN => {
                 let Some(range) = self.range(offset, data_in) else {
                     return (VIRTIO_BLK_S_IOERR, 0);
                 };
                 let data = self.data.read().unwrap_or_else(|e| e.into_inner());
-                let disk = &data[range];
-                if !for_each_range(req.writable, 0, data_in, |addr, at, n| {
-                    mem.write_from(addr, &disk[at..at + n])
-                }) {
+                if !whole(
+                    queue.write_request(req.ticket, Owner::Model, 0, &data[range]),
+                    data_in,
+                ) {
                     return (VIRTIO_BLK_S_IOERR, 0);
                 }
                 (VIRTIO_BLK_S_OK, data_in as u32)
@@ -145,10 +114,8 @@ impl RamBlk {
                     return (VIRTIO_BLK_S_IOERR, 0);
                 };
                 let mut data = self.data.write().unwrap_or_else(|e| e.into_inner());
-                let disk = &mut data[range];
-                if !for_each_range(req.readable, HEADER_LEN, data_out, |addr, at, n| {
-                    mem.read_into(addr, &mut disk[at..at + n])
-                }) {
+                let copied = queue.read_request(req.ticket, Owner::Model, HEADER_LEN, &mut data[range]);
+                if !whole(copied, data_out) {
                     return (VIRTIO_BLK_S_IOERR, 0);
                 }
                 (VIRTIO_BLK_S_OK, 0)
@@ -156,9 +123,8 @@ impl RamBlk {
             VIRTIO_BLK_T_FLUSH => (VIRTIO_BLK_S_OK, 0),
             VIRTIO_BLK_T_GET_ID => {
                 let n = (ID_LEN as u64).min(data_in);
-                if !for_each_range(req.writable, 0, n, |addr, at, k| {
-                    mem.write_from(addr, &self.serial[at..at + k])
-                }) {
+                let id = &self.serial[..n as usize];
+                if !whole(queue.write_request(req.ticket, Owner::Model, 0, id), n) {
                     return (VIRTIO_BLK_S_IOERR, 0);
                 }
                 (VIRTIO_BLK_S_OK, n as u32)
@@ -180,14 +146,14 @@ impl RamBlk {
 
 impl DeviceModel for RamBlk {
     fn handle(&self, _queue: u16, batch: &RequestBatch, completer: &Completer) {
-        let mem = batch.memory();
+        let queue = completer.queue();
         for req in batch.iter() {
             if req.shape.writable == 0 {
                 // Without a writable byte for the status nothing can be reported.
                 completer.complete(req.ticket, 0, None);
                 continue;
             }
-            let (status, written) = self.execute(mem, &req);
+            let (status, written) = self.execute(queue, &req);
             completer.complete(req.ticket, written + 1, Some(status));
         }
     }

@@ -22,24 +22,14 @@ use crate::model::{Completer, DeviceModel};
 use crate::queue::RequestBatch;
 use crate::uapi::{self, vduse_dev_request, vduse_dev_response};
 
-const VIRTIO_ID_BLOCK: u32 = 2;
-const VIRTIO_BLK_S_IOERR: u8 = 1;
-
-/// Fails every request: a virtio-blk status byte of IOERR, or an empty completion for other devices.
-struct FailAll {
-    status: Option<u8>,
-}
+/// Fails every request the way the device fails what it cannot serve (virtio-blk: IOERR; see
+/// `DeviceSpec::fail_status`).
+struct FailAll;
 
 impl DeviceModel for FailAll {
     fn handle(&self, _queue: u16, batch: &RequestBatch, completer: &Completer) {
-        for req in batch.iter() {
-            let has_status = self.status.is_some() && req.shape.writable > 0;
-            completer.complete(
-                req.ticket,
-                u32::from(has_status),
-                self.status.filter(|_| has_status),
-            );
-        }
+        let queue = completer.queue();
+        completer.complete_all(batch.iter().map(|req| queue.failure(req.ticket)));
     }
 }
 
@@ -63,15 +53,7 @@ impl Reclaim {
     pub fn open(name: &str, state_dir: Option<PathBuf>) -> Result<Self> {
         let mut options = DeviceOptions::new(name);
         options.state_dir = state_dir;
-        match VduseDevice::adopt(
-            options,
-            None,
-            |spec| {
-                let status = (spec.device_id == VIRTIO_ID_BLOCK).then_some(VIRTIO_BLK_S_IOERR);
-                Serving::Workers(Arc::new(FailAll { status }))
-            },
-            None,
-        ) {
+        match VduseDevice::adopt(options, None, |_| Serving::Workers(Arc::new(FailAll)), None) {
             Ok(device) => {
                 return Ok(Self {
                     name: name.into(),

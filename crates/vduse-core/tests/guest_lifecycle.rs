@@ -9,7 +9,8 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use vduse_core::memory::{Access, IotlbMap};
+use vduse_core::memory::Pins;
+use vduse_core::queue::{Owner, Part};
 use vduse_core::ram_blk::{RamBlk, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 use vduse_core::{
     Completer, Completion, DeviceModel, DeviceOptions, Reclaim, RequestBatch, Serving, Ticket, VduseDevice,
@@ -25,15 +26,15 @@ use common::{init_log, sh};
 const N: u32 = VRING_DESC_F_NEXT;
 const W: u32 = VRING_DESC_F_WRITE;
 
-/// A request the model holds: its ticket, completer, and raw pointers to its writable buffers (what a
-/// zero-copy backend would be writing into).
+/// A request the model holds: its ticket, completer, and pinned raw pointers to its writable buffers
+/// (what a zero-copy backend — a native read — would be writing into).
 struct Held {
     ticket: Ticket,
     completer: Completer,
-    _map: Arc<IotlbMap>,
+    pins: Pins,
     ptrs: Vec<(*mut u8, usize)>,
 }
-// SAFETY: the pointers are only written by the test, into mappings `_map` keeps reserved.
+// SAFETY: the pointers are only written by the test, into mappings the pins keep alive.
 unsafe impl Send for Held {}
 
 /// RAM virtio-blk that holds (never completes on its own) reads of one sector.
@@ -56,15 +57,17 @@ impl StallAt {
         self.held.lock().unwrap().len()
     }
 
-    /// The late backend: writes 0x5a into every held buffer through its old pointers, then completes.
+    /// The late backend: writes 0x5a into every held buffer through its old pointers, then unpins and
+    /// completes.
     fn release_late(&self) -> Vec<Completion> {
         let held = std::mem::take(&mut *self.held.lock().unwrap());
         held.into_iter()
-            .map(|h| {
+            .map(|mut h| {
                 for &(p, n) in &h.ptrs {
-                    // SAFETY: inside a mapping `h._map` keeps reserved (revoked or not).
+                    // SAFETY: inside a mapping the pins keep alive (revoked or not).
                     unsafe { std::ptr::write_bytes(p, 0x5a, n) };
                 }
+                h.pins.release();
                 let c = h.completer.complete(h.ticket, 4097, Some(VIRTIO_BLK_S_OK));
                 h.completer.flush();
                 c
@@ -75,30 +78,34 @@ impl StallAt {
 
 impl DeviceModel for StallAt {
     fn handle(&self, _queue: u16, batch: &RequestBatch, completer: &Completer) {
-        let mem = batch.memory();
+        let queue = completer.queue();
         for req in batch.iter() {
             let mut hdr = [0u8; 16];
-            let sector = match req.readable.first() {
-                Some(s) if s.len >= 16 && mem.read_into(s.addr, &mut hdr) => {
+            let sector = match req.header.get(..16) {
+                Some(h) => {
+                    hdr.copy_from_slice(h);
                     u64::from_le_bytes(hdr[8..16].try_into().unwrap())
                 }
-                _ => u64::MAX,
+                None => u64::MAX,
             };
             let kind = u32::from_le_bytes(hdr[0..4].try_into().unwrap());
             if kind == VIRTIO_BLK_T_IN && sector == self.sector {
-                let mut ptrs = Vec::new();
-                for s in req.writable {
-                    assert!(mem.host_ranges(s.addr, u64::from(s.len), Access::Write, &mut ptrs));
-                }
+                let mut pins = Pins::new();
+                let data = u64::from(req.shape.writable_bytes) - 1;
+                assert_eq!(
+                    queue.pin(req.ticket, Owner::Model, Part::Writable, 0, data, &mut pins),
+                    Ok(true)
+                );
+                let ptrs = pins.ranges().to_vec();
                 self.held.lock().unwrap().push(Held {
                     ticket: req.ticket,
                     completer: completer.clone(),
-                    _map: mem.clone(),
+                    pins,
                     ptrs,
                 });
                 continue;
             }
-            let (status, written) = self.inner.execute(mem, &req);
+            let (status, written) = self.inner.execute(queue, &req);
             completer.complete(req.ticket, written + 1, Some(status));
         }
     }

@@ -22,8 +22,7 @@ use vduse_core::uapi::{VDUSE_ACCESS_RO, VDUSE_ACCESS_RW, VDUSE_ACCESS_WO};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use vm_memory::{Bytes, GuestAddress};
 
-mod common;
-use common::rig::{desc, offer, Rig, QSIZE};
+use vduse_core::rig::{desc, offer, Rig, QSIZE};
 
 fn cases() -> u32 {
     std::env::var("VDUSE_PROPTEST_CASES")
@@ -209,7 +208,7 @@ proptest! {
             put(&map, INDIRECT + 16 * i as u64, RawDesc { addr: 0, len: 0, flags: 0, next: 0 });
         }
         let mut out = vec![Segment { addr: 1, len: 1 }];
-        let got = walk(&map, TABLE, 8, head, max_segments, &mut out);
+        let got = walk(&map, TABLE, 8, head, max_segments, &mut out, &mut 0);
         // Indirect tables elsewhere than INDIRECT are outside what the reference models: skip them.
         let uses_foreign_table = table.iter().chain(&indirect).any(|d| d.flags & VRING_DESC_F_INDIRECT as u16 != 0 && d.addr != INDIRECT);
         if !uses_foreign_table {
@@ -303,7 +302,7 @@ proptest! {
         let mut expect_done = 0u64;
 
         // Reads new used entries and checks each belongs to a head the driver has in flight.
-        let check_used = |ring: &common::rig::DriverRing,
+        let check_used = |ring: &vduse_core::rig::DriverRing,
                               submitted: &mut BTreeMap<u16, bool>,
                               free_heads: &mut BTreeSet<u16>,
                               used_seen: &mut u16|

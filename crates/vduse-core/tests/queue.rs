@@ -6,9 +6,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use vduse_core::chain::ChainError;
-use vduse_core::memory::{Access, IotlbMap, Memory};
+use vduse_core::memory::{Access, IotlbMap, Memory, Pins};
 use vduse_core::model::Completer;
-use vduse_core::queue::{Budget, Completion, Done, Pop, RequestBatch, Ticket};
+use vduse_core::queue::{Budget, Completion, Done, Gone, Owner, Part, Pop, RequestBatch, Ticket};
 use vduse_core::ram_blk::{
     RamBlk, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
@@ -19,8 +19,7 @@ use virtio_queue::desc::RawDescriptor;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
-mod common;
-use common::rig::{desc, memfd, offer, used, MemfdIotlb, Rig, QSIZE, RO_START};
+use vduse_core::rig::{desc, memfd, offer, used, MemfdIotlb, Rig, QSIZE, RO_START};
 
 const W: u32 = VRING_DESC_F_WRITE;
 const N: u32 = VRING_DESC_F_NEXT;
@@ -301,8 +300,8 @@ fn a_stop_fences_requests_in_the_model_and_their_late_completions_are_dropped() 
     assert_eq!(rig.inflight.get(), 0, "fenced requests are not in flight");
     assert_eq!(q.complete(t[0], 21, Some(VIRTIO_BLK_S_OK)), Completion::Stale);
     assert_eq!(
-        q.with_request(t[0], |_, _, _| ()),
-        None,
+        q.read_request(t[0], Owner::Model, 0, &mut [0u8; 16]),
+        Err(Gone),
         "its buffers are out of reach"
     );
     assert!(used(&mock, 0).is_empty(), "nothing reached the used ring");
@@ -322,7 +321,13 @@ fn a_stop_fences_requests_in_the_model_and_their_late_completions_are_dropped() 
 }
 
 /// A queue with a waker whose driver offered one single-descriptor request per head, all of them.
-fn offer_every_head(rig: &Rig) -> (common::rig::DriverRing, Arc<vduse_core::Virtqueue>, Arc<EventFd>) {
+fn offer_every_head(
+    rig: &Rig,
+) -> (
+    vduse_core::rig::DriverRing,
+    Arc<vduse_core::Virtqueue>,
+    Arc<EventFd>,
+) {
     let (mock, q) = rig.queue(16, false);
     let waker = Arc::new(EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap());
     q.set_waker(waker.clone());
@@ -381,7 +386,257 @@ fn pop_rounds_are_bounded() {
         descriptors: 6,
     };
     assert_eq!(q.pop(budget, &mut batch), Pop::More);
-    assert_eq!(batch.len(), 3, "3 two-step requests fill 6 descriptors");
+    assert_eq!(batch.len(), 6, "6 one-descriptor chains fill 6 descriptors");
+}
+
+/// A 4 GiB device-writable buffer running from mapped memory into the hole after it.
+fn into_the_hole(h: u16) -> (u16, RawDescriptor) {
+    (h, desc(0x8000, u32::MAX, W, 0))
+}
+
+#[test]
+fn refused_chains_count_against_the_round_budget() {
+    let rig = Rig::new();
+    let (mock, q) = rig.queue(16, false);
+    let table: Vec<_> = (0..QSIZE).map(into_the_hole).collect();
+    offer(&mock, &table, &(0..QSIZE).collect::<Vec<_>>());
+    let mut batch = RequestBatch::default();
+    let budget = Budget {
+        requests: 5,
+        descriptors: 4096,
+    };
+    assert_eq!(q.pop(budget, &mut batch), Pop::More, "the budget ran out");
+    assert_eq!(
+        used(&mock, 0).len(),
+        5,
+        "a round refuses no more chains than it may take"
+    );
+    assert!(batch.is_empty());
+    let budget = Budget {
+        requests: 64,
+        descriptors: 3,
+    };
+    assert_eq!(q.pop(budget, &mut batch), Pop::More);
+    assert_eq!(
+        used(&mock, 0).len(),
+        8,
+        "and no more than its descriptors pay for"
+    );
+    assert_eq!(
+        q.stats.bad_chains[ChainError::Unmapped(0).index()].load(Ordering::Relaxed),
+        8
+    );
+}
+
+#[test]
+fn a_ring_of_malformed_chains_in_a_row_breaks_the_queue_until_reset() {
+    let rig = Rig::new();
+    let (mock, q) = rig.queue(16, false);
+    // A malformed chain between valid ones is refused and the queue goes on…
+    let mut table = get_id(&rig, 0, 0x14_0000);
+    table.push(into_the_hole(3));
+    offer(&mock, &table, &[0, 3]);
+    serve(&q, &RamBlk::new(1 << 20, 1, QSIZE, "s"));
+    assert_eq!(used(&mock, 0), vec![(0, 21), (3, 0)]);
+    // …but a ring's worth in a row is a driver to stop listening to.
+    let storm: Vec<_> = (0..QSIZE).map(into_the_hole).collect();
+    offer(&mock, &storm, &(0..QSIZE).collect::<Vec<_>>());
+    serve(&q, &RamBlk::new(1 << 20, 1, QSIZE, "s"));
+    assert_eq!(q.stats.broken.load(Ordering::Relaxed), 1);
+    let refused = used(&mock, 0).len();
+    assert!(refused <= 2 + usize::from(QSIZE), "{refused}");
+    offer(&mock, &get_id(&rig, 0, 0x14_0000), &[0]);
+    serve(&q, &RamBlk::new(1 << 20, 1, QSIZE, "s"));
+    assert_eq!(used(&mock, 0).len(), refused, "a broken queue serves nothing");
+    // The driver resets the queue: it is served again.
+    q.stop();
+    mock.set_avail_idx(0);
+    mock.set_used_idx(0);
+    q.arm();
+    offer(&mock, &get_id(&rig, 0, 0x14_0000), &[0]);
+    serve(&q, &RamBlk::new(1 << 20, 1, QSIZE, "s"));
+    assert_eq!(used(&mock, 0), vec![(0, 21)]);
+}
+
+#[test]
+fn a_hostile_driver_cannot_make_a_queue_hold_unbounded_buffer_lists() {
+    const SIZE: u16 = 256;
+    const CHAIN: u16 = 1024;
+    let rig = Rig::new();
+    let (mock, q) = rig.queue_sized(SIZE, usize::from(CHAIN), false);
+    let budget = 1usize << 16;
+    // One indirect table of 1024 one-byte buffers, shared by every big request.
+    for i in 0..CHAIN {
+        let next = if i + 1 < CHAIN { N } else { 0 };
+        rig.map
+            .write_obj(
+                desc(0x14_0000, 1, next, i + 1),
+                GuestAddress(0x10_0000 + 16 * u64::from(i)),
+            )
+            .unwrap();
+    }
+    let big = |h: u16| (h, desc(0x10_0000, 16 * u32::from(CHAIN), I, 0));
+    let small = |h: u16| (h, desc(0x14_0000, 16, 0, 0));
+    let mut free_heads: Vec<u16> = (0..SIZE).rev().collect();
+    let mut smalls = 0;
+    let mut batch = RequestBatch::default();
+    for round in 0..4 {
+        // Small requests stay in flight, so the big ones of each round land in other slots.
+        if round > 0 {
+            let fresh: Vec<u16> = (0..48).map(|_| free_heads.pop().unwrap()).collect();
+            offer(
+                &mock,
+                &fresh.iter().map(|&h| small(h)).collect::<Vec<_>>(),
+                &fresh,
+            );
+            smalls += 48;
+            while q.live() < smalls {
+                assert_ne!(q.pop(Budget::default(), &mut batch), Pop::Full);
+            }
+        }
+        let bigs: Vec<u16> = (0..70).map(|_| free_heads.pop().unwrap()).collect();
+        offer(&mock, &bigs.iter().map(|&h| big(h)).collect::<Vec<_>>(), &bigs);
+        let mut taken = Vec::new();
+        loop {
+            let more = q.pop(Budget::default(), &mut batch);
+            taken.extend(batch.iter().map(|r| (r.ticket, r.head)));
+            let (held, _) = q.segment_usage();
+            assert!(held <= budget, "round {round}: {held} segments held");
+            if more != Pop::More {
+                assert_eq!(more, Pop::Full, "round {round}: waits for completions");
+                break;
+            }
+        }
+        assert!(
+            taken.len() < 70,
+            "round {round}: the budget, not the ring, stopped it"
+        );
+        // Complete the big ones; the rest come as room is made.
+        while !taken.is_empty() {
+            for (t, h) in taken.drain(..) {
+                assert_eq!(q.complete(t, 0, None), Completion::Done);
+                free_heads.push(h);
+            }
+            loop {
+                let more = q.pop(Budget::default(), &mut batch);
+                taken.extend(batch.iter().map(|r| (r.ticket, r.head)));
+                if more != Pop::More {
+                    break;
+                }
+            }
+        }
+        let (_, capacity) = q.segment_usage();
+        assert!(
+            capacity <= budget * 5 / 2,
+            "round {round}: the slots keep {capacity} segments of capacity"
+        );
+    }
+}
+
+#[test]
+fn a_unit_of_one_that_says_more_follow_is_a_runt() {
+    let rig = Rig::new();
+    let (mock, q) = rig.queue(4, false);
+    let (table, heads) = rx_buffers(0, 1);
+    offer(&mock, &table, &heads);
+    let t = pop_all(&q);
+    let cut = Done {
+        ticket: t[0],
+        used_len: 64,
+        status: None,
+        joined: true,
+    };
+    assert_eq!(q.complete_all([cut]), 1);
+    assert_eq!(
+        used(&mock, 0),
+        vec![(0, 0)],
+        "its end never came: no length the driver could take for a frame"
+    );
+}
+
+#[test]
+fn a_taken_over_queue_reports_its_logged_progress_before_its_ring_is_set_up() {
+    let rig = Rig::new();
+    let (_mock, q) = rig.queue(4, false);
+    q.stop();
+    assert_eq!(q.next_avail(), None, "nothing to report before a driver");
+    q.arm_resumed(7, vec![5, 6]);
+    assert_eq!(
+        q.next_avail(),
+        Some(7),
+        "GET_VQ_STATE answers where the log resumes, not the ring setup's index"
+    );
+}
+
+#[test]
+fn the_transport_fails_a_request_with_the_devices_error_status() {
+    let rig = Rig::new();
+    let (mock, q) = rig.queue(16, false);
+    offer(&mock, &get_id(&rig, 0, 0x14_0000), &[0]);
+    let t = pop_all(&q);
+    q.set_fail_status(Some(VIRTIO_BLK_S_IOERR));
+    assert_eq!(q.complete_all([q.failure(t[0])]), 1);
+    assert_eq!(used(&mock, 0), vec![(0, 1)]);
+    assert_eq!(
+        rig.map.read_obj::<u8>(GuestAddress(0x14_0200)).unwrap(),
+        VIRTIO_BLK_S_IOERR,
+        "a status byte the driver reads as an error, not a stale 0 (OK)"
+    );
+}
+
+#[test]
+fn copies_check_the_ticket_at_every_chunk() {
+    let rig = Rig::new();
+    let (mock, q) = rig.queue(16, false);
+    rig.header(0x8000, VIRTIO_BLK_T_OUT, 0);
+    rig.map
+        .write_slice(&[0xab; 0x10_0000], GuestAddress(0x2_0000))
+        .unwrap();
+    let table = vec![
+        (0, desc(0x8000, 16, N, 1)),
+        (1, desc(0x2_0000, 0x10_0000, N, 2)),
+        (2, desc(0x9000, 1, W, 0)),
+    ];
+    offer(&mock, &table, &[0]);
+    let t = pop_all(&q)[0];
+    let mut data = vec![0u8; 0x10_0000];
+    assert_eq!(q.read_request(t, Owner::Model, 16, &mut data), Ok(0x10_0000));
+    assert!(data.iter().all(|&b| b == 0xab));
+    assert_eq!(
+        q.read_request(t, Owner::Model, 0x10_0000 + 8, &mut data),
+        Ok(8),
+        "short: the request ends there"
+    );
+    // A fence from another thread while a large copy runs stops it between chunks.
+    let (q2, stop) = (q.clone(), Arc::new(std::sync::atomic::AtomicBool::new(false)));
+    let fencer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::yield_now();
+            }
+            q2.fence_where(|_| true)
+        })
+    };
+    let mut copies = 0;
+    let result = loop {
+        copies += 1;
+        if copies == 3 {
+            stop.store(true, Ordering::Relaxed);
+        }
+        match q.read_request(t, Owner::Model, 16, &mut data) {
+            Ok(_) if copies < 10_000 => continue,
+            other => break other,
+        }
+    };
+    assert_eq!(fencer.join().unwrap().0, 1);
+    assert_eq!(result, Err(Gone), "a fenced request's memory is out of reach");
+    let mut pins = Pins::new();
+    assert_eq!(
+        q.pin(t, Owner::Model, Part::Readable, 0, 16, &mut pins),
+        Err(Gone)
+    );
+    assert!(pins.is_empty());
 }
 
 #[test]
@@ -469,25 +724,20 @@ fn revoked_memory_keeps_late_writers_away_from_the_drivers_pages() {
     ];
     offer(&mock, &table, &[0]);
     let t = pop_all(&q);
-    // A backend took raw pointers to the data buffer (zero-copy native I/O in flight)...
-    let mut ptrs = Vec::new();
-    assert!(q
-        .with_request(t[0], |m, _, segs| m.host_ranges(
-            segs[1].addr,
-            512,
-            Access::Write,
-            &mut ptrs
-        ))
-        .unwrap());
-    // ...then the driver resets: the request is fenced and its memory revoked.
+    // A backend pinned the data buffer (a zero-copy native read in flight)...
+    let mut pins = Pins::new();
+    assert_eq!(
+        q.pin(t[0], Owner::Model, Part::Writable, 0, 512, &mut pins),
+        Ok(true)
+    );
+    let ptrs = pins.ranges().to_vec();
+    // ...then the driver resets: the request is fenced; its memory is still pinned, so it is revoked.
     let (fenced, maps) = q.stop();
     assert_eq!(fenced, 1);
     let old = memory.clear();
-    for m in old
-        .mappings()
-        .into_iter()
-        .chain(maps.iter().flat_map(|m| m.mappings()))
-    {
+    let pinned: Vec<_> = old.mappings().into_iter().filter(|m| m.is_pinned()).collect();
+    assert_eq!(pinned.len(), 1, "the pin names the mapping to revoke");
+    for m in pinned {
         m.revoke().unwrap();
     }
     // The late result lands, through the stale pointer...
@@ -501,6 +751,7 @@ fn revoked_memory_keeps_late_writers_away_from_the_drivers_pages() {
         "the late write did not reach the driver's memory"
     );
     assert_eq!(q.complete(t[0], 513, Some(VIRTIO_BLK_S_OK)), Completion::Stale);
+    pins.release();
     drop((old, maps, device_map));
 }
 
@@ -536,11 +787,7 @@ fn an_iotlb_reload_keeps_unchanged_mappings() {
     );
     // A removed entry: what the message loop would revoke.
     source.entries.lock().unwrap().remove(0);
-    let keys: Vec<_> = vduse_core::memory::enumerate(source.as_ref())
-        .unwrap()
-        .into_iter()
-        .map(|(k, _)| k)
-        .collect();
+    let keys = vduse_core::memory::entry_keys(source.as_ref()).unwrap();
     let removed = second.mappings_not_in(&keys);
     assert_eq!(removed.len(), 1);
     assert_eq!(removed[0].0.first, 0);
@@ -587,14 +834,16 @@ fn requests_handed_to_native_io_complete_only_through_it() {
     assert!(!q.awaits_model(), "nothing in flight");
     let t = pop_all(&q)[0];
     assert!(q.awaits_model(), "popped: the model's");
-    assert!(q.start_native(t, |_, shape, _| shape.writable_bytes).is_some());
+    assert_eq!(q.begin_native(t).map(|s| s.writable_bytes), Some(21));
     assert!(!q.awaits_model(), "native I/O's now");
     assert_eq!(q.live(), 1);
-    assert!(q.start_native(t, |_, _, _| ()).is_none(), "started once");
-    assert!(
-        q.with_request(t, |_, _, _| ()).is_none(),
+    assert!(q.begin_native(t).is_none(), "started once");
+    assert_eq!(
+        q.write_request(t, Owner::Model, 0, &[1]),
+        Err(Gone),
         "its buffers are the native I/O's now"
     );
+    assert_eq!(q.write_request(t, Owner::Native, 0, b"serial"), Ok(6));
     assert_eq!(
         q.complete(t, 21, Some(VIRTIO_BLK_S_OK)),
         Completion::Stale,

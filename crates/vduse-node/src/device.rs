@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use napi::bindgen_prelude::{AsyncTask, BigInt, Buffer, Env, FnArgs, Function, Uint8ArraySlice, Unknown};
+use napi::bindgen_prelude::{AsyncTask, BigInt, Buffer, Env, FnArgs, Function, Unknown};
 use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
 use napi::{JsValue, Status};
 use napi_derive::napi;
@@ -12,10 +12,11 @@ use vduse_core::{
     DeviceEvent, DeviceEvents, DeviceOptions, DeviceSpec, DeviceStats, DrainReason, Serving, VduseDevice,
 };
 
+use vduse_backends::file_io::{IoPool, Op};
+use vduse_backends::tap::TapModel;
+
 use crate::error::{native, Failure, OrThrow, Parked};
-use crate::native_io::{IoPool, Op};
-use crate::serve::{copy_in, copy_out, Arrays, JsServer, PollCap, ServerHandle};
-use crate::tap::TapModel;
+use crate::serve::{copy_in, copy_out, typed_array, Arrays, JsServer, PollCap, ServerHandle};
 
 /// What TypeScript tells the binding about a device.
 #[napi(object)]
@@ -186,10 +187,10 @@ pub fn counters(stats: DeviceStats, server: Option<&JsServer>, io: Option<&IoPoo
         polled: server.map_or(0.0, |s| s.polled.get() as f64),
         poll_cap_us: server.map_or(0.0, |s| s.poll_cap_ns() as f64 / 1000.0),
         io_ops: io.map_or(0.0, |i| {
-            i.stats.ops.load(std::sync::atomic::Ordering::Relaxed) as f64
+            i.stats().ops.load(std::sync::atomic::Ordering::Relaxed) as f64
         }),
         io_errors: io.map_or(0.0, |i| {
-            i.stats.errors.load(std::sync::atomic::Ordering::Relaxed) as f64
+            i.stats().errors.load(std::sync::atomic::Ordering::Relaxed) as f64
         }),
         resubmitted: stats.resubmitted as f64,
     }
@@ -210,28 +211,70 @@ pub struct JsQueues {
     pub server: Option<ServerHandle>,
 }
 
+/// The bytes of a `Uint8Array` (or `Buffer`) argument — refused when it is a view of a
+/// `SharedArrayBuffer`: another thread could write it while Rust holds it as `&mut [u8]` (undefined
+/// behaviour), and a copy into memory another thread changes meanwhile is no copy at all.
+fn plain_bytes<'a>(env: &Env, value: &Unknown<'a>, what: &str) -> napi::Result<&'a mut [u8]> {
+    // SAFETY: `value` is a value of this env, on its thread.
+    let found = unsafe { typed_array::<u8>(env.raw(), value.raw(), napi::sys::TypedarrayType::uint8_array) };
+    let (ptr, len) = found.ok_or_else(|| {
+        Failure::new(
+            "ERR_VDUSE_INVALID_ARGUMENT",
+            format!("{what} must be a Uint8Array or Buffer over a plain (not shared) ArrayBuffer"),
+            None,
+            None,
+            Some("copy a SharedArrayBuffer's bytes into a Buffer first"),
+        )
+        .into_js(env)
+    })?;
+    if len == 0 {
+        return Ok(&mut []);
+    }
+    // SAFETY: a live, non-shared typed array of `len` bytes; only this thread runs JavaScript, and it is
+    // blocked in the synchronous call this slice does not outlive.
+    Ok(unsafe { std::slice::from_raw_parts_mut(ptr, len) })
+}
+
 impl JsQueues {
     fn queue(&self, ticket: f64) -> Option<(&Virtqueue, Ticket)> {
         let t = Ticket::from_raw(ticket as u64);
         self.queues.get(usize::from(t.queue())).map(|q| (q.as_ref(), t))
     }
 
-    pub fn read(&self, ticket: f64, offset: f64, dst: &mut [u8], at: u32, len: u32) -> f64 {
+    pub fn read(
+        &self,
+        env: &Env,
+        ticket: f64,
+        offset: f64,
+        dst: Unknown,
+        at: u32,
+        len: u32,
+    ) -> napi::Result<f64> {
+        let dst = plain_bytes(env, &dst, "dst")?;
         let Some((q, t)) = self.queue(ticket) else {
-            return -1.0;
+            return Ok(-1.0);
         };
         let start = (at as usize).min(dst.len());
         let end = start.saturating_add(len as usize).min(dst.len());
-        copy_out(q, t, offset as u64, &mut dst[start..end])
+        Ok(copy_out(q, t, offset as u64, &mut dst[start..end]))
     }
 
-    pub fn write(&self, ticket: f64, offset: f64, src: &[u8], at: u32, len: u32) -> f64 {
+    pub fn write(
+        &self,
+        env: &Env,
+        ticket: f64,
+        offset: f64,
+        src: Unknown,
+        at: u32,
+        len: u32,
+    ) -> napi::Result<f64> {
+        let src = plain_bytes(env, &src, "src")?;
         let Some((q, t)) = self.queue(ticket) else {
-            return -1.0;
+            return Ok(-1.0);
         };
         let start = (at as usize).min(src.len());
         let end = start.saturating_add(len as usize).min(src.len());
-        copy_in(q, t, offset as u64, &src[start..end])
+        Ok(copy_in(q, t, offset as u64, &src[start..end]))
     }
 
     pub fn flush(&self) {
@@ -242,15 +285,14 @@ impl JsQueues {
 
     /// Whether request `ticket` is still in flight (not completed, not fenced).
     pub fn is_live(&self, ticket: f64) -> bool {
-        self.queue(ticket)
-            .is_some_and(|(q, t)| q.with_request(t, |_, _, _| ()).is_some())
+        self.queue(ticket).is_some_and(|(q, t)| q.is_live(t))
     }
 }
 
 #[napi]
 pub struct BindingDevice {
     device: Option<VduseDevice>,
-    io: Option<IoPool>,
+    io: Option<Arc<IoPool>>,
     serving: JsQueues,
     final_counters: Option<DeviceCounters>,
     /// The natively served NIC's tap model, if the device is one.
@@ -392,9 +434,11 @@ pub fn create_device(
         )
     }
     .or_throw(&env)?;
-    let io = IoPool::new(init.io_threads.unwrap_or(4) as usize, queues.clone())
-        .map_err(native)
-        .or_throw(&env)?;
+    let io = Arc::new(
+        IoPool::new(init.io_threads.unwrap_or(4) as usize, queues.clone())
+            .map_err(native)
+            .or_throw(&env)?,
+    );
     Ok(BindingDevice {
         device: Some(device),
         io: Some(io),
@@ -408,6 +452,30 @@ pub fn create_device(
     })
 }
 
+pub struct IoQuiet {
+    io: Option<Arc<IoPool>>,
+    range: Option<(i32, u64, u64)>,
+    timeout: std::time::Duration,
+}
+
+impl napi::Task for IoQuiet {
+    type Output = bool;
+    type JsValue = bool;
+
+    fn compute(&mut self) -> napi::Result<bool> {
+        let Some(io) = &self.io else { return Ok(true) };
+        let deadline = std::time::Instant::now() + self.timeout;
+        Ok(match self.range {
+            Some((fd, start, end)) => io.quiet_range(fd, start, end, deadline),
+            None => io.quiet(deadline),
+        })
+    }
+
+    fn resolve(&mut self, _env: Env, quiet: bool) -> napi::Result<bool> {
+        Ok(quiet)
+    }
+}
+
 /// Frames a natively served NIC moved between the driver and its tap.
 #[napi(object)]
 pub struct TapCounters {
@@ -419,7 +487,7 @@ pub struct TapCounters {
 
 pub struct Close {
     device: Option<VduseDevice>,
-    io: Option<IoPool>,
+    io: Option<Arc<IoPool>>,
     tap: Option<Arc<TapModel>>,
     /// Destroy the device (close), or leave it to a successor (release).
     destroy: bool,
@@ -431,8 +499,14 @@ impl napi::Task for Close {
     type JsValue = ();
 
     fn compute(&mut self) -> napi::Result<()> {
-        if let Some(mut io) = self.io.take() {
-            io.stop();
+        if let Some(io) = self.io.take() {
+            // A release checked that the pool was idle; a close lets it finish what runs, for a while.
+            if !io.stop(std::time::Instant::now() + vduse_core::device::MAX_DRAIN) {
+                log::warn!(
+                    "native I/O still running after {:?}; closing anyway",
+                    vduse_core::device::MAX_DRAIN
+                );
+            }
         }
         if let Some(mut device) = self.device.take() {
             let done = if self.destroy {
@@ -461,18 +535,62 @@ impl napi::Task for Close {
 #[napi]
 impl BindingDevice {
     /// Copies `length` bytes from the readable part of request `ticket`, starting `offset` bytes in, into
-    /// `dst[at..]`. Returns the bytes copied, or -1 if the request is no longer in flight.
-    #[napi]
-    pub fn read(&self, ticket: f64, offset: f64, mut dst: Uint8ArraySlice, at: u32, length: u32) -> f64 {
-        // SAFETY: the array belongs to the caller, which is blocked in this synchronous call.
-        let dst = unsafe { dst.as_mut() };
-        self.serving.read(ticket, offset, dst, at, length)
+    /// `dst[at..]`. Returns the bytes copied, or -1 if the request is no longer in flight. Throws
+    /// ERR_VDUSE_INVALID_ARGUMENT for a view of a SharedArrayBuffer.
+    #[napi(ts_args_type = "ticket: number, offset: number, dst: Uint8Array, at: number, length: number")]
+    pub fn read(
+        &self,
+        env: Env,
+        ticket: f64,
+        offset: f64,
+        dst: Unknown,
+        at: u32,
+        length: u32,
+    ) -> napi::Result<f64> {
+        self.serving.read(&env, ticket, offset, dst, at, length)
     }
 
     /// Copies `src[at..at+length]` into the writable part of request `ticket`, `offset` bytes in.
+    #[napi(ts_args_type = "ticket: number, offset: number, src: Uint8Array, at: number, length: number")]
+    pub fn write(
+        &self,
+        env: Env,
+        ticket: f64,
+        offset: f64,
+        src: Unknown,
+        at: u32,
+        length: u32,
+    ) -> napi::Result<f64> {
+        self.serving.write(&env, ticket, offset, src, at, length)
+    }
+
+    /// Resolves once native block I/O has nothing queued or running (true), or after `timeoutMs` (false:
+    /// something — possibly a fenced write still in its system call — is still running).
+    #[napi(ts_return_type = "Promise<boolean>")]
+    pub fn io_quiet(&self, timeout_ms: u32) -> AsyncTask<IoQuiet> {
+        AsyncTask::new(IoQuiet {
+            io: self.io.clone(),
+            range: None,
+            timeout: std::time::Duration::from_millis(u64::from(timeout_ms)),
+        })
+    }
+
+    /// Like `ioQuiet`, for transfers on bytes `[offset, offset+length)` of `fd` only.
+    #[napi(ts_return_type = "Promise<boolean>")]
+    pub fn io_quiet_range(&self, fd: i32, offset: f64, length: f64, timeout_ms: u32) -> AsyncTask<IoQuiet> {
+        let start = offset.max(0.0) as u64;
+        AsyncTask::new(IoQuiet {
+            io: self.io.clone(),
+            range: Some((fd, start, start.saturating_add(length.max(0.0) as u64))),
+            timeout: std::time::Duration::from_millis(u64::from(timeout_ms)),
+        })
+    }
+
+    /// Native transfers still running for requests that are no longer in flight (fenced writes whose
+    /// system call has not returned): while there are any, a range operation on the same bytes waits.
     #[napi]
-    pub fn write(&self, ticket: f64, offset: f64, src: &[u8], at: u32, length: u32) -> f64 {
-        self.serving.write(ticket, offset, src, at, length)
+    pub fn io_ghosts(&self) -> u32 {
+        self.io.as_ref().map_or(0, |io| io.ghosts() as u32)
     }
 
     /// Publishes the completions JavaScript wrote into `done` since the last flush.
@@ -562,7 +680,7 @@ impl BindingDevice {
     #[napi]
     pub fn counters(&self) -> DeviceCounters {
         match (&self.device, &self.final_counters) {
-            (Some(d), _) => counters(d.stats(), self.serving.server.as_deref(), self.io.as_ref()),
+            (Some(d), _) => counters(d.stats(), self.serving.server.as_deref(), self.io.as_deref()),
             (None, Some(c)) => *c,
             (None, None) => DeviceCounters::default(),
         }
@@ -586,6 +704,8 @@ impl BindingDevice {
 
     /// Stops serving without detaching or destroying the device, for a successor that takes it over with
     /// `recover` (off the JavaScript thread). Requests still in flight are served again by the successor.
+    /// Throws ERR_VDUSE_BUSY — and changes nothing — while native I/O is queued or running (a write of
+    /// this server could land after the successor's): wait for `ioQuiet` first, holding new submissions.
     #[napi]
     pub fn release(&mut self, env: Env) -> napi::Result<AsyncTask<Close>> {
         if let Some(d) = &self.device {
@@ -593,6 +713,13 @@ impl BindingDevice {
                 return Err(vduse_core::Error::NotRecoverable {
                     name: d.name().to_string(),
                     reason: "it keeps no state file, so no successor could take it over".into(),
+                })
+                .or_throw(&env);
+            }
+            if self.io.as_ref().is_some_and(|io| !io.is_quiet()) {
+                return Err(vduse_core::Error::Busy {
+                    name: d.name().to_string(),
+                    reason: "native I/O is still running; a successor could be overtaken by its writes",
                 })
                 .or_throw(&env);
             }
@@ -609,7 +736,7 @@ impl BindingDevice {
             self.final_counters = Some(counters(
                 d.stats(),
                 self.serving.server.as_deref(),
-                self.io.as_ref(),
+                self.io.as_deref(),
             ));
         }
         if let Some(s) = &self.serving.server {

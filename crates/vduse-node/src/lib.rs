@@ -11,9 +11,7 @@ mod error;
 mod file;
 mod logger;
 mod loopback;
-mod native_io;
 mod serve;
-mod tap;
 mod uv;
 
 use error::{OrThrow, Parked};

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use napi::bindgen_prelude::{AsyncTask, Env, FnArgs, Function, Uint8ArraySlice};
+use napi::bindgen_prelude::{AsyncTask, Env, FnArgs, Function, Unknown};
 use napi::JsValue;
 use napi_derive::napi;
 use vduse_core::loopback::Loopback;
@@ -98,16 +98,30 @@ pub fn create_loopback(
 
 #[napi]
 impl BindingLoopback {
-    #[napi]
-    pub fn read(&self, ticket: f64, offset: f64, mut dst: Uint8ArraySlice, at: u32, length: u32) -> f64 {
-        // SAFETY: the array belongs to the caller, which is blocked in this synchronous call.
-        let dst = unsafe { dst.as_mut() };
-        self.serving.read(ticket, offset, dst, at, length)
+    #[napi(ts_args_type = "ticket: number, offset: number, dst: Uint8Array, at: number, length: number")]
+    pub fn read(
+        &self,
+        env: Env,
+        ticket: f64,
+        offset: f64,
+        dst: Unknown,
+        at: u32,
+        length: u32,
+    ) -> napi::Result<f64> {
+        self.serving.read(&env, ticket, offset, dst, at, length)
     }
 
-    #[napi]
-    pub fn write(&self, ticket: f64, offset: f64, src: &[u8], at: u32, length: u32) -> f64 {
-        self.serving.write(ticket, offset, src, at, length)
+    #[napi(ts_args_type = "ticket: number, offset: number, src: Uint8Array, at: number, length: number")]
+    pub fn write(
+        &self,
+        env: Env,
+        ticket: f64,
+        offset: f64,
+        src: Unknown,
+        at: u32,
+        length: u32,
+    ) -> napi::Result<f64> {
+        self.serving.write(&env, ticket, offset, src, at, length)
     }
 
     #[napi]

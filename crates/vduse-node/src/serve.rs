@@ -23,13 +23,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use napi::sys;
-use vduse_core::queue::{Budget, Done, Pop, RequestBatch, Ticket, Virtqueue};
+use vduse_core::queue::{Budget, Done, Owner, Pop, RequestBatch, Ticket, Virtqueue};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::error::{native, Failure};
 use crate::uv;
 
-pub const HEAD_BYTES: usize = 64;
+pub const HEAD_BYTES: usize = vduse_core::queue::HEAD_BYTES;
 pub const REQ_FIELDS: usize = 6;
 pub const DONE_FIELDS: usize = 3;
 /// A `done` status: no status byte, and the next completion joins this one (see `Done::joined`).
@@ -80,7 +80,7 @@ struct JsArray<T> {
 ///
 /// # Safety
 /// `env` is the current environment and `value` one of its values.
-unsafe fn typed_array<T>(
+pub unsafe fn typed_array<T>(
     env: sys::napi_env,
     value: sys::napi_value,
     kind: sys::napi_typedarray_type,
@@ -469,13 +469,10 @@ impl JsServer {
                         // SAFETY: the JS thread, our env.
                         if !unsafe { self.arrays.refresh(self.env) } {
                             // Popped requests must not stay in flight with nobody to complete them (a
-                            // reset would wait its whole drain timeout for them): give them back empty.
-                            vq.complete_all(batch.iter().map(|req| Done {
-                                ticket: req.ticket,
-                                used_len: 0,
-                                status: None,
-                                joined: false,
-                            }));
+                            // reset would wait its whole drain timeout for them): they fail as the
+                            // device fails what it cannot serve (virtio-blk: IOERR — never a bare
+                            // completion whose stale status byte the driver would take for success).
+                            vq.complete_all(batch.iter().map(|req| vq.failure(req.ticket)));
                             drop(batch);
                             self.fail(
                                 "the batch arrays were detached or released; the device cannot deliver requests",
@@ -650,24 +647,14 @@ impl JsServer {
         // The session's device features (bits 0–23, exact in a double): requests carry them, so a model
         // never reads a request with the features of another session.
         let features = (features & 0xff_ffff) as f64;
-        let map = batch.memory();
         let mut n = 0;
         for req in batch.iter() {
             let r = n * REQ_FIELDS;
-            let head = (req.shape.readable_bytes as usize).min(HEAD_BYTES);
-            let at = a.heads.with_slice(n * HEAD_BYTES, head, |dst| {
-                let mut at = 0;
-                for seg in req.readable {
-                    if at == dst.len() {
-                        break;
-                    }
-                    let k = (seg.len as usize).min(dst.len() - at);
-                    if !map.read_into(seg.addr, &mut dst[at..at + k]) {
-                        break;
-                    }
-                    at += k;
-                }
-                at
+            // The header was copied when the request was popped, under the queue lock.
+            let at = a.heads.with_slice(n * HEAD_BYTES, req.header.len(), |dst| {
+                let k = dst.len();
+                dst.copy_from_slice(&req.header[..k]);
+                k
             });
             a.reqs.set(r, req.ticket.raw() as f64);
             a.reqs.set(r + 1, f64::from(req.ticket.queue()));
@@ -860,67 +847,17 @@ unsafe extern "C" fn on_kick(handle: *mut uv::Handle, status: std::ffi::c_int, _
     server.serve(ctx.queue);
 }
 
-/// Walks `len` bytes of a request's readable (or writable) buffers from `offset`, handing each
-/// contiguous piece to `f(map, guest address, position in the piece list, length)`. Returns the bytes
-/// walked, or -1 if the ticket is not in flight (completed or fenced: its memory is out of reach).
-fn walk(
-    queue: &Virtqueue,
-    ticket: Ticket,
-    offset: u64,
-    len: usize,
-    writable: bool,
-    mut f: impl FnMut(&vduse_core::memory::IotlbMap, u64, usize, usize) -> bool,
-) -> f64 {
-    let done = queue.with_request(ticket, |map, shape, segs| {
-        let (segs, total) = if writable {
-            (
-                &segs[usize::from(shape.readable)..],
-                u64::from(shape.writable_bytes),
-            )
-        } else {
-            (
-                &segs[..usize::from(shape.readable)],
-                u64::from(shape.readable_bytes),
-            )
-        };
-        if offset >= total {
-            return 0usize;
-        }
-        let want = (len as u64).min(total - offset) as usize;
-        let mut skip = offset;
-        let mut at = 0usize;
-        for seg in segs {
-            if at == want {
-                break;
-            }
-            let seg_len = u64::from(seg.len);
-            if skip >= seg_len {
-                skip -= seg_len;
-                continue;
-            }
-            let k = ((seg_len - skip) as usize).min(want - at);
-            if !f(map, seg.addr + skip, at, k) {
-                break;
-            }
-            at += k;
-            skip = 0;
-        }
-        at
-    });
-    done.map_or(-1.0, |n| n as f64)
-}
-
-/// Copies from the request's readable buffers (driver → device), `offset` bytes in, into `dst`.
+/// Copies from the request's readable buffers (driver → device), `offset` bytes in, into `dst`: the bytes
+/// copied, or -1 if the ticket is not in flight (completed or fenced — also if it died mid-copy).
 pub fn copy_out(queue: &Virtqueue, ticket: Ticket, offset: u64, dst: &mut [u8]) -> f64 {
-    let len = dst.len();
-    walk(queue, ticket, offset, len, false, |map, addr, at, k| {
-        map.read_into(addr, &mut dst[at..at + k])
-    })
+    queue
+        .read_request(ticket, Owner::Model, offset, dst)
+        .map_or(-1.0, |n| n as f64)
 }
 
 /// Copies `src` into the request's writable buffers (device → driver), `offset` bytes in.
 pub fn copy_in(queue: &Virtqueue, ticket: Ticket, offset: u64, src: &[u8]) -> f64 {
-    walk(queue, ticket, offset, src.len(), true, |map, addr, at, k| {
-        map.write_from(addr, &src[at..at + k])
-    })
+    queue
+        .write_request(ticket, Owner::Model, offset, src)
+        .map_or(-1.0, |n| n as f64)
 }

@@ -1,7 +1,6 @@
 //! Helpers shared by the in-guest tests.
 #![allow(dead_code)]
 
-pub mod rig;
 pub mod vdpa;
 
 use std::process::Command;

@@ -1,16 +1,16 @@
-//! An in-process driver for one queue: virtio-queue's mock rings in memory the device reaches through a
-//! real `Memory` (optionally loaded from memfd-backed "IOTLB entries", so the device maps the pages
-//! itself, as it does with VDUSE, while the driver keeps its own mapping of them).
-#![allow(dead_code)]
+//! Test support (feature `test-rig`): an in-process driver for one queue — split rings in memory the
+//! device reaches through a real `Memory` (optionally loaded from memfd-backed "IOTLB entries", so the
+//! device maps the pages itself, as it does with VDUSE, while the driver keeps its own mapping of them).
+//! Shared by this crate's tests and those of the native backends.
 
 use std::fs::File;
 use std::os::fd::FromRawFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use vduse_core::memory::{IotlbMap, IotlbSource, Memory};
-use vduse_core::queue::{InFlight, RingInfo, Transport, Virtqueue};
-use vduse_core::uapi::vduse_iotlb_entry;
+use crate::memory::{IotlbMap, IotlbSource, Memory};
+use crate::queue::{InFlight, RingInfo, Transport, Virtqueue};
+use crate::uapi::vduse_iotlb_entry;
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -88,20 +88,49 @@ pub struct Rig {
     pub inflight: Arc<InFlight>,
 }
 
+impl Default for Rig {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Rig {
     /// Read-write memory up to RO_START, read-only after, one map shared by driver and device.
     pub fn new() -> Self {
         let map = IotlbMap::anonymous(&[
-            (0, RO_START as usize, vduse_core::uapi::VDUSE_ACCESS_RW),
+            (0, RO_START as usize, crate::uapi::VDUSE_ACCESS_RW),
             (
                 RO_START,
                 (MEM_END - RO_START) as usize,
-                vduse_core::uapi::VDUSE_ACCESS_RO,
+                crate::uapi::VDUSE_ACCESS_RO,
             ),
         ])
         .unwrap();
         let memory = Arc::new(Memory::fixed(map));
         Self::with_memory(memory)
+    }
+
+    /// `len` bytes of read-write memory at IOVA 0 backed by a memfd the device maps through its IOTLB,
+    /// as with VDUSE: revoking the device's mapping leaves the driver's pages (the memfd) alone.
+    /// `map` is the device's map (the driver writes through it: the same pages).
+    pub fn memfd_backed(len: u64) -> (Self, Arc<File>) {
+        let file = memfd(len);
+        let source = Arc::new(MemfdIotlb::default());
+        source
+            .entries
+            .lock()
+            .unwrap()
+            .push((0, len, crate::uapi::VDUSE_ACCESS_RW, file.clone()));
+        let memory = Arc::new(Memory::new(source));
+        memory.invalidate();
+        let map = memory.snapshot();
+        (
+            Self {
+                map,
+                ..Self::with_memory(memory)
+            },
+            file,
+        )
     }
 
     pub fn with_memory(memory: Arc<Memory>) -> Self {
@@ -125,20 +154,31 @@ impl Rig {
         self.map.write_slice(&h, GuestAddress(at)).unwrap();
     }
 
-    /// A driver ring (desc 0x0, avail 0x1000, used 0x2000) and a queue armed over it.
+    /// A driver ring (desc 0x0, avail 0x1000, used 0x3000) and a queue armed over it.
     pub fn queue(&self, max_segments: usize, event_idx: bool) -> (DriverRing, Arc<Virtqueue>) {
+        self.queue_sized(QSIZE, max_segments, event_idx)
+    }
+
+    /// [`queue`](Self::queue) with a ring of `size` entries (at most 256: the rings must fit).
+    pub fn queue_sized(
+        &self,
+        size: u16,
+        max_segments: usize,
+        event_idx: bool,
+    ) -> (DriverRing, Arc<Virtqueue>) {
+        assert!(size <= 256);
         let ring = DriverRing {
             map: self.map.clone(),
             desc: 0,
             avail: 0x1000,
-            used: 0x2000,
-            size: QSIZE,
+            used: 0x3000,
+            size,
         };
         // A fresh ring: indices and flags at zero.
         self.map.write_slice(&[0u8; 8], GuestAddress(ring.avail)).unwrap();
         self.map.write_slice(&[0u8; 8], GuestAddress(ring.used)).unwrap();
         *self.transport.ring.lock().unwrap() = RingInfo {
-            size: QSIZE,
+            size,
             desc: ring.desc,
             avail: ring.avail,
             used: ring.used,
@@ -147,7 +187,7 @@ impl Rig {
         };
         let q = Virtqueue::new(
             0,
-            QSIZE,
+            size,
             max_segments,
             self.memory.clone(),
             self.transport.clone(),

@@ -1,6 +1,9 @@
 //! A virtio-net device bridged to a kernel TAP interface, served natively: frames never pass through
-//! JavaScript. TX: each chain (virtio-net header + frame) goes to the tap with one `writev` straight from
-//! guest memory — the tap takes the same 12-byte header (`IFF_VNET_HDR`), offloads included. RX: a reader
+//! JavaScript. TX: each chain (virtio-net header + frame) is copied out of the driver's buffers under
+//! its ticket, its header checked *in the copy*, and the copy written to the tap — the tap takes the same
+//! 12-byte header (`IFF_VNET_HDR`), offloads included. A copy, not a `writev` from guest memory: the
+//! driver cannot change the header between the check and the send, and a fence cannot turn the rest of
+//! a frame into zeros on the wire. RX: a reader
 //! thread reads a frame (header + data) from the tap into one buffer and spreads it over the receive
 //! buffers the driver posted (`num_buffers` with MRG_RXBUF), which the model holds until then, and
 //! publishes them with one used-index store: the driver never sees part of a frame.
@@ -16,11 +19,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use vduse_core::memory::Access;
+use vduse_core::queue::Owner;
 use vduse_core::{Completer, DeviceModel, Done, RequestBatch, Ticket};
 use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
-
-use crate::serve::copy_in;
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
@@ -93,21 +94,10 @@ pub struct TapModel {
     shared: Arc<Shared>,
     name: String,
     reader: Mutex<Option<JoinHandle<()>>>,
-    /// The TX worker's iovec scratch (no allocation per batch).
-    tx_scratch: Mutex<TxScratch>,
+    /// The TX worker's frame buffer (no allocation per frame).
+    tx_frame: Mutex<Vec<u8>>,
     tx_error_logged: AtomicBool,
 }
-
-/// Host ranges of a frame and their iovecs, refilled for every frame.
-#[derive(Default)]
-struct TxScratch {
-    ranges: Vec<(*mut u8, usize)>,
-    iov: Vec<libc::iovec>,
-}
-
-// SAFETY: the raw pointers are scratch space, rewritten before each use by whoever holds the mutex;
-// nothing dereferences them after the frame they were filled for.
-unsafe impl Send for TxScratch {}
 
 /// A failed step of opening a tap: the system call and its error.
 pub type TapError = (&'static str, std::io::Error);
@@ -176,7 +166,7 @@ impl TapModel {
             shared,
             name,
             reader: Mutex::new(Some(reader)),
-            tx_scratch: Mutex::new(TxScratch::default()),
+            tx_frame: Mutex::new(vec![0u8; HDR + MAX_FRAME]),
             tx_error_logged: AtomicBool::new(false),
         }))
     }
@@ -216,36 +206,18 @@ impl TapModel {
     }
 
     fn transmit(&self, batch: &RequestBatch, completer: &Completer) {
-        let mem = batch.memory();
-        // One worker thread per queue: the scratch lists are this queue's alone.
-        let mut scratch = self.tx_scratch.lock().unwrap_or_else(|e| e.into_inner());
-        let TxScratch { ranges, iov } = &mut *scratch;
-        let features = completer.queue().features();
+        // One worker thread per queue: the frame buffer is this queue's alone.
+        let mut frame = self.tx_frame.lock().unwrap_or_else(|e| e.into_inner());
+        let queue = completer.queue();
+        let features = queue.features();
         for req in batch.iter() {
             let len = req.shape.readable_bytes as usize;
             let ok = (HDR + ETH_HLEN..=HDR + MAX_FRAME).contains(&len)
-                && header_allowed(mem, req.readable, features)
-                && {
-                    ranges.clear();
-                    req.readable
-                        .iter()
-                        .all(|s| mem.host_ranges(s.addr, u64::from(s.len), Access::Read, ranges))
-                };
+                && queue.read_request(req.ticket, Owner::Model, 0, &mut frame[..len]) == Ok(len)
+                && header_allowed(&frame[..2], features);
             if ok {
-                iov.clear();
-                iov.extend(ranges.iter().map(|&(base, len)| libc::iovec {
-                    iov_base: base.cast(),
-                    iov_len: len,
-                }));
-                // SAFETY: the iovecs point into guest memory the batch's map keeps mapped while we hold
-                // `batch`; the tap only reads them.
-                let n = unsafe {
-                    libc::writev(
-                        self.shared.tap.as_raw_fd(),
-                        iov.as_ptr(),
-                        iov.len() as libc::c_int,
-                    )
-                };
+                // SAFETY: writing from our own buffer, of the given length.
+                let n = unsafe { libc::write(self.shared.tap.as_raw_fd(), frame.as_ptr().cast(), len) };
                 // A full tap queue (nobody reads the other side) or a frame the kernel refuses: dropped,
                 // as a NIC drops on a full link.
                 if n == len as isize {
@@ -299,8 +271,7 @@ impl DeviceModel for TapModel {
                 let ring = usize::from(completer.queue().size());
                 if held.buffers.len() + batch.len() > ring {
                     let queue = completer.queue().clone();
-                    held.buffers
-                        .retain(|&(t, _)| queue.with_request(t, |_, _, _| ()).is_some());
+                    held.buffers.retain(|&(t, _)| queue.is_live(t));
                 }
                 for req in batch.iter() {
                     if (req.shape.writable_bytes as usize) < HDR {
@@ -442,27 +413,11 @@ enum Delivery {
     NoBuffers,
 }
 
-/// Whether a TX frame's virtio-net header asks only for what the driver negotiated (spec 5.1.6.2): no
-/// flags but NEEDS_CSUM (and that only with CSUM), GSO only of a negotiated kind and with a partial
-/// checksum. The tap's kernel side checks the rest (sizes, offsets) before it builds a packet.
-fn header_allowed(
-    mem: &vduse_core::memory::IotlbMap,
-    readable: &[vduse_core::chain::Segment],
-    features: u64,
-) -> bool {
-    // The first two bytes, wherever the driver's framing put them.
-    let mut hdr = [0u8; 2];
-    let mut at = 0;
-    for seg in readable {
-        let k = (seg.len as usize).min(2 - at);
-        if !mem.read_into(seg.addr, &mut hdr[at..at + k]) {
-            return false;
-        }
-        at += k;
-        if at == 2 {
-            break;
-        }
-    }
+/// Whether a TX frame's virtio-net header (its first two bytes, from the frame's copy) asks only for
+/// what the driver negotiated (spec 5.1.6.2): no flags but NEEDS_CSUM (and that only with CSUM), GSO only
+/// of a negotiated kind and with a partial checksum. The tap's kernel side checks the rest (sizes,
+/// offsets) before it builds a packet.
+fn header_allowed(hdr: &[u8], features: u64) -> bool {
     // No ECN bit: HOST_ECN is not offered.
     let (flags, gso) = (hdr[0], hdr[1]);
     let csum = flags & HDR_F_NEEDS_CSUM != 0;
@@ -514,7 +469,7 @@ fn deliver(shared: &Shared, frame: &mut [u8], done: &mut Vec<Done>) -> Delivery 
     let mut i = 0;
     while room < frame.len() && i < buffers.len() {
         let (ticket, size) = buffers[i];
-        if queue.with_request(ticket, |_, _, _| ()).is_none() {
+        if !queue.is_live(ticket) {
             buffers.remove(i); // fenced since it was posted
             continue;
         }
@@ -549,7 +504,7 @@ fn deliver(shared: &Shared, frame: &mut [u8], done: &mut Vec<Done>) -> Delivery 
             break;
         };
         let n = (size as usize).min(frame.len() - at);
-        whole &= copy_in(&queue, ticket, 0, &frame[at..at + n]) == n as f64;
+        whole &= queue.write_request(ticket, Owner::Model, 0, &frame[at..at + n]) == Ok(n);
         done.push(Done {
             ticket,
             used_len: n as u32,
