@@ -191,19 +191,39 @@ async function serveBlk(cmd: BlkCommand, emit: Emit): Promise<number> {
       process.exit(130)
     }
     for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.on(sig, onSignal)
-    // A handover (an upgrade): stop serving but leave the device where it is, for `--recover`.
-    process.once('SIGUSR2', () => {
-      stopping ??= (async () => {
+    // A handover (an upgrade): stop serving but leave the device where it is, for `--recover`. One that
+    // is refused (something of this server could still write after the successor) changes nothing: the
+    // device keeps serving and a later SIGUSR2 tries again.
+    const handover = (): void => {
+      if (stopping) return
+      const attempt = (async () => {
         try {
           await device.release()
-        } finally {
+        } catch (err) {
+          if (!device.closed) throw err // refused: still serving, the backend stays open
           await backend.close?.()
+          throw err
         }
+        await backend.close?.()
         emit({ event: 'released', name: cmd.name, stats: device.stats, counters: device.counters() })
         return 0
       })()
-      stopping.then(resolve, reject)
-    })
+      stopping = attempt
+      attempt.then(resolve, (err: unknown) => {
+        if (device.closed) return reject(err)
+        stopping = undefined
+        const e = err as { message?: string; code?: string; hint?: string }
+        emit({
+          event: 'handover-refused',
+          name: cmd.name,
+          message: e.message ?? String(err),
+          ...(e.code === undefined ? {} : { code: e.code }),
+          ...(e.hint === undefined ? {} : { hint: e.hint }),
+        })
+        process.once('SIGUSR2', handover)
+      })
+    }
+    process.once('SIGUSR2', handover)
     // A broken device serves nothing any more: say so, clean up what can be cleaned, exit non-zero.
     device.on('broken', (err) => {
       emit({ event: 'broken', name: cmd.name, code: err.code, message: err.message, hint: err.hint })

@@ -93,8 +93,16 @@ export class InProcessTransport implements Transport {
       close: async () => {
         this.#closed = true
       },
+      release: async () => {
+        // Handed over: requests in flight stay (a successor would serve them); this side serves no more.
+        this.#closed = true
+        this.released = true
+      },
     }
   }
+
+  /** The device was handed over (`release()`), not closed. */
+  released = false
 
   #counters(): DeviceCounters {
     return {

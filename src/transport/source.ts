@@ -33,6 +33,15 @@ export interface RequestSource {
   isLive(ticket: number): boolean
   /** Native block I/O, where available: `[ticket, fd, kind, position, skip]` per request. */
   submitIo?(ops: Float64Array, count: number): void
+  /**
+   * Native block I/O: resolves true once nothing is queued or running, false after `timeoutMs` (then
+   * something — perhaps a fenced write still in its system call — may still write).
+   */
+  ioQuiet?(timeoutMs: number): Promise<boolean>
+  /** As `ioQuiet`, for transfers on bytes `[offset, offset+length)` of `fd` only. */
+  ioQuietRange?(fd: number, offset: number, length: number, timeoutMs: number): Promise<boolean>
+  /** Native transfers still running for requests no longer in flight (fenced writes). */
+  ioGhosts?(): number
   updateConfig(offset: number, data: Buffer): void
   status(): number
   negotiatedFeatures(): bigint

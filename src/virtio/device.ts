@@ -117,6 +117,8 @@ export abstract class VirtioDevice<
   #status = 0
   #features = 0n
   #lastCounters: DeviceCounters | undefined
+  /** Closes the device when `options.signal` aborts; removed once the device is closed. */
+  #onAbort: (() => void) | undefined
   readonly #options: VirtioDeviceOptions
 
   /** This emitter, typed with the events every device has (subclasses add their own). */
@@ -204,8 +206,16 @@ export abstract class VirtioDevice<
         this.close().catch((err: unknown) => this.#report(err))
       }
       if (signal.aborted) onAbort()
-      else signal.addEventListener('abort', onAbort, { once: true })
+      else {
+        this.#onAbort = onAbort
+        signal.addEventListener('abort', onAbort, { once: true })
+      }
     }
+  }
+
+  /** How long a reset, a close or a handover waits for requests in the model (ms). */
+  protected get drainTimeoutMs(): number {
+    return this.#options.drainTimeoutMs ?? 5000
   }
 
   /** Called by the subclass's factory once the device is open: a taken-over device learns where it is attached. */
@@ -251,6 +261,18 @@ export abstract class VirtioDevice<
 
   /** Lets the model finish: flush the backend, release resources. Called once by `close()`. */
   protected abstract shutdown(): Promise<void>
+
+  /**
+   * Before a handover: the model starts nothing new and waits until nothing of this server can still
+   * write (backend calls returned, native I/O idle), or `deadline` (ms since the epoch). False calls the
+   * handover off: then `resume` runs and the device keeps serving. Default: nothing to wait for.
+   */
+  protected async quiesce(_deadline: number): Promise<boolean> {
+    return true
+  }
+
+  /** A handover was called off (see `quiesce`): serve as before. */
+  protected resume(): void {}
 
   #onBatch(_queue: number, count: number): void {
     const batch = this.batch
@@ -425,52 +447,76 @@ export abstract class VirtioDevice<
 
   /**
    * Graceful stop: detaches the device from the vDPA bus, lets requests in the model finish (up to the
-   * drain timeout), flushes the backend, and destroys the device. Safe to call more than once.
+   * drain timeout), flushes the backend (bounded: `requestTimeoutMs`, or 30 s), and destroys the device.
+   * Safe to call more than once. If the detach fails, nothing else was done: the promise rejects and a
+   * later `close()` tries again. A failed final flush is thrown once the device is gone (acknowledged
+   * writes may not be durable: never reported as a success).
    */
   close(): Promise<void> {
-    this.#closing ??= this.#doClose()
+    this.#closing ??= this.#doClose().catch((err: unknown) => {
+      if ((err as { retryable?: boolean }).retryable) this.#closing = undefined
+      throw err
+    })
     return this.#closing
   }
 
   /**
    * Hands the device over to a successor — an upgrade without the driver seeing an error: stops serving
-   * without detaching or destroying the device. Requests still in the model after the drain timeout
-   * are left in the state file; the successor (`recover: true`, `vduse blk --recover`) serves them again.
-   * Exit the process afterwards, so that nothing of this server can touch the backend any more; until
-   * the successor has taken over, the driver waits (and a reset it sends meanwhile must be answered
-   * within the kernel's 30 s).
+   * without detaching or destroying the device. First nothing new starts and every backend call and
+   * native transfer of this server must end (within the drain timeout): a write of this server must
+   * never land after the successor's. If they do not, the handover is called off — ERR_VDUSE_BUSY, and
+   * the device keeps serving (try again, or `close()`). Requests in flight are left in the state file;
+   * the successor (`recover: true`, `vduse blk --recover`) serves them again. Until it has taken over,
+   * the driver waits (and a reset it sends meanwhile must be answered within the kernel's 30 s).
    *
-   * @throws ERR_VDUSE_NOT_RECOVERABLE when the device keeps no state file (`stateDir: null`).
+   * @throws ERR_VDUSE_NOT_RECOVERABLE when the device keeps no state file (`stateDir: null`);
+   *   ERR_VDUSE_BUSY when something of this server was still running (nothing changed).
    */
   release(): Promise<void> {
-    this.#closing ??= this.#doRelease()
+    this.#closing ??= this.#doRelease().catch((err: unknown) => {
+      if ((err as { retryable?: boolean }).retryable) this.#closing = undefined
+      throw err
+    })
     return this.#closing
   }
 
   async #doRelease(): Promise<void> {
+    if (!this.source.release) {
+      throw new VduseError('this transport cannot hand a device over', {
+        code: 'ERR_VDUSE_NOT_RECOVERABLE',
+      })
+    }
+    const ms = this.drainTimeoutMs
+    if (!(await this.quiesce(Date.now() + ms))) {
+      this.resume()
+      throw retryable(
+        new VduseError(
+          `device ${this.name} was not handed over: backend calls or native I/O still running after ${ms} ms ` +
+            'could write after the successor',
+          {
+            code: 'ERR_VDUSE_BUSY',
+            hint: 'the device keeps serving; try again once the backend answers, or close() it',
+          },
+        ),
+      )
+    }
     try {
-      if (!this.source.release) {
-        throw new VduseError('this transport cannot hand a device over', {
-          code: 'ERR_VDUSE_NOT_RECOVERABLE',
-        })
-      }
-      const flushFailed = await this.#settle()
+      const flushFailed = await this.#settle(false)
       await this.source.release()
       this.#lastCounters = this.source.counters()
       if (flushFailed) throw flushFailed
     } finally {
-      if (this.#keepAlive) clearInterval(this.#keepAlive)
-      this.#events.emit('close')
+      this.#teardown()
     }
   }
 
   /**
-   * Lets requests in the model finish (up to the drain timeout), then flushes the backend. A failed
-   * flush does not keep the device alive: it is returned, to be thrown once the device is gone.
+   * Lets requests in the model finish (up to the drain timeout, when `drain`), then flushes the backend.
+   * A failed flush does not keep the device alive: it is returned, to be thrown once the device is gone.
    */
-  async #settle(): Promise<Error | undefined> {
-    const deadline = Date.now() + (this.#options.drainTimeoutMs ?? 5000)
-    while (this.inFlight() > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 5))
+  async #settle(drain: boolean): Promise<Error | undefined> {
+    const deadline = Date.now() + this.drainTimeoutMs
+    while (drain && this.inFlight() > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 5))
     this.completions.flush()
     let failed: Error | undefined
     try {
@@ -488,21 +534,33 @@ export abstract class VirtioDevice<
   }
 
   async #doClose(): Promise<void> {
-    try {
-      if (
-        this.#attachedAs !== undefined ||
-        (this.#options.transport === undefined && (await isAttached(this.name)))
-      ) {
+    if (
+      this.#attachedAs !== undefined ||
+      (this.#options.transport === undefined && (await isAttached(this.name)))
+    ) {
+      try {
         await this.detach()
+      } catch (err) {
+        // Nothing was torn down: the device still serves, and close() may be called again.
+        throw retryable(err)
       }
-      const flushFailed = await this.#settle()
+    }
+    try {
+      const flushFailed = await this.#settle(true)
       await this.source.close()
       this.#lastCounters = this.source.counters()
       if (flushFailed) throw flushFailed
     } finally {
-      if (this.#keepAlive) clearInterval(this.#keepAlive)
-      this.#events.emit('close')
+      this.#teardown()
     }
+  }
+
+  /** The device is gone (closed or handed over): no timer keeps the process alive, no signal closes it. */
+  #teardown(): void {
+    if (this.#keepAlive) clearInterval(this.#keepAlive)
+    if (this.#onAbort) this.#options.signal?.removeEventListener('abort', this.#onAbort)
+    this.#onAbort = undefined
+    this.#events.emit('close')
   }
 
   protected assertOpen(): void {
@@ -512,4 +570,11 @@ export abstract class VirtioDevice<
 
 function asError(err: unknown): Error {
   return err instanceof Error ? err : new Error(String(err))
+}
+
+/** Marks a close or handover failure after which nothing was torn down: the call may be made again. */
+function retryable(err: unknown): Error {
+  const e = asError(err)
+  Object.defineProperty(e, 'retryable', { value: true, enumerable: false })
+  return e
 }

@@ -62,8 +62,27 @@ export interface BlockStats {
 
 function fencedError(): VduseError {
   return new VduseError('the request was fenced (driver reset, or its memory unmapped)', {
-    code: 'ERR_VDUSE_TIMEOUT',
+    code: 'ERR_VDUSE_FENCED',
   })
+}
+
+const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms))
+
+/** `promise`, or an ERR_VDUSE_TIMEOUT after `ms` (0: no limit). */
+async function within<T>(promise: Promise<T> | T, ms: number, what: string): Promise<T> {
+  if (ms <= 0) return promise
+  let timer: NodeJS.Timeout | undefined
+  const late = new Promise<never>((_, reject) => {
+    timer = setTimeout(
+      () => reject(new VduseError(`${what} did not finish within ${ms} ms`, { code: 'ERR_VDUSE_TIMEOUT' })),
+      ms,
+    )
+  })
+  try {
+    return await Promise.race([promise, late])
+  } finally {
+    clearTimeout(timer)
+  }
 }
 
 function isPromise(x: unknown): x is Promise<unknown> {
@@ -130,15 +149,22 @@ class Io implements BlockIo {
   }
 
   #bounceBuffer(): Buffer {
+    if (this.#write && this.#dead && !this.#bounced) throw fencedError()
     if (!this.#bounce || this.#bounce.length < this.length) this.#bounce = Buffer.allocUnsafe(this.length)
     const view = this.#bounce.length === this.length ? this.#bounce : this.#bounce.subarray(0, this.length)
     if (!this.#bounced) {
+      // A write's data is copied out of the driver's buffers once. If the request died first, the copy
+      // fails and the buffer holds another request's bytes: nothing may reach the backend from it.
+      if (this.#write && this.#source.read(this.ticket, this.#skip, view, 0, this.length) !== this.length) {
+        this.#dead = true
+        throw fencedError()
+      }
       this.#bounced = true
-      if (this.#write) this.#source.read(this.ticket, this.#skip, view, 0, this.length)
     }
     return view
   }
 
+  /** Throws ERR_VDUSE_FENCED for a write whose request died before its data was copied. */
   get buffers(): readonly Buffer[] {
     return [this.#bounceBuffer()]
   }
@@ -159,6 +185,11 @@ class Io implements BlockIo {
     return this.#controller.signal
   }
 
+  /** Whether the request stopped mattering (timed out or fenced). */
+  get dead(): boolean {
+    return this.#dead
+  }
+
   /** The request stopped mattering (timed out or fenced): tell the backend. */
   abort(reason: string = 'request timed out'): void {
     this.#dead = true
@@ -173,7 +204,7 @@ class Io implements BlockIo {
   }
 }
 
-/** A request waiting for a backend promise. */
+/** A backend call in progress: from the call until it returns, whether its request was answered or not. */
 interface Pending {
   ticket: number
   used: number
@@ -181,9 +212,25 @@ interface Pending {
   io: Io | undefined
   /** Discard / write-zeroes: their cancellation (transfers use their Io's). */
   cancel: AbortController | undefined
+  /** The device bytes it touches, `[start, end)` (a discard's or write-zeroes' ranges: their hull). */
+  start: number
+  end: number
+  /** It may write (a write, discard or write-zeroes): a ghost if its request dies before it returns. */
+  writes: boolean
+  /**
+   * Its request timed out or was fenced while the call runs: what it writes may still land, so a
+   * request on the same bytes waits until it returns.
+   */
+  ghost: boolean
 }
 
-/** A request waiting for a backend slot (`maxInFlight`). */
+/** Native block I/O (`OP_NATIVE`) held back: its kind, file position and header bytes to skip. */
+const OP_NATIVE = 4
+
+/**
+ * A request not started yet: waiting for a backend slot (`maxInFlight`), for a ghost on its bytes to
+ * return, or for a handover to be decided.
+ */
 interface Waiting {
   ticket: number
   op: number
@@ -193,6 +240,12 @@ interface Waiting {
   deadline: number
   io: Io | undefined
   cancel: AbortController | undefined
+  start: number
+  end: number
+  /** `OP_NATIVE`: the native I/O kind, position and skip. */
+  kind: number
+  position: number
+  skip: number
 }
 
 /**
@@ -239,8 +292,18 @@ export class BlockDevice extends VirtioDevice {
   readonly #maxInFlight: number
   /** Backend calls that have not returned yet (answered or not): what `maxInFlight` limits. */
   #running = 0
+  /** Running calls that may write (writes, discards, write-zeroes), answered or not. */
+  readonly #writers = new Set<Pending>()
+  /** How many of `#writers` are ghosts (their requests died before they returned). */
+  #ghosts = 0
   /** Requests beyond `maxInFlight`, in arrival order (bounded by the rings' sizes). */
   #waiting: Waiting[] = []
+  /** Requests held back by a ghost on their bytes, or while a handover is decided (bounded likewise). */
+  #held: Waiting[] = []
+  /** A handover is being decided: nothing new starts (see `quiesce`). */
+  #pausing = false
+  /** Online resizes, one at a time. */
+  #resizing: Promise<void> = Promise.resolve()
   /** `shutdown` ran: nothing new reaches the backend (a released device's requests are the successor's). */
   #stopped = false
   /** Every write asks for FUA (the backend declared `fua` but cannot flush). */
@@ -395,9 +458,19 @@ export class BlockDevice extends VirtioDevice {
 
   /**
    * Online resize: grows or shrinks the backend, updates the capacity in the config space and raises a
-   * config interrupt, so the driver sees the new size.
+   * config interrupt, so the driver sees the new size. Resizes run one at a time. A shrink first refuses
+   * requests past the new end, then waits (up to the drain timeout) for backend calls and native I/O that
+   * still write there — a late write must not extend the storage again — and fails with ERR_VDUSE_TIMEOUT,
+   * changing nothing, if they do not finish.
    */
-  async resize(size: number): Promise<void> {
+  resize(size: number): Promise<void> {
+    const run = (): Promise<void> => this.#resize(size)
+    const next = this.#resizing.then(run, run)
+    this.#resizing = next.catch(() => {})
+    return next
+  }
+
+  async #resize(size: number): Promise<void> {
     this.assertOpen()
     if (!Number.isSafeInteger(size) || size <= 0 || size % this.logicalBlockSize !== 0) {
       throw new VduseError(`size must be a positive multiple of ${this.logicalBlockSize}`, {
@@ -407,28 +480,86 @@ export class BlockDevice extends VirtioDevice {
     if (!this.backend.resize) {
       throw new VduseError('this backend cannot be resized', { code: 'ERR_VDUSE_INVALID_CONFIG' })
     }
-    await this.backend.resize(size)
+    const old = this.#bytes
+    if (size < old) {
+      // From here on requests past the new end are refused; those already under way there must end
+      // before the storage shrinks.
+      this.#bytes = size
+      const deadline = Date.now() + this.drainTimeoutMs
+      const beyond = (): boolean => [...this.#writers].some((p) => p.end > size)
+      while (beyond() && Date.now() < deadline) await sleep(5)
+      let quiet = !beyond()
+      if (quiet && this.#nativeFd !== undefined && this.source.ioQuietRange) {
+        quiet = await this.source.ioQuietRange(
+          this.#nativeFd,
+          size,
+          old - size,
+          Math.max(0, deadline - Date.now()),
+        )
+      }
+      if (!quiet) {
+        this.#bytes = old
+        throw new VduseError(
+          `cannot shrink ${this.name}: writes past ${size} bytes are still running after ${this.drainTimeoutMs} ms`,
+          { code: 'ERR_VDUSE_TIMEOUT', hint: 'nothing was changed; try again once the backend answers' },
+        )
+      }
+    }
+    try {
+      await this.backend.resize(size)
+    } catch (err) {
+      this.#bytes = old
+      throw err
+    }
     this.#bytes = size
     const { offset, data } = BLK_CONFIG.encodeField('capacity', BigInt(size / SECTOR))
     this.updateConfig(offset, data)
   }
 
   protected inFlight(): number {
-    // Calls still running count even when their requests timed out and were answered: a close or a
-    // handover waits for them (up to the drain timeout), or a late write could land after the last flush.
-    return Math.max(this.#pendingCount, this.#running) + this.#waiting.length
+    // Calls still running count even when their requests timed out and were answered: a close waits
+    // for them (up to the drain timeout), or a late write could land after the last flush.
+    return Math.max(this.#pendingCount, this.#running) + this.#waiting.length + this.#held.length
   }
 
+  /**
+   * Before a handover: starts nothing new (requests keep arriving and stay in flight: the successor
+   * serves them) and waits until every backend call of this server has returned and native I/O is
+   * idle — or `deadline`. False: something of this server may still write, and the handover must not
+   * happen (`resume` undoes the pause).
+   */
+  protected override async quiesce(deadline: number): Promise<boolean> {
+    this.#pausing = true
+    // Native operations decided before the pause go to the pool now, to be waited for below.
+    this.completions.flushIo()
+    while (this.#running > 0) {
+      if (Date.now() >= deadline) return false
+      await sleep(5)
+    }
+    if (this.#nativeFd !== undefined && this.source.ioQuiet) {
+      return await this.source.ioQuiet(Math.max(0, deadline - Date.now()))
+    }
+    return true
+  }
+
+  protected override resume(): void {
+    this.#pausing = false
+    this.#releaseHeld()
+    this.#pump()
+  }
+
+  /** The final flush (bounded: `requestTimeoutMs`, or 30 s when requests have no limit). */
   protected async shutdown(): Promise<void> {
     if (this.#sweeper) clearInterval(this.#sweeper)
-    // Requests still waiting for a backend slot never start: after a close their tickets are dead, after
-    // a release they are the successor's to serve. Nothing may reach the backend after its final flush.
+    // Requests still waiting never start: after a close their tickets are dead, after a release they are
+    // the successor's to serve. Nothing may reach the backend after its final flush.
     this.#stopped = true
-    for (const w of this.#waiting.splice(0)) {
+    for (const w of [...this.#waiting.splice(0), ...this.#held.splice(0)]) {
       w.io?.abort('the device is closing')
       w.cancel?.abort(fencedError())
     }
-    if (!this.readOnly && this.#canFlush) await this.backend.flush!()
+    if (this.readOnly || !this.#canFlush) return
+    await within(this.backend.flush!(), this.#timeoutMs || 30_000, 'the final flush')
   }
 
   protected override failRequest(ticket: number): void {
@@ -437,23 +568,25 @@ export class BlockDevice extends VirtioDevice {
   }
 
   protected override onFenced(): void {
-    // Requests the backend still holds whose tickets died: forget them, and tell the backend. Live ones
-    // (of a new session) stay.
+    // Requests the backend still holds whose tickets died: forget them (their calls, if they may write,
+    // become ghosts), and tell the backend. Live ones (of a new session) stay.
     for (let k = 0; k < this.#pending.length; k++) {
       const p = this.#pending[k]
       if (!p || this.isLive(p.ticket)) continue
-      this.#forget(k)
+      this.#forget(k, p)
       p.io?.abort('the request was fenced (driver reset, or its memory unmapped)')
       p.cancel?.abort(fencedError())
     }
-    if (this.#waiting.length > 0) {
+    const alive = (list: Waiting[]): Waiting[] => {
       const live: Waiting[] = []
-      for (const w of this.#waiting) {
+      for (const w of list) {
         if (this.isLive(w.ticket)) live.push(w)
         else this.#recycle(w.io)
       }
-      this.#waiting = live
+      return live
     }
+    if (this.#waiting.length > 0) this.#waiting = alive(this.#waiting)
+    if (this.#held.length > 0) this.#held = alive(this.#held)
     this.#pump()
     this.#updateRef()
   }
@@ -487,9 +620,9 @@ export class BlockDevice extends VirtioDevice {
       case REQ.FLUSH:
         this.stats.flushes++
         if (this.#nativeFd !== undefined && batch.nativeIo)
-          return batch.submitIo(ticket, this.#nativeFd, FILE_IO_FLUSH, 0, 0)
+          return this.#native(ticket, FILE_IO_FLUSH, 0, 0, 0, 0)
         if (!this.#canFlush) return this.#finish(ticket, BLK_STATUS.OK, 0)
-        return this.#run(ticket, OP_FLUSH, undefined, 0, undefined)
+        return this.#run(ticket, OP_FLUSH, undefined, 0, undefined, undefined, 0, 0)
       case REQ.GET_ID: {
         this.stats.getIds++
         const n = Math.min(ID_BYTES, dataIn)
@@ -521,12 +654,13 @@ export class BlockDevice extends VirtioDevice {
     }
     if (this.#nativeFd !== undefined && batch.nativeIo) {
       // Native threads move the data and answer the request; JavaScript never touches the bytes.
-      return batch.submitIo(
+      return this.#native(
         ticket,
-        this.#nativeFd,
         write ? FILE_IO_WRITE : FILE_IO_READ,
         offset,
         write ? HEADER_BYTES : 0,
+        offset,
+        offset + length,
       )
     }
     const io = (this.#pool.pop() ?? new Io(this.source)).start(
@@ -537,7 +671,16 @@ export class BlockDevice extends VirtioDevice {
       write ? HEADER_BYTES : 0,
       write && this.#fua,
     )
-    this.#run(ticket, write ? OP_WRITE : OP_READ, undefined, write ? 0 : length, io)
+    this.#run(
+      ticket,
+      write ? OP_WRITE : OP_READ,
+      undefined,
+      write ? 0 : length,
+      io,
+      undefined,
+      offset,
+      offset + length,
+    )
   }
 
   #ranges(batch: RequestBatch, ticket: number, type: number, dataOut: number): void {
@@ -553,6 +696,8 @@ export class BlockDevice extends VirtioDevice {
       return this.#finish(ticket, BLK_STATUS.IOERR, 0)
     }
     const list: Array<[number, number, boolean]> = []
+    let start = Infinity
+    let end = 0
     for (let k = 0; k < count; k++) {
       batch.read(ticket, HEADER_BYTES + k * RANGE_BYTES, this.#range)
       const sector = this.#range.readUInt32LE(0) + this.#range.readUInt32LE(4) * 0x1_0000_0000
@@ -570,17 +715,24 @@ export class BlockDevice extends VirtioDevice {
         return this.#finish(ticket, BLK_STATUS.IOERR, 0)
       }
       list.push([offset, length, unmap])
+      start = Math.min(start, offset)
+      end = Math.max(end, offset + length)
     }
     const backend = this.backend
     // Ranges are rare: a controller each, so a fenced or timed-out request stops between ranges and its
     // backend knows not to start it (a late write of zeroes would destroy newer data).
     const cancel = new AbortController()
     const { signal } = cancel
+    const native = this.#nativeFd !== undefined && batch.nativeIo ? this.#nativeFd : undefined
     this.#run(
       ticket,
       OP_RANGES,
       async () => {
         for (const [offset, length, unmap] of list) {
+          if (signal.aborted) throw signal.reason
+          // Native writes of a fenced request may still be in their system calls on these bytes: go after
+          // them, never under them.
+          await this.#afterNativeGhosts(native, offset, length)
           if (signal.aborted) throw signal.reason
           if (discard) await backend.discard!(offset, length, signal)
           else await backend.writeZeroes!(offset, length, unmap, signal)
@@ -589,12 +741,59 @@ export class BlockDevice extends VirtioDevice {
       0,
       undefined,
       cancel,
+      start,
+      end,
     )
+  }
+
+  /** Waits until no native transfer of a fenced request runs on `[offset, offset+length)` of `fd`. */
+  async #afterNativeGhosts(fd: number | undefined, offset: number, length: number): Promise<void> {
+    if (fd === undefined || !this.source.ioGhosts || this.source.ioGhosts() === 0) return
+    const wait = this.#timeoutMs || this.drainTimeoutMs
+    if (!(await this.source.ioQuietRange!(fd, offset, length, wait))) {
+      throw new VduseError(`native writes to these bytes are still running after ${wait} ms`, {
+        code: 'ERR_VDUSE_TIMEOUT',
+      })
+    }
+  }
+
+  /** Hands a request to native I/O — unless a ghost runs on its bytes or a handover is being decided. */
+  #native(ticket: number, kind: number, position: number, skip: number, start: number, end: number): void {
+    if (this.#stopped) return // shutting down: left in flight
+    if (this.#pausing || this.#ghostOverlaps(start, end)) {
+      const deadline = this.#timeoutMs > 0 ? Date.now() + this.#timeoutMs : Infinity
+      this.#held.push({
+        ticket,
+        op: OP_NATIVE,
+        call: undefined,
+        used: 0,
+        deadline,
+        io: undefined,
+        cancel: undefined,
+        start,
+        end,
+        kind,
+        position,
+        skip,
+      })
+      this.#updateRef()
+      return
+    }
+    this.completions.submitIo(ticket, this.#nativeFd!, kind, position, skip)
+  }
+
+  /** Whether `[start, end)` overlaps what a ghost may still write. */
+  #ghostOverlaps(start: number, end: number): boolean {
+    if (this.#ghosts === 0 || start >= end) return false
+    for (const p of this.#writers) {
+      if (p.ghost && p.start < end && start < p.end) return true
+    }
+    return false
   }
 
   /**
    * Runs a backend call; answers now if it returned, or when its promise settles. Beyond `maxInFlight`
-   * calls at once, it waits its turn.
+   * calls at once, it waits its turn; on bytes a ghost may still write, it waits for the ghost.
    */
   #run(
     ticket: number,
@@ -602,16 +801,34 @@ export class BlockDevice extends VirtioDevice {
     call: (() => Promise<void>) | undefined,
     dataBytes: number,
     io: Io | undefined,
-    cancel?: AbortController,
+    cancel: AbortController | undefined,
+    start: number,
+    end: number,
   ): void {
     if (this.#stopped) return // shutting down: left in flight (see shutdown)
-    if (this.#running >= this.#maxInFlight) {
+    const held = this.#pausing || this.#ghostOverlaps(start, end)
+    if (held || this.#running >= this.#maxInFlight) {
       const deadline = this.#timeoutMs > 0 ? Date.now() + this.#timeoutMs : Infinity
-      this.#waiting.push({ ticket, op, call, used: dataBytes, deadline, io, cancel })
+      const w: Waiting = {
+        ticket,
+        op,
+        call,
+        used: dataBytes,
+        deadline,
+        io,
+        cancel,
+        start,
+        end,
+        kind: 0,
+        position: 0,
+        skip: 0,
+      }
+      if (held) this.#held.push(w)
+      else this.#waiting.push(w)
       this.#updateRef()
       return
     }
-    this.#call(ticket, op, call, dataBytes, io, cancel, undefined)
+    this.#call(ticket, op, call, dataBytes, io, cancel, undefined, start, end)
   }
 
   /** The backend call of a request: no closure per request on the synchronous path. */
@@ -630,15 +847,39 @@ export class BlockDevice extends VirtioDevice {
 
   /**
    * Starts waiting requests while there is room. Those whose ticket died are dropped; those past their
-   * deadline are failed without starting.
+   * deadline are failed without starting; those on a ghost's bytes are held until it returns.
    */
   #pump(): void {
     const now = Date.now()
-    while (!this.#stopped && this.#waiting.length > 0 && this.#running < this.#maxInFlight) {
+    while (
+      !this.#stopped &&
+      !this.#pausing &&
+      this.#waiting.length > 0 &&
+      this.#running < this.#maxInFlight
+    ) {
       const w = this.#waiting.shift()!
       if (!this.isLive(w.ticket)) this.#recycle(w.io)
       else if (w.deadline <= now) this.#timeOutWaiting(w)
-      else this.#call(w.ticket, w.op, w.call, w.used, w.io, w.cancel, w.deadline)
+      else if (this.#ghostOverlaps(w.start, w.end)) this.#held.push(w)
+      else this.#call(w.ticket, w.op, w.call, w.used, w.io, w.cancel, w.deadline, w.start, w.end)
+    }
+    this.#updateRef()
+  }
+
+  /** A ghost returned, or a handover was called off: held requests go their normal way again. */
+  #releaseHeld(): void {
+    if (this.#held.length === 0 || this.#stopped || this.#pausing) return
+    const now = Date.now()
+    const held = this.#held
+    this.#held = []
+    for (const w of held) {
+      if (!this.isLive(w.ticket)) this.#recycle(w.io)
+      else if (w.deadline <= now) this.#timeOutWaiting(w)
+      else if (this.#ghostOverlaps(w.start, w.end)) this.#held.push(w)
+      else if (w.op === OP_NATIVE)
+        this.completions.submitIo(w.ticket, this.#nativeFd!, w.kind, w.position, w.skip)
+      else if (this.#running >= this.#maxInFlight) this.#waiting.push(w)
+      else this.#call(w.ticket, w.op, w.call, w.used, w.io, w.cancel, w.deadline, w.start, w.end)
     }
     this.#updateRef()
   }
@@ -657,7 +898,7 @@ export class BlockDevice extends VirtioDevice {
 
   /** The sweeper keeps the process alive exactly while requests wait for the backend (or a slot). */
   #updateRef(): void {
-    if (this.#pendingCount + this.#waiting.length > 0) this.#sweeper?.ref()
+    if (this.#pendingCount + this.#waiting.length + this.#held.length > 0) this.#sweeper?.ref()
     else this.#sweeper?.unref()
   }
 
@@ -670,7 +911,14 @@ export class BlockDevice extends VirtioDevice {
     cancel: AbortController | undefined,
     /** Set for a request that waited its turn; otherwise its timeout starts when the call returns a promise. */
     waitedDeadline: number | undefined,
+    start: number,
+    end: number,
   ): void {
+    // A request that waited may now lie past the end (the device shrank meanwhile).
+    if (end > this.#bytes) {
+      this.#recycle(io)
+      return this.#finish(ticket, BLK_STATUS.IOERR, 0)
+    }
     let result: unknown
     try {
       result = this.#invoke(op, call, io)
@@ -685,12 +933,23 @@ export class BlockDevice extends VirtioDevice {
       return this.#finish(ticket, ok ? BLK_STATUS.OK : BLK_STATUS.IOERR, ok ? dataBytes : 0)
     }
     const deadline = waitedDeadline ?? (this.#timeoutMs > 0 ? Date.now() + this.#timeoutMs : Infinity)
-    const record: Pending = { ticket, used: dataBytes, deadline, io, cancel }
+    const writes = op === OP_WRITE || op === OP_RANGES
+    const record: Pending = {
+      ticket,
+      used: dataBytes,
+      deadline,
+      io,
+      cancel,
+      start,
+      end,
+      writes,
+      ghost: false,
+    }
     const slot = this.#slotOf(ticket)
     const stale = this.#pending[slot]
     if (stale) {
       // The slot was reused: its previous request was fenced without our hearing of it yet.
-      this.#forget(slot)
+      this.#forget(slot, stale)
       stale.io?.abort('the request was fenced (driver reset, or its memory unmapped)')
       stale.cancel?.abort(fencedError())
     }
@@ -700,6 +959,7 @@ export class BlockDevice extends VirtioDevice {
     // The call occupies its place under maxInFlight until it returns — also after its request timed out
     // or was fenced and answered: the backend is still busy with it.
     this.#running++
+    if (writes) this.#writers.add(record)
     result.then(
       () => this.#returned(slot, record, BLK_STATUS.OK),
       (err: unknown) => {
@@ -717,19 +977,36 @@ export class BlockDevice extends VirtioDevice {
     )
   }
 
-  #forget(slot: number): void {
+  /**
+   * Forgets the request of a call (answered, or dead): a call still running that may write becomes a
+   * ghost — requests on its bytes wait until it returns.
+   */
+  #forget(slot: number, record: Pending): void {
     this.#pending[slot] = undefined
+    if (record.writes && !record.ghost && this.#writers.has(record)) {
+      record.ghost = true
+      this.#ghosts++
+    }
     if (--this.#pendingCount === 0) this.#updateRef()
   }
 
   #returned(slot: number, record: Pending, status: number): void {
     this.#running--
+    if (record.writes) {
+      this.#writers.delete(record)
+      if (record.ghost) {
+        record.ghost = false
+        this.#ghosts--
+      }
+    }
     if (this.#pending[slot] === record) this.#settle(slot, record, status)
+    this.#releaseHeld()
     this.#pump()
   }
 
   #settle(slot: number, record: Pending, status: number): void {
-    this.#forget(slot)
+    this.#pending[slot] = undefined
+    if (--this.#pendingCount === 0) this.#updateRef()
     let ok = status === BLK_STATUS.OK
     if (ok && record.io) ok = record.io.finishRead()
     this.#recycle(record.io)
@@ -737,7 +1014,7 @@ export class BlockDevice extends VirtioDevice {
   }
 
   #recycle(io: Io | undefined): void {
-    if (io?.poolable) this.#pool.push(io)
+    if (io?.poolable && !io.dead) this.#pool.push(io)
   }
 
   #expire(): void {
@@ -748,13 +1025,23 @@ export class BlockDevice extends VirtioDevice {
       if (this.isLive(w.ticket)) this.#timeOutWaiting(w)
       else this.#recycle(w.io) // fenced meanwhile: nothing to answer
     }
+    if (this.#held.length > 0) {
+      const held = this.#held
+      this.#held = []
+      for (const w of held) {
+        if (w.deadline > now) this.#held.push(w)
+        else if (this.isLive(w.ticket)) this.#timeOutWaiting(w)
+        else this.#recycle(w.io)
+      }
+    }
     for (let slot = 0; slot < this.#pending.length; slot++) {
       const record = this.#pending[slot]
       if (!record || record.deadline > now) continue
-      this.#forget(slot)
+      this.#forget(slot, record)
       this.stats.timeouts++
       // The ticket dies with this completion: whatever the backend does later cannot reach the driver's
-      // memory (copies through the ticket fail; its bounce buffer is the device's). The Io is not reused.
+      // memory (copies through the ticket fail; its bounce buffer is the device's), and a write it still
+      // makes keeps later requests on its bytes waiting (a ghost). The Io is not reused.
       record.io?.abort()
       record.cancel?.abort(new VduseError('request timed out', { code: 'ERR_VDUSE_TIMEOUT' }))
       this.#finish(record.ticket, BLK_STATUS.IOERR, 0)
