@@ -29,6 +29,8 @@ VM_HOST_NEEDS=(
   "ping:iputils-ping"
   "iperf3:iperf3"
   "ethtool:ethtool"
+  # Slow disks for the fail-closed tests (dm-delay).
+  "dmsetup:dmsetup"
 )
 
 # Installs missing host tools when root; otherwise names the exact apt command and fails.

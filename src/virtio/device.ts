@@ -73,6 +73,11 @@ export interface DrainInfo {
   waitedMs: number
   /** Requests fenced: their results are dropped. */
   fenced: number
+  /**
+   * Native reads still wrote into the fenced memory at the deadline: it was revoked (replaced by memory
+   * the device owns) before the kernel was answered.
+   */
+  revoked: boolean
 }
 
 export interface VirtioDeviceEvents {
@@ -319,6 +324,7 @@ export abstract class VirtioDevice<
           reason: e.reason ?? 'reset',
           waitedMs: e.waitedMs ?? 0,
           fenced: e.fenced ?? 0,
+          revoked: e.revoked ?? false,
         })
       } else if (e.kind === 'broken') {
         const err = new VduseError(`the kernel marked VDUSE device ${this.name} broken`, {

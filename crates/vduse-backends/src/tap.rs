@@ -141,8 +141,15 @@ fn open_tap(name: &str) -> Result<(OwnedFd, String), TapError> {
 }
 
 impl TapModel {
+    /// Opens (or creates) tap interface `name` ("" lets the kernel pick one) and serves a NIC over it.
     pub fn open(name: &str) -> Result<Arc<Self>, TapError> {
         let (tap, name) = open_tap(name)?;
+        Self::over(tap, name)
+    }
+
+    /// A NIC over `tap`: anything that reads and writes one frame (virtio-net header first) per call,
+    /// non-blocking — a tap, or a `SOCK_SEQPACKET` socket in tests.
+    pub fn over(tap: OwnedFd, name: String) -> Result<Arc<Self>, TapError> {
         let eventfd = || EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(|e| ("eventfd", e));
         let shared = Arc::new(Shared {
             tap,

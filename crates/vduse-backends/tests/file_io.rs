@@ -5,7 +5,7 @@
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -84,8 +84,8 @@ impl Syscalls for Gate {
     }
 }
 
-/// A disk image in a temporary file, filled with `fill`.
-fn image(len: u64, fill: u8) -> File {
+/// A disk image in a temporary file, filled with `fill`, opened with `flags` (O_DIRECT, say).
+fn image_with(len: u64, fill: u8, flags: i32) -> File {
     let path = std::env::temp_dir().join(format!(
         "vduse-file-io-{}-{}",
         std::process::id(),
@@ -94,15 +94,14 @@ fn image(len: u64, fill: u8) -> File {
             .unwrap()
             .as_nanos()
     ));
+    std::fs::write(&path, vec![fill; len as usize]).unwrap();
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .create(true)
-        .truncate(true)
+        .custom_flags(flags)
         .open(&path)
         .unwrap();
     std::fs::remove_file(&path).unwrap();
-    f.write_all_at(&vec![fill; len as usize], 0).unwrap();
     f
 }
 
@@ -116,7 +115,25 @@ struct Setup {
     disk: File,
 }
 
+impl Setup {
+    /// A handover of the I/O: only when nothing of the old pool can still write (else refused), the
+    /// successor's pool takes over. True if it happened.
+    fn handover(&mut self) -> bool {
+        if !self.pool.quiet(Instant::now() + Duration::from_millis(2)) {
+            return false;
+        }
+        assert!(self.pool.stop(Instant::now() + Duration::from_secs(5)));
+        self.pool =
+            IoPool::with_syscalls(2, vec![self.q.clone()], Arc::new(Gate(self.gate.clone()))).unwrap();
+        true
+    }
+}
+
 fn setup(disk_len: u64) -> Setup {
+    setup_with(disk_len, 0)
+}
+
+fn setup_with(disk_len: u64, flags: i32) -> Setup {
     let (rig, driver_mem) = Rig::memfd_backed(8 << 20);
     let (ring, q) = rig.queue(16, false);
     let gate = Arc::new(Gated::default());
@@ -128,7 +145,7 @@ fn setup(disk_len: u64) -> Setup {
         q,
         gate,
         pool,
-        disk: image(disk_len, 0x11),
+        disk: image_with(disk_len, 0x11, flags),
     }
 }
 
@@ -307,6 +324,48 @@ fn reads_and_writes_round_trip_staged_and_zero_copy() {
 }
 
 #[test]
+fn o_direct_goes_through_the_stage_both_ways_in_chunks() {
+    let s = setup_with(8 << 20, libc::O_DIRECT);
+    let len = 2 * STAGE as u32 + 4096;
+    s.write(0, 4096, len, 0x3c, 0x10_0000);
+    assert_eq!(s.completed(1), vec![(0, 1)]);
+    s.read(1, 4096, len, 0x40_0000);
+    assert_eq!(s.completed(2)[1], (3, len + 1));
+    let mut back = vec![0u8; len as usize];
+    s.rig.map.read_slice(&mut back, GuestAddress(0x40_0000)).unwrap();
+    assert!(back.iter().all(|&b| b == 0x3c));
+}
+
+#[test]
+fn a_read_with_nothing_but_a_status_byte_is_answered_without_a_transfer() {
+    for flags in [0, libc::O_DIRECT] {
+        let s = setup_with(1 << 20, flags);
+        let hdr = 0x10_000;
+        s.rig.header(hdr, VIRTIO_BLK_T_IN, 0);
+        offer(
+            &s.ring,
+            &[(0, desc(hdr, 16, N, 1)), (1, desc(hdr + 0x80, 1, W, 0))],
+            &[0],
+        );
+        let mut batch = RequestBatch::default();
+        s.q.pop(Budget::default(), &mut batch);
+        s.pool.submit([Op {
+            ticket: batch.get(0).unwrap().ticket,
+            fd: s.disk.as_raw_fd(),
+            kind: OP_READ,
+            position: 0,
+            skip: 0,
+        }]);
+        assert_eq!(s.completed(1), vec![(0, 1)], "flags {flags:#x}");
+        assert_eq!(
+            s.rig.map.read_obj::<u8>(GuestAddress(hdr + 0x80)).unwrap(),
+            0,
+            "OK"
+        );
+    }
+}
+
+#[test]
 fn stop_is_bounded_while_a_system_call_hangs() {
     let s = setup(1 << 20);
     s.gate.close(0);
@@ -358,15 +417,16 @@ fn fenced_writes_never_land_on_newer_acknowledged_ones_whatever_the_timing() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(40);
+    let mut handovers = 0;
     for seed in 1..=seeds {
-        let s = setup(BLOCKS * BLOCK);
+        let mut s = setup(BLOCKS * BLOCK);
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ seed.wrapping_mul(0x1000_0001));
         let mut clock = 0u64;
         let mut writes: Vec<Written> = Vec::new();
         let mut seen = 0usize;
         let mut closed: Vec<u64> = Vec::new();
         // The driver learns of completions by reading its used ring (never earlier than they happened).
-        let observe = |writes: &mut Vec<Written>, seen: &mut usize, clock: &mut u64| {
+        let observe = |s: &Setup, writes: &mut Vec<Written>, seen: &mut usize, clock: &mut u64| {
             let done = used(&s.ring, 0);
             for &(head, len) in &done[*seen..] {
                 *clock += 1;
@@ -380,7 +440,7 @@ fn fenced_writes_never_land_on_newer_acknowledged_ones_whatever_the_timing() {
             *seen = done.len();
         };
         for _ in 0..40 {
-            observe(&mut writes, &mut seen, &mut clock);
+            observe(&s, &mut writes, &mut seen, &mut clock);
             match rng.below(10) {
                 0..=5 => {
                     let busy: Vec<u16> = writes
@@ -420,12 +480,16 @@ fn fenced_writes_never_land_on_newer_acknowledged_ones_whatever_the_timing() {
                     // A reset: everything in flight is fenced (their heads are free again). What
                     // completed before it is in the used ring: seen first.
                     s.q.fence_where(|_| true);
-                    observe(&mut writes, &mut seen, &mut clock);
+                    observe(&s, &mut writes, &mut seen, &mut clock);
                     clock += 1;
                     for w in writes.iter_mut().filter(|w| w.ended.is_none()) {
                         assert!(!s.q.is_live(w.ticket));
                         w.ended = Some((clock, false));
                     }
+                }
+                8 => {
+                    // An upgrade: refused while a transfer of the old server could still write.
+                    handovers += usize::from(s.handover());
                 }
                 _ => {
                     if let Some(p) = closed.pop() {
@@ -442,7 +506,7 @@ fn fenced_writes_never_land_on_newer_acknowledged_ones_whatever_the_timing() {
             s.pool.quiet(Instant::now() + Duration::from_secs(30)),
             "seed {seed}"
         );
-        observe(&mut writes, &mut seen, &mut clock);
+        observe(&s, &mut writes, &mut seen, &mut clock);
         for block in 0..BLOCKS {
             let bytes = s.disk_bytes(block * BLOCK, BLOCK as usize);
             let c = bytes[0];
@@ -482,4 +546,5 @@ fn fenced_writes_never_land_on_newer_acknowledged_ones_whatever_the_timing() {
             }
         }
     }
+    assert!(handovers > 0, "some handovers went through");
 }

@@ -1516,3 +1516,224 @@ enum Settled {
 pub fn load_map(dev: &File) -> std::io::Result<IotlbMap> {
     IotlbMap::load(dev, &IotlbMap::empty())
 }
+
+#[cfg(test)]
+mod tests {
+    //! The message loop's answers, without a kernel: a device's control side over memory whose IOTLB a
+    //! test controls (`/dev/null` stands in for the device node: interrupts and ring queries just fail).
+    use super::*;
+    use crate::memory::{IotlbSource, Pins};
+    use crate::queue::{Budget, Owner, Part, RequestBatch};
+    use crate::rig::{desc, offer, MemfdIotlb, Rig};
+    use crate::uapi::{vduse_iotlb_entry, VDUSE_ACCESS_RW};
+
+    /// An IOTLB whose reads can be made to fail (fd exhaustion, a broken device).
+    struct Flaky {
+        inner: MemfdIotlb,
+        fail: AtomicBool,
+    }
+
+    impl IotlbSource for Flaky {
+        fn entry(&self, first: u64, last: u64) -> std::io::Result<Option<(vduse_iotlb_entry, File)>> {
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(std::io::Error::from_raw_os_error(libc::EMFILE));
+            }
+            self.inner.entry(first, last)
+        }
+    }
+
+    struct Control {
+        shared: Shared,
+        source: Arc<Flaky>,
+        rig: Rig,
+        ring: crate::rig::DriverRing,
+    }
+
+    /// A control side over one queue with a request in flight whose data buffer is at 0x8000.
+    fn control(drain: Duration) -> (Control, crate::queue::Ticket) {
+        let file = crate::rig::memfd(1 << 20);
+        let source = Arc::new(Flaky {
+            inner: MemfdIotlb::default(),
+            fail: AtomicBool::new(false),
+        });
+        source
+            .inner
+            .entries
+            .lock()
+            .unwrap()
+            .push((0, 1 << 20, VDUSE_ACCESS_RW, file));
+        let memory = Arc::new(Memory::new(source.clone()));
+        memory.invalidate();
+        let rig = Rig {
+            map: memory.snapshot(),
+            ..Rig::with_memory(memory.clone())
+        };
+        let (ring, q) = rig.queue(16, false);
+        rig.header(0x4000, crate::ram_blk::VIRTIO_BLK_T_IN, 0);
+        offer(
+            &ring,
+            &[
+                (0, desc(0x4000, 16, 1, 1)),
+                (1, desc(0x8000, 4096, 3, 2)),
+                (2, desc(0x4100, 1, 2, 0)),
+            ],
+            &[0],
+        );
+        let mut batch = RequestBatch::default();
+        q.pop(Budget::default(), &mut batch);
+        let ticket = batch.get(0).expect("popped").ticket;
+        let dev = Arc::new(File::open("/dev/null").unwrap());
+        let spec = DeviceSpec {
+            device_id: 2,
+            features: 0,
+            config: Vec::new(),
+            num_queues: 1,
+            queue_size: 16,
+            max_segments: 16,
+            kind: "blk".into(),
+            held_queues: 0,
+        };
+        let shared = Shared {
+            name: "test".into(),
+            dev,
+            spec,
+            memory,
+            queues: vec![q],
+            kicks: Vec::new(),
+            inflight: rig.inflight.clone(),
+            status: AtomicU8::new(STATUS_DRIVER_OK),
+            features: AtomicU64::new(0),
+            drain_timeout: drain,
+            janitor: Janitor::new("test").unwrap(),
+            events: None,
+            model: None,
+            state: None,
+            broken: AtomicBool::new(false),
+            drains: AtomicU64::new(0),
+            max_drain_us: AtomicU64::new(0),
+            resubmitted: AtomicU64::new(0),
+        };
+        (
+            Control {
+                shared,
+                source,
+                rig,
+                ring,
+            },
+            ticket,
+        )
+    }
+
+    fn message(type_: u32, status: u8) -> vduse_dev_request {
+        let mut req = vduse_dev_request {
+            type_,
+            request_id: 7,
+            ..Default::default()
+        };
+        req.payload[0] = u32::from(status);
+        req
+    }
+
+    fn answered_ok(resp: Option<vduse_dev_response>) -> Option<bool> {
+        resp.map(|r| r.result == uapi::VDUSE_REQ_RESULT_OK)
+    }
+
+    #[test]
+    fn an_iotlb_update_whose_new_map_cannot_be_read_is_refused_and_fences_nothing() {
+        let (c, ticket) = control(Duration::from_millis(100));
+        c.source.fail.store(true, Ordering::SeqCst);
+        let resp = c.shared.handle_message(&message(uapi::VDUSE_UPDATE_IOTLB, 0));
+        assert_eq!(
+            answered_ok(resp),
+            Some(false),
+            "refused: the kernel rolls the update back"
+        );
+        assert!(c.shared.queues[0].is_live(ticket), "nothing was fenced");
+        c.source.fail.store(false, Ordering::SeqCst);
+        assert_eq!(
+            answered_ok(c.shared.handle_message(&message(uapi::VDUSE_UPDATE_IOTLB, 0))),
+            Some(true)
+        );
+    }
+
+    #[test]
+    fn memory_a_native_read_still_uses_is_revoked_before_the_answer() {
+        let (c, ticket) = control(Duration::from_millis(50));
+        let q = c.shared.queues[0].clone();
+        q.begin_native(ticket).unwrap();
+        let mut pins = Pins::new();
+        assert_eq!(
+            q.pin(ticket, Owner::Native, Part::Writable, 0, 4096, &mut pins),
+            Ok(true)
+        );
+        // The driver unmaps the buffer's memory while the read is in its system call.
+        c.source.inner.entries.lock().unwrap().clear();
+        let started = Instant::now();
+        let resp = c.shared.handle_message(&message(uapi::VDUSE_UPDATE_IOTLB, 0));
+        assert_eq!(answered_ok(resp), Some(true));
+        assert!(
+            started.elapsed() >= Duration::from_millis(50),
+            "it waited for the pin first"
+        );
+        assert!(!q.is_live(ticket), "fenced");
+        let mappings = c.rig.map.mappings();
+        assert!(
+            mappings.iter().all(|m| m.is_revoked()),
+            "a late read lands in memory the device owns"
+        );
+        pins.release();
+        assert_eq!(c.shared.drains.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn memory_that_cannot_be_revoked_fails_the_answer_closed() {
+        // An IOTLB update: refused.
+        let (c, ticket) = control(Duration::from_millis(20));
+        let q = c.shared.queues[0].clone();
+        q.begin_native(ticket).unwrap();
+        let mut pins = Pins::new();
+        q.pin(ticket, Owner::Native, Part::Writable, 0, 4096, &mut pins)
+            .unwrap();
+        c.rig.map.mappings()[0].fail_next_revoke();
+        c.source.inner.entries.lock().unwrap().clear();
+        let resp = c.shared.handle_message(&message(uapi::VDUSE_UPDATE_IOTLB, 0));
+        assert_eq!(answered_ok(resp), Some(false), "never 'done' when it is not");
+        assert!(c.rig.map.mappings()[0].is_lost());
+        pins.release();
+        // A reset — which the kernel carries out whatever the answer — is not answered at all.
+        let (c, ticket) = control(Duration::from_millis(20));
+        let q = c.shared.queues[0].clone();
+        q.begin_native(ticket).unwrap();
+        let mut pins = Pins::new();
+        q.pin(ticket, Owner::Native, Part::Writable, 0, 4096, &mut pins)
+            .unwrap();
+        c.rig.map.mappings()[0].fail_next_revoke();
+        assert!(
+            c.shared
+                .handle_message(&message(uapi::VDUSE_SET_STATUS, 0))
+                .is_none(),
+            "no answer: the kernel must not hand the pages on while a read may still write them"
+        );
+        pins.release();
+        // Without pins a reset is answered at once, revoking nothing.
+        let (c, _) = control(Duration::from_millis(20));
+        assert_eq!(
+            answered_ok(c.shared.handle_message(&message(uapi::VDUSE_SET_STATUS, 0))),
+            Some(true)
+        );
+        assert!(c.rig.map.mappings().iter().all(|m| !m.is_revoked()));
+        let _ = c.ring;
+    }
+
+    #[test]
+    fn get_vq_state_of_a_taken_over_queue_is_its_logged_progress() {
+        let (c, _) = control(Duration::from_millis(20));
+        let q = c.shared.queues[0].clone();
+        q.stop();
+        q.arm_resumed(41, Vec::new());
+        let mut req = message(uapi::VDUSE_GET_VQ_STATE, 0);
+        req.payload[0] = 0;
+        let resp = c.shared.handle_message(&req).unwrap();
+        assert_eq!(resp.payload[1], 41, "not the ring setup's index (0)");
+    }
+}

@@ -1036,3 +1036,49 @@ fn event_idx_interrupts_only_when_the_drivers_used_event_is_passed() {
     q.complete_all(t.iter().map(|&t| Done::new(t, 8, None)));
     assert_eq!(interrupts(), before + 2);
 }
+
+#[test]
+fn the_ram_model_never_stores_bytes_of_a_request_fenced_before_it_copied_them() {
+    let (rig, _driver_mem) = Rig::memfd_backed(1 << 20);
+    let (mock, q) = rig.queue(16, false);
+    let model = RamBlk::new(1 << 20, 1, QSIZE, "ram");
+    // Sector 0 holds 0xaa first.
+    rig.header(0x8000, VIRTIO_BLK_T_OUT, 0);
+    rig.map.write_slice(&[0xaa; 4096], GuestAddress(0xa000)).unwrap();
+    let write = vec![
+        (0, desc(0x8000, 16, N, 1)),
+        (1, desc(0xa000, 4096, N, 2)),
+        (2, desc(0x9000, 1, W, 0)),
+    ];
+    offer(&mock, &write, &[0]);
+    serve(&q, &model);
+    assert_eq!(used(&mock, 0), vec![(0, 1)]);
+    // A second write of 0xbb is popped, then fenced and its memory revoked before the model runs.
+    rig.map.write_slice(&[0xbb; 4096], GuestAddress(0xa000)).unwrap();
+    offer(&mock, &write, &[0]);
+    let mut batch = RequestBatch::default();
+    q.pop(Budget::default(), &mut batch);
+    assert_eq!(q.fence_where(|_| true).0, 1);
+    for m in rig.memory.peek().mappings() {
+        m.revoke().unwrap();
+    }
+    vduse_core::DeviceModel::handle(&model, 0, &batch, &Completer::new(q.clone()));
+    // The disk still holds 0xaa — not the zeros the revoked mapping reads as now.
+    let (rig2, _mem2) = Rig::memfd_backed(1 << 20);
+    let (mock2, q2) = rig2.queue(16, false);
+    rig2.header(0x8000, VIRTIO_BLK_T_IN, 0);
+    offer(
+        &mock2,
+        &[
+            (0, desc(0x8000, 16, N, 1)),
+            (1, desc(0xa000, 4096, W | N, 2)),
+            (2, desc(0x9000, 1, W, 0)),
+        ],
+        &[0],
+    );
+    serve(&q2, &model);
+    assert_eq!(used(&mock2, 0), vec![(0, 4097)]);
+    let mut back = [0u8; 4096];
+    rig2.map.read_slice(&mut back, GuestAddress(0xa000)).unwrap();
+    assert!(back.iter().all(|&b| b == 0xaa), "found {:#x}", back[0]);
+}
