@@ -18,9 +18,19 @@ test('SIGUSR2 while a write hangs in the backend is refused, the device keeps se
   const image = '/tmp/ho.img'
   await sh(`rm -f ${image} /tmp/ho.held /tmp/ho.go; truncate -s 64M ${image}`)
   const plugin = join(__dirname, 'fixtures/holding-backend.mjs')
-  const args = ['blk', '--name', 'ho', '--backend', plugin, '--size', '64M', '--json', '--', '--image', image]
-  const hold = ['--hold-at', String(8 << 20), '--held', '/tmp/ho.held', '--go', '/tmp/ho.go']
-  let server = startCli([...args, ...hold])
+  const args = ['blk', '--name', 'ho', '--backend', plugin, '--size', '64M', '--json']
+  const plugged = [
+    '--',
+    '--image',
+    image,
+    '--hold-at',
+    String(8 << 20),
+    '--held',
+    '/tmp/ho.held',
+    '--go',
+    '/tmp/ho.go',
+  ]
+  let server = startCli([...args, ...plugged])
   t.teardown(async () => {
     await sh('touch /tmp/ho.go')
     server.child.kill('SIGTERM')
@@ -43,7 +53,7 @@ test('SIGUSR2 while a write hangs in the backend is refused, the device keeps se
   server.child.kill('SIGUSR2')
   t.like(await server.next('released'), { name: 'ho' })
   t.is(await server.exit, 0)
-  server = startCli([...args, '--recover', ...hold])
+  server = startCli([...args, '--recover', ...plugged])
   t.like(await server.next('ready'), { path: dev, recovered: true })
   await sh(`dd if=${dev} of=/tmp/ho-back bs=64k skip=128 count=1 iflag=direct status=none; cmp /tmp/ho-held /tmp/ho-back
     dd if=${dev} of=/tmp/ho-back bs=1M skip=1 count=1 iflag=direct status=none; cmp /tmp/ho-other /tmp/ho-back`)

@@ -341,7 +341,8 @@ export function parseCommand(argv: readonly string[]): Command {
   }
   if (v.replace && v.recover) throw new UsageError('--replace and --recover exclude each other')
   // Growing the image before the takeover is checked would change what a refused restart must leave alone.
-  if (v.recover && v.size !== undefined)
+  // (A plugin's --size is its argument, not a change to storage.)
+  if (v.recover && v.size !== undefined && v.file !== undefined)
     throw new UsageError('--recover takes the image as it is: drop --size')
   if (v.serial !== undefined && Buffer.byteLength(v.serial) > 20)
     throw new UsageError('--serial is at most 20 bytes')
