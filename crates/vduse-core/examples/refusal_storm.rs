@@ -3,7 +3,7 @@
 //! size, what one pop round costs (the time the queue lock is held) with the budgets the servers use, and
 //! how long another thread waits for the queue lock meanwhile (what the message loop would wait).
 //!
-//! `cargo run --release --example refusal_storm [ROUNDS]`
+//! `cargo run --release --example refusal_storm [ROUNDS] [RING,RING,…]`
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -13,6 +13,9 @@ use vduse_core::memory::{IotlbMap, Memory};
 use vduse_core::queue::{Budget, InFlight, Pop, RequestBatch, RingInfo, Transport, Virtqueue};
 use vduse_core::uapi::VDUSE_ACCESS_RW;
 use vm_memory::{Bytes, GuestAddress};
+
+/// The driver's memory: 4 GiB.
+const MAPPED: u64 = 1 << 32;
 
 struct Driver(u16);
 
@@ -31,9 +34,9 @@ impl Transport for Driver {
 }
 
 fn storm(size: u16, rounds: u32, budget: Budget) -> (Duration, Duration, Duration, u64) {
-    // 16 MiB of memory: rings, a buffer area, and nothing after it.
+    // 4 GiB of memory (reserved, barely touched): rings at the start, then the buffer, then the hole.
     let memory = Arc::new(Memory::fixed(
-        IotlbMap::anonymous(&[(0, 16 << 20, VDUSE_ACCESS_RW)]).unwrap(),
+        IotlbMap::anonymous(&[(0, MAPPED as usize, VDUSE_ACCESS_RW)]).unwrap(),
     ));
     let map = memory.peek();
     let q = Virtqueue::new(
@@ -46,9 +49,9 @@ fn storm(size: u16, rounds: u32, budget: Budget) -> (Duration, Duration, Duratio
         None,
     );
     q.arm();
-    // One descriptor, device-writable, 4 GiB from 0xA0_0000: mapped for 6 MiB, then the hole.
+    // One descriptor, device-writable, 4 GiB from 16 MiB: mapped for all but its last 16 MiB.
     let mut d = [0u8; 16];
-    d[0..8].copy_from_slice(&0xA0_0000u64.to_le_bytes());
+    d[0..8].copy_from_slice(&0x100_0000u64.to_le_bytes());
     d[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
     d[12..14].copy_from_slice(&2u16.to_le_bytes());
     for i in 0..size {
@@ -116,12 +119,16 @@ fn storm(size: u16, rounds: u32, budget: Budget) -> (Duration, Duration, Duratio
 
 fn main() {
     let rounds: u32 = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(20);
+    let rings: Vec<u16> = std::env::args()
+        .nth(2)
+        .map(|s| s.split(',').filter_map(|n| n.parse().ok()).collect())
+        .unwrap_or_else(|| vec![256, 1024, 32768]);
     println!("refusal storm: every avail slot a 4 GiB buffer into a hole; {rounds} ring refills per size");
     println!(
         "{:>6} {:>22} {:>14} {:>14} {:>20} {:>12}",
         "ring", "budget (chains/descs)", "worst round", "mean round", "worst lock wait", "refused"
     );
-    for size in [256u16, 1024, 32768] {
+    for size in rings {
         // The default (and the JavaScript server's with batchSize 64), and batchSize 256's.
         for budget in [
             Budget::default(),
