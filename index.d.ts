@@ -19,12 +19,12 @@ export declare class BindingDevice {
   /** Copies `src[at..at+length]` into the writable part of request `ticket`, `offset` bytes in. */
   write(ticket: number, offset: number, src: Uint8Array, at: number, length: number): number
   /**
-   * Resolves once native block I/O has nothing queued or running (true), or after `timeoutMs` (false:
-   * something — possibly a fenced write still in its system call — is still running).
+   * Whether native block I/O has nothing queued, waiting or running right now. (Callers poll: a wait
+   * here would hold a thread of libuv's pool, which file and crypto calls share.)
    */
-  ioQuiet(timeoutMs: number): Promise<boolean>
-  /** Like `ioQuiet`, for transfers on bytes `[offset, offset+length)` of `fd` only. */
-  ioQuietRange(fd: number, offset: number, length: number, timeoutMs: number): Promise<boolean>
+  ioIsQuiet(): boolean
+  /** Whether no native transfer overlaps bytes `[offset, offset+length)` of `fd` right now. */
+  ioRangeIsQuiet(fd: number, offset: number, length: number): boolean
   /**
    * Native transfers still running for requests that are no longer in flight (fenced writes whose
    * system call has not returned): while there are any, a range operation on the same bytes waits.

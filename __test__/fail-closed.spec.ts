@@ -343,3 +343,47 @@ test('item 11: the native copies refuse views of a SharedArrayBuffer', async (t)
   t.deepEqual(seen, ['ERR_VDUSE_INVALID_ARGUMENT', 'ERR_VDUSE_INVALID_ARGUMENT'])
   await device.close()
 })
+
+test('a handover that cannot happen (no state file) changes nothing: the device serves on and closes', async (t) => {
+  const inner = new InProcessTransport()
+  const transport: Transport = {
+    open(init, arrays, onBatch, onEvent) {
+      return { ...inner.open(init, arrays, onBatch, onEvent), releasable: () => false }
+    },
+  }
+  const backend: BlockBackend = { size: SIZE, read() {}, write() {} }
+  const device = await BlockDevice.create({ name: `fc${n++}`, backend, transport })
+  device.unref()
+  inner.start()
+  const err = await device.release().then(
+    () => undefined,
+    (e: { code?: string }) => e,
+  )
+  t.is(err?.code, 'ERR_VDUSE_NOT_RECOVERABLE')
+  t.false(device.closed, 'nothing was stopped')
+  t.is((await new BlkDriver(inner).write(0, Buffer.alloc(512))).status, S.OK, 'still serving')
+  await device.close()
+  t.true(device.closed)
+})
+
+test('a handover waits for a resize under way', async (t) => {
+  const { backend } = slowBackend()
+  const order: string[] = []
+  let finish!: () => void
+  backend.resize = async () => {
+    order.push('resize start')
+    await new Promise<void>((r) => (finish = r))
+    order.push('resize end')
+  }
+  const { device, transport } = await setup(backend, { drainTimeoutMs: 2000 })
+  const grow = device.resize(2 * SIZE)
+  await until('the resize', () => order.length === 1)
+  const release = device.release().then(() => order.push('released'))
+  await new Promise((r) => setTimeout(r, 30))
+  t.deepEqual(order, ['resize start'], 'the handover waits')
+  finish()
+  await grow
+  await release
+  t.deepEqual(order, ['resize start', 'resize end', 'released'])
+  t.true(transport.released)
+})

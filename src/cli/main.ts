@@ -169,10 +169,13 @@ async function serveBlk(cmd: BlkCommand, emit: Emit): Promise<number> {
     // The first stop signal stops gracefully; a second says what the stop waits for; a third forces an
     // exit, leaving the device for `vduse destroy` (or `--recover`).
     let signals = 0
+    let stopSignal: string | undefined
     const onSignal = (sig: NodeJS.Signals): void => {
       signals++
       if (signals === 1) {
-        stop(sig).then(resolve, reject)
+        // During a handover the stop waits for its outcome: done, the server exits; refused, it stops.
+        if (handing) stopSignal = sig
+        else stop(sig).then(resolve, reject)
         return
       }
       const inFlight = device.counters().inFlight
@@ -194,8 +197,9 @@ async function serveBlk(cmd: BlkCommand, emit: Emit): Promise<number> {
     // A handover (an upgrade): stop serving but leave the device where it is, for `--recover`. One that
     // is refused (something of this server could still write after the successor) changes nothing: the
     // device keeps serving and a later SIGUSR2 tries again.
+    let handing: Promise<unknown> | undefined
     const handover = (): void => {
-      if (stopping) return
+      if (stopping || handing) return // a stop, or this very handover, is under way
       const attempt = (async () => {
         try {
           await device.release()
@@ -208,10 +212,10 @@ async function serveBlk(cmd: BlkCommand, emit: Emit): Promise<number> {
         emit({ event: 'released', name: cmd.name, stats: device.stats, counters: device.counters() })
         return 0
       })()
-      stopping = attempt
+      handing = attempt
       attempt.then(resolve, (err: unknown) => {
         if (device.closed) return reject(err)
-        stopping = undefined
+        handing = undefined
         const e = err as { message?: string; code?: string; hint?: string }
         emit({
           event: 'handover-refused',
@@ -220,10 +224,12 @@ async function serveBlk(cmd: BlkCommand, emit: Emit): Promise<number> {
           ...(e.code === undefined ? {} : { code: e.code }),
           ...(e.hint === undefined ? {} : { hint: e.hint }),
         })
-        process.once('SIGUSR2', handover)
+        // A stop signal that came while the handover was being decided stops the device now.
+        if (stopSignal) stop(stopSignal).then(resolve, reject)
       })
     }
-    process.once('SIGUSR2', handover)
+    // `on`, not `once`: a SIGUSR2 during a handover must not fall back to the default action (exit).
+    process.on('SIGUSR2', handover)
     // A broken device serves nothing any more: say so, clean up what can be cleaned, exit non-zero.
     device.on('broken', (err) => {
       emit({ event: 'broken', name: cmd.name, code: err.code, message: err.message, hint: err.hint })

@@ -33,15 +33,14 @@ export interface RequestSource {
   isLive(ticket: number): boolean
   /** Native block I/O, where available: `[ticket, fd, kind, position, skip]` per request. */
   submitIo?(ops: Float64Array, count: number): void
-  /**
-   * Native block I/O: resolves true once nothing is queued or running, false after `timeoutMs` (then
-   * something — perhaps a fenced write still in its system call — may still write).
-   */
-  ioQuiet?(timeoutMs: number): Promise<boolean>
-  /** As `ioQuiet`, for transfers on bytes `[offset, offset+length)` of `fd` only. */
-  ioQuietRange?(fd: number, offset: number, length: number, timeoutMs: number): Promise<boolean>
+  /** Native block I/O: whether nothing is queued, waiting or running right now (callers poll). */
+  ioQuiet?(): boolean
+  /** Whether no native transfer overlaps bytes `[offset, offset+length)` of `fd` right now. */
+  ioRangeQuiet?(fd: number, offset: number, length: number): boolean
   /** Native transfers still running for requests no longer in flight (fenced writes). */
   ioGhosts?(): number
+  /** Whether `release` can hand the device over at all (it keeps a state file). */
+  releasable?(): boolean
   updateConfig(offset: number, data: Buffer): void
   status(): number
   negotiatedFeatures(): bigint

@@ -124,6 +124,8 @@ export abstract class VirtioDevice<
   #lastCounters: DeviceCounters | undefined
   /** Closes the device when `options.signal` aborts; removed once the device is closed. */
   #onAbort: (() => void) | undefined
+  /** Torn down: closed or handed over, the source let go. */
+  #gone = false
   readonly #options: VirtioDeviceOptions
 
   /** This emitter, typed with the events every device has (subclasses add their own). */
@@ -430,9 +432,12 @@ export abstract class VirtioDevice<
     this.#path = undefined
   }
 
-  /** Rewrites config-space bytes; the driver gets a config interrupt once it is running. */
+  /**
+   * Rewrites config-space bytes; the driver gets a config interrupt once it is running. Allowed until the
+   * device is gone (a resize that finishes while a close or handover waits for it still reports).
+   */
   protected updateConfig(offset: number, data: Buffer): void {
-    this.assertOpen()
+    if (this.#gone) throw new VduseError(`device ${this.name} is closed`, { code: 'ERR_VDUSE_CLOSED' })
     this.source.updateConfig(offset, data)
   }
 
@@ -487,13 +492,24 @@ export abstract class VirtioDevice<
   }
 
   async #doRelease(): Promise<void> {
-    if (!this.source.release) {
-      throw new VduseError('this transport cannot hand a device over', {
-        code: 'ERR_VDUSE_NOT_RECOVERABLE',
-      })
+    // What makes a handover impossible is found out before anything is paused or stopped.
+    if (!this.source.release || this.source.releasable?.() === false) {
+      throw retryable(
+        new VduseError(`device ${this.name} cannot be handed over: it keeps no state file`, {
+          code: 'ERR_VDUSE_NOT_RECOVERABLE',
+          hint: 'create it with a stateDir (the default) to hand it over; close() stops it',
+        }),
+      )
     }
     const ms = this.drainTimeoutMs
-    if (!(await this.quiesce(Date.now() + ms))) {
+    let quiet: boolean
+    try {
+      quiet = await this.quiesce(Date.now() + ms)
+    } catch (err) {
+      this.resume()
+      throw retryable(err)
+    }
+    if (!quiet) {
       this.resume()
       throw retryable(
         new VduseError(
@@ -563,6 +579,7 @@ export abstract class VirtioDevice<
 
   /** The device is gone (closed or handed over): no timer keeps the process alive, no signal closes it. */
   #teardown(): void {
+    this.#gone = true
     if (this.#keepAlive) clearInterval(this.#keepAlive)
     if (this.#onAbort) this.#options.signal?.removeEventListener('abort', this.#onAbort)
     this.#onAbort = undefined

@@ -10,11 +10,14 @@
 //!   a chunk at a time, each copy checked against the request's ticket — then written. A write fenced
 //!   mid-way stops at the next chunk: the file holds a prefix of what the driver wrote, never bytes of
 //!   memory the driver no longer owns (zeros of a revoked mapping, another request's data).
-//! - **Buffered reads are zero-copy**: `preadv` straight into the driver's buffers, with the mappings
-//!   pinned for the call; the message loop does not answer the kernel while they are pinned (at its
-//!   deadline it revokes them, so a late read lands in memory the device owns).
-//! - **O_DIRECT** transfers (the kernel pins pages for DMA at submission) go through the aligned staging
-//!   buffer both ways; guest memory is touched only by ticket-checked copies.
+//! - **Buffered reads from the page cache are zero-copy**: `preadv` straight into the driver's buffers,
+//!   with the mappings pinned for the call; the message loop does not answer the kernel while they are
+//!   pinned (at its deadline it revokes them: a late read then fails instead of reaching the driver).
+//! - **Everything else goes through the aligned staging buffer both ways**: O_DIRECT (the kernel pins
+//!   pages for DMA at submission, which no revocation stops), and files on file systems that may pin the
+//!   reader's pages too (FUSE with `direct_io`, 9p, network file systems: only block devices and local
+//!   page-cache file systems are read zero-copy). Guest memory is then touched only by ticket-checked
+//!   copies.
 //! - **A write still running when its request was fenced (a ghost) never lands after a newer write to
 //!   the same bytes**: every transfer is registered with its range before its first byte moves, and a
 //!   transfer overlapping a ghost waits until the ghost's system call returns.
@@ -106,6 +109,41 @@ fn is_direct(fd: i32) -> bool {
     flags >= 0 && flags & libc::O_DIRECT != 0
 }
 
+/// Whether a buffered read of `fd` copies from the page cache into the reader's memory page by page (so a
+/// revocation stops it at the next page): a block device, or a regular file on a local page-cache file
+/// system. Others — FUSE (`direct_io` pins the reader's pages), 9p, NFS, CIFS, overlays of unknown
+/// lower layers — are read through the staging buffer.
+pub fn zero_copy_reads(fd: i32) -> bool {
+    // SAFETY: fstat into a zeroed struct we own; a bad fd just fails.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::fstat(fd, &mut st) } != 0 {
+        return false;
+    }
+    match st.st_mode & libc::S_IFMT {
+        libc::S_IFBLK => true,
+        libc::S_IFREG => {
+            // SAFETY: fstatfs into a zeroed struct we own.
+            let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+            // SAFETY: as above.
+            if unsafe { libc::fstatfs(fd, &mut fs) } != 0 {
+                return false;
+            }
+            // ext2/3/4, XFS, Btrfs, tmpfs, F2FS, bcachefs.
+            const PAGE_CACHE: [i64; 6] = [
+                0xEF53,
+                0x5846_5342,
+                0x9123_683E,
+                0x0102_1994,
+                0xF2F5_2010,
+                0xCA45_1A4E,
+            ];
+            PAGE_CACHE.contains(&(fs.f_type as i64))
+        }
+        _ => false,
+    }
+}
+
 #[derive(Default)]
 pub struct IoStats {
     pub ops: AtomicU64,
@@ -168,6 +206,7 @@ struct Shared {
     queues: Vec<Arc<Virtqueue>>,
     syscalls: Arc<dyn Syscalls>,
     stats: IoStats,
+    alive: std::sync::atomic::AtomicUsize,
 }
 
 impl Shared {
@@ -209,8 +248,12 @@ impl Shared {
                 woke = true;
             }
         }
+        // Stopping, and nothing left to wait for: the threads parked on `work` must see it and exit.
+        let done = s.stop && s.waiting.is_empty();
         drop(s);
-        if woke {
+        if done {
+            self.work.notify_all();
+        } else if woke {
             self.work.notify_one();
         }
         self.changed.notify_all();
@@ -239,6 +282,7 @@ impl IoPool {
             queues,
             syscalls,
             stats: IoStats::default(),
+            alive: std::sync::atomic::AtomicUsize::new(threads.max(1)),
         });
         let mut handles = Vec::new();
         for i in 0..threads.max(1) {
@@ -292,6 +336,16 @@ impl IoPool {
                     .iter()
                     .any(|(j, a, b)| j.op.fd == fd && *a < end && start < *b)
         })
+    }
+
+    /// Whether no transfer overlaps `[start, end)` of `fd` right now (running, or waiting its turn).
+    pub fn range_is_quiet(&self, fd: i32, start: u64, end: u64) -> bool {
+        self.quiet_range(fd, start, end, Instant::now())
+    }
+
+    /// Worker threads still running (they exit once the pool is stopped and nothing is left).
+    pub fn threads_alive(&self) -> usize {
+        self.shared.alive.load(Ordering::Acquire)
     }
 
     /// Transfers running for requests that are no longer in flight.
@@ -390,14 +444,35 @@ impl Drop for Stage {
     }
 }
 
-/// Per-thread scratch: the staging buffer, and the pointers and pins of a zero-copy read.
+/// Per-thread scratch: the staging buffer, the pins and iovecs of a zero-copy read, and which files may
+/// be read zero-copy (a backend's fd stays open as long as the device that submits its operations).
 struct Scratch {
     stage: Stage,
     iov: Vec<libc::iovec>,
     pins: Pins,
+    zero_copy: Vec<(i32, bool)>,
+}
+
+impl Scratch {
+    fn zero_copy(&mut self, fd: i32) -> bool {
+        if let Some(&(_, z)) = self.zero_copy.iter().find(|(f, _)| *f == fd) {
+            return z;
+        }
+        let z = zero_copy_reads(fd);
+        self.zero_copy.push((fd, z));
+        z
+    }
 }
 
 fn worker(shared: &Shared) {
+    /// Counts the thread out however it ends.
+    struct Alive<'a>(&'a std::sync::atomic::AtomicUsize);
+    impl Drop for Alive<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+    let _alive = Alive(&shared.alive);
     let Some(stage) = Stage::new() else {
         log::error!("native I/O: cannot allocate a staging buffer; this thread serves nothing");
         return;
@@ -406,6 +481,7 @@ fn worker(shared: &Shared) {
         stage,
         iov: Vec::new(),
         pins: Pins::new(),
+        zero_copy: Vec::new(),
     };
     let mut batch = Vec::new();
     let mut touched = vec![false; shared.queues.len()];
@@ -526,7 +602,7 @@ fn execute(
             let len = u64::from(shape.writable_bytes) - 1;
             let ok = if len == 0 {
                 true
-            } else if is_direct(op.fd) {
+            } else if is_direct(op.fd) || !scratch.zero_copy(op.fd) {
                 read_staged(sys, vq, op, len, &mut scratch.stage)?
             } else {
                 read_pinned(sys, vq, op, len, scratch)?

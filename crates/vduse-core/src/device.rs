@@ -74,9 +74,23 @@ const VIRTIO_NET_F_CTRL_VQ: u64 = 1 << 17;
 /// breaks the device for good after 30 s.
 pub const MAX_DRAIN: Duration = Duration::from_secs(10);
 /// The longest the message loop keeps one message waiting, from when it read it — revocations included:
-/// past it, the answer is a refusal (or, for a reset, none). Well inside the kernel's 30 s, which also
-/// counts the time the message waited behind the one before it.
+/// past it, the answer is a refusal (or, for a reset, none). Two thirds of the kernel's timeout (30 s by
+/// default, `msg_timeout` in sysfs, read when the device is served), which also counts the time the
+/// message waited behind the one before it; at most this.
 pub const ANSWER_BUDGET: Duration = Duration::from_secs(20);
+
+/// The answer budget for device `name`: two thirds of its kernel message timeout, at most
+/// [`ANSWER_BUDGET`], at least 1 s (a timeout of 0, "wait forever", keeps the default).
+fn answer_budget(name: &str) -> Duration {
+    let secs = std::fs::read_to_string(format!("/sys/class/vduse/{name}/msg_timeout"))
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    if secs == 0 {
+        return ANSWER_BUDGET;
+    }
+    Duration::from_millis(secs * 2000 / 3).clamp(Duration::from_secs(1), ANSWER_BUDGET)
+}
 /// Where state files live unless the options say otherwise.
 pub const DEFAULT_STATE_DIR: &str = "/run/vduse";
 
@@ -337,6 +351,8 @@ struct Shared {
     status: AtomicU8,
     features: AtomicU64,
     drain_timeout: Duration,
+    /// How long one message may wait for its answer, revocations included (see [`ANSWER_BUDGET`]).
+    answer_budget: Duration,
     janitor: Janitor,
     events: Option<Arc<dyn DeviceEvents>>,
     /// The native model, told of each session's features before its first request.
@@ -584,7 +600,12 @@ impl VduseDevice {
             inflight,
             status: AtomicU8::new(status),
             features: AtomicU64::new(features),
-            drain_timeout: options.drain_timeout.min(MAX_DRAIN),
+            // A drain leaves at least half of the answer budget for what follows it (revocations).
+            drain_timeout: options
+                .drain_timeout
+                .min(MAX_DRAIN)
+                .min(answer_budget(&options.name) / 2),
+            answer_budget: answer_budget(&options.name),
             janitor: Janitor::new(&options.name).map_err(|e| Error::sys("spawn", e))?,
             events,
             model: match &serving {
@@ -1182,7 +1203,7 @@ impl Shared {
             self.queues
                 .iter()
                 .filter(|q| !q.held())
-                .map(|q| q.count_where(|_| true))
+                .map(|q| q.count_where(|_, _| true))
                 .sum::<usize>()
         };
         let busy = waited() > 0;
@@ -1242,7 +1263,7 @@ impl Shared {
         };
         let bytes: usize = pinned.iter().map(|m| m.len()).sum();
         let mut revocation = self.janitor.revoke(pinned);
-        match revocation.wait_until(started + ANSWER_BUDGET) {
+        match revocation.wait_until(started + self.answer_budget) {
             Some(true) => {
                 log::warn!(
                     "device {:?}: native I/O still used {bytes} bytes of fenced memory; revoked them",
@@ -1261,7 +1282,7 @@ impl Shared {
                 log::error!(
                     "device {:?}: revoking {bytes} bytes of fenced memory did not finish within {:?}",
                     self.name,
-                    ANSWER_BUDGET
+                    self.answer_budget
                 );
                 Settled::Unsafe
             }
@@ -1269,33 +1290,56 @@ impl Shared {
     }
 
     /// `VDUSE_UPDATE_IOTLB`: the driver changed its memory map. Entries that stayed the same keep their
-    /// mappings and their requests; requests using removed memory are drained (bounded) or fenced, and
-    /// that memory is made unreachable before the answer. Queues publish through a fresh map from now on.
-    /// False: refuse the update (the new map could not be read, or the old memory not made safe).
+    /// mappings and their requests; requests with a buffer in memory that is gone or changed are drained
+    /// (bounded) or fenced, and that memory is made unreachable before the answer. Queues touch the rings
+    /// through a fresh map from now on. False: refuse the update (its memory could not be made safe).
     fn iotlb_changed(&self, started: Instant) -> bool {
         let deadline = started + self.drain_timeout;
         self.memory.invalidate();
-        // One fd open at a time, whatever the entry count: an fd shortage does not make this fail.
-        let keys: Vec<EntryKey> = match entry_keys(self.memory.source()) {
-            Ok(keys) => keys,
+        // One fd open at a time, whatever the entry count. Without the new list nothing can tell which
+        // requests lost their memory: then all of them did (they are drained or fenced, and every mapping
+        // in use is made safe) — never "none".
+        let keys: Option<Vec<EntryKey>> = match entry_keys(self.memory.source()) {
+            Ok(keys) => Some(keys),
             Err(e) => {
-                // Without the new list nothing can be fenced or made safe: refuse the update (the kernel
-                // rolls it back); the queues reload the map before they next touch memory.
                 log::error!(
-                    "device {:?}: cannot read the IOTLB after an update ({e}); refusing it",
+                    "device {:?}: cannot read the IOTLB after an update ({e}); treating all memory as gone",
                     self.name
                 );
-                return false;
+                None
             }
         };
-        let removed: Vec<(EntryKey, Arc<Mapping>)> = self.memory.peek().mappings_not_in(&keys);
+        // Every map anything may still use: the current one (a serving thread may already have loaded the
+        // new state) and each one requests in flight were popped with.
+        let mut maps = vec![self.memory.peek()];
+        for q in &self.queues {
+            for m in q.maps_in_use() {
+                if !maps.iter().any(|x| Arc::ptr_eq(x, &m)) {
+                    maps.push(m);
+                }
+            }
+        }
+        let mut removed: Vec<Arc<Mapping>> = Vec::new();
+        for m in &maps {
+            let gone = match &keys {
+                Some(keys) => m.mappings_not_in(keys).into_iter().map(|(_, g)| g).collect(),
+                None => m.mappings(),
+            };
+            for g in gone {
+                if !removed.iter().any(|x| Arc::ptr_eq(x, &g)) {
+                    removed.push(g);
+                }
+            }
+        }
+        drop(maps);
         if removed.is_empty() {
             return true;
         }
-        let affected = |segments: &[crate::chain::Segment]| {
-            segments
+        let affected = |map: &IotlbMap, segments: &[crate::chain::Segment]| match &keys {
+            Some(keys) => segments
                 .iter()
-                .any(|s| removed.iter().any(|(k, _)| k.overlaps(s.addr, u64::from(s.len))))
+                .any(|s| !map.survives(s.addr, u64::from(s.len), keys)),
+            None => true,
         };
         let busy = self
             .queues
@@ -1338,12 +1382,7 @@ impl Shared {
                 barred = false;
             }
         }
-        let settled = self.settle(
-            removed.into_iter().map(|(_, m)| m).collect(),
-            deadline,
-            started,
-            !barred,
-        );
+        let settled = self.settle(removed, deadline, started, !barred);
         self.janitor.dispose(maps);
         if fenced > 0 {
             log::warn!(
@@ -1604,6 +1643,7 @@ mod tests {
             status: AtomicU8::new(STATUS_DRIVER_OK),
             features: AtomicU64::new(0),
             drain_timeout: drain,
+            answer_budget: ANSWER_BUDGET,
             janitor: Janitor::new("test").unwrap(),
             events: None,
             model: None,
@@ -1639,20 +1679,40 @@ mod tests {
     }
 
     #[test]
-    fn an_iotlb_update_whose_new_map_cannot_be_read_is_refused_and_fences_nothing() {
+    fn an_iotlb_update_whose_new_map_cannot_be_read_takes_all_memory_for_gone() {
         let (c, ticket) = control(Duration::from_millis(100));
         c.source.fail.store(true, Ordering::SeqCst);
         let resp = c.shared.handle_message(&message(uapi::VDUSE_UPDATE_IOTLB, 0));
         assert_eq!(
             answered_ok(resp),
-            Some(false),
-            "refused: the kernel rolls the update back"
+            Some(true),
+            "nothing of ours can touch it any more"
         );
-        assert!(c.shared.queues[0].is_live(ticket), "nothing was fenced");
+        assert!(
+            !c.shared.queues[0].is_live(ticket),
+            "which request lost its memory cannot be told: all of them did (never \"none\")"
+        );
         c.source.fail.store(false, Ordering::SeqCst);
         assert_eq!(
             answered_ok(c.shared.handle_message(&message(uapi::VDUSE_UPDATE_IOTLB, 0))),
             Some(true)
+        );
+    }
+
+    #[test]
+    fn an_update_fences_what_lost_its_memory_even_when_a_serving_thread_reloaded_the_map_first() {
+        let (c, ticket) = control(Duration::from_millis(20));
+        // The driver unmaps the request's memory; before the loop reads the message, a serving thread
+        // (a completion, an IOTLB miss) already loads the new, empty map.
+        c.source.inner.entries.lock().unwrap().clear();
+        c.shared.memory.invalidate();
+        let fresh = c.shared.memory.snapshot();
+        assert_eq!(fresh.regions(), 0);
+        let resp = c.shared.handle_message(&message(uapi::VDUSE_UPDATE_IOTLB, 0));
+        assert_eq!(answered_ok(resp), Some(true));
+        assert!(
+            !c.shared.queues[0].is_live(ticket),
+            "the request still used the removed memory through the map it was popped with"
         );
     }
 

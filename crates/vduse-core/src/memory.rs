@@ -11,10 +11,10 @@
 //!   once. The one exception is a system call that moves data straight into the driver's buffers
 //!   (native reads): it holds [`Pins`] on the mappings it uses, and the message loop waits for them —
 //!   or, at its deadline, [revokes](Mapping::revoke) those mappings — before it answers the kernel.
-//! - [`Mapping::revoke`] replaces a mapping's pages with private anonymous memory in place: late reads
-//!   and writes through old pointers touch memory the device owns, never pages the driver reuses. A
-//!   revocation that fails leaves the mapping *lost*: never reused, never unmapped (its range may hold
-//!   anything by then), and the caller fails closed.
+//! - [`Mapping::revoke`] takes all access away from a mapping in place (`PROT_NONE`): a system call still
+//!   moving data through an old pointer fails (`EFAULT`) at its next page instead of reaching pages the
+//!   driver reuses. The range stays our mapping, so nothing else can be mapped there meanwhile. A
+//!   revocation the kernel refuses is reported, and the mapping is never reused; the caller fails closed.
 //! - [`Memory`] holds the current map. A change marks it stale; whoever serves the queues next reloads
 //!   it, reusing the mappings of entries that did not change. The message loop never mmaps or munmaps.
 
@@ -173,11 +173,11 @@ fn key_of(entry: &vduse_iotlb_entry, file: &File) -> std::io::Result<EntryKey> {
     })
 }
 
-/// A mapping's state: live, revoked (anonymous memory in its place), or lost (a revocation failed
-/// half-way: what the range holds is unknown).
+/// A mapping's state: live, revoked (no access left), or failed (the kernel refused to revoke it: it is
+/// still the driver's memory, and never reused).
 const LIVE: u8 = 0;
 const REVOKED: u8 = 1;
-const LOST: u8 = 2;
+const FAILED: u8 = 2;
 
 /// How much of a mapping one munmap call releases: a large unmap holds the process's mmap lock, and a
 /// revocation waiting for that lock must not wait for gigabytes at once.
@@ -278,14 +278,14 @@ impl Mapping {
         self.len == 0
     }
 
-    /// Revoked or lost: no longer the driver's memory (and never reused for a new map).
+    /// Revoked, or its revocation failed: never reused for a new map.
     pub fn is_revoked(&self) -> bool {
         self.state.load(Ordering::Acquire) != LIVE
     }
 
-    /// A revocation failed part-way: the range may hold anything, so it is never unmapped.
+    /// The kernel refused to revoke it: a system call may still reach the driver's pages through it.
     pub fn is_lost(&self) -> bool {
-        self.state.load(Ordering::Acquire) == LOST
+        self.state.load(Ordering::Acquire) == FAILED
     }
 
     /// Test hook: makes the next [`revoke`](Self::revoke) fail as if the kernel refused it (ENOMEM).
@@ -299,12 +299,13 @@ impl Mapping {
         self.pins.load(Ordering::Acquire) > 0
     }
 
-    /// Replaces the pages in place with private zero-filled memory (same addresses): anyone still holding
-    /// a pointer into the mapping — an I/O in progress — now reads zeroes and writes into memory only this
-    /// process sees. Idempotent. If the kernel refuses, the mapping is *lost* (an error is returned, now
-    /// and on every later call): a failed `MAP_FIXED` may have unmapped the range already, so it is never
-    /// reused or unmapped again. Must not run where the kernel may hold this process's mmap lock while
-    /// waiting on the caller (the VDUSE message loop): see [`Janitor`].
+    /// Takes all access away from the mapping, in place (`PROT_NONE`): a system call still moving data
+    /// through a pointer into it — a native read that outlived its request — fails with `EFAULT` at its
+    /// next page instead of reaching pages the driver reuses. Nothing of ours touches a revoked mapping in
+    /// user space (every copy checks its request's ticket first). Idempotent. If the kernel refuses, the
+    /// mapping is marked failed (an error now and on every later call): it is still the driver's memory
+    /// and never reused. Must not run where the kernel may hold this process's mmap lock while waiting on
+    /// the caller (the VDUSE message loop): see [`Janitor`].
     pub fn revoke(&self) -> std::io::Result<()> {
         match self
             .state
@@ -312,58 +313,32 @@ impl Mapping {
         {
             Ok(_) => {}
             Err(REVOKED) => return Ok(()),
-            Err(_) => {
-                return Err(std::io::Error::other(
-                    "the mapping was lost by a failed revocation",
-                ))
-            }
+            Err(_) => return Err(std::io::Error::other("revoking this mapping failed before")),
         }
-        let failed = self.fail_revoke.swap(false, Ordering::AcqRel);
-        let addr = if failed {
-            libc::MAP_FAILED
+        let result = if self.fail_revoke.swap(false, Ordering::AcqRel) {
+            Err(std::io::Error::from_raw_os_error(libc::ENOMEM))
         } else {
-            // SAFETY: MAP_FIXED over exactly the range this struct owns: on success the range stays
-            // reserved (unmapped by Drop) so no other mapping can take these addresses meanwhile; on
-            // failure the range is marked lost and never touched again by us.
-            unsafe {
-                libc::mmap(
-                    self.base.cast(),
-                    self.base_len,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
-                    -1,
-                    0,
-                )
+            // SAFETY: mprotect over exactly the range this struct mapped; success or failure, the range
+            // stays this mapping (mprotect never unmaps), so no pointer into it can reach anything else.
+            match unsafe { libc::mprotect(self.base.cast(), self.base_len, libc::PROT_NONE) } {
+                0 => Ok(()),
+                _ => Err(std::io::Error::last_os_error()),
             }
         };
-        if addr == libc::MAP_FAILED {
-            let err = if failed {
-                std::io::Error::from_raw_os_error(libc::ENOMEM)
-            } else {
-                std::io::Error::last_os_error()
-            };
-            self.state.store(LOST, Ordering::Release);
-            return Err(err);
+        if result.is_err() {
+            self.state.store(FAILED, Ordering::Release);
         }
-        Ok(())
+        result
     }
 }
 
 impl Drop for Mapping {
     fn drop(&mut self) {
-        if self.is_lost() {
-            // Whatever is at these addresses now is not ours to unmap: leak the range instead.
-            log::error!(
-                "leaving {} bytes of address space unmapped by us after a failed revocation",
-                self.base_len
-            );
-            return;
-        }
         let mut at = 0;
         while at < self.base_len {
             let n = UNMAP_STEP.min(self.base_len - at);
-            // SAFETY: `[base + at, base + at + n)` lies in the range a successful mmap (or revocation)
-            // gave this struct, which nothing else unmaps.
+            // SAFETY: `[base + at, base + at + n)` lies in the range a successful mmap gave this struct,
+            // which nothing else unmaps (revocation changes its protection only).
             unsafe { libc::munmap(self.base.add(at).cast(), n) };
             at += n;
         }
@@ -557,6 +532,36 @@ impl IotlbMap {
             at = r.key.last + 1;
         }
         Some(at)
+    }
+
+    /// Whether every byte of `[addr, addr+len)` lies in entries of this map that are still in `keys` (the
+    /// kernel's entries after an update, in IOVA order): a buffer for which this is false lost (part of)
+    /// its memory, or had it replaced by other pages.
+    pub fn survives(&self, addr: u64, len: u64, keys: &[EntryKey]) -> bool {
+        if len == 0 {
+            return true;
+        }
+        let Some(last) = addr.checked_add(len - 1) else {
+            return false;
+        };
+        let mut at = addr;
+        let start = self.regions.partition_point(|r| r.key.last < at);
+        for r in &self.regions[start..] {
+            if r.key.first > at {
+                return false;
+            }
+            let kept = keys
+                .binary_search_by_key(&r.key.first, |k| k.first)
+                .is_ok_and(|i| keys[i] == r.key);
+            if !kept {
+                return false;
+            }
+            if r.key.last >= last {
+                return true;
+            }
+            at = r.key.last + 1;
+        }
+        false
     }
 
     /// Whether some entry covers `addr` at all (regardless of permission).
@@ -1050,41 +1055,58 @@ mod tests {
         assert!(wait_unpinned(&map.mappings(), Instant::now()));
     }
 
+    /// A late native read: a system call writing `0x5a` through `ptr`. Its result: bytes or an errno.
+    fn late_read(ptr: *mut u8, len: usize) -> Result<usize, i32> {
+        // SAFETY: memfd_create with a static name; the fd is ours and closed below.
+        let fd = unsafe { libc::memfd_create(c"late".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        let data = vec![0x5au8; len];
+        // SAFETY: writing our own buffer into our memfd.
+        let written = unsafe { libc::pwrite(fd, data.as_ptr().cast(), len, 0) };
+        assert_eq!(written, len as isize);
+        // SAFETY: the kernel checks the destination; a revoked range makes it fail with EFAULT.
+        let n = unsafe { libc::pread(fd, ptr.cast(), len, 0) };
+        let err = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+        // SAFETY: our fd.
+        unsafe { libc::close(fd) };
+        if n < 0 {
+            Err(err)
+        } else {
+            Ok(n as usize)
+        }
+    }
+
     #[test]
-    fn a_revoked_mapping_keeps_its_addresses_but_not_its_contents() {
+    fn a_revoked_mapping_turns_away_late_system_calls_and_keeps_its_range() {
         let map = map(&[(0x0, 0x2000, uapi::VDUSE_ACCESS_RW)]);
         map.write_slice(&[7u8; 64], GuestAddress(0x100)).unwrap();
         let mut pins = Pins::new();
         assert!(map.host_ranges_pinned(0x100, 64, Access::Write, &mut pins));
-        let ptrs = pins.ranges().to_vec();
+        let ptr = pins.ranges()[0].0;
+        assert_eq!(late_read(ptr, 64), Ok(64), "live: the read lands");
         for m in map.mappings() {
             m.revoke().unwrap();
             m.revoke().unwrap();
         }
-        // A late writer holding the old pointer writes somewhere harmless and readable.
-        // SAFETY: the pointer is inside the (now anonymous) mapping, which `map` keeps reserved.
-        unsafe { std::ptr::write_volatile(ptrs[0].0, 9) };
-        let mut back = [0u8; 2];
-        map.read_slice(&mut back, GuestAddress(0x100)).unwrap();
         assert_eq!(
-            back,
-            [9, 0],
-            "the old contents are gone; the late write landed in private memory"
+            late_read(ptr, 64),
+            Err(libc::EFAULT),
+            "revoked: the late read fails instead of reaching the pages"
         );
+        assert!(map.mappings()[0].is_revoked());
     }
 
     #[test]
-    fn a_failed_revocation_loses_the_mapping_for_good() {
+    fn a_failed_revocation_is_reported_for_good_and_the_mapping_never_reused() {
         let first = map(&[(0x0, 0x2000, uapi::VDUSE_ACCESS_RW)]);
         let m = first.mappings()[0].clone();
         m.fail_next_revoke();
         assert!(m.revoke().is_err(), "the kernel refused");
-        assert!(m.is_lost() && m.is_revoked());
+        assert!(m.is_lost() && m.is_revoked(), "never reused for a new map");
         assert!(
             m.revoke().is_err(),
-            "a lost mapping stays lost: a retry must not claim it is revoked"
+            "a failed mapping stays failed: a retry must not claim it is revoked"
         );
-        // Dropping it leaks the range instead of unmapping whatever now lives there.
         drop(m);
         drop(first);
     }

@@ -334,6 +334,12 @@ struct Slot {
 }
 
 impl Slot {
+    /// What `affected` says of this request's buffers and the map it was popped with (a request without a
+    /// map is taken as affected).
+    fn affected(&self, affected: &impl Fn(&IotlbMap, &[Segment]) -> bool) -> bool {
+        self.map.as_deref().is_none_or(|m| affected(m, &self.segments))
+    }
+
     /// The slot of `ticket` while that very request is in flight and owned by native I/O (`native`) or
     /// not; `None` for a completed, fenced or reused slot.
     fn of(slots: &[Slot], ticket: Ticket, native: bool) -> Option<&Slot> {
@@ -438,6 +444,8 @@ impl Done {
 /// How many times a pop or publish tries for a current map while it keeps changing under its feet (each
 /// try reloads it) before it gives up: a pop then tries again later, a publish breaks the queue.
 const FRESH_MAP_TRIES: usize = 64;
+/// How long a publish keeps trying past `FRESH_MAP_TRIES` before it breaks the queue.
+const FRESH_MAP_PATIENCE: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// A virtqueue shared by whoever serves it (a worker thread or the JavaScript thread), whoever completes
 /// its requests (any thread), and the message loop (which arms, fences and stops it).
@@ -686,10 +694,14 @@ impl Virtqueue {
         (n, maps)
     }
 
-    /// Fences the requests `affected` selects (their buffers are going away) and returns how many.
-    pub fn fence_where(&self, affected: impl Fn(&[Segment]) -> bool) -> (usize, Vec<Arc<IotlbMap>>) {
+    /// Fences the requests `affected` selects (their buffers are going away) and returns how many. The
+    /// predicate gets each request's buffers and the map they were popped with.
+    pub fn fence_where(
+        &self,
+        affected: impl Fn(&IotlbMap, &[Segment]) -> bool,
+    ) -> (usize, Vec<Arc<IotlbMap>>) {
         let mut r = self.ring.lock();
-        let (n, maps) = self.fence_locked(&mut r, true, |s| affected(&s.segments));
+        let (n, maps) = self.fence_locked(&mut r, true, |s| s.affected(&affected));
         // Freed slots: a round that stopped on a full ring can go on.
         let wake = n > 0 && std::mem::take(&mut r.full);
         drop(r);
@@ -707,15 +719,18 @@ impl Virtqueue {
     ///
     /// Called by the message loop during an IOTLB update: it publishes through the map as it was (no
     /// reload: the loop must never mmap while the kernel waits), whose mappings stay valid until revoked.
-    pub fn give_back_where(&self, affected: impl Fn(&[Segment]) -> bool) -> (usize, Vec<Arc<IotlbMap>>) {
+    pub fn give_back_where(
+        &self,
+        affected: impl Fn(&IotlbMap, &[Segment]) -> bool,
+    ) -> (usize, Vec<Arc<IotlbMap>>) {
         let map = self.memory.peek();
         let mut r = self.ring.lock();
         // Native I/O owns its requests: those are fenced, as on any other queue.
-        let (_, mut old_maps) = self.fence_locked(&mut r, true, |s| s.native && affected(&s.segments));
+        let (_, mut old_maps) = self.fence_locked(&mut r, true, |s| s.native && s.affected(&affected));
         let mut n = 0;
         for i in 0..r.slots.len() {
             let s = &r.slots[i];
-            if !s.live || s.native || !affected(&s.segments) {
+            if !s.live || s.native || !s.affected(&affected) {
                 continue;
             }
             let ticket = Ticket::new(self.index, i as u16, s.gen);
@@ -739,9 +754,22 @@ impl Virtqueue {
     }
 
     /// How many in-flight requests `affected` selects.
-    pub fn count_where(&self, affected: impl Fn(&[Segment]) -> bool) -> usize {
+    pub fn count_where(&self, affected: impl Fn(&IotlbMap, &[Segment]) -> bool) -> usize {
         let r = self.ring.lock();
-        r.slots.iter().filter(|s| s.live && affected(&s.segments)).count()
+        r.slots.iter().filter(|s| s.live && s.affected(&affected)).count()
+    }
+
+    /// The distinct maps requests in flight were popped with: memory they may still reach, whatever the
+    /// current map says (a serving thread may have loaded a newer one already).
+    pub fn maps_in_use(&self) -> Vec<Arc<IotlbMap>> {
+        let r = self.ring.lock();
+        let mut maps: Vec<Arc<IotlbMap>> = Vec::new();
+        for m in r.slots.iter().filter(|s| s.live).filter_map(|s| s.map.as_ref()) {
+            if !maps.iter().any(|x| Arc::ptr_eq(x, m)) {
+                maps.push(m.clone());
+            }
+        }
+        maps
     }
 
     /// Fences the slots `pick` selects. `end`: they are gone for good (the log forgets them); else the
@@ -1302,17 +1330,25 @@ impl Virtqueue {
     /// rings are touched through. `None` if none could be had (the reload keeps failing, or the map keeps
     /// changing under our feet): then the caller must not touch the rings, and the queue is broken.
     fn lock_fresh(&self) -> (parking_lot::MutexGuard<'_, Ring>, Option<Arc<IotlbMap>>) {
-        for _ in 0..FRESH_MAP_TRIES {
+        // A map that keeps changing (updates in a burst) is waited out for a while; a reload that fails
+        // is not.
+        let give_up = Instant::now() + FRESH_MAP_PATIENCE;
+        let mut tries = 0;
+        loop {
             let map = self.memory.snapshot();
             let guard = self.ring.lock();
             if self.memory.is_current(&map) {
                 return (guard, Some(map));
             }
-            if self.memory.reload_failing() {
+            tries += 1;
+            if self.memory.reload_failing() || (tries >= FRESH_MAP_TRIES && Instant::now() >= give_up) {
                 return (guard, None);
             }
+            drop(guard);
+            if tries >= FRESH_MAP_TRIES {
+                std::thread::yield_now();
+            }
         }
-        (self.ring.lock(), None)
     }
 
     /// The current map for a publish, or — failing that — a broken ring (fail closed: nothing is written

@@ -272,3 +272,18 @@ pub fn used(ring: &DriverRing, from: u16) -> Vec<(u32, u32)> {
     }
     out
 }
+
+/// A late native read: a system call writing `len` bytes of `byte` through `ptr` (what a zero-copy
+/// backend does when its read outlives its request). Bytes written, or the errno: `EFAULT` when the
+/// memory was revoked.
+pub fn late_read(ptr: *mut u8, len: usize, byte: u8) -> Result<usize, i32> {
+    let src = memfd(len as u64);
+    std::os::unix::fs::FileExt::write_all_at(src.as_ref(), &vec![byte; len], 0).unwrap();
+    // SAFETY: the kernel checks the destination range: a revoked (PROT_NONE) one fails with EFAULT.
+    let n = unsafe { libc::pread(std::os::fd::AsRawFd::as_raw_fd(src.as_ref()), ptr.cast(), len, 0) };
+    if n < 0 {
+        Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+    } else {
+        Ok(n as usize)
+    }
+}

@@ -57,15 +57,14 @@ impl StallAt {
         self.held.lock().unwrap().len()
     }
 
-    /// The late backend: writes 0x5a into every held buffer through its old pointers, then unpins and
-    /// completes.
+    /// The late backend: reads 0x5a into every held buffer through its old pointers (a native read that
+    /// outlived its request: its system call fails on revoked memory), then unpins and completes.
     fn release_late(&self) -> Vec<Completion> {
         let held = std::mem::take(&mut *self.held.lock().unwrap());
         held.into_iter()
             .map(|mut h| {
                 for &(p, n) in &h.ptrs {
-                    // SAFETY: inside a mapping the pins keep alive (revoked or not).
-                    unsafe { std::ptr::write_bytes(p, 0x5a, n) };
+                    let _ = vduse_core::rig::late_read(p, n, 0x5a);
                 }
                 h.pins.release();
                 let c = h.completer.complete(h.ticket, 4097, Some(VIRTIO_BLK_S_OK));

@@ -452,30 +452,6 @@ pub fn create_device(
     })
 }
 
-pub struct IoQuiet {
-    io: Option<Arc<IoPool>>,
-    range: Option<(i32, u64, u64)>,
-    timeout: std::time::Duration,
-}
-
-impl napi::Task for IoQuiet {
-    type Output = bool;
-    type JsValue = bool;
-
-    fn compute(&mut self) -> napi::Result<bool> {
-        let Some(io) = &self.io else { return Ok(true) };
-        let deadline = std::time::Instant::now() + self.timeout;
-        Ok(match self.range {
-            Some((fd, start, end)) => io.quiet_range(fd, start, end, deadline),
-            None => io.quiet(deadline),
-        })
-    }
-
-    fn resolve(&mut self, _env: Env, quiet: bool) -> napi::Result<bool> {
-        Ok(quiet)
-    }
-}
-
 /// Frames a natively served NIC moved between the driver and its tap.
 #[napi(object)]
 pub struct TapCounters {
@@ -564,26 +540,21 @@ impl BindingDevice {
         self.serving.write(&env, ticket, offset, src, at, length)
     }
 
-    /// Resolves once native block I/O has nothing queued or running (true), or after `timeoutMs` (false:
-    /// something — possibly a fenced write still in its system call — is still running).
-    #[napi(ts_return_type = "Promise<boolean>")]
-    pub fn io_quiet(&self, timeout_ms: u32) -> AsyncTask<IoQuiet> {
-        AsyncTask::new(IoQuiet {
-            io: self.io.clone(),
-            range: None,
-            timeout: std::time::Duration::from_millis(u64::from(timeout_ms)),
-        })
+    /// Whether native block I/O has nothing queued, waiting or running right now. (Callers poll: a wait
+    /// here would hold a thread of libuv's pool, which file and crypto calls share.)
+    #[napi]
+    pub fn io_is_quiet(&self) -> bool {
+        self.io.as_ref().is_none_or(|io| io.is_quiet())
     }
 
-    /// Like `ioQuiet`, for transfers on bytes `[offset, offset+length)` of `fd` only.
-    #[napi(ts_return_type = "Promise<boolean>")]
-    pub fn io_quiet_range(&self, fd: i32, offset: f64, length: f64, timeout_ms: u32) -> AsyncTask<IoQuiet> {
+    /// Whether no native transfer overlaps bytes `[offset, offset+length)` of `fd` right now.
+    #[napi]
+    pub fn io_range_is_quiet(&self, fd: i32, offset: f64, length: f64) -> bool {
         let start = offset.max(0.0) as u64;
-        AsyncTask::new(IoQuiet {
-            io: self.io.clone(),
-            range: Some((fd, start, start.saturating_add(length.max(0.0) as u64))),
-            timeout: std::time::Duration::from_millis(u64::from(timeout_ms)),
-        })
+        let end = start.saturating_add(length.max(0.0) as u64);
+        self.io
+            .as_ref()
+            .is_none_or(|io| io.range_is_quiet(fd, start, end))
     }
 
     /// Native transfers still running for requests that are no longer in flight (fenced writes whose

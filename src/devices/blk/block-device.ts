@@ -300,10 +300,11 @@ export class BlockDevice extends VirtioDevice {
   #waiting: Waiting[] = []
   /** Requests held back by a ghost on their bytes, or while a handover is decided (bounded likewise). */
   #held: Waiting[] = []
-  /** A handover is being decided: nothing new starts (see `quiesce`). */
-  #pausing = false
-  /** Online resizes, one at a time. */
+  /** Holds on starting anything new (a handover being decided, a shrink under way): nothing starts while > 0. */
+  #pauses = 0
+  /** Online resizes, one at a time, and how many are queued or running. */
   #resizing: Promise<void> = Promise.resolve()
+  #resizes = 0
   /** `shutdown` ran: nothing new reaches the backend (a released device's requests are the successor's). */
   #stopped = false
   /** Every write asks for FUA (the backend declared `fua` but cannot flush). */
@@ -459,15 +460,28 @@ export class BlockDevice extends VirtioDevice {
   /**
    * Online resize: grows or shrinks the backend, updates the capacity in the config space and raises a
    * config interrupt, so the driver sees the new size. Resizes run one at a time. A shrink first refuses
-   * requests past the new end, then waits (up to the drain timeout) for backend calls and native I/O that
-   * still write there — a late write must not extend the storage again — and fails with ERR_VDUSE_TIMEOUT,
-   * changing nothing, if they do not finish.
+   * requests past the new end, holds new requests back, and waits (up to the drain timeout) until no
+   * backend call writes past the new end and native I/O is idle — a late write must not extend the storage
+   * again — then shrinks the storage; if they do not end in time it fails with ERR_VDUSE_TIMEOUT and
+   * changes nothing. A close or handover waits for a resize under way.
    */
   resize(size: number): Promise<void> {
     const run = (): Promise<void> => this.#resize(size)
-    const next = this.#resizing.then(run, run)
+    this.#resizes++
+    const next = this.#resizing.then(run, run).finally(() => this.#resizes--)
     this.#resizing = next.catch(() => {})
     return next
+  }
+
+  /** Nothing new starts until `#unpause` (pauses nest: a handover and a shrink may overlap). */
+  #pause(): void {
+    this.#pauses++
+  }
+
+  #unpause(): void {
+    if (--this.#pauses > 0) return
+    this.#releaseHeld()
+    this.#pump()
   }
 
   async #resize(size: number): Promise<void> {
@@ -481,39 +495,44 @@ export class BlockDevice extends VirtioDevice {
       throw new VduseError('this backend cannot be resized', { code: 'ERR_VDUSE_INVALID_CONFIG' })
     }
     const old = this.#bytes
-    if (size < old) {
-      // From here on requests past the new end are refused; those already under way there must end
-      // before the storage shrinks.
-      this.#bytes = size
-      const deadline = Date.now() + this.drainTimeoutMs
-      const beyond = (): boolean => [...this.#writers].some((p) => p.end > size)
-      while (beyond() && Date.now() < deadline) await sleep(5)
-      let quiet = !beyond()
-      if (quiet && this.#nativeFd !== undefined && this.source.ioQuietRange) {
-        quiet = await this.source.ioQuietRange(
-          this.#nativeFd,
-          size,
-          old - size,
-          Math.max(0, deadline - Date.now()),
-        )
-      }
-      if (!quiet) {
-        this.#bytes = old
-        throw new VduseError(
-          `cannot shrink ${this.name}: writes past ${size} bytes are still running after ${this.drainTimeoutMs} ms`,
-          { code: 'ERR_VDUSE_TIMEOUT', hint: 'nothing was changed; try again once the backend answers' },
-        )
-      }
-    }
-    try {
+    if (size >= old) {
       await this.backend.resize(size)
-    } catch (err) {
-      this.#bytes = old
-      throw err
+      this.#bytes = size
+    } else {
+      // From here on requests past the new end are refused, and nothing new starts until the storage
+      // has shrunk: what still writes past the new end must end first.
+      this.#bytes = size
+      this.#pause()
+      try {
+        this.completions.flushIo()
+        const deadline = Date.now() + this.drainTimeoutMs
+        const busy = (): boolean =>
+          [...this.#writers].some((p) => p.end > size) ||
+          (this.#nativeFd !== undefined && this.source.ioQuiet?.() === false)
+        while (busy() && Date.now() < deadline) await sleep(5)
+        if (busy()) {
+          throw new VduseError(
+            `cannot shrink ${this.name}: writes past ${size} bytes are still running after ${this.drainTimeoutMs} ms`,
+            { code: 'ERR_VDUSE_TIMEOUT', hint: 'nothing was changed; try again once the backend answers' },
+          )
+        }
+        this.assertOpen()
+        await this.backend.resize(size)
+      } catch (err) {
+        this.#bytes = old
+        throw err
+      } finally {
+        this.#unpause()
+      }
     }
-    this.#bytes = size
     const { offset, data } = BLK_CONFIG.encodeField('capacity', BigInt(size / SECTOR))
     this.updateConfig(offset, data)
+  }
+
+  /** Waits for resizes queued or under way (up to `deadline`); false if one still runs. */
+  async #resizesDone(deadline: number): Promise<boolean> {
+    while (this.#resizes > 0 && Date.now() < deadline) await sleep(5)
+    return this.#resizes === 0
   }
 
   protected inFlight(): number {
@@ -529,28 +548,30 @@ export class BlockDevice extends VirtioDevice {
    * happen (`resume` undoes the pause).
    */
   protected override async quiesce(deadline: number): Promise<boolean> {
-    this.#pausing = true
+    this.#pause()
+    // A resize under way finishes first.
+    if (!(await this.#resizesDone(deadline))) return false
     // Native operations decided before the pause go to the pool now, to be waited for below.
     this.completions.flushIo()
-    while (this.#running > 0) {
+    const busy = (): boolean =>
+      this.#running > 0 || (this.#nativeFd !== undefined && this.source.ioQuiet?.() === false)
+    while (busy()) {
       if (Date.now() >= deadline) return false
       await sleep(5)
-    }
-    if (this.#nativeFd !== undefined && this.source.ioQuiet) {
-      return await this.source.ioQuiet(Math.max(0, deadline - Date.now()))
     }
     return true
   }
 
   protected override resume(): void {
-    this.#pausing = false
-    this.#releaseHeld()
-    this.#pump()
+    this.#unpause()
   }
 
   /** The final flush (bounded: `requestTimeoutMs`, or 30 s when requests have no limit). */
   protected async shutdown(): Promise<void> {
     if (this.#sweeper) clearInterval(this.#sweeper)
+    // A resize under way gets the drain timeout to finish (it sees the device closing and gives up where
+    // it still can); the storage is flushed after it.
+    await this.#resizesDone(Date.now() + this.drainTimeoutMs)
     // Requests still waiting never start: after a close their tickets are dead, after a release they are
     // the successor's to serve. Nothing may reach the backend after its final flush.
     this.#stopped = true
@@ -750,17 +771,22 @@ export class BlockDevice extends VirtioDevice {
   async #afterNativeGhosts(fd: number | undefined, offset: number, length: number): Promise<void> {
     if (fd === undefined || !this.source.ioGhosts || this.source.ioGhosts() === 0) return
     const wait = this.#timeoutMs || this.drainTimeoutMs
-    if (!(await this.source.ioQuietRange!(fd, offset, length, wait))) {
-      throw new VduseError(`native writes to these bytes are still running after ${wait} ms`, {
-        code: 'ERR_VDUSE_TIMEOUT',
-      })
+    const deadline = Date.now() + wait
+    while (!this.source.ioRangeQuiet!(fd, offset, length)) {
+      if (Date.now() >= deadline) {
+        throw new VduseError(`native writes to these bytes are still running after ${wait} ms`, {
+          code: 'ERR_VDUSE_TIMEOUT',
+        })
+      }
+      await sleep(5)
     }
   }
 
   /** Hands a request to native I/O — unless a ghost runs on its bytes or a handover is being decided. */
   #native(ticket: number, kind: number, position: number, skip: number, start: number, end: number): void {
     if (this.#stopped) return // shutting down: left in flight
-    if (this.#pausing || this.#ghostOverlaps(start, end)) {
+    if (end > this.#bytes) return this.#finish(ticket, BLK_STATUS.IOERR, 0) // the device shrank meanwhile
+    if (this.#pauses > 0 || this.#ghostOverlaps(start, end)) {
       const deadline = this.#timeoutMs > 0 ? Date.now() + this.#timeoutMs : Infinity
       this.#held.push({
         ticket,
@@ -806,7 +832,7 @@ export class BlockDevice extends VirtioDevice {
     end: number,
   ): void {
     if (this.#stopped) return // shutting down: left in flight (see shutdown)
-    const held = this.#pausing || this.#ghostOverlaps(start, end)
+    const held = this.#pauses > 0 || this.#ghostOverlaps(start, end)
     if (held || this.#running >= this.#maxInFlight) {
       const deadline = this.#timeoutMs > 0 ? Date.now() + this.#timeoutMs : Infinity
       const w: Waiting = {
@@ -853,7 +879,7 @@ export class BlockDevice extends VirtioDevice {
     const now = Date.now()
     while (
       !this.#stopped &&
-      !this.#pausing &&
+      this.#pauses === 0 &&
       this.#waiting.length > 0 &&
       this.#running < this.#maxInFlight
     ) {
@@ -868,7 +894,7 @@ export class BlockDevice extends VirtioDevice {
 
   /** A ghost returned, or a handover was called off: held requests go their normal way again. */
   #releaseHeld(): void {
-    if (this.#held.length === 0 || this.#stopped || this.#pausing) return
+    if (this.#held.length === 0 || this.#stopped || this.#pauses > 0) return
     const now = Date.now()
     const held = this.#held
     this.#held = []
@@ -876,7 +902,10 @@ export class BlockDevice extends VirtioDevice {
       if (!this.isLive(w.ticket)) this.#recycle(w.io)
       else if (w.deadline <= now) this.#timeOutWaiting(w)
       else if (this.#ghostOverlaps(w.start, w.end)) this.#held.push(w)
-      else if (w.op === OP_NATIVE)
+      else if (w.end > this.#bytes) {
+        this.#recycle(w.io)
+        this.#finish(w.ticket, BLK_STATUS.IOERR, 0) // the device shrank meanwhile
+      } else if (w.op === OP_NATIVE)
         this.completions.submitIo(w.ticket, this.#nativeFd!, w.kind, w.position, w.skip)
       else if (this.#running >= this.#maxInFlight) this.#waiting.push(w)
       else this.#call(w.ticket, w.op, w.call, w.used, w.io, w.cancel, w.deadline, w.start, w.end)
