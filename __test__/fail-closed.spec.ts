@@ -6,12 +6,11 @@
 import test from 'ava'
 import { getEventListeners } from 'node:events'
 
-import type { BindingLoopback } from '../index'
 import { BlockDevice, InProcessTransport, VirtioDevice, type BlockBackend, type BlockIo } from '../src'
-import { binding } from '../src/transport/binding'
 import type { RequestBatch } from '../src/transport/batch'
 import type { Transport } from '../src/transport/source'
 import { BlkDriver, header, T } from './helpers/blk-driver'
+import { loopbackTransport } from './helpers/loopback'
 
 const S = { OK: 0, IOERR: 1 }
 let n = 0
@@ -286,27 +285,8 @@ test('item 16: a shrink whose writes past the new end do not finish is refused a
 })
 
 test('item 11: the native copies refuse views of a SharedArrayBuffer', async (t) => {
-  let lb: BindingLoopback | undefined
   const seen: Array<string | undefined> = []
-  const transport: Transport = {
-    open(_init, arrays, onBatch) {
-      lb = binding.createLoopback(16, arrays, onBatch, null)
-      const created = lb
-      return {
-        read: (tk, o, dst, at, len) => created.read(tk, o, dst, at, len),
-        write: (tk, o, src, at, len) => created.write(tk, o, src, at, len),
-        flush: () => created.flush(),
-        isLive: (tk) => created.isLive(tk),
-        updateConfig: () => {},
-        status: () => 4,
-        negotiatedFeatures: () => 0n,
-        counters: () => created.counters(),
-        statePath: () => null,
-        recovered: false,
-        close: async () => created.close(),
-      }
-    },
-  }
+  const { transport, loopback } = loopbackTransport(16)
   class Probe extends VirtioDevice {
     protected handleRequest(batch: RequestBatch, i: number): void {
       const ticket = batch.ticket(i)
@@ -339,7 +319,7 @@ test('item 11: the native copies refuse views of a SharedArrayBuffer', async (t)
     maxSegments: 3,
   })
   device.unref()
-  await lb!.run(1, 1)
+  await loopback().run(1, 1)
   t.deepEqual(seen, ['ERR_VDUSE_INVALID_ARGUMENT', 'ERR_VDUSE_INVALID_ARGUMENT'])
   await device.close()
 })

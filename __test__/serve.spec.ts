@@ -3,36 +3,16 @@
 import test from 'ava'
 
 import type { BindingLoopback, LoopbackReport } from '../index'
-import { binding } from '../src/transport/binding'
 import type { RequestBatch } from '../src/transport/batch'
-import type { Transport } from '../src/transport/source'
 import { VirtioDevice } from '../src/virtio/device'
+import { loopbackTransport } from './helpers/loopback'
 
 class LoopbackDevice extends VirtioDevice {
   loopback!: BindingLoopback
   /** How long the model works on each request (busy), so that a wake-up has a known least cost. */
   workNs = 0n
   static create(pollUs: 0 | 'auto'): LoopbackDevice {
-    let lb: BindingLoopback | undefined
-    const transport: Transport = {
-      open(init, arrays, onBatch) {
-        const created = binding.createLoopback(256, arrays, onBatch, init.pollAuto ?? null)
-        lb = created
-        return {
-          read: (t, o, dst, at, n) => created.read(t, o, dst, at, n),
-          write: (t, o, src, at, n) => created.write(t, o, src, at, n),
-          flush: () => created.flush(),
-          isLive: (t) => created.isLive(t),
-          updateConfig: () => {},
-          status: () => 4,
-          negotiatedFeatures: () => 0n,
-          counters: () => created.counters(),
-          statePath: () => null,
-          recovered: false,
-          close: async () => created.close(),
-        }
-      },
-    }
+    const { transport, loopback } = loopbackTransport(256)
     const d = new LoopbackDevice({ name: 'loopback', transport, pollUs })
     d.open({
       deviceId: 2,
@@ -42,7 +22,7 @@ class LoopbackDevice extends VirtioDevice {
       queueSize: 256,
       maxSegments: 3,
     })
-    d.loopback = lb!
+    d.loopback = loopback()
     return d
   }
   protected handleRequest(batch: RequestBatch, i: number): void {

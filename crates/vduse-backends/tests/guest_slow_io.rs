@@ -19,6 +19,7 @@ use vduse_core::ram_blk::{
 use vduse_core::{DeviceOptions, Serving, VduseDevice};
 use vhost::vdpa::VhostVdpa;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::desc::RawDescriptor;
 use vm_memory::{Bytes, GuestAddress};
 
 #[path = "../../vduse-core/tests/common/mod.rs"]
@@ -173,36 +174,23 @@ fn driver(node: &str) -> VdpaDriver {
 }
 
 /// A read of `len` bytes at `sector` into `data`, as head `h` (descriptors 3h..3h+2).
-fn read(
-    d: &VdpaDriver,
-    h: u16,
-    data: u64,
-    len: u32,
-    sector: u64,
-) -> Vec<(u16, virtio_queue::desc::RawDescriptor)> {
-    let b = BASE + 0x20_0000 + 0x100 * u64::from(h);
-    d.header(b, VIRTIO_BLK_T_IN, sector);
-    let i = 3 * h;
-    vec![
-        (i, desc(b, 16, N, i + 1)),
-        (i + 1, desc(data, len, W | N, i + 2)),
-        (i + 2, desc(b + 0x80, 1, W, 0)),
-    ]
+fn read(d: &VdpaDriver, h: u16, data: u64, len: u32, sector: u64) -> Vec<(u16, RawDescriptor)> {
+    request(d, h, VIRTIO_BLK_T_IN, data, len, sector)
 }
 
-fn write(
-    d: &VdpaDriver,
-    h: u16,
-    data: u64,
-    len: u32,
-    sector: u64,
-) -> Vec<(u16, virtio_queue::desc::RawDescriptor)> {
+/// A write of `len` bytes at `data` to `sector`, as head `h`.
+fn write(d: &VdpaDriver, h: u16, data: u64, len: u32, sector: u64) -> Vec<(u16, RawDescriptor)> {
+    request(d, h, VIRTIO_BLK_T_OUT, data, len, sector)
+}
+
+fn request(d: &VdpaDriver, h: u16, kind: u32, data: u64, len: u32, sector: u64) -> Vec<(u16, RawDescriptor)> {
     let b = BASE + 0x20_0000 + 0x100 * u64::from(h);
-    d.header(b, VIRTIO_BLK_T_OUT, sector);
+    d.header(b, kind, sector);
+    let data_flags = if kind == VIRTIO_BLK_T_IN { W | N } else { N };
     let i = 3 * h;
     vec![
         (i, desc(b, 16, N, i + 1)),
-        (i + 1, desc(data, len, N, i + 2)),
+        (i + 1, desc(data, len, data_flags, i + 2)),
         (i + 2, desc(b + 0x80, 1, W, 0)),
     ]
 }

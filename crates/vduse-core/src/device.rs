@@ -1664,6 +1664,17 @@ mod tests {
         )
     }
 
+    /// Native I/O takes the request over and pins its data buffer: a zero-copy read in its system call.
+    fn native_read(q: &Virtqueue, ticket: crate::queue::Ticket) -> Pins {
+        q.begin_native(ticket).unwrap();
+        let mut pins = Pins::new();
+        assert_eq!(
+            q.pin(ticket, Owner::Native, Part::Writable, 0, 4096, &mut pins),
+            Ok(true)
+        );
+        pins
+    }
+
     fn message(type_: u32, status: u8) -> vduse_dev_request {
         let mut req = vduse_dev_request {
             type_,
@@ -1720,12 +1731,7 @@ mod tests {
     fn memory_a_native_read_still_uses_is_revoked_before_the_answer() {
         let (c, ticket) = control(Duration::from_millis(50));
         let q = c.shared.queues[0].clone();
-        q.begin_native(ticket).unwrap();
-        let mut pins = Pins::new();
-        assert_eq!(
-            q.pin(ticket, Owner::Native, Part::Writable, 0, 4096, &mut pins),
-            Ok(true)
-        );
+        let mut pins = native_read(&q, ticket);
         // The driver unmaps the buffer's memory while the read is in its system call.
         c.source.inner.entries.lock().unwrap().clear();
         let started = Instant::now();
@@ -1750,10 +1756,7 @@ mod tests {
         // An IOTLB update: refused.
         let (c, ticket) = control(Duration::from_millis(20));
         let q = c.shared.queues[0].clone();
-        q.begin_native(ticket).unwrap();
-        let mut pins = Pins::new();
-        q.pin(ticket, Owner::Native, Part::Writable, 0, 4096, &mut pins)
-            .unwrap();
+        let mut pins = native_read(&q, ticket);
         c.rig.map.mappings()[0].fail_next_revoke();
         c.source.inner.entries.lock().unwrap().clear();
         let resp = c.shared.handle_message(&message(uapi::VDUSE_UPDATE_IOTLB, 0));
@@ -1763,10 +1766,7 @@ mod tests {
         // A reset — which the kernel carries out whatever the answer — is not answered at all.
         let (c, ticket) = control(Duration::from_millis(20));
         let q = c.shared.queues[0].clone();
-        q.begin_native(ticket).unwrap();
-        let mut pins = Pins::new();
-        q.pin(ticket, Owner::Native, Part::Writable, 0, 4096, &mut pins)
-            .unwrap();
+        let mut pins = native_read(&q, ticket);
         c.rig.map.mappings()[0].fail_next_revoke();
         assert!(
             c.shared

@@ -419,6 +419,18 @@ struct Region {
     mapping: Arc<Mapping>,
 }
 
+/// How a range lies over a map's entries (see `IotlbMap::span`).
+enum Span {
+    Covered,
+    Gap(u64),
+    Refused,
+}
+
+/// Whether `[addr, addr+len)` runs past the end of the address space.
+fn wraps(addr: u64, len: u64) -> bool {
+    len > 0 && addr.checked_add(len - 1).is_none()
+}
+
 /// An immutable snapshot of the IOTLB: regions sorted by IOVA, each with the kernel's permission.
 #[derive(Debug)]
 pub struct IotlbMap {
@@ -516,52 +528,46 @@ impl IotlbMap {
     /// The first address of `[addr, addr+len)` that no entry covers, if any: one binary search, then one
     /// step per entry the range crosses (never per page, whatever the length).
     pub fn first_uncovered(&self, addr: u64, len: u64) -> Option<u64> {
-        if len == 0 {
-            return None;
+        match self.span(addr, len, |_| true) {
+            Span::Gap(at) => Some(at),
+            _ => None,
         }
-        let last = addr.saturating_add(len - 1);
-        let mut at = addr;
-        let start = self.regions.partition_point(|r| r.key.last < at);
-        for r in &self.regions[start..] {
-            if r.key.first > at {
-                return Some(at);
-            }
-            if r.key.last >= last {
-                return None;
-            }
-            at = r.key.last + 1;
-        }
-        Some(at)
     }
 
     /// Whether every byte of `[addr, addr+len)` lies in entries of this map that are still in `keys` (the
     /// kernel's entries after an update, in IOVA order): a buffer for which this is false lost (part of)
     /// its memory, or had it replaced by other pages.
     pub fn survives(&self, addr: u64, len: u64, keys: &[EntryKey]) -> bool {
-        if len == 0 {
-            return true;
-        }
-        let Some(last) = addr.checked_add(len - 1) else {
-            return false;
+        let kept = |r: &Region| {
+            keys.binary_search_by_key(&r.key.first, |k| k.first)
+                .is_ok_and(|i| keys[i] == r.key)
         };
+        !wraps(addr, len) && matches!(self.span(addr, len, kept), Span::Covered)
+    }
+
+    /// Walks the entries `[addr, addr+len)` crosses, in order, asking `ok` of each: `Refused` at the first
+    /// it refuses, `Gap` at the first address no entry covers, `Covered` if every byte lies in entries it
+    /// took. One binary search, then one step per entry crossed — never one per page.
+    fn span(&self, addr: u64, len: u64, mut ok: impl FnMut(&Region) -> bool) -> Span {
+        if len == 0 {
+            return Span::Covered;
+        }
+        let last = addr.saturating_add(len - 1);
         let mut at = addr;
         let start = self.regions.partition_point(|r| r.key.last < at);
         for r in &self.regions[start..] {
             if r.key.first > at {
-                return false;
+                return Span::Gap(at);
             }
-            let kept = keys
-                .binary_search_by_key(&r.key.first, |k| k.first)
-                .is_ok_and(|i| keys[i] == r.key);
-            if !kept {
-                return false;
+            if !ok(r) {
+                return Span::Refused;
             }
             if r.key.last >= last {
-                return true;
+                return Span::Covered;
             }
             at = r.key.last + 1;
         }
-        false
+        Span::Gap(at)
     }
 
     /// Whether some entry covers `addr` at all (regardless of permission).
@@ -581,24 +587,11 @@ impl IotlbMap {
     }
 
     fn allows(&self, addr: u64, len: u64, access: Permissions) -> bool {
-        if len == 0 {
-            return true;
-        }
-        let Some(last) = addr.checked_add(len - 1) else {
-            return false;
-        };
-        let mut at = addr;
-        let start = self.regions.partition_point(|r| r.key.last < at);
-        for r in &self.regions[start..] {
-            if r.key.first > at || !perm_allows(r.key.perm, access) {
-                return false;
-            }
-            if r.key.last >= last {
-                return true;
-            }
-            at = r.key.last + 1;
-        }
-        false
+        !wraps(addr, len)
+            && matches!(
+                self.span(addr, len, |r| perm_allows(r.key.perm, access)),
+                Span::Covered
+            )
     }
 
     /// Host pointers for `[addr, addr+len)`, one per region it crosses, appended to `pins`' ranges with
