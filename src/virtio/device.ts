@@ -522,14 +522,17 @@ export abstract class VirtioDevice<
         ),
       )
     }
+    let flushFailed: Error | undefined
     try {
-      const flushFailed = await this.#settle(false)
+      flushFailed = await this.#settle(false)
       await this.source.release()
-      this.#lastCounters = this.source.counters()
-      if (flushFailed) throw flushFailed
-    } finally {
-      this.#teardown()
+    } catch (err) {
+      // The device was not let go: nothing was handed over, and close() can still stop it.
+      throw retryable(err)
     }
+    this.#lastCounters = this.source.counters()
+    this.#teardown()
+    if (flushFailed) throw flushFailed
   }
 
   /**
