@@ -17,18 +17,9 @@ import {
   type BlockBackend,
   type BlockIo,
 } from '../src'
-import { BlkDriver, range, T } from './helpers/blk-driver'
+import { blkSetup, range, S, T } from './helpers/blk-driver'
 
-const S = { OK: 0, IOERR: 1, UNSUPP: 2 }
-let n = 0
-
-async function setup(backend: BlockBackend, extra: Partial<Parameters<typeof BlockDevice.create>[0]> = {}) {
-  const transport = new InProcessTransport()
-  const device = await BlockDevice.create({ name: `t${n++}`, backend, transport, ...extra })
-  device.unref()
-  transport.start()
-  return { device, transport, driver: new BlkDriver(transport) }
-}
+const setup = blkSetup('t')
 
 test('features follow what the backend can do', async (t) => {
   const mem = await setup(new MemoryBackend(1 << 20))

@@ -17,19 +17,11 @@ import {
   type BlockBackend,
   type BlockIo,
 } from '../src'
-import { BlkDriver, header, range, T } from './helpers/blk-driver'
+import { BlkDriver, blkSetup, header, range, S, T } from './helpers/blk-driver'
 
 const run = promisify(execFile)
-const S = { OK: 0, IOERR: 1, UNSUPP: 2 }
-let n = 0
 
-async function setup(backend: BlockBackend, extra: Partial<Parameters<typeof BlockDevice.create>[0]> = {}) {
-  const transport = new InProcessTransport()
-  const device = await BlockDevice.create({ name: `c${n++}`, backend, transport, ...extra })
-  device.unref()
-  transport.start()
-  return { device, transport, driver: new BlkDriver(transport) }
-}
+const setup = blkSetup('c')
 
 /** A backend whose calls wait until released, recording what was asked. */
 function gatedBackend(extra: Partial<BlockBackend> = {}) {

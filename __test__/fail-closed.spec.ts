@@ -9,20 +9,13 @@ import { getEventListeners } from 'node:events'
 import { BlockDevice, InProcessTransport, VirtioDevice, type BlockBackend, type BlockIo } from '../src'
 import type { RequestBatch } from '../src/transport/batch'
 import type { Transport } from '../src/transport/source'
-import { BlkDriver, header, T } from './helpers/blk-driver'
+import { BlkDriver, blkSetup, header, S, T } from './helpers/blk-driver'
 import { loopbackTransport } from './helpers/loopback'
 
-const S = { OK: 0, IOERR: 1 }
 let n = 0
 const SIZE = 1 << 20
 
-async function setup(backend: BlockBackend, extra: Partial<Parameters<typeof BlockDevice.create>[0]> = {}) {
-  const transport = new InProcessTransport()
-  const device = await BlockDevice.create({ name: `fc${n++}`, backend, transport, ...extra })
-  device.unref()
-  transport.start()
-  return { device, transport, driver: new BlkDriver(transport) }
-}
+const setup = blkSetup('fc')
 
 const tick = (): Promise<void> => new Promise((r) => setImmediate(r))
 async function until(what: string, check: () => boolean, ms = 5000): Promise<void> {

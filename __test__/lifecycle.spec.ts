@@ -3,7 +3,6 @@
 import test from 'ava'
 
 import {
-  BlockDevice,
   InProcessTransport,
   MemoryBackend,
   VirtioDevice,
@@ -11,18 +10,11 @@ import {
   type BlockIo,
   type RequestBatch,
 } from '../src'
-import { BlkDriver, header, T } from './helpers/blk-driver'
+import { blkSetup, header, S, T } from './helpers/blk-driver'
 
-const S = { OK: 0, IOERR: 1 }
 let n = 0
 
-async function setup(backend: BlockBackend, extra: Partial<Parameters<typeof BlockDevice.create>[0]> = {}) {
-  const transport = new InProcessTransport()
-  const device = await BlockDevice.create({ name: `lc${n++}`, backend, transport, ...extra })
-  device.unref()
-  transport.start()
-  return { device, transport, driver: new BlkDriver(transport) }
-}
+const setup = blkSetup('lc')
 
 /** A backend whose reads wait until released; released reads then write 0x5a through every path. */
 function holdingBackend() {

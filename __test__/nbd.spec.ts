@@ -7,10 +7,9 @@ import { createServer, type Socket } from 'node:net'
 import { join } from 'node:path'
 
 import { BlockDevice, InProcessTransport, NbdBackend, parseNbdUri, VduseError } from '../src'
-import { BlkDriver, header, range, T } from './helpers/blk-driver'
+import { BlkDriver, header, range, S, T } from './helpers/blk-driver'
 import { dir, freePort, nbdkit, qemuNbd, socketPath } from './helpers/nbd-server'
 
-const S = { OK: 0, IOERR: 1 }
 let n = 0
 
 function image(size: number, fill?: Buffer): string {

@@ -1,6 +1,7 @@
 import { native, nativeAsync, type VduseError } from './errors'
 import { detach, isAttached } from './transport/attach'
 import { binding } from './transport/binding'
+import { sleep } from './wait'
 import type { StateSummary } from '../index'
 
 /**
@@ -67,8 +68,4 @@ export async function removeStaleDevice(
       if ((err as VduseError).code !== 'ERR_VDUSE_BUSY' || Date.now() > deadline) throw err
     }
   }
-}
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms))
 }

@@ -1,7 +1,26 @@
 // A tiny virtio-blk driver over the in-process transport: builds requests the way Linux does.
-import { InProcessTransport } from '../../src'
+import { BlockDevice, InProcessTransport, type BlockBackend } from '../../src'
 
 export const T = { IN: 0, OUT: 1, FLUSH: 4, GET_ID: 8, DISCARD: 11, WRITE_ZEROES: 13 } as const
+/** virtio-blk status bytes. */
+export const S = { OK: 0, IOERR: 1, UNSUPP: 2 }
+
+type BlockDeviceExtra = Partial<Parameters<typeof BlockDevice.create>[0]>
+
+/**
+ * A `setup(backend, extra)` for one spec: a block device (named `prefix` and a number) over a started
+ * in-process transport, with a driver for it.
+ */
+export function blkSetup(prefix: string) {
+  let n = 0
+  return async (backend: BlockBackend, extra: BlockDeviceExtra = {}) => {
+    const transport = new InProcessTransport()
+    const device = await BlockDevice.create({ name: `${prefix}${n++}`, backend, transport, ...extra })
+    device.unref()
+    transport.start()
+    return { device, transport, driver: new BlkDriver(transport) }
+  }
+}
 
 export function header(type: number, sector: number): Buffer {
   const h = Buffer.alloc(16)

@@ -197,25 +197,23 @@ async function serveBlk(cmd: BlkCommand, emit: Emit): Promise<number> {
     // A handover (an upgrade): stop serving but leave the device where it is, for `--recover`. One that
     // is refused (something of this server could still write after the successor) changes nothing: the
     // device keeps serving and a later SIGUSR2 tries again.
-    let handing: Promise<unknown> | undefined
+    let handing = false
     const handover = (): void => {
       if (stopping || handing) return // a stop, or this very handover, is under way
+      handing = true
       const attempt = (async () => {
         try {
           await device.release()
-        } catch (err) {
-          if (!device.closed) throw err // refused: still serving, the backend stays open
-          await backend.close?.()
-          throw err
+        } finally {
+          // Refused (not closed): still serving, the backend stays open.
+          if (device.closed) await backend.close?.()
         }
-        await backend.close?.()
         emit({ event: 'released', name: cmd.name, stats: device.stats, counters: device.counters() })
         return 0
       })()
-      handing = attempt
       attempt.then(resolve, (err: unknown) => {
         if (device.closed) return reject(err)
-        handing = undefined
+        handing = false
         const e = err as { message?: string; code?: string; hint?: string }
         emit({
           event: 'handover-refused',

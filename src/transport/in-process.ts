@@ -93,7 +93,6 @@ export class InProcessTransport implements Transport {
       close: async () => {
         this.#closed = true
       },
-      releasable: () => true,
       release: async () => {
         // Handed over: requests in flight stay (a successor would serve them); this side serves no more.
         this.#closed = true

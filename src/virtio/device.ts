@@ -7,6 +7,7 @@ import { attach, currentAttachment, detach, isAttached, type AttachDriver } from
 import { BatchArrays, Completions, RequestBatch } from '../transport/batch'
 import { vduseTransport } from '../transport/native'
 import type { DeviceCounters, DeviceEvent, DeviceInit, RequestSource, Transport } from '../transport/source'
+import { waitFor } from '../wait'
 import { STATUS } from './status'
 
 /** Options every device takes. */
@@ -464,11 +465,7 @@ export abstract class VirtioDevice<
    * writes may not be durable: never reported as a success).
    */
   close(): Promise<void> {
-    this.#closing ??= this.#doClose().catch((err: unknown) => {
-      if ((err as { retryable?: boolean }).retryable) this.#closing = undefined
-      throw err
-    })
-    return this.#closing
+    return this.#end(() => this.#doClose())
   }
 
   /**
@@ -484,7 +481,12 @@ export abstract class VirtioDevice<
    *   ERR_VDUSE_BUSY when something of this server was still running (nothing changed).
    */
   release(): Promise<void> {
-    this.#closing ??= this.#doRelease().catch((err: unknown) => {
+    return this.#end(() => this.#doRelease())
+  }
+
+  /** Ends the device once (a close or a handover); an attempt that failed retryably may be made again. */
+  #end(run: () => Promise<void>): Promise<void> {
+    this.#closing ??= run().catch((err: unknown) => {
       if ((err as { retryable?: boolean }).retryable) this.#closing = undefined
       throw err
     })
@@ -541,7 +543,7 @@ export abstract class VirtioDevice<
    */
   async #settle(drain: boolean): Promise<Error | undefined> {
     const deadline = Date.now() + this.drainTimeoutMs
-    while (drain && this.inFlight() > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 5))
+    if (drain) await waitFor(() => this.inFlight() === 0, deadline)
     this.completions.flush()
     let failed: Error | undefined
     try {

@@ -33,13 +33,11 @@ use std::time::Instant;
 use vduse_core::chain::Shape;
 use vduse_core::memory::Pins;
 use vduse_core::queue::{Owner, Part, Ticket, Virtqueue};
+use vduse_core::ram_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 
 pub const OP_READ: u8 = 0;
 pub const OP_WRITE: u8 = 1;
 pub const OP_FLUSH: u8 = 2;
-
-const STATUS_OK: u8 = 0;
-const STATUS_IOERR: u8 = 1;
 
 /// Bytes one staging copy moves (and the size of each thread's staging buffer, aligned for O_DIRECT).
 pub const STAGE: usize = 1 << 20;
@@ -214,16 +212,20 @@ impl Shared {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Whether `ticket`'s request is still in flight (neither completed nor fenced).
+    fn is_live(&self, ticket: Ticket) -> bool {
+        self.queues
+            .get(usize::from(ticket.queue()))
+            .is_some_and(|q| q.is_live(ticket))
+    }
+
     /// Whether a registered transfer on `[start, end)` of `fd` belongs to a request no longer in flight:
     /// a ghost whose write may still land.
     fn ghost_overlaps(&self, state: &State, fd: i32, start: u64, end: u64) -> bool {
-        state.running.iter().any(|r| {
-            r.overlaps(fd, start, end)
-                && !self
-                    .queues
-                    .get(usize::from(r.ticket.queue()))
-                    .is_some_and(|q| q.is_live(r.ticket))
-        })
+        state
+            .running
+            .iter()
+            .any(|r| r.overlaps(fd, start, end) && !self.is_live(r.ticket))
     }
 
     /// A transfer ended: operations that waited for it (or for the ghost it was) may go.
@@ -234,11 +236,7 @@ impl Shared {
         let mut woke = false;
         for (job, start, end) in waiting {
             let fd = job.op.fd;
-            let live = self
-                .queues
-                .get(usize::from(job.op.ticket.queue()))
-                .is_some_and(|q| q.is_live(job.op.ticket));
-            if !live {
+            if !self.is_live(job.op.ticket) {
                 // Fenced while it waited: nothing of it ever ran.
                 self.stats.skipped.fetch_add(1, Ordering::Relaxed);
             } else if self.ghost_overlaps(&s, fd, start, end) {
@@ -353,13 +351,7 @@ impl IoPool {
         let s = self.shared.lock();
         s.running
             .iter()
-            .filter(|r| {
-                !self
-                    .shared
-                    .queues
-                    .get(usize::from(r.ticket.queue()))
-                    .is_some_and(|q| q.is_live(r.ticket))
-            })
+            .filter(|r| !self.shared.is_live(r.ticket))
             .count()
     }
 
@@ -384,8 +376,7 @@ impl IoPool {
 
     /// Whether nothing is queued, waiting or running right now.
     pub fn is_quiet(&self) -> bool {
-        let s = self.shared.lock();
-        s.idle() && s.running.is_empty()
+        self.quiet(Instant::now())
     }
 
     /// Finishes what was queued and stops the threads, waiting until `deadline`; false if they were not
@@ -532,12 +523,7 @@ fn run(shared: &Shared, job: Job, scratch: &mut Scratch) -> Option<usize> {
             shape
         }
     };
-    let range = match op.kind {
-        OP_READ => Some(u64::from(shape.writable_bytes).saturating_sub(1)),
-        OP_WRITE => Some(u64::from(shape.readable_bytes).saturating_sub(u64::from(op.skip))),
-        _ => None,
-    }
-    .map(|len| (op.position, op.position.saturating_add(len)));
+    let range = data_len(&op, shape).map(|len| (op.position, op.position.saturating_add(len)));
     let mut id = None;
     if let Some((start, end)) = range.filter(|(a, b)| a < b) {
         let mut s = shared.lock();
@@ -574,11 +560,21 @@ fn run(shared: &Shared, job: Job, scratch: &mut Scratch) -> Option<usize> {
         shared.stats.fenced.fetch_add(1, Ordering::Relaxed);
         return None;
     };
-    if status != STATUS_OK {
+    if status != VIRTIO_BLK_S_OK {
         shared.stats.errors.fetch_add(1, Ordering::Relaxed);
     }
     vq.complete_native(op.ticket, used, Some(status));
     Some(q)
+}
+
+/// How many bytes of data a read or write moves (a read's last writable byte is its status); `None`
+/// for operations that move none.
+fn data_len(op: &Op, shape: Shape) -> Option<u64> {
+    match op.kind {
+        OP_READ => Some(u64::from(shape.writable_bytes).saturating_sub(1)),
+        OP_WRITE => Some(u64::from(shape.readable_bytes).saturating_sub(u64::from(op.skip))),
+        _ => None,
+    }
 }
 
 /// Moves the data; `(status, used length)`, or `None` if the request was fenced on the way.
@@ -591,15 +587,15 @@ fn execute(
 ) -> Option<(u8, u32)> {
     let sys = shared.syscalls.as_ref();
     if shape.writable == 0 {
-        return Some((STATUS_IOERR, 0)); // no status byte: nothing meaningful can be said
+        return Some((VIRTIO_BLK_S_IOERR, 0)); // no status byte: nothing meaningful can be said
     }
     match op.kind {
         OP_FLUSH => Some(match sys.fdatasync(op.fd) {
-            Ok(()) => (STATUS_OK, 1),
-            Err(_) => (STATUS_IOERR, 1),
+            Ok(()) => (VIRTIO_BLK_S_OK, 1),
+            Err(_) => (VIRTIO_BLK_S_IOERR, 1),
         }),
         OP_READ => {
-            let len = u64::from(shape.writable_bytes) - 1;
+            let len = data_len(&op, shape).unwrap_or(0);
             let ok = if len == 0 {
                 true
             } else if is_direct(op.fd) || !scratch.zero_copy(op.fd) {
@@ -608,17 +604,21 @@ fn execute(
                 read_pinned(sys, vq, op, len, scratch)?
             };
             Some(if ok {
-                (STATUS_OK, 1 + len as u32)
+                (VIRTIO_BLK_S_OK, 1 + len as u32)
             } else {
-                (STATUS_IOERR, 1)
+                (VIRTIO_BLK_S_IOERR, 1)
             })
         }
         OP_WRITE => {
-            let len = u64::from(shape.readable_bytes).saturating_sub(u64::from(op.skip));
+            let len = data_len(&op, shape).unwrap_or(0);
             let ok = write_staged(sys, vq, op, len, &mut scratch.stage)?;
-            Some(if ok { (STATUS_OK, 1) } else { (STATUS_IOERR, 1) })
+            Some(if ok {
+                (VIRTIO_BLK_S_OK, 1)
+            } else {
+                (VIRTIO_BLK_S_IOERR, 1)
+            })
         }
-        _ => Some((STATUS_IOERR, 1)),
+        _ => Some((VIRTIO_BLK_S_IOERR, 1)),
     }
 }
 

@@ -24,8 +24,9 @@ use vm_memory::{Bytes, GuestAddress};
 
 #[path = "../../vduse-core/tests/common/mod.rs"]
 mod common;
-use common::vdpa::{attach_vhost, batched, desc, memfd, Setup, VdpaDriver, BASE};
+use common::vdpa::{attach_vhost, batched, memfd, Setup, VdpaDriver, BASE};
 use common::{init_log, sh};
+use vduse_core::rig::desc;
 
 const N: u32 = VRING_DESC_F_NEXT;
 const W: u32 = VRING_DESC_F_WRITE;
@@ -219,7 +220,7 @@ fn guest_a_reset_is_answered_only_once_a_slow_native_read_cannot_reach_the_drive
     init_log();
     const NAME: &str = "vduse-slow-reset";
     let disks = Disks::create(NAME, 0x5a);
-    let (mut device, model) = device(
+    let (device, model) = device(
         NAME,
         disks.open(0),
         fast_image(NAME, 0),
@@ -258,10 +259,7 @@ fn guest_a_reset_is_answered_only_once_a_slow_native_read_cannot_reach_the_drive
     let mut back = [0u8; 4096];
     d.mem.read_slice(&mut back, GuestAddress(data)).unwrap();
     assert!(back.iter().all(|&b| b == 0x5a));
-    d.vdpa.set_status(0).unwrap();
-    drop(d);
-    sh(&format!("vdpa dev del {NAME}"));
-    device.close().expect("destroy");
+    d.finish(NAME, device);
 }
 
 #[test]
@@ -270,7 +268,7 @@ fn guest_a_write_fenced_on_a_slow_disk_lands_before_the_next_sessions_write() {
     init_log();
     const NAME: &str = "vduse-slow-ghost";
     let disks = Disks::create(NAME, 0x11);
-    let (mut device, model) = device(
+    let (device, model) = device(
         NAME,
         disks.open(libc::O_DIRECT),
         fast_image(NAME, 0),
@@ -301,10 +299,7 @@ fn guest_a_write_fenced_on_a_slow_disk_lands_before_the_next_sessions_write() {
         back.iter().all(|&b| b == 0xbb),
         "the acknowledged write is what the disk holds"
     );
-    d.vdpa.set_status(0).unwrap();
-    drop(d);
-    sh(&format!("vdpa dev del {NAME}"));
-    device.close().expect("destroy");
+    d.finish(NAME, device);
 }
 
 #[test]

@@ -42,7 +42,9 @@ use vmm_sys_util::ioctl::{ioctl, ioctl_with_mut_ref, ioctl_with_ptr, ioctl_with_
 use crate::control::Control;
 use crate::error::{last_os, Error, Result};
 use crate::inflight::{QueueLog, StateFile, StateInfo};
-use crate::memory::{entry_keys, wait_unpinned, EntryKey, IotlbMap, Janitor, Mapping, Memory};
+use crate::memory::{
+    entry_keys, mappings_of, push_unique, wait_unpinned, EntryKey, IotlbMap, Janitor, Mapping, Memory,
+};
 use crate::model::{DeviceModel, DeviceSpec};
 use crate::queue::{Budget, InFlight, RingInfo, Ticket, Transport, Virtqueue};
 use crate::uapi::{self, vduse_dev_config, vduse_dev_request, vduse_dev_response, vduse_vq_info};
@@ -590,6 +592,7 @@ impl VduseDevice {
             queues.push(q);
             kicks.push(kick);
         }
+        let answer_budget = answer_budget(&options.name);
         let shared = Arc::new(Shared {
             name: options.name.clone(),
             dev,
@@ -601,11 +604,8 @@ impl VduseDevice {
             status: AtomicU8::new(status),
             features: AtomicU64::new(features),
             // A drain leaves at least half of the answer budget for what follows it (revocations).
-            drain_timeout: options
-                .drain_timeout
-                .min(MAX_DRAIN)
-                .min(answer_budget(&options.name) / 2),
-            answer_budget: answer_budget(&options.name),
+            drain_timeout: options.drain_timeout.min(MAX_DRAIN).min(answer_budget / 2),
+            answer_budget,
             janitor: Janitor::new(&options.name).map_err(|e| Error::sys("spawn", e))?,
             events,
             model: match &serving {
@@ -785,10 +785,7 @@ impl VduseDevice {
             maps.extend(q.abandon().1);
         }
         let old = self.shared.memory.clear();
-        let mut mappings = old.mappings();
-        for m in &maps {
-            mappings.extend(m.mappings());
-        }
+        let mappings = mappings_of(std::iter::once(&old).chain(&maps));
         let started = Instant::now();
         if self
             .shared
@@ -1219,14 +1216,7 @@ impl Shared {
         }
         // Stopped queues touch no ring, and fenced tickets reach no buffer: what is left are pins.
         let old = self.memory.clear();
-        let mut mappings: Vec<Arc<Mapping>> = old.mappings();
-        for m in &maps {
-            for mapping in m.mappings() {
-                if !mappings.iter().any(|x| Arc::ptr_eq(x, &mapping)) {
-                    mappings.push(mapping);
-                }
-            }
-        }
+        let mappings = mappings_of(std::iter::once(&old).chain(&maps));
         let settled = self.settle(mappings, deadline, started, false);
         self.janitor.dispose((old, maps));
         if !drained || fenced > 0 {
@@ -1314,9 +1304,7 @@ impl Shared {
         let mut maps = vec![self.memory.peek()];
         for q in &self.queues {
             for m in q.maps_in_use() {
-                if !maps.iter().any(|x| Arc::ptr_eq(x, &m)) {
-                    maps.push(m);
-                }
+                push_unique(&mut maps, m);
             }
         }
         let mut removed: Vec<Arc<Mapping>> = Vec::new();
@@ -1326,9 +1314,7 @@ impl Shared {
                 None => m.mappings(),
             };
             for g in gone {
-                if !removed.iter().any(|x| Arc::ptr_eq(x, &g)) {
-                    removed.push(g);
-                }
+                push_unique(&mut removed, g);
             }
         }
         drop(maps);

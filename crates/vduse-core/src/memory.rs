@@ -427,6 +427,26 @@ enum Span {
 }
 
 /// Whether `[addr, addr+len)` runs past the end of the address space.
+/// Appends `item` unless `list` holds that very `Arc` already; whether it was appended.
+pub(crate) fn push_unique<T>(list: &mut Vec<Arc<T>>, item: Arc<T>) -> bool {
+    if list.iter().any(|x| Arc::ptr_eq(x, &item)) {
+        return false;
+    }
+    list.push(item);
+    true
+}
+
+/// The distinct mappings of `maps`: everything they may still reach.
+pub(crate) fn mappings_of<'a>(maps: impl IntoIterator<Item = &'a Arc<IotlbMap>>) -> Vec<Arc<Mapping>> {
+    let mut mappings = Vec::new();
+    for m in maps {
+        for mapping in m.mappings() {
+            push_unique(&mut mappings, mapping);
+        }
+    }
+    mappings
+}
+
 fn wraps(addr: u64, len: u64) -> bool {
     len > 0 && addr.checked_add(len - 1).is_none()
 }

@@ -27,15 +27,12 @@ pub struct DeviceSpec {
     pub held_queues: u64,
 }
 
-const VIRTIO_ID_BLOCK: u32 = 2;
-const VIRTIO_BLK_S_IOERR: u8 = 1;
-
 impl DeviceSpec {
     /// The status byte of a request the transport has to fail on the model's behalf (it cannot reach the
     /// model): virtio-blk's IOERR. Other devices have no status byte: such a request is given back empty
     /// (a NIC's buffer unused, a frame dropped).
     pub fn fail_status(&self) -> Option<u8> {
-        (self.device_id == VIRTIO_ID_BLOCK).then_some(VIRTIO_BLK_S_IOERR)
+        (self.device_id == crate::ram_blk::VIRTIO_ID_BLOCK).then_some(crate::ram_blk::VIRTIO_BLK_S_IOERR)
     }
 }
 

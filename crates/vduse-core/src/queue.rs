@@ -25,7 +25,7 @@
 //! also how queues the driver enables late are served) → `Active` → `Broken` (the driver corrupted the
 //! ring; until reset). The message loop moves queues back to `Off`, fencing what is still in flight.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -35,7 +35,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 
 use crate::chain::{self, ChainError, Segment, Shape};
 use crate::inflight::QueueLog;
-use crate::memory::{Access, IotlbMap, Memory, Pins};
+use crate::memory::{push_unique, Access, IotlbMap, Memory, Pins};
 
 /// Bytes of each request's readable buffers copied into its batch while it is popped (a request header
 /// fits): models read headers there, never from driver memory after the pop.
@@ -238,29 +238,17 @@ struct Entry {
 }
 
 /// Requests popped in one round, stored flat so a warmed-up batch allocates nothing.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct RequestBatch {
-    memory: Arc<IotlbMap>,
     entries: Vec<Entry>,
     segments: Vec<Segment>,
     /// `HEAD_BYTES` per entry.
     headers: Vec<u8>,
 }
 
-impl Default for RequestBatch {
-    fn default() -> Self {
-        Self::new(Arc::new(IotlbMap::empty()))
-    }
-}
-
 impl RequestBatch {
-    pub fn new(memory: Arc<IotlbMap>) -> Self {
-        Self {
-            memory,
-            entries: Vec::new(),
-            segments: Vec::new(),
-            headers: Vec::new(),
-        }
+    pub fn new() -> Self {
+        Self::default()
     }
     pub fn len(&self) -> usize {
         self.entries.len()
@@ -286,8 +274,7 @@ impl RequestBatch {
     pub fn iter(&self) -> impl Iterator<Item = Request<'_>> {
         (0..self.len()).filter_map(|i| self.get(i))
     }
-    fn clear(&mut self, memory: Arc<IotlbMap>) {
-        self.memory = memory;
+    fn clear(&mut self) {
         self.entries.clear();
         self.segments.clear();
         self.headers.clear();
@@ -298,18 +285,14 @@ impl RequestBatch {
         self.segments.extend_from_slice(segments);
         let h = self.headers.len();
         self.headers.resize(h + HEAD_BYTES, 0);
-        let want = (shape.readable_bytes as usize).min(HEAD_BYTES);
-        let mut at = 0;
-        for seg in &segments[..usize::from(shape.readable)] {
-            if at == want {
-                break;
-            }
-            let k = (seg.len as usize).min(want - at);
-            if !map.read_into(seg.addr, &mut self.headers[h + at..h + at + k]) {
-                break;
-            }
-            at += k;
-        }
+        let want = u64::from(shape.readable_bytes).min(HEAD_BYTES as u64);
+        let headers = &mut self.headers[h..h + HEAD_BYTES];
+        let at = walk_bytes(
+            &segments[..usize::from(shape.readable)],
+            0,
+            want,
+            |addr, at, n| map.read_into(addr, &mut headers[at as usize..(at + n) as usize]),
+        );
         self.entries.push(Entry {
             ticket,
             head,
@@ -333,7 +316,47 @@ struct Slot {
     map: Option<Arc<IotlbMap>>,
 }
 
+/// Walks `len` bytes of the buffers `segs` from byte `skip`, calling `f(guest address, position, length)`
+/// per piece until it returns false. Returns how many bytes the pieces `f` accepted cover.
+fn walk_bytes(segs: &[Segment], mut skip: u64, len: u64, mut f: impl FnMut(u64, u64, u64) -> bool) -> u64 {
+    let mut done = 0;
+    for seg in segs {
+        if done == len {
+            break;
+        }
+        let seg_len = u64::from(seg.len);
+        if skip >= seg_len {
+            skip -= seg_len;
+            continue;
+        }
+        let n = (seg_len - skip).min(len - done);
+        if !f(seg.addr + skip, done, n) {
+            break;
+        }
+        done += n;
+        skip = 0;
+    }
+    done
+}
+
 impl Slot {
+    /// The buffers of `part`, their total length, and the access they allow the device.
+    fn part(&self, part: Part) -> (&[Segment], u64, Access) {
+        let mid = usize::from(self.shape.readable);
+        match part {
+            Part::Readable => (
+                &self.segments[..mid],
+                u64::from(self.shape.readable_bytes),
+                Access::Read,
+            ),
+            Part::Writable => (
+                &self.segments[mid..],
+                u64::from(self.shape.writable_bytes),
+                Access::Write,
+            ),
+        }
+    }
+
     /// What `affected` says of this request's buffers and the map it was popped with (a request without a
     /// map is taken as affected).
     fn affected(&self, affected: &impl Fn(&IotlbMap, &[Segment]) -> bool) -> bool {
@@ -444,6 +467,8 @@ impl Done {
 /// How many times a pop or publish tries for a current map while it keeps changing under its feet (each
 /// try reloads it) before it gives up: a pop then tries again later, a publish breaks the queue.
 const FRESH_MAP_TRIES: usize = 64;
+/// Marks `Virtqueue::fail_status` as set (its low byte is the status).
+const FAIL_STATUS_SET: u16 = 0x100;
 /// How long a publish keeps trying past `FRESH_MAP_TRIES` before it breaks the queue.
 const FRESH_MAP_PATIENCE: std::time::Duration = std::time::Duration::from_millis(100);
 
@@ -469,8 +494,8 @@ pub struct Virtqueue {
     /// The most segments all requests in flight may hold together, and all slots may keep.
     seg_budget: usize,
     /// Written into the status byte of a request the transport fails on the model's behalf (virtio-blk:
-    /// IOERR); `None`: such a request is given back empty.
-    fail_status: std::sync::Mutex<Option<u8>>,
+    /// IOERR), as `FAIL_STATUS_SET | status`; 0: such a request is given back empty.
+    fail_status: AtomicU16,
 }
 
 /// Which buffers of a request a copy or pin reaches.
@@ -511,7 +536,7 @@ impl Virtqueue {
             seg_budget: (1usize << 16)
                 .max(4 * usize::from(max_size))
                 .max(2 * max_segments),
-            fail_status: std::sync::Mutex::new(None),
+            fail_status: AtomicU16::new(0),
             ring: Mutex::new(Ring {
                 state: State::Off,
                 queue: None,
@@ -557,14 +582,16 @@ impl Virtqueue {
 
     /// The status byte a request failed by the transport gets (see [`failure`](Self::failure)).
     pub fn set_fail_status(&self, status: Option<u8>) {
-        *self.fail_status.lock().unwrap_or_else(|e| e.into_inner()) = status;
+        let v = status.map_or(0, |s| FAIL_STATUS_SET | u16::from(s));
+        self.fail_status.store(v, Ordering::Relaxed);
     }
 
     /// The completion that fails `ticket` on the model's behalf — when the transport cannot deliver it to
     /// the model at all: the device's error status (virtio-blk: IOERR, so a read never "succeeds" with
     /// stale data nor a write is acknowledged unwritten), or an empty completion for devices without one.
     pub fn failure(&self, ticket: Ticket) -> Done {
-        let status = *self.fail_status.lock().unwrap_or_else(|e| e.into_inner());
+        let v = self.fail_status.load(Ordering::Relaxed);
+        let status = (v & FAIL_STATUS_SET != 0).then_some(v as u8);
         Done::new(ticket, u32::from(status.is_some()), status)
     }
 
@@ -734,9 +761,8 @@ impl Virtqueue {
                 continue;
             }
             let ticket = Ticket::new(self.index, i as u16, s.gen);
-            match self.complete_locked(&mut r, &map, ticket, 0, None, false) {
-                Ok(Some(old)) if !old_maps.iter().any(|m| Arc::ptr_eq(m, &old)) => old_maps.push(old),
-                _ => {}
+            if let Ok(Some(old)) = self.complete_locked(&mut r, &map, ticket, 0, None, false) {
+                push_unique(&mut old_maps, old);
             }
             n += 1;
         }
@@ -765,9 +791,7 @@ impl Virtqueue {
         let r = self.ring.lock();
         let mut maps: Vec<Arc<IotlbMap>> = Vec::new();
         for m in r.slots.iter().filter(|s| s.live).filter_map(|s| s.map.as_ref()) {
-            if !maps.iter().any(|x| Arc::ptr_eq(x, m)) {
-                maps.push(m.clone());
-            }
+            push_unique(&mut maps, m.clone());
         }
         maps
     }
@@ -806,9 +830,7 @@ impl Virtqueue {
                 log.end(s.head);
             }
             if let Some(m) = s.map.take() {
-                if !maps.iter().any(|x| Arc::ptr_eq(x, &m)) {
-                    maps.push(m);
-                }
+                push_unique(&mut maps, m);
             }
             free.push(i as u16);
             n += 1;
@@ -917,7 +939,7 @@ impl Virtqueue {
         let mut missed_once = false;
         for _ in 0..FRESH_MAP_TRIES {
             let map = self.memory.snapshot();
-            batch.clear(map.clone());
+            batch.clear();
             match self.pop_locked(&map, budget, batch, missed_once) {
                 Ok(p) => return p,
                 Err(Again::Stale) if self.memory.reload_failing() => break,
@@ -931,7 +953,7 @@ impl Virtqueue {
                 }
             }
         }
-        batch.clear(Arc::new(IotlbMap::empty()));
+        batch.clear();
         if !self.memory.reload_failing() {
             // The map kept changing under our feet: nothing is popped through an outdated one; later.
             return Pop::More;
@@ -1125,9 +1147,9 @@ impl Virtqueue {
         next_avail: u16,
         descriptors: &mut usize,
     ) -> Taken {
-        // Even a refusal costs a descriptor's worth of the budget.
-        *descriptors += 1;
         if usize::from(head) < r.head_slot.len() && r.head_slot[usize::from(head)] != 0 {
+            // Even a refusal costs a descriptor's worth of the budget.
+            *descriptors += 1;
             self.stats.duplicate_heads.fetch_add(1, Ordering::Relaxed);
             if !self.logged[ChainError::BadIndex.index()].swap(true, Ordering::Relaxed) {
                 log::warn!(
@@ -1157,7 +1179,7 @@ impl Virtqueue {
             &mut cost,
         );
         r.slot_capacity += slot.segments.capacity() - capacity;
-        *descriptors += cost.saturating_sub(1);
+        *descriptors += cost.max(1);
         match walked {
             Ok(shape) => {
                 r.free.pop();
@@ -1363,20 +1385,6 @@ impl Virtqueue {
         }
     }
 
-    /// Runs `f` on a request in flight and owned by `owner` (its shape and buffers); `None` if the ticket
-    /// is not. `f` runs under the queue lock: keep it short and never block in it. It sees no memory:
-    /// copies go through [`read_request`](Self::read_request) and the like, which check the ticket.
-    pub fn with_request<T>(
-        &self,
-        ticket: Ticket,
-        owner: Owner,
-        f: impl FnOnce(Shape, &[Segment]) -> T,
-    ) -> Option<T> {
-        let r = self.ring.lock();
-        let s = Slot::of(&r.slots, ticket, owner == Owner::Native)?;
-        Some(f(s.shape, &s.segments))
-    }
-
     /// Whether `ticket` is in flight (owned by the model or by native I/O): false once it was completed
     /// or fenced.
     pub fn is_live(&self, ticket: Ticket) -> bool {
@@ -1455,37 +1463,19 @@ impl Virtqueue {
             let r = self.ring.lock();
             let s = Slot::of(&r.slots, ticket, owner == Owner::Native).ok_or(Gone)?;
             let map = s.map.as_deref().ok_or(Gone)?;
-            let (segs, total) = match part {
-                Part::Readable => (
-                    &s.segments[..usize::from(s.shape.readable)],
-                    u64::from(s.shape.readable_bytes),
-                ),
-                Part::Writable => (
-                    &s.segments[usize::from(s.shape.readable)..],
-                    u64::from(s.shape.writable_bytes),
-                ),
-            };
+            let (segs, total, _) = s.part(part);
             let want = *want.get_or_insert_with(|| total.saturating_sub(offset).min(len as u64) as usize);
             if done == want {
                 return Ok(done);
             }
-            let stop = want.min(done + COPY_CHUNK);
-            let mut skip = offset + done as u64;
-            for seg in segs {
-                if done == stop {
-                    break;
-                }
-                let seg_len = u64::from(seg.len);
-                if skip >= seg_len {
-                    skip -= seg_len;
-                    continue;
-                }
-                let k = ((seg_len - skip) as usize).min(stop - done);
-                if !f(map, seg.addr + skip, done, k) {
-                    return Ok(done);
-                }
-                done += k;
-                skip = 0;
+            let chunk = (want - done).min(COPY_CHUNK);
+            let base = done;
+            let moved = walk_bytes(segs, offset + base as u64, chunk as u64, |addr, at, n| {
+                f(map, addr, base + at as usize, n as usize)
+            }) as usize;
+            done += moved;
+            if moved < chunk {
+                return Ok(done);
             }
         }
     }
@@ -1507,30 +1497,11 @@ impl Virtqueue {
         let r = self.ring.lock();
         let s = Slot::of(&r.slots, ticket, owner == Owner::Native).ok_or(Gone)?;
         let map = s.map.as_deref().ok_or(Gone)?;
-        let (segs, access) = match part {
-            Part::Readable => (&s.segments[..usize::from(s.shape.readable)], Access::Read),
-            Part::Writable => (&s.segments[usize::from(s.shape.readable)..], Access::Write),
-        };
-        let mut skip = offset;
-        let mut left = len;
-        for seg in segs {
-            if left == 0 {
-                break;
-            }
-            let seg_len = u64::from(seg.len);
-            if skip >= seg_len {
-                skip -= seg_len;
-                continue;
-            }
-            let n = (seg_len - skip).min(left);
-            if !map.host_ranges_pinned(seg.addr + skip, n, access, pins) {
-                pins.release();
-                return Ok(false);
-            }
-            left -= n;
-            skip = 0;
-        }
-        if left > 0 {
+        let (segs, _, access) = s.part(part);
+        let pinned = walk_bytes(segs, offset, len, |addr, _, n| {
+            map.host_ranges_pinned(addr, n, access, pins)
+        });
+        if pinned < len {
             pins.release();
             return Ok(false);
         }

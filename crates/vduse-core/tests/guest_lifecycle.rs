@@ -20,8 +20,9 @@ use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use vm_memory::{Bytes, GuestAddress};
 
 mod common;
-use common::vdpa::{attach_vhost, batched, desc, memfd, ram_device, Setup, VdpaDriver, BASE};
+use common::vdpa::{attach_vhost, batched, memfd, ram_device, Setup, VdpaDriver, BASE};
 use common::{init_log, sh};
+use vduse_core::rig::desc;
 
 const N: u32 = VRING_DESC_F_NEXT;
 const W: u32 = VRING_DESC_F_WRITE;
@@ -137,7 +138,7 @@ fn guest_reset_with_a_request_stuck_in_the_model_is_bounded_and_fenced() {
     init_log();
     const NAME: &str = "vduse-stuck-reset";
     let model = StallAt::new(NAME, 64);
-    let mut device = stall_device(NAME, &model, |_| {});
+    let device = stall_device(NAME, &model, |_| {});
     let node = attach_vhost(NAME);
     let mut d = VdpaDriver::open(
         &node,
@@ -203,10 +204,7 @@ fn guest_reset_with_a_request_stuck_in_the_model_is_bounded_and_fenced() {
         t.elapsed() < Duration::from_secs(2),
         "the next session is served promptly"
     );
-    d.vdpa.set_status(0).unwrap();
-    drop(d);
-    sh(&format!("vdpa dev del {NAME}"));
-    device.close().expect("destroy");
+    d.finish(NAME, device);
 }
 
 fn mapping_count() -> usize {
@@ -407,7 +405,7 @@ fn guest_memory_unmapped_under_a_stuck_request_is_fenced_and_revoked() {
 fn guest_a_ring_enabled_after_driver_ok_is_served() {
     init_log();
     const NAME: &str = "vduse-late-ring";
-    let mut device = ram_device(NAME, 1 << 20, 1, 256, |_| {});
+    let device = ram_device(NAME, 1 << 20, 1, 256, |_| {});
     let node = attach_vhost(NAME);
     let mut d = VdpaDriver::open(
         &node,
@@ -428,10 +426,7 @@ fn guest_a_ring_enabled_after_driver_ok_is_served() {
         0,
     );
     assert_eq!(len, 21);
-    d.vdpa.set_status(0).unwrap();
-    drop(d);
-    sh(&format!("vdpa dev del {NAME}"));
-    device.close().expect("destroy");
+    d.finish(NAME, device);
 }
 
 #[test]

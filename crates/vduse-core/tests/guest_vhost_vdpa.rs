@@ -4,14 +4,14 @@
 //! and keep serving.
 
 use vduse_core::ram_blk::{VIRTIO_BLK_S_OK, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
-use vhost::vdpa::VhostVdpa;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::RawDescriptor;
 use vm_memory::{Bytes, GuestAddress};
 
 mod common;
-use common::vdpa::{attach_vhost, desc, ram_device, Setup, VdpaDriver, BASE, RO_BASE, SIZE};
-use common::{init_log, sh};
+use common::init_log;
+use common::vdpa::{attach_vhost, ram_device, Setup, VdpaDriver, BASE, RO_BASE, SIZE};
+use vduse_core::rig::desc;
 
 const NAME: &str = "vduse-hostile";
 const N: u32 = VRING_DESC_F_NEXT;
@@ -46,7 +46,7 @@ fn get_id(d: &mut VdpaDriver) -> u32 {
 #[ignore = "needs VDUSE: run inside the test guest"]
 fn guest_hostile_driver_over_vhost_vdpa() {
     init_log();
-    let mut device = ram_device(NAME, 1 << 20, 1, 64, |_| {});
+    let device = ram_device(NAME, 1 << 20, 1, 64, |_| {});
     let node = attach_vhost(NAME);
     let mut d = VdpaDriver::open(
         &node,
@@ -151,8 +151,5 @@ fn guest_hostile_driver_over_vhost_vdpa() {
         "bad addresses cost a kernel query each, never a reload of the map: {stats:?}"
     );
 
-    d.vdpa.set_status(0).unwrap();
-    drop(d);
-    sh(&format!("vdpa dev del {NAME}"));
-    device.close().expect("destroy");
+    d.finish(NAME, device);
 }

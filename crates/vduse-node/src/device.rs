@@ -235,6 +235,13 @@ fn plain_bytes<'a>(env: &Env, value: &Unknown<'a>, what: &str) -> napi::Result<&
     Ok(unsafe { std::slice::from_raw_parts_mut(ptr, len) })
 }
 
+/// `len` bytes of `bytes` from `at`, clamped to what it holds.
+fn window(bytes: &mut [u8], at: u32, len: u32) -> &mut [u8] {
+    let start = (at as usize).min(bytes.len());
+    let end = start.saturating_add(len as usize).min(bytes.len());
+    &mut bytes[start..end]
+}
+
 impl JsQueues {
     fn queue(&self, ticket: f64) -> Option<(&Virtqueue, Ticket)> {
         let t = Ticket::from_raw(ticket as u64);
@@ -254,9 +261,7 @@ impl JsQueues {
         let Some((q, t)) = self.queue(ticket) else {
             return Ok(-1.0);
         };
-        let start = (at as usize).min(dst.len());
-        let end = start.saturating_add(len as usize).min(dst.len());
-        Ok(copy_out(q, t, offset as u64, &mut dst[start..end]))
+        Ok(copy_out(q, t, offset as u64, window(dst, at, len)))
     }
 
     pub fn write(
@@ -272,9 +277,7 @@ impl JsQueues {
         let Some((q, t)) = self.queue(ticket) else {
             return Ok(-1.0);
         };
-        let start = (at as usize).min(src.len());
-        let end = start.saturating_add(len as usize).min(src.len());
-        Ok(copy_in(q, t, offset as u64, &src[start..end]))
+        Ok(copy_in(q, t, offset as u64, window(src, at, len)))
     }
 
     pub fn flush(&self) {

@@ -10,6 +10,7 @@ import {
 } from '../../transport/batch'
 import type { RequestSource } from '../../transport/source'
 import { VirtioDevice, type VirtioDeviceOptions } from '../../virtio/device'
+import { waitFor } from '../../wait'
 import {
   BLK_CONFIG,
   BLK_FEATURES,
@@ -66,11 +67,8 @@ function fencedError(): VduseError {
   })
 }
 
-const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms))
-
-/** `promise`, or an ERR_VDUSE_TIMEOUT after `ms` (0: no limit). */
+/** `promise`, or an ERR_VDUSE_TIMEOUT after `ms`. */
 async function within<T>(promise: Promise<T> | T, ms: number, what: string): Promise<T> {
-  if (ms <= 0) return promise
   let timer: NodeJS.Timeout | undefined
   const late = new Promise<never>((_, reject) => {
     timer = setTimeout(
@@ -217,14 +215,9 @@ interface Pending {
   end: number
   /** It may write (a write, discard or write-zeroes): a ghost if its request dies before it returns. */
   writes: boolean
-  /**
-   * Its request timed out or was fenced while the call runs: what it writes may still land, so a
-   * request on the same bytes waits until it returns.
-   */
-  ghost: boolean
 }
 
-/** Native block I/O (`OP_NATIVE`) held back: its kind, file position and header bytes to skip. */
+/** Native block I/O (`OP_NATIVE`) held back: `kind` says which. */
 const OP_NATIVE = 4
 
 /**
@@ -242,10 +235,8 @@ interface Waiting {
   cancel: AbortController | undefined
   start: number
   end: number
-  /** `OP_NATIVE`: the native I/O kind, position and skip. */
+  /** `OP_NATIVE`: the native I/O kind (its file position is `start`). */
   kind: number
-  position: number
-  skip: number
 }
 
 /**
@@ -292,10 +283,11 @@ export class BlockDevice extends VirtioDevice {
   readonly #maxInFlight: number
   /** Backend calls that have not returned yet (answered or not): what `maxInFlight` limits. */
   #running = 0
-  /** Running calls that may write (writes, discards, write-zeroes), answered or not. */
-  readonly #writers = new Set<Pending>()
-  /** How many of `#writers` are ghosts (their requests died before they returned). */
-  #ghosts = 0
+  /**
+   * Running calls that may write (writes, discards, write-zeroes) whose requests timed out or were
+   * fenced: what they write may still land, so requests on the same bytes wait until they return.
+   */
+  readonly #ghosts = new Set<Pending>()
   /** Requests beyond `maxInFlight`, in arrival order (bounded by the rings' sizes). */
   #waiting: Waiting[] = []
   /** Requests held back by a ghost on their bytes, or while a handover is decided (bounded likewise). */
@@ -505,12 +497,8 @@ export class BlockDevice extends VirtioDevice {
       this.#pause()
       try {
         this.completions.flushIo()
-        const deadline = Date.now() + this.drainTimeoutMs
-        const busy = (): boolean =>
-          [...this.#writers].some((p) => p.end > size) ||
-          (this.#nativeFd !== undefined && this.source.ioQuiet?.() === false)
-        while (busy() && Date.now() < deadline) await sleep(5)
-        if (busy()) {
+        const quiet = (): boolean => !this.#writesPast(size) && !this.#nativeBusy()
+        if (!(await waitFor(quiet, Date.now() + this.drainTimeoutMs))) {
           throw new VduseError(
             `cannot shrink ${this.name}: writes past ${size} bytes are still running after ${this.drainTimeoutMs} ms`,
             { code: 'ERR_VDUSE_TIMEOUT', hint: 'nothing was changed; try again once the backend answers' },
@@ -530,9 +518,20 @@ export class BlockDevice extends VirtioDevice {
   }
 
   /** Waits for resizes queued or under way (up to `deadline`); false if one still runs. */
-  async #resizesDone(deadline: number): Promise<boolean> {
-    while (this.#resizes > 0 && Date.now() < deadline) await sleep(5)
-    return this.#resizes === 0
+  #resizesDone(deadline: number): Promise<boolean> {
+    return waitFor(() => this.#resizes === 0, deadline)
+  }
+
+  /** Whether a backend call that may write past `size` still runs (its request answered or not). */
+  #writesPast(size: number): boolean {
+    for (const p of this.#pending) if (p?.writes && p.end > size) return true
+    for (const p of this.#ghosts) if (p.end > size) return true
+    return false
+  }
+
+  /** Whether native I/O still has something queued or running. */
+  #nativeBusy(): boolean {
+    return this.#nativeFd !== undefined && this.source.ioQuiet?.() === false
   }
 
   protected inFlight(): number {
@@ -553,13 +552,7 @@ export class BlockDevice extends VirtioDevice {
     if (!(await this.#resizesDone(deadline))) return false
     // Native operations decided before the pause go to the pool now, to be waited for below.
     this.completions.flushIo()
-    const busy = (): boolean =>
-      this.#running > 0 || (this.#nativeFd !== undefined && this.source.ioQuiet?.() === false)
-    while (busy()) {
-      if (Date.now() >= deadline) return false
-      await sleep(5)
-    }
-    return true
+    return waitFor(() => this.#running === 0 && !this.#nativeBusy(), deadline)
   }
 
   protected override resume(): void {
@@ -593,10 +586,7 @@ export class BlockDevice extends VirtioDevice {
     // become ghosts), and tell the backend. Live ones (of a new session) stay.
     for (let k = 0; k < this.#pending.length; k++) {
       const p = this.#pending[k]
-      if (!p || this.isLive(p.ticket)) continue
-      this.#forget(k, p)
-      p.io?.abort('the request was fenced (driver reset, or its memory unmapped)')
-      p.cancel?.abort(fencedError())
+      if (p && !this.isLive(p.ticket)) this.#orphanFenced(k, p)
     }
     const alive = (list: Waiting[]): Waiting[] => {
       const live: Waiting[] = []
@@ -640,8 +630,7 @@ export class BlockDevice extends VirtioDevice {
         return this.#transfer(batch, ticket, sector, dataOut, true)
       case REQ.FLUSH:
         this.stats.flushes++
-        if (this.#nativeFd !== undefined && batch.nativeIo)
-          return this.#native(ticket, FILE_IO_FLUSH, 0, 0, 0, 0)
+        if (this.#nativeFd !== undefined && batch.nativeIo) return this.#native(ticket, FILE_IO_FLUSH, 0, 0)
         if (!this.#canFlush) return this.#finish(ticket, BLK_STATUS.OK, 0)
         return this.#run(ticket, OP_FLUSH, undefined, 0, undefined, undefined, 0, 0)
       case REQ.GET_ID: {
@@ -675,14 +664,7 @@ export class BlockDevice extends VirtioDevice {
     }
     if (this.#nativeFd !== undefined && batch.nativeIo) {
       // Native threads move the data and answer the request; JavaScript never touches the bytes.
-      return this.#native(
-        ticket,
-        write ? FILE_IO_WRITE : FILE_IO_READ,
-        offset,
-        write ? HEADER_BYTES : 0,
-        offset,
-        offset + length,
-      )
+      return this.#native(ticket, write ? FILE_IO_WRITE : FILE_IO_READ, offset, offset + length)
     }
     const io = (this.#pool.pop() ?? new Io(this.source)).start(
       ticket,
@@ -753,7 +735,8 @@ export class BlockDevice extends VirtioDevice {
           if (signal.aborted) throw signal.reason
           // Native writes of a fenced request may still be in their system calls on these bytes: go after
           // them, never under them.
-          await this.#afterNativeGhosts(native, offset, length)
+          if (native !== undefined && this.source.ioGhosts?.())
+            await this.#afterNativeGhosts(native, offset, length)
           if (signal.aborted) throw signal.reason
           if (discard) await backend.discard!(offset, length, signal)
           else await backend.writeZeroes!(offset, length, unmap, signal)
@@ -768,51 +751,37 @@ export class BlockDevice extends VirtioDevice {
   }
 
   /** Waits until no native transfer of a fenced request runs on `[offset, offset+length)` of `fd`. */
-  async #afterNativeGhosts(fd: number | undefined, offset: number, length: number): Promise<void> {
-    if (fd === undefined || !this.source.ioGhosts || this.source.ioGhosts() === 0) return
+  async #afterNativeGhosts(fd: number, offset: number, length: number): Promise<void> {
     const wait = this.#timeoutMs || this.drainTimeoutMs
-    const deadline = Date.now() + wait
-    while (!this.source.ioRangeQuiet!(fd, offset, length)) {
-      if (Date.now() >= deadline) {
-        throw new VduseError(`native writes to these bytes are still running after ${wait} ms`, {
-          code: 'ERR_VDUSE_TIMEOUT',
-        })
-      }
-      await sleep(5)
+    if (!(await waitFor(() => this.source.ioRangeQuiet!(fd, offset, length), Date.now() + wait))) {
+      throw new VduseError(`native writes to these bytes are still running after ${wait} ms`, {
+        code: 'ERR_VDUSE_TIMEOUT',
+      })
     }
   }
 
-  /** Hands a request to native I/O — unless a ghost runs on its bytes or a handover is being decided. */
-  #native(ticket: number, kind: number, position: number, skip: number, start: number, end: number): void {
+  /**
+   * Hands a request on device bytes `[start, end)` (a flush: none) to native I/O — unless a ghost runs
+   * on its bytes or a handover is being decided. The caller checked that it lies inside the device.
+   */
+  #native(ticket: number, kind: number, start: number, end: number): void {
     if (this.#stopped) return // shutting down: left in flight
-    if (end > this.#bytes) return this.#finish(ticket, BLK_STATUS.IOERR, 0) // the device shrank meanwhile
     if (this.#pauses > 0 || this.#ghostOverlaps(start, end)) {
-      const deadline = this.#timeoutMs > 0 ? Date.now() + this.#timeoutMs : Infinity
-      this.#held.push({
-        ticket,
-        op: OP_NATIVE,
-        call: undefined,
-        used: 0,
-        deadline,
-        io: undefined,
-        cancel: undefined,
-        start,
-        end,
-        kind,
-        position,
-        skip,
-      })
-      this.#updateRef()
-      return
+      return this.#enqueue(true, ticket, OP_NATIVE, undefined, 0, undefined, undefined, start, end, kind)
     }
+    this.#submitNative(ticket, kind, start)
+  }
+
+  #submitNative(ticket: number, kind: number, position: number): void {
+    const skip = kind === FILE_IO_WRITE ? HEADER_BYTES : 0
     this.completions.submitIo(ticket, this.#nativeFd!, kind, position, skip)
   }
 
   /** Whether `[start, end)` overlaps what a ghost may still write. */
   #ghostOverlaps(start: number, end: number): boolean {
-    if (this.#ghosts === 0 || start >= end) return false
-    for (const p of this.#writers) {
-      if (p.ghost && p.start < end && start < p.end) return true
+    if (this.#ghosts.size === 0 || start >= end) return false
+    for (const p of this.#ghosts) {
+      if (p.start < end && start < p.end) return true
     }
     return false
   }
@@ -834,27 +803,38 @@ export class BlockDevice extends VirtioDevice {
     if (this.#stopped) return // shutting down: left in flight (see shutdown)
     const held = this.#pauses > 0 || this.#ghostOverlaps(start, end)
     if (held || this.#running >= this.#maxInFlight) {
-      const deadline = this.#timeoutMs > 0 ? Date.now() + this.#timeoutMs : Infinity
-      const w: Waiting = {
-        ticket,
-        op,
-        call,
-        used: dataBytes,
-        deadline,
-        io,
-        cancel,
-        start,
-        end,
-        kind: 0,
-        position: 0,
-        skip: 0,
-      }
-      if (held) this.#held.push(w)
-      else this.#waiting.push(w)
-      this.#updateRef()
-      return
+      return this.#enqueue(held, ticket, op, call, dataBytes, io, cancel, start, end, 0)
     }
     this.#call(ticket, op, call, dataBytes, io, cancel, undefined, start, end)
+  }
+
+  /** Puts a request aside: `held` (behind a ghost or a pause), or waiting for a backend slot. */
+  #enqueue(
+    held: boolean,
+    ticket: number,
+    op: number,
+    call: (() => Promise<void>) | undefined,
+    used: number,
+    io: Io | undefined,
+    cancel: AbortController | undefined,
+    start: number,
+    end: number,
+    kind: number,
+  ): void {
+    const deadline = this.#timeoutMs > 0 ? Date.now() + this.#timeoutMs : Infinity
+    ;(held ? this.#held : this.#waiting).push({
+      ticket,
+      op,
+      call,
+      used,
+      deadline,
+      io,
+      cancel,
+      start,
+      end,
+      kind,
+    })
+    this.#updateRef()
   }
 
   /** The backend call of a request: no closure per request on the synchronous path. */
@@ -883,11 +863,7 @@ export class BlockDevice extends VirtioDevice {
       this.#waiting.length > 0 &&
       this.#running < this.#maxInFlight
     ) {
-      const w = this.#waiting.shift()!
-      if (!this.isLive(w.ticket)) this.#recycle(w.io)
-      else if (w.deadline <= now) this.#timeOutWaiting(w)
-      else if (this.#ghostOverlaps(w.start, w.end)) this.#held.push(w)
-      else this.#call(w.ticket, w.op, w.call, w.used, w.io, w.cancel, w.deadline, w.start, w.end)
+      this.#startWaiting(this.#waiting.shift()!, now)
     }
     this.#updateRef()
   }
@@ -898,19 +874,25 @@ export class BlockDevice extends VirtioDevice {
     const now = Date.now()
     const held = this.#held
     this.#held = []
-    for (const w of held) {
-      if (!this.isLive(w.ticket)) this.#recycle(w.io)
-      else if (w.deadline <= now) this.#timeOutWaiting(w)
-      else if (this.#ghostOverlaps(w.start, w.end)) this.#held.push(w)
-      else if (w.end > this.#bytes) {
-        this.#recycle(w.io)
-        this.#finish(w.ticket, BLK_STATUS.IOERR, 0) // the device shrank meanwhile
-      } else if (w.op === OP_NATIVE)
-        this.completions.submitIo(w.ticket, this.#nativeFd!, w.kind, w.position, w.skip)
-      else if (this.#running >= this.#maxInFlight) this.#waiting.push(w)
-      else this.#call(w.ticket, w.op, w.call, w.used, w.io, w.cancel, w.deadline, w.start, w.end)
-    }
+    for (const w of held) this.#startWaiting(w, now)
     this.#updateRef()
+  }
+
+  /**
+   * A request that waited (for a slot, a ghost or a pause) goes its way: dropped if its ticket died,
+   * failed if past its deadline or now past the end (the device shrank meanwhile), held again behind a
+   * ghost on its bytes, back in line without a free slot — or started.
+   */
+  #startWaiting(w: Waiting, now: number): void {
+    if (!this.isLive(w.ticket)) this.#recycle(w.io)
+    else if (w.deadline <= now) this.#timeOutWaiting(w)
+    else if (this.#ghostOverlaps(w.start, w.end)) this.#held.push(w)
+    else if (w.end > this.#bytes) {
+      this.#recycle(w.io)
+      this.#finish(w.ticket, BLK_STATUS.IOERR, 0)
+    } else if (w.op === OP_NATIVE) this.#submitNative(w.ticket, w.kind, w.start)
+    else if (this.#running >= this.#maxInFlight) this.#waiting.push(w)
+    else this.#call(w.ticket, w.op, w.call, w.used, w.io, w.cancel, w.deadline, w.start, w.end)
   }
 
   #timeOutWaiting(w: Waiting): void {
@@ -943,11 +925,6 @@ export class BlockDevice extends VirtioDevice {
     start: number,
     end: number,
   ): void {
-    // A request that waited may now lie past the end (the device shrank meanwhile).
-    if (end > this.#bytes) {
-      this.#recycle(io)
-      return this.#finish(ticket, BLK_STATUS.IOERR, 0)
-    }
     let result: unknown
     try {
       result = this.#invoke(op, call, io)
@@ -972,23 +949,17 @@ export class BlockDevice extends VirtioDevice {
       start,
       end,
       writes,
-      ghost: false,
     }
     const slot = this.#slotOf(ticket)
     const stale = this.#pending[slot]
-    if (stale) {
-      // The slot was reused: its previous request was fenced without our hearing of it yet.
-      this.#forget(slot, stale)
-      stale.io?.abort('the request was fenced (driver reset, or its memory unmapped)')
-      stale.cancel?.abort(fencedError())
-    }
+    // The slot was reused: its previous request was fenced without our hearing of it yet.
+    if (stale) this.#orphanFenced(slot, stale)
     this.#pending[slot] = record
     // A request waiting for its deadline is work in progress: the sweeper keeps the loop alive meanwhile.
     if (this.#pendingCount++ === 0) this.#updateRef()
     // The call occupies its place under maxInFlight until it returns — also after its request timed out
     // or was fenced and answered: the backend is still busy with it.
     this.#running++
-    if (writes) this.#writers.add(record)
     result.then(
       () => this.#returned(slot, record, BLK_STATUS.OK),
       (err: unknown) => {
@@ -1006,36 +977,37 @@ export class BlockDevice extends VirtioDevice {
     )
   }
 
-  /**
-   * Forgets the request of a call (answered, or dead): a call still running that may write becomes a
-   * ghost — requests on its bytes wait until it returns.
-   */
-  #forget(slot: number, record: Pending): void {
+  /** Forgets the request of a call (answered, or dead). */
+  #forget(slot: number): void {
     this.#pending[slot] = undefined
-    if (record.writes && !record.ghost && this.#writers.has(record)) {
-      record.ghost = true
-      this.#ghosts++
-    }
     if (--this.#pendingCount === 0) this.#updateRef()
+  }
+
+  /**
+   * The request of a call still running died (it timed out or was fenced): forget it and tell the
+   * backend. A call that may write becomes a ghost — requests on its bytes wait until it returns.
+   */
+  #orphan(slot: number, record: Pending, ioReason: string | undefined, cancelReason: Error): void {
+    this.#forget(slot)
+    if (record.writes) this.#ghosts.add(record)
+    record.io?.abort(ioReason)
+    record.cancel?.abort(cancelReason)
+  }
+
+  #orphanFenced(slot: number, record: Pending): void {
+    this.#orphan(slot, record, 'the request was fenced (driver reset, or its memory unmapped)', fencedError())
   }
 
   #returned(slot: number, record: Pending, status: number): void {
     this.#running--
-    if (record.writes) {
-      this.#writers.delete(record)
-      if (record.ghost) {
-        record.ghost = false
-        this.#ghosts--
-      }
-    }
     if (this.#pending[slot] === record) this.#settle(slot, record, status)
-    this.#releaseHeld()
+    // Only a returning ghost frees held requests (an ended pause frees them in #unpause).
+    if (this.#ghosts.delete(record)) this.#releaseHeld()
     this.#pump()
   }
 
   #settle(slot: number, record: Pending, status: number): void {
-    this.#pending[slot] = undefined
-    if (--this.#pendingCount === 0) this.#updateRef()
+    this.#forget(slot)
     let ok = status === BLK_STATUS.OK
     if (ok && record.io) ok = record.io.finishRead()
     this.#recycle(record.io)
@@ -1066,13 +1038,16 @@ export class BlockDevice extends VirtioDevice {
     for (let slot = 0; slot < this.#pending.length; slot++) {
       const record = this.#pending[slot]
       if (!record || record.deadline > now) continue
-      this.#forget(slot, record)
       this.stats.timeouts++
       // The ticket dies with this completion: whatever the backend does later cannot reach the driver's
       // memory (copies through the ticket fail; its bounce buffer is the device's), and a write it still
       // makes keeps later requests on its bytes waiting (a ghost). The Io is not reused.
-      record.io?.abort()
-      record.cancel?.abort(new VduseError('request timed out', { code: 'ERR_VDUSE_TIMEOUT' }))
+      this.#orphan(
+        slot,
+        record,
+        undefined,
+        new VduseError('request timed out', { code: 'ERR_VDUSE_TIMEOUT' }),
+      )
       this.#finish(record.ticket, BLK_STATUS.IOERR, 0)
       this.#requestError(
         new VduseError(`request timed out after ${this.#timeoutMs} ms`, { code: 'ERR_VDUSE_TIMEOUT' }),

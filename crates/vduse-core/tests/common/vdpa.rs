@@ -15,15 +15,11 @@ use vhost::vdpa::VhostVdpa;
 use vhost::vhost_kern::vdpa::VhostKernVdpa;
 use vhost::vhost_kern::VhostKernFeatures;
 use vhost::{VhostBackend, VringConfigData};
-use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+use virtio_queue::desc::RawDescriptor;
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::sh;
-
-pub fn desc(addr: u64, len: u32, flags: u32, next: u16) -> RawDescriptor {
-    RawDescriptor::from(SplitDescriptor::new(addr, len, flags as u16, next))
-}
 
 pub fn memfd(size: usize) -> File {
     // SAFETY: memfd_create with a static NUL-terminated name; the fd is owned by the File.
@@ -131,6 +127,16 @@ pub const BASE: u64 = 0x10_0000;
 pub const SIZE: usize = 4 << 20;
 pub const RO_BASE: u64 = 0x100_0000;
 pub const RO_SIZE: usize = 1 << 20;
+
+impl VdpaDriver {
+    /// Resets the device, lets go of it, detaches it from vdpa as `name` and destroys it.
+    pub fn finish(self, name: &str, mut device: VduseDevice) {
+        self.vdpa.set_status(0).unwrap();
+        drop(self);
+        sh(&format!("vdpa dev del {name}"));
+        device.close().expect("destroy");
+    }
+}
 
 impl VdpaDriver {
     pub fn open(node: &str, setup: Setup) -> Self {
