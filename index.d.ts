@@ -237,6 +237,12 @@ export declare function fallocate(fd: number, mode: number, offset: number, len:
 export declare function getApiVersion(controlPath?: string | undefined | null): number
 
 /**
+ * The VDUSE feature mask of `/dev/vduse/control` (`VDUSE_GET_FEATURES`, Linux 7.3+: QUEUE_READY = 1,
+ * SUSPEND = 2), or null on kernels without it (6.12).
+ */
+export declare function getVduseFeatures(controlPath?: string | undefined | null): number | null
+
+/**
  * Reads device `name`'s state file in `stateDir` (default /run/vduse; empty: none). Null when there is no
  * valid one.
  */

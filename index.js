@@ -845,6 +845,7 @@ module.exports.createLoopback = nativeBinding.createLoopback
 module.exports.destroyDevice = nativeBinding.destroyDevice
 module.exports.fallocate = nativeBinding.fallocate
 module.exports.getApiVersion = nativeBinding.getApiVersion
+module.exports.getVduseFeatures = nativeBinding.getVduseFeatures
 module.exports.inspectState = nativeBinding.inspectState
 module.exports.listDevices = nativeBinding.listDevices
 module.exports.lockImage = nativeBinding.lockImage

@@ -198,3 +198,51 @@ test('request-error events are limited to 10 a second; the next one says how man
   t.deepEqual(limiter.admit(2000), { pass: true, held: 15 })
   t.deepEqual(limiter.admit(2001), { pass: true, held: 0 })
 })
+
+test('fs options parse; wrong ones are usage errors', (t) => {
+  t.deepEqual(parseCommand(['fs', '--name', 'f0', '--memory', '--json']), {
+    command: 'fs',
+    name: 'f0',
+    tag: 'f0',
+    source: { kind: 'memory', size: 1 << 30 },
+    requestQueues: 1,
+    queueSize: 256,
+    readOnly: false,
+    attach: 'virtio',
+    replace: false,
+    json: true,
+    logLevel: 'warn',
+  })
+  const plugin = parseCommand([
+    'fs',
+    '--name',
+    'f0',
+    '--tag',
+    'share',
+    '--backend',
+    './x.mjs',
+    '--',
+    'a',
+    'b',
+  ])
+  t.like(plugin, { tag: 'share', source: { kind: 'plugin', module: './x.mjs', args: ['a', 'b'] } })
+  t.throws(() => parseCommand(['fs', '--name', 'f0']), { message: /exactly one of --memory/ })
+  t.throws(() => parseCommand(['fs', '--name', 'f0', '--memory', '--backend', 'x']), {
+    instanceOf: UsageError,
+  })
+  t.throws(() => parseCommand(['fs', '--name', 'f0', '--tag', 'x'.repeat(37), '--memory']), {
+    message: /--tag/,
+  })
+  t.throws(() => parseCommand(['fs', '--name', 'f0', '--backend', 'x', '--size', '1G']), {
+    message: /--size/,
+  })
+  t.throws(() => parseCommand(['fs', '--name', 'f0', '--memory', '--', 'x']), { message: /plugin/ })
+})
+
+test('vduse fs without VDUSE fails with a code and a hint (exit 1)', async (t) => {
+  const r = await run(['fs', '--name', 'nofs', '--memory', '--json'])
+  t.is(r.code, 1)
+  const e = JSON.parse(r.stdout.trim().split('\n').pop()!) as { event: string; code: string }
+  t.is(e.event, 'error')
+  t.regex(e.code, /ERR_VDUSE_(UNAVAILABLE|PERMISSION)/)
+})

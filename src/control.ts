@@ -1,3 +1,5 @@
+import { release } from 'node:os'
+
 import { native, nativeAsync, type VduseError } from './errors'
 import { detach, isAttached } from './transport/attach'
 import { binding } from './transport/binding'
@@ -12,6 +14,47 @@ import type { StateSummary } from '../index'
  */
 export function getApiVersion(options: { controlPath?: string } = {}): number {
   return native(() => binding.getApiVersion(options.controlPath))
+}
+
+/** What this machine's VDUSE offers (see `kernelSupport`). */
+export interface KernelSupport {
+  /** The API version `/dev/vduse/control` speaks (0 on Linux 6.12, 1 on 7.3; devices are made with 0). */
+  apiVersion: number
+  /** The `VDUSE_GET_FEATURES` mask (Linux 7.3+), or null where the kernel has no such call. */
+  features: number | null
+  /** The kernel tells the device when a queue is ready (VDUSE_F_QUEUE_READY). */
+  queueReady: boolean
+  /** The kernel may suspend the device (VDUSE_F_SUSPEND). */
+  suspend: boolean
+  /** VDUSE allows virtio-fs devices (Linux 6.15+). */
+  fs: boolean
+  /** The running kernel's release (`uname -r`). */
+  release: string
+}
+
+/**
+ * Probes what the kernel's VDUSE offers: its API version and feature mask, and which device types it
+ * allows. Throws like `getApiVersion` when VDUSE is missing.
+ */
+export function kernelSupport(options: { controlPath?: string } = {}): KernelSupport {
+  const apiVersion = getApiVersion(options)
+  const features = native(() => binding.getVduseFeatures(options.controlPath)) ?? null
+  return {
+    apiVersion,
+    features,
+    queueReady: features !== null && (features & 1) !== 0,
+    suspend: features !== null && (features & 2) !== 0,
+    fs: kernelAtLeast(release(), 6, 15),
+    release: release(),
+  }
+}
+
+/** Whether a kernel release string (`7.3.4+deb13-amd64`) is at least `major.minor`. */
+export function kernelAtLeast(rel: string, major: number, minor: number): boolean {
+  const m = /^(\d+)\.(\d+)/.exec(rel)
+  if (!m) return false
+  const [a, b] = [Number(m[1]), Number(m[2])]
+  return a > major || (a === major && b >= minor)
 }
 
 /** Names of all VDUSE devices on this machine (any process's, including stale ones left by dead processes). */

@@ -2,8 +2,16 @@
 # shellcheck shell=bash
 
 VM_CACHE=${VDUSE_VM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/vduse-vm}
-# The kernel series that has VDUSE, virtio-vdpa and vhost-vdpa as modules (Debian's 6.1 has no vDPA).
-VM_KERNEL_SERIES=${VDUSE_VM_KERNEL_SERIES:-6.12}
+# The guest kernel series: 6.12 (default; VDUSE, virtio-vdpa and vhost-vdpa as modules — Debian's 6.1 has
+# no vDPA) or 7.3 (trixie-backports; VDUSE also allows virtio-fs from 6.15). VDUSE_VM_KERNEL picks one.
+VM_KERNEL_SERIES=${VDUSE_VM_KERNEL:-${VDUSE_VM_KERNEL_SERIES:-6.12}}
+case "$VM_KERNEL_SERIES" in
+6.12 | 7.3) ;;
+*)
+  printf 'vm: error: VDUSE_VM_KERNEL=%s: the harness knows 6.12 and 7.3\n' "$VM_KERNEL_SERIES" >&2
+  exit 125
+  ;;
+esac
 
 vm_log() { printf 'vm: %s\n' "$*" >&2; }
 vm_die() {
@@ -31,6 +39,9 @@ VM_HOST_NEEDS=(
   "ethtool:ethtool"
   # Slow disks for the fail-closed tests (dm-delay).
   "dmsetup:dmsetup"
+  # virtio-fs tests: a file-system benchmark and extended attributes.
+  "dbench:dbench"
+  "setfattr:attr"
 )
 
 # Installs missing host tools when root; otherwise names the exact apt command and fails.

@@ -14,6 +14,7 @@ export const HELP = `Usage:
   vduse blk --name NAME --backend MODULE [--size SIZE] [options] [-- plugin arguments]
   vduse net --name NAME --tap TAP [--mac MAC] [options]
   vduse net --switch --name NAME [--name NAME …] [options]
+  vduse fs --name NAME --tag TAG (--memory [--size SIZE] | --backend MODULE) [options] [-- plugin args]
   vduse list [--json]
   vduse destroy NAME | --all
 
@@ -71,6 +72,16 @@ Options for net (virtio-net NICs; the kernel shows each as a network interface, 
   --mtu N                the largest MTU the driver may set (default 1500)
   --no-offloads          offer no checksum or segmentation offloads
   --attach, --replace, --json, --log-level, --queue-size   as for blk
+
+Options for fs (virtio-fs, Linux >= 6.15: \`mount -t virtiofs TAG /mnt\`, or hand it to a VM):
+  --tag TAG              the mount tag (1–36 bytes; default: the name)
+  --memory               serve an in-memory file system (MemoryFs); --size caps its data (default 1G)
+  --backend MODULE       a file-system plugin whose default export is (options) => FileSystem; it gets
+                         --name, --tag, --read-only and what follows --
+  --request-queues N     request queues besides the high-priority one (default 1)
+  --read-only            refuse every change (EROFS)
+  --timeout MS           answer a file-system call that takes longer with ETIMEDOUT (default: no limit)
+  --attach, --replace, --json, --log-level, --queue-size   as for blk (the ready event's path is the tag)
 
 Other commands:
   list                   VDUSE devices on this machine: type, size, queues, where attached, owning pid,
@@ -156,6 +167,72 @@ function parseNet(args: readonly string[]): NetCommand | { command: 'help' } {
   return cmd
 }
 
+function parseFs(args: readonly string[]): FsCommand | { command: 'help' } {
+  const split = args.indexOf('--')
+  const own = split < 0 ? args : args.slice(0, split)
+  const pluginArgs = split < 0 ? [] : args.slice(split + 1)
+  let parsed
+  try {
+    parsed = parseArgs({
+      args: own as string[],
+      strict: true,
+      options: {
+        name: { type: 'string' },
+        tag: { type: 'string' },
+        memory: { type: 'boolean' },
+        size: { type: 'string' },
+        backend: { type: 'string' },
+        'request-queues': { type: 'string' },
+        'queue-size': { type: 'string' },
+        'read-only': { type: 'boolean' },
+        timeout: { type: 'string' },
+        attach: { type: 'string' },
+        replace: { type: 'boolean' },
+        json: { type: 'boolean' },
+        'log-level': { type: 'string' },
+        help: { type: 'boolean', short: 'h' },
+      },
+    })
+  } catch (err) {
+    throw new UsageError((err as Error).message)
+  }
+  const v = parsed.values
+  if (v.help) return { command: 'help' }
+  if (v.name === undefined) throw new UsageError('fs needs --name NAME')
+  checkName(v.name)
+  const tag = v.tag ?? v.name
+  if (Buffer.byteLength(tag) > 36 || tag.length === 0) throw new UsageError('--tag must be 1–36 bytes')
+  if (!v.memory === (v.backend === undefined))
+    throw new UsageError('fs needs exactly one of --memory, --backend MODULE')
+  if (v.backend === undefined && pluginArgs.length > 0)
+    throw new UsageError('arguments after -- are for a --backend plugin')
+  if (v.size !== undefined && !v.memory) throw new UsageError('--size goes with --memory')
+  const queueSize = parseInteger(v['queue-size'], '--queue-size', 4, 32768) ?? 256
+  if ((queueSize & (queueSize - 1)) !== 0) throw new UsageError('--queue-size must be a power of two')
+  const attach = v.attach ?? 'virtio'
+  if (attach !== 'virtio' && attach !== 'vhost' && attach !== 'none') {
+    throw new UsageError('--attach must be virtio, vhost or none')
+  }
+  const cmd: FsCommand = {
+    command: 'fs',
+    name: v.name,
+    tag,
+    source: v.memory
+      ? { kind: 'memory', size: v.size === undefined ? 1 << 30 : parseSize(v.size, '--size') }
+      : { kind: 'plugin', module: v.backend!, args: pluginArgs },
+    requestQueues: parseInteger(v['request-queues'], '--request-queues', 1, 64) ?? 1,
+    queueSize,
+    readOnly: v['read-only'] ?? false,
+    attach,
+    replace: v.replace ?? false,
+    json: v.json ?? false,
+    logLevel: parseLogLevel(v['log-level']),
+  }
+  const timeout = parseInteger(v.timeout, '--timeout', 1, 3_600_000)
+  if (timeout !== undefined) cmd.timeoutMs = timeout
+  return cmd
+}
+
 const SIZE = /^(\d+)([KMGT]i?B?|[kmgt])?$/
 
 /** Parses "64M", "1G", "4096" (binary suffixes). */
@@ -218,9 +295,25 @@ export interface NetCommand {
   logLevel: LogLevel
 }
 
+export interface FsCommand {
+  command: 'fs'
+  name: string
+  tag: string
+  source: { kind: 'memory'; size: number } | { kind: 'plugin'; module: string; args: string[] }
+  requestQueues: number
+  queueSize: number
+  readOnly: boolean
+  timeoutMs?: number
+  attach: 'virtio' | 'vhost' | 'none'
+  replace: boolean
+  json: boolean
+  logLevel: LogLevel
+}
+
 export type Command =
   | BlkCommand
   | NetCommand
+  | FsCommand
   | { command: 'list'; json: boolean }
   | { command: 'destroy'; name?: string; all: boolean }
   | { command: 'help' }
@@ -232,6 +325,7 @@ export function parseCommand(argv: readonly string[]): Command {
     return { command: 'help' }
   if (command === '--version') return { command: 'version' }
   if (command === 'net') return parseNet(rest)
+  if (command === 'fs') return parseFs(rest)
   // Everything after `--` belongs to a backend plugin.
   const split = rest.indexOf('--')
   const own = split < 0 ? rest : rest.slice(0, split)

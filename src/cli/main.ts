@@ -14,6 +14,7 @@ import { logs, setLogLevel, type LogRecord } from '../log'
 import { boundDriver, currentAttachment, isAttached, readSysfs } from '../transport/attach'
 import { HELP, parseCommand, UsageError, type BlkCommand } from './args'
 import { EventLimiter } from './limiter'
+import { serveFs } from './fs'
 import { serveNet } from './net'
 
 type Emit = (event: Record<string, unknown>) => void
@@ -419,7 +420,8 @@ export async function main(argv: readonly string[]): Promise<number> {
       case 'destroy':
         return await destroy(cmd.name === undefined ? [] : [cmd.name], cmd.all)
       case 'blk':
-      case 'net': {
+      case 'net':
+      case 'fs': {
         json = cmd.json
         const emit: Emit = json
           ? (e) => process.stdout.write(JSON.stringify(envelope(e)) + '\n')
@@ -431,6 +433,7 @@ export async function main(argv: readonly string[]): Promise<number> {
               else if (e.event === 'stopped') process.stderr.write(`vduse: ${String(e.name)} stopped\n`)
               else process.stderr.write(`vduse: ${String(e.event)}: ${String(e.message ?? '')}\n`)
             }
+        if (cmd.command === 'fs') return await serveFs(cmd, emit)
         return cmd.command === 'blk' ? await serveBlk(cmd, emit) : await serveNet(cmd, emit)
       }
     }

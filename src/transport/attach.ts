@@ -1,5 +1,5 @@
 import { execFile } from 'node:child_process'
-import { access, readdir, readFile, readlink, writeFile } from 'node:fs/promises'
+import { access, readdir, readFile, readlink, realpath, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 
 import { AbortError, VduseError } from '../errors'
@@ -69,7 +69,10 @@ async function poll<T>(
   }
 }
 
-/** The /dev node the bound driver created: /dev/vdX (block), the interface name (net), or /dev/vhost-vdpa-N. */
+/**
+ * The node the bound driver created: /dev/vdX (block), the interface name (net), the mount tag (fs), or
+ * /dev/vhost-vdpa-N.
+ */
 async function nodeFor(name: string, driver: AttachDriver): Promise<string | undefined> {
   const dir = join(BUS, 'devices', name)
   const entries = await readdir(dir).catch(() => [] as string[])
@@ -78,10 +81,24 @@ async function nodeFor(name: string, driver: AttachDriver): Promise<string | und
     return vhost && (await exists(`/dev/${vhost}`)) ? `/dev/${vhost}` : undefined
   }
   for (const e of entries.filter((e) => e.startsWith('virtio'))) {
+    const tag = await virtiofsTag(join(dir, e))
+    if (tag !== undefined) return tag
     const block = await readdir(join(dir, e, 'block')).catch(() => [] as string[])
     if (block[0] && (await exists(`/dev/${block[0]}`))) return `/dev/${block[0]}`
     const net = await readdir(join(dir, e, 'net')).catch(() => [] as string[])
     if (net[0]) return net[0]
+  }
+  return undefined
+}
+
+/** The tag a virtio-fs device was registered under (what `mount -t virtiofs` takes), once it is. */
+async function virtiofsTag(virtioDir: string): Promise<string | undefined> {
+  const driver = await readlink(join(virtioDir, 'driver')).catch(() => '')
+  if (!driver.endsWith('/virtiofs')) return undefined
+  const self = await realpath(virtioDir).catch(() => virtioDir)
+  for (const n of await readdir('/sys/fs/virtiofs').catch(() => [] as string[])) {
+    const dev = await realpath(join('/sys/fs/virtiofs', n, 'device')).catch(() => '')
+    if (dev === self) return readSysfs(join('/sys/fs/virtiofs', n, 'tag'))
   }
   return undefined
 }

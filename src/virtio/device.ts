@@ -262,6 +262,12 @@ export abstract class VirtioDevice<
    */
   protected onFenced(): void {}
 
+  /**
+   * The driver reset the device (after `onFenced`): a session the model keeps with the driver (FUSE's
+   * node and handle tables) ends here.
+   */
+  protected onReset(): void {}
+
   /** Whether a request is still in flight (false once completed or fenced). */
   protected isLive(ticket: number): boolean {
     return this.source.isLive(ticket)
@@ -355,6 +361,7 @@ export abstract class VirtioDevice<
       // session may already be in the model too (kicks and events travel separately): `onFenced` tells
       // them apart by ticket.
       this.onFenced()
+      this.onReset()
       this.#events.emit('reset')
     }
   }

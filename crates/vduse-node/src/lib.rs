@@ -30,6 +30,19 @@ pub fn get_api_version(env: Env, control_path: Option<String>) -> napi::Result<u
     Ok(version as u32)
 }
 
+/// The VDUSE feature mask of `/dev/vduse/control` (`VDUSE_GET_FEATURES`, Linux 7.3+: QUEUE_READY = 1,
+/// SUSPEND = 2), or null on kernels without it (6.12).
+#[napi]
+pub fn get_vduse_features(env: Env, control_path: Option<String>) -> napi::Result<Option<i64>> {
+    let control = match control_path {
+        Some(p) => vduse_core::Control::open_path(p),
+        None => vduse_core::Control::open(),
+    }
+    .or_throw(&env)?;
+    // The mask has a handful of low bits; a JavaScript number holds it exactly.
+    Ok(control.vduse_features().map(|f| f as i64))
+}
+
 /// Names of all VDUSE devices that exist (any process's, including stale ones).
 #[napi]
 pub fn list_devices() -> Vec<String> {

@@ -1,0 +1,105 @@
+// `vduse fs`: a virtio-fs device served by this process — an in-memory file system or a plugin's — for
+// `mount -t virtiofs TAG /mnt` (or a VM over vhost-vdpa). Events, signals and exit codes as for `vduse blk`;
+// SIGUSR2 (a handover) is refused: a file system's session state lives in this process.
+import { FsDevice } from '../devices/fs/fs-device'
+import type { FileSystem } from '../devices/fs/filesystem'
+import { MemoryFs } from '../devices/fs/memory-fs'
+import { logs, setLogLevel, type LogRecord } from '../log'
+import { loadFsPlugin } from '../plugin'
+import type { FsCommand } from './args'
+
+type Emit = (event: Record<string, unknown>) => void
+
+export async function serveFs(cmd: FsCommand, emit: Emit): Promise<number> {
+  setLogLevel(cmd.logLevel)
+  const fs: FileSystem =
+    cmd.source.kind === 'memory'
+      ? new MemoryFs({ maxBytes: cmd.source.size })
+      : await loadFsPlugin(cmd.source.module, {
+          name: cmd.name,
+          tag: cmd.tag,
+          readOnly: cmd.readOnly,
+          args: cmd.source.args,
+        })
+  const device = await FsDevice.create({
+    name: cmd.name,
+    tag: cmd.tag,
+    fs,
+    requestQueues: cmd.requestQueues,
+    queueSize: cmd.queueSize,
+    readOnly: cmd.readOnly,
+    replaceStale: cmd.replace,
+    pollUs: 'auto',
+    ...(cmd.timeoutMs === undefined ? {} : { requestTimeoutMs: cmd.timeoutMs }),
+  })
+  const name = device.name
+  device.on('error', (err) => emit({ event: 'error', name, message: err.message }))
+  device.on('requestError', (err) =>
+    emit({ event: 'error', name, message: `a file-system call failed: ${err.message}` }),
+  )
+  device.on('drained', (info) => emit({ event: 'drained', name, ...info }))
+  device.on('session', (s) => emit({ event: 'session', name, ...s }))
+  const onLog = (r: LogRecord): void => emit({ event: 'log', level: r.level, message: r.message })
+  logs.on('log', onLog)
+  const stats = (): Record<string, unknown> => ({ name, stats: device.stats, counters: device.counters() })
+
+  let stopping: Promise<number> | undefined
+  let stage = ''
+  const stop = (signal: string): Promise<number> => {
+    stopping ??= (async () => {
+      stage = 'the device to detach and be destroyed'
+      await device.close()
+      emit({ event: 'stopped', signal, ...stats() })
+      return 0
+    })()
+    return stopping
+  }
+  process.on('SIGUSR1', () => emit({ event: 'stats', ...stats() }))
+  process.on('SIGUSR2', () => {
+    // Nothing could take it over: the FUSE session (nodes, open files) lives in this process.
+    emit({
+      event: 'log',
+      level: 'warn',
+      message: `${name}: not handed over: a virtio-fs device's session dies with its server; still serving`,
+    })
+  })
+  const stopped = new Promise<number>((resolve, reject) => {
+    let signals = 0
+    const onSignal = (sig: NodeJS.Signals): void => {
+      signals++
+      if (signals === 1) {
+        stop(sig).then(resolve, reject)
+        return
+      }
+      if (signals === 2) {
+        emit({ event: 'stopping', name, signal: sig, waitingFor: stage })
+        process.stderr.write(`vduse: still stopping: waiting for ${stage}; ${sig} again forces an exit\n`)
+        return
+      }
+      emit({ event: 'forced', name, signal: sig })
+      process.stderr.write('vduse: forced exit: `vduse destroy --all` removes what is left\n')
+      process.exit(130)
+    }
+    for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.on(sig, onSignal)
+    device.on('broken', (err) => {
+      emit({ event: 'broken', name, code: err.code, message: err.message, hint: err.hint })
+      stop('broken').then(
+        () => resolve(1),
+        () => resolve(1),
+      )
+    })
+  })
+
+  try {
+    const path = cmd.attach === 'none' ? undefined : await device.attach({ driver: cmd.attach })
+    emit({ event: 'ready', name, path: path ?? null, tag: cmd.tag, requestQueues: device.requestQueues })
+  } catch (err) {
+    await device
+      .close()
+      .catch((e: Error) =>
+        emit({ event: 'log', level: 'error', message: `cleanup after a failed attach: ${e.message}` }),
+      )
+    throw err
+  }
+  return stopped
+}

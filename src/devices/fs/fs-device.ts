@@ -1,0 +1,1340 @@
+import { release } from 'node:os'
+
+import { kernelAtLeast } from '../../control'
+import { VduseError } from '../../errors'
+import type { RequestSource } from '../../transport/source'
+import type { RequestBatch } from '../../transport/batch'
+import { VirtioDevice, type VirtioDeviceEvents, type VirtioDeviceOptions } from '../../virtio/device'
+import {
+  errnoOf,
+  isEntry,
+  type Attr,
+  type DirEntry,
+  type Entry,
+  type FileIo,
+  type FileSystem,
+  type FsContext,
+  type OpenResult,
+  type SetAttr,
+  type StatFs,
+} from './filesystem'
+import {
+  ATTR_OUT,
+  DIRENT_BASE,
+  DIRENTPLUS_BASE,
+  E,
+  ENTRY_OUT,
+  FATTR,
+  FOPEN,
+  FUSE_KERNEL_MINOR_VERSION,
+  FUSE_KERNEL_VERSION,
+  FUSE_ROOT_ID,
+  INIT,
+  INIT_OUT,
+  IN_HEADER,
+  NAME_MAX,
+  OP,
+  OPEN_OUT,
+  OUT_HEADER,
+  PATH_MAX,
+  STATFS_OUT,
+  XATTR_NAME_MAX,
+  XATTR_SIZE_MAX,
+  direntSize,
+  direntType,
+  encodeAttr,
+  encodeEntry,
+  splitSeconds,
+} from './fuse'
+
+/** The virtio device id of a file system. */
+export const VIRTIO_ID_FS = 26
+const CONFIG_BYTES = 40
+const TAG_BYTES = 36
+const PAGE = 4096
+/** Arguments of one request that are parsed (not streamed like a write's data): an xattr value fits. */
+const ARGS_MAX = XATTR_SIZE_MAX + 2 * (NAME_MAX + 1) + 64
+/** RENAME_NOREPLACE | RENAME_EXCHANGE; RENAME_WHITEOUT is refused. */
+const RENAME_FLAGS = 1 | 2
+
+export interface FsDeviceOptions<H = unknown> extends Omit<VirtioDeviceOptions, 'recover' | 'stateDir'> {
+  /** The tag the driver mounts (`mount -t virtiofs TAG /mnt`): 1–36 bytes of UTF-8. */
+  tag: string
+  /** The file system to serve. */
+  fs: FileSystem<H>
+  /** Request queues besides the high-priority one (default 1, at most 64). */
+  requestQueues?: number
+  /** Ring size per queue, a power of two (default 256). */
+  queueSize?: number
+  /** Default entry and attribute cache time given to the driver (seconds, default 1). */
+  entryTimeout?: number
+  attrTimeout?: number
+  /** Largest read or write the driver may send (bytes, a multiple of 4096 up to 1 MiB; default 1 MiB). */
+  maxWrite?: number
+  /** Nodes the driver may know at once (default 1,048,576); further lookups fail with ENFILE. */
+  maxNodes?: number
+  /** Open files and directories at once (default 65,536); further opens fail with EMFILE. */
+  maxHandles?: number
+  /** Refuse every change with EROFS. */
+  readOnly?: boolean
+  /**
+   * Longest a file-system call may take (ms; default 0: no limit). The request is then answered with
+   * ETIMEDOUT and its `ctx.signal` aborts; what the call returns later is dropped (a node it returns is
+   * forgotten, a handle released).
+   */
+  requestTimeoutMs?: number
+  /** Let the driver cache writes and send them later (FUSE_WRITEBACK_CACHE; default false). */
+  writebackCache?: boolean
+}
+
+/** Counters of the virtio-fs model. */
+export interface FsStats {
+  /** Requests received, by all queues. */
+  requests: number
+  /** Requests answered with an error. */
+  errors: number
+  /** Requests refused as malformed (bad lengths, names, node ids or handles). */
+  malformed: number
+  /** Requests answered ENOSYS (operations the file system does not implement). */
+  unsupported: number
+  /** FUSE sessions the driver started (mounts). */
+  sessions: number
+  /** Nodes the driver knows now, and open handles. */
+  nodes: number
+  handles: number
+}
+
+export interface FsDeviceEvents extends VirtioDeviceEvents {
+  /** The driver started a FUSE session (a mount): protocol version and granted flags. */
+  session: [info: { major: number; minor: number; flags: number; maxWrite: number }]
+}
+
+interface Handle {
+  ino: number
+  dir: boolean
+  value: unknown
+}
+
+type Maybe<T> = T | Promise<T>
+
+/**
+ * One request while a file-system call serves it: its context (`FsContext`) and, for reads and writes,
+ * its data (`FileIo`). Pooled: valid until the call's result is answered.
+ */
+class Call implements FsContext, FileIo {
+  ticket = 0
+  uniqueLo = 0
+  uniqueHi = 0
+  writable = 0
+  opcode = 0
+  nodeid = 0
+  uid = 0
+  gid = 0
+  pid = 0
+  offset = 0
+  length = 0
+  /** Where a write's data starts in the readable buffers. */
+  dataAt = 0
+  answered = false
+  /** In the pool: no request owns it. */
+  pooled = false
+  timer: NodeJS.Timeout | undefined
+  #controller: AbortController | undefined
+  #aborted: VduseError | undefined
+
+  constructor(readonly source: RequestSource) {}
+
+  /** Made on first use; one asked for after the abort is born aborted. */
+  get signal(): AbortSignal {
+    if (!this.#controller) {
+      this.#controller = new AbortController()
+      if (this.#aborted) this.#controller.abort(this.#aborted)
+    }
+    return this.#controller.signal
+  }
+
+  abort(reason: string): void {
+    if (this.#aborted) return
+    this.#aborted = new VduseError(reason, { code: 'ERR_VDUSE_FENCED' })
+    this.#controller?.abort(this.#aborted)
+  }
+
+  reset(): void {
+    this.pooled = false
+    this.answered = false
+    this.#controller = undefined
+    this.#aborted = undefined
+    this.timer = undefined
+  }
+
+  copyFrom(source: Uint8Array, sourceOffset = 0, length = this.length, at = 0): boolean {
+    if (!fits(source, sourceOffset, length, at, this.length)) return false
+    return this.source.write(this.ticket, OUT_HEADER + at, source, sourceOffset, length) === length
+  }
+
+  copyTo(target: Uint8Array, targetOffset = 0, length = this.length, at = 0): boolean {
+    if (!fits(target, targetOffset, length, at, this.length)) return false
+    return this.source.read(this.ticket, this.dataAt + at, target, targetOffset, length) === length
+  }
+}
+
+function fits(buffer: Uint8Array, offset: number, length: number, at: number, limit: number): boolean {
+  return (
+    Number.isInteger(offset) &&
+    Number.isInteger(length) &&
+    Number.isInteger(at) &&
+    offset >= 0 &&
+    length >= 0 &&
+    at >= 0 &&
+    at + length <= limit &&
+    offset + length <= buffer.length
+  )
+}
+
+/** A request refused before the file system sees it: answered with `errno`. */
+class Refused extends Error {
+  constructor(readonly errno: number) {
+    super('refused request')
+  }
+}
+
+/** A malformed request (no driver sends it): refused, and counted as malformed. */
+class Malformed extends Refused {}
+
+function isPromise<T>(x: Maybe<T>): x is Promise<T> {
+  return typeof (x as { then?: unknown } | null)?.then === 'function'
+}
+
+/**
+ * A virtio-fs device (Linux 6.15+): serves a `FileSystem` written in TypeScript to the kernel's virtiofs
+ * driver (`mount -t virtiofs TAG /mnt`) or, attached to vhost-vdpa, to a VM. Speaks FUSE 7.38 as the
+ * driver sends it: one high-priority queue (FORGET, INTERRUPT) and `requestQueues` request queues.
+ *
+ * Every request is checked before the file system sees it (see `FileSystem`); the device answers the
+ * driver exactly once per request, and never after a reset fenced it. Memory is bounded: nodes the
+ * driver knows (`maxNodes`), open handles (`maxHandles`), requests (the rings).
+ */
+export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
+  readonly tag: string
+  readonly stats: FsStats = {
+    requests: 0,
+    errors: 0,
+    malformed: 0,
+    unsupported: 0,
+    sessions: 0,
+    nodes: 0,
+    handles: 0,
+  }
+  readonly #fs: FileSystem<H>
+  readonly #requestQueues: number
+  readonly #queueSize: number
+  readonly #entryTimeout: number
+  readonly #attrTimeout: number
+  readonly #maxWrite: number
+  readonly #maxNodes: number
+  readonly #maxHandles: number
+  readonly #readOnly: boolean
+  readonly #timeoutMs: number
+  readonly #writeback: boolean
+  /** Lookup counts of the nodes the driver knows (the root is always known and never counted). */
+  readonly #nodes = new Map<number, number>()
+  readonly #handles = new Map<number, Handle>()
+  #nextHandle = 1
+  /** Opens under way, counted against `maxHandles`. */
+  #opening = 0
+  /** Calls waiting on the file system, by ticket. */
+  readonly #pending = new Map<number, Call>()
+  readonly #pool: Call[] = []
+  /** A FUSE session is up (INIT answered, no DESTROY or reset since). */
+  #session = false
+  #maxRead = 0
+  /** Scratch for a request's arguments and for replies: parsed and written synchronously. */
+  readonly #args = Buffer.alloc(ARGS_MAX)
+  readonly #out: Buffer
+  readonly #plusInos: number[] = []
+
+  static async create<H = unknown>(options: FsDeviceOptions<H>): Promise<FsDevice<H>> {
+    const device = new FsDevice<H>(options)
+    if (options.transport === undefined && !kernelAtLeast(release(), 6, 15)) {
+      throw new VduseError(`VDUSE allows virtio-fs devices from Linux 6.15; this is ${release()}`, {
+        code: 'ERR_VDUSE_UNAVAILABLE',
+        hint: 'boot a newer kernel (Debian: trixie-backports), or serve the file system in-process',
+      })
+    }
+    await device.prepare()
+    device.#start()
+    await device.opened()
+    return device
+  }
+
+  private constructor(options: FsDeviceOptions<H>) {
+    // No handover: the FUSE session (nodes, open handles) lives in this process.
+    super({ ...options, stateDir: null, recover: false })
+    const bad = (message: string): VduseError => new VduseError(message, { code: 'ERR_VDUSE_INVALID_CONFIG' })
+    const tagBytes = Buffer.byteLength(options.tag ?? '')
+    if (
+      typeof options.tag !== 'string' ||
+      tagBytes < 1 ||
+      tagBytes > TAG_BYTES ||
+      options.tag.includes('\0')
+    ) {
+      throw bad(`tag must be 1–${TAG_BYTES} bytes of UTF-8 without NUL`)
+    }
+    const fs = options.fs
+    if (!fs || typeof fs.lookup !== 'function' || typeof fs.getattr !== 'function') {
+      throw bad('fs must be a FileSystem (lookup, getattr, readdir, read, …)')
+    }
+    if (typeof fs.readdir !== 'function' || typeof fs.read !== 'function') {
+      throw bad('fs must implement readdir() and read()')
+    }
+    this.tag = options.tag
+    this.#fs = fs
+    this.#requestQueues = intOption(options.requestQueues, 1, 1, 64, 'requestQueues')
+    const queueSize = intOption(options.queueSize, 256, 4, 32768, 'queueSize')
+    if (queueSize & (queueSize - 1)) throw bad('queueSize must be a power of two from 4 to 32768')
+    this.#queueSize = queueSize
+    this.#entryTimeout = secondsOption(options.entryTimeout, 'entryTimeout')
+    this.#attrTimeout = secondsOption(options.attrTimeout, 'attrTimeout')
+    this.#maxWrite = intOption(options.maxWrite, 1 << 20, PAGE, 1 << 20, 'maxWrite')
+    if (this.#maxWrite % PAGE !== 0) throw bad('maxWrite must be a multiple of 4096')
+    this.#maxNodes = intOption(options.maxNodes, 1 << 20, 16, 1 << 24, 'maxNodes')
+    this.#maxHandles = intOption(options.maxHandles, 65_536, 4, 1 << 20, 'maxHandles')
+    this.#timeoutMs = intOption(options.requestTimeoutMs, 0, 0, 3_600_000, 'requestTimeoutMs')
+    this.#readOnly = options.readOnly ?? false
+    this.#writeback = options.writebackCache ?? false
+    // Replies: a header and the largest fixed reply (an entry and an open file), or a directory listing.
+    this.#out = Buffer.alloc(OUT_HEADER + this.#maxWrite)
+  }
+
+  #start(): void {
+    const config = Buffer.alloc(CONFIG_BYTES)
+    config.write(this.tag, 0, TAG_BYTES, 'utf8')
+    config.writeUInt32LE(this.#requestQueues, TAG_BYTES)
+    this.open({
+      deviceId: VIRTIO_ID_FS,
+      features: 0n,
+      config,
+      numQueues: 1 + this.#requestQueues,
+      queueSize: this.#queueSize,
+      // Headers and arguments, then a page per 4 KiB of data, then the reply's header and struct.
+      maxSegments: this.#maxWrite / PAGE + 8,
+      kind: 'fs',
+    })
+  }
+
+  get requestQueues(): number {
+    return this.#requestQueues
+  }
+
+  // ---- the request path ----
+
+  protected handleRequest(batch: RequestBatch, i: number): void {
+    this.stats.requests++
+    const call = this.#pool.pop() ?? new Call(this.source)
+    call.reset()
+    try {
+      this.#parse(batch, i, call)
+    } catch (err) {
+      if (err instanceof Malformed) this.#malformed(call, err.errno)
+      else if (err instanceof Refused) this.#error(call, err.errno)
+      else this.#failed(call, err)
+    } finally {
+      if (!this.#pending.has(call.ticket)) this.#release(call)
+    }
+  }
+
+  #parse(batch: RequestBatch, i: number, call: Call): void {
+    const ticket = batch.ticket(i)
+    call.ticket = ticket
+    call.writable = batch.writableBytes(i)
+    const readable = batch.readableBytes(i)
+    const v = batch.view
+    const h = batch.headOffset(i)
+    if (batch.headLength(i) < IN_HEADER) {
+      call.uniqueLo = call.uniqueHi = 0
+      return this.#malformed(call, E.EINVAL)
+    }
+    const len = v.getUint32(h, true)
+    call.opcode = v.getUint32(h + 4, true)
+    call.uniqueLo = v.getUint32(h + 8, true)
+    call.uniqueHi = v.getUint32(h + 12, true)
+    const nodeLo = v.getUint32(h + 16, true)
+    const nodeHi = v.getUint32(h + 20, true)
+    call.uid = v.getUint32(h + 24, true)
+    call.gid = v.getUint32(h + 28, true)
+    call.pid = v.getUint32(h + 32, true)
+    const extLen = v.getUint16(h + 36, true)
+    // The driver states the request's length: it must be what it gave. Extensions were never granted.
+    if (len !== readable || extLen !== 0 || nodeHi >= 0x20_0000) return this.#malformed(call, E.EINVAL)
+    call.nodeid = nodeHi * 0x1_0000_0000 + nodeLo
+    this.#dispatch(call, len - IN_HEADER)
+  }
+
+  #dispatch(call: Call, argLen: number): void {
+    const op = call.opcode
+    if (op === OP.FORGET || op === OP.BATCH_FORGET) return this.#forget(call, argLen)
+    if (op === OP.INTERRUPT) return this.#interrupt(call, argLen)
+    if (op === OP.INIT) return this.#init(call, argLen)
+    if (!this.#session) return this.#error(call, E.EIO)
+    if (op === OP.DESTROY) return this.#destroy(call)
+    if (op === OP.WRITE) return this.#write(call, argLen)
+    if (argLen > ARGS_MAX) throw new Malformed(E.EINVAL)
+    const a = this.#args
+    if (argLen > 0 && this.source.read(call.ticket, IN_HEADER, a, 0, argLen) !== argLen)
+      return this.#drop(call)
+    const fs = this.#fs
+    const ino = this.#node(call.nodeid)
+    switch (op) {
+      case OP.LOOKUP: {
+        const name = names(a, 0, argLen, 1)[0]!
+        return this.#run(call, () => fs.lookup(ino, name, call), this.#replyEntry)
+      }
+      case OP.GETATTR: {
+        need(argLen, 16)
+        const handle = a.readUInt32LE(0) & 1 ? this.#handleOr(a, 8, ino) : undefined
+        return this.#run(call, () => fs.getattr(ino, call, handle), this.#replyAttr)
+      }
+      case OP.SETATTR: {
+        need(argLen, 88)
+        if (this.#readOnly) return this.#error(call, E.EROFS)
+        const valid = a.readUInt32LE(0)
+        const handle = valid & FATTR.FH ? this.#handleOr(a, 8, ino) : undefined
+        const changes = setattrOf(a, valid)
+        if (!fs.setattr) return this.#unsupported(call)
+        return this.#run(call, () => fs.setattr!(ino, changes, call, handle), this.#replyAttr)
+      }
+      case OP.READLINK:
+        if (!fs.readlink) return this.#unsupported(call)
+        return this.#run(call, () => fs.readlink!(ino, call), this.#replyBytes)
+      case OP.SYMLINK: {
+        const [name, target] = names(a, 0, argLen, 2, true)
+        if (this.#readOnly) return this.#error(call, E.EROFS)
+        if (!fs.symlink) return this.#unsupported(call)
+        return this.#run(call, () => fs.symlink!(ino, name!, target!, call), this.#replyEntry)
+      }
+      case OP.MKNOD: {
+        need(argLen, 16)
+        const mode = a.readUInt32LE(0)
+        const rdev = a.readUInt32LE(4)
+        const name = names(a, 16, argLen, 1)[0]!
+        if (this.#readOnly) return this.#error(call, E.EROFS)
+        if (!fs.mknod) return this.#unsupported(call)
+        return this.#run(call, () => fs.mknod!(ino, name, mode, rdev, call), this.#replyEntry)
+      }
+      case OP.MKDIR: {
+        need(argLen, 8)
+        const mode = a.readUInt32LE(0)
+        const name = names(a, 8, argLen, 1)[0]!
+        if (this.#readOnly) return this.#error(call, E.EROFS)
+        if (!fs.mkdir) return this.#unsupported(call)
+        return this.#run(call, () => fs.mkdir!(ino, name, mode, call), this.#replyEntry)
+      }
+      case OP.UNLINK:
+      case OP.RMDIR: {
+        const name = names(a, 0, argLen, 1)[0]!
+        if (this.#readOnly) return this.#error(call, E.EROFS)
+        const method = op === OP.UNLINK ? fs.unlink : fs.rmdir
+        if (!method) return this.#unsupported(call)
+        return this.#run(call, () => method.call(fs, ino, name, call), this.#replyEmpty)
+      }
+      case OP.RENAME:
+      case OP.RENAME2: {
+        const fixed = op === OP.RENAME ? 8 : 16
+        need(argLen, fixed)
+        const newParent = this.#node(readU64(a, 0))
+        const flags = op === OP.RENAME2 ? a.readUInt32LE(8) : 0
+        const [name, newName] = names(a, fixed, argLen, 2)
+        if (flags & ~RENAME_FLAGS || flags === RENAME_FLAGS) return this.#error(call, E.EINVAL)
+        if (this.#readOnly) return this.#error(call, E.EROFS)
+        if (!fs.rename) return this.#unsupported(call)
+        return this.#run(
+          call,
+          () => fs.rename!(ino, name!, newParent, newName!, flags, call),
+          this.#replyEmpty,
+        )
+      }
+      case OP.LINK: {
+        need(argLen, 8)
+        const target = this.#node(readU64(a, 0))
+        const name = names(a, 8, argLen, 1)[0]!
+        if (this.#readOnly) return this.#error(call, E.EROFS)
+        if (!fs.link) return this.#unsupported(call)
+        return this.#run(call, () => fs.link!(target, ino, name, call), this.#replyEntry)
+      }
+      case OP.OPEN:
+      case OP.OPENDIR: {
+        need(argLen, 8)
+        const flags = a.readUInt32LE(0)
+        const dir = op === OP.OPENDIR
+        // O_WRONLY, O_RDWR, O_TRUNC on a read-only file system.
+        if (this.#readOnly && (flags & 3 || flags & 0o1000)) return this.#error(call, E.EROFS)
+        const method = dir ? fs.opendir : fs.open
+        return this.#open(call, ino, dir, method ? () => method.call(fs, ino, flags, call) : () => undefined)
+      }
+      case OP.READ: {
+        need(argLen, 40)
+        const handle = this.#handle(a, 0, ino, false)
+        const offset = readU64(a, 8)
+        const size = a.readUInt32LE(16)
+        if (size > this.#maxRead) throw new Malformed(E.EINVAL)
+        call.offset = offset
+        call.length = Math.min(size, Math.max(0, call.writable - OUT_HEADER))
+        // The data path calls the file system directly: no closure per request.
+        let r: Maybe<number | Uint8Array>
+        try {
+          r = fs.read(ino, call, handle.value as H, call)
+        } catch (err) {
+          return this.#failed(call, err)
+        }
+        return this.#then(call, r, this.#replyRead)
+      }
+      case OP.STATFS:
+        if (!fs.statfs) return this.#run(call, () => ({}), this.#replyStatfs)
+        return this.#run(call, () => fs.statfs!(ino, call), this.#replyStatfs)
+      case OP.RELEASE:
+      case OP.RELEASEDIR: {
+        need(argLen, 24)
+        const dir = op === OP.RELEASEDIR
+        const fh = readU64(a, 0)
+        const handle = this.#handle(a, 0, ino, dir)
+        this.#handles.delete(fh)
+        this.stats.handles = this.#handles.size
+        const method = dir ? fs.releasedir : fs.release
+        if (!method) return this.#replyEmpty(call)
+        return this.#run(call, () => method.call(fs, ino, handle.value as H), this.#replyEmpty)
+      }
+      case OP.FSYNC:
+      case OP.FSYNCDIR: {
+        need(argLen, 16)
+        const dir = op === OP.FSYNCDIR
+        const handle = this.#handle(a, 0, ino, dir)
+        const datasync = (a.readUInt32LE(8) & 1) !== 0
+        const method = dir ? fs.fsyncdir : fs.fsync
+        if (!method) return this.#unsupported(call)
+        return this.#run(
+          call,
+          () => method.call(fs, ino, datasync, handle.value as H, call),
+          this.#replyEmpty,
+        )
+      }
+      case OP.FLUSH: {
+        need(argLen, 24)
+        const handle = this.#handle(a, 0, ino, false)
+        if (!fs.flush) return this.#unsupported(call)
+        return this.#run(call, () => fs.flush!(ino, handle.value as H, call), this.#replyEmpty)
+      }
+      case OP.SETXATTR: {
+        need(argLen, 8)
+        const size = a.readUInt32LE(0)
+        const flags = a.readUInt32LE(4)
+        const end = a.indexOf(0, 8)
+        if (end < 0 || end >= argLen) throw new Malformed(E.EINVAL)
+        const name = xattrName(a, 8, end)
+        if (size > XATTR_SIZE_MAX || end + 1 + size !== argLen) throw new Malformed(E.EINVAL)
+        if (flags & ~3) return this.#error(call, E.EINVAL)
+        if (this.#readOnly) return this.#error(call, E.EROFS)
+        if (!fs.setxattr) return this.#unsupported(call)
+        // The value outlives this synchronous parse: it gets its own buffer.
+        const value = Buffer.from(a.subarray(end + 1, end + 1 + size))
+        return this.#run(call, () => fs.setxattr!(ino, name, value, flags, call), this.#replyEmpty)
+      }
+      case OP.GETXATTR: {
+        need(argLen, 8)
+        const size = a.readUInt32LE(0)
+        const end = a.indexOf(0, 8)
+        if (end < 0 || end + 1 !== argLen) throw new Malformed(E.EINVAL)
+        const name = xattrName(a, 8, end)
+        call.length = size
+        if (!fs.getxattr) return this.#unsupported(call)
+        return this.#run(call, () => fs.getxattr!(ino, name, call), this.#replyXattr)
+      }
+      case OP.LISTXATTR: {
+        need(argLen, 8)
+        call.length = a.readUInt32LE(0)
+        if (!fs.listxattr) return this.#unsupported(call)
+        return this.#run(call, () => fs.listxattr!(ino, call), this.#replyXattrList)
+      }
+      case OP.REMOVEXATTR: {
+        const end = a.indexOf(0, 0)
+        if (end < 0 || end + 1 !== argLen) throw new Malformed(E.EINVAL)
+        const name = xattrName(a, 0, end)
+        if (this.#readOnly) return this.#error(call, E.EROFS)
+        if (!fs.removexattr) return this.#unsupported(call)
+        return this.#run(call, () => fs.removexattr!(ino, name, call), this.#replyEmpty)
+      }
+      case OP.READDIR:
+      case OP.READDIRPLUS: {
+        need(argLen, 40)
+        const handle = this.#handle(a, 0, ino, true)
+        const offset = readU64(a, 8)
+        const size = a.readUInt32LE(16)
+        call.offset = offset
+        call.length = Math.min(size, this.#maxWrite, Math.max(0, call.writable - OUT_HEADER))
+        const plus = op === OP.READDIRPLUS
+        return this.#run(
+          call,
+          () => fs.readdir(ino, offset, handle.value as H, call),
+          plus ? this.#replyDirPlus : this.#replyDir,
+        )
+      }
+      case OP.ACCESS: {
+        need(argLen, 8)
+        const mask = a.readUInt32LE(0)
+        if (mask & ~7) return this.#error(call, E.EINVAL)
+        if (this.#readOnly && mask & 2) return this.#error(call, E.EROFS)
+        if (!fs.access) return this.#unsupported(call)
+        return this.#run(call, () => fs.access!(ino, mask, call), this.#replyEmpty)
+      }
+      case OP.CREATE: {
+        need(argLen, 16)
+        const flags = a.readUInt32LE(0)
+        const mode = a.readUInt32LE(4)
+        const name = names(a, 16, argLen, 1)[0]!
+        if (this.#readOnly) return this.#error(call, E.EROFS)
+        if (!fs.create) return this.#unsupported(call)
+        return this.#open(call, ino, false, () => fs.create!(ino, name, mode, flags, call))
+      }
+      case OP.FALLOCATE: {
+        need(argLen, 32)
+        const handle = this.#handle(a, 0, ino, false)
+        const offset = readU64(a, 8)
+        const length = readU64(a, 16)
+        const mode = a.readUInt32LE(24)
+        if (length === 0) return this.#error(call, E.EINVAL)
+        if (this.#readOnly) return this.#error(call, E.EROFS)
+        if (!fs.fallocate) return this.#unsupported(call)
+        return this.#run(
+          call,
+          () => fs.fallocate!(ino, mode, offset, length, handle.value as H, call),
+          this.#replyEmpty,
+        )
+      }
+      case OP.LSEEK: {
+        need(argLen, 24)
+        const handle = this.#handle(a, 0, ino, false)
+        const offset = readU64(a, 8)
+        const whence = a.readUInt32LE(16)
+        if (whence > 4) return this.#error(call, E.EINVAL)
+        if (!fs.lseek) return this.#unsupported(call)
+        return this.#run(
+          call,
+          () => fs.lseek!(ino, offset, whence, handle.value as H, call),
+          this.#replyOffset,
+        )
+      }
+      default:
+        return this.#unsupported(call)
+    }
+  }
+
+  /** The node id of a request, if the driver was told of it. */
+  #node(nodeid: number): number {
+    if (nodeid === FUSE_ROOT_ID || this.#nodes.has(nodeid)) return nodeid
+    throw new Malformed(E.ESTALE)
+  }
+
+  /** The open handle whose id is at `a[at]`: one of node `ino`, of the right kind. */
+  #handle(a: Buffer, at: number, ino: number, dir: boolean): Handle {
+    const handle = this.#handles.get(readU64(a, at))
+    if (!handle || handle.ino !== ino || handle.dir !== dir) throw new Malformed(E.EBADF)
+    return handle
+  }
+
+  /** GETATTR's optional handle: a stale one is ignored (the attributes are the node's anyway). */
+  #handleOr(a: Buffer, at: number, ino: number): H | undefined {
+    const handle = this.#handles.get(readU64(a, at))
+    return handle && handle.ino === ino ? (handle.value as H) : undefined
+  }
+
+  #init(call: Call, argLen: number): void {
+    if (argLen < 16) throw new Malformed(E.EINVAL)
+    const n = Math.min(argLen, 24)
+    if (this.source.read(call.ticket, IN_HEADER, this.#args, 0, n) !== n) return this.#drop(call)
+    const major = this.#args.readUInt32LE(0)
+    const minor = this.#args.readUInt32LE(4)
+    const readahead = this.#args.readUInt32LE(8)
+    const offered = this.#args.readUInt32LE(12)
+    if (major !== FUSE_KERNEL_VERSION) {
+      // Older majors are not spoken; a newer one is told ours (and must come back with it).
+      if (major < FUSE_KERNEL_VERSION) return this.#error(call, E.EPROTO)
+      const out = this.#out.fill(0, OUT_HEADER, OUT_HEADER + INIT_OUT)
+      out.writeUInt32LE(FUSE_KERNEL_VERSION, OUT_HEADER)
+      out.writeUInt32LE(FUSE_KERNEL_MINOR_VERSION, OUT_HEADER + 4)
+      return void this.#reply(call, INIT_OUT)
+    }
+    // A new session: whatever the driver knew of the last one is gone.
+    this.#endSession()
+    let want: number =
+      INIT.ASYNC_READ |
+      INIT.ATOMIC_O_TRUNC |
+      INIT.BIG_WRITES |
+      INIT.DO_READDIRPLUS |
+      INIT.READDIRPLUS_AUTO |
+      INIT.PARALLEL_DIROPS |
+      INIT.MAX_PAGES |
+      INIT.CACHE_SYMLINKS
+    if (this.#writeback && !this.#readOnly) want |= INIT.WRITEBACK_CACHE
+    const flags = (offered & want) >>> 0
+    const maxWrite = this.#maxWrite
+    this.#maxRead = flags & INIT.MAX_PAGES ? maxWrite : 32 * PAGE
+    const info = { major, minor, maxWrite }
+    const fs = this.#fs
+    this.#run(
+      call,
+      () => fs.init?.(info),
+      () => {
+        const out = this.#out.fill(0, OUT_HEADER, OUT_HEADER + INIT_OUT)
+        const o = OUT_HEADER
+        out.writeUInt32LE(FUSE_KERNEL_VERSION, o)
+        out.writeUInt32LE(FUSE_KERNEL_MINOR_VERSION, o + 4)
+        out.writeUInt32LE(readahead, o + 8)
+        out.writeUInt32LE(flags, o + 12)
+        out.writeUInt16LE(64, o + 16) // max_background
+        out.writeUInt16LE(48, o + 18) // congestion_threshold
+        out.writeUInt32LE(maxWrite, o + 20)
+        out.writeUInt32LE(1, o + 24) // time_gran: nanoseconds
+        out.writeUInt16LE(flags & INIT.MAX_PAGES ? maxWrite / PAGE : 0, o + 28)
+        if (this.#reply(call, INIT_OUT)) {
+          this.#session = true
+          this.stats.sessions++
+          const info = { major, minor: Math.min(minor, FUSE_KERNEL_MINOR_VERSION), flags, maxWrite }
+          // A listener that throws must not look like a failed INIT: the driver has its answer.
+          this.#quietly(() => void this.emit('session', info))
+        }
+      },
+    )
+  }
+
+  #destroy(call: Call): void {
+    this.#endSession()
+    const fs = this.#fs
+    this.#run(call, () => fs.destroy?.(), this.#replyEmpty)
+  }
+
+  /** Forgets every node and closes every handle of the session the driver ended. */
+  #endSession(): void {
+    this.#session = false
+    const fs = this.#fs
+    const handles = [...this.#handles.values()]
+    this.#handles.clear()
+    this.stats.handles = 0
+    for (const h of handles) {
+      this.#quietly(() => (h.dir ? fs.releasedir?.(h.ino, h.value as H) : fs.release?.(h.ino, h.value as H)))
+    }
+    const nodes = [...this.#nodes.keys()]
+    this.#nodes.clear()
+    this.stats.nodes = 0
+    for (const ino of nodes) this.#quietly(() => fs.forget?.(ino))
+  }
+
+  /** Runs a file-system call whose answer nobody waits for; a failure is reported, never thrown. */
+  #quietly(fn: () => Maybe<void>): void {
+    try {
+      const r = fn()
+      if (isPromise(r)) r.catch((err: unknown) => this.#report(err))
+    } catch (err) {
+      this.#report(err)
+    }
+  }
+
+  #report(err: unknown): void {
+    const e = err instanceof Error ? err : new Error(String(err))
+    if (this.listenerCount('error') > 0) this.emit('error', e)
+    else process.emitWarning(e)
+  }
+
+  #forget(call: Call, argLen: number): void {
+    // FORGET and BATCH_FORGET are never answered: the buffer goes back empty.
+    const a = this.#args
+    if (call.opcode === OP.FORGET) {
+      if (argLen === 8 && this.source.read(call.ticket, IN_HEADER, a, 0, 8) === 8) {
+        this.#unref(call.nodeid, readU64(a, 0))
+      } else this.stats.malformed++
+      return this.#complete(call, 0)
+    }
+    if (argLen < 8 || this.source.read(call.ticket, IN_HEADER, a, 0, 8) !== 8) {
+      this.stats.malformed++
+      return this.#complete(call, 0)
+    }
+    const count = a.readUInt32LE(0)
+    if (count * 16 !== argLen - 8) {
+      this.stats.malformed++
+      return this.#complete(call, 0)
+    }
+    // In chunks of the scratch buffer: a batch is as long as the driver made it.
+    const chunk = Math.floor(ARGS_MAX / 16)
+    for (let done = 0; done < count; done += chunk) {
+      const n = Math.min(chunk, count - done) * 16
+      if (this.source.read(call.ticket, IN_HEADER + 8 + done * 16, a, 0, n) !== n) break
+      for (let k = 0; k < n; k += 16) this.#unref(readU64(a, k), readU64(a, k + 8))
+    }
+    this.#complete(call, 0)
+  }
+
+  /** The driver gave back `count` lookups of `nodeid`. */
+  #unref(nodeid: number, count: number): void {
+    const have = this.#nodes.get(nodeid)
+    if (have === undefined) return
+    if (count < have) {
+      this.#nodes.set(nodeid, have - count)
+      return
+    }
+    this.#nodes.delete(nodeid)
+    this.stats.nodes = this.#nodes.size
+    const fs = this.#fs
+    this.#quietly(() => fs.forget?.(nodeid))
+  }
+
+  #interrupt(call: Call, argLen: number): void {
+    const a = this.#args
+    if (argLen === 8 && this.source.read(call.ticket, IN_HEADER, a, 0, 8) === 8) {
+      const lo = a.readUInt32LE(0)
+      const hi = a.readUInt32LE(4)
+      for (const c of this.#pending.values()) {
+        if (c.uniqueLo === lo && c.uniqueHi === hi) c.abort('the driver interrupted the request')
+      }
+    } else this.stats.malformed++
+    this.#complete(call, 0)
+  }
+
+  #write(call: Call, argLen: number): void {
+    if (argLen < 40) throw new Malformed(E.EINVAL)
+    const a = this.#args
+    if (this.source.read(call.ticket, IN_HEADER, a, 0, 40) !== 40) return this.#drop(call)
+    const ino = this.#node(call.nodeid)
+    const handle = this.#handle(a, 0, ino, false)
+    const offset = readU64(a, 8)
+    const size = a.readUInt32LE(16)
+    if (size > this.#maxWrite || size !== argLen - 40) throw new Malformed(E.EINVAL)
+    if (this.#readOnly) return this.#error(call, E.EROFS)
+    const fs = this.#fs as FileSystem<H> & Required<Pick<FileSystem<H>, 'write'>>
+    if (!fs.write) return this.#unsupported(call)
+    call.offset = offset
+    call.length = size
+    call.dataAt = IN_HEADER + 40
+    let r: Maybe<number>
+    try {
+      r = fs.write(ino, call, handle.value as H, call)
+    } catch (err) {
+      return this.#failed(call, err)
+    }
+    this.#then(call, r, this.#replyWrite)
+  }
+
+  #open(call: Call, ino: number, dir: boolean, fn: () => Maybe<OpenResult<H> | void>): void {
+    if (this.#handles.size + this.#opening >= this.#maxHandles) return this.#error(call, E.EMFILE)
+    this.#opening++
+    const settle = (): void => {
+      this.#opening--
+    }
+    this.#run(
+      call,
+      () => {
+        let r: Maybe<OpenResult<H> | void>
+        try {
+          r = fn()
+        } catch (err) {
+          settle()
+          throw err
+        }
+        if (isPromise(r)) return r.finally(settle)
+        settle()
+        return r
+      },
+      (c, result) => this.#replyOpen(c, ino, dir, result),
+    )
+  }
+
+  // ---- running file-system calls ----
+
+  /**
+   * Runs `fn` for `call` and answers with `done(call, value)` — now if it returns a value, when its
+   * promise settles otherwise. Errors answer with their errno (EIO for those that name none).
+   */
+  #run<T>(call: Call, fn: () => Maybe<T>, done: (call: Call, value: T) => void): void {
+    let r: Maybe<T>
+    try {
+      r = fn()
+    } catch (err) {
+      return this.#failed(call, err)
+    }
+    this.#then(call, r, done)
+  }
+
+  /** Answers with `done(call, value)` once `r` is a value: now, or when the promise settles. */
+  #then<T>(call: Call, r: Maybe<T>, done: (call: Call, value: T) => void): void {
+    if (!isPromise(r)) return this.#done(call, r, done)
+    this.#pending.set(call.ticket, call)
+    if (this.#timeoutMs > 0) {
+      call.timer = setTimeout(() => {
+        call.abort('the request timed out')
+        this.#error(call, E.ETIMEDOUT)
+      }, this.#timeoutMs)
+    }
+    r.then(
+      (value) => {
+        this.#settled(call)
+        this.#done(call, value, done)
+        this.#release(call)
+      },
+      (err: unknown) => {
+        this.#settled(call)
+        this.#failed(call, err)
+        this.#release(call)
+      },
+    )
+  }
+
+  #done<T>(call: Call, value: T, done: (call: Call, value: T) => void): void {
+    try {
+      done(call, value)
+    } catch (err) {
+      // The file system returned something that cannot be encoded (a negative size, a missing field).
+      this.#failed(call, err)
+    }
+  }
+
+  #settled(call: Call): void {
+    if (call.timer) clearTimeout(call.timer)
+    this.#pending.delete(call.ticket)
+  }
+
+  #failed(call: Call, err: unknown): void {
+    const errno = errnoOf(err)
+    if (errno === undefined) {
+      try {
+        this.emit('requestError', err instanceof Error ? err : new Error(String(err)))
+      } catch (listenerError) {
+        queueMicrotask(() => {
+          throw listenerError
+        })
+      }
+    }
+    this.#error(call, errno ?? E.EIO)
+  }
+
+  /** The call is over (answered, and no file-system call holds it): back to the pool, once. */
+  #release(call: Call): void {
+    if (call.pooled || this.#pool.length >= 1024) return
+    call.pooled = true
+    this.#pool.push(call)
+  }
+
+  // ---- answers ----
+
+  /** Sends the reply in `#out[16, 16+length)` with a header; false if the driver will not see it. */
+  #reply(call: Call, length: number, error = 0): boolean {
+    if (call.answered) return false
+    call.answered = true
+    if (call.writable < OUT_HEADER) {
+      this.stats.malformed++
+      this.completions.complete(call.ticket, 0, -1)
+      return false
+    }
+    if (OUT_HEADER + length > call.writable) {
+      // The driver left no room for the answer: an error fits.
+      this.stats.malformed++
+      length = 0
+      error = E.EINVAL
+    }
+    if (error !== 0) this.stats.errors++
+    const out = this.#out
+    out.writeUInt32LE(OUT_HEADER + length, 0)
+    out.writeInt32LE(-error, 4)
+    out.writeUInt32LE(call.uniqueLo, 8)
+    out.writeUInt32LE(call.uniqueHi, 12)
+    const n = OUT_HEADER + length
+    if (this.source.write(call.ticket, 0, out, 0, n) !== n) return false
+    this.completions.complete(call.ticket, n, -1)
+    return error === 0
+  }
+
+  #error(call: Call, errno: number): void {
+    this.#reply(call, 0, errno)
+  }
+
+  #unsupported(call: Call): void {
+    this.stats.unsupported++
+    this.#error(call, E.ENOSYS)
+  }
+
+  #malformed(call: Call, errno: number): void {
+    this.stats.malformed++
+    this.#error(call, errno)
+  }
+
+  /** Completes without a reply (FORGET, INTERRUPT). */
+  #complete(call: Call, used: number): void {
+    call.answered = true
+    this.completions.complete(call.ticket, used, -1)
+  }
+
+  /** The request died while it was being parsed (fenced): nothing to answer. */
+  #drop(call: Call): void {
+    call.answered = true
+  }
+
+  readonly #replyEmpty = (call: Call): void => {
+    this.#reply(call, 0)
+  }
+
+  readonly #replyAttr = (call: Call, attr: Attr): void => {
+    const out = this.#out
+    const [s, ns] = splitSeconds(this.#attrTimeout)
+    out.writeBigUInt64LE(s, OUT_HEADER)
+    out.writeUInt32LE(ns, OUT_HEADER + 8)
+    out.writeUInt32LE(0, OUT_HEADER + 12)
+    encodeAttr(out, OUT_HEADER + 16, attr)
+    this.#reply(call, ATTR_OUT)
+  }
+
+  /** Encodes an entry at `at` of `#out`; returns its node id (0: the driver may not learn more nodes). */
+  #entryAt(at: number, value: Entry | Attr): number {
+    const entry: Entry = isEntry(value) ? value : { attr: value }
+    const ino = entry.attr.ino
+    if (!Number.isSafeInteger(ino) || ino < 1) throw new RangeError(`the file system returned node id ${ino}`)
+    encodeEntry(
+      this.#out,
+      at,
+      ino,
+      entry.attr,
+      entry.entryTimeout ?? this.#entryTimeout,
+      entry.attrTimeout ?? this.#attrTimeout,
+      entry.generation ?? 0,
+    )
+    return ino
+  }
+
+  /** Whether the driver may learn node `ino` now (it knows it already, or there is room). */
+  #room(ino: number): boolean {
+    return ino === FUSE_ROOT_ID || this.#nodes.has(ino) || this.#nodes.size < this.#maxNodes
+  }
+
+  /** The driver learned node `ino` (one more lookup of it). */
+  #ref(ino: number): void {
+    if (ino === FUSE_ROOT_ID) return
+    this.#nodes.set(ino, (this.#nodes.get(ino) ?? 0) + 1)
+    this.stats.nodes = this.#nodes.size
+  }
+
+  /** A node the file system returned never reached the driver: if it did not know it, forget it. */
+  #unsent(ino: number): void {
+    if (ino === FUSE_ROOT_ID || this.#nodes.has(ino)) return
+    const fs = this.#fs
+    this.#quietly(() => fs.forget?.(ino))
+  }
+
+  readonly #replyEntry = (call: Call, value: Entry | Attr): void => {
+    const ino = this.#entryAt(OUT_HEADER, value)
+    if (!this.#room(ino)) {
+      this.#unsent(ino)
+      return this.#error(call, E.ENFILE)
+    }
+    if (this.#reply(call, ENTRY_OUT)) this.#ref(ino)
+    else this.#unsent(ino)
+  }
+
+  #replyOpen(
+    call: Call,
+    ino: number,
+    dir: boolean,
+    result: (OpenResult<H> & { entry?: Entry | Attr }) | void,
+  ): void {
+    const r = result ?? {}
+    let flags = 0
+    if (r.directIo) flags |= FOPEN.DIRECT_IO
+    if (r.keepCache) flags |= FOPEN.KEEP_CACHE
+    if (r.nonSeekable) flags |= FOPEN.NONSEEKABLE
+    if (r.cacheDir && dir) flags |= FOPEN.CACHE_DIR
+    const created = call.opcode === OP.CREATE
+    let length = OPEN_OUT
+    let at = OUT_HEADER
+    let node = ino
+    const release = (): void => {
+      const fs = this.#fs
+      this.#quietly(() => (dir ? fs.releasedir?.(node, r.handle) : fs.release?.(node, r.handle)))
+    }
+    if (created) {
+      if (!r.entry) throw new TypeError('create() must return { entry }')
+      node = this.#entryAt(OUT_HEADER, r.entry)
+      if (!this.#room(node)) {
+        release()
+        this.#unsent(node)
+        return this.#error(call, E.ENFILE)
+      }
+      length += ENTRY_OUT
+      at += ENTRY_OUT
+    }
+    const fh = this.#nextHandle++
+    const out = this.#out
+    out.writeBigUInt64LE(BigInt(fh), at)
+    out.writeUInt32LE(flags, at + 8)
+    out.writeInt32LE(0, at + 12)
+    if (this.#reply(call, length)) {
+      if (created) this.#ref(node)
+      this.#handles.set(fh, { ino: node, dir, value: r.handle })
+      this.stats.handles = this.#handles.size
+    } else {
+      // Nobody will release it: the driver never learned of it.
+      release()
+      if (created) this.#unsent(node)
+    }
+  }
+
+  readonly #replyRead = (call: Call, result: number | Uint8Array): void => {
+    let n: number
+    if (typeof result === 'number') {
+      if (!Number.isInteger(result) || result < 0 || result > call.length) {
+        throw new RangeError(`read() returned ${result} for a read of ${call.length} bytes`)
+      }
+      n = result
+    } else {
+      n = Math.min(result.length, call.length)
+      if (n > 0 && !call.copyFrom(result, 0, n)) return this.#drop(call)
+    }
+    this.#replyWithData(call, n)
+  }
+
+  /** Answers with `n` bytes already written after the header (a read). */
+  #replyWithData(call: Call, n: number): void {
+    if (call.answered) return
+    call.answered = true
+    const out = this.#out
+    out.writeUInt32LE(OUT_HEADER + n, 0)
+    out.writeInt32LE(0, 4)
+    out.writeUInt32LE(call.uniqueLo, 8)
+    out.writeUInt32LE(call.uniqueHi, 12)
+    if (this.source.write(call.ticket, 0, out, 0, OUT_HEADER) !== OUT_HEADER) return
+    this.completions.complete(call.ticket, OUT_HEADER + n, -1)
+  }
+
+  readonly #replyWrite = (call: Call, written: number): void => {
+    if (!Number.isInteger(written) || written < 0 || written > call.length) {
+      throw new RangeError(`write() returned ${written} for a write of ${call.length} bytes`)
+    }
+    this.#out.writeUInt32LE(written, OUT_HEADER)
+    this.#out.writeUInt32LE(0, OUT_HEADER + 4)
+    this.#reply(call, 8)
+  }
+
+  readonly #replyOffset = (call: Call, offset: number): void => {
+    if (!Number.isSafeInteger(offset) || offset < 0) throw new RangeError(`lseek() returned ${offset}`)
+    this.#out.writeBigUInt64LE(BigInt(offset), OUT_HEADER)
+    this.#reply(call, 8)
+  }
+
+  readonly #replyBytes = (call: Call, value: string | Uint8Array): void => {
+    const bytes = typeof value === 'string' ? Buffer.from(value) : value
+    if (bytes.length > PATH_MAX) throw new RangeError('readlink() returned more than 4096 bytes')
+    this.#out.set(bytes, OUT_HEADER)
+    this.#reply(call, bytes.length)
+  }
+
+  readonly #replyXattr = (call: Call, value: Uint8Array): void => {
+    if (value.length > XATTR_SIZE_MAX) throw new RangeError('getxattr() returned more than 64 KiB')
+    this.#sized(call, value)
+  }
+
+  readonly #replyXattrList = (call: Call, list: string[]): void => {
+    const bytes = Buffer.from(list.map((n) => `${n}\0`).join(''))
+    if (bytes.length > XATTR_SIZE_MAX) throw new RangeError('listxattr() returned more than 64 KiB')
+    this.#sized(call, bytes)
+  }
+
+  /** An xattr answer: its size when asked with size 0, ERANGE when it does not fit, the bytes otherwise. */
+  #sized(call: Call, bytes: Uint8Array): void {
+    if (call.length === 0) {
+      this.#out.writeUInt32LE(bytes.length, OUT_HEADER)
+      this.#out.writeUInt32LE(0, OUT_HEADER + 4)
+      return void this.#reply(call, 8)
+    }
+    if (bytes.length > call.length) return this.#error(call, E.ERANGE)
+    this.#out.set(bytes, OUT_HEADER)
+    this.#reply(call, bytes.length)
+  }
+
+  readonly #replyStatfs = (call: Call, s: StatFs): void => {
+    const out = this.#out.fill(0, OUT_HEADER, OUT_HEADER + STATFS_OUT)
+    const o = OUT_HEADER
+    out.writeBigUInt64LE(BigInt(s.blocks ?? 0), o)
+    out.writeBigUInt64LE(BigInt(s.bfree ?? 0), o + 8)
+    out.writeBigUInt64LE(BigInt(s.bavail ?? 0), o + 16)
+    out.writeBigUInt64LE(BigInt(s.files ?? 0), o + 24)
+    out.writeBigUInt64LE(BigInt(s.ffree ?? 0), o + 32)
+    out.writeUInt32LE(s.bsize ?? 4096, o + 40)
+    out.writeUInt32LE(s.namelen ?? NAME_MAX, o + 44)
+    out.writeUInt32LE(s.frsize ?? s.bsize ?? 4096, o + 48)
+    this.#reply(call, STATFS_OUT)
+  }
+
+  readonly #replyDir = (call: Call, entries: Iterable<DirEntry>): void => {
+    this.#listing(call, entries, false)
+  }
+
+  readonly #replyDirPlus = (call: Call, entries: Iterable<DirEntry>): void => {
+    this.#listing(call, entries, true)
+  }
+
+  /** Encodes as many entries as fit the driver's buffer, after the header. */
+  #listing(call: Call, entries: Iterable<DirEntry>, plus: boolean): void {
+    const out = this.#out
+    const limit = call.length
+    const inos = this.#plusInos
+    inos.length = 0
+    let used = 0
+    for (const e of entries) {
+      const nameBytes = Buffer.byteLength(e.name)
+      if (nameBytes === 0 || nameBytes > NAME_MAX || e.name.includes('/') || e.name.includes('\0')) {
+        throw new RangeError(`readdir() returned the name ${JSON.stringify(e.name)}`)
+      }
+      if (!Number.isSafeInteger(e.offset) || e.offset < 1) {
+        throw new RangeError(`readdir() returned the offset ${e.offset} (cookies are ≥ 1)`)
+      }
+      const size = direntSize(nameBytes, plus)
+      if (used + size > limit) {
+        // The file system returned it, the driver will not see it.
+        if (e.attr) this.#unsent(e.attr.ino)
+        break
+      }
+      let at = OUT_HEADER + used
+      // A plain listing names no nodes: attributes the file system gave are not passed on.
+      if (!plus && e.attr) this.#unsent(e.attr.ino)
+      if (plus) {
+        const dot = e.name === '.' || e.name === '..'
+        // Without attributes, or for '.' and '..', the entry names no node (the driver looks it up).
+        if (e.attr && !dot && this.#room(e.attr.ino) && e.attr.ino === e.ino) {
+          this.#entryAt(at, { attr: e.attr })
+          inos.push(e.ino)
+        } else {
+          if (e.attr) this.#unsent(e.attr.ino)
+          out.fill(0, at, at + ENTRY_OUT)
+        }
+        at += ENTRY_OUT
+      }
+      out.writeBigUInt64LE(BigInt(e.ino), at)
+      out.writeBigUInt64LE(BigInt(e.offset), at + 8)
+      out.writeUInt32LE(nameBytes, at + 16)
+      out.writeUInt32LE(direntType(e.mode), at + 20)
+      const written = out.write(e.name, at + DIRENT_BASE, nameBytes, 'utf8')
+      out.fill(0, at + DIRENT_BASE + written, OUT_HEADER + used + size)
+      used += size
+    }
+    if (this.#reply(call, used)) for (const ino of inos) this.#ref(ino)
+    else for (const ino of inos) this.#unsent(ino)
+  }
+
+  // ---- lifecycle ----
+
+  protected inFlight(): number {
+    return this.#pending.size
+  }
+
+  protected override onFenced(): void {
+    // Calls whose requests died: their answers will be dropped. They stop counting, and hear of it.
+    for (const [ticket, call] of this.#pending) {
+      if (this.isLive(ticket)) continue
+      this.#pending.delete(ticket)
+      if (call.timer) clearTimeout(call.timer)
+      call.abort('the driver reset the device')
+    }
+  }
+
+  protected override onReset(): void {
+    this.#endSession()
+  }
+
+  protected async shutdown(): Promise<void> {
+    for (const call of this.#pending.values()) {
+      if (call.timer) clearTimeout(call.timer)
+      call.abort('the device is closing')
+    }
+    this.#pending.clear()
+    this.#endSession()
+  }
+}
+
+function intOption(
+  value: number | undefined,
+  fallback: number,
+  min: number,
+  max: number,
+  name: string,
+): number {
+  const v = value ?? fallback
+  if (!Number.isInteger(v) || v < min || v > max) {
+    throw new VduseError(`${name} must be an integer from ${min} to ${max}`, {
+      code: 'ERR_VDUSE_INVALID_CONFIG',
+    })
+  }
+  return v
+}
+
+function secondsOption(value: number | undefined, name: string): number {
+  const v = value ?? 1
+  if (!Number.isFinite(v) || v < 0 || v > 1e9) {
+    throw new VduseError(`${name} must be a number of seconds ≥ 0`, { code: 'ERR_VDUSE_INVALID_CONFIG' })
+  }
+  return v
+}
+
+function need(argLen: number, bytes: number): void {
+  if (argLen < bytes) throw new Malformed(E.EINVAL)
+}
+
+/** A u64 the driver sent, as a number (values past 2^53 are out of range for every use here). */
+function readU64(b: Buffer, at: number): number {
+  const hi = b.readUInt32LE(at + 4)
+  if (hi >= 0x20_0000) throw new Malformed(E.EINVAL)
+  return hi * 0x1_0000_0000 + b.readUInt32LE(at)
+}
+
+/**
+ * `count` NUL-terminated names from `a[at, end)`, which they must fill exactly. Directory entry names
+ * must be 1–255 bytes without '/' and not '.' or '..'; with `target`, the second is a symlink target
+ * (1–4095 bytes).
+ */
+function names(a: Buffer, at: number, end: number, count: number, target = false): string[] {
+  const out: string[] = []
+  let p = at
+  for (let k = 0; k < count; k++) {
+    const nul = a.indexOf(0, p)
+    if (nul < 0 || nul >= end) throw new Malformed(E.EINVAL)
+    const len = nul - p
+    const isTarget = target && k === 1
+    if (len === 0) throw new Malformed(isTarget ? E.ENOENT : E.EINVAL)
+    // Linux sends names up to 1024 bytes (FUSE_NAME_MAX): a longer one than a directory holds is an answer.
+    if (len > (isTarget ? PATH_MAX - 1 : NAME_MAX)) throw new Refused(E.ENAMETOOLONG)
+    const s = a.toString('utf8', p, nul)
+    if (!isTarget && (s === '.' || s === '..' || a.subarray(p, nul).includes(0x2f)))
+      throw new Malformed(E.EINVAL)
+    out.push(s)
+    p = nul + 1
+  }
+  if (p !== end) throw new Malformed(E.EINVAL)
+  return out
+}
+
+function xattrName(a: Buffer, at: number, nul: number): string {
+  const len = nul - at
+  if (len === 0) throw new Malformed(E.EINVAL)
+  if (len > XATTR_NAME_MAX) throw new Refused(E.ERANGE)
+  return a.toString('utf8', at, nul)
+}
+
+function setattrOf(a: Buffer, valid: number): SetAttr {
+  const c: SetAttr = {}
+  if (valid & FATTR.MODE) c.mode = a.readUInt32LE(68)
+  if (valid & FATTR.UID) c.uid = a.readUInt32LE(76)
+  if (valid & FATTR.GID) c.gid = a.readUInt32LE(80)
+  if (valid & FATTR.SIZE) c.size = readU64(a, 16)
+  if (valid & FATTR.ATIME) {
+    c.atime =
+      valid & FATTR.ATIME_NOW ? 'now' : { sec: Number(a.readBigInt64LE(32)), nsec: a.readUInt32LE(56) % 1e9 }
+  }
+  if (valid & FATTR.MTIME) {
+    c.mtime =
+      valid & FATTR.MTIME_NOW ? 'now' : { sec: Number(a.readBigInt64LE(40)), nsec: a.readUInt32LE(60) % 1e9 }
+  }
+  if (valid & FATTR.CTIME) c.ctime = { sec: Number(a.readBigInt64LE(48)), nsec: a.readUInt32LE(64) % 1e9 }
+  return c
+}
