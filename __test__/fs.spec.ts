@@ -144,9 +144,10 @@ test('MemoryFs: hard links, symlinks, unlink while open, forget frees', async (t
   t.is((await driver.read(f, fh, 0, 16)).data[0], 7, 'still readable through the open handle')
   await driver.release(f, fh)
   t.is(fs.nodeCount, nodes, 'still known to the driver')
+  const held = fs.bytes
   await driver.forget(f, 3) // create + link + … — more than it had: the count just ends
   t.is(fs.nodeCount, nodes - 1, 'forgotten: freed')
-  t.is(fs.bytes, 0)
+  t.is(held - fs.bytes, 65536 + 256, 'its data chunk and the node given back')
   await device.close()
 })
 
@@ -308,7 +309,8 @@ test('a reset with a hanging call: fenced, never answered, its late result is fo
   t.true(fs.forgotten.length >= 1)
   const before = fs.forgotten.length
   release()
-  await new Promise((r) => setTimeout(r, 10))
+  const deadline = Date.now() + 5000
+  while (fs.forgotten.length === before && Date.now() < deadline) await new Promise((r) => setTimeout(r, 5))
   t.is(fs.forgotten.length, before + 1, 'the late lookup result never reached the driver: forgotten')
   transport.start()
   t.truthy(device.status & STATUS.DRIVER_OK)
@@ -400,4 +402,212 @@ test('a file-system plugin loads with loadFsPlugin; a module that returns no fil
     code: 'ERR_VDUSE_INVALID_CONFIG',
     message: /did not return a file system/,
   })
+})
+
+test('names that are not UTF-8 are refused with EILSEQ (never mangled into another name)', async (t) => {
+  const { device, driver } = await setup(new MemoryFs())
+  await driver.init()
+  const bad = Buffer.from([0xe9, 0])
+  t.is((await driver.call(OP.LOOKUP, ROOT, [bad], 128)).error, -84)
+  const args = Buffer.alloc(16)
+  args.writeUInt32LE(0o100644, 4)
+  t.is((await driver.call(OP.CREATE, ROOT, [args, bad], 144)).error, -84)
+  t.is(device.stats.malformed, 0, 'a legitimate name the API cannot carry, not a malformed request')
+  await device.close()
+})
+
+test('values past 2^53: huge times EOVERFLOW, huge sizes EFBIG, reads there end the file', async (t) => {
+  const { device, driver } = await setup(new MemoryFs())
+  await driver.init()
+  const c = await driver.create(ROOT, 'f')
+  const f = entryOf(c).nodeid
+  const fh = fhOf(c, true)
+  const times = Buffer.alloc(88)
+  times.writeUInt32LE(1 << 5, 0) // MTIME
+  times.writeBigInt64LE(2n ** 63n - 1n, 40)
+  t.is((await driver.call(OP.SETATTR, f, [times], 104)).error, -75)
+  const size = Buffer.alloc(88)
+  size.writeUInt32LE(1 << 3, 0)
+  size.writeBigUInt64LE(2n ** 60n, 16)
+  t.is((await driver.call(OP.SETATTR, f, [size], 104)).error, -27)
+  const read = Buffer.alloc(40)
+  read.writeBigUInt64LE(fh, 0)
+  read.writeBigUInt64LE(2n ** 60n, 8)
+  read.writeUInt32LE(4096, 16)
+  const r = await driver.call(OP.READ, f, [read], 4096)
+  t.is(r.error, 0)
+  t.is(r.data.length, 0)
+  t.is((await driver.getattr(f)).error, 0, 'the file is still fine')
+  t.is(device.stats.malformed, 0)
+  await device.close()
+})
+
+test('READDIRPLUS at the buffer edge with two hard links: the node is counted once, never forgotten while known', async (t) => {
+  const fs = new MemoryFs()
+  const { device, driver } = await setup(fs)
+  await driver.init()
+  const d = entryOf(await driver.mkdir(ROOT, 'd')).nodeid
+  const c = await driver.create(d, 'a')
+  const f = entryOf(c).nodeid
+  await driver.release(f, fhOf(c, true))
+  const linkArgs = Buffer.alloc(8)
+  linkArgs.writeBigUInt64LE(BigInt(f))
+  entryOf(await driver.call(OP.LINK, d, [linkArgs, cstr('b')], 128))
+  await driver.forget(f, 2) // the driver forgets it: only the listing below names it again
+  await new Promise((r) => setImmediate(r))
+  const dh = fhOf(await driver.open(d, 0, true))
+  // '.', '..' and 'a' fit (3 × 152 bytes); 'b' does not.
+  const listed = await driver.readdir(d, dh, 0, 3 * 160, true)
+  t.deepEqual(
+    listed.map((e) => e.name),
+    ['.', '..', 'a'],
+  )
+  await new Promise((r) => setImmediate(r))
+  t.is(device.stats.nodes, 2, 'd and the file')
+  await driver.unlink(d, 'a')
+  await driver.unlink(d, 'b')
+  const before = fs.nodeCount
+  t.is((await driver.getattr(f)).error, 0, 'unlinked but known to the driver: still there')
+  await driver.forget(f, 1)
+  await new Promise((r) => setImmediate(r))
+  t.is(fs.nodeCount, before - 1)
+  await device.close()
+})
+
+test('xattr values up to 64 KiB are answered with a small maxWrite; queue sizes and tags the driver refuses are refused here', async (t) => {
+  const { device, driver } = await setup(new MemoryFs(), { maxWrite: 4096 })
+  await driver.init()
+  const f = entryOf(await driver.create(ROOT, 'f')).nodeid
+  const value = Buffer.alloc(60_000, 7)
+  t.is((await driver.setxattr(f, 'user.big', value)).error, 0)
+  const got = await driver.getxattr(f, 'user.big', 65536)
+  t.is(got.error, 0)
+  t.true(got.data.equals(value))
+  await device.close()
+  await t.throwsAsync(setup(new MemoryFs(), { queueSize: 8 }), { code: 'ERR_VDUSE_INVALID_CONFIG' })
+  await t.throwsAsync(setup(new MemoryFs(), { tag: 'a\nb' }), { code: 'ERR_VDUSE_INVALID_CONFIG' })
+})
+
+test('errors that name no errno answer EIO, whatever was thrown', async (t) => {
+  const fs: FileSystem = {
+    lookup(_p, name) {
+      if (name === 'proto') throw Object.assign(new Error('x'), { code: 'constructor' })
+      if (name === 'null') throw Object.create(null)
+      throw null
+    },
+    getattr: () => ({}) as never,
+    readdir: () => [],
+    read: () => 0,
+  }
+  const { device, driver } = await setup(fs)
+  const errors: Error[] = []
+  device.on('requestError', (e) => errors.push(e))
+  await driver.init()
+  t.is((await driver.lookup(ROOT, 'proto')).error, -E.EIO)
+  t.is((await driver.lookup(ROOT, 'null')).error, -E.EIO)
+  t.is((await driver.lookup(ROOT, 'other')).error, -E.EIO)
+  t.is(errors.length, 3)
+  t.is((await driver.getattr(ROOT)).error, -E.EIO, 'attributes that cannot be encoded')
+  await device.close()
+})
+
+test('opens that hang and time out stop counting against maxHandles', async (t) => {
+  const fs = new MemoryFs()
+  const slow: FileSystem = { ...bound(fs), opendir: () => new Promise(() => {}) }
+  const { device, driver } = await setup(slow, { maxHandles: 4, requestTimeoutMs: 30 })
+  await driver.init()
+  for (let i = 0; i < 4; i++) t.is((await driver.open(ROOT, 0, true)).error, -MORE.ETIMEDOUT)
+  const f = entryOf(await driver.create(ROOT, 'f'))
+  t.is((await driver.open(f.nodeid, 0)).error, 0, 'room again once the hung ones timed out')
+  await device.close()
+})
+
+test('a session that ends while a read runs: its handle is released only after the read returns', async (t) => {
+  const fs = new MemoryFs()
+  const events: string[] = []
+  let finish: () => void = () => {}
+  const slow: FileSystem = {
+    ...bound(fs),
+    read: async (ino, io, handle, ctx) => {
+      events.push('read started')
+      await new Promise<void>((r) => (finish = r))
+      events.push('read done')
+      return fs.read(ino, io, handle as never)
+    },
+    release: (ino, handle) => {
+      events.push('release')
+      fs.release(ino, handle as never)
+    },
+  }
+  const { device, driver } = await setup(slow)
+  await driver.init()
+  const c = await driver.create(ROOT, 'f')
+  const reading = driver.read(entryOf(c).nodeid, fhOf(c, true), 0, 10)
+  await new Promise((r) => setImmediate(r))
+  await driver.init() // a new session: the old one's handles are released…
+  t.deepEqual(events, ['read started'], '…but not under the running read')
+  finish()
+  await reading
+  await new Promise((r) => setImmediate(r))
+  t.deepEqual(events, ['read started', 'read done', 'release'])
+  await device.close()
+})
+
+test('MemoryFs: sparse files cost what is written; the byte budget covers symlinks, xattrs and names', async (t) => {
+  const fs = new MemoryFs({ maxBytes: 16 << 20 })
+  const { device, driver } = await setup(fs)
+  await driver.init()
+  const base = fs.bytes
+  const c = await driver.create(ROOT, 'sparse')
+  const f = entryOf(c).nodeid
+  const fh = fhOf(c, true)
+  t.is((await driver.write(f, fh, 900 << 20, Buffer.from('x'))).error, 0)
+  t.true(fs.bytes - base < 1 << 20, `${fs.bytes - base} bytes for one byte at 900 MiB`)
+  t.is(
+    (await driver.read(f, fh, 500 << 20, 4096)).data.every((b) => b === 0),
+    true,
+  )
+  // Appending until the budget runs out: ENOSPC, never past it.
+  let errors = 0
+  for (let i = 0; i < 40 && errors === 0; i++) {
+    errors = -(await driver.write(f, fh, i << 20, Buffer.alloc(1 << 20, 1))).error
+  }
+  t.is(errors, 28, 'ENOSPC')
+  t.true(fs.bytes <= 16 << 20)
+  await driver.release(f, fh)
+  t.is((await driver.unlink(ROOT, 'sparse')).error, 0)
+  await driver.forget(f, 1)
+  await new Promise((r) => setImmediate(r))
+  t.is(fs.bytes, base, 'all of it given back')
+  for (let i = 0; i < 50; i++) {
+    const s = entryOf(await driver.call(OP.SYMLINK, ROOT, [cstr(`s${i}`), cstr('t'.repeat(4000))], 128))
+    await driver.unlink(ROOT, `s${i}`)
+    await driver.forget(s.nodeid, 1)
+  }
+  await new Promise((r) => setImmediate(r))
+  t.is(fs.bytes, base, 'symlink targets are counted and given back')
+  const g = entryOf(await driver.create(ROOT, 'g')).nodeid
+  t.is((await driver.setxattr(g, 'user.a', Buffer.alloc(60_000))).error, 0)
+  t.is(
+    (await driver.setxattr(g, 'user.b', Buffer.alloc(10_000))).error,
+    -28,
+    'at most 64 KiB of xattrs per node',
+  )
+  await device.close()
+})
+
+test('MemoryFs: O_TRUNC truncates whatever the access mode; ATOMIC_O_TRUNC only when open() exists', async (t) => {
+  const { device, driver } = await setup(new MemoryFs())
+  const init = await driver.init()
+  t.truthy(init.data.readUInt32LE(12) & (1 << 3))
+  const c = await driver.create(ROOT, 'f')
+  const f = entryOf(c).nodeid
+  await driver.write(f, fhOf(c, true), 0, Buffer.from('content'))
+  t.is((await driver.open(f, 0o1000)).error, 0) // O_RDONLY | O_TRUNC
+  t.is(entryOf(await driver.lookup(ROOT, 'f')).size, 0)
+  await device.close()
+  const json = await setup(new JsonFs({ a: 'b' }))
+  const r = await json.driver.init()
+  t.falsy(r.data.readUInt32LE(12) & (1 << 3), 'no open(): the driver truncates with SETATTR')
+  await json.device.close()
 })

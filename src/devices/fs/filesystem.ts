@@ -6,7 +6,11 @@ import { E, type Attr, type ErrnoName } from './fuse'
 
 export type { Attr, Timespec } from './fuse'
 
-/** Who asks, and a signal that aborts when the answer stops mattering (driver reset, timeout). */
+/**
+ * Who asks, and a signal that aborts when the answer stops mattering (a driver reset, a timeout): stop
+ * working on it — a write must not be applied after it aborted (the driver may send it again). Valid
+ * until the call's result is answered.
+ */
 export interface FsContext {
   uid: number
   gid: number
@@ -214,9 +218,12 @@ export function errnoOf(err: unknown): number | undefined {
   if (err instanceof FsError) return err.errno
   const code = (err as { code?: unknown } | null)?.code
   if (typeof code === 'string') {
-    if (code in E) return E[code as ErrnoName]
-    const n = (constants.errno as Record<string, number | undefined>)[code]
-    if (n !== undefined) return n
+    // Own names only: 'constructor' or '__proto__' name no errno.
+    if (Object.hasOwn(E, code)) return E[code as ErrnoName]
+    const n: unknown = Object.hasOwn(constants.errno, code)
+      ? (constants.errno as Record<string, unknown>)[code]
+      : undefined
+    if (typeof n === 'number' && Number.isInteger(n) && n > 0) return n
   }
   return undefined
 }

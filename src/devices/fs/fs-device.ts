@@ -38,6 +38,14 @@ import {
   OUT_HEADER,
   PATH_MAX,
   STATFS_OUT,
+  S_IFBLK,
+  S_IFCHR,
+  S_IFDIR,
+  S_IFIFO,
+  S_IFLNK,
+  S_IFMT,
+  S_IFREG,
+  S_IFSOCK,
   XATTR_NAME_MAX,
   XATTR_SIZE_MAX,
   direntSize,
@@ -54,6 +62,8 @@ const TAG_BYTES = 36
 const PAGE = 4096
 /** Arguments of one request that are parsed (not streamed like a write's data): an xattr value fits. */
 const ARGS_MAX = XATTR_SIZE_MAX + 2 * (NAME_MAX + 1) + 64
+/** File types a node may have. */
+const VALID_TYPES = new Set([S_IFREG, S_IFDIR, S_IFLNK, S_IFCHR, S_IFBLK, S_IFIFO, S_IFSOCK])
 /** RENAME_NOREPLACE | RENAME_EXCHANGE; RENAME_WHITEOUT is refused. */
 const RENAME_FLAGS = 1 | 2
 
@@ -113,6 +123,10 @@ interface Handle {
   ino: number
   dir: boolean
   value: unknown
+  /** Calls running with it: a release waits for them (a handle may be an fd a write still uses). */
+  busy: number
+  /** Released (by the driver, or the session ended): the file system hears of it once `busy` is 0. */
+  closing: boolean
 }
 
 type Maybe<T> = T | Promise<T>
@@ -138,6 +152,10 @@ class Call implements FsContext, FileIo {
   answered = false
   /** In the pool: no request owns it. */
   pooled = false
+  /** The open handle this call uses (kept open until the call is over). */
+  handle: Handle | undefined
+  /** An open, create or opendir counted against `maxHandles` until it is answered or dies. */
+  opening = false
   timer: NodeJS.Timeout | undefined
   #controller: AbortController | undefined
   #aborted: VduseError | undefined
@@ -161,6 +179,8 @@ class Call implements FsContext, FileIo {
 
   reset(): void {
     this.pooled = false
+    this.handle = undefined
+    this.opening = false
     this.answered = false
     this.#controller = undefined
     this.#aborted = undefined
@@ -252,6 +272,7 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
   readonly #args = Buffer.alloc(ARGS_MAX)
   readonly #out: Buffer
   readonly #plusInos: number[] = []
+  readonly #unsentInos = new Set<number>()
 
   static async create<H = unknown>(options: FsDeviceOptions<H>): Promise<FsDevice<H>> {
     const device = new FsDevice<H>(options)
@@ -276,9 +297,9 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
       typeof options.tag !== 'string' ||
       tagBytes < 1 ||
       tagBytes > TAG_BYTES ||
-      options.tag.includes('\0')
+      /[\0\n]/.test(options.tag)
     ) {
-      throw bad(`tag must be 1–${TAG_BYTES} bytes of UTF-8 without NUL`)
+      throw bad(`tag must be 1–${TAG_BYTES} bytes of UTF-8 without NUL or newline (the driver refuses those)`)
     }
     const fs = options.fs
     if (!fs || typeof fs.lookup !== 'function' || typeof fs.getattr !== 'function') {
@@ -290,8 +311,9 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
     this.tag = options.tag
     this.#fs = fs
     this.#requestQueues = intOption(options.requestQueues, 1, 1, 64, 'requestQueues')
-    const queueSize = intOption(options.queueSize, 256, 4, 32768, 'queueSize')
-    if (queueSize & (queueSize - 1)) throw bad('queueSize must be a power of two from 4 to 32768')
+    // The driver needs more than its four header descriptors per request (and WARNs at mount otherwise).
+    const queueSize = intOption(options.queueSize, 256, 16, 32768, 'queueSize')
+    if (queueSize & (queueSize - 1)) throw bad('queueSize must be a power of two from 16 to 32768')
     this.#queueSize = queueSize
     this.#entryTimeout = secondsOption(options.entryTimeout, 'entryTimeout')
     this.#attrTimeout = secondsOption(options.attrTimeout, 'attrTimeout')
@@ -303,7 +325,7 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
     this.#readOnly = options.readOnly ?? false
     this.#writeback = options.writebackCache ?? false
     // Replies: a header and the largest fixed reply (an entry and an open file), or a directory listing.
-    this.#out = Buffer.alloc(OUT_HEADER + this.#maxWrite)
+    this.#out = Buffer.alloc(OUT_HEADER + Math.max(this.#maxWrite, XATTR_SIZE_MAX, PATH_MAX))
   }
 
   #start(): void {
@@ -473,10 +495,12 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
       }
       case OP.READ: {
         need(argLen, 40)
-        const handle = this.#handle(a, 0, ino, false)
-        const offset = readU64(a, 8)
+        const handle = this.#handle(a, 0, ino, false, call)
+        const offset = readPos(a, 8)
         const size = a.readUInt32LE(16)
         if (size > this.#maxRead) throw new Malformed(E.EINVAL)
+        // Past 2^53 no file has data: end of file.
+        if (offset + size > Number.MAX_SAFE_INTEGER) return this.#replyWithData(call, 0)
         call.offset = offset
         call.length = Math.min(size, Math.max(0, call.writable - OUT_HEADER))
         // The data path calls the file system directly: no closure per request.
@@ -499,15 +523,18 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
         const handle = this.#handle(a, 0, ino, dir)
         this.#handles.delete(fh)
         this.stats.handles = this.#handles.size
+        handle.closing = true
         const method = dir ? fs.releasedir : fs.release
-        if (!method) return this.#replyEmpty(call)
+        // A driver releases a handle no call of it still uses; a hostile one may not: then the release
+        // is answered now, and the file system hears of it when the last call is over.
+        if (!method || handle.busy > 0) return this.#replyEmpty(call)
         return this.#run(call, () => method.call(fs, ino, handle.value as H), this.#replyEmpty)
       }
       case OP.FSYNC:
       case OP.FSYNCDIR: {
         need(argLen, 16)
         const dir = op === OP.FSYNCDIR
-        const handle = this.#handle(a, 0, ino, dir)
+        const handle = this.#handle(a, 0, ino, dir, call)
         const datasync = (a.readUInt32LE(8) & 1) !== 0
         const method = dir ? fs.fsyncdir : fs.fsync
         if (!method) return this.#unsupported(call)
@@ -519,7 +546,7 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
       }
       case OP.FLUSH: {
         need(argLen, 24)
-        const handle = this.#handle(a, 0, ino, false)
+        const handle = this.#handle(a, 0, ino, false, call)
         if (!fs.flush) return this.#unsupported(call)
         return this.#run(call, () => fs.flush!(ino, handle.value as H, call), this.#replyEmpty)
       }
@@ -565,7 +592,7 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
       case OP.READDIR:
       case OP.READDIRPLUS: {
         need(argLen, 40)
-        const handle = this.#handle(a, 0, ino, true)
+        const handle = this.#handle(a, 0, ino, true, call)
         const offset = readU64(a, 8)
         const size = a.readUInt32LE(16)
         call.offset = offset
@@ -596,11 +623,12 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
       }
       case OP.FALLOCATE: {
         need(argLen, 32)
-        const handle = this.#handle(a, 0, ino, false)
-        const offset = readU64(a, 8)
-        const length = readU64(a, 16)
+        const handle = this.#handle(a, 0, ino, false, call)
+        const offset = readPos(a, 8)
+        const length = readPos(a, 16)
         const mode = a.readUInt32LE(24)
         if (length === 0) return this.#error(call, E.EINVAL)
+        if (offset + length > Number.MAX_SAFE_INTEGER) return this.#error(call, E.EFBIG)
         if (this.#readOnly) return this.#error(call, E.EROFS)
         if (!fs.fallocate) return this.#unsupported(call)
         return this.#run(
@@ -611,10 +639,11 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
       }
       case OP.LSEEK: {
         need(argLen, 24)
-        const handle = this.#handle(a, 0, ino, false)
-        const offset = readU64(a, 8)
+        const handle = this.#handle(a, 0, ino, false, call)
+        const offset = readPos(a, 8)
         const whence = a.readUInt32LE(16)
         if (whence > 4) return this.#error(call, E.EINVAL)
+        if (offset > Number.MAX_SAFE_INTEGER) return this.#error(call, E.ENXIO)
         if (!fs.lseek) return this.#unsupported(call)
         return this.#run(
           call,
@@ -633,11 +662,27 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
     throw new Malformed(E.ESTALE)
   }
 
-  /** The open handle whose id is at `a[at]`: one of node `ino`, of the right kind. */
-  #handle(a: Buffer, at: number, ino: number, dir: boolean): Handle {
+  /** The open handle whose id is at `a[at]`: one of node `ino`, of the right kind; `call` now uses it. */
+  #handle(a: Buffer, at: number, ino: number, dir: boolean, call?: Call): Handle {
     const handle = this.#handles.get(readU64(a, at))
     if (!handle || handle.ino !== ino || handle.dir !== dir) throw new Malformed(E.EBADF)
+    if (call) {
+      call.handle = handle
+      handle.busy++
+    }
     return handle
+  }
+
+  /** The file system hears that a handle is closed — once no call uses it any more. */
+  #close(handle: Handle): void {
+    handle.closing = true
+    if (handle.busy > 0) return
+    const fs = this.#fs
+    this.#quietly(() =>
+      handle.dir
+        ? fs.releasedir?.(handle.ino, handle.value as H)
+        : fs.release?.(handle.ino, handle.value as H),
+    )
   }
 
   /** GETATTR's optional handle: a stale one is ignored (the attributes are the node's anyway). */
@@ -666,7 +711,6 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
     this.#endSession()
     let want: number =
       INIT.ASYNC_READ |
-      INIT.ATOMIC_O_TRUNC |
       INIT.BIG_WRITES |
       INIT.DO_READDIRPLUS |
       INIT.READDIRPLUS_AUTO |
@@ -674,6 +718,8 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
       INIT.MAX_PAGES |
       INIT.CACHE_SYMLINKS
     if (this.#writeback && !this.#readOnly) want |= INIT.WRITEBACK_CACHE
+    // O_TRUNC reaches open() then; without open(), the driver truncates with SETATTR itself.
+    if (this.#fs.open) want |= INIT.ATOMIC_O_TRUNC
     const flags = (offered & want) >>> 0
     const maxWrite = this.#maxWrite
     this.#maxRead = flags & INIT.MAX_PAGES ? maxWrite : 32 * PAGE
@@ -718,9 +764,8 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
     const handles = [...this.#handles.values()]
     this.#handles.clear()
     this.stats.handles = 0
-    for (const h of handles) {
-      this.#quietly(() => (h.dir ? fs.releasedir?.(h.ino, h.value as H) : fs.release?.(h.ino, h.value as H)))
-    }
+    // Calls still running keep their handle until they are over.
+    for (const h of handles) this.#close(h)
     const nodes = [...this.#nodes.keys()]
     this.#nodes.clear()
     this.stats.nodes = 0
@@ -738,7 +783,7 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
   }
 
   #report(err: unknown): void {
-    const e = err instanceof Error ? err : new Error(String(err))
+    const e = asError(err)
     if (this.listenerCount('error') > 0) this.emit('error', e)
     else process.emitWarning(e)
   }
@@ -748,7 +793,7 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
     const a = this.#args
     if (call.opcode === OP.FORGET) {
       if (argLen === 8 && this.source.read(call.ticket, IN_HEADER, a, 0, 8) === 8) {
-        this.#unref(call.nodeid, readU64(a, 0))
+        this.#unref(call.nodeid, readCount(a, 0))
       } else this.stats.malformed++
       return this.#complete(call, 0)
     }
@@ -766,7 +811,7 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
     for (let done = 0; done < count; done += chunk) {
       const n = Math.min(chunk, count - done) * 16
       if (this.source.read(call.ticket, IN_HEADER + 8 + done * 16, a, 0, n) !== n) break
-      for (let k = 0; k < n; k += 16) this.#unref(readU64(a, k), readU64(a, k + 8))
+      for (let k = 0; k < n; k += 16) this.#unref(readPos(a, k), readCount(a, k + 8))
     }
     this.#complete(call, 0)
   }
@@ -802,11 +847,12 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
     const a = this.#args
     if (this.source.read(call.ticket, IN_HEADER, a, 0, 40) !== 40) return this.#drop(call)
     const ino = this.#node(call.nodeid)
-    const handle = this.#handle(a, 0, ino, false)
-    const offset = readU64(a, 8)
+    const handle = this.#handle(a, 0, ino, false, call)
+    const offset = readPos(a, 8)
     const size = a.readUInt32LE(16)
     if (size > this.#maxWrite || size !== argLen - 40) throw new Malformed(E.EINVAL)
     if (this.#readOnly) return this.#error(call, E.EROFS)
+    if (offset + size > Number.MAX_SAFE_INTEGER) return this.#error(call, E.EFBIG)
     const fs = this.#fs as FileSystem<H> & Required<Pick<FileSystem<H>, 'write'>>
     if (!fs.write) return this.#unsupported(call)
     call.offset = offset
@@ -824,9 +870,8 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
   #open(call: Call, ino: number, dir: boolean, fn: () => Maybe<OpenResult<H> | void>): void {
     if (this.#handles.size + this.#opening >= this.#maxHandles) return this.#error(call, E.EMFILE)
     this.#opening++
-    const settle = (): void => {
-      this.#opening--
-    }
+    call.opening = true
+    const settle = (): void => this.#opened(call)
     this.#run(
       call,
       () => {
@@ -868,6 +913,7 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
     if (this.#timeoutMs > 0) {
       call.timer = setTimeout(() => {
         call.abort('the request timed out')
+        this.#opened(call)
         this.#error(call, E.ETIMEDOUT)
       }, this.#timeoutMs)
     }
@@ -902,8 +948,9 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
   #failed(call: Call, err: unknown): void {
     const errno = errnoOf(err)
     if (errno === undefined) {
+      const error = asError(err)
       try {
-        this.emit('requestError', err instanceof Error ? err : new Error(String(err)))
+        this.emit('requestError', error)
       } catch (listenerError) {
         queueMicrotask(() => {
           throw listenerError
@@ -913,9 +960,23 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
     this.#error(call, errno ?? E.EIO)
   }
 
+  /** An open no longer counts against `maxHandles` as under way (it settled, timed out or died). */
+  #opened(call: Call): void {
+    if (!call.opening) return
+    call.opening = false
+    this.#opening--
+  }
+
   /** The call is over (answered, and no file-system call holds it): back to the pool, once. */
   #release(call: Call): void {
-    if (call.pooled || this.#pool.length >= 1024) return
+    if (call.pooled) return
+    const handle = call.handle
+    if (handle) {
+      call.handle = undefined
+      if (--handle.busy === 0 && handle.closing) this.#close(handle)
+    }
+    this.#opened(call)
+    if (this.#pool.length >= 1024) return
     call.pooled = true
     this.#pool.push(call)
   }
@@ -993,6 +1054,13 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
     const entry: Entry = isEntry(value) ? value : { attr: value }
     const ino = entry.attr.ino
     if (!Number.isSafeInteger(ino) || ino < 1) throw new RangeError(`the file system returned node id ${ino}`)
+    // What the driver would drop without a FORGET (fuse_valid_type, fuse_invalid_attr) never goes out.
+    if (!VALID_TYPES.has(entry.attr.mode & S_IFMT)) {
+      throw new RangeError(`the file system returned mode 0o${entry.attr.mode.toString(8)} for node ${ino}`)
+    }
+    if (!Number.isSafeInteger(entry.attr.size) || entry.attr.size < 0) {
+      throw new RangeError(`the file system returned size ${entry.attr.size} for node ${ino}`)
+    }
     encodeEntry(
       this.#out,
       at,
@@ -1017,11 +1085,23 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
     this.stats.nodes = this.#nodes.size
   }
 
-  /** A node the file system returned never reached the driver: if it did not know it, forget it. */
+  /**
+   * A node the file system returned did not reach the driver. Unless the driver knows it by then, it is
+   * forgotten — decided after this turn, so that a reply naming it that is about to go out (another
+   * request's, or a second entry of the same listing) is counted first.
+   */
   #unsent(ino: number): void {
-    if (ino === FUSE_ROOT_ID || this.#nodes.has(ino)) return
+    if (ino === FUSE_ROOT_ID || !this.#fs.forget) return
+    if (this.#unsentInos.size === 0) setImmediate(() => this.#forgetUnsent())
+    this.#unsentInos.add(ino)
+  }
+
+  #forgetUnsent(): void {
     const fs = this.#fs
-    this.#quietly(() => fs.forget?.(ino))
+    for (const ino of this.#unsentInos) {
+      if (!this.#nodes.has(ino)) this.#quietly(() => fs.forget?.(ino))
+    }
+    this.#unsentInos.clear()
   }
 
   readonly #replyEntry = (call: Call, value: Entry | Attr): void => {
@@ -1057,6 +1137,12 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
     if (created) {
       if (!r.entry) throw new TypeError('create() must return { entry }')
       node = this.#entryAt(OUT_HEADER, r.entry)
+      const mode = isEntry(r.entry) ? r.entry.attr.mode : r.entry.mode
+      if ((mode & S_IFMT) !== S_IFREG) {
+        release()
+        this.#unsent(node)
+        throw new RangeError('create() returned a node that is not a regular file')
+      }
       if (!this.#room(node)) {
         release()
         this.#unsent(node)
@@ -1072,7 +1158,7 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
     out.writeInt32LE(0, at + 12)
     if (this.#reply(call, length)) {
       if (created) this.#ref(node)
-      this.#handles.set(fh, { ino: node, dir, value: r.handle })
+      this.#handles.set(fh, { ino: node, dir, value: r.handle, busy: 0, closing: false })
       this.stats.handles = this.#handles.size
     } else {
       // Nobody will release it: the driver never learned of it.
@@ -1175,52 +1261,63 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
     this.#listing(call, entries, true)
   }
 
-  /** Encodes as many entries as fit the driver's buffer, after the header. */
+  /**
+   * Encodes as many entries as fit the driver's buffer, after the header. Every node the file system
+   * returned with attributes is counted if this listing names it to the driver, and forgotten otherwise
+   * (decided once the reply went out: the same node may appear twice, as hard links).
+   */
   #listing(call: Call, entries: Iterable<DirEntry>, plus: boolean): void {
     const out = this.#out
     const limit = call.length
-    const inos = this.#plusInos
-    inos.length = 0
+    const named = this.#plusInos
+    named.length = 0
+    const returned: number[] = []
     let used = 0
-    for (const e of entries) {
-      const nameBytes = Buffer.byteLength(e.name)
-      if (nameBytes === 0 || nameBytes > NAME_MAX || e.name.includes('/') || e.name.includes('\0')) {
-        throw new RangeError(`readdir() returned the name ${JSON.stringify(e.name)}`)
-      }
-      if (!Number.isSafeInteger(e.offset) || e.offset < 1) {
-        throw new RangeError(`readdir() returned the offset ${e.offset} (cookies are ≥ 1)`)
-      }
-      const size = direntSize(nameBytes, plus)
-      if (used + size > limit) {
-        // The file system returned it, the driver will not see it.
-        if (e.attr) this.#unsent(e.attr.ino)
-        break
-      }
-      let at = OUT_HEADER + used
-      // A plain listing names no nodes: attributes the file system gave are not passed on.
-      if (!plus && e.attr) this.#unsent(e.attr.ino)
-      if (plus) {
-        const dot = e.name === '.' || e.name === '..'
-        // Without attributes, or for '.' and '..', the entry names no node (the driver looks it up).
-        if (e.attr && !dot && this.#room(e.attr.ino) && e.attr.ino === e.ino) {
-          this.#entryAt(at, { attr: e.attr })
-          inos.push(e.ino)
-        } else {
-          if (e.attr) this.#unsent(e.attr.ino)
-          out.fill(0, at, at + ENTRY_OUT)
+    try {
+      for (const e of entries) {
+        const nameBytes = Buffer.byteLength(e.name)
+        if (nameBytes === 0 || nameBytes > NAME_MAX || e.name.includes('/') || e.name.includes('\0')) {
+          throw new RangeError(`readdir() returned the name ${JSON.stringify(e.name)}`)
         }
-        at += ENTRY_OUT
+        if (!Number.isSafeInteger(e.offset) || e.offset < 1) {
+          throw new RangeError(`readdir() returned the offset ${e.offset} (cookies are ≥ 1)`)
+        }
+        if (!Number.isSafeInteger(e.ino) || e.ino < 1)
+          throw new RangeError(`readdir() returned inode ${e.ino}`)
+        const size = direntSize(nameBytes, plus)
+        if (used + size > limit) {
+          if (e.attr) returned.push(e.attr.ino)
+          break
+        }
+        let at = OUT_HEADER + used
+        if (plus) {
+          const dot = e.name === '.' || e.name === '..'
+          // Without attributes, or for '.' and '..', the entry names no node (the driver looks it up).
+          if (e.attr && !dot && e.attr.ino === e.ino && this.#room(e.ino)) {
+            this.#entryAt(at, { attr: e.attr })
+            named.push(e.ino)
+          } else {
+            if (e.attr) returned.push(e.attr.ino)
+            out.fill(0, at, at + ENTRY_OUT)
+          }
+          at += ENTRY_OUT
+        } else if (e.attr) returned.push(e.attr.ino) // a plain listing names no nodes
+        out.writeBigUInt64LE(BigInt(e.ino), at)
+        out.writeBigUInt64LE(BigInt(e.offset), at + 8)
+        out.writeUInt32LE(nameBytes, at + 16)
+        out.writeUInt32LE(direntType(e.mode), at + 20)
+        const written = out.write(e.name, at + DIRENT_BASE, nameBytes, 'utf8')
+        out.fill(0, at + DIRENT_BASE + written, OUT_HEADER + used + size)
+        used += size
       }
-      out.writeBigUInt64LE(BigInt(e.ino), at)
-      out.writeBigUInt64LE(BigInt(e.offset), at + 8)
-      out.writeUInt32LE(nameBytes, at + 16)
-      out.writeUInt32LE(direntType(e.mode), at + 20)
-      const written = out.write(e.name, at + DIRENT_BASE, nameBytes, 'utf8')
-      out.fill(0, at + DIRENT_BASE + written, OUT_HEADER + used + size)
-      used += size
+    } catch (err) {
+      for (const ino of named) this.#unsent(ino)
+      for (const ino of returned) this.#unsent(ino)
+      throw err
     }
-    if (this.#reply(call, used)) for (const ino of inos) this.#ref(ino)
-    else for (const ino of inos) this.#unsent(ino)
+    if (this.#reply(call, used)) for (const ino of named) this.#ref(ino)
+    else for (const ino of named) this.#unsent(ino)
+    for (const ino of returned) this.#unsent(ino)
   }
 
   // ---- lifecycle ----
@@ -1235,6 +1332,7 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
       if (this.isLive(ticket)) continue
       this.#pending.delete(ticket)
       if (call.timer) clearTimeout(call.timer)
+      this.#opened(call)
       call.abort('the driver reset the device')
     }
   }
@@ -1251,6 +1349,18 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
     this.#pending.clear()
     this.#endSession()
   }
+}
+
+/** An error from anything thrown (a string, null, an object without a prototype). */
+function asError(err: unknown): Error {
+  if (err instanceof Error) return err
+  let text: string
+  try {
+    text = String(err)
+  } catch {
+    text = Object.prototype.toString.call(err)
+  }
+  return new Error(`a file-system call threw ${text}`)
 }
 
 function intOption(
@@ -1281,11 +1391,22 @@ function need(argLen: number, bytes: number): void {
   if (argLen < bytes) throw new Malformed(E.EINVAL)
 }
 
-/** A u64 the driver sent, as a number (values past 2^53 are out of range for every use here). */
+/** A u64 id the driver sent (a node id, a handle): past 2^53 none of ours can match. */
 function readU64(b: Buffer, at: number): number {
   const hi = b.readUInt32LE(at + 4)
   if (hi >= 0x20_0000) throw new Malformed(E.EINVAL)
   return hi * 0x1_0000_0000 + b.readUInt32LE(at)
+}
+
+/** A u64 position or size: past 2^53 it is a legitimate value no file here reaches — `Infinity`. */
+function readPos(b: Buffer, at: number): number {
+  const hi = b.readUInt32LE(at + 4)
+  return hi >= 0x20_0000 ? Infinity : hi * 0x1_0000_0000 + b.readUInt32LE(at)
+}
+
+/** A u64 count (nlookup): larger than any count can be, so clamped. */
+function readCount(b: Buffer, at: number): number {
+  return Math.min(readPos(b, at), Number.MAX_SAFE_INTEGER)
 }
 
 /**
@@ -1304,9 +1425,10 @@ function names(a: Buffer, at: number, end: number, count: number, target = false
     if (len === 0) throw new Malformed(isTarget ? E.ENOENT : E.EINVAL)
     // Linux sends names up to 1024 bytes (FUSE_NAME_MAX): a longer one than a directory holds is an answer.
     if (len > (isTarget ? PATH_MAX - 1 : NAME_MAX)) throw new Refused(E.ENAMETOOLONG)
-    const s = a.toString('utf8', p, nul)
-    if (!isTarget && (s === '.' || s === '..' || a.subarray(p, nul).includes(0x2f)))
-      throw new Malformed(E.EINVAL)
+    const bytes = a.subarray(p, nul)
+    if (!isTarget && bytes.includes(0x2f)) throw new Malformed(E.EINVAL)
+    const s = utf8(bytes)
+    if (!isTarget && (s === '.' || s === '..')) throw new Malformed(E.EINVAL)
     out.push(s)
     p = nul + 1
   }
@@ -1318,7 +1440,21 @@ function xattrName(a: Buffer, at: number, nul: number): string {
   const len = nul - at
   if (len === 0) throw new Malformed(E.EINVAL)
   if (len > XATTR_NAME_MAX) throw new Refused(E.ERANGE)
-  return a.toString('utf8', at, nul)
+  return utf8(a.subarray(at, nul))
+}
+
+const STRICT_UTF8 = new TextDecoder('utf-8', { fatal: true })
+
+/**
+ * A name as a string. Names are strings in the FileSystem API, so bytes that are not UTF-8 (which
+ * Linux allows) are refused with EILSEQ rather than mangled into another name.
+ */
+function utf8(bytes: Buffer): string {
+  try {
+    return STRICT_UTF8.decode(bytes)
+  } catch {
+    throw new Refused(E.EILSEQ)
+  }
 }
 
 function setattrOf(a: Buffer, valid: number): SetAttr {
@@ -1326,15 +1462,22 @@ function setattrOf(a: Buffer, valid: number): SetAttr {
   if (valid & FATTR.MODE) c.mode = a.readUInt32LE(68)
   if (valid & FATTR.UID) c.uid = a.readUInt32LE(76)
   if (valid & FATTR.GID) c.gid = a.readUInt32LE(80)
-  if (valid & FATTR.SIZE) c.size = readU64(a, 16)
-  if (valid & FATTR.ATIME) {
-    c.atime =
-      valid & FATTR.ATIME_NOW ? 'now' : { sec: Number(a.readBigInt64LE(32)), nsec: a.readUInt32LE(56) % 1e9 }
+  if (valid & FATTR.SIZE) {
+    c.size = readPos(a, 16)
+    if (c.size > Number.MAX_SAFE_INTEGER) throw new Refused(E.EFBIG)
   }
-  if (valid & FATTR.MTIME) {
-    c.mtime =
-      valid & FATTR.MTIME_NOW ? 'now' : { sec: Number(a.readBigInt64LE(40)), nsec: a.readUInt32LE(60) % 1e9 }
-  }
-  if (valid & FATTR.CTIME) c.ctime = { sec: Number(a.readBigInt64LE(48)), nsec: a.readUInt32LE(64) % 1e9 }
+  if (valid & FATTR.ATIME) c.atime = valid & FATTR.ATIME_NOW ? 'now' : timeAt(a, 32, 56)
+  if (valid & FATTR.MTIME) c.mtime = valid & FATTR.MTIME_NOW ? 'now' : timeAt(a, 40, 60)
+  if (valid & FATTR.CTIME) c.ctime = timeAt(a, 48, 64)
   return c
+}
+
+/** A time the driver sets; one a number cannot hold exactly is refused (EOVERFLOW), never rounded. */
+function timeAt(a: Buffer, secAt: number, nsecAt: number): { sec: number; nsec: number } {
+  const sec = a.readBigInt64LE(secAt)
+  const nsec = a.readUInt32LE(nsecAt)
+  if (sec > BigInt(Number.MAX_SAFE_INTEGER) || sec < BigInt(Number.MIN_SAFE_INTEGER) || nsec >= 1e9) {
+    throw new Refused(E.EOVERFLOW)
+  }
+  return { sec: Number(sec), nsec }
 }

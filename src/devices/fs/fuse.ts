@@ -220,6 +220,7 @@ export const E = {
   ENODATA: 61,
   EPROTO: 71,
   EOVERFLOW: 75,
+  EILSEQ: 84,
   EOPNOTSUPP: 95,
   ETIMEDOUT: 110,
   ESTALE: 116,

@@ -21,7 +21,6 @@ import {
 } from './fuse'
 
 const ROOT = 1
-const O_ACCMODE = 3
 const O_TRUNC = 0o1000
 const O_EXCL = 0o200
 const XATTR_CREATE = 1
@@ -35,24 +34,79 @@ const RENAME_NOREPLACE = 1
 const RENAME_EXCHANGE = 2
 /** Cookies 1 and 2 are '.' and '..'; entries get 3 onwards. */
 const FIRST_COOKIE = 3
+/** File data is kept in chunks of this size, allocated when first written: sparse files stay small. */
+const CHUNK = 64 * 1024
+/** Largest file (bytes): like ext4's 16 TiB, well inside the numbers a double holds exactly. */
+const MAX_FILE = 2 ** 44
+/** What a node, a directory entry and an extended attribute cost beyond their bytes (for `maxBytes`). */
+const NODE_COST = 256
+const ENTRY_COST = 64
+/** Extended attributes per node, names and values together (as ext4 allows in one block, but larger). */
+const XATTR_NODE_MAX = 64 * 1024
 
 interface Child {
+  name: string
   ino: number
   cookie: number
+  gone: boolean
+}
+
+/** A directory's entries: by name, and in cookie order for listings (removed ones are tombstones). */
+class Entries {
+  readonly byName = new Map<string, Child>()
+  list: Child[] = []
+  nextCookie = FIRST_COOKIE
+  #tombs = 0
+
+  get size(): number {
+    return this.byName.size
+  }
+
+  add(name: string, ino: number): void {
+    const c: Child = { name, ino, cookie: this.nextCookie++, gone: false }
+    this.byName.set(name, c)
+    this.list.push(c)
+  }
+
+  remove(name: string): void {
+    const c = this.byName.get(name)
+    if (!c) return
+    this.byName.delete(name)
+    c.gone = true
+    // Compacting keeps listing cost proportional to the live entries; cookies do not change.
+    if (++this.#tombs > 32 && this.#tombs > this.list.length / 2) {
+      this.list = this.list.filter((x) => !x.gone)
+      this.#tombs = 0
+    }
+  }
+
+  /** Live entries with a cookie above `offset`, in order: a binary search, then a walk. */
+  *after(offset: number): Generator<Child> {
+    const list = this.list
+    let lo = 0
+    let hi = list.length
+    while (lo < hi) {
+      const mid = (lo + hi) >>> 1
+      if (list[mid]!.cookie <= offset) lo = mid + 1
+      else hi = mid
+    }
+    for (let i = lo; i < list.length; i++) if (!list[i]!.gone) yield list[i]!
+  }
 }
 
 class Node {
   nlink: number
   size = 0
-  /** File data (its length is the capacity), a symlink's target. */
-  data: Buffer = EMPTY
+  /** A regular file's data, by chunk index; a missing chunk reads as zeros. */
+  chunks: Map<number, Buffer> | undefined
+  /** A symlink's target. */
+  target: Buffer | undefined
   atime: Timespec
   mtime: Timespec
   ctime: Timespec
   readonly xattrs = new Map<string, Buffer>()
-  /** A directory's entries, in creation order (a renamed entry moves to the end). */
-  entries: Map<string, Child> | undefined
-  nextCookie = FIRST_COOKIE
+  xattrBytes = 0
+  entries: Entries | undefined
   /** A directory's parent. */
   parent = ROOT
   /** The driver may refer to it (returned, not forgotten). */
@@ -70,16 +124,16 @@ class Node {
     this.atime = t
     this.mtime = t
     this.ctime = t
-    this.nlink = (mode & S_IFMT) === S_IFDIR ? 2 : 1
-    if ((mode & S_IFMT) === S_IFDIR) this.entries = new Map()
+    const type = mode & S_IFMT
+    this.nlink = type === S_IFDIR ? 2 : 1
+    if (type === S_IFDIR) this.entries = new Entries()
+    if (type === S_IFREG) this.chunks = new Map()
   }
 
   get isDir(): boolean {
-    return (this.mode & S_IFMT) === S_IFDIR
+    return this.entries !== undefined
   }
 }
-
-const EMPTY = Buffer.alloc(0)
 
 function now(): Timespec {
   const ms = Date.now()
@@ -87,7 +141,10 @@ function now(): Timespec {
 }
 
 export interface MemoryFsOptions {
-  /** Most bytes of file data held (default 1 GiB): writes past it fail with ENOSPC. */
+  /**
+   * Most bytes held (default 1 GiB): file data in 64 KiB chunks as written (holes cost nothing), symlink
+   * targets, extended attributes, names, and a little per node. Past it, changes fail with ENOSPC.
+   */
   maxBytes?: number
   /** Most nodes (default 1,048,576): creating more fails with ENOSPC. */
   maxNodes?: number
@@ -98,10 +155,14 @@ export interface MemoryFsOptions {
 }
 
 /**
- * A complete file system in memory: regular files (sparse reads, holes punched), directories, symlinks,
- * hard links, device nodes, FIFOs and sockets, extended attributes, POSIX rename semantics (replace,
- * RENAME_NOREPLACE, RENAME_EXCHANGE), and unlinked files that live on while open or known to the driver.
- * Its data lives as long as the object: serve it again after a remount and it is all still there.
+ * A complete file system in memory: regular files (sparse: data in 64 KiB chunks as written, holes
+ * punched), directories, symlinks, hard links, device nodes, FIFOs and sockets, extended attributes,
+ * POSIX rename semantics (replace, RENAME_NOREPLACE, RENAME_EXCHANGE), and unlinked files that live on
+ * while open or known to the driver. Everything it holds counts against `maxBytes`. Its data lives as
+ * long as the object: serve it again after a remount and it is all still there.
+ *
+ * It checks no permissions beyond `access()`: the virtiofs driver checks them itself (it mounts with
+ * `default_permissions`) from the modes and owners it is given.
  */
 export class MemoryFs implements FileSystem<Node> {
   readonly #nodes = new Map<number, Node>()
@@ -121,9 +182,10 @@ export class MemoryFs implements FileSystem<Node> {
     )
     root.known = true
     this.#nodes.set(ROOT, root)
+    this.#bytes = NODE_COST
   }
 
-  /** Bytes of file data held. */
+  /** Bytes held (see `maxBytes`). */
   get bytes(): number {
     return this.#bytes
   }
@@ -152,12 +214,12 @@ export class MemoryFs implements FileSystem<Node> {
     return attrOf(this.#node(ino))
   }
 
-  setattr(ino: number, c: SetAttr, ctx: FsContext): Attr {
+  setattr(ino: number, c: SetAttr): Attr {
     const node = this.#node(ino)
     if (c.size !== undefined) {
       if (node.isDir) throw new FsError('EISDIR')
-      if ((node.mode & S_IFMT) !== S_IFREG) throw new FsError('EINVAL')
-      this.#resize(node, c.size)
+      if (!node.chunks) throw new FsError('EINVAL')
+      this.#truncate(node, c.size)
       node.mtime = now()
     }
     if (c.mode !== undefined) node.mode = (node.mode & S_IFMT) | (c.mode & 0o7777)
@@ -166,27 +228,27 @@ export class MemoryFs implements FileSystem<Node> {
     if (c.atime !== undefined) node.atime = c.atime === 'now' ? now() : c.atime
     if (c.mtime !== undefined) node.mtime = c.mtime === 'now' ? now() : c.mtime
     node.ctime = c.ctime ?? now()
-    void ctx
     return attrOf(node)
   }
 
   readlink(ino: number): Buffer {
     const node = this.#node(ino)
-    if ((node.mode & S_IFMT) !== S_IFLNK) throw new FsError('EINVAL')
-    return node.data
+    if (!node.target) throw new FsError('EINVAL')
+    return node.target
   }
 
   symlink(parent: number, name: string, target: string, ctx: FsContext): Attr {
+    const bytes = Buffer.from(target)
+    this.#charge(bytes.length)
     const node = this.#create(parent, name, S_IFLNK | 0o777, ctx)
-    node.data = Buffer.from(target)
-    node.size = node.data.length
+    node.target = bytes
+    node.size = bytes.length
     return this.#known(node)
   }
 
   mknod(parent: number, name: string, mode: number, rdev: number, ctx: FsContext): Attr {
     const type = mode & S_IFMT
-    const ok = [S_IFREG, S_IFIFO, S_IFSOCK, S_IFCHR, S_IFBLK, 0]
-    if (!ok.includes(type)) throw new FsError('EINVAL')
+    if (![S_IFREG, S_IFIFO, S_IFSOCK, S_IFCHR, S_IFBLK, 0].includes(type)) throw new FsError('EINVAL')
     return this.#known(this.#create(parent, name, (type || S_IFREG) | (mode & 0o7777), ctx, rdev))
   }
 
@@ -231,12 +293,13 @@ export class MemoryFs implements FileSystem<Node> {
       if (!target) throw new FsError('ENOENT')
       if (node.isDir && this.#isWithin(newParent, node.ino)) throw new FsError('EINVAL')
       if (target.isDir && this.#isWithin(parent, target.ino)) throw new FsError('EINVAL')
-      from.entries!.get(name)!.ino = target.ino
-      to.entries!.get(newName)!.ino = node.ino
+      from.entries!.byName.get(name)!.ino = target.ino
+      to.entries!.byName.get(newName)!.ino = node.ino
       if (node.isDir !== target.isDir && from !== to) {
-        const [dirSide, otherSide] = node.isDir ? [to, from] : [from, to]
-        dirSide.nlink++
-        otherSide.nlink--
+        // The directory among the two changes parent: link counts follow it.
+        const [gains, loses] = node.isDir ? [to, from] : [from, to]
+        gains.nlink++
+        loses.nlink--
       }
       if (node.isDir) node.parent = newParent
       if (target.isDir) target.parent = parent
@@ -251,6 +314,7 @@ export class MemoryFs implements FileSystem<Node> {
       if (target.isDir && target.entries!.size > 0) throw new FsError('ENOTEMPTY')
     }
     if (node.isDir && this.#isWithin(newParent, node.ino)) throw new FsError('EINVAL')
+    if (!target) this.#charge(ENTRY_COST + Buffer.byteLength(newName))
     if (target) {
       this.#removeEntry(to, newName)
       if (target.isDir) {
@@ -260,7 +324,7 @@ export class MemoryFs implements FileSystem<Node> {
       this.#maybeFree(target)
     }
     this.#removeEntry(from, name)
-    this.#addEntry(to, newName, node.ino)
+    this.#addEntry(to, newName, node.ino, true)
     if (node.isDir) {
       from.nlink--
       to.nlink++
@@ -277,7 +341,6 @@ export class MemoryFs implements FileSystem<Node> {
     this.#addEntry(dir, newName, ino)
     node.nlink++
     node.ctime = now()
-    dir.mtime = dir.ctime = now()
     return this.#known(node)
   }
 
@@ -285,9 +348,9 @@ export class MemoryFs implements FileSystem<Node> {
 
   open(ino: number, flags: number): { handle: Node } {
     const node = this.#node(ino)
-    if (node.isDir && (flags & O_ACCMODE) !== 0) throw new FsError('EISDIR')
-    if (flags & O_TRUNC && (flags & O_ACCMODE) !== 0 && (node.mode & S_IFMT) === S_IFREG && node.size > 0) {
-      this.#resize(node, 0)
+    // Linux truncates on O_TRUNC whatever the access mode (it asks for write permission first).
+    if (flags & O_TRUNC && node.chunks && node.size > 0) {
+      this.#truncate(node, 0)
       node.mtime = node.ctime = now()
     }
     node.opens++
@@ -304,6 +367,7 @@ export class MemoryFs implements FileSystem<Node> {
     const existing = this.#child(this.#dir(parent), name)
     if (existing) {
       if (flags & O_EXCL) throw new FsError('EEXIST')
+      if (!existing.chunks) throw new FsError(existing.isDir ? 'EISDIR' : 'EEXIST')
       const opened = this.open(existing.ino, flags)
       return { handle: opened.handle, entry: this.#known(existing) }
     }
@@ -314,22 +378,37 @@ export class MemoryFs implements FileSystem<Node> {
 
   read(ino: number, io: FileIo, handle: Node | undefined): number {
     const node = handle ?? this.#node(ino)
+    const chunks = node.chunks
+    if (!chunks) throw new FsError(node.isDir ? 'EISDIR' : 'EINVAL')
     if (io.offset >= node.size) return 0
     const n = Math.min(io.length, node.size - io.offset)
-    // Bytes past the buffer (a file extended by truncate or fallocate) read as zeros.
-    const stored = Math.max(0, Math.min(n, node.data.length - io.offset))
-    if (stored > 0 && !io.copyFrom(node.data, io.offset, stored, 0)) return 0
-    for (let at = stored; at < n; at += ZEROES.length) {
-      if (!io.copyFrom(ZEROES, 0, Math.min(ZEROES.length, n - at), at)) return 0
+    for (let at = 0; at < n;) {
+      const pos = io.offset + at
+      const index = Math.floor(pos / CHUNK)
+      const within = pos - index * CHUNK
+      const k = Math.min(CHUNK - within, n - at)
+      const chunk = chunks.get(index) ?? ZEROES
+      if (!io.copyFrom(chunk, chunk === ZEROES ? 0 : within, k, at)) return 0
+      at += k
     }
     return n
   }
 
   write(ino: number, io: FileIo, handle: Node | undefined): number {
     const node = handle ?? this.#node(ino)
+    const chunks = node.chunks
+    if (!chunks) throw new FsError(node.isDir ? 'EISDIR' : 'EINVAL')
     const end = io.offset + io.length
-    this.#reserve(node, end)
-    if (!io.copyTo(node.data, io.offset, io.length, 0)) throw new FsError('EIO')
+    if (end > MAX_FILE) throw new FsError('EFBIG')
+    this.#allocate(node, io.offset, end)
+    for (let at = 0; at < io.length;) {
+      const pos = io.offset + at
+      const index = Math.floor(pos / CHUNK)
+      const within = pos - index * CHUNK
+      const k = Math.min(CHUNK - within, io.length - at)
+      if (!io.copyTo(chunks.get(index)!, within, k, at)) throw new FsError('EIO')
+      at += k
+    }
     if (end > node.size) node.size = end
     node.mtime = node.ctime = now()
     return io.length
@@ -347,18 +426,20 @@ export class MemoryFs implements FileSystem<Node> {
 
   fallocate(ino: number, mode: number, offset: number, length: number, handle: Node | undefined): void {
     const node = handle ?? this.#node(ino)
-    if ((node.mode & S_IFMT) !== S_IFREG) throw new FsError('ENODEV')
+    if (!node.chunks) throw new FsError('ENODEV')
     const end = offset + length
+    if (end > MAX_FILE) throw new FsError('EFBIG')
     const keep = (mode & FALLOC_FL_KEEP_SIZE) !== 0
     if (mode & FALLOC_FL_PUNCH_HOLE) {
-      if (!keep) throw new FsError('EOPNOTSUPP')
-      node.data.fill(0, Math.min(offset, node.data.length), Math.min(end, node.data.length))
+      if (!keep || mode & ~(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)) throw new FsError('EOPNOTSUPP')
+      this.#zero(node, offset, Math.min(end, node.size))
     } else if (mode & FALLOC_FL_ZERO_RANGE) {
-      this.#reserve(node, end)
-      node.data.fill(0, offset, end)
+      if (mode & ~(FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE)) throw new FsError('EOPNOTSUPP')
+      this.#zero(node, offset, Math.min(end, node.size))
+      this.#allocate(node, offset, end)
       if (!keep && end > node.size) node.size = end
     } else if ((mode & ~FALLOC_FL_KEEP_SIZE) === 0) {
-      this.#reserve(node, end)
+      this.#allocate(node, offset, end)
       if (!keep && end > node.size) node.size = end
     } else throw new FsError('EOPNOTSUPP')
     node.mtime = node.ctime = now()
@@ -370,9 +451,7 @@ export class MemoryFs implements FileSystem<Node> {
       if (offset >= node.size) throw new FsError('ENXIO')
       return whence === SEEK_DATA ? offset : node.size
     }
-    if (whence === 0) return offset
-    if (whence === 2) return node.size + offset
-    throw new FsError('EINVAL')
+    throw new FsError('EINVAL') // SEEK_SET/CUR/END never leave the driver
   }
 
   // ---- directories ----
@@ -385,10 +464,15 @@ export class MemoryFs implements FileSystem<Node> {
     const dir = this.#dir(ino)
     if (offset < 1) yield { name: '.', ino, mode: S_IFDIR, offset: 1 }
     if (offset < 2) yield { name: '..', ino: dir.parent, mode: S_IFDIR, offset: 2 }
-    for (const [name, child] of dir.entries!) {
-      if (child.cookie <= offset) continue
+    for (const child of dir.entries!.after(offset)) {
       const node = this.#nodes.get(child.ino)!
-      yield { name, ino: child.ino, mode: node.mode, offset: child.cookie, attr: this.#known(node) }
+      yield {
+        name: child.name,
+        ino: child.ino,
+        mode: node.mode,
+        offset: child.cookie,
+        attr: this.#known(node),
+      }
     }
   }
 
@@ -410,12 +494,12 @@ export class MemoryFs implements FileSystem<Node> {
   access(ino: number, mask: number, ctx: FsContext): void {
     const node = this.#node(ino)
     if (mask === 0) return
-    let bits = node.mode & 0o7
     if (ctx.uid === 0) {
       // root may read and write anything, and execute what anyone may execute.
       if (mask & 1 && !node.isDir && (node.mode & 0o111) === 0) throw new FsError('EACCES')
       return
     }
+    let bits = node.mode & 0o7
     if (ctx.uid === node.uid) bits = (node.mode >> 6) & 7
     else if (ctx.gid === node.gid) bits = (node.mode >> 3) & 7
     if ((bits & mask) !== mask) throw new FsError('EACCES')
@@ -432,9 +516,13 @@ export class MemoryFs implements FileSystem<Node> {
   setxattr(ino: number, name: string, value: Buffer, flags: number): void {
     checkXattrName(name)
     const node = this.#node(ino)
-    const has = node.xattrs.has(name)
-    if (flags & XATTR_CREATE && has) throw new FsError('EEXIST')
-    if (flags & XATTR_REPLACE && !has) throw new FsError('ENODATA')
+    const old = node.xattrs.get(name)
+    if (flags & XATTR_CREATE && old) throw new FsError('EEXIST')
+    if (flags & XATTR_REPLACE && !old) throw new FsError('ENODATA')
+    const cost = (old ? 0 : Buffer.byteLength(name)) + value.length - (old?.length ?? 0)
+    if (node.xattrBytes + cost > XATTR_NODE_MAX) throw new FsError('ENOSPC')
+    this.#charge(cost)
+    node.xattrBytes += cost
     node.xattrs.set(name, value)
     node.ctime = now()
   }
@@ -445,7 +533,12 @@ export class MemoryFs implements FileSystem<Node> {
 
   removexattr(ino: number, name: string): void {
     const node = this.#node(ino)
-    if (!node.xattrs.delete(name)) throw new FsError('ENODATA')
+    const old = node.xattrs.get(name)
+    if (!old) throw new FsError('ENODATA')
+    node.xattrs.delete(name)
+    const cost = Buffer.byteLength(name) + old.length
+    node.xattrBytes -= cost
+    this.#bytes -= cost
     node.ctime = now()
   }
 
@@ -465,7 +558,7 @@ export class MemoryFs implements FileSystem<Node> {
   }
 
   #child(dir: Node, name: string): Node | undefined {
-    const c = dir.entries!.get(name)
+    const c = dir.entries!.byName.get(name)
     return c ? this.#nodes.get(c.ino) : undefined
   }
 
@@ -474,26 +567,41 @@ export class MemoryFs implements FileSystem<Node> {
     return attrOf(node)
   }
 
+  /** Takes `n` bytes of the budget (ENOSPC past `maxBytes`); a negative `n` gives some back. */
+  #charge(n: number): void {
+    if (n > 0 && this.#bytes + n > this.#maxBytes) throw new FsError('ENOSPC')
+    this.#bytes += n
+  }
+
   #create(parent: number, name: string, mode: number, ctx: FsContext, rdev = 0): Node {
     const dir = this.#dir(parent)
-    if (dir.entries!.has(name)) throw new FsError('EEXIST')
+    if (dir.entries!.byName.has(name)) throw new FsError('EEXIST')
     if (this.#nodes.size >= this.#maxNodes) throw new FsError('ENOSPC')
+    this.#charge(NODE_COST)
     // New nodes belong to the caller; in a set-group-ID directory, to its group (and subdirectories inherit it).
     const sgid = (dir.mode & 0o2000) !== 0
     const node = new Node(this.#nextIno++, mode, ctx.uid, sgid ? dir.gid : ctx.gid, rdev)
     if (sgid && node.isDir) node.mode |= 0o2000
+    try {
+      this.#addEntry(dir, name, node.ino)
+    } catch (err) {
+      this.#bytes -= NODE_COST
+      throw err
+    }
     this.#nodes.set(node.ino, node)
-    this.#addEntry(dir, name, node.ino)
     return node
   }
 
-  #addEntry(dir: Node, name: string, ino: number): void {
-    dir.entries!.set(name, { ino, cookie: dir.nextCookie++ })
+  /** Adds an entry (its cost charged, unless `charged` already). */
+  #addEntry(dir: Node, name: string, ino: number, charged = false): void {
+    if (!charged) this.#charge(ENTRY_COST + Buffer.byteLength(name))
+    dir.entries!.add(name, ino)
     dir.mtime = dir.ctime = now()
   }
 
   #removeEntry(dir: Node, name: string): void {
-    dir.entries!.delete(name)
+    dir.entries!.remove(name)
+    this.#bytes -= ENTRY_COST + Buffer.byteLength(name)
     dir.mtime = dir.ctime = now()
   }
 
@@ -512,47 +620,60 @@ export class MemoryFs implements FileSystem<Node> {
     }
   }
 
-  /** A node nobody can reach any more goes, with its data. */
+  /** A node nobody can reach any more goes, with what it holds. */
   #maybeFree(node: Node): void {
     if (node.nlink > 0 || node.opens > 0 || node.known || node.ino === ROOT) return
-    this.#bytes -= node.data.length
-    node.data = EMPTY
+    this.#bytes -= NODE_COST + (node.chunks?.size ?? 0) * CHUNK + (node.target?.length ?? 0) + node.xattrBytes
+    node.chunks?.clear()
     this.#nodes.delete(node.ino)
   }
 
-  /** Room for `end` bytes of data; ENOSPC past the limit. */
-  #reserve(node: Node, end: number): void {
-    if (end <= node.data.length) return
-    if (end > Number.MAX_SAFE_INTEGER || end > 0x7fff_ffff) throw new FsError('EFBIG')
-    const capacity = Math.min(Math.max(end, Math.floor(node.data.length * 1.5), 4096), 0x7fff_ffff)
-    const grow = capacity - node.data.length
-    if (this.#bytes + grow > this.#maxBytes) {
-      if (this.#bytes + end - node.data.length > this.#maxBytes) throw new FsError('ENOSPC')
-      return this.#reallocate(node, end)
+  /** Chunks for bytes `[start, end)`; ENOSPC (and nothing allocated) past the budget. */
+  #allocate(node: Node, start: number, end: number): void {
+    const chunks = node.chunks!
+    const first = Math.floor(start / CHUNK)
+    const last = Math.ceil(end / CHUNK)
+    let missing = 0
+    for (let i = first; i < last; i++) if (!chunks.has(i)) missing++
+    if (missing === 0) return
+    this.#charge(missing * CHUNK)
+    for (let i = first; i < last; i++) if (!chunks.has(i)) chunks.set(i, Buffer.alloc(CHUNK))
+  }
+
+  /** Bytes `[start, end)` read as zeros again; whole chunks are given back. */
+  #zero(node: Node, start: number, end: number): void {
+    const chunks = node.chunks!
+    for (let pos = start; pos < end;) {
+      const index = Math.floor(pos / CHUNK)
+      const within = pos - index * CHUNK
+      const k = Math.min(CHUNK - within, end - pos)
+      const chunk = chunks.get(index)
+      if (chunk && k === CHUNK) {
+        chunks.delete(index)
+        this.#bytes -= CHUNK
+      } else chunk?.fill(0, within, within + k)
+      pos += k
     }
-    this.#reallocate(node, capacity)
   }
 
-  #reallocate(node: Node, capacity: number): void {
-    const next = Buffer.alloc(capacity)
-    node.data.copy(next, 0, 0, Math.min(node.size, capacity, node.data.length))
-    this.#bytes += capacity - node.data.length
-    node.data = next
-  }
-
-  /** Truncates or extends (with zeros) to `size`. */
-  #resize(node: Node, size: number): void {
-    if (size > 0x7fff_ffff) throw new FsError('EFBIG')
+  /** Truncates (what is cut off reads as zeros if the file grows again) or extends (a hole). */
+  #truncate(node: Node, size: number): void {
+    if (size > MAX_FILE) throw new FsError('EFBIG')
     if (size < node.size) {
-      // Bytes cut off must read as zeros if the file grows again.
-      node.data.fill(0, Math.min(size, node.data.length), Math.min(node.size, node.data.length))
-      if (size < node.data.length / 4) this.#reallocate(node, size)
+      this.#zero(node, size, Math.ceil(node.size / CHUNK) * CHUNK)
+      // Chunks wholly past the end go even if a partial zeroing left them allocated.
+      for (const index of node.chunks!.keys()) {
+        if (index * CHUNK >= size) {
+          node.chunks!.delete(index)
+          this.#bytes -= CHUNK
+        }
+      }
     }
     node.size = size
   }
 }
 
-const ZEROES = Buffer.alloc(64 * 1024)
+const ZEROES = Buffer.alloc(CHUNK)
 
 function attrOf(n: Node): Attr {
   return {
@@ -563,7 +684,7 @@ function attrOf(n: Node): Attr {
     gid: n.gid,
     // A directory's size counts its entries, as tmpfs does (20 bytes each, '.' and '..' included).
     size: n.entries ? 20 * (n.entries.size + 2) : n.size,
-    blocks: Math.ceil(Math.min(n.size, n.data.length) / 512),
+    blocks: ((n.chunks?.size ?? 0) * CHUNK) / 512,
     rdev: n.rdev,
     blksize: 4096,
     atime: n.atime,
