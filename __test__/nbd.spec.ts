@@ -2,8 +2,9 @@
 // through a BlockDevice on the in-process transport (the same model the kernel path serves).
 import test from 'ava'
 import { randomBytes } from 'node:crypto'
-import { readFileSync, writeFileSync } from 'node:fs'
-import { createServer, type Socket } from 'node:net'
+import { readFileSync, rmSync, writeFileSync } from 'node:fs'
+import { execFile } from 'node:child_process'
+import { Socket, createServer } from 'node:net'
 import { join } from 'node:path'
 
 import { BlockDevice, InProcessTransport, NbdBackend, parseNbdUri, VduseError } from '../src'
@@ -282,16 +283,26 @@ test('a server that stays away: requests fail after the reconnect timeout, and s
   await backend.close()
 })
 
-test('an export that changed size is not reconnected to', async (t) => {
+test('an export that shrank is not reconnected to; one that grew is', async (t) => {
   const path = socketPath()
-  let srv = await qemuNbd(image(1 << 20), { path })
+  let srv = await qemuNbd(image(2 << 20), { path })
   t.teardown(() => srv.kill())
+  const grown = await NbdBackend.connect(srv.uri, { reconnectTimeoutMs: 5000 })
+  const g = await serve(grown)
+  await srv.kill()
+  srv = await qemuNbd(image(4 << 20), { path })
+  t.is((await g.driver.read(0, 4096)).status, S.OK, 'a grown export serves the blocks the device has')
+  t.is(grown.size, 2 << 20)
+  await g.device.close()
+  await grown.close()
+  await srv.kill()
+  srv = await qemuNbd(image(2 << 20), { path })
   const backend = await NbdBackend.connect(srv.uri, { reconnectTimeoutMs: 800 })
   const failures: string[] = []
   backend.on('reconnectFailed', (e) => failures.push(e.error.code))
   const { device, driver } = await serve(backend)
   await srv.kill()
-  srv = await qemuNbd(image(2 << 20), { path })
+  srv = await qemuNbd(image(1 << 20), { path })
   t.is((await driver.read(0, 4096)).status, S.IOERR)
   t.true(failures.includes('ERR_VDUSE_MISMATCH'), failures.join(','))
   // The final flush cannot happen: close says so, and the device is gone all the same.
@@ -612,4 +623,241 @@ test('a restarted server that no longer allows multi-conn is not used by several
   t.is(failures[0], 'ERR_VDUSE_MISMATCH')
   t.is(backend.connections, 0)
   await backend.close()
+})
+
+// ---- server life events, liveness, deadlines, durability across restarts (NBD v2) ----
+
+/** Stops a server the way an operator does (SIGTERM) and waits until it is gone. */
+function stopGracefully(srv: { proc: import('node:child_process').ChildProcess }): Promise<void> {
+  return new Promise((resolve) => {
+    if (srv.proc.exitCode !== null || srv.proc.signalCode !== null) return resolve()
+    srv.proc.once('exit', () => resolve())
+    srv.proc.kill('SIGTERM')
+  })
+}
+
+test('nbdkit stopped gracefully (SIGTERM) and restarted under 32 writers: no error, every acknowledged write reads back', async (t) => {
+  const size = 4 << 20
+  const file = image(size)
+  const path = socketPath()
+  let srv = await nbdkit({ path }, ['file', file])
+  t.teardown(() => srv.kill())
+  const backend = await NbdBackend.connect(srv.uri, { reconnectTimeoutMs: 20_000 })
+  const { device, driver } = await serve(backend)
+  const blocks = size / 4096
+  const latest = new Map<number, Buffer>()
+  let failed = 0
+  let stop = false
+  const writer = async (w: number) => {
+    for (let i = 0; !stop; i++) {
+      const block = (w * 97 + i * 31) % blocks
+      const data = randomBytes(4096)
+      const r = await driver.write(block * 8, data)
+      if (r.status === S.OK) latest.set(block, data)
+      else failed++
+    }
+  }
+  const writers = Array.from({ length: 32 }, (_, w) => writer(w))
+  for (let round = 0; round < 2; round++) {
+    await new Promise((r) => setTimeout(r, 300))
+    await stopGracefully(srv)
+    await new Promise((r) => setTimeout(r, 200))
+    rmSync(path, { force: true })
+    srv = await nbdkit({ path }, ['file', file])
+  }
+  await new Promise((r) => setTimeout(r, 300))
+  stop = true
+  await Promise.all(writers)
+  t.is(failed, 0, 'no write failed')
+  t.true(backend.reconnects >= 2)
+  t.log(`ESHUTDOWN answers sent again: ${backend.shutdownRetries}; reconnects: ${backend.reconnects}`)
+  t.is((await driver.simple(T.FLUSH)).status, S.OK)
+  for (const [block, data] of latest) {
+    const back = await driver.read(block * 8, 4096)
+    if (!back.data.equals(data)) t.fail(`block ${block} does not hold its last acknowledged write`)
+  }
+  t.true(latest.size > 100, `${latest.size} blocks written`)
+  await device.close()
+  await backend.close()
+})
+
+test('one slow TRIM and one slow WRITE on a live server are never cut: the quiet connection is probed and answers', async (t) => {
+  const srv = await nbdkit({ path: socketPath() }, ['memory', 'size=8M', 'delay-trim=3', 'delay-write=3'], {
+    filters: ['delay'],
+  })
+  t.teardown(() => srv.kill())
+  const backend = await NbdBackend.connect(srv.uri, { hangTimeoutMs: 700 })
+  const { device, driver } = await serve(backend)
+  const started = Date.now()
+  const [trim, write] = await Promise.all([
+    driver.simple(T.DISCARD, [range(0, 8192)]),
+    driver.write(8192, Buffer.alloc(1 << 20, 7)),
+  ])
+  t.is(trim.status, S.OK)
+  t.is(write.status, S.OK)
+  t.true(Date.now() - started >= 2900, 'they did take the delay')
+  t.is(backend.reconnects, 0, 'nothing was cut')
+  t.is(backend.hungCut, 0)
+  t.true(backend.probes >= 1, 'the quiet connection was probed')
+  t.true((await driver.read(8192, 4096)).data.every((b) => b === 7))
+  await device.close()
+  await backend.close()
+})
+
+/** Structured replies for a rogue server: read data (zeros) or a NONE chunk, both DONE. */
+function answer(cookie: Buffer, s: Socket, req: NbdRequest): void {
+  if (req.type === 0) {
+    const h = Buffer.alloc(20 + 8 + req.length)
+    h.writeUInt32BE(0x668e33ef, 0)
+    h.writeUInt16BE(1, 4)
+    h.writeUInt16BE(1, 6)
+    cookie.copy(h, 8)
+    h.writeUInt32BE(8 + req.length, 16)
+    h.writeBigUInt64BE(BigInt(req.offset), 20)
+    s.write(h)
+  } else {
+    const h = Buffer.alloc(20)
+    h.writeUInt32BE(0x668e33ef, 0)
+    h.writeUInt16BE(1, 4)
+    cookie.copy(h, 8)
+    s.write(h)
+  }
+}
+
+test('a reply the server never sends fails only that request, at the device deadline; its connection goes, nothing stays in flight', async (t) => {
+  let dropped = 0
+  const srv = await rogue((cookie, s, req) => {
+    // The server answers everything but reads of block 2, and stays alive.
+    if (req.type === 0 && req.offset === 8192) return void dropped++
+    answer(cookie, s, req)
+  })
+  t.teardown(() => srv.close())
+  const backend = await NbdBackend.connect(srv.uri, { hangTimeoutMs: 0 })
+  const { device, driver } = await serve(backend, { requestTimeoutMs: 400 })
+  const lost = driver.read(16, 4096)
+  const others = await Promise.all(Array.from({ length: 20 }, (_, i) => driver.read(64 + i * 8, 4096)))
+  t.true(
+    others.every((r) => r.status === S.OK),
+    'the others are answered',
+  )
+  t.is((await lost).status, S.IOERR, 'the dropped one fails at its deadline')
+  await new Promise((r) => setTimeout(r, 600))
+  t.is(backend.pending, 0, 'nothing left in flight with its payload')
+  t.true(backend.reconnects >= 1, 'its connection was closed, so its copy cannot land later')
+  t.is((await driver.read(64, 4096)).status, S.OK, 'serving goes on')
+  t.is(dropped, 1)
+  await device.close()
+  await backend.close()
+})
+
+test('a server that loses its write cache when killed: acknowledged writes are sent again before anything else, and the flush tells the truth', async (t) => {
+  const size = 4 << 20
+  const file = image(size)
+  const path = socketPath()
+  const start = () => nbdkit({ path }, ['file', file, 'cache=writeback'], { filters: ['cache'] })
+  let srv = await start()
+  t.teardown(() => srv.kill())
+  const backend = await NbdBackend.connect(srv.uri, { reconnectTimeoutMs: 10_000 })
+  const { device, driver } = await serve(backend)
+  const written = new Map<number, Buffer>()
+  for (let i = 0; i < 64; i++) {
+    const data = randomBytes(4096)
+    t.is((await driver.write(i * 16, data)).status, S.OK)
+    written.set(i, data)
+  }
+  t.is(backend.unflushed.changes, 64, 'acknowledged, not yet flushed: kept')
+  await srv.kill() // SIGKILL: its writeback cache is gone
+  t.false(readFileSync(file).subarray(0, 4096).equals(written.get(0)!), 'the server lost them indeed')
+  rmSync(path, { force: true })
+  srv = await start()
+  t.is((await driver.simple(T.FLUSH)).status, S.OK, 'the writes were sent again: the flush is true')
+  t.is(backend.unflushed.changes, 0, 'the flush made them durable')
+  const image2 = readFileSync(file)
+  for (const [i, data] of written) {
+    if (!image2.subarray(i * 8192, i * 8192 + 4096).equals(data)) t.fail(`block ${i} is not on storage`)
+  }
+  await device.close()
+  await backend.close()
+})
+
+test('more unflushed writes than are kept: the first flush after the server lost them fails, the next is true again', async (t) => {
+  const file = image(4 << 20)
+  const path = socketPath()
+  const start = () => nbdkit({ path }, ['file', file, 'cache=writeback'], { filters: ['cache'] })
+  let srv = await start()
+  t.teardown(() => srv.kill())
+  const backend = await NbdBackend.connect(srv.uri, { reconnectTimeoutMs: 10_000, keepUnflushedBytes: 16384 })
+  const { device, driver } = await serve(backend)
+  // Eight writes at once: the background flush that the second acknowledgement starts covers only the
+  // first two; the rest fill the room, and some are acknowledged with none left.
+  const acks = await Promise.all(Array.from({ length: 8 }, (_, i) => driver.write(i * 8, randomBytes(4096))))
+  t.true(acks.every((a) => a.status === S.OK))
+  await srv.kill()
+  rmSync(path, { force: true })
+  srv = await start()
+  t.is((await driver.simple(T.FLUSH)).status, S.IOERR, 'some acknowledged writes may be gone: said once')
+  t.is((await driver.simple(T.FLUSH)).status, S.OK)
+  await device.close()
+  await backend.close()
+})
+
+test('bookkeeping: a throwing listener does not end reconnection; a failed connect leaves no socket; a grown --queues count connects', async (t) => {
+  const path = socketPath()
+  let srv = await qemuNbd(image(1 << 20), { path })
+  t.teardown(() => srv.kill())
+  const backend = await NbdBackend.connect(srv.uri)
+  const warnings: Error[] = []
+  const onWarning = (w: Error) => warnings.push(w)
+  process.on('warning', onWarning)
+  t.teardown(() => process.off('warning', onWarning))
+  backend.on('disconnected', () => {
+    throw new Error('a listener bug')
+  })
+  backend.on('reconnectFailed', () => {
+    throw new Error('another listener bug')
+  })
+  const { device, driver } = await serve(backend)
+  await srv.kill()
+  await new Promise((r) => setTimeout(r, 300))
+  srv = await qemuNbd(image(1 << 20), { path })
+  t.is((await driver.read(0, 4096)).status, S.OK, 'reconnected all the same')
+  t.true(warnings.some((w) => w.message === 'a listener bug'))
+  await device.close()
+  await backend.close()
+  // An export smaller than a block: refused, and the connection is not left open.
+  const tiny = await nbdkit({ path: socketPath() }, ['memory', 'size=100'])
+  t.teardown(() => tiny.kill())
+  const sockets = () =>
+    (process as unknown as { _getActiveHandles(): unknown[] })
+      ._getActiveHandles()
+      .filter((h) => h instanceof Socket).length
+  const tiny2 = await qemuNbd(image(1 << 20), { path: socketPath() })
+  t.teardown(() => tiny2.kill())
+  await new Promise((r) => setTimeout(r, 300))
+  const before = sockets()
+  await t.throwsAsync(NbdBackend.connect(tiny.uri), { code: 'ERR_VDUSE_INVALID_CONFIG' })
+  await new Promise((r) => setTimeout(r, 100))
+  t.true(sockets() <= before, 'no socket left open')
+  // `--queues 17` with --nbd: the connection count follows the queues up to 16 — the command gets as far
+  // as creating the device (which this host cannot: no VDUSE), not a usage error about connections.
+  const cli = await new Promise<{ stdout: string }>((resolve) =>
+    execFile(
+      process.execPath,
+      [
+        '--import=tsx',
+        join(__dirname, '../src/cli/main.ts'),
+        'blk',
+        '--name',
+        'q17',
+        '--nbd',
+        tiny2.uri,
+        '--queues',
+        '17',
+        '--json',
+      ],
+      (_err, stdout) => resolve({ stdout }),
+    ),
+  )
+  const last = JSON.parse(cli.stdout.trim().split('\n').pop()!) as { code: string; message: string }
+  t.not(last.code, 'ERR_VDUSE_INVALID_CONFIG', last.message)
 })

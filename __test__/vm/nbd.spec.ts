@@ -108,3 +108,42 @@ test('qemu-nbd killed and restarted twice under fio (TCP, 2 queues, multi-conn):
   cli.child.kill('SIGTERM')
   t.is(await cli.exit, 0)
 })
+
+test('nbdkit stopped gracefully (SIGTERM) and restarted twice under fio verify: no error in the guest', async (t) => {
+  const image = '/tmp/nbd-graceful.img'
+  const socket = '/tmp/nbd-graceful.sock'
+  await sh(`rm -f ${image} ${socket}; truncate -s 128M ${image}`)
+  const start = (): ChildProcess =>
+    spawn('nbdkit', ['--foreground', `--unix=${socket}`, 'file', image], { stdio: 'ignore' })
+  let server = start()
+  t.teardown(() => kill9(server))
+  const listening = () =>
+    until('nbdkit listening', async () => (await sh(`test -S ${socket} && echo y || true`)).trim() === 'y')
+  await listening()
+  const cli = startCli(['blk', '--nbd', `nbd+unix:///?socket=${socket}`, '--name', 'nbd-graceful', '--json'])
+  const dev = (await cli.next('ready')).path as string
+  const dmesgFrom = (await sh('dmesg')).split('\n').length - 1
+  const fio =
+    sh(`fio --name=graceful --filename=${dev} --rw=randwrite --bs=4k --iodepth=32 --ioengine=libaio \
+    --direct=1 --size=48M --verify=crc32c --verify_state_save=0 --do_verify=1 --verify_fatal=1 \
+    --output-format=terse`)
+  let fioDone = false
+  void fio.finally(() => (fioDone = true)).catch(() => {})
+  for (let k = 0; k < 2; k++) {
+    await new Promise((r) => setTimeout(r, 1500))
+    t.false(fioDone, 'the server stops while fio runs')
+    // What `systemctl restart` does: SIGTERM, wait for it to exit, start it again.
+    await new Promise<void>((resolve) => {
+      server.once('exit', () => resolve())
+      server.kill('SIGTERM')
+    })
+    await sh(`rm -f ${socket}`)
+    server = start()
+    await listening()
+  }
+  await fio
+  t.false(cli.events.some((e) => e.event === 'nbd-unavailable' || e.event === 'request-error'))
+  t.deepEqual(await ioErrorsSince(dmesgFrom), [])
+  cli.child.kill('SIGTERM')
+  t.is(await cli.exit, 0)
+})

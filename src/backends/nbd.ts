@@ -129,9 +129,10 @@ export interface NbdBackendOptions {
   /** Give up connecting (and handshaking) after this long (default 10 000 ms). */
   connectTimeoutMs?: number
   /**
-   * A connection with requests in flight that receives nothing for this long counts as hung: it is
-   * closed, and its requests are sent again on a new one (default 30 000 ms; 0: never). Progress, not a
-   * request's age, is what counts: a slow but moving connection is never cut.
+   * A connection with requests in flight that receives nothing for this long is probed with a one-block
+   * read; if that gets no answer for this long again, the connection counts as hung: it is closed, and
+   * its requests are sent again on a new one (default 30 000 ms; 0: never). A slow command on a live
+   * server is never cut.
    */
   hangTimeoutMs?: number
   /**
@@ -140,6 +141,12 @@ export interface NbdBackendOptions {
    * device serves again.
    */
   reconnectTimeoutMs?: number
+  /**
+   * Bytes of acknowledged, unflushed writes kept to send again should the server restart without its
+   * cache (default 256 MiB; a background flush starts at a quarter of it). Past it, writes are not kept,
+   * and the first flush after every connection was lost fails instead of claiming them durable.
+   */
+  keepUnflushedBytes?: number
 }
 
 /** What the server said about the export. */
@@ -163,6 +170,18 @@ export interface NbdBackendEvents {
   /** Requests failed with an I/O error because no connection came back within `reconnectTimeoutMs`. */
   unavailable: [info: { failed: number; error: VduseError }]
 }
+
+/** An acknowledged change a flush has not made durable yet (kept to send again after a restart). */
+interface Retained {
+  type: number
+  flags: number
+  offset: number
+  length: number
+  data: Buffer | undefined
+  seq: number
+}
+
+function noop(): void {}
 
 interface Request {
   parts: number
@@ -196,7 +215,17 @@ interface Op {
   error: number
   /** When the request was submitted: it is resent after a lost connection only within `reconnectTimeoutMs`. */
   born: number
+  /** What it is beyond a request: a liveness probe, or an acknowledged write sent again after a restart. */
+  kind: OpKind
+  /** FLUSH: the last acknowledged write it covers (`NbdBackend`'s acknowledgement sequence when sent). */
+  mark: number
 }
+
+const OpKind = { Request: 0, Probe: 1, Replay: 2 } as const
+type OpKind = (typeof OpKind)[keyof typeof OpKind]
+
+/** ESHUTDOWN: the server is going away and did not execute the command (it is sent again elsewhere). */
+const ESHUTDOWN = 108
 
 /** Reply parser states. */
 const Parse = { Magic: 0, Header: 1, Collect: 2, Data: 3, Skip: 4 } as const
@@ -266,6 +295,14 @@ const ERRNO_NAMES: Record<number, string> = {
 }
 
 /** One connection to the server: handshake, then commands out and replies in. */
+/** What a connection tells its backend about commands, besides losing them all when it dies. */
+interface ConnectionHooks {
+  /** A command finished (before its request hears of it). */
+  done(op: Op): void
+  /** The server refused to execute a command because it is shutting down: send it elsewhere. */
+  retry(op: Op): void
+}
+
 class Connection {
   readonly socket: Socket
   readonly inflight = new Map<number, Op>()
@@ -290,8 +327,14 @@ class Connection {
   #chunkFlags = 0
   #onClosed: ((err: Error) => void) | undefined
   #connectFailed: ((err: Error) => void) | undefined
+  /** What the backend does with finished commands, and with ones the server refused to execute. */
+  #hooks: ConnectionHooks | undefined
   /** When anything was last received, or the connection went from idle to busy: hang detection. */
   lastProgress = 0
+  /** When a liveness probe was sent (0: none outstanding). */
+  probeSent = 0
+  /** The server said it is shutting down (ESHUTDOWN): nothing new is sent; it closes once idle. */
+  draining = false
 
   readonly #receive: Buffer
 
@@ -314,11 +357,30 @@ class Connection {
     })
     this.socket.on('error', (err) => this.close(err))
     this.socket.on('close', () => this.close(new Error('the server closed the connection')))
+    // A peer host that vanishes without a word is noticed even while every command is slow.
+    if (address.socket === undefined) this.socket.setKeepAlive(true, 10_000)
   }
 
-  /** Called once, when the connection is lost (not when `disconnect()` closes it on purpose). */
-  whenClosed(fn: (err: Error) => void): void {
+  /**
+   * Called once, when the connection is lost (not when `disconnect()` closes it on purpose) — at once if
+   * it already was.
+   */
+  whenClosed(fn: (err: Error) => void, hooks?: ConnectionHooks): void {
+    this.#hooks = hooks
+    if (this.dead && this.#lostWith) {
+      const err = this.#lostWith
+      queueMicrotask(() => fn(err))
+      return
+    }
     this.#onClosed = fn
+  }
+
+  /** Why the connection was lost, once it was (and nobody was told yet). */
+  #lostWith: Error | undefined
+
+  /** Usable for new commands. */
+  get ready(): boolean {
+    return !this.dead && !this.draining
   }
 
   close(err: Error): void {
@@ -327,7 +389,8 @@ class Connection {
     this.#reader?.fail(err)
     this.#connectFailed?.(err)
     this.socket.destroy()
-    this.#onClosed?.(err)
+    if (this.#onClosed) this.#onClosed(err)
+    else this.#lostWith = err
   }
 
   /** Handshake: fixed newstyle, structured replies, NBD_OPT_GO (falling back to EXPORT_NAME). */
@@ -667,7 +730,18 @@ class Connection {
     }
     this.#op = undefined
     this.inflight.delete(this.#cookie)
+    if (op.error === ESHUTDOWN && this.#hooks) {
+      // Not executed: the command goes to another connection, and this one takes nothing new.
+      this.draining = true
+      this.#hooks.retry(op)
+      if (this.inflight.size === 0) this.close(new Error('the server is shutting down (ESHUTDOWN)'))
+      return
+    }
+    this.#hooks?.done(op)
     finish(op, op.error)
+    if (this.draining && this.inflight.size === 0) {
+      this.close(new Error('the server is shutting down (ESHUTDOWN)'))
+    }
   }
 }
 
@@ -762,13 +836,23 @@ function failRequest(op: Op, err: Error): void {
  * buffers; write data leaves from one device-owned copy. Features follow the export's flags: FLUSH
  * (or FUA on every write when the server can only do that), TRIM → discard, WRITE_ZEROES.
  *
- * When a connection drops (or hangs: nothing received for `hangTimeoutMs`), its requests are sent again on a new one,
- * with backoff; the device stays up. Requests wait up to `reconnectTimeoutMs`, then fail with an I/O
- * error (`unavailable` event); reconnecting goes on, and a server that comes back is served again. A
- * reconnect to an export of another size or with fewer capabilities is refused (`reconnectFailed`).
+ * When a connection drops, its requests are sent again on a new one, with backoff; the device stays up.
+ * A server that answers ESHUTDOWN (a graceful stop) did not execute the command: it is sent again too,
+ * and the connection takes nothing new and closes once idle — a restart is never an I/O error. A
+ * connection counts as hung only when it stopped answering everything: after `hangTimeoutMs` of silence
+ * with commands in flight a small read probes it, and it is cut when that gets no answer either — one
+ * slow command (a long flush, trim or write) on a live server is never cut. Requests wait up to
+ * `reconnectTimeoutMs`, then fail with an I/O error (`unavailable` event); reconnecting goes on, and a
+ * server that comes back is served again. A reconnect to an export that shrank or lost a capability in
+ * use is refused (`reconnectFailed`). A request that stops mattering while the server has it (the
+ * device's `requestTimeoutMs`, a driver reset) fails, and its connection is closed so that it cannot
+ * land after newer writes; the connection's other commands are sent again.
  *
- * Durability is the server's: a write the server acknowledged before it died is as safe as the server
- * made it (qemu-nbd and nbdkit on a local file keep it in the page cache; a flush makes it durable).
+ * Flushes tell the truth across server restarts: writes the server acknowledged but no flush has made
+ * durable yet (the export offers FLUSH: it may cache them) are kept, up to `keepUnflushedBytes` (a
+ * background flush starts at a quarter of it), and sent again first when every connection was lost — a server that restarted
+ * without its cache gets them back before anything newer. If more were acknowledged than are kept, the
+ * first flush after such a loss fails (EIO): some may be gone.
  */
 export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockBackend {
   readonly size: number
@@ -799,6 +883,26 @@ export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockB
   #closed = false
   /** Connections lost and replaced, since the start. */
   reconnects = 0
+  /** Commands the server refused while shutting down (ESHUTDOWN), sent again elsewhere. */
+  shutdownRetries = 0
+  /** Connections cut as hung, and quiet ones probed (the probes that showed them alive). */
+  hungCut = 0
+  probes = 0
+  /** The export may cache writes (it offers FLUSH): acknowledged ones are kept until a flush. */
+  readonly #volatile: boolean
+  /** Largest TRIM / WRITE_ZEROES per command. */
+  readonly #maxRange: number
+  #ackSeq = 0
+  readonly #retained: Retained[] = []
+  #retainedBytes = 0
+  /** The first acknowledged change that was not kept (0: all were), until a flush covers it. */
+  #unkeptFrom = 0
+  /** Every connection was lost while unkept changes were unflushed: the next flush must fail. */
+  #maybeLost = false
+  /** Kept changes being sent again after a restart; nothing else goes out meanwhile. */
+  #replaying = 0
+  #backgroundFlush = false
+  readonly #hooks: ConnectionHooks = { done: (o) => this.#done(o), retry: (o) => this.#retry(o) }
   readonly #sent: number[] = []
 
   /** Connects to the export at `uri` (see `parseNbdUri`) or `address`. */
@@ -810,6 +914,7 @@ export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockB
       connectTimeoutMs: options.connectTimeoutMs ?? 10_000,
       hangTimeoutMs: options.hangTimeoutMs ?? 30_000,
       reconnectTimeoutMs: options.reconnectTimeoutMs ?? 60_000,
+      keepUnflushedBytes: options.keepUnflushedBytes ?? 256 << 20,
     }
     if (!Number.isInteger(opts.connections) || opts.connections < 1 || opts.connections > 16) {
       throw new VduseError('connections must be 1..16', { code: 'ERR_VDUSE_INVALID_CONFIG' })
@@ -819,18 +924,19 @@ export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockB
     const info = first.info!
     const wanted = info.flags & NBD_FLAGS.CAN_MULTI_CONN ? opts.connections : 1
     const conns = [first]
+    // Nothing is left open when the connect fails (a later connection, or an export this cannot serve).
     try {
       for (let i = 1; i < wanted; i++) {
         receive.push(Buffer.allocUnsafe(256 << 10))
         const c = await openConnection(i, address, receive[i]!, opts.connectTimeoutMs)
         conns.push(c)
-        checkSame(info, c.info!, { multiConn: true, blockSize: 512, maxPayload: 0 })
+        checkSame(info, c.info!, { multiConn: true, blockSize: 512, maxPayload: 0, size: info.size })
       }
+      return new NbdBackend(address, opts, info, conns, receive)
     } catch (err) {
       for (const c of conns) c.disconnect()
       throw err
     }
-    return new NbdBackend(address, opts, info, conns, receive)
   }
 
   private constructor(
@@ -877,7 +983,11 @@ export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockB
         ? { optimalIoSize: preferred }
         : {}),
     }
-    if (has(NBD_FLAGS.SEND_FLUSH)) this.flush = () => this.#command(CMD_FLUSH, 0, 0, 0)
+    this.#volatile = has(NBD_FLAGS.SEND_FLUSH)
+    // The server's maximum, where it gave one, bounds commands without payload too.
+    const range = info.maxBlockSize > 0 ? Math.min(MAX_RANGE, info.maxBlockSize) : MAX_RANGE
+    this.#maxRange = Math.max(this.blockSize, range - (range % this.blockSize))
+    if (has(NBD_FLAGS.SEND_FLUSH)) this.flush = () => this.#flush()
     if (!this.readOnly && has(NBD_FLAGS.SEND_TRIM)) {
       this.discard = (offset, length, signal) => this.#ranges(CMD_TRIM, offset, length, 0, signal)
     }
@@ -928,6 +1038,8 @@ export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockB
           covered: 0,
           error: 0,
           born: 0,
+          kind: OpKind.Request,
+          mark: 0,
           signal: undefined,
           first: 0,
           chunks: undefined,
@@ -945,12 +1057,27 @@ export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockB
   ): Promise<void> {
     if (signal?.aborted) return Promise.reject(cancelled())
     return new Promise((resolve, reject) => {
-      const parts = Math.max(1, Math.ceil(length / MAX_RANGE))
+      const max = this.#maxRange
+      const parts = Math.max(1, Math.ceil(length / max))
       const request: Request = { parts, error: undefined, resolve, reject }
-      for (let at = 0, k = 0; k < parts; k++, at += MAX_RANGE) {
-        this.#submit(op(type, flags, offset + at, Math.min(MAX_RANGE, length - at), request, signal))
+      for (let at = 0, k = 0; k < parts; k++, at += max) {
+        this.#submit(op(type, flags, offset + at, Math.min(max, length - at), request, signal))
       }
     })
+  }
+
+  #flush(): Promise<void> {
+    if (this.#maybeLost) {
+      // Reported once, as the kernel reports a lost page-cache write once: the data is still gone.
+      this.#maybeLost = false
+      return Promise.reject(
+        new VduseError(
+          'NBD server: writes it acknowledged before every connection was lost were not kept, and may be gone',
+          { code: 'ERR_VDUSE_SYSCALL', errno: -5 },
+        ),
+      )
+    }
+    return this.#command(CMD_FLUSH, 0, 0, 0)
   }
 
   #command(type: number, offset: number, length: number, flags: number): Promise<void> {
@@ -964,10 +1091,10 @@ export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockB
       return failRequest(o, new VduseError('the NBD backend is closed', { code: 'ERR_VDUSE_CLOSED' }))
     }
     o.born = Date.now()
-    const conn = this.#pick()
+    const conn = this.#replaying > 0 ? undefined : this.#pick()
     if (conn) {
       this.#send(conn, o)
-      if (this.#options.hangTimeoutMs > 0) this.#arm()
+      this.#arm()
       return
     }
     // No connection: wait for one — unless the server has been gone longer than requests may wait.
@@ -980,7 +1107,89 @@ export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockB
 
   #send(conn: Connection, o: Op): void {
     this.#sent[conn.index] = (this.#sent[conn.index] ?? 0) + 1
+    // A flush covers what was acknowledged before the server receives it.
+    if (o.type === CMD_FLUSH) o.mark = this.#ackSeq
     conn.send(o)
+  }
+
+  /** A command finished: keep what a restart could lose, forget what a flush made durable. */
+  #done(o: Op): void {
+    if (o.kind === OpKind.Probe) return
+    if (o.kind === OpKind.Replay) {
+      if (o.error !== 0) this.#unkeptFrom ||= 1 // it may be gone: the next flush after a loss says so
+      if (--this.#replaying === 0) this.#dispatch()
+      return
+    }
+    if (o.error !== 0 || !this.#volatile) return
+    const t = o.type
+    if (t === CMD_FLUSH) {
+      let k = 0
+      while (k < this.#retained.length && this.#retained[k]!.seq <= o.mark) {
+        this.#retainedBytes -= this.#retained[k]!.length
+        k++
+      }
+      this.#retained.splice(0, k)
+      if (this.#unkeptFrom > 0 && this.#unkeptFrom <= o.mark) this.#unkeptFrom = 0
+      return
+    }
+    const change = t === CMD_WRITE || t === CMD_TRIM || t === CMD_WRITE_ZEROES
+    if (!change || o.flags & CMD_FLAG_FUA) return
+    const seq = ++this.#ackSeq
+    const cost = t === CMD_WRITE ? o.length : 0
+    if (this.#retainedBytes + cost > this.#options.keepUnflushedBytes) {
+      this.#unkeptFrom ||= seq
+    } else {
+      const data = t === CMD_WRITE && o.data ? Buffer.from(o.data) : undefined
+      this.#retained.push({ type: t, flags: o.flags, offset: o.offset, length: o.length, data, seq })
+      this.#retainedBytes += cost
+    }
+    if (this.#retainedBytes > this.#options.keepUnflushedBytes / 4 && !this.#backgroundFlush && this.flush) {
+      this.#backgroundFlush = true
+      this.#command(CMD_FLUSH, 0, 0, 0)
+        .catch(noop)
+        .finally(() => (this.#backgroundFlush = false))
+    }
+  }
+
+  /** The server refused a command while shutting down: it was not executed; it goes first, elsewhere. */
+  #retry(o: Op): void {
+    this.shutdownRetries++
+    if (o.kind === OpKind.Probe) return finish(o, 0)
+    this.#waiting.unshift(o)
+    this.#arm()
+    this.#dispatch()
+  }
+
+  /** Every connection was lost: changes acknowledged but not flushed are sent again, before anything else. */
+  #replay(): void {
+    if (this.#unkeptFrom > 0) this.#maybeLost = true
+    if (this.#retained.length === 0 || this.#replaying > 0) return
+    const replays = this.#retained.map((r) => {
+      const o = op(r.type, r.flags, r.offset, r.length, {
+        parts: 1,
+        error: undefined,
+        resolve: noop,
+        reject: noop,
+      })
+      o.data = r.data
+      o.kind = OpKind.Replay
+      o.born = Date.now()
+      return o
+    })
+    this.#replaying = replays.length
+    this.#waiting = replays.concat(this.#waiting)
+  }
+
+  /** Commands in flight on connections or waiting for one (probes and replays included). */
+  get pending(): number {
+    let n = this.#waiting.length
+    for (const c of this.#conns) if (c && !c.dead) n += c.inflight.size
+    return n
+  }
+
+  /** Acknowledged changes kept until a flush (see the class notes). */
+  get unflushed(): { changes: number; bytes: number } {
+    return { changes: this.#retained.length, bytes: this.#retainedBytes }
   }
 
   /** Commands sent on each connection (slot) since the start, resends included. */
@@ -992,29 +1201,46 @@ export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockB
   #pick(): Connection | undefined {
     let best: Connection | undefined
     for (const c of this.#conns) {
-      if (c && !c.dead && (!best || c.inflight.size < best.inflight.size)) best = c
+      if (c && c.ready && (!best || c.inflight.size < best.inflight.size)) best = c
     }
     return best
   }
 
   #watch(conn: Connection): void {
-    conn.whenClosed((err) => this.#lost(conn, err))
+    conn.whenClosed((err) => this.#lost(conn, err), this.#hooks)
+  }
+
+  /** An event nobody's listener may turn into the end of reconnecting (or of the server). */
+  #emitSafely<K extends keyof NbdBackendEvents>(event: K, ...args: NbdBackendEvents[K]): void {
+    try {
+      ;(this.emit as (e: K, ...a: NbdBackendEvents[K]) => boolean)(event, ...args)
+    } catch (err) {
+      process.emitWarning(err instanceof Error ? err : new Error(String(err)), { code: 'VDUSE_LISTENER' })
+    }
   }
 
   /** A connection died: its commands wait for another, and it is replaced. */
   #lost(conn: Connection, err: Error): void {
     if (this.#conns[conn.index] !== conn) return
     this.#conns[conn.index] = undefined
-    const orphans = [...conn.inflight.values()]
+    const orphans: Op[] = []
+    for (const o of conn.inflight.values()) {
+      // A probe's question died with its connection.
+      if (o.kind === OpKind.Probe) finish(o, 0)
+      else orphans.push(o)
+    }
     conn.inflight.clear()
     // They were sent before anything that is waiting: they go first.
     this.#waiting = orphans.concat(this.#waiting)
-    if (this.connections === 0 && this.#downSince === 0) this.#downSince = Date.now()
+    const allLost = !this.#conns.some((c) => c && !c.dead)
+    if (allLost && this.#downSince === 0) this.#downSince = Date.now()
     if (this.#closed) {
       this.#failWaiting(new VduseError('the NBD backend is closed', { code: 'ERR_VDUSE_CLOSED' }))
       return
     }
-    this.emit('disconnected', { connection: conn.index, error: err })
+    // The server may have restarted without what it cached: what it acknowledged goes again first.
+    if (allLost) this.#replay()
+    this.#emitSafely('disconnected', { connection: conn.index, error: err })
     this.#dispatch()
     const r = this.#redial[conn.index]!
     r.attempts = 0
@@ -1057,6 +1283,7 @@ export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockB
           multiConn: this.#conns.length > 1,
           blockSize: this.blockSize,
           maxPayload: this.#maxPayload,
+          size: this.size,
         })
       } catch (err) {
         conn.disconnect()
@@ -1068,7 +1295,7 @@ export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockB
         err instanceof VduseError
           ? err
           : nbdError('ERR_VDUSE_UNREACHABLE', `cannot reconnect to ${this.uri}`, undefined, err)
-      this.emit('reconnectFailed', { connection: index, attempts: r.attempts, error })
+      this.#emitSafely('reconnectFailed', { connection: index, attempts: r.attempts, error })
       return this.#scheduleReconnect(index)
     }
     if (this.#closed) return conn.disconnect()
@@ -1076,7 +1303,7 @@ export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockB
     this.#watch(conn)
     this.#downSince = 0
     this.reconnects++
-    this.emit('reconnected', { connection: index, attempts: r.attempts, downMs: Date.now() - r.since })
+    this.#emitSafely('reconnected', { connection: index, attempts: r.attempts, downMs: Date.now() - r.since })
     this.#dispatch()
   }
 
@@ -1085,18 +1312,22 @@ export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockB
     const now = Date.now()
     let k = 0
     for (; k < this.#waiting.length; k++) {
+      const o = this.#waiting[k]!
+      // Kept changes sent again after a restart go alone: nothing newer may overtake them.
+      if (this.#replaying > 0 && o.kind !== OpKind.Replay) break
       const conn = this.#pick()
       if (!conn) break
-      const o = this.#waiting[k]!
       // A request fenced (driver reset) or timed out while it waited must not reach the server: a stale
       // write would overwrite newer data.
       if (isCancelled(o)) failRequest(o, cancelled())
-      // Bounded retries: a server that takes requests and hangs must not keep one alive forever.
-      else if (now - o.born >= this.#options.reconnectTimeoutMs) failRequest(o, this.#unreachable())
-      else this.#send(conn, o)
+      // Bounded retries: a server that takes requests and hangs must not keep one alive forever. The
+      // device's own replays wait as long as it takes.
+      else if (o.kind === OpKind.Request && now - o.born >= this.#options.reconnectTimeoutMs) {
+        failRequest(o, this.#unreachable())
+      } else this.#send(conn, o)
     }
     this.#waiting.splice(0, k)
-    if (this.#options.hangTimeoutMs > 0 && k > 0) this.#arm()
+    if (k > 0) this.#arm()
   }
 
   #unreachable(): VduseError {
@@ -1140,21 +1371,44 @@ export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockB
         failRequest(o, cancelled())
         return false
       }
-      if (now - o.born < limit) return true
+      if (o.kind !== OpKind.Request || now - o.born < limit) return true
       failRequest(o, error)
       expired++
       return false
     })
-    if (expired > 0) this.emit('unavailable', { failed: expired, error })
+    if (expired > 0) this.#emitSafely('unavailable', { failed: expired, error })
     const hang = this.#options.hangTimeoutMs
     let busy = false
     for (const c of this.#conns) {
-      if (!c || c.dead || c.inflight.size === 0 || hang === 0) continue
+      if (!c || c.dead || c.inflight.size === 0) continue
       busy = true
-      if (now - c.lastProgress >= hang) {
+      // A request that stopped mattering (timed out, fenced) while the server has it: it fails now, and
+      // its connection goes, so that its copy cannot land after newer writes. The others are resent.
+      let fenced = false
+      for (const [cookie, o] of c.inflight) {
+        if (o.kind === OpKind.Request && isCancelled(o)) {
+          c.inflight.delete(cookie)
+          failRequest(o, cancelled())
+          fenced = true
+        }
+      }
+      if (fenced) {
+        c.close(new Error('a request that timed out or was fenced was in flight: its connection is closed'))
+        continue
+      }
+      if (hang === 0) continue
+      // Liveness, not silence: a quiet connection is asked a small read; only one that answers nothing
+      // at all for another `hangTimeoutMs` is cut.
+      // Anything received since the probe went out (it was sent to a connection quiet for `hang`) answers it.
+      if (c.probeSent > 0 && c.lastProgress >= c.probeSent) c.probeSent = 0
+      if (now - c.lastProgress < hang) continue
+      if (c.probeSent === 0 && !c.draining) this.#probe(c)
+      else if (c.draining || now - c.probeSent >= hang) {
+        this.hungCut++
         c.close(
           new Error(
-            `nothing received for ${hang} ms with requests in flight: the connection is considered hung`,
+            `nothing received for ${now - c.lastProgress} ms with requests in flight, a probe unanswered: ` +
+              'the connection is considered hung',
           ),
         )
       }
@@ -1163,6 +1417,16 @@ export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockB
       clearInterval(this.#timer)
       this.#timer = undefined
     } else if (this.#waiting.length === 0) this.#timer?.unref()
+  }
+
+  /** Asks a quiet connection a one-block read: any answer shows the server is alive. */
+  #probe(c: Connection): void {
+    const o = op(CMD_READ, 0, 0, this.blockSize, { parts: 1, error: undefined, resolve: noop, reject: noop })
+    o.kind = OpKind.Probe
+    o.born = Date.now()
+    c.probeSent = o.born
+    this.probes++
+    this.#send(c, o)
   }
 
   /** Waits (up to `timeoutMs`) for the commands in flight, then ends every session politely. */
@@ -1211,6 +1475,8 @@ function op(
     covered: 0,
     error: 0,
     born: 0,
+    kind: OpKind.Request,
+    mark: 0,
     signal,
     first: 0,
     chunks: undefined,
@@ -1257,7 +1523,7 @@ async function openConnection(
 function checkSame(
   was: NbdExportInfo,
   now: NbdExportInfo,
-  use: { multiConn: boolean; blockSize: number; maxPayload: number },
+  use: { multiConn: boolean; blockSize: number; maxPayload: number; size: number },
 ): void {
   const mismatch = (what: string): never => {
     throw new VduseError(`the export changed: ${what}`, {
@@ -1265,13 +1531,13 @@ function checkSame(
       hint: 'the server serves a different export under this name; requests fail until the old one is back',
     })
   }
-  if (now.size !== was.size) mismatch(`it is now ${now.size} bytes (was ${was.size})`)
+  // An export that grew still holds every block the device has (the device keeps its size).
+  if (now.size < use.size) mismatch(`it is now ${now.size} bytes (was ${was.size})`)
   const needed = NBD_FLAGS.SEND_FLUSH | NBD_FLAGS.SEND_FUA | NBD_FLAGS.SEND_TRIM | NBD_FLAGS.SEND_WRITE_ZEROES
   const lost = was.flags & needed & ~now.flags
   if (lost !== 0)
     mismatch(`it lost capabilities (flags 0x${was.flags.toString(16)} → 0x${now.flags.toString(16)})`)
   if (now.flags & NBD_FLAGS.READ_ONLY && !(was.flags & NBD_FLAGS.READ_ONLY)) mismatch('it is read-only now')
-  if (now.structuredReplies !== was.structuredReplies) mismatch('structured replies changed')
   // With several connections, a flush on one covers writes on the others only under multi-conn.
   if (use.multiConn && !(now.flags & NBD_FLAGS.CAN_MULTI_CONN)) mismatch('it no longer allows multi-conn')
   if (now.minBlockSize > Math.max(use.blockSize, was.minBlockSize))

@@ -45,9 +45,12 @@ Options for blk:
   --attach virtio|vhost|none
                          bind to virtio_vdpa (a /dev/vdX here, the default), to vhost_vdpa
                          (/dev/vhost-vdpa-N for a VM), or leave it detached
-  --timeout MS           fail a backend call that takes longer (default: no limit). With --nbd: a
-                         connection with requests in flight that receives nothing for MS counts as
-                         hung: it is replaced and its requests sent again (default 30000)
+  --timeout MS           fail a request whose backend call takes longer (default: no limit, as the
+                         kernel's NBD client). With --nbd the request's connection is closed too, so
+                         its copy cannot land later; the connection's other requests are sent again
+  --hang-timeout MS      with --nbd: a connection with requests in flight that receives nothing for MS
+                         is probed with a small read; unanswered for MS more, it counts as hung and is
+                         replaced, its requests sent again (default 30000; 0: never)
   --poll-us N|auto       poll the rings up to N µs before sleeping (adaptive, only at low depth and
                          while no request waits on a JavaScript backend): lower latency at queue
                          depth 1 for CPU time. 0: never (the default with --file); auto (the
@@ -258,7 +261,7 @@ export type Backend =
   | { kind: 'memory'; size: number }
   | { kind: 'null'; size: number }
   | { kind: 'file'; path: string; size?: number; direct: boolean; lock: boolean }
-  | { kind: 'nbd'; uri: string; connections?: number; reconnectTimeoutMs?: number }
+  | { kind: 'nbd'; uri: string; connections?: number; reconnectTimeoutMs?: number; hangTimeoutMs?: number }
   | { kind: 'plugin'; module: string; size?: number; args: string[] }
 
 export interface BlkCommand {
@@ -345,6 +348,7 @@ export function parseCommand(argv: readonly string[]): Command {
         backend: { type: 'string' },
         connections: { type: 'string' },
         'reconnect-timeout': { type: 'string' },
+        'hang-timeout': { type: 'string' },
         size: { type: 'string' },
         direct: { type: 'boolean' },
         'no-lock': { type: 'boolean' },
@@ -412,6 +416,8 @@ export function parseCommand(argv: readonly string[]): Command {
     if (connections !== undefined) backend.connections = connections
     const reconnect = parseInteger(v['reconnect-timeout'], '--reconnect-timeout', 1, 86_400_000)
     if (reconnect !== undefined) backend.reconnectTimeoutMs = reconnect
+    const hang = parseInteger(v['hang-timeout'], '--hang-timeout', 0, 86_400_000)
+    if (hang !== undefined) backend.hangTimeoutMs = hang
   } else {
     backend = { kind: 'file', path: v.file!, direct: v.direct ?? false, lock: !(v['no-lock'] ?? false) }
     if (v.size !== undefined) backend.size = parseSize(v.size, '--size')
@@ -421,8 +427,11 @@ export function parseCommand(argv: readonly string[]): Command {
   if (v.size !== undefined && backend.kind !== 'file' && backend.kind !== 'plugin') {
     throw new UsageError('--size goes with --file or --backend')
   }
-  if (backend.kind !== 'nbd' && (v.connections !== undefined || v['reconnect-timeout'] !== undefined)) {
-    throw new UsageError('--connections and --reconnect-timeout go with --nbd')
+  if (
+    backend.kind !== 'nbd' &&
+    (v.connections !== undefined || v['reconnect-timeout'] !== undefined || v['hang-timeout'] !== undefined)
+  ) {
+    throw new UsageError('--connections, --reconnect-timeout and --hang-timeout go with --nbd')
   }
   const blockSize = parseInteger(v['block-size'], '--block-size', 512, 4096)
   if (blockSize !== undefined && blockSize !== 512 && blockSize !== 4096)

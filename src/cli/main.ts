@@ -50,8 +50,9 @@ async function openBackend(cmd: BlkCommand, emit: Emit): Promise<BlockBackend> {
     case 'nbd': {
       const nbd = await NbdBackend.connect(spec.uri, {
         readOnly,
-        connections: spec.connections ?? cmd.queues,
-        ...(cmd.timeoutMs === undefined ? {} : { hangTimeoutMs: cmd.timeoutMs }),
+        // One connection per queue where the server allows several (at most 16).
+        connections: spec.connections ?? Math.min(cmd.queues, 16),
+        ...(spec.hangTimeoutMs === undefined ? {} : { hangTimeoutMs: spec.hangTimeoutMs }),
         ...(spec.reconnectTimeoutMs === undefined ? {} : { reconnectTimeoutMs: spec.reconnectTimeoutMs }),
       })
       const name = cmd.name
@@ -110,8 +111,8 @@ async function serveBlk(cmd: BlkCommand, emit: Emit): Promise<number> {
     }
     if (cmd.serial !== undefined) options.serial = cmd.serial
     options.pollUs = cmd.pollUs
-    // NBD handles its own reply deadline (a hung connection is replaced and the request resent).
-    if (cmd.timeoutMs !== undefined && cmd.backend.kind !== 'nbd') options.requestTimeoutMs = cmd.timeoutMs
+    // With --nbd too: a request past its deadline fails, and its connection is closed (it cannot land later).
+    if (cmd.timeoutMs !== undefined) options.requestTimeoutMs = cmd.timeoutMs
     device = await BlockDevice.create(options)
   } catch (err) {
     await backend.close?.()
