@@ -186,7 +186,7 @@ test('without VDUSE the CLI says so in one line with the fix, and exits non-zero
   t.regex(res.stderr, /^vduse: .*\(ERR_VDUSE_UNAVAILABLE\) — load the module with `modprobe vduse`/)
   t.is(res.stderr.trim().split('\n').length, 1)
   const event = JSON.parse(res.stdout.trim()) as { event: string; code: string; v: number; ts: string }
-  t.deepEqual([event.event, event.code, event.v], ['error', 'ERR_VDUSE_UNAVAILABLE', 1])
+  t.deepEqual([event.event, event.code, event.v], ['error', 'ERR_VDUSE_UNAVAILABLE', 2])
   t.true(Math.abs(Date.parse(event.ts) - Date.now()) < 60_000, 'an ISO timestamp')
 })
 
@@ -245,4 +245,20 @@ test('vduse fs without VDUSE fails with a code and a hint (exit 1)', async (t) =
   const e = JSON.parse(r.stdout.trim().split('\n').pop()!) as { event: string; code: string }
   t.is(e.event, 'error')
   t.regex(e.code, /ERR_VDUSE_(UNAVAILABLE|PERMISSION)/)
+})
+
+test('--help per command shows that command', async (t) => {
+  const net = await run(['net', '--help'])
+  t.is(net.code, 0)
+  t.regex(net.stdout, /vduse net --name NAME --tap TAP/)
+  t.notRegex(net.stdout, /vduse blk/)
+  t.regex(net.stdout, /--switch/)
+  const fs = await run(['fs', '--help'])
+  t.regex(fs.stdout, /vduse fs --name NAME --tag TAG/)
+  t.notRegex(fs.stdout, /--tap/)
+  const blk = await run(['blk', '--help'])
+  t.regex(blk.stdout, /--nbd URI/)
+  t.notRegex(blk.stdout, /Options for net/)
+  const all = await run(['--help'])
+  t.regex(all.stdout, /Options for net/)
 })

@@ -6,7 +6,14 @@
 import test from 'ava'
 import { getEventListeners } from 'node:events'
 
-import { BlockDevice, InProcessTransport, VirtioDevice, type BlockBackend, type BlockIo } from '../src'
+import {
+  BlockDevice,
+  InProcessTransport,
+  MemoryBackend,
+  VirtioDevice,
+  type BlockBackend,
+  type BlockIo,
+} from '../src'
 import type { RequestBatch } from '../src/transport/batch'
 import type { Transport } from '../src/transport/source'
 import { BlkDriver, blkSetup, header, S, T } from './helpers/blk-driver'
@@ -43,6 +50,8 @@ function slowBackend() {
   const gates: Array<{ byte: number; open: () => void }> = []
   const backend: BlockBackend = {
     size: SIZE,
+    // Storage a successor could reach again: a handover is possible.
+    id: 'test:slow',
     read(io) {
       io.copyFrom(data.subarray(io.offset, io.offset + io.length))
     },
@@ -359,4 +368,18 @@ test('a handover waits for a resize under way', async (t) => {
   await release
   t.deepEqual(order, ['resize start', 'resize end', 'released'])
   t.true(transport.released)
+})
+
+test('a handover of a device whose data dies with this server (no backend identity) is refused; it keeps serving', async (t) => {
+  const { device, transport, driver } = await setup(new MemoryBackend(SIZE))
+  const err = await device.release().then(
+    () => undefined,
+    (e: { code?: string; message?: string }) => e,
+  )
+  t.is(err?.code, 'ERR_VDUSE_NOT_RECOVERABLE')
+  t.regex(err?.message ?? '', /no identity/)
+  t.false(transport.released)
+  t.false(device.closed)
+  t.is((await driver.write(0, Buffer.alloc(512, 1))).status, S.OK, 'still serving')
+  await device.close()
 })

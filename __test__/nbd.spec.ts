@@ -454,7 +454,8 @@ test('a server error fails that request only; a hung connection is replaced and 
   await device.close()
   await backend.close()
 
-  // The delay filter holds the first reads for 2 s: past requestTimeoutMs the connection counts as hung.
+  // The delay filter holds every read for 2 s, the liveness probe's too: the connection answers nothing
+  // for twice hangTimeoutMs and counts as hung.
   const slow = await nbdkit({ path: socketPath() }, ['memory', 'size=1M', 'rdelay=2'], { filters: ['delay'] })
   t.teardown(() => slow.kill())
   const b2 = await NbdBackend.connect(slow.uri, { hangTimeoutMs: 300, reconnectTimeoutMs: 1500 })
@@ -463,7 +464,8 @@ test('a server error fails that request only; a hung connection is replaced and 
   const s2 = await serve(b2)
   t.is((await s2.driver.read(0, 4096)).status, S.IOERR, 'resent until the reconnect timeout, then failed')
   t.true(lost >= 2, `${lost} connections given up as hung`)
-  await s2.device.close()
+  // Its final flush may find the server still "unreachable" (every connection cut): said, not hidden.
+  await s2.device.close().catch((e: VduseError) => t.is(e.code, 'ERR_VDUSE_UNREACHABLE'))
   await b2.close()
 })
 
@@ -670,6 +672,7 @@ test('nbdkit stopped gracefully (SIGTERM) and restarted under 32 writers: no err
   await Promise.all(writers)
   t.is(failed, 0, 'no write failed')
   t.true(backend.reconnects >= 2)
+  t.true(backend.shutdownRetries > 0, 'the server did answer ESHUTDOWN, and those were sent again')
   t.log(`ESHUTDOWN answers sent again: ${backend.shutdownRetries}; reconnects: ${backend.reconnects}`)
   t.is((await driver.simple(T.FLUSH)).status, S.OK)
   for (const [block, data] of latest) {
@@ -831,12 +834,13 @@ test('bookkeeping: a throwing listener does not end reconnection; a failed conne
     (process as unknown as { _getActiveHandles(): unknown[] })
       ._getActiveHandles()
       .filter((h) => h instanceof Socket).length
-  const tiny2 = await qemuNbd(image(1 << 20), { path: socketPath() })
+  const tiny2 = await qemuNbd(image(1 << 20), { path: socketPath() }, { shared: 20 })
   t.teardown(() => tiny2.kill())
   await new Promise((r) => setTimeout(r, 300))
   const before = sockets()
   await t.throwsAsync(NbdBackend.connect(tiny.uri), { code: 'ERR_VDUSE_INVALID_CONFIG' })
-  await new Promise((r) => setTimeout(r, 100))
+  // Its connection ends politely (NBD_CMD_DISC), then closes: wait for that, bounded.
+  for (let i = 0; i < 40 && sockets() > before; i++) await new Promise((r) => setTimeout(r, 50))
   t.true(sockets() <= before, 'no socket left open')
   // `--queues 17` with --nbd: the connection count follows the queues up to 16 — the command gets as far
   // as creating the device (which this host cannot: no VDUSE), not a usage error about connections.
@@ -859,5 +863,31 @@ test('bookkeeping: a throwing listener does not end reconnection; a failed conne
     ),
   )
   const last = JSON.parse(cli.stdout.trim().split('\n').pop()!) as { code: string; message: string }
-  t.not(last.code, 'ERR_VDUSE_INVALID_CONFIG', last.message)
+  t.regex(last.code, /^ERR_VDUSE_(UNAVAILABLE|PERMISSION)$/, last.message)
+})
+
+test('kept writes to the same block are sent again in order after the server lost its cache: the newest wins', async (t) => {
+  const file = image(1 << 20)
+  const path = socketPath()
+  const start = () => nbdkit({ path }, ['file', file, 'cache=writeback'], { filters: ['cache'] })
+  let srv = await start()
+  t.teardown(() => srv.kill())
+  const backend = await NbdBackend.connect(srv.uri, { reconnectTimeoutMs: 10_000 })
+  const { device, driver } = await serve(backend)
+  const versions = [randomBytes(8192), randomBytes(8192), randomBytes(8192)]
+  for (const v of versions) t.is((await driver.write(0, v)).status, S.OK)
+  // A trim of the second block, then a write over part of it: order matters there too.
+  t.is((await driver.simple(T.DISCARD, [range(16, 16)])).status, S.OK)
+  const tail = randomBytes(4096)
+  t.is((await driver.write(16, tail)).status, S.OK)
+  t.is(backend.unflushed.changes, 3, 'the same range kept once (its newest), the trim, the write')
+  await srv.kill()
+  rmSync(path, { force: true })
+  srv = await start()
+  t.is((await driver.simple(T.FLUSH)).status, S.OK)
+  const img = readFileSync(file)
+  t.true(img.subarray(0, 8192).equals(versions[2]!), 'the newest of three writes to the block')
+  t.true(img.subarray(8192, 12288).equals(tail), 'the write after the trim')
+  await device.close()
+  await backend.close()
 })

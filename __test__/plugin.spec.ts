@@ -63,3 +63,57 @@ test('CommonJS plugins work; broken ones get a typed error that names the proble
     t.regex(err!.message, message)
   }
 })
+
+test('packages resolve as import would: an exports map with only `import`, and a dual package gives its ES build', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'vduse-exports-'))
+  const pkg = (name: string, manifest: object, files: Record<string, string>) => {
+    const root = join(dir, 'node_modules', name)
+    mkdirSync(root, { recursive: true })
+    writeFileSync(join(root, 'package.json'), JSON.stringify({ name, ...manifest }))
+    for (const [f, text] of Object.entries(files)) writeFileSync(join(root, f), text)
+  }
+  const backend = (label: string) =>
+    `export default () => ({ size: 4096, label: '${label}', read() {}, write() {} })`
+  pkg('import-only', { exports: { '.': { import: './index.mjs' } } }, { 'index.mjs': backend('esm') })
+  pkg(
+    'dual',
+    { main: './index.cjs', exports: { import: './index.mjs', require: './index.cjs' } },
+    {
+      'index.mjs': backend('esm'),
+      'index.cjs': "module.exports = () => ({ size: 4096, label: 'cjs', read() {}, write() {} })",
+    },
+  )
+  pkg('@scope/sub', { exports: { './extra': { import: './extra.mjs' } } }, { 'extra.mjs': backend('sub') })
+  const label = async (spec: string) =>
+    ((await loadBackendPlugin(spec, options, join(dir, 'deeper'))) as unknown as { label: string }).label
+  mkdirSync(join(dir, 'deeper'))
+  t.is(await label('import-only'), 'esm')
+  t.is(await label('dual'), 'esm', 'the ES build, as import would pick')
+  t.is(await label('@scope/sub/extra'), 'sub')
+  const err = await t.throwsAsync<VduseError>(loadBackendPlugin('@scope/sub', options, dir))
+  t.is(err?.code, 'ERR_VDUSE_INVALID_CONFIG')
+  t.regex(err!.message, /not found/)
+})
+
+test('exports maps: patterns, nested conditions, fallbacks, null exclusions', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'vduse-exports2-'))
+  const root = join(dir, 'node_modules', 'pat')
+  mkdirSync(join(root, 'lib'), { recursive: true })
+  const exportsMap = {
+    './plugins/*': { node: { require: './lib/*.cjs', import: './lib/*.mjs' } },
+    './plugins/secret': null,
+    './fallback': [{ worker: './nope.mjs' }, './lib/fb.mjs'],
+  }
+  writeFileSync(join(root, 'package.json'), JSON.stringify({ name: 'pat', exports: exportsMap }))
+  const backend = (label: string) =>
+    `export default () => ({ size: 4096, label: '${label}', read() {}, write() {} })`
+  writeFileSync(join(root, 'lib', 'a.mjs'), backend('a'))
+  writeFileSync(join(root, 'lib', 'secret.mjs'), backend('secret'))
+  writeFileSync(join(root, 'lib', 'fb.mjs'), backend('fb'))
+  const label = async (spec: string) =>
+    ((await loadBackendPlugin(spec, options, dir)) as unknown as { label: string }).label
+  t.is(await label('pat/plugins/a'), 'a')
+  t.is(await label('pat/fallback'), 'fb')
+  await t.throwsAsync(loadBackendPlugin('pat/plugins/secret', options, dir), { message: /not found/ })
+  await t.throwsAsync(loadBackendPlugin('pat', options, dir), { message: /not found/ })
+})

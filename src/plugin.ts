@@ -1,5 +1,6 @@
+import { existsSync, readFileSync } from 'node:fs'
 import { createRequire } from 'node:module'
-import { isAbsolute, join, resolve } from 'node:path'
+import { dirname, isAbsolute, join, resolve } from 'node:path'
 import { pathToFileURL } from 'node:url'
 
 import type { BlockBackend } from './backends/backend'
@@ -20,7 +21,8 @@ export interface BackendPluginOptions {
 
 /**
  * A backend plugin: a module (ES or CommonJS; a file or a package) whose default export is this factory.
- * The device owns what it returns: it calls `close()` (if any) when it stops.
+ * A device never closes its backend: the CLI closes what the factory returned once the device is gone
+ * (through the API, close it yourself after the device).
  */
 export type BackendFactory = (options: BackendPluginOptions) => BlockBackend | Promise<BlockBackend>
 
@@ -34,6 +36,86 @@ function pluginError(spec: string, why: string, hint?: string, cause?: unknown):
 }
 
 /**
+ * Resolves a package name (with an optional subpath) from `cwd` as `import` would: through node_modules
+ * upwards, and the package's `exports` with the `import` and `node` conditions — so a package that
+ * exports only an ES module is found, and a dual package gives its ES build. Packages without `exports`
+ * resolve as they always did (`main`, `index.js`).
+ */
+function resolvePackage(spec: string, cwd: string): string {
+  const parts = spec.split('/')
+  const nameParts = spec.startsWith('@') ? 2 : 1
+  const name = parts.slice(0, nameParts).join('/')
+  const subpath = parts.length > nameParts ? `./${parts.slice(nameParts).join('/')}` : '.'
+  for (let dir = resolve(cwd); ; dir = dirname(dir)) {
+    const root = join(dir, 'node_modules', name)
+    const manifest = join(root, 'package.json')
+    if (existsSync(manifest)) {
+      const pkg = JSON.parse(readFileSync(manifest, 'utf8')) as { exports?: unknown; name?: string }
+      if (pkg.exports !== undefined) {
+        const target = exportTarget(pkg.exports, subpath)
+        if (target === undefined) throw new Error(`${name} exports nothing for ${subpath} to import`)
+        return join(root, target)
+      }
+      return createRequire(join(root, 'noop.js')).resolve(subpath === '.' ? root : join(root, subpath))
+    }
+    if (dir === dirname(dir)) break
+  }
+  throw new Error(`no package ${name} in node_modules from ${cwd} upwards`)
+}
+
+/** The conditions `import` matches, in Node's order of preference. */
+const IMPORT_CONDITIONS = new Set(['node', 'import', 'default'])
+
+/**
+ * What a package's `exports` gives `import` for `subpath` (`.` or `./x`): exact keys, then `*` patterns
+ * (the longest prefix wins), then conditions (`import`, `node`, `default`, in the map's order) and
+ * fallback arrays — the rules of Node's ESM resolver, for what a plugin needs.
+ */
+function exportTarget(exports: unknown, subpath: string): string | undefined {
+  const isSubpathMap =
+    typeof exports === 'object' &&
+    exports !== null &&
+    !Array.isArray(exports) &&
+    Object.keys(exports).every((k) => k.startsWith('.'))
+  if (!isSubpathMap) return subpath === '.' ? conditional(exports, undefined) : undefined
+  const map = exports as Record<string, unknown>
+  if (Object.hasOwn(map, subpath) && !subpath.includes('*')) return conditional(map[subpath], undefined)
+  let best: { key: string; match: string } | undefined
+  for (const key of Object.keys(map)) {
+    const star = key.indexOf('*')
+    if (star < 0 || key.indexOf('*', star + 1) >= 0) continue
+    const [prefix, suffix] = [key.slice(0, star), key.slice(star + 1)]
+    if (subpath.startsWith(prefix) && subpath.endsWith(suffix) && subpath.length >= key.length - 1) {
+      if (!best || prefix.length > best.key.indexOf('*')) {
+        best = { key, match: subpath.slice(prefix.length, subpath.length - suffix.length) }
+      }
+    }
+  }
+  return best ? conditional(map[best.key], best.match) : undefined
+}
+
+/** A target through conditions and fallbacks; `null` (excluded) and unknown conditions give nothing. */
+function conditional(target: unknown, match: string | undefined): string | undefined {
+  if (typeof target === 'string') {
+    if (!target.startsWith('./')) return undefined
+    return match === undefined ? target : target.replaceAll('*', match)
+  }
+  if (Array.isArray(target)) {
+    for (const t of target) {
+      const found = conditional(t, match)
+      if (found !== undefined) return found
+    }
+    return undefined
+  }
+  if (typeof target === 'object' && target !== null) {
+    for (const [condition, t] of Object.entries(target)) {
+      if (IMPORT_CONDITIONS.has(condition)) return conditional(t, match)
+    }
+  }
+  return undefined
+}
+
+/**
  * Loads a plugin module and returns its default export, which must be a function. `spec` is a path
  * (absolute, or starting with `.`: relative to `cwd`) or a package name resolved from `cwd`, like `node`
  * would.
@@ -42,7 +124,9 @@ async function loadFactory(spec: string, cwd: string): Promise<(options: never) 
   let file: string
   try {
     const isPath = isAbsolute(spec) || spec.startsWith('./') || spec.startsWith('../') || spec === '.'
-    file = createRequire(join(cwd, 'noop.js')).resolve(isPath ? resolve(cwd, spec) : spec)
+    file = isPath
+      ? createRequire(join(cwd, 'noop.js')).resolve(resolve(cwd, spec))
+      : resolvePackage(spec, cwd)
   } catch (err) {
     throw pluginError(spec, 'not found', 'give a path (./my-plugin.mjs) or an installed package name', err)
   }

@@ -24,7 +24,7 @@ test('vduse blk --memory 64M --name d0 --attach virtio --json serves a working /
   ])
   const ready = await cli.next('ready')
   t.is(ready.name, 'd0')
-  t.is(ready.v, 1, 'every JSON event carries the schema version')
+  t.is(ready.v, 2, 'every JSON event carries the schema version')
   t.regex(ready.ts as string, /^\d{4}-\d\d-\d\dT/)
   const dev = ready.path as string
   t.regex(dev, /^\/dev\/vd[a-z]+$/)
@@ -229,4 +229,44 @@ test('signals: SIGUSR1 prints stats; a second stop signal says what the stop wai
       t.false((await sh(`node ${BIN} list`)).includes(name))
     }
   }
+})
+
+test('--json whose reader goes away (`| head -1`): events stop, the server keeps serving and stops cleanly; SIGUSR2 on a memory disk is refused', async (t) => {
+  const child = spawn(process.execPath, [BIN, 'blk', '--memory', '32M', '--name', 'epipe', '--json'], {
+    stdio: ['ignore', 'pipe', 'pipe'],
+  })
+  let stderr = ''
+  child.stderr.on('data', (d: Buffer) => (stderr += d.toString()))
+  const exit = new Promise<number | null>((r) => child.on('exit', (code) => r(code)))
+  const first = await new Promise<string>((resolve) =>
+    createInterface({ input: child.stdout }).once('line', (l) => resolve(l)),
+  )
+  t.is((JSON.parse(first) as { event: string }).event, 'ready')
+  const dev = (JSON.parse(first) as { path: string }).path
+  child.stdout.destroy() // what `head -1` does once it has its line
+  child.kill('SIGUSR1') // the next event meets a closed pipe
+  child.kill('SIGUSR2') // a handover of a memory disk: refused, an event that also meets the closed pipe
+  await new Promise((r) => setTimeout(r, 500))
+  t.is(child.exitCode, null, 'still running')
+  await exerciseBlockDevice(dev, 32 << 20, 'epipe')
+  const listed = JSON.parse(await sh(`${process.execPath} ${BIN} list --json`)) as Array<{
+    name: string
+    state: string
+  }>
+  t.is(listed.find((d) => d.name === 'epipe')?.state, 'served')
+  child.kill('SIGTERM')
+  t.is(await exit, 0)
+  t.regex(stderr, /stdout is closed/)
+  t.false((await sh(`${process.execPath} ${BIN} list --json`)).includes('"epipe"'), 'nothing left behind')
+})
+
+test('vduse net answers SIGUSR2 with handover-refused and keeps serving', async (t) => {
+  const cli = start(['net', '--switch', '--name', 'ho-net', '--json'])
+  await cli.next('ready')
+  cli.child.kill('SIGUSR2')
+  const refused = await cli.next('handover-refused')
+  t.is(refused.code, 'ERR_VDUSE_NOT_RECOVERABLE')
+  t.is(cli.child.exitCode, null)
+  cli.child.kill('SIGTERM')
+  t.is(await cli.exit, 0)
 })

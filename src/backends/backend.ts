@@ -16,6 +16,8 @@ export interface BlockIo {
    * reset the device. A backend should stop working on it; a write must not be applied after this.
    */
   readonly signal: AbortSignal
+  /** Whether `signal` has aborted — readable without creating the signal (the device's BlockIo has it). */
+  readonly cancelled?: boolean
   /**
    * Reads: copies `length` bytes of `source`, from `sourceOffset`, into the request's data at byte `at`
    * (default: all of the request's data, from `source[sourceOffset]`). Data arriving in pieces (a network

@@ -157,6 +157,8 @@ export interface NbdExportInfo {
   minBlockSize: number
   preferredBlockSize: number
   maxBlockSize: number
+  /** Whether the server stated its block sizes (NBD_INFO_BLOCK_SIZE); otherwise they are defaults. */
+  blockSizesAdvertised?: boolean
   structuredReplies: boolean
 }
 
@@ -170,6 +172,9 @@ export interface NbdBackendEvents {
   /** Requests failed with an I/O error because no connection came back within `reconnectTimeoutMs`. */
   unavailable: [info: { failed: number; error: VduseError }]
 }
+
+/** What a kept change without data (TRIM, WRITE_ZEROES) counts against `keepUnflushedBytes`. */
+const RANGE_COST = 64
 
 /** An acknowledged change a flush has not made durable yet (kept to send again after a restart). */
 interface Retained {
@@ -335,6 +340,7 @@ class Connection {
   probeSent = 0
   /** The server said it is shutting down (ESHUTDOWN): nothing new is sent; it closes once idle. */
   draining = false
+  readonly openedAt = Date.now()
 
   readonly #receive: Buffer
 
@@ -452,6 +458,7 @@ class Connection {
             info.minBlockSize = reply.data.readUInt32BE(2)
             info.preferredBlockSize = reply.data.readUInt32BE(6)
             info.maxBlockSize = reply.data.readUInt32BE(10)
+            info.blockSizesAdvertised = true
           }
           continue
         }
@@ -734,14 +741,26 @@ class Connection {
       // Not executed: the command goes to another connection, and this one takes nothing new.
       this.draining = true
       this.#hooks.retry(op)
-      if (this.inflight.size === 0) this.close(new Error('the server is shutting down (ESHUTDOWN)'))
+      if (this.inflight.size === 0) this.#softDisconnect()
       return
     }
     this.#hooks?.done(op)
     finish(op, op.error)
-    if (this.draining && this.inflight.size === 0) {
-      this.close(new Error('the server is shutting down (ESHUTDOWN)'))
-    }
+    if (this.draining && this.inflight.size === 0) this.#softDisconnect()
+  }
+
+  /** After ESHUTDOWN, once idle: NBD_CMD_DISC, as the protocol asks, then the connection is lost. */
+  #softDisconnect(): void {
+    const h = Buffer.alloc(28)
+    h.writeUInt32BE(REQUEST_MAGIC, 0)
+    h.writeUInt16BE(CMD_DISC, 6)
+    const err = new Error('the server is shutting down (ESHUTDOWN)')
+    const timer = setTimeout(() => this.close(err), 1000)
+    timer.unref()
+    this.socket.end(h, () => {
+      clearTimeout(timer)
+      this.close(err)
+    })
   }
 }
 
@@ -814,7 +833,9 @@ function finish(op: Op, errno: number): void {
 }
 
 function isCancelled(o: Op): boolean {
-  return (o.io?.signal ?? o.signal)?.aborted === true
+  // `cancelled` where the BlockIo has it: reading `signal` may create one per request.
+  if (o.io) return o.io.cancelled ?? o.io.signal.aborted
+  return o.signal?.aborted === true
 }
 
 function cancelled(): VduseError {
@@ -845,14 +866,16 @@ function failRequest(op: Op, err: Error): void {
  * `reconnectTimeoutMs`, then fail with an I/O error (`unavailable` event); reconnecting goes on, and a
  * server that comes back is served again. A reconnect to an export that shrank or lost a capability in
  * use is refused (`reconnectFailed`). A request that stops mattering while the server has it (the
- * device's `requestTimeoutMs`, a driver reset) fails, and its connection is closed so that it cannot
- * land after newer writes; the connection's other commands are sent again.
+ * device's `requestTimeoutMs`, a driver reset) fails; its connection is closed and the call stays running
+ * until that connection is replaced (the device keeps newer writes to its bytes waiting meanwhile); the
+ * connection's other commands are sent again.
  *
- * Flushes tell the truth across server restarts: writes the server acknowledged but no flush has made
- * durable yet (the export offers FLUSH: it may cache them) are kept, up to `keepUnflushedBytes` (a
- * background flush starts at a quarter of it), and sent again first when every connection was lost — a server that restarted
- * without its cache gets them back before anything newer. If more were acknowledged than are kept, the
- * first flush after such a loss fails (EIO): some may be gone.
+ * Flushes tell the truth across server restarts: changes the server acknowledged but no flush has made
+ * durable yet (the export offers FLUSH: it may cache them) are kept, up to `keepUnflushedBytes` (the
+ * newest change of a range replaces an older one; a background flush starts at a quarter), and after
+ * any connection loss they are sent again — once nothing else is in flight, one at a time, in order —
+ * before anything new. Past the limit nothing is kept until a flush covers it, and the first flush after
+ * a loss meanwhile fails (EIO): some acknowledged writes may be gone.
  */
 export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockBackend {
   readonly size: number
@@ -893,15 +916,24 @@ export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockB
   /** Largest TRIM / WRITE_ZEROES per command. */
   readonly #maxRange: number
   #ackSeq = 0
-  readonly #retained: Retained[] = []
+  /** Kept changes in acknowledgement order; a newer change of the same range replaces an older one. */
+  readonly #retained = new Map<string, Retained>()
   #retainedBytes = 0
-  /** The first acknowledged change that was not kept (0: all were), until a flush covers it. */
-  #unkeptFrom = 0
-  /** Every connection was lost while unkept changes were unflushed: the next flush must fail. */
+  /** The last acknowledged change that could not be kept (0: none), until a flush covers it. */
+  #unkeptUntil = 0
+  /** A connection was lost while unkept changes were unflushed: the next flush must fail. */
   #maybeLost = false
-  /** Kept changes being sent again after a restart; nothing else goes out meanwhile. */
-  #replaying = 0
+  /**
+   * A connection was lost while changes were kept: they go again, one at a time and in order, once
+   * nothing else is in flight; nothing new goes out until then.
+   */
+  #replayPending = false
+  /** The kept changes still to send again, and the one on the wire. */
+  #replayQueue: Retained[] = []
+  #replayOp: Op | undefined
   #backgroundFlush = false
+  /** Requests fenced while the server had them: settled once their connection is replaced. */
+  readonly #fenced: Op[][] = []
   readonly #hooks: ConnectionHooks = { done: (o) => this.#done(o), retry: (o) => this.#retry(o) }
   readonly #sent: number[] = []
 
@@ -915,6 +947,11 @@ export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockB
       hangTimeoutMs: options.hangTimeoutMs ?? 30_000,
       reconnectTimeoutMs: options.reconnectTimeoutMs ?? 60_000,
       keepUnflushedBytes: options.keepUnflushedBytes ?? 256 << 20,
+    }
+    if (!Number.isSafeInteger(opts.keepUnflushedBytes) || opts.keepUnflushedBytes < 0) {
+      throw new VduseError('keepUnflushedBytes must be a whole number of bytes', {
+        code: 'ERR_VDUSE_INVALID_CONFIG',
+      })
     }
     if (!Number.isInteger(opts.connections) || opts.connections < 1 || opts.connections > 16) {
       throw new VduseError('connections must be 1..16', { code: 'ERR_VDUSE_INVALID_CONFIG' })
@@ -985,7 +1022,8 @@ export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockB
     }
     this.#volatile = has(NBD_FLAGS.SEND_FLUSH)
     // The server's maximum, where it gave one, bounds commands without payload too.
-    const range = info.maxBlockSize > 0 ? Math.min(MAX_RANGE, info.maxBlockSize) : MAX_RANGE
+    const range =
+      info.blockSizesAdvertised && info.maxBlockSize > 0 ? Math.min(MAX_RANGE, info.maxBlockSize) : MAX_RANGE
     this.#maxRange = Math.max(this.blockSize, range - (range % this.blockSize))
     if (has(NBD_FLAGS.SEND_FLUSH)) this.flush = () => this.#flush()
     if (!this.readOnly && has(NBD_FLAGS.SEND_TRIM)) {
@@ -1091,7 +1129,7 @@ export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockB
       return failRequest(o, new VduseError('the NBD backend is closed', { code: 'ERR_VDUSE_CLOSED' }))
     }
     o.born = Date.now()
-    const conn = this.#replaying > 0 ? undefined : this.#pick()
+    const conn = this.#replayPending ? undefined : this.#pick()
     if (conn) {
       this.#send(conn, o)
       this.#arm()
@@ -1116,34 +1154,53 @@ export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockB
   #done(o: Op): void {
     if (o.kind === OpKind.Probe) return
     if (o.kind === OpKind.Replay) {
-      if (o.error !== 0) this.#unkeptFrom ||= 1 // it may be gone: the next flush after a loss says so
-      if (--this.#replaying === 0) this.#dispatch()
+      // A change that could not be sent again may be gone: the next flush says so.
+      if (o.error !== 0) this.#maybeLost = true
+      if (this.#replayOp === o) {
+        this.#replayOp = undefined
+        this.#replayNext()
+      }
       return
     }
+    // The last command of the lost session's time finished: the replay may begin.
+    if (this.#replayPending) queueMicrotask(() => this.#replayStart())
     if (o.error !== 0 || !this.#volatile) return
     const t = o.type
     if (t === CMD_FLUSH) {
-      let k = 0
-      while (k < this.#retained.length && this.#retained[k]!.seq <= o.mark) {
-        this.#retainedBytes -= this.#retained[k]!.length
-        k++
+      for (const [key, r] of this.#retained) {
+        if (r.seq > o.mark) break
+        this.#retained.delete(key)
+        this.#retainedBytes -= r.data ? r.length : RANGE_COST
       }
-      this.#retained.splice(0, k)
-      if (this.#unkeptFrom > 0 && this.#unkeptFrom <= o.mark) this.#unkeptFrom = 0
+      if (this.#unkeptUntil > 0 && this.#unkeptUntil <= o.mark) this.#unkeptUntil = 0
       return
     }
     const change = t === CMD_WRITE || t === CMD_TRIM || t === CMD_WRITE_ZEROES
     if (!change || o.flags & CMD_FLAG_FUA) return
     const seq = ++this.#ackSeq
-    const cost = t === CMD_WRITE ? o.length : 0
-    if (this.#retainedBytes + cost > this.#options.keepUnflushedBytes) {
-      this.#unkeptFrom ||= seq
+    const cost = t === CMD_WRITE ? o.length : RANGE_COST
+    if (this.#unkeptUntil > 0 || this.#retainedBytes + cost > this.#options.keepUnflushedBytes) {
+      // Past the limit nothing is kept — a partial set sent again could put an older change over a
+      // newer one — until a flush covers every change that was not.
+      this.#unkeptUntil = seq
+      this.#retained.clear()
+      this.#retainedBytes = 0
     } else {
+      const key = `${t}:${o.offset}:${o.length}`
+      const old = this.#retained.get(key)
+      if (old) {
+        this.#retained.delete(key)
+        this.#retainedBytes -= old.data ? old.length : RANGE_COST
+      }
       const data = t === CMD_WRITE && o.data ? Buffer.from(o.data) : undefined
-      this.#retained.push({ type: t, flags: o.flags, offset: o.offset, length: o.length, data, seq })
+      this.#retained.set(key, { type: t, flags: o.flags, offset: o.offset, length: o.length, data, seq })
       this.#retainedBytes += cost
     }
-    if (this.#retainedBytes > this.#options.keepUnflushedBytes / 4 && !this.#backgroundFlush && this.flush) {
+    if (
+      (this.#retainedBytes > this.#options.keepUnflushedBytes / 4 || this.#unkeptUntil > 0) &&
+      !this.#backgroundFlush &&
+      this.flush
+    ) {
       this.#backgroundFlush = true
       this.#command(CMD_FLUSH, 0, 0, 0)
         .catch(noop)
@@ -1160,24 +1217,52 @@ export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockB
     this.#dispatch()
   }
 
-  /** Every connection was lost: changes acknowledged but not flushed are sent again, before anything else. */
+  /**
+   * A connection was lost: the server may have restarted without its cache. Changes it acknowledged that
+   * no flush made durable are sent again — after everything still in flight elsewhere has finished, one
+   * at a time, in the order they were acknowledged — before anything new.
+   */
   #replay(): void {
-    if (this.#unkeptFrom > 0) this.#maybeLost = true
-    if (this.#retained.length === 0 || this.#replaying > 0) return
-    const replays = this.#retained.map((r) => {
-      const o = op(r.type, r.flags, r.offset, r.length, {
-        parts: 1,
-        error: undefined,
-        resolve: noop,
-        reject: noop,
-      })
-      o.data = r.data
-      o.kind = OpKind.Replay
-      o.born = Date.now()
-      return o
+    if (this.#unkeptUntil > 0) this.#maybeLost = true
+    // A replay under way starts again from the first change: the server may have lost those too.
+    this.#replayQueue = []
+    this.#replayOp = undefined
+    this.#replayPending = this.#retained.size > 0
+  }
+
+  /** Starts the replay once nothing of the lost session's time is in flight and a connection is up. */
+  #replayStart(): void {
+    if (!this.#replayPending || this.#replayOp || this.#replayQueue.length > 0) return
+    for (const c of this.#conns) if (c && !c.dead && c.inflight.size > 0) return
+    if (!this.#pick()) return
+    this.#replayQueue = [...this.#retained.values()]
+    this.#replayNext()
+  }
+
+  #replayNext(): void {
+    const r = this.#replayQueue.shift()
+    if (!r) {
+      this.#replayPending = false
+      return this.#dispatch()
+    }
+    const conn = this.#pick()
+    if (!conn) {
+      // Lost again: it starts over once a connection is back.
+      this.#replayQueue = []
+      return
+    }
+    const o = op(r.type, r.flags, r.offset, r.length, {
+      parts: 1,
+      error: undefined,
+      resolve: noop,
+      reject: noop,
     })
-    this.#replaying = replays.length
-    this.#waiting = replays.concat(this.#waiting)
+    o.data = r.data
+    o.kind = OpKind.Replay
+    o.born = Date.now()
+    this.#replayOp = o
+    this.#send(conn, o)
+    this.#arm()
   }
 
   /** Commands in flight on connections or waiting for one (probes and replays included). */
@@ -1189,7 +1274,7 @@ export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockB
 
   /** Acknowledged changes kept until a flush (see the class notes). */
   get unflushed(): { changes: number; bytes: number } {
-    return { changes: this.#retained.length, bytes: this.#retainedBytes }
+    return { changes: this.#retained.size, bytes: this.#retainedBytes }
   }
 
   /** Commands sent on each connection (slot) since the start, resends included. */
@@ -1225,8 +1310,8 @@ export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockB
     this.#conns[conn.index] = undefined
     const orphans: Op[] = []
     for (const o of conn.inflight.values()) {
-      // A probe's question died with its connection.
-      if (o.kind === OpKind.Probe) finish(o, 0)
+      // A probe's question died with its connection; a replay starts over.
+      if (o.kind === OpKind.Probe || o.kind === OpKind.Replay) finish(o, 0)
       else orphans.push(o)
     }
     conn.inflight.clear()
@@ -1238,12 +1323,15 @@ export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockB
       this.#failWaiting(new VduseError('the NBD backend is closed', { code: 'ERR_VDUSE_CLOSED' }))
       return
     }
-    // The server may have restarted without what it cached: what it acknowledged goes again first.
-    if (allLost) this.#replay()
+    // Any loss may be a restart that lost the server's cache (with several connections, each notices on
+    // its own clock): what it acknowledged goes again first.
+    this.#replay()
     this.#emitSafely('disconnected', { connection: conn.index, error: err })
+    this.#replayStart()
     this.#dispatch()
     const r = this.#redial[conn.index]!
-    r.attempts = 0
+    // Backoff starts over only after a connection that lived: one that dies at once keeps backing off.
+    if (Date.now() - conn.openedAt >= 5000) r.attempts = 0
     r.since = Date.now()
     this.#scheduleReconnect(conn.index)
     this.#arm()
@@ -1304,6 +1392,11 @@ export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockB
     this.#downSince = 0
     this.reconnects++
     this.#emitSafely('reconnected', { connection: index, attempts: r.attempts, downMs: Date.now() - r.since })
+    // Requests fenced on the connection this one replaces are settled now (they stayed running until
+    // the server saw that connection go).
+    const fenced = this.#fenced[index]?.splice(0) ?? []
+    for (const o of fenced) failRequest(o, cancelled())
+    this.#replayStart()
     this.#dispatch()
   }
 
@@ -1313,18 +1406,16 @@ export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockB
     let k = 0
     for (; k < this.#waiting.length; k++) {
       const o = this.#waiting[k]!
-      // Kept changes sent again after a restart go alone: nothing newer may overtake them.
-      if (this.#replaying > 0 && o.kind !== OpKind.Replay) break
+      // Kept changes sent again after a loss go first, alone: nothing newer may overtake them.
+      if (this.#replayPending) break
       const conn = this.#pick()
       if (!conn) break
       // A request fenced (driver reset) or timed out while it waited must not reach the server: a stale
       // write would overwrite newer data.
       if (isCancelled(o)) failRequest(o, cancelled())
-      // Bounded retries: a server that takes requests and hangs must not keep one alive forever. The
-      // device's own replays wait as long as it takes.
-      else if (o.kind === OpKind.Request && now - o.born >= this.#options.reconnectTimeoutMs) {
-        failRequest(o, this.#unreachable())
-      } else this.#send(conn, o)
+      // Bounded retries: a server that takes requests and hangs must not keep one alive forever.
+      else if (now - o.born >= this.#options.reconnectTimeoutMs) failRequest(o, this.#unreachable())
+      else this.#send(conn, o)
     }
     this.#waiting.splice(0, k)
     if (k > 0) this.#arm()
@@ -1371,7 +1462,7 @@ export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockB
         failRequest(o, cancelled())
         return false
       }
-      if (o.kind !== OpKind.Request || now - o.born < limit) return true
+      if (now - o.born < limit) return true
       failRequest(o, error)
       expired++
       return false
@@ -1387,8 +1478,10 @@ export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockB
       let fenced = false
       for (const [cookie, o] of c.inflight) {
         if (o.kind === OpKind.Request && isCancelled(o)) {
+          // Not settled yet: until the server has seen this connection go, the call stays running, so
+          // the device keeps newer writes to its bytes waiting (it settles when the slot reconnects).
           c.inflight.delete(cookie)
-          failRequest(o, cancelled())
+          ;(this.#fenced[c.index] ??= []).push(o)
           fenced = true
         }
       }
@@ -1397,13 +1490,18 @@ export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockB
         continue
       }
       if (hang === 0) continue
+      // A draining connection (ESHUTDOWN) waits for its last answers, bounded even without a hang timeout.
+      if (c.draining && now - c.lastProgress >= (hang || 30_000)) {
+        c.close(new Error('the server shut down and stopped answering'))
+        continue
+      }
       // Liveness, not silence: a quiet connection is asked a small read; only one that answers nothing
       // at all for another `hangTimeoutMs` is cut.
       // Anything received since the probe went out (it was sent to a connection quiet for `hang`) answers it.
       if (c.probeSent > 0 && c.lastProgress >= c.probeSent) c.probeSent = 0
       if (now - c.lastProgress < hang) continue
       if (c.probeSent === 0 && !c.draining) this.#probe(c)
-      else if (c.draining || now - c.probeSent >= hang) {
+      else if (now - c.probeSent >= hang) {
         this.hungCut++
         c.close(
           new Error(
@@ -1444,6 +1542,7 @@ export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockB
     if (this.#timer) clearInterval(this.#timer)
     for (const r of this.#redial) if (r.timer) clearTimeout(r.timer)
     this.#failWaiting(new VduseError('the NBD backend is closed', { code: 'ERR_VDUSE_CLOSED' }))
+    for (const parked of this.#fenced) for (const o of parked?.splice(0) ?? []) failRequest(o, cancelled())
     for (const c of this.#conns) {
       if (!c) continue
       const orphans = [...c.inflight.values()]

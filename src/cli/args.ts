@@ -95,6 +95,27 @@ Other commands:
   --version              the package version
 `
 
+/** The help for one command (`vduse net --help`), or all of it. */
+export function helpFor(topic?: 'blk' | 'net' | 'fs'): string {
+  if (topic === undefined) return HELP
+  const usage = HELP.split('\n')
+    .filter((l) => l.startsWith(`  vduse ${topic} `))
+    .join('\n')
+  const section = (from: string, to: string): string => {
+    const start = HELP.indexOf(from)
+    return HELP.slice(start, HELP.indexOf(to, start)).trimEnd()
+  }
+  if (topic === 'blk') {
+    const intro = HELP.slice(HELP.indexOf('Serve a virtio-blk'), HELP.indexOf('Options for net'))
+    return `Usage:\n${usage}\n\n${intro.trimEnd()}\n`
+  }
+  const body =
+    topic === 'net'
+      ? section('Options for net', 'Options for fs')
+      : section('Options for fs', 'Other commands')
+  return `Usage:\n${usage}\n\n${body}\n`
+}
+
 function checkName(name: string): void {
   if (!/^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$/.test(name) || name === 'control') {
     throw new UsageError(`--name "${name}": use letters, digits, '.', '_' and '-' (not "control")`)
@@ -109,7 +130,7 @@ function parseLogLevel(text: string | undefined): LogLevel {
   return text as LogLevel
 }
 
-function parseNet(args: readonly string[]): NetCommand | { command: 'help' } {
+function parseNet(args: readonly string[]): NetCommand | { command: 'help'; topic: 'net' } {
   let parsed
   try {
     parsed = parseArgs({
@@ -134,7 +155,7 @@ function parseNet(args: readonly string[]): NetCommand | { command: 'help' } {
     throw new UsageError((err as Error).message)
   }
   const v = parsed.values
-  if (v.help) return { command: 'help' }
+  if (v.help) return { command: 'help', topic: 'net' }
   const names = v.name ?? []
   if (names.length === 0) throw new UsageError('net needs --name NAME')
   for (const name of names) checkName(name)
@@ -170,7 +191,7 @@ function parseNet(args: readonly string[]): NetCommand | { command: 'help' } {
   return cmd
 }
 
-function parseFs(args: readonly string[]): FsCommand | { command: 'help' } {
+function parseFs(args: readonly string[]): FsCommand | { command: 'help'; topic: 'fs' } {
   const split = args.indexOf('--')
   const own = split < 0 ? args : args.slice(0, split)
   const pluginArgs = split < 0 ? [] : args.slice(split + 1)
@@ -200,7 +221,7 @@ function parseFs(args: readonly string[]): FsCommand | { command: 'help' } {
     throw new UsageError((err as Error).message)
   }
   const v = parsed.values
-  if (v.help) return { command: 'help' }
+  if (v.help) return { command: 'help', topic: 'fs' }
   if (v.name === undefined) throw new UsageError('fs needs --name NAME')
   checkName(v.name)
   const tag = v.tag ?? v.name
@@ -319,7 +340,7 @@ export type Command =
   | FsCommand
   | { command: 'list'; json: boolean }
   | { command: 'destroy'; name?: string; all: boolean }
-  | { command: 'help' }
+  | { command: 'help'; topic?: 'blk' | 'net' | 'fs' }
   | { command: 'version' }
 
 export function parseCommand(argv: readonly string[]): Command {
@@ -372,7 +393,7 @@ export function parseCommand(argv: readonly string[]): Command {
     throw new UsageError((err as Error).message)
   }
   const { values: v, positionals } = parsed
-  if (v.help) return { command: 'help' }
+  if (v.help) return command === 'blk' ? { command: 'help', topic: 'blk' } : { command: 'help' }
   switch (command) {
     case 'list':
       if (positionals.length > 0) throw new UsageError('list takes no arguments')

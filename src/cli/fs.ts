@@ -7,6 +7,7 @@ import { MemoryFs } from '../devices/fs/memory-fs'
 import { logs, setLogLevel, type LogRecord } from '../log'
 import { loadFsPlugin } from '../plugin'
 import type { FsCommand } from './args'
+import { deviceError } from './events'
 
 type Emit = (event: Record<string, unknown>) => void
 
@@ -33,10 +34,8 @@ export async function serveFs(cmd: FsCommand, emit: Emit): Promise<number> {
     ...(cmd.timeoutMs === undefined ? {} : { requestTimeoutMs: cmd.timeoutMs }),
   })
   const name = device.name
-  device.on('error', (err) => emit({ event: 'error', name, message: err.message }))
-  device.on('requestError', (err) =>
-    emit({ event: 'error', name, message: `a file-system call failed: ${err.message}` }),
-  )
+  device.on('error', (err) => emit(deviceError(name, err)))
+  device.on('requestError', (err) => emit({ event: 'request-error', name, message: err.message }))
   device.on('drained', (info) => emit({ event: 'drained', name, ...info }))
   device.on('session', (s) => emit({ event: 'session', name, ...s }))
   const onLog = (r: LogRecord): void => emit({ event: 'log', level: r.level, message: r.message })
@@ -58,9 +57,11 @@ export async function serveFs(cmd: FsCommand, emit: Emit): Promise<number> {
   process.on('SIGUSR2', () => {
     // Nothing could take it over: the FUSE session (nodes, open files) lives in this process.
     emit({
-      event: 'log',
-      level: 'warn',
-      message: `${name}: not handed over: a virtio-fs device's session dies with its server; still serving`,
+      event: 'handover-refused',
+      name,
+      code: 'ERR_VDUSE_NOT_RECOVERABLE',
+      message: `${name} cannot be handed over: a virtio-fs session dies with its server; still serving`,
+      hint: 'stop it (SIGTERM) and start it again',
     })
   })
   const stopped = new Promise<number>((resolve, reject) => {

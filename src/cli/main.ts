@@ -12,15 +12,16 @@ import { BlockDevice } from '../devices/blk/block-device'
 import { VduseError } from '../errors'
 import { logs, setLogLevel, type LogRecord } from '../log'
 import { boundDriver, currentAttachment, isAttached, readSysfs } from '../transport/attach'
-import { HELP, parseCommand, UsageError, type BlkCommand } from './args'
+import { helpFor, parseCommand, UsageError, type BlkCommand } from './args'
 import { EventLimiter } from './limiter'
+import { deviceError } from './events'
 import { serveFs } from './fs'
 import { serveNet } from './net'
 
 type Emit = (event: Record<string, unknown>) => void
 
 /** Version of the JSON events' shape (`v`): fields are only added within a version. */
-export const EVENT_SCHEMA = 1
+export const EVENT_SCHEMA = 2
 
 /** Every JSON event carries the schema version and when it happened. */
 function envelope(e: Record<string, unknown>): Record<string, unknown> {
@@ -133,7 +134,7 @@ async function serveBlk(cmd: BlkCommand, emit: Emit): Promise<number> {
       ...(held > 0 ? { suppressed: held } : {}),
     })
   })
-  device.on('error', (err) => emit({ event: 'error', name: cmd.name, message: err.message }))
+  device.on('error', (err) => emit(deviceError(cmd.name, err)))
   device.on('drained', (info) => emit({ event: 'drained', name: cmd.name, ...info }))
   const onLog = (r: LogRecord): void =>
     emit({ event: 'log', name: cmd.name, level: r.level, message: r.message })
@@ -142,8 +143,16 @@ async function serveBlk(cmd: BlkCommand, emit: Emit): Promise<number> {
   let stopping: Promise<number> | undefined
   /** What a stop is waiting for, for a user who signals again. */
   let stage = ''
+  /** A stop signal during the attach aborts it; the stop waits until it has given up. */
+  const attachAbort = new AbortController()
+  let attaching: Promise<unknown> | undefined
   const stop = (signal: string): Promise<number> => {
     stopping ??= (async () => {
+      if (attaching) {
+        stage = 'the attach to give up'
+        attachAbort.abort()
+        await attaching.catch(() => {})
+      }
       try {
         stage = 'the device to detach, its requests in flight to finish, and the backend to flush'
         await device.close()
@@ -243,8 +252,13 @@ async function serveBlk(cmd: BlkCommand, emit: Emit): Promise<number> {
   let path = device.path
   try {
     // A recovered device is usually still attached where its dead server left it.
-    if (cmd.attach !== 'none' && !device.attached) path = await device.attach({ driver: cmd.attach })
+    if (cmd.attach !== 'none' && !device.attached) {
+      attaching = device.attach({ driver: cmd.attach, signal: attachAbort.signal })
+      path = (await attaching) as string
+    }
   } catch (err) {
+    // A stop signal aborted the attach: the stop, under way, finishes the device.
+    if (stopping) return stopped
     // A failed attach leaves nothing on the bus; should the cleanup still fail, say so.
     await device.close().catch((e: Error) =>
       emit({
@@ -256,7 +270,10 @@ async function serveBlk(cmd: BlkCommand, emit: Emit): Promise<number> {
     )
     await backend.close?.()
     throw err
+  } finally {
+    attaching = undefined
   }
+  if (stopping) return stopped
   emit({
     event: 'ready',
     name: cmd.name,
@@ -401,13 +418,32 @@ async function destroy(names: string[], all: boolean): Promise<number> {
   return failed > 0 ? 1 : 0
 }
 
+/** Whether stdout still takes events: a reader that went away (`… --json | head -1`) must not stop the server. */
+let stdoutOpen = true
+process.stdout.on('error', (err: NodeJS.ErrnoException) => {
+  if (!stdoutOpen) return
+  stdoutOpen = false
+  process.stderr.write(
+    `vduse: stdout is closed (${err.code ?? err.message}): events are no longer printed; still serving\n`,
+  )
+})
+
+function printEvent(e: Record<string, unknown>): void {
+  if (!stdoutOpen) return
+  try {
+    process.stdout.write(JSON.stringify(e) + '\n')
+  } catch {
+    stdoutOpen = false
+  }
+}
+
 export async function main(argv: readonly string[]): Promise<number> {
   let json = argv.includes('--json')
   try {
     const cmd = parseCommand(argv)
     switch (cmd.command) {
       case 'help':
-        process.stdout.write(HELP)
+        process.stdout.write(helpFor(cmd.topic))
         return 0
       case 'version': {
         const pkg = JSON.parse(readFileSync(join(__dirname, '../../package.json'), 'utf8')) as {
@@ -425,7 +461,7 @@ export async function main(argv: readonly string[]): Promise<number> {
       case 'fs': {
         json = cmd.json
         const emit: Emit = json
-          ? (e) => process.stdout.write(JSON.stringify(envelope(e)) + '\n')
+          ? (e) => printEvent(envelope(e))
           : (e) => {
               if (e.event === 'ready')
                 process.stderr.write(

@@ -4,6 +4,7 @@ import { NetDevice, type NetDeviceOptions } from '../devices/net/net-device'
 import { NetSwitch } from '../devices/net/switch'
 import { logs, setLogLevel, type LogRecord } from '../log'
 import type { NetCommand } from './args'
+import { deviceError } from './events'
 
 type Emit = (event: Record<string, unknown>) => void
 
@@ -41,7 +42,7 @@ export async function serveNet(cmd: NetCommand, emit: Emit): Promise<number> {
       const nic = await NetDevice.create(options)
       nics.push(nic)
       sw?.connect(nic)
-      nic.on('error', (err) => emit({ event: 'error', name, message: err.message }))
+      nic.on('error', (err) => emit(deviceError(name, err)))
       nic.on('drained', (info) => emit({ event: 'drained', name, ...info }))
     }
   } catch (err) {
@@ -64,6 +65,18 @@ export async function serveNet(cmd: NetCommand, emit: Emit): Promise<number> {
   }
   process.on('SIGUSR1', () => {
     for (const nic of nics) emit({ event: 'stats', ...statsOf(nic, sw) })
+  })
+  // No handover for NICs: their receive buffers, switch ports and taps live in this process.
+  process.on('SIGUSR2', () => {
+    for (const nic of nics) {
+      emit({
+        event: 'handover-refused',
+        name: nic.name,
+        code: 'ERR_VDUSE_NOT_RECOVERABLE',
+        message: `${nic.name} cannot be handed over: a NIC's state lives in this process; still serving`,
+        hint: 'stop it (SIGTERM) and start it again',
+      })
+    }
   })
   const stopped = new Promise<number>((resolve, reject) => {
     let signals = 0

@@ -285,6 +285,14 @@ export abstract class VirtioDevice<
     return true
   }
 
+  /**
+   * Why no successor could take this device over (its data dies with this process), or undefined. A
+   * handover is then refused before anything is paused. Default: nothing stands in the way.
+   */
+  protected handoverRefusal(): string | undefined {
+    return undefined
+  }
+
   /** A handover was called off (see `quiesce`): serve as before. */
   protected resume(): void {}
 
@@ -507,6 +515,15 @@ export abstract class VirtioDevice<
         new VduseError(`device ${this.name} cannot be handed over: it keeps no state file`, {
           code: 'ERR_VDUSE_NOT_RECOVERABLE',
           hint: 'create it with a stateDir (the default) to hand it over; close() stops it',
+        }),
+      )
+    }
+    const why = this.handoverRefusal()
+    if (why !== undefined) {
+      throw retryable(
+        new VduseError(`device ${this.name} cannot be handed over: ${why}`, {
+          code: 'ERR_VDUSE_NOT_RECOVERABLE',
+          hint: 'nobody could take it over; it keeps serving (close() stops it)',
         }),
       )
     }

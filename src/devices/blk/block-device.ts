@@ -188,6 +188,10 @@ class Io implements BlockIo {
     return this.#dead
   }
 
+  get cancelled(): boolean {
+    return this.#dead
+  }
+
   /** The request stopped mattering (timed out or fenced): tell the backend. */
   abort(reason: string = 'request timed out'): void {
     this.#dead = true
@@ -553,6 +557,13 @@ export class BlockDevice extends VirtioDevice {
     // Native operations decided before the pause go to the pool now, to be waited for below.
     this.completions.flushIo()
     return waitFor(() => this.#running === 0 && !this.#nativeBusy(), deadline)
+  }
+
+  protected override handoverRefusal(): string | undefined {
+    // A successor takes over only with a backend of the same identity; one without dies with this process.
+    return this.backend.id === undefined
+      ? "its backend has no identity (its data, like a memory disk's, dies with this process)"
+      : undefined
   }
 
   protected override resume(): void {
