@@ -261,3 +261,126 @@ test('the ~40-line responder example answers ARP and ping', async (t) => {
   t.is(fold(got.subarray(34)), 0xffff, 'ICMP checksum')
   await nic.close()
 })
+
+test("port security: a NIC sending from another port's address cannot take its traffic; a flood of new addresses evicts nobody", async (t) => {
+  const a = await nic({ mac: '02:00:00:00:00:1a' })
+  const b = await nic({ mac: '02:00:00:00:00:1b' })
+  const evil = await nic({ mac: '02:00:00:00:00:1e' })
+  const sw = new NetSwitch({ maxMacsPerPort: 8 })
+  sw.connect(a.device).connect(b.device).connect(evil.device)
+  const send = (x: { transport: InProcessTransport }, dst: string, src: string) =>
+    x.transport.request([header(), frame(dst, src, 60)], [], 1)
+  // a and b make themselves known.
+  await send(a, 'ff:ff:ff:ff:ff:ff', '02:00:00:00:00:1a')
+  await send(b, 'ff:ff:ff:ff:ff:ff', '02:00:00:00:00:1b')
+  t.is(sw.portOf('02:00:00:00:00:1a'), a.device)
+  // The hostile NIC claims a's address: dropped, and a keeps it.
+  const spoofed = sw.stats.spoofed
+  await send(evil, 'ff:ff:ff:ff:ff:ff', '02:00:00:00:00:1a')
+  t.is(sw.stats.spoofed, spoofed + 1)
+  t.is(sw.portOf('02:00:00:00:00:1a'), a.device, 'a keeps its address')
+  // …and then floods new source addresses: only its own share is learned; a and b stay.
+  for (let i = 0; i < 5000; i++) {
+    const mac = `06:00:00:00:${((i >> 8) & 0xff).toString(16).padStart(2, '0')}:${(i & 0xff).toString(16).padStart(2, '0')}`
+    await send(evil, '02:00:00:00:00:1e', mac)
+  }
+  t.true(sw.stats.unlearned >= 5000 - 8)
+  t.is(sw.portOf('02:00:00:00:00:1a'), a.device)
+  t.is(sw.portOf('02:00:00:00:00:1b'), b.device)
+  // b → a is still unicast to a alone: the hostile port sees none of it.
+  const aRx = a.transport.request([], [2048], 0)
+  await tick()
+  const before = sw.stats.forwarded
+  const seen = () => evil.device.stats.rxFrames + evil.device.stats.rxNoBuffers
+  const evilBefore = seen()
+  await send(b, '02:00:00:00:00:1a', '02:00:00:00:00:1b')
+  t.is((await aRx).used, HDR + 60)
+  t.is(sw.stats.forwarded, before + 1)
+  t.is(seen(), evilBefore, 'nothing was offered to the hostile NIC')
+  for (const x of [a, b, evil]) await x.device.close()
+})
+
+test('an address that went quiet may move to another port (a VM that migrated)', async (t) => {
+  const a = await nic({ mac: '02:00:00:00:00:2a' })
+  const b = await nic({ mac: '02:00:00:00:00:2b' })
+  const sw = new NetSwitch({ macAgeMs: 50 })
+  sw.connect(a.device).connect(b.device)
+  await a.transport.request([header(), frame('ff:ff:ff:ff:ff:ff', '02:00:00:00:00:77', 60)], [], 1)
+  t.is(sw.portOf('02:00:00:00:00:77'), a.device)
+  await new Promise((r) => setTimeout(r, 80))
+  await b.transport.request([header(), frame('ff:ff:ff:ff:ff:ff', '02:00:00:00:00:77', 60)], [], 1)
+  t.is(sw.portOf('02:00:00:00:00:77'), b.device)
+  t.is(sw.stats.spoofed, 0)
+  for (const x of [a, b]) await x.device.close()
+})
+
+test('a GSO frame passed on loses the ECN bit the driver never negotiated', async (t) => {
+  const { device, transport } = await nic({})
+  const posted = transport.request([], [65_600], 0)
+  await tick()
+  const f = frame('02:00:00:00:00:02', '02:00:00:00:00:01', 14 + 20 + 20 + 3000, 0x11)
+  t.true(
+    device.send(f, { flags: 1, gsoType: 0x81, hdrLen: 54, gsoSize: 1448, csumStart: 34, csumOffset: 16 }),
+  )
+  const got = (await posted).writable[0]!
+  t.is(got[1], 1, 'TCPV4 without ECN')
+  await device.close()
+})
+
+test('a TCP GSO frame for a driver without TSO is segmented here: lengths, ids, sequence numbers, flags and checksums', async (t) => {
+  // The driver accepts no offloads at all: every segment must arrive complete.
+  const { device, transport } = await nic(
+    {},
+    NET_FEATURES.mask(['MAC', 'MTU', 'STATUS', 'MRG_RXBUF']) | (1n << 32n),
+  )
+  const posted = [0, 1, 2].map(() => transport.request([], [2048], 0))
+  await tick()
+  const payload = Buffer.alloc(2500)
+  for (let i = 0; i < payload.length; i++) payload[i] = (i * 7) & 0xff
+  const f = Buffer.alloc(14 + 20 + 20 + payload.length)
+  Buffer.from('020000000002020000000001', 'hex').copy(f, 0)
+  f.writeUInt16BE(0x0800, 12)
+  Buffer.from([0x45, 0, 0, 0, 0x12, 0x34, 0x40, 0, 64, 6, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2]).copy(f, 14)
+  f.writeUInt16BE(20 + 20 + payload.length, 16)
+  f.writeUInt16BE(40000, 34)
+  f.writeUInt16BE(80, 36)
+  f.writeUInt32BE(0xfffffc00, 38) // the sequence number wraps during the packet
+  f[46] = 5 << 4
+  f[47] = 0x18 | 0x80 | 0x01 // PSH | ACK… CWR, FIN
+  payload.copy(f, 54)
+  const ok = device.send(f, {
+    flags: 1,
+    gsoType: 1,
+    hdrLen: 54,
+    gsoSize: 1000,
+    csumStart: 34,
+    csumOffset: 16,
+  })
+  t.true(ok)
+  const fold = (s: number) => {
+    while (s > 0xffff) s = (s & 0xffff) + (s >>> 16)
+    return s
+  }
+  const sum = (b: Buffer, from: number, to: number, extra = 0) => {
+    let s = extra
+    for (let i = from; i + 1 < to; i += 2) s += b.readUInt16BE(i)
+    if ((to - from) & 1) s += b[to - 1]! << 8
+    return fold(s)
+  }
+  const segments = await Promise.all(posted)
+  const back = Buffer.alloc(payload.length)
+  for (const [i, r] of segments.entries()) {
+    const s = r.writable[0]!.subarray(HDR, r.used)
+    const n = i < 2 ? 1000 : 500
+    t.is(s.length, 54 + n)
+    t.is(s.readUInt16BE(16), 40 + n, 'IP total length')
+    t.is(s.readUInt16BE(18), 0x1234 + i, 'IP id')
+    t.is(sum(s, 14, 34), 0xffff, 'IP header checksum')
+    t.is(s.readUInt32BE(38), (0xfffffc00 + i * 1000) >>> 0, 'sequence number')
+    t.is(s[47], [0x90, 0x10, 0x19][i], 'ACK on all, CWR on the first, FIN and PSH on the last')
+    t.is(sum(s, 34, s.length, sum(s, 26, 34, 6 + 20 + n)), 0xffff, 'TCP checksum with its pseudo-header')
+    s.copy(back, i * 1000, 54)
+  }
+  t.true(back.equals(payload))
+  await device.close()
+})

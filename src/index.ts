@@ -26,7 +26,7 @@ export type { BlkFeature } from './devices/blk/constants'
 export { NetDevice, formatMac } from './devices/net/net-device'
 export type { NetDeviceOptions, NetDeviceEvents, NetHeader, NetStats } from './devices/net/net-device'
 export { NetSwitch } from './devices/net/switch'
-export type { NetSwitchStats } from './devices/net/switch'
+export type { NetSwitchStats, NetSwitchOptions } from './devices/net/switch'
 export { NET_FEATURES, GSO as NET_GSO } from './devices/net/constants'
 export type { NetFeature } from './devices/net/constants'
 

@@ -1,9 +1,10 @@
 import test from 'ava'
 import { spawn } from 'node:child_process'
-import { readFileSync } from 'node:fs'
+import { existsSync, readFileSync } from 'node:fs'
+import { join } from 'node:path'
 import { createInterface } from 'node:readline'
 
-import { assertInGuest, CLI, exerciseBlockDevice, sh, startCli as start } from './guest'
+import { assertInGuest, CLI, exerciseBlockDevice, sh, startCli as start, until } from './guest'
 
 const BIN = CLI
 
@@ -269,4 +270,36 @@ test('vduse net answers SIGUSR2 with handover-refused and keeps serving', async 
   t.is(cli.child.exitCode, null)
   cli.child.kill('SIGTERM')
   t.is(await cli.exit, 0)
+})
+
+test('SIGINT while the attach waits on the driver probe: the attach gives up, the device goes, exit 0, no ready event', async (t) => {
+  await sh('rm -f /tmp/probe.held')
+  const plugin = join(__dirname, 'fixtures/slow-probe-backend.mjs')
+  const cli = start([
+    'blk',
+    '--name',
+    'slowprobe',
+    '--backend',
+    plugin,
+    '--size',
+    '16M',
+    '--json',
+    '--',
+    '--delay-ms',
+    '4000',
+    '--held',
+    '/tmp/probe.held',
+  ])
+  await until('the probe read to start', () => existsSync('/tmp/probe.held'), 60_000)
+  const sent = Date.now()
+  cli.child.kill('SIGINT')
+  t.is(await cli.exit, 0)
+  t.true(Date.now() - sent < 30_000, `stopped in ${Date.now() - sent} ms`)
+  t.false(
+    cli.events.some((e) => e.event === 'ready'),
+    'never announced',
+  )
+  t.truthy(cli.events.find((e) => e.event === 'stopped'))
+  t.false((await sh('ls /sys/bus/vdpa/devices')).includes('slowprobe'), 'nothing left on the bus')
+  t.false((await sh(`${process.execPath} ${BIN} list --json`)).includes('"slowprobe"'), 'nor a VDUSE device')
 })

@@ -243,7 +243,7 @@ test('vduse net --switch and --tap from the CLI: one ready event per NIC, traffi
     sw.child.kill('SIGTERM')
     t.is(await sw.exit, 0, sw.stderr())
     t.is(sw.events.filter((e) => e.event === 'stopped').length, 2)
-    t.true(sw.events.every((e) => e.v === 1 && typeof e.ts === 'string'))
+    t.true(sw.events.every((e) => e.v === 2 && typeof e.ts === 'string'))
   } finally {
     if (sw.child.exitCode === null) sw.child.kill('SIGKILL')
     await sh('ip netns del ns-ca 2>/dev/null || true; ip netns del ns-cb 2>/dev/null || true')
@@ -288,5 +288,52 @@ test('the responder example answers ping from a namespace', async (t) => {
   } finally {
     await nic.close()
     await sh('ip netns del ns-r 2>/dev/null || true')
+  }
+})
+
+test("a hostile NIC on the switch: frames from a victim's address and a flood of new ones take nothing from the victims", async (t) => {
+  const sw = new NetSwitch({ maxMacsPerPort: 16 })
+  const a = await nic('sec-a', 'ns-sa', '10.79.0.1')
+  const b = await nic('sec-b', 'ns-sb', '10.79.0.2')
+  const evil = await nic('sec-e', 'ns-se', '10.79.0.66')
+  try {
+    for (const x of [a, b, evil]) sw.connect(x.device)
+    t.is(await ping(a, b, 50), 0)
+    // Raw frames from the hostile namespace: 200 claiming a's address, then 3000 from new addresses.
+    const script = `
+import socket, struct
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind(("${evil.ifname}", 0))
+victim = bytes.fromhex("${a.device.mac.replaceAll(':', '')}")
+frame = lambda src: bytes.fromhex("ffffffffffff") + src + struct.pack("!H", 0x88b5) + bytes(46)
+for i in range(200): s.send(frame(victim))
+for i in range(3000): s.send(frame(bytes([6, 0, 0, 0, i >> 8, i & 255])))
+`
+    await sh(`ip netns exec ns-se python3 -c '${script}'`)
+    t.true(sw.stats.spoofed >= 200, `${sw.stats.spoofed} spoofed frames dropped`)
+    t.true(sw.stats.unlearned >= 3000 - 16)
+    t.is(sw.portOf(a.device.mac), a.device, 'a keeps its address')
+    t.is(await ping(a, b, 100), 0, 'the victims still reach each other')
+  } finally {
+    await cleanup([a, b, evil])
+  }
+})
+
+test('NICs that negotiated different offloads still carry TCP: large packets are segmented for the one without TSO', async (t) => {
+  const sw = new NetSwitch()
+  const a = await nic('gso-a', 'ns-ga', '10.78.0.1', { mtu: 1500 })
+  const b = await nic('gso-b', 'ns-gb', '10.78.0.2', { offloads: false, mtu: 1500 })
+  try {
+    sw.connect(a.device).connect(b.device)
+    t.true(a.device.negotiatedNetFeatures.includes('HOST_TSO4'))
+    t.false(b.device.negotiatedNetFeatures.includes('GUEST_TSO4'))
+    const toB = await iperf(b, a)
+    const toA = await iperf(a, b)
+    t.log(
+      `iperf3 a→b (segmented here): ${(toB / 1e6).toFixed(0)} Mbit/s; b→a: ${(toA / 1e6).toFixed(0)} Mbit/s`,
+    )
+    t.true(toB > 0 && toA > 0)
+  } finally {
+    await cleanup([a, b])
   }
 })

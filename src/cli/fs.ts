@@ -44,8 +44,16 @@ export async function serveFs(cmd: FsCommand, emit: Emit): Promise<number> {
 
   let stopping: Promise<number> | undefined
   let stage = ''
+  /** A stop signal during the attach aborts it; the stop waits until it has given up. */
+  const attachAbort = new AbortController()
+  let attaching: Promise<unknown> | undefined
   const stop = (signal: string): Promise<number> => {
     stopping ??= (async () => {
+      if (attaching) {
+        stage = 'the attach to give up'
+        attachAbort.abort()
+        await attaching.catch(() => {})
+      }
       stage = 'the device to detach and be destroyed'
       await device.close()
       emit({ event: 'stopped', signal, ...stats() })
@@ -92,15 +100,24 @@ export async function serveFs(cmd: FsCommand, emit: Emit): Promise<number> {
   })
 
   try {
-    const path = cmd.attach === 'none' ? undefined : await device.attach({ driver: cmd.attach })
+    let path: string | undefined
+    if (cmd.attach !== 'none') {
+      attaching = device.attach({ driver: cmd.attach, signal: attachAbort.signal })
+      path = (await attaching) as string
+    }
+    if (stopping) return stopped
     emit({ event: 'ready', name, path: path ?? null, tag: cmd.tag, requestQueues: device.requestQueues })
   } catch (err) {
+    // A stop signal aborted the attach: the stop, under way, finishes the device.
+    if (stopping) return stopped
     await device
       .close()
       .catch((e: Error) =>
         emit({ event: 'log', level: 'error', message: `cleanup after a failed attach: ${e.message}` }),
       )
     throw err
+  } finally {
+    attaching = undefined
   }
   return stopped
 }

@@ -54,8 +54,16 @@ export async function serveNet(cmd: NetCommand, emit: Emit): Promise<number> {
 
   let stopping: Promise<number> | undefined
   let stage = ''
+  /** A stop signal during an attach aborts it; the stop waits until it has given up. */
+  const attachAbort = new AbortController()
+  let attaching: Promise<unknown> | undefined
   const stop = (signal: string): Promise<number> => {
     stopping ??= (async () => {
+      if (attaching) {
+        stage = 'the attach to give up'
+        attachAbort.abort()
+        await attaching.catch(() => {})
+      }
       stage = 'the NICs to detach and be destroyed'
       await closeAll()
       for (const nic of nics) emit({ event: 'stopped', signal, ...statsOf(nic, sw) })
@@ -109,7 +117,13 @@ export async function serveNet(cmd: NetCommand, emit: Emit): Promise<number> {
 
   try {
     for (const nic of nics) {
-      const path = cmd.attach === 'none' ? undefined : await nic.attach({ driver: cmd.attach })
+      let path: string | undefined
+      if (cmd.attach !== 'none') {
+        attaching = nic.attach({ driver: cmd.attach, signal: attachAbort.signal })
+        path = (await attaching) as string
+        attaching = undefined
+      }
+      if (stopping) return stopped
       emit({
         event: 'ready',
         name: nic.name,
@@ -121,6 +135,9 @@ export async function serveNet(cmd: NetCommand, emit: Emit): Promise<number> {
       })
     }
   } catch (err) {
+    attaching = undefined
+    // A stop signal aborted the attach: the stop, under way, finishes the NICs.
+    if (stopping) return stopped
     // A failed attach leaves nothing behind: every NIC of this command goes.
     await closeAll().catch((e: Error) =>
       emit({ event: 'log', level: 'error', message: `cleanup after a failed attach: ${e.message}` }),

@@ -152,6 +152,16 @@ export class NetDevice extends VirtioDevice<NetDeviceEvents> {
   readonly #tx = Buffer.alloc(NET_HDR_BYTES + MAX_FRAME)
   readonly #txHeader: NetHeader = { flags: 0, gsoType: 0, hdrLen: 0, gsoSize: 0, csumStart: 0, csumOffset: 0 }
   readonly #rxHdr = Buffer.alloc(NET_HDR_BYTES)
+  /** One segment of a large packet cut in software (sent before the next is built). */
+  readonly #segmentBuf = Buffer.alloc(MAX_FRAME)
+  readonly #segmentHeader: NetHeader = {
+    flags: 0,
+    gsoType: 0,
+    hdrLen: 0,
+    gsoSize: 0,
+    csumStart: 0,
+    csumOffset: 0,
+  }
   readonly #csum = Buffer.alloc(2)
   readonly #tap: string | undefined
 
@@ -268,6 +278,67 @@ export class NetDevice extends VirtioDevice<NetDeviceEvents> {
    * event-loop turn. Returns false — and counts why — when the frame was dropped: no buffers posted
    * (wait for `writable`), too large for the driver, or offloads it did not accept.
    */
+  /**
+   * Software segmentation (TSO done here): a TCP packet over IPv4 or IPv6 (no VLAN tag, no IPv6
+   * extension headers) cut into `gsoSize` segments, each with its own IP length, IPv4 id and checksum,
+   * TCP sequence number and flags (FIN and PSH on the last, CWR on the first), and a partial TCP checksum
+   * that `send` completes for a driver without GUEST_CSUM. False (and counted) if any segment was not
+   * delivered, or the packet is not one this can cut.
+   */
+  #segment(frame: Uint8Array, header: NetHeader, gso: number): boolean {
+    const f = Buffer.from(frame.buffer, frame.byteOffset, frame.length)
+    const v4 = gso === GSO.TCPV4
+    const ip = ETH_HLEN
+    const ethertype = f.length > ETH_HLEN ? f.readUInt16BE(12) : 0
+    const ipLen = v4 ? (f[ip]! & 0x0f) * 4 : 40
+    const tcp = ip + ipLen
+    const mss = header.gsoSize
+    const fits =
+      ethertype === (v4 ? 0x0800 : 0x86dd) &&
+      f.length >= tcp + 20 &&
+      (v4 ? f[ip]! >> 4 === 4 && ipLen >= 20 && f[ip + 9] === 6 : f[ip]! >> 4 === 6 && f[ip + 6] === 6)
+    const tcpLen = fits ? (f[tcp + 12]! >> 4) * 4 : 0
+    const payload = tcp + tcpLen
+    if (!fits || tcpLen < 20 || payload > f.length || mss < 1 || payload + mss > this.mtu + ETH_HLEN) {
+      this.stats.rxRefused++
+      return false
+    }
+    const seg = this.#segmentBuf
+    const h = this.#segmentHeader
+    const seq = f.readUInt32BE(tcp + 4)
+    const flags = f[tcp + 13]!
+    const id = v4 ? f.readUInt16BE(ip + 4) : 0
+    let ok = true
+    for (let at = payload, i = 0; at < f.length; at += mss, i++) {
+      const n = Math.min(mss, f.length - at)
+      const last = at + n >= f.length
+      f.copy(seg, 0, 0, payload)
+      f.copy(seg, payload, at, at + n)
+      const segLen = payload + n
+      if (v4) {
+        seg.writeUInt16BE(ipLen + tcpLen + n, ip + 2)
+        seg.writeUInt16BE((id + i) & 0xffff, ip + 4)
+        seg.writeUInt16BE(0, ip + 10)
+        seg.writeUInt16BE(~sum16(seg, ip, ip + ipLen, 0) & 0xffff, ip + 10)
+      } else {
+        seg.writeUInt16BE(tcpLen + n, ip + 4)
+      }
+      seg.writeUInt32BE((seq + (at - payload)) >>> 0, tcp + 4)
+      // FIN and PSH belong to the last segment, CWR to the first.
+      seg[tcp + 13] = flags & ~((last ? 0 : 0x09) | (i === 0 ? 0 : 0x80)) & 0xff
+      // The pseudo-header sum in the checksum field, as a partial checksum carries it.
+      const pseudo = v4
+        ? sum16(seg, ip + 12, ip + 20, 6 + tcpLen + n)
+        : sum16(seg, ip + 8, ip + 40, 6 + tcpLen + n)
+      seg.writeUInt16BE(pseudo, tcp + 16)
+      h.flags = HDR_F_NEEDS_CSUM
+      h.csumStart = tcp
+      h.csumOffset = 16
+      ok = this.send(seg.subarray(0, segLen), h) && ok
+    }
+    return ok
+  }
+
   send(frame: Uint8Array, header?: NetHeader): boolean {
     if (this.#tap !== undefined) {
       throw new VduseError('this NIC is bridged to a tap: its frames move natively', {
@@ -276,6 +347,10 @@ export class NetDevice extends VirtioDevice<NetDeviceEvents> {
     }
     const len = frame.length
     const gso = header ? header.gsoType & ~GSO.ECN : GSO.NONE
+    // A large TCP packet for a driver that cannot take it whole: cut it here, as its NIC would have.
+    if ((gso === GSO.TCPV4 && !this.#guestTso4) || (gso === GSO.TCPV6 && !this.#guestTso6)) {
+      return this.#segment(frame, header!, gso)
+    }
     const partial = header !== undefined && (header.flags & HDR_F_NEEDS_CSUM) !== 0
     if (
       len < ETH_HLEN ||
@@ -320,7 +395,9 @@ export class NetDevice extends VirtioDevice<NetDeviceEvents> {
       hdr.writeUInt16LE(header.csumOffset, HDR.csumOffset)
     }
     if (gso !== GSO.NONE) {
-      hdr[HDR.gsoType] = header!.gsoType
+      // Without the ECN bit: the driver never negotiated GUEST_ECN (a received large packet needs no
+      // resegmentation, so the CWR handling that bit asks for does not arise here).
+      hdr[HDR.gsoType] = gso
       hdr.writeUInt16LE(header!.hdrLen, HDR.hdrLen)
       hdr.writeUInt16LE(header!.gsoSize, HDR.gsoSize)
     }
@@ -474,4 +551,13 @@ export class NetDevice extends VirtioDevice<NetDeviceEvents> {
   }
 
   protected async shutdown(): Promise<void> {}
+}
+
+/** The ones'-complement sum of `b[from, to)` as 16-bit words, plus `extra`, folded to 16 bits. */
+function sum16(b: Buffer, from: number, to: number, extra: number): number {
+  let sum = extra
+  for (let i = from; i + 1 < to; i += 2) sum += b.readUInt16BE(i)
+  if ((to - from) & 1) sum += b[to - 1]! << 8
+  while (sum > 0xffff) sum = (sum & 0xffff) + (sum >>> 16)
+  return sum
 }

@@ -1,13 +1,39 @@
 import type { NetDevice, NetHeader } from './net-device'
 
-/** Most MAC addresses the switch remembers; a guest sending from random addresses cannot grow it further. */
-const MAX_LEARNED = 4096
+/** MAC addresses one port may have learned at once (a flood of new ones from it is not learned). */
+const DEFAULT_MACS_PER_PORT = 64
+/** An address not heard from for this long may move to another port (a VM that migrated). */
+const DEFAULT_MAC_AGE_MS = 300_000
+
+export interface NetSwitchOptions {
+  /**
+   * Addresses one port may have learned at once (default 64): a port sending from ever-new addresses
+   * fills only its own share, never evicting other ports' hosts (and never turning the switch into a hub).
+   */
+  maxMacsPerPort?: number
+  /**
+   * How long a learned address belongs to its port after it was last heard from (ms, default 300 000).
+   * Until then a frame from another port with that source address is dropped (`spoofed`): no port can
+   * take over another's unicast traffic. After it, the address may move.
+   */
+  macAgeMs?: number
+}
 
 export interface NetSwitchStats {
   /** Frames forwarded to one port, flooded to all others, or dropped (their destination is their source port). */
   forwarded: number
   flooded: number
   filtered: number
+  /** Frames dropped because their source address belongs to another port. */
+  spoofed: number
+  /** New source addresses not learned because their port has its share (`maxMacsPerPort`). */
+  unlearned: number
+}
+
+interface Learned {
+  port: NetDevice
+  /** When the port last sent from this address (ms). */
+  seen: number
 }
 
 /**
@@ -16,13 +42,26 @@ export interface NetSwitchStats {
  * unknown-destination frames to every other port. Each frame is copied once, from the sender's buffers
  * into each receiver's; offload headers pass through (a receiver that did not negotiate them gets
  * checksums completed, or the frame dropped and counted in its `rxRefused`).
+ *
+ * Port security: an address learned on one port stays there while it is in use (`macAgeMs` after it was
+ * last heard from); another port sending from it is dropped (`spoofed`). Each port learns at most
+ * `maxMacsPerPort` addresses, so a port flooding new ones cannot evict the others' hosts.
  */
 export class NetSwitch {
-  readonly stats: NetSwitchStats = { forwarded: 0, flooded: 0, filtered: 0 }
+  readonly stats: NetSwitchStats = { forwarded: 0, flooded: 0, filtered: 0, spoofed: 0, unlearned: 0 }
   readonly #ports: NetDevice[] = []
   readonly #listeners = new Map<NetDevice, (frame: Buffer, header: NetHeader) => void>()
-  /** MAC (as a 48-bit number) → port; insertion order is age order, for eviction. */
-  readonly #table = new Map<number, NetDevice>()
+  /** MAC (as a 48-bit number) → its port. */
+  readonly #table = new Map<number, Learned>()
+  /** Addresses learned per port. */
+  readonly #learned = new Map<NetDevice, number>()
+  readonly #maxPerPort: number
+  readonly #ageMs: number
+
+  constructor(options: NetSwitchOptions = {}) {
+    this.#maxPerPort = options.maxMacsPerPort ?? DEFAULT_MACS_PER_PORT
+    this.#ageMs = options.macAgeMs ?? DEFAULT_MAC_AGE_MS
+  }
 
   /** Plugs a NIC into the switch. */
   connect(port: NetDevice): this {
@@ -30,6 +69,7 @@ export class NetSwitch {
     const listener = (frame: Buffer, header: NetHeader): void => this.#forward(port, frame, header)
     this.#listeners.set(port, listener)
     this.#ports.push(port)
+    this.#learned.set(port, 0)
     port.on('frame', listener)
     return this
   }
@@ -41,7 +81,8 @@ export class NetSwitch {
     port.off('frame', listener)
     this.#listeners.delete(port)
     this.#ports.splice(this.#ports.indexOf(port), 1)
-    for (const [mac, p] of this.#table) if (p === port) this.#table.delete(mac)
+    for (const [mac, l] of this.#table) if (l.port === port) this.#table.delete(mac)
+    this.#learned.delete(port)
     return this
   }
 
@@ -49,15 +90,18 @@ export class NetSwitch {
     return this.#ports
   }
 
+  /** The port an address was learned on, if any (for tests and diagnostics). */
+  portOf(mac: string): NetDevice | undefined {
+    return this.#table.get(parseInt(mac.replaceAll(':', ''), 16))?.port
+  }
+
   #forward(from: NetDevice, frame: Buffer, header: NetHeader): void {
     // Source MAC at 6..12, destination at 0..6; as numbers, no allocation.
-    const src = frame.readUIntBE(6, 6)
-    if ((frame[6]! & 1) === 0 && this.#table.get(src) !== from) {
-      this.#table.delete(src) // re-insert: now the newest
-      this.#table.set(src, from)
-      if (this.#table.size > MAX_LEARNED) this.#table.delete(this.#table.keys().next().value!)
+    if ((frame[6]! & 1) === 0 && !this.#learn(frame.readUIntBE(6, 6), from)) {
+      this.stats.spoofed++
+      return
     }
-    const to = (frame[0]! & 1) === 0 ? this.#table.get(frame.readUIntBE(0, 6)) : undefined
+    const to = (frame[0]! & 1) === 0 ? this.#table.get(frame.readUIntBE(0, 6))?.port : undefined
     if (to !== undefined) {
       if (to === from) {
         this.stats.filtered++
@@ -69,5 +113,44 @@ export class NetSwitch {
     }
     this.stats.flooded++
     for (const port of this.#ports) if (port !== from) port.send(frame, header)
+  }
+
+  /** Learns (or refreshes) `src` behind `from`; false when another port owns it. */
+  #learn(src: number, from: NetDevice): boolean {
+    const now = Date.now()
+    const known = this.#table.get(src)
+    if (known !== undefined) {
+      if (known.port === from) {
+        known.seen = now
+        return true
+      }
+      if (now - known.seen < this.#ageMs) return false
+      // Not heard from on its port for a while: it moved.
+      this.#table.delete(src)
+      this.#learned.set(known.port, this.#learned.get(known.port)! - 1)
+    }
+    const count = this.#learned.get(from)!
+    if (count >= this.#maxPerPort) {
+      // Its share is full: an address of its own that aged out makes room; otherwise this one is not learned.
+      if (!this.#evictAged(from, now)) {
+        this.stats.unlearned++
+        return true
+      }
+    }
+    this.#table.set(src, { port: from, seen: now })
+    this.#learned.set(from, this.#learned.get(from)! + 1)
+    return true
+  }
+
+  /** Forgets the oldest aged address of `port`, if it has one. */
+  #evictAged(port: NetDevice, now: number): boolean {
+    for (const [mac, l] of this.#table) {
+      if (l.port === port && now - l.seen >= this.#ageMs) {
+        this.#table.delete(mac)
+        this.#learned.set(port, this.#learned.get(port)! - 1)
+        return true
+      }
+    }
+    return false
   }
 }
