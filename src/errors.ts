@@ -104,3 +104,15 @@ export async function nativeAsync<T>(call: () => Promise<T>): Promise<T> {
     throw fromNativeError(err)
   }
 }
+
+/** An Error from anything thrown (a string, null, an object without a prototype, one whose toString throws). */
+export function asError(err: unknown): Error {
+  if (err instanceof Error) return err
+  let text: string
+  try {
+    text = String(err)
+  } catch {
+    text = Object.prototype.toString.call(err)
+  }
+  return new Error(text)
+}

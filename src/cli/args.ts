@@ -168,12 +168,8 @@ function parseNet(args: readonly string[]): NetCommand | { command: 'help'; topi
       throw new UsageError(`--tap "${v.tap}" is not an interface name`)
   }
   if (v.mac !== undefined && names.length !== 1) throw new UsageError('--mac goes with one --name')
-  const queueSize = parseInteger(v['queue-size'], '--queue-size', 4, 32768) ?? 256
-  if ((queueSize & (queueSize - 1)) !== 0) throw new UsageError('--queue-size must be a power of two')
-  const attach = v.attach ?? 'virtio'
-  if (attach !== 'virtio' && attach !== 'vhost' && attach !== 'none') {
-    throw new UsageError('--attach must be virtio, vhost or none')
-  }
+  const queueSize = parseQueueSize(v['queue-size'])
+  const attach = parseAttach(v.attach)
   const cmd: NetCommand = {
     command: 'net',
     names,
@@ -231,12 +227,8 @@ function parseFs(args: readonly string[]): FsCommand | { command: 'help'; topic:
   if (v.backend === undefined && pluginArgs.length > 0)
     throw new UsageError('arguments after -- are for a --backend plugin')
   if (v.size !== undefined && !v.memory) throw new UsageError('--size goes with --memory')
-  const queueSize = parseInteger(v['queue-size'], '--queue-size', 4, 32768) ?? 256
-  if ((queueSize & (queueSize - 1)) !== 0) throw new UsageError('--queue-size must be a power of two')
-  const attach = v.attach ?? 'virtio'
-  if (attach !== 'virtio' && attach !== 'vhost' && attach !== 'none') {
-    throw new UsageError('--attach must be virtio, vhost or none')
-  }
+  const queueSize = parseQueueSize(v['queue-size'])
+  const attach = parseAttach(v.attach)
   const cmd: FsCommand = {
     command: 'fs',
     name: v.name,
@@ -255,6 +247,22 @@ function parseFs(args: readonly string[]): FsCommand | { command: 'help'; topic:
   const timeout = parseInteger(v.timeout, '--timeout', 1, 3_600_000)
   if (timeout !== undefined) cmd.timeoutMs = timeout
   return cmd
+}
+
+/** `--queue-size`: a power of two from 4 to 32768 (default 256). */
+function parseQueueSize(text: string | undefined): number {
+  const queueSize = parseInteger(text, '--queue-size', 4, 32768) ?? 256
+  if ((queueSize & (queueSize - 1)) !== 0) throw new UsageError('--queue-size must be a power of two')
+  return queueSize
+}
+
+/** `--attach`: virtio (default), vhost or none. */
+function parseAttach(text: string | undefined): 'virtio' | 'vhost' | 'none' {
+  const attach = text ?? 'virtio'
+  if (attach !== 'virtio' && attach !== 'vhost' && attach !== 'none') {
+    throw new UsageError('--attach must be virtio, vhost or none')
+  }
+  return attach
 }
 
 const SIZE = /^(\d+)([KMGT]i?B?|[kmgt])?$/
@@ -457,12 +465,8 @@ export function parseCommand(argv: readonly string[]): Command {
   const blockSize = parseInteger(v['block-size'], '--block-size', 512, 4096)
   if (blockSize !== undefined && blockSize !== 512 && blockSize !== 4096)
     throw new UsageError('--block-size must be 512 or 4096')
-  const queueSize = parseInteger(v['queue-size'], '--queue-size', 4, 32768) ?? 256
-  if ((queueSize & (queueSize - 1)) !== 0) throw new UsageError('--queue-size must be a power of two')
-  const attach = v.attach ?? 'virtio'
-  if (attach !== 'virtio' && attach !== 'vhost' && attach !== 'none') {
-    throw new UsageError('--attach must be virtio, vhost or none')
-  }
+  const queueSize = parseQueueSize(v['queue-size'])
+  const attach = parseAttach(v.attach)
   if (v.replace && v.recover) throw new UsageError('--replace and --recover exclude each other')
   // Growing the image before the takeover is checked would change what a refused restart must leave alone.
   // (A plugin's --size is its argument, not a change to storage.)

@@ -7,6 +7,7 @@ import { MemoryFs } from '../devices/fs/memory-fs'
 import { logs, setLogLevel, type LogRecord } from '../log'
 import { loadFsPlugin } from '../plugin'
 import type { FsCommand } from './args'
+import { onStopSignals } from './signals'
 import { deviceError } from './events'
 
 type Emit = (event: Record<string, unknown>) => void
@@ -73,23 +74,17 @@ export async function serveFs(cmd: FsCommand, emit: Emit): Promise<number> {
     })
   })
   const stopped = new Promise<number>((resolve, reject) => {
-    let signals = 0
-    const onSignal = (sig: NodeJS.Signals): void => {
-      signals++
-      if (signals === 1) {
-        stop(sig).then(resolve, reject)
-        return
-      }
-      if (signals === 2) {
+    onStopSignals({
+      first: (sig) => void stop(sig).then(resolve, reject),
+      second: (sig) => {
         emit({ event: 'stopping', name, signal: sig, waitingFor: stage })
         process.stderr.write(`vduse: still stopping: waiting for ${stage}; ${sig} again forces an exit\n`)
-        return
-      }
-      emit({ event: 'forced', name, signal: sig })
-      process.stderr.write('vduse: forced exit: `vduse destroy --all` removes what is left\n')
-      process.exit(130)
-    }
-    for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.on(sig, onSignal)
+      },
+      third: (sig) => {
+        emit({ event: 'forced', name, signal: sig })
+        process.stderr.write('vduse: forced exit: `vduse destroy --all` removes what is left\n')
+      },
+    })
     device.on('broken', (err) => {
       emit({ event: 'broken', name, code: err.code, message: err.message, hint: err.hint })
       stop('broken').then(

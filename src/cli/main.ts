@@ -17,6 +17,7 @@ import { EventLimiter } from './limiter'
 import { deviceError } from './events'
 import { serveFs } from './fs'
 import { serveNet } from './net'
+import { onStopSignals } from './signals'
 
 type Emit = (event: Record<string, unknown>) => void
 
@@ -179,32 +180,28 @@ async function serveBlk(cmd: BlkCommand, emit: Emit): Promise<number> {
   const stopped = new Promise<number>((resolve, reject) => {
     // The first stop signal stops gracefully; a second says what the stop waits for; a third forces an
     // exit, leaving the device for `vduse destroy` (or `--recover`).
-    let signals = 0
     let stopSignal: string | undefined
-    const onSignal = (sig: NodeJS.Signals): void => {
-      signals++
-      if (signals === 1) {
+    onStopSignals({
+      first: (sig) => {
         // During a handover the stop waits for its outcome: done, the server exits; refused, it stops.
         if (handing) stopSignal = sig
         else stop(sig).then(resolve, reject)
-        return
-      }
-      const inFlight = device.counters().inFlight
-      if (signals === 2) {
+      },
+      second: (sig) => {
+        const inFlight = device.counters().inFlight
         emit({ event: 'stopping', name: cmd.name, signal: sig, waitingFor: stage, inFlight })
         process.stderr.write(
           `vduse: still stopping ${cmd.name}: waiting for ${stage} (${inFlight} in flight); ` +
             `${sig} again forces an exit\n`,
         )
-        return
-      }
-      emit({ event: 'forced', name: cmd.name, signal: sig, inFlight })
-      process.stderr.write(
-        `vduse: forced exit: ${cmd.name} is left as it is; \`vduse destroy ${cmd.name}\` removes it\n`,
-      )
-      process.exit(130)
-    }
-    for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.on(sig, onSignal)
+      },
+      third: (sig) => {
+        emit({ event: 'forced', name: cmd.name, signal: sig, inFlight: device.counters().inFlight })
+        process.stderr.write(
+          `vduse: forced exit: ${cmd.name} is left as it is; \`vduse destroy ${cmd.name}\` removes it\n`,
+        )
+      },
+    })
     // A handover (an upgrade): stop serving but leave the device where it is, for `--recover`. One that
     // is refused (something of this server could still write after the successor) changes nothing: the
     // device keeps serving and a later SIGUSR2 tries again.

@@ -4,6 +4,7 @@ import { NetDevice, type NetDeviceOptions } from '../devices/net/net-device'
 import { NetSwitch } from '../devices/net/switch'
 import { logs, setLogLevel, type LogRecord } from '../log'
 import type { NetCommand } from './args'
+import { onStopSignals } from './signals'
 import { deviceError } from './events'
 
 type Emit = (event: Record<string, unknown>) => void
@@ -87,23 +88,17 @@ export async function serveNet(cmd: NetCommand, emit: Emit): Promise<number> {
     }
   })
   const stopped = new Promise<number>((resolve, reject) => {
-    let signals = 0
-    const onSignal = (sig: NodeJS.Signals): void => {
-      signals++
-      if (signals === 1) {
-        stop(sig).then(resolve, reject)
-        return
-      }
-      if (signals === 2) {
+    onStopSignals({
+      first: (sig) => void stop(sig).then(resolve, reject),
+      second: (sig) => {
         for (const nic of nics) emit({ event: 'stopping', name: nic.name, signal: sig, waitingFor: stage })
         process.stderr.write(`vduse: still stopping: waiting for ${stage}; ${sig} again forces an exit\n`)
-        return
-      }
-      for (const nic of nics) emit({ event: 'forced', name: nic.name, signal: sig })
-      process.stderr.write('vduse: forced exit: `vduse destroy --all` removes what is left\n')
-      process.exit(130)
-    }
-    for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.on(sig, onSignal)
+      },
+      third: (sig) => {
+        for (const nic of nics) emit({ event: 'forced', name: nic.name, signal: sig })
+        process.stderr.write('vduse: forced exit: `vduse destroy --all` removes what is left\n')
+      },
+    })
     for (const nic of nics) {
       nic.on('broken', (err) => {
         emit({ event: 'broken', name: nic.name, code: err.code, message: err.message, hint: err.hint })

@@ -1,7 +1,7 @@
 import { EventEmitter } from 'node:events'
 
 import { removeStaleDevice } from '../control'
-import { VduseError, throwIfAborted } from '../errors'
+import { VduseError, asError, throwIfAborted } from '../errors'
 import { installLogSink } from '../log'
 import { attach, currentAttachment, detach, isAttached, type AttachDriver } from '../transport/attach'
 import { BatchArrays, Completions, RequestBatch } from '../transport/batch'
@@ -211,7 +211,7 @@ export abstract class VirtioDevice<
     const signal = this.#options.signal
     if (signal) {
       const onAbort = (): void => {
-        this.close().catch((err: unknown) => this.#report(err))
+        this.close().catch((err: unknown) => this.report(err))
       }
       if (signal.aborted) onAbort()
       else {
@@ -349,10 +349,10 @@ export abstract class VirtioDevice<
           hint: 'a control message went unanswered past its timeout; detach, destroy and recreate the device',
         })
         if (this.#events.listenerCount('broken') > 0) this.#events.emit('broken', err)
-        else this.#report(err)
+        else this.report(err)
       }
     } catch (err) {
-      this.#report(err)
+      this.report(err)
     }
   }
 
@@ -375,7 +375,7 @@ export abstract class VirtioDevice<
   }
 
   /** An error nobody asked for: an 'error' event if someone listens, a warning otherwise — never a crash. */
-  #report(err: unknown): void {
+  protected report(err: unknown): void {
     const e = asError(err)
     if (this.#events.listenerCount('error') > 0) this.#events.emit('error', e)
     else process.emitWarning(e)
@@ -618,10 +618,6 @@ export abstract class VirtioDevice<
   protected assertOpen(): void {
     if (this.#closing) throw new VduseError(`device ${this.name} is closed`, { code: 'ERR_VDUSE_CLOSED' })
   }
-}
-
-function asError(err: unknown): Error {
-  return err instanceof Error ? err : new Error(String(err))
 }
 
 /** Marks a close or handover failure after which nothing was torn down: the call may be made again. */

@@ -110,7 +110,8 @@ export interface FsInitInfo {
   maxWrite: number
 }
 
-type Maybe<T> = T | Promise<T>
+/** A value, or a promise of one. */
+export type Maybe<T> = T | Promise<T>
 
 /**
  * A file system a `FsDevice` serves. Node ids are the file system's inode numbers (`Attr.ino`); the root

@@ -1,7 +1,7 @@
 import { release } from 'node:os'
 
 import { kernelAtLeast } from '../../control'
-import { VduseError } from '../../errors'
+import { VduseError, asError } from '../../errors'
 import type { RequestSource } from '../../transport/source'
 import type { RequestBatch } from '../../transport/batch'
 import { VirtioDevice, type VirtioDeviceEvents, type VirtioDeviceOptions } from '../../virtio/device'
@@ -14,6 +14,7 @@ import {
   type FileIo,
   type FileSystem,
   type FsContext,
+  type Maybe,
   type OpenResult,
   type SetAttr,
   type StatFs,
@@ -128,8 +129,6 @@ interface Handle {
   /** Released (by the driver, or the session ended): the file system hears of it once `busy` is 0. */
   closing: boolean
 }
-
-type Maybe<T> = T | Promise<T>
 
 /**
  * One request while a file-system call serves it: its context (`FsContext`) and, for reads and writes,
@@ -776,16 +775,10 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
   #quietly(fn: () => Maybe<void>): void {
     try {
       const r = fn()
-      if (isPromise(r)) r.catch((err: unknown) => this.#report(err))
+      if (isPromise(r)) r.catch((err: unknown) => this.report(err))
     } catch (err) {
-      this.#report(err)
+      this.report(err)
     }
-  }
-
-  #report(err: unknown): void {
-    const e = asError(err)
-    if (this.listenerCount('error') > 0) this.emit('error', e)
-    else process.emitWarning(e)
   }
 
   #forget(call: Call, argLen: number): void {
@@ -999,15 +992,22 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
       error = E.EINVAL
     }
     if (error !== 0) this.stats.errors++
+    return this.#answer(call, OUT_HEADER + length, error, OUT_HEADER + length) && error === 0
+  }
+
+  /**
+   * Writes the out header (and the rest of the first `bytes` of `#out`) to the driver and completes
+   * with `total` bytes used; false if the request died first.
+   */
+  #answer(call: Call, total: number, error: number, bytes: number): boolean {
     const out = this.#out
-    out.writeUInt32LE(OUT_HEADER + length, 0)
+    out.writeUInt32LE(total, 0)
     out.writeInt32LE(-error, 4)
     out.writeUInt32LE(call.uniqueLo, 8)
     out.writeUInt32LE(call.uniqueHi, 12)
-    const n = OUT_HEADER + length
-    if (this.source.write(call.ticket, 0, out, 0, n) !== n) return false
-    this.completions.complete(call.ticket, n, -1)
-    return error === 0
+    if (this.source.write(call.ticket, 0, out, 0, bytes) !== bytes) return false
+    this.completions.complete(call.ticket, total, -1)
+    return true
   }
 
   #error(call: Call, errno: number): void {
@@ -1185,13 +1185,7 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
   #replyWithData(call: Call, n: number): void {
     if (call.answered) return
     call.answered = true
-    const out = this.#out
-    out.writeUInt32LE(OUT_HEADER + n, 0)
-    out.writeInt32LE(0, 4)
-    out.writeUInt32LE(call.uniqueLo, 8)
-    out.writeUInt32LE(call.uniqueHi, 12)
-    if (this.source.write(call.ticket, 0, out, 0, OUT_HEADER) !== OUT_HEADER) return
-    this.completions.complete(call.ticket, OUT_HEADER + n, -1)
+    this.#answer(call, OUT_HEADER + n, 0, OUT_HEADER)
   }
 
   readonly #replyWrite = (call: Call, written: number): void => {
@@ -1349,18 +1343,6 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
     this.#pending.clear()
     this.#endSession()
   }
-}
-
-/** An error from anything thrown (a string, null, an object without a prototype). */
-function asError(err: unknown): Error {
-  if (err instanceof Error) return err
-  let text: string
-  try {
-    text = String(err)
-  } catch {
-    text = Object.prototype.toString.call(err)
-  }
-  return new Error(`a file-system call threw ${text}`)
 }
 
 function intOption(

@@ -99,8 +99,7 @@ export function formatMac(mac: Uint8Array): string {
 }
 
 /** Folds the Internet checksum of `data[start, end)` into `sum` (ones' complement, 16-bit words). */
-function checksum(data: Uint8Array, start: number, end: number): number {
-  let sum = 0
+function checksum(data: Uint8Array, start: number, end: number, sum = 0): number {
   let i = start
   for (; i + 1 < end; i += 2) sum += (data[i]! << 8) | data[i + 1]!
   if (i < end) sum += data[i]! << 8
@@ -319,7 +318,7 @@ export class NetDevice extends VirtioDevice<NetDeviceEvents> {
         seg.writeUInt16BE(ipLen + tcpLen + n, ip + 2)
         seg.writeUInt16BE((id + i) & 0xffff, ip + 4)
         seg.writeUInt16BE(0, ip + 10)
-        seg.writeUInt16BE(~sum16(seg, ip, ip + ipLen, 0) & 0xffff, ip + 10)
+        seg.writeUInt16BE(~checksum(seg, ip, ip + ipLen) & 0xffff, ip + 10)
       } else {
         seg.writeUInt16BE(tcpLen + n, ip + 4)
       }
@@ -328,8 +327,8 @@ export class NetDevice extends VirtioDevice<NetDeviceEvents> {
       seg[tcp + 13] = flags & ~((last ? 0 : 0x09) | (i === 0 ? 0 : 0x80)) & 0xff
       // The pseudo-header sum in the checksum field, as a partial checksum carries it.
       const pseudo = v4
-        ? sum16(seg, ip + 12, ip + 20, 6 + tcpLen + n)
-        : sum16(seg, ip + 8, ip + 40, 6 + tcpLen + n)
+        ? checksum(seg, ip + 12, ip + 20, 6 + tcpLen + n)
+        : checksum(seg, ip + 8, ip + 40, 6 + tcpLen + n)
       seg.writeUInt16BE(pseudo, tcp + 16)
       h.flags = HDR_F_NEEDS_CSUM
       h.csumStart = tcp
@@ -551,13 +550,4 @@ export class NetDevice extends VirtioDevice<NetDeviceEvents> {
   }
 
   protected async shutdown(): Promise<void> {}
-}
-
-/** The ones'-complement sum of `b[from, to)` as 16-bit words, plus `extra`, folded to 16 bits. */
-function sum16(b: Buffer, from: number, to: number, extra: number): number {
-  let sum = extra
-  for (let i = from; i + 1 < to; i += 2) sum += b.readUInt16BE(i)
-  if ((to - from) & 1) sum += b[to - 1]! << 8
-  while (sum > 0xffff) sum = (sum & 0xffff) + (sum >>> 16)
-  return sum
 }
