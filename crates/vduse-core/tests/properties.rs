@@ -300,6 +300,9 @@ proptest! {
         let mut used_seen = 0u16;
         let mut batch = RequestBatch::default();
         let mut expect_done = 0u64;
+        // Validity of every chain in the order the driver offered it: a ring's worth of refused chains
+        // in a row breaks the queue until a reset, and what follows is never answered.
+        let mut order: Vec<bool> = Vec::new();
 
         // Reads new used entries and checks each belongs to a head the driver has in flight.
         let check_used = |ring: &vduse_core::rig::DriverRing,
@@ -335,6 +338,7 @@ proptest! {
                         table.extend(descs);
                         heads.push(h);
                         submitted.insert(h, valid);
+                        order.push(valid);
                     }
                     offer(&ring, &table, &heads);
                 }
@@ -397,6 +401,17 @@ proptest! {
         }
         q.notify();
         check_used(&ring, &mut submitted, &mut free_heads, &mut used_seen)?;
+        let mut run = 0usize;
+        let breaks = order.iter().any(|&valid| {
+            run = if valid { 0 } else { run + 1 };
+            run >= usize::from(QSIZE)
+        });
+        let broken = q.stats.broken.load(std::sync::atomic::Ordering::Relaxed) > 0;
+        prop_assert_eq!(broken, breaks, "the queue breaks exactly when a ring's worth of refusals comes in a row");
+        if broken {
+            // A broken queue answers nothing more until a reset: the rest of this case says nothing.
+            return Ok(());
+        }
         prop_assert!(submitted.is_empty(), "every submitted request was answered: {:?} left", submitted);
         prop_assert_eq!(rig.inflight.get(), 0);
         prop_assert_eq!(q.stats.completions.load(std::sync::atomic::Ordering::Relaxed), expect_done);
