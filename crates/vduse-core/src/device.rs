@@ -42,9 +42,8 @@ use vmm_sys_util::ioctl::{ioctl, ioctl_with_mut_ref, ioctl_with_ptr, ioctl_with_
 use crate::control::Control;
 use crate::error::{last_os, Error, Result};
 use crate::inflight::{QueueLog, StateFile, StateInfo};
-use crate::memory::{
-    entry_keys, mappings_of, push_unique, wait_unpinned, EntryKey, IotlbMap, Janitor, Mapping, Memory,
-};
+use crate::lifecycle::{Lifecycle, Settled};
+use crate::memory::{mappings_of, IotlbMap, Janitor, Memory};
 use crate::model::{DeviceModel, DeviceSpec};
 use crate::queue::{Budget, InFlight, RingInfo, Ticket, Transport, Virtqueue};
 use crate::uapi::{self, vduse_dev_config, vduse_dev_request, vduse_dev_response, vduse_vq_info};
@@ -343,26 +342,16 @@ pub struct DeviceStats {
 }
 
 struct Shared {
-    name: String,
+    /// Queues, memory and drains: what every transport shares.
+    life: Lifecycle,
     dev: Arc<File>,
     spec: DeviceSpec,
-    memory: Arc<Memory>,
-    queues: Vec<Arc<Virtqueue>>,
-    kicks: Vec<Arc<EventFd>>,
-    inflight: Arc<InFlight>,
     status: AtomicU8,
     features: AtomicU64,
-    drain_timeout: Duration,
-    /// How long one message may wait for its answer, revocations included (see [`ANSWER_BUDGET`]).
-    answer_budget: Duration,
-    janitor: Janitor,
-    events: Option<Arc<dyn DeviceEvents>>,
     /// The native model, told of each session's features before its first request.
     model: Option<Arc<dyn DeviceModel>>,
     state: Option<Arc<StateFile>>,
     broken: AtomicBool,
-    drains: AtomicU64,
-    max_drain_us: AtomicU64,
     resubmitted: AtomicU64,
 }
 
@@ -594,33 +583,35 @@ impl VduseDevice {
         }
         let answer_budget = answer_budget(&options.name);
         let shared = Arc::new(Shared {
-            name: options.name.clone(),
+            life: Lifecycle {
+                name: options.name.clone(),
+                memory,
+                queues,
+                kicks,
+                inflight,
+                // A drain leaves at least half of the answer budget for what follows it (revocations).
+                drain_timeout: options.drain_timeout.min(MAX_DRAIN).min(answer_budget / 2),
+                answer_budget,
+                janitor: Janitor::new(&options.name).map_err(|e| Error::sys("spawn", e))?,
+                events,
+                drains: AtomicU64::new(0),
+                max_drain_us: AtomicU64::new(0),
+            },
             dev,
             spec,
-            memory,
-            queues,
-            kicks,
-            inflight,
             status: AtomicU8::new(status),
             features: AtomicU64::new(features),
-            // A drain leaves at least half of the answer budget for what follows it (revocations).
-            drain_timeout: options.drain_timeout.min(MAX_DRAIN).min(answer_budget / 2),
-            answer_budget,
-            janitor: Janitor::new(&options.name).map_err(|e| Error::sys("spawn", e))?,
-            events,
             model: match &serving {
                 Serving::Workers(model) => Some(model.clone()),
                 Serving::External => None,
             },
             state,
             broken: AtomicBool::new(false),
-            drains: AtomicU64::new(0),
-            max_drain_us: AtomicU64::new(0),
             resubmitted: AtomicU64::new(0),
         });
         let mut workers = Vec::new();
         if let Serving::Workers(model) = serving {
-            for (q, kick) in shared.queues.iter().zip(&shared.kicks) {
+            for (q, kick) in shared.life.queues.iter().zip(&shared.life.kicks) {
                 let w = Worker::spawn(
                     &options.name,
                     q.clone(),
@@ -657,7 +648,7 @@ impl VduseDevice {
     }
 
     pub fn name(&self) -> &str {
-        &self.shared.name
+        &self.shared.life.name
     }
 
     pub fn spec(&self) -> &DeviceSpec {
@@ -666,17 +657,17 @@ impl VduseDevice {
 
     /// The queues, for [`Serving::External`].
     pub fn queues(&self) -> &[Arc<Virtqueue>] {
-        &self.shared.queues
+        &self.shared.life.queues
     }
 
     /// One eventfd per queue, readable when the queue needs serving (kicks, and completions that free
     /// room), for [`Serving::External`].
     pub fn kick_fds(&self) -> &[Arc<EventFd>] {
-        &self.shared.kicks
+        &self.shared.life.kicks
     }
 
     pub fn memory(&self) -> &Arc<Memory> {
-        &self.shared.memory
+        &self.shared.life.memory
     }
 
     /// The last device status the driver set (virtio status bits).
@@ -699,26 +690,10 @@ impl VduseDevice {
     }
 
     pub fn stats(&self) -> DeviceStats {
-        let mut s = DeviceStats::default();
-        for q in &self.shared.queues {
-            let st = &q.stats;
-            s.kicks += st.kicks.load(Ordering::Relaxed);
-            s.batches += st.batches.load(Ordering::Relaxed);
-            s.requests += st.requests.load(Ordering::Relaxed);
-            s.completions += st.completions.load(Ordering::Relaxed);
-            s.interrupts += st.interrupts.load(Ordering::Relaxed);
-            s.bad_chains += st.bad_chains_total();
-            s.duplicate_heads += st.duplicate_heads.load(Ordering::Relaxed);
-            s.fenced += st.fenced.load(Ordering::Relaxed);
-            s.stale_completions += st.stale_completions.load(Ordering::Relaxed);
-            s.broken_queues += st.broken.load(Ordering::Relaxed);
+        DeviceStats {
+            resubmitted: self.shared.resubmitted.load(Ordering::Relaxed),
+            ..self.shared.life.stats()
         }
-        s.in_flight = self.shared.inflight.get() as u64;
-        s.iotlb_reloads = self.shared.memory.reloads();
-        s.drains = self.shared.drains.load(Ordering::Relaxed);
-        s.max_drain_us = self.shared.max_drain_us.load(Ordering::Relaxed);
-        s.resubmitted = self.shared.resubmitted.load(Ordering::Relaxed);
-        s
     }
 
     /// Rewrites part of the config space and, once the driver is running, tells it with a config interrupt.
@@ -757,9 +732,9 @@ impl VduseDevice {
     /// detach unanswered until its timeout breaks the device. Detach first (`vdpa dev del NAME`), then
     /// call again.
     pub fn close(&mut self) -> Result<()> {
-        if !self.closed && is_attached(&self.shared.name) {
+        if !self.closed && is_attached(&self.shared.life.name) {
             return Err(Error::Busy {
-                name: self.shared.name.clone(),
+                name: self.shared.life.name.clone(),
                 reason: "still attached to the vDPA bus; detach it first (vdpa dev del NAME)",
             });
         }
@@ -781,20 +756,21 @@ impl VduseDevice {
         // Nothing may touch guest memory any more: fenced tickets reach no buffer; native reads still
         // pinned get until the drain timeout, then their memory is revoked.
         let mut maps = Vec::new();
-        for q in &self.shared.queues {
+        for q in &self.shared.life.queues {
             maps.extend(q.abandon().1);
         }
-        let old = self.shared.memory.clear();
+        let old = self.shared.life.memory.clear();
         let mappings = mappings_of(std::iter::once(&old).chain(&maps));
         let started = Instant::now();
         if self
             .shared
-            .settle(mappings, started + self.shared.drain_timeout, started, false)
+            .life
+            .settle(mappings, started + self.shared.life.drain_timeout, started, false)
             == Settled::Unsafe
         {
             log::error!(
                 "device {:?}: closing while native I/O may still touch the driver's memory",
-                self.shared.name
+                self.shared.life.name
             );
         }
         drop((old, maps));
@@ -812,7 +788,7 @@ impl VduseDevice {
             return Ok(());
         }
         let control = Control::open()?;
-        destroy_device_waiting(&control, &self.shared.name, DESTROY_WAIT)?;
+        destroy_device_waiting(&control, &self.shared.life.name, DESTROY_WAIT)?;
         if let Some(state) = &self.shared.state {
             state.remove();
         }
@@ -826,7 +802,7 @@ impl VduseDevice {
     pub fn release(&mut self) -> Result<()> {
         if self.shared.state.is_none() {
             return Err(Error::NotRecoverable {
-                name: self.shared.name.clone(),
+                name: self.shared.life.name.clone(),
                 reason: "it keeps no state file, so no successor could take it over".into(),
             });
         }
@@ -839,15 +815,15 @@ impl Drop for VduseDevice {
         if self.closed {
             return;
         }
-        if is_attached(&self.shared.name) {
+        if is_attached(&self.shared.life.name) {
             log::error!(
                 "device {:?} dropped while attached: it keeps answering the kernel until the process exits",
-                self.shared.name
+                self.shared.life.name
             );
             for w in &mut self.workers {
                 w.stop();
             }
-            for q in &self.shared.queues {
+            for q in &self.shared.life.queues {
                 q.abandon();
             }
             // The message loop thread keeps the device answerable; it ends with the process.
@@ -856,7 +832,7 @@ impl Drop for VduseDevice {
             return;
         }
         if let Err(e) = self.shutdown(true) {
-            log::warn!("VDUSE device {:?} not destroyed: {e}", self.shared.name);
+            log::warn!("VDUSE device {:?} not destroyed: {e}", self.shared.life.name);
         }
     }
 }
@@ -973,16 +949,10 @@ impl Shared {
         let err = std::io::Error::last_os_error();
         if err.raw_os_error() == Some(libc::EPERM) {
             Error::Broken {
-                name: self.name.clone(),
+                name: self.life.name.clone(),
             }
         } else {
             Error::sys(syscall, err)
-        }
-    }
-
-    fn emit(&self, event: DeviceEvent) {
-        if let Some(e) = &self.events {
-            e.event(&event);
         }
     }
 
@@ -998,7 +968,7 @@ impl Shared {
     }
 
     fn register_kicks(&self) -> Result<()> {
-        for (q, kick) in self.queues.iter().zip(&self.kicks) {
+        for (q, kick) in self.life.queues.iter().zip(&self.life.kicks) {
             let kickfd = uapi::vduse_vq_eventfd {
                 index: u32::from(q.index),
                 fd: kick.as_raw_fd(),
@@ -1019,12 +989,12 @@ impl Shared {
         if let Some(state) = &self.state {
             state.set_driver_features(features);
         }
-        self.memory.invalidate();
+        self.life.memory.invalidate();
         let event_idx = features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
         if let Some(model) = &self.model {
             model.started(features);
         }
-        for q in &self.queues {
+        for q in &self.life.queues {
             q.set_event_idx(event_idx);
             q.set_features(features);
             q.arm();
@@ -1032,7 +1002,7 @@ impl Shared {
         self.register_kicks()?;
         // Serve now, not at the first kick: the queues may hold requests already (and the kernel's
         // virtio-blk probe waits for its first reads inside `vdpa dev add`).
-        for kick in &self.kicks {
+        for kick in &self.life.kicks {
             let _ = kick.write(1);
         }
         Ok(())
@@ -1046,7 +1016,7 @@ impl Shared {
         let features = self.read_features()?;
         let state = self.state.as_ref().expect("resume needs a state file");
         let refuse = |reason: String| Error::NotRecoverable {
-            name: self.name.clone(),
+            name: self.life.name.clone(),
             reason,
         };
         let recorded = state.driver_features();
@@ -1057,11 +1027,12 @@ impl Shared {
         }
         self.features.store(features, Ordering::Release);
         let event_idx = features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
-        self.memory.invalidate();
-        self.memory
+        self.life.memory.invalidate();
+        self.life
+            .memory
             .reload()
             .map_err(|e| Error::sys("ioctl(VDUSE_IOTLB_GET_FD)", e))?;
-        let map = self.memory.peek();
+        let map = self.life.memory.peek();
         let kernel = Kernel {
             dev: self.dev.clone(),
         };
@@ -1076,7 +1047,7 @@ impl Shared {
             published: Vec<u16>,
         }
         let mut plans = Vec::new();
-        for q in &self.queues {
+        for q in &self.life.queues {
             let Some(log) = state.queue(q.index) else { continue };
             let info = kernel
                 .ring_info(q.index)
@@ -1143,7 +1114,7 @@ impl Shared {
         if let Some(model) = &self.model {
             model.started(features);
         }
-        for q in &self.queues {
+        for q in &self.life.queues {
             q.set_event_idx(event_idx);
             q.set_features(features);
         }
@@ -1177,227 +1148,14 @@ impl Shared {
             kernel.notify(q.index);
         }
         // Queues not resumed (never enabled) start fresh when the driver enables them.
-        for q in &self.queues {
+        for q in &self.life.queues {
             q.arm();
         }
         self.register_kicks()?;
-        for kick in &self.kicks {
+        for kick in &self.life.kicks {
             let _ = kick.write(1);
         }
         Ok(())
-    }
-
-    /// Reset or DRIVER_OK cleared: let requests in flight finish until the deadline, fence the rest, and
-    /// forget the map. True when nothing of ours can touch the old memory any more (the kernel reuses its
-    /// pages once answered); false when that could not be made sure within the budget.
-    fn reset(&self, started: Instant) -> bool {
-        let deadline = started + self.drain_timeout;
-        for q in &self.queues {
-            q.quiesce();
-        }
-        // Held buffers (a NIC's receive buffers) wait for data, not for the model: not waited for.
-        let waited = || {
-            self.queues
-                .iter()
-                .filter(|q| !q.held())
-                .map(|q| q.count_where(|_, _| true))
-                .sum::<usize>()
-        };
-        let busy = waited() > 0;
-        let drained = !busy || self.inflight.wait_until(deadline, || waited() == 0);
-        let mut fenced = 0;
-        let mut maps = Vec::new();
-        for q in &self.queues {
-            let (n, m) = q.stop();
-            if !q.held() {
-                fenced += n;
-            }
-            maps.extend(m);
-        }
-        // Stopped queues touch no ring, and fenced tickets reach no buffer: what is left are pins.
-        let old = self.memory.clear();
-        let mappings = mappings_of(std::iter::once(&old).chain(&maps));
-        let settled = self.settle(mappings, deadline, started, false);
-        self.janitor.dispose((old, maps));
-        if !drained || fenced > 0 {
-            log::warn!(
-                "device {:?}: reset with {fenced} request(s) still in the model after {:?}: fenced",
-                self.name,
-                started.elapsed()
-            );
-        }
-        if busy || fenced > 0 || settled != Settled::Quiet {
-            self.record_drain(DrainReason::Reset, started, fenced, settled == Settled::Revoked);
-        }
-        settled != Settled::Unsafe
-    }
-
-    /// Waits until none of `mappings` can be touched by this process any more: until no native I/O pins
-    /// them (up to `deadline`, at least briefly), else — or when `force`d — by revoking them (up to the
-    /// answer budget from `started`).
-    fn settle(
-        &self,
-        mappings: Vec<Arc<Mapping>>,
-        deadline: Instant,
-        started: Instant,
-        force: bool,
-    ) -> Settled {
-        let pin_deadline = deadline.max(Instant::now() + Duration::from_millis(100));
-        if !force && wait_unpinned(&mappings, pin_deadline) {
-            return Settled::Quiet;
-        }
-        let pinned: Vec<Arc<Mapping>> = if force {
-            mappings
-        } else {
-            mappings.into_iter().filter(|m| m.is_pinned()).collect()
-        };
-        let bytes: usize = pinned.iter().map(|m| m.len()).sum();
-        let mut revocation = self.janitor.revoke(pinned);
-        match revocation.wait_until(started + self.answer_budget) {
-            Some(true) => {
-                log::warn!(
-                    "device {:?}: native I/O still used {bytes} bytes of fenced memory; revoked them",
-                    self.name
-                );
-                Settled::Revoked
-            }
-            Some(false) => {
-                log::error!(
-                    "device {:?}: cannot revoke {bytes} bytes of fenced memory that native I/O still uses",
-                    self.name
-                );
-                Settled::Unsafe
-            }
-            None => {
-                log::error!(
-                    "device {:?}: revoking {bytes} bytes of fenced memory did not finish within {:?}",
-                    self.name,
-                    self.answer_budget
-                );
-                Settled::Unsafe
-            }
-        }
-    }
-
-    /// `VDUSE_UPDATE_IOTLB`: the driver changed its memory map. Entries that stayed the same keep their
-    /// mappings and their requests; requests with a buffer in memory that is gone or changed are drained
-    /// (bounded) or fenced, and that memory is made unreachable before the answer. Queues touch the rings
-    /// through a fresh map from now on. False: refuse the update (its memory could not be made safe).
-    fn iotlb_changed(&self, started: Instant) -> bool {
-        let deadline = started + self.drain_timeout;
-        self.memory.invalidate();
-        // One fd open at a time, whatever the entry count. Without the new list nothing can tell which
-        // requests lost their memory: then all of them did (they are drained or fenced, and every mapping
-        // in use is made safe) — never "none".
-        let keys: Option<Vec<EntryKey>> = match entry_keys(self.memory.source()) {
-            Ok(keys) => Some(keys),
-            Err(e) => {
-                log::error!(
-                    "device {:?}: cannot read the IOTLB after an update ({e}); treating all memory as gone",
-                    self.name
-                );
-                None
-            }
-        };
-        // Every map anything may still use: the current one (a serving thread may already have loaded the
-        // new state) and each one requests in flight were popped with.
-        let mut maps = vec![self.memory.peek()];
-        for q in &self.queues {
-            for m in q.maps_in_use() {
-                push_unique(&mut maps, m);
-            }
-        }
-        let mut removed: Vec<Arc<Mapping>> = Vec::new();
-        for m in &maps {
-            let gone = match &keys {
-                Some(keys) => m.mappings_not_in(keys).into_iter().map(|(_, g)| g).collect(),
-                None => m.mappings(),
-            };
-            for g in gone {
-                push_unique(&mut removed, g);
-            }
-        }
-        drop(maps);
-        if removed.is_empty() {
-            return true;
-        }
-        let affected = |map: &IotlbMap, segments: &[crate::chain::Segment]| match &keys {
-            Some(keys) => segments
-                .iter()
-                .any(|s| !map.survives(s.addr, u64::from(s.len), keys)),
-            None => true,
-        };
-        let busy = self
-            .queues
-            .iter()
-            .filter(|q| !q.held())
-            .map(|q| q.count_where(affected))
-            .sum::<usize>();
-        if busy > 0 {
-            self.inflight.wait_until(deadline, || {
-                self.queues
-                    .iter()
-                    .filter(|q| !q.held())
-                    .all(|q| q.count_where(affected) == 0)
-            });
-        }
-        let mut fenced = 0;
-        let mut maps = Vec::new();
-        for q in &self.queues {
-            if q.held() {
-                // Receive buffers hold nothing yet: give them back (the driver posts new ones) rather
-                // than lose them until its next reset.
-                let (_, m) = q.give_back_where(affected);
-                maps.extend(m);
-                continue;
-            }
-            let (n, m) = q.fence_where(affected);
-            fenced += n;
-            maps.extend(m);
-        }
-        // A publish that took the old map before the invalidation finishes under the queue lock; every
-        // later one checks the map under that lock and reloads. A queue whose lock stays taken past the
-        // deadline may still be writing through the old map: its memory is revoked, not trusted.
-        let mut barred = true;
-        for q in &self.queues {
-            if !q.barrier(deadline.max(Instant::now() + Duration::from_millis(100))) {
-                log::warn!(
-                    "queue {}: busy past the drain deadline during an IOTLB update",
-                    q.index
-                );
-                barred = false;
-            }
-        }
-        let settled = self.settle(removed, deadline, started, !barred);
-        self.janitor.dispose(maps);
-        if fenced > 0 {
-            log::warn!(
-                "device {:?}: the driver unmapped memory that {fenced} request(s) still used: fenced",
-                self.name
-            );
-        }
-        if busy > 0 || fenced > 0 || settled != Settled::Quiet {
-            self.record_drain(
-                DrainReason::IotlbChange,
-                started,
-                fenced,
-                settled == Settled::Revoked,
-            );
-        }
-        settled != Settled::Unsafe
-    }
-
-    fn record_drain(&self, reason: DrainReason, started: Instant, fenced: usize, revoked: bool) {
-        let waited = started.elapsed();
-        self.drains.fetch_add(1, Ordering::Relaxed);
-        self.max_drain_us
-            .fetch_max(waited.as_micros() as u64, Ordering::Relaxed);
-        self.emit(DeviceEvent::Drained {
-            reason,
-            waited,
-            fenced,
-            revoked,
-        });
     }
 
     /// The answer to one message; `None`: no answer at all (a reset whose memory could not be made safe —
@@ -1411,17 +1169,17 @@ impl Shared {
                 let mut ok = true;
                 let resets =
                     status == 0 || (before & STATUS_DRIVER_OK != 0 && status & STATUS_DRIVER_OK == 0);
-                if resets && !self.reset(started) {
+                if resets && !self.life.stop_queues(started, |_| true, true) {
                     log::error!(
                         "device {:?}: the reset is not answered: fenced memory may still be touched",
-                        self.name
+                        self.life.name
                     );
                     return None;
                 }
                 if status & STATUS_DRIVER_OK != 0 && before & STATUS_DRIVER_OK == 0 {
                     if let Err(e) = self.start() {
-                        log::error!("device {:?}: cannot start serving: {e}", self.name);
-                        if !self.reset(started) {
+                        log::error!("device {:?}: cannot start serving: {e}", self.life.name);
+                        if !self.life.stop_queues(started, |_| true, true) {
                             return None;
                         }
                         ok = false;
@@ -1432,7 +1190,7 @@ impl Shared {
                     if let Some(state) = &self.state {
                         state.set_status(status);
                     }
-                    self.emit(DeviceEvent::Status {
+                    self.life.emit(DeviceEvent::Status {
                         status,
                         features: self.features.load(Ordering::Acquire),
                     });
@@ -1443,6 +1201,7 @@ impl Shared {
                 let index = req.vq_index();
                 let mut resp = vduse_dev_response::new(req.request_id, true);
                 let next = self
+                    .life
                     .queues
                     .get(index as usize)
                     .and_then(|q| q.next_avail())
@@ -1457,11 +1216,11 @@ impl Shared {
                 Some(resp)
             }
             uapi::VDUSE_UPDATE_IOTLB => {
-                let ok = self.iotlb_changed(started);
+                let ok = self.life.memory_changed(started);
                 Some(vduse_dev_response::new(req.request_id, ok))
             }
             other => {
-                log::debug!("device {:?}: unsupported message type {other}", self.name);
+                log::debug!("device {:?}: unsupported message type {other}", self.life.name);
                 Some(vduse_dev_response::new(req.request_id, false))
             }
         }
@@ -1474,7 +1233,7 @@ impl Shared {
         match (&*self.dev).read(buf) {
             Ok(n) if n == buf.len() => {}
             Ok(n) => {
-                log::warn!("device {:?}: short message ({n} bytes)", self.name);
+                log::warn!("device {:?}: short message ({n} bytes)", self.life.name);
                 return Ok(true);
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
@@ -1485,7 +1244,11 @@ impl Shared {
             return Ok(true);
         };
         if let Err(e) = (&*self.dev).write_all(resp.as_bytes()) {
-            log::error!("device {:?}: reply to message {}: {e}", self.name, req.request_id);
+            log::error!(
+                "device {:?}: reply to message {}: {e}",
+                self.life.name,
+                req.request_id
+            );
         }
         Ok(true)
     }
@@ -1506,35 +1269,24 @@ impl Shared {
                         log::error!(
                             "device {:?}: the kernel marked the device broken (a message timed out); \
                              detach, destroy and recreate it",
-                            self.name
+                            self.life.name
                         );
-                        self.emit(DeviceEvent::Broken);
+                        self.life.emit(DeviceEvent::Broken);
                     }
                     let _ = crate::wait_readable(stop.as_raw_fd(), stop.as_raw_fd());
                     return;
                 }
                 Err(e) => {
-                    log::error!("device {:?}: poll: {e}", self.name);
+                    log::error!("device {:?}: poll: {e}", self.life.name);
                     return;
                 }
             }
             if let Err(e) = self.answer_one() {
-                log::error!("device {:?}: read: {e}", self.name);
+                log::error!("device {:?}: read: {e}", self.life.name);
                 return;
             }
         }
     }
-}
-
-/// What became of memory the loop took from the device (see `Shared::settle`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Settled {
-    /// Nothing used it any more.
-    Quiet,
-    /// Native I/O still used it: it was revoked.
-    Revoked,
-    /// It could not be made safe in time: fail closed.
-    Unsafe,
 }
 
 /// The memory map the kernel has now, for tests and tools (mmaps: not for the message loop).
@@ -1619,24 +1371,26 @@ mod tests {
             held_queues: 0,
         };
         let shared = Shared {
-            name: "test".into(),
+            life: Lifecycle {
+                name: "test".into(),
+                memory,
+                queues: vec![q],
+                kicks: Vec::new(),
+                inflight: rig.inflight.clone(),
+                drain_timeout: drain,
+                answer_budget: ANSWER_BUDGET,
+                janitor: Janitor::new("test").unwrap(),
+                events: None,
+                drains: AtomicU64::new(0),
+                max_drain_us: AtomicU64::new(0),
+            },
             dev,
             spec,
-            memory,
-            queues: vec![q],
-            kicks: Vec::new(),
-            inflight: rig.inflight.clone(),
             status: AtomicU8::new(STATUS_DRIVER_OK),
             features: AtomicU64::new(0),
-            drain_timeout: drain,
-            answer_budget: ANSWER_BUDGET,
-            janitor: Janitor::new("test").unwrap(),
-            events: None,
             model: None,
             state: None,
             broken: AtomicBool::new(false),
-            drains: AtomicU64::new(0),
-            max_drain_us: AtomicU64::new(0),
             resubmitted: AtomicU64::new(0),
         };
         (
@@ -1686,7 +1440,7 @@ mod tests {
             "nothing of ours can touch it any more"
         );
         assert!(
-            !c.shared.queues[0].is_live(ticket),
+            !c.shared.life.queues[0].is_live(ticket),
             "which request lost its memory cannot be told: all of them did (never \"none\")"
         );
         c.source.fail.store(false, Ordering::SeqCst);
@@ -1702,13 +1456,13 @@ mod tests {
         // The driver unmaps the request's memory; before the loop reads the message, a serving thread
         // (a completion, an IOTLB miss) already loads the new, empty map.
         c.source.inner.entries.lock().unwrap().clear();
-        c.shared.memory.invalidate();
-        let fresh = c.shared.memory.snapshot();
+        c.shared.life.memory.invalidate();
+        let fresh = c.shared.life.memory.snapshot();
         assert_eq!(fresh.regions(), 0);
         let resp = c.shared.handle_message(&message(uapi::VDUSE_UPDATE_IOTLB, 0));
         assert_eq!(answered_ok(resp), Some(true));
         assert!(
-            !c.shared.queues[0].is_live(ticket),
+            !c.shared.life.queues[0].is_live(ticket),
             "the request still used the removed memory through the map it was popped with"
         );
     }
@@ -1716,7 +1470,7 @@ mod tests {
     #[test]
     fn memory_a_native_read_still_uses_is_revoked_before_the_answer() {
         let (c, ticket) = control(Duration::from_millis(50));
-        let q = c.shared.queues[0].clone();
+        let q = c.shared.life.queues[0].clone();
         let mut pins = native_read(&q, ticket);
         // The driver unmaps the buffer's memory while the read is in its system call.
         c.source.inner.entries.lock().unwrap().clear();
@@ -1734,14 +1488,14 @@ mod tests {
             "a late read lands in memory the device owns"
         );
         pins.release();
-        assert_eq!(c.shared.drains.load(Ordering::Relaxed), 1);
+        assert_eq!(c.shared.life.drains.load(Ordering::Relaxed), 1);
     }
 
     #[test]
     fn memory_that_cannot_be_revoked_fails_the_answer_closed() {
         // An IOTLB update: refused.
         let (c, ticket) = control(Duration::from_millis(20));
-        let q = c.shared.queues[0].clone();
+        let q = c.shared.life.queues[0].clone();
         let mut pins = native_read(&q, ticket);
         c.rig.map.mappings()[0].fail_next_revoke();
         c.source.inner.entries.lock().unwrap().clear();
@@ -1751,7 +1505,7 @@ mod tests {
         pins.release();
         // A reset — which the kernel carries out whatever the answer — is not answered at all.
         let (c, ticket) = control(Duration::from_millis(20));
-        let q = c.shared.queues[0].clone();
+        let q = c.shared.life.queues[0].clone();
         let mut pins = native_read(&q, ticket);
         c.rig.map.mappings()[0].fail_next_revoke();
         assert!(
@@ -1774,7 +1528,7 @@ mod tests {
     #[test]
     fn get_vq_state_of_a_taken_over_queue_is_its_logged_progress() {
         let (c, _) = control(Duration::from_millis(20));
-        let q = c.shared.queues[0].clone();
+        let q = c.shared.life.queues[0].clone();
         q.stop();
         q.arm_resumed(41, Vec::new());
         let mut req = message(uapi::VDUSE_GET_VQ_STATE, 0);

@@ -6,6 +6,7 @@
 //! - [`memory`]: the IOTLB as owned, permission-checked mappings keyed by IOVA, revocable in place;
 //! - [`chain`]: descriptor-chain validation against a hostile driver;
 //! - [`inflight`]: the persistent state file (in-flight log) that lets a new server take a device over;
+//! - [`lifecycle`]: resets, stopped queues and memory changes with requests in flight, for every transport;
 //! - [`queue`]: one virtqueue and the life of each request on it (pop, complete, fence);
 //! - [`model`]: the device description and the trait of models written in Rust;
 //! - [`worker`]: worker-thread serving for such models;
@@ -19,6 +20,7 @@ pub mod control;
 pub mod device;
 pub mod error;
 pub mod inflight;
+pub mod lifecycle;
 pub mod loopback;
 pub mod memory;
 pub mod model;

@@ -1,0 +1,300 @@
+//! The life of requests across what a transport's control side does to a device: resets, stopped
+//! queues and memory-map changes. Shared by every transport (VDUSE's message loop, vhost-user's socket):
+//! each drains what it must within a bounded time, fences the rest, and answers only once no late access
+//! to the memory it gives back is possible (see `device.rs` for the rules).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::device::{DeviceEvent, DeviceEvents, DeviceStats, DrainReason};
+use crate::memory::{
+    entry_keys, mappings_of, push_unique, wait_unpinned, EntryKey, IotlbMap, Janitor, Mapping, Memory,
+};
+use crate::queue::{InFlight, Virtqueue};
+
+/// A device's queues and memory, and how long its control side may wait for them.
+pub struct Lifecycle {
+    pub name: String,
+    pub memory: Arc<Memory>,
+    pub queues: Vec<Arc<Virtqueue>>,
+    /// One eventfd per queue, readable when the queue needs serving.
+    pub kicks: Vec<Arc<EventFd>>,
+    pub inflight: Arc<InFlight>,
+    pub drain_timeout: Duration,
+    /// How long one control message may wait for its answer, revocations included.
+    pub answer_budget: Duration,
+    pub janitor: Janitor,
+    pub events: Option<Arc<dyn DeviceEvents>>,
+    pub drains: AtomicU64,
+    pub max_drain_us: AtomicU64,
+}
+
+impl Lifecycle {
+    pub fn emit(&self, event: DeviceEvent) {
+        if let Some(e) = &self.events {
+            e.event(&event);
+        }
+    }
+
+    /// Sums of the queues' counters and the drains.
+    pub fn stats(&self) -> DeviceStats {
+        let mut s = DeviceStats::default();
+        for q in &self.queues {
+            let st = &q.stats;
+            s.kicks += st.kicks.load(Ordering::Relaxed);
+            s.batches += st.batches.load(Ordering::Relaxed);
+            s.requests += st.requests.load(Ordering::Relaxed);
+            s.completions += st.completions.load(Ordering::Relaxed);
+            s.interrupts += st.interrupts.load(Ordering::Relaxed);
+            s.bad_chains += st.bad_chains_total();
+            s.duplicate_heads += st.duplicate_heads.load(Ordering::Relaxed);
+            s.fenced += st.fenced.load(Ordering::Relaxed);
+            s.stale_completions += st.stale_completions.load(Ordering::Relaxed);
+            s.broken_queues += st.broken.load(Ordering::Relaxed);
+        }
+        s.in_flight = self.inflight.get() as u64;
+        s.iotlb_reloads = self.memory.reloads();
+        s.drains = self.drains.load(Ordering::Relaxed);
+        s.max_drain_us = self.max_drain_us.load(Ordering::Relaxed);
+        s
+    }
+
+    /// Stops the queues `which` selects (a reset, or a vhost-user `GET_VRING_BASE`): requests in flight
+    /// get until the drain deadline to finish, the rest are fenced. With `forget_memory` (a reset, a
+    /// disconnect) the map goes too. True when nothing of ours can touch the memory those requests used
+    /// (the driver reuses it once answered); false when that could not be made sure within the budget.
+    pub fn stop_queues(
+        &self,
+        started: Instant,
+        which: impl Fn(&Virtqueue) -> bool,
+        forget_memory: bool,
+    ) -> bool {
+        let deadline = started + self.drain_timeout;
+        let chosen: Vec<&Arc<Virtqueue>> = self.queues.iter().filter(|q| which(q)).collect();
+        for q in &chosen {
+            q.quiesce();
+        }
+        // Held buffers (a NIC's receive buffers) wait for data, not for the model: not waited for.
+        let waited = || {
+            chosen
+                .iter()
+                .filter(|q| !q.held())
+                .map(|q| q.count_where(|_, _| true))
+                .sum::<usize>()
+        };
+        let busy = waited() > 0;
+        let drained = !busy || self.inflight.wait_until(deadline, || waited() == 0);
+        let mut fenced = 0;
+        let mut maps = Vec::new();
+        for q in &chosen {
+            let (n, m) = q.stop();
+            if !q.held() {
+                fenced += n;
+            }
+            maps.extend(m);
+        }
+        // Stopped queues touch no ring, and fenced tickets reach no buffer: what is left are pins.
+        let old = forget_memory.then(|| self.memory.clear());
+        let mappings = mappings_of(old.iter().chain(&maps));
+        let settled = self.settle(mappings, deadline, started, false);
+        if settled == Settled::Revoked && !forget_memory {
+            // The map still in use holds revoked mappings: the next snapshot maps that memory afresh.
+            self.memory.invalidate();
+        }
+        self.janitor.dispose((old, maps));
+        if !drained || fenced > 0 {
+            log::warn!(
+                "device {:?}: {} queue(s) stopped with {fenced} request(s) still in the model after {:?}: fenced",
+                self.name,
+                chosen.len(),
+                started.elapsed()
+            );
+        }
+        if busy || fenced > 0 || settled != Settled::Quiet {
+            self.record_drain(DrainReason::Reset, started, fenced, settled == Settled::Revoked);
+        }
+        settled != Settled::Unsafe
+    }
+
+    /// Waits until none of `mappings` can be touched by this process any more: until no native I/O pins
+    /// them (up to `deadline`, at least briefly), else — or when `force`d — by revoking them (up to the
+    /// answer budget from `started`).
+    pub fn settle(
+        &self,
+        mappings: Vec<Arc<Mapping>>,
+        deadline: Instant,
+        started: Instant,
+        force: bool,
+    ) -> Settled {
+        let pin_deadline = deadline.max(Instant::now() + Duration::from_millis(100));
+        if !force && wait_unpinned(&mappings, pin_deadline) {
+            return Settled::Quiet;
+        }
+        let pinned: Vec<Arc<Mapping>> = if force {
+            mappings
+        } else {
+            mappings.into_iter().filter(|m| m.is_pinned()).collect()
+        };
+        let bytes: usize = pinned.iter().map(|m| m.len()).sum();
+        let mut revocation = self.janitor.revoke(pinned);
+        match revocation.wait_until(started + self.answer_budget) {
+            Some(true) => {
+                log::warn!(
+                    "device {:?}: native I/O still used {bytes} bytes of fenced memory; revoked them",
+                    self.name
+                );
+                Settled::Revoked
+            }
+            Some(false) => {
+                log::error!(
+                    "device {:?}: cannot revoke {bytes} bytes of fenced memory that native I/O still uses",
+                    self.name
+                );
+                Settled::Unsafe
+            }
+            None => {
+                log::error!(
+                    "device {:?}: revoking {bytes} bytes of fenced memory did not finish within {:?}",
+                    self.name,
+                    self.answer_budget
+                );
+                Settled::Unsafe
+            }
+        }
+    }
+
+    /// The driver changed its memory map (`VDUSE_UPDATE_IOTLB`, a vhost-user memory table). Entries that stayed the same keep their
+    /// mappings and their requests; requests with a buffer in memory that is gone or changed are drained
+    /// (bounded) or fenced, and that memory is made unreachable before the answer. Queues touch the rings
+    /// through a fresh map from now on. False: refuse the update (its memory could not be made safe).
+    pub fn memory_changed(&self, started: Instant) -> bool {
+        let deadline = started + self.drain_timeout;
+        self.memory.invalidate();
+        // One fd open at a time, whatever the entry count. Without the new list nothing can tell which
+        // requests lost their memory: then all of them did (they are drained or fenced, and every mapping
+        // in use is made safe) — never "none".
+        let keys: Option<Vec<EntryKey>> = match entry_keys(self.memory.source()) {
+            Ok(keys) => Some(keys),
+            Err(e) => {
+                log::error!(
+                    "device {:?}: cannot read the IOTLB after an update ({e}); treating all memory as gone",
+                    self.name
+                );
+                None
+            }
+        };
+        // Every map anything may still use: the current one (a serving thread may already have loaded the
+        // new state) and each one requests in flight were popped with.
+        let mut maps = vec![self.memory.peek()];
+        for q in &self.queues {
+            for m in q.maps_in_use() {
+                push_unique(&mut maps, m);
+            }
+        }
+        let mut removed: Vec<Arc<Mapping>> = Vec::new();
+        for m in &maps {
+            let gone = match &keys {
+                Some(keys) => m.mappings_not_in(keys).into_iter().map(|(_, g)| g).collect(),
+                None => m.mappings(),
+            };
+            for g in gone {
+                push_unique(&mut removed, g);
+            }
+        }
+        drop(maps);
+        if removed.is_empty() {
+            return true;
+        }
+        let affected = |map: &IotlbMap, segments: &[crate::chain::Segment]| match &keys {
+            Some(keys) => segments
+                .iter()
+                .any(|s| !map.survives(s.addr, u64::from(s.len), keys)),
+            None => true,
+        };
+        let busy = self
+            .queues
+            .iter()
+            .filter(|q| !q.held())
+            .map(|q| q.count_where(affected))
+            .sum::<usize>();
+        if busy > 0 {
+            self.inflight.wait_until(deadline, || {
+                self.queues
+                    .iter()
+                    .filter(|q| !q.held())
+                    .all(|q| q.count_where(affected) == 0)
+            });
+        }
+        let mut fenced = 0;
+        let mut maps = Vec::new();
+        for q in &self.queues {
+            if q.held() {
+                // Receive buffers hold nothing yet: give them back (the driver posts new ones) rather
+                // than lose them until its next reset.
+                let (_, m) = q.give_back_where(affected);
+                maps.extend(m);
+                continue;
+            }
+            let (n, m) = q.fence_where(affected);
+            fenced += n;
+            maps.extend(m);
+        }
+        // A publish that took the old map before the invalidation finishes under the queue lock; every
+        // later one checks the map under that lock and reloads. A queue whose lock stays taken past the
+        // deadline may still be writing through the old map: its memory is revoked, not trusted.
+        let mut barred = true;
+        for q in &self.queues {
+            if !q.barrier(deadline.max(Instant::now() + Duration::from_millis(100))) {
+                log::warn!(
+                    "queue {}: busy past the drain deadline during a memory map update",
+                    q.index
+                );
+                barred = false;
+            }
+        }
+        let settled = self.settle(removed, deadline, started, !barred);
+        self.janitor.dispose(maps);
+        if fenced > 0 {
+            log::warn!(
+                "device {:?}: the driver unmapped memory that {fenced} request(s) still used: fenced",
+                self.name
+            );
+        }
+        if busy > 0 || fenced > 0 || settled != Settled::Quiet {
+            self.record_drain(
+                DrainReason::IotlbChange,
+                started,
+                fenced,
+                settled == Settled::Revoked,
+            );
+        }
+        settled != Settled::Unsafe
+    }
+
+    pub fn record_drain(&self, reason: DrainReason, started: Instant, fenced: usize, revoked: bool) {
+        let waited = started.elapsed();
+        self.drains.fetch_add(1, Ordering::Relaxed);
+        self.max_drain_us
+            .fetch_max(waited.as_micros() as u64, Ordering::Relaxed);
+        self.emit(DeviceEvent::Drained {
+            reason,
+            waited,
+            fenced,
+            revoked,
+        });
+    }
+}
+
+/// What became of memory the loop took from the device (see `Shared::settle`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Settled {
+    /// Nothing used it any more.
+    Quiet,
+    /// Native I/O still used it: it was revoked.
+    Revoked,
+    /// It could not be made safe in time: fail closed.
+    Unsafe,
+}
