@@ -225,6 +225,11 @@ export interface DeviceInit {
    * instead of on the JavaScript thread: frames never reach JavaScript.
    */
   tap?: string
+  /**
+   * Serve the device over a vhost-user socket at this path (listening; one client at a time) instead
+   * of creating it in the kernel.
+   */
+  vhostUser?: string
 }
 
 /** `fallocate(2)` on the libuv pool (punch holes, zero ranges) without blocking the JavaScript thread. */

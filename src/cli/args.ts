@@ -45,6 +45,10 @@ Options for blk:
   --attach virtio|vhost|none
                          bind to virtio_vdpa (a /dev/vdX here, the default), to vhost_vdpa
                          (/dev/vhost-vdpa-N for a VM), or leave it detached
+  --vhost-user SOCK      serve over a vhost-user socket instead of VDUSE (no kernel module needed):
+                         a VMM connects to SOCK (QEMU: -chardev socket,id=c,path=SOCK -device
+                         vhost-user-blk-pci,chardev=c; libblkio: virtio-blk-vhost-user), one at a
+                         time; the ready event's path is SOCK. Excludes --attach, --recover, --replace
   --timeout MS           fail a request whose backend call takes longer (default: no limit, as the
                          kernel's NBD client). With --nbd the request's connection is closed too, so
                          its copy cannot land later; the connection's other requests are sent again
@@ -74,6 +78,9 @@ Options for net (virtio-net NICs; the kernel shows each as a network interface, 
   --mac MAC              the NIC's MAC address (one NIC; default: random, locally administered)
   --mtu N                the largest MTU the driver may set (default 1500)
   --no-offloads          offer no checksum or segmentation offloads
+  --vhost-user SOCK      serve the NIC over a vhost-user socket instead of VDUSE (QEMU: -chardev
+                         socket,id=c,path=SOCK -netdev vhost-user,id=n,chardev=c -device
+                         virtio-net-pci,netdev=n); repeat it, one per --name, in order
   --attach, --replace, --json, --log-level, --queue-size   as for blk
 
 Options for fs (virtio-fs, Linux >= 6.15: \`mount -t virtiofs TAG /mnt\`, or hand it to a VM):
@@ -122,6 +129,12 @@ function checkName(name: string): void {
   }
 }
 
+/** A path a UNIX socket can be bound at. */
+function checkSocketPath(path: string): void {
+  if (path === '' || Buffer.byteLength(path) > 107)
+    throw new UsageError(`--vhost-user "${path}": a socket path is 1 to 107 bytes`)
+}
+
 function parseLogLevel(text: string | undefined): LogLevel {
   if (text === undefined) return 'warn'
   if (!LOG_LEVELS.includes(text as LogLevel)) {
@@ -145,6 +158,7 @@ function parseNet(args: readonly string[]): NetCommand | { command: 'help'; topi
         'no-offloads': { type: 'boolean' },
         'queue-size': { type: 'string' },
         attach: { type: 'string' },
+        'vhost-user': { type: 'string', multiple: true },
         replace: { type: 'boolean' },
         json: { type: 'boolean' },
         'log-level': { type: 'string' },
@@ -170,18 +184,30 @@ function parseNet(args: readonly string[]): NetCommand | { command: 'help'; topi
   if (v.mac !== undefined && names.length !== 1) throw new UsageError('--mac goes with one --name')
   const queueSize = parseQueueSize(v['queue-size'])
   const attach = parseAttach(v.attach)
+  const sockets = v['vhost-user']
+  if (sockets !== undefined) {
+    if (sockets.length !== names.length)
+      throw new UsageError('--vhost-user: give one socket per --name, in the same order')
+    for (const sock of sockets) checkSocketPath(sock)
+    if (new Set(sockets).size !== sockets.length)
+      throw new UsageError('each --vhost-user socket must be different')
+    if (v.attach !== undefined)
+      throw new UsageError('--vhost-user and --attach exclude each other: a VMM connects to the socket')
+    if (v.replace) throw new UsageError('--replace is for VDUSE devices, not --vhost-user')
+  }
   const cmd: NetCommand = {
     command: 'net',
     names,
     offloads: !(v['no-offloads'] ?? false),
     queueSize,
-    attach,
+    attach: sockets === undefined ? attach : 'none',
     replace: v.replace ?? false,
     json: v.json ?? false,
     logLevel: parseLogLevel(v['log-level']),
   }
   if (v.tap !== undefined) cmd.tap = v.tap
   if (v.mac !== undefined) cmd.mac = v.mac
+  if (sockets !== undefined) cmd.vhostUser = sockets
   const mtu = parseInteger(v.mtu, '--mtu', 68, 65535)
   if (mtu !== undefined) cmd.mtu = mtu
   return cmd
@@ -304,6 +330,8 @@ export interface BlkCommand {
   readOnly: boolean
   serial?: string
   attach: 'virtio' | 'vhost' | 'none'
+  /** Serve over a vhost-user socket at this path instead of through VDUSE. */
+  vhostUser?: string
   timeoutMs?: number
   pollUs: number | 'auto'
   replace: boolean
@@ -322,6 +350,8 @@ export interface NetCommand {
   offloads: boolean
   queueSize: number
   attach: 'virtio' | 'vhost' | 'none'
+  /** One vhost-user socket per NIC (in `names` order) instead of VDUSE. */
+  vhostUser?: string[]
   replace: boolean
   json: boolean
   logLevel: LogLevel
@@ -387,6 +417,7 @@ export function parseCommand(argv: readonly string[]): Command {
         'read-only': { type: 'boolean' },
         serial: { type: 'string' },
         attach: { type: 'string' },
+        'vhost-user': { type: 'string' },
         timeout: { type: 'string' },
         'poll-us': { type: 'string' },
         replace: { type: 'boolean' },
@@ -468,6 +499,13 @@ export function parseCommand(argv: readonly string[]): Command {
   const queueSize = parseQueueSize(v['queue-size'])
   const attach = parseAttach(v.attach)
   if (v.replace && v.recover) throw new UsageError('--replace and --recover exclude each other')
+  if (v['vhost-user'] !== undefined) {
+    checkSocketPath(v['vhost-user'])
+    if (v.attach !== undefined)
+      throw new UsageError('--vhost-user and --attach exclude each other: a VMM connects to the socket')
+    if (v.recover || v.replace)
+      throw new UsageError('--recover and --replace are for VDUSE devices, not --vhost-user')
+  }
   // Growing the image before the takeover is checked would change what a refused restart must leave alone.
   // (A plugin's --size is its argument, not a change to storage.)
   if (v.recover && v.size !== undefined && v.file !== undefined)
@@ -492,7 +530,7 @@ export function parseCommand(argv: readonly string[]): Command {
     queues: parseInteger(v.queues, '--queues', 1, 64) ?? 1,
     queueSize,
     readOnly: v['read-only'] ?? false,
-    attach,
+    attach: v['vhost-user'] === undefined ? attach : 'none',
     pollUs,
     replace: v.replace ?? false,
     recover: v.recover ?? false,
@@ -507,6 +545,7 @@ export function parseCommand(argv: readonly string[]): Command {
   }
   if (blockSize !== undefined) cmd.blockSize = blockSize
   if (v.serial !== undefined) cmd.serial = v.serial
+  if (v['vhost-user'] !== undefined) cmd.vhostUser = v['vhost-user']
   const timeout = parseInteger(v.timeout, '--timeout', 1, 3_600_000)
   if (timeout !== undefined) cmd.timeoutMs = timeout
   return cmd

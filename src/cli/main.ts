@@ -12,6 +12,7 @@ import { BlockDevice } from '../devices/blk/block-device'
 import { VduseError } from '../errors'
 import { logs, setLogLevel, type LogRecord } from '../log'
 import { boundDriver, currentAttachment, isAttached, readSysfs } from '../transport/attach'
+import { vhostUser } from '../transport/native'
 import { helpFor, parseCommand, UsageError, type BlkCommand } from './args'
 import { EventLimiter } from './limiter'
 import { deviceError } from './events'
@@ -115,6 +116,7 @@ async function serveBlk(cmd: BlkCommand, emit: Emit): Promise<number> {
     options.pollUs = cmd.pollUs
     // With --nbd too: a request past its deadline fails, and its connection is closed (it cannot land later).
     if (cmd.timeoutMs !== undefined) options.requestTimeoutMs = cmd.timeoutMs
+    if (cmd.vhostUser !== undefined) options.transport = vhostUser(cmd.vhostUser)
     device = await BlockDevice.create(options)
   } catch (err) {
     await backend.close?.()

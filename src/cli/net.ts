@@ -3,6 +3,7 @@
 import { NetDevice, type NetDeviceOptions } from '../devices/net/net-device'
 import { NetSwitch } from '../devices/net/switch'
 import { logs, setLogLevel, type LogRecord } from '../log'
+import { vhostUser } from '../transport/native'
 import type { NetCommand } from './args'
 import { onStopSignals } from './signals'
 import { deviceError } from './events'
@@ -30,7 +31,7 @@ export async function serveNet(cmd: NetCommand, emit: Emit): Promise<number> {
     if (failed) throw failed.reason
   }
   try {
-    for (const name of cmd.names) {
+    for (const [i, name] of cmd.names.entries()) {
       const options: NetDeviceOptions = {
         name,
         offloads: cmd.offloads,
@@ -40,6 +41,8 @@ export async function serveNet(cmd: NetCommand, emit: Emit): Promise<number> {
       if (cmd.tap !== undefined) options.tap = cmd.tap
       if (cmd.mac !== undefined) options.mac = cmd.mac
       if (cmd.mtu !== undefined) options.mtu = cmd.mtu
+      const socket = cmd.vhostUser?.[i]
+      if (socket !== undefined) options.transport = vhostUser(socket)
       const nic = await NetDevice.create(options)
       nics.push(nic)
       sw?.connect(nic)
@@ -112,7 +115,7 @@ export async function serveNet(cmd: NetCommand, emit: Emit): Promise<number> {
 
   try {
     for (const nic of nics) {
-      let path: string | undefined
+      let path = nic.path
       if (cmd.attach !== 'none') {
         attaching = nic.attach({ driver: cmd.attach, signal: attachAbort.signal })
         path = (await attaching) as string

@@ -67,8 +67,12 @@ export interface TapCounters {
   rxDropped: number
 }
 
-/** Opens a device: the kernel (VDUSE) by default, or the in-process transport in tests. */
+/** Opens a device: the kernel (VDUSE) by default, a vhost-user socket, or the in-process transport in tests. */
 export interface Transport {
+  /** Served by the native binding (its logs go to the `log` event). */
+  readonly native?: boolean
+  /** A vhost-user transport: the socket clients connect to (the device's `path`; it is never attached). */
+  readonly socketPath?: string
   open(
     init: DeviceInit,
     arrays: BatchArrays,

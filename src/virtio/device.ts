@@ -18,7 +18,7 @@ export interface VirtioDeviceOptions {
   replaceStale?: boolean
   /** Closes the device when aborted. */
   signal?: AbortSignal
-  /** Where the device lives: the kernel (default) or an `InProcessTransport`. */
+  /** Where the device lives: the kernel (default), a `vhostUser(socketPath)` socket, or an `InProcessTransport`. */
   transport?: Transport
   /**
    * Longest a driver reset or memory-map change waits for requests still in the model, all queues
@@ -168,7 +168,8 @@ export abstract class VirtioDevice<
     init: Omit<DeviceInit, 'name' | 'replaceStale' | 'drainTimeoutMs' | 'ioThreads' | 'stateDir'>,
   ): void {
     const transport = this.#options.transport ?? vduseTransport
-    if (transport === vduseTransport) installLogSink()
+    if (transport.native) installLogSink()
+    this.#path = transport.socketPath
     const stateDir = this.#options.stateDir
     const full: DeviceInit = {
       ...init,
@@ -406,7 +407,7 @@ export abstract class VirtioDevice<
     return this.#attachedAs !== undefined
   }
 
-  /** The node the attached driver made (`/dev/vdX`, `/dev/vhost-vdpa-N`, an interface name). */
+  /** The node the attached driver made (`/dev/vdX`, `/dev/vhost-vdpa-N`, an interface name), or a vhost-user device's socket. */
   get path(): string | undefined {
     return this.#path
   }
@@ -425,6 +426,12 @@ export abstract class VirtioDevice<
    */
   async attach(options: AttachOptions = {}): Promise<string> {
     this.assertOpen()
+    if (this.#options.transport?.socketPath !== undefined) {
+      throw new VduseError(`device ${this.name} is served over vhost-user: a VMM connects to its socket`, {
+        code: 'ERR_VDUSE_INVALID_CONFIG',
+        hint: `point the VMM at ${this.#options.transport.socketPath} (QEMU: -chardev socket,path=…)`,
+      })
+    }
     if (this.#attachedAs !== undefined) {
       throw new VduseError(`device ${this.name} is already attached`, {
         code: 'ERR_VDUSE_BUSY',

@@ -11,6 +11,7 @@
 //! - [`model`]: the device description and the trait of models written in Rust;
 //! - [`worker`]: worker-thread serving for such models;
 //! - [`device`]: a VDUSE device — creation, take-over, the message loop, bounded drains, teardown;
+//! - [`vhost_user`]: the same devices over a vhost-user socket, for any VMM, without VDUSE;
 //! - [`reclaim`]: taking over a dead server's device just to detach it cleanly;
 //! - [`ram_blk`]: the native reference model, a RAM-backed virtio-blk;
 //! - [`loopback`]: a kernel-free driver, for tests and benchmarks of everything above the kernel.
@@ -30,6 +31,7 @@ pub mod reclaim;
 #[cfg(feature = "test-rig")]
 pub mod rig;
 pub mod uapi;
+pub mod vhost_user;
 pub mod worker;
 
 pub use control::Control;
@@ -41,6 +43,7 @@ pub use error::{Error, Result};
 pub use model::{Completer, DeviceModel, DeviceSpec};
 pub use queue::{Budget, Completion, Done, Pop, Request, RequestBatch, Ticket, Virtqueue};
 pub use reclaim::Reclaim;
+pub use vhost_user::VhostUserDevice;
 
 use std::os::fd::RawFd;
 

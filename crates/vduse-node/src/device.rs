@@ -10,6 +10,7 @@ use napi_derive::napi;
 use vduse_core::queue::{Ticket, Virtqueue};
 use vduse_core::{
     DeviceEvent, DeviceEvents, DeviceOptions, DeviceSpec, DeviceStats, DrainReason, Serving, VduseDevice,
+    VhostUserDevice,
 };
 
 use vduse_backends::file_io::{IoPool, Op};
@@ -17,6 +18,7 @@ use vduse_backends::tap::TapModel;
 
 use crate::error::{native, Failure, OrThrow, Parked};
 use crate::serve::{copy_in, copy_out, typed_array, Arrays, JsServer, PollCap, ServerHandle};
+use crate::served::Served;
 
 /// What TypeScript tells the binding about a device.
 #[napi(object)]
@@ -58,6 +60,9 @@ pub struct DeviceInit {
     /// Serve the device natively as a NIC bridged to this tap interface ("" lets the kernel name one)
     /// instead of on the JavaScript thread: frames never reach JavaScript.
     pub tap: Option<String>,
+    /// Serve the device over a vhost-user socket at this path (listening; one client at a time) instead
+    /// of creating it in the kernel.
+    pub vhost_user: Option<String>,
 }
 
 /// The JavaScript arrays of the batch protocol (see `serve.rs`).
@@ -294,7 +299,7 @@ impl JsQueues {
 
 #[napi]
 pub struct BindingDevice {
-    device: Option<VduseDevice>,
+    device: Option<Served>,
     io: Option<Arc<IoPool>>,
     serving: JsQueues,
     final_counters: Option<DeviceCounters>,
@@ -352,7 +357,9 @@ pub fn create_device(
         None => {}
     }
     options.backend = init.backend_id.clone().filter(|b| !b.is_empty());
-    let recover = init.recover.unwrap_or(false) && vduse_core::list_devices().contains(&init.name);
+    let recover = init.vhost_user.is_none()
+        && init.recover.unwrap_or(false)
+        && vduse_core::list_devices().contains(&init.name);
     // SAFETY: the values come straight from this call's arguments, on the JS thread.
     let arrays = unsafe {
         Arrays::new(
@@ -407,10 +414,15 @@ pub fn create_device(
         Some(model) => Serving::Workers(model.clone()),
         None => Serving::External,
     };
-    let device = if recover {
-        VduseDevice::adopt(options, Some(&spec), |_| serving(), Some(events))
-    } else {
-        VduseDevice::create(options, spec, serving(), Some(events))
+    let device = match init.vhost_user.as_deref() {
+        Some(path) => {
+            VhostUserDevice::listen(std::path::Path::new(path), options, spec, serving(), Some(events))
+                .map(Served::VhostUser)
+        }
+        None if recover => {
+            VduseDevice::adopt(options, Some(&spec), |_| serving(), Some(events)).map(Served::Kernel)
+        }
+        None => VduseDevice::create(options, spec, serving(), Some(events)).map(Served::Kernel),
     }
     .or_throw(&env)?;
     let queues = device.queues().to_vec();
@@ -465,7 +477,7 @@ pub struct TapCounters {
 }
 
 pub struct Close {
-    device: Option<VduseDevice>,
+    device: Option<Served>,
     io: Option<Arc<IoPool>>,
     tap: Option<Arc<TapModel>>,
     /// Destroy the device (close), or leave it to a successor (release).
@@ -665,7 +677,7 @@ impl BindingDevice {
     #[napi]
     pub fn close(&mut self, env: Env) -> napi::Result<AsyncTask<Close>> {
         if let Some(d) = &self.device {
-            if vduse_core::is_attached(d.name()) {
+            if d.is_attached() {
                 return Err(vduse_core::Error::Busy {
                     name: d.name().to_string(),
                     reason: "still attached to the vDPA bus; detach it first",

@@ -12,6 +12,7 @@ mod file;
 mod logger;
 mod loopback;
 mod serve;
+mod served;
 mod uv;
 
 use error::{OrThrow, Parked};

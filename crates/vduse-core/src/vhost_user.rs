@@ -1,0 +1,927 @@
+//! The vhost-user transport: the same queues, memory and request life as a VDUSE device, reached by a
+//! VMM (QEMU, cloud-hypervisor, libblkio) over a UNIX socket instead of through the kernel. No VDUSE
+//! module is needed.
+//!
+//! - The socket protocol is rust-vmm's `vhost` crate ([`BackendReqHandler`]); this file answers its
+//!   messages. One client at a time; the next one is accepted when it leaves.
+//! - Driver memory is the client's memory table: each region's fd is mapped once, permission-checked
+//!   and revocable, exactly like a VDUSE IOTLB entry ([`MemTable`] is an [`IotlbSource`]), so a memory
+//!   change with requests in flight drains and fences them like an IOTLB update.
+//! - Ring addresses arrive in the client's virtual addresses; they are translated into guest-physical
+//!   ones through the table when a ring starts.
+//! - A ring starts when it has a kick fd and is enabled; `GET_VRING_BASE` (or disabling it) stops it: its
+//!   requests get the drain deadline, the rest are fenced, and only then is the index answered. A client
+//!   that disconnects is a reset of every ring, and its memory is forgotten.
+//! - Whoever serves the queues (the JavaScript thread, worker threads) polls one stable eventfd per queue:
+//!   the control thread relays the client's kicks into them, so serving never follows fds that change
+//!   with each client.
+//!
+//! The control thread answers each message within the drain budget; nothing in it waits on JavaScript.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use parking_lot::Mutex;
+use vhost::vhost_user::message::{
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
+    VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserSharedMsg,
+    VhostUserSingleMemoryRegion, VhostUserVirtioFeatures, VhostUserVringAddrFlags, VhostUserVringState,
+};
+use vhost::vhost_user::{
+    Backend, BackendReqHandler, Error as VuError, GpuBackend, Listener, Result as VuResult,
+    VhostUserBackendReqHandler, VhostUserFrontendReqHandler,
+};
+use vhost::VhostUserMemoryRegionBase;
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::device::{
+    validate, DeviceEvent, DeviceEvents, DeviceOptions, DeviceStats, Serving, MAX_DRAIN, STATUS_ACKNOWLEDGE,
+    STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
+};
+use crate::error::{Error, Result};
+use crate::lifecycle::Lifecycle;
+use crate::memory::{IotlbSource, Janitor, Memory};
+use crate::model::{DeviceModel, DeviceSpec};
+use crate::queue::{InFlight, RingInfo, Transport, Virtqueue};
+use crate::uapi::{vduse_iotlb_entry, VDUSE_ACCESS_RW};
+use crate::worker::Worker;
+
+/// Memory regions a client may register (what `GET_MAX_MEM_SLOTS` answers; QEMU uses up to 32).
+pub const MAX_MEM_SLOTS: usize = 32;
+/// How long one message may keep the client waiting, drains and revocations included.
+const ANSWER_BUDGET: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// The features the transport offers on top of the model's.
+const TRANSPORT_FEATURES: u64 = (1 << VIRTIO_F_VERSION_1)
+    | (1 << VIRTIO_RING_F_EVENT_IDX)
+    | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+    | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+
+fn protocol_features() -> VhostUserProtocolFeatures {
+    VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        | VhostUserProtocolFeatures::BACKEND_REQ
+        | VhostUserProtocolFeatures::RESET_DEVICE
+}
+
+/// One region of the client's memory table.
+struct TableRegion {
+    gpa: u64,
+    size: u64,
+    user_addr: u64,
+    mmap_offset: u64,
+    file: File,
+}
+
+/// The client's memory table, read by [`Memory`] like a VDUSE IOTLB (keyed by guest-physical address).
+#[derive(Default)]
+pub struct MemTable {
+    regions: Mutex<Vec<TableRegion>>,
+}
+
+impl MemTable {
+    /// Guest-physical address of the client's virtual address `va` (ring addresses come that way).
+    fn gpa_of(&self, va: u64) -> Option<u64> {
+        self.regions
+            .lock()
+            .iter()
+            .find(|r| va >= r.user_addr && va - r.user_addr < r.size)
+            .map(|r| r.gpa + (va - r.user_addr))
+    }
+
+    /// Checks a region against the others (and the limits) before it joins the table.
+    fn admit(regions: &[TableRegion], r: &VhostUserMemoryRegion) -> VuResult<()> {
+        let overflows = |a: u64, len: u64| len == 0 || a.checked_add(len - 1).is_none();
+        if overflows(r.guest_phys_addr, r.memory_size)
+            || overflows(r.user_addr, r.memory_size)
+            || r.mmap_offset.checked_add(r.memory_size).is_none()
+            || r.memory_size > isize::MAX as u64
+        {
+            return Err(VuError::InvalidParam);
+        }
+        let overlaps = |a: u64, b: u64, len_a: u64, len_b: u64| {
+            a < b.saturating_add(len_b) && b < a.saturating_add(len_a)
+        };
+        if regions.len() >= MAX_MEM_SLOTS
+            || regions.iter().any(|o| {
+                overlaps(o.gpa, r.guest_phys_addr, o.size, r.memory_size)
+                    || overlaps(o.user_addr, r.user_addr, o.size, r.memory_size)
+            })
+        {
+            return Err(VuError::InvalidParam);
+        }
+        Ok(())
+    }
+}
+
+impl IotlbSource for MemTable {
+    fn entry(&self, first: u64, last: u64) -> std::io::Result<Option<(vduse_iotlb_entry, File)>> {
+        let regions = self.regions.lock();
+        let found = regions
+            .iter()
+            .filter(|r| r.gpa <= last && r.gpa + (r.size - 1) >= first)
+            .min_by_key(|r| r.gpa);
+        let Some(r) = found else { return Ok(None) };
+        let entry = vduse_iotlb_entry {
+            offset: r.mmap_offset,
+            start: r.gpa,
+            last: r.gpa + (r.size - 1),
+            perm: VDUSE_ACCESS_RW,
+        };
+        Ok(Some((entry, r.file.try_clone()?)))
+    }
+}
+
+/// What the client told us about one ring.
+#[derive(Default)]
+struct RingSetup {
+    num: u16,
+    desc: u64,
+    avail: u64,
+    used: u64,
+    base: u16,
+    enabled: bool,
+    kick: Option<File>,
+    /// Armed for serving (kick fd and enabled): stopping it is a drain.
+    started: bool,
+}
+
+/// The client's side of the rings: their setup and the fds to interrupt it.
+struct Rings {
+    setups: Vec<Mutex<RingSetup>>,
+    calls: Vec<Mutex<Option<File>>>,
+    table: Arc<MemTable>,
+}
+
+impl Transport for Rings {
+    fn notify(&self, queue: u16) {
+        let Some(call) = self.calls.get(usize::from(queue)) else {
+            return;
+        };
+        // Under the lock: the client may replace (and close) the fd meanwhile.
+        let call = call.lock();
+        if let Some(mut fd) = call.as_ref() {
+            if let Err(e) = fd.write_all(&1u64.to_ne_bytes()) {
+                log::debug!("queue {queue}: signal the call fd: {e}");
+            }
+        }
+    }
+
+    fn ring_info(&self, queue: u16) -> std::io::Result<RingInfo> {
+        let s = self
+            .setups
+            .get(usize::from(queue))
+            .ok_or_else(|| std::io::Error::from_raw_os_error(libc::EINVAL))?
+            .lock();
+        let translate = |va: u64| self.table.gpa_of(va);
+        let (Some(desc), Some(avail), Some(used)) =
+            (translate(s.desc), translate(s.avail), translate(s.used))
+        else {
+            // Outside the table: the queue breaks (rings outside memory), as over VDUSE.
+            return Ok(RingInfo {
+                size: s.num,
+                desc: u64::MAX,
+                avail: u64::MAX,
+                used: u64::MAX,
+                avail_idx: s.base,
+                ready: s.started,
+            });
+        };
+        Ok(RingInfo {
+            size: s.num,
+            desc,
+            avail,
+            used,
+            avail_idx: s.base,
+            ready: s.started,
+        })
+    }
+}
+
+/// State shared by the control thread, the handle and whoever serves the queues.
+struct Shared {
+    life: Lifecycle,
+    spec: DeviceSpec,
+    rings: Arc<Rings>,
+    config: Mutex<Vec<u8>>,
+    /// The features the client acked, and the protocol features.
+    features: AtomicU64,
+    protocol: AtomicU64,
+    status: AtomicU8,
+    model: Option<Arc<dyn DeviceModel>>,
+    backend_req: Mutex<Option<Backend>>,
+    connected: AtomicBool,
+    sessions: AtomicU64,
+}
+
+impl Shared {
+    fn setup(&self, index: u32) -> VuResult<parking_lot::MutexGuard<'_, RingSetup>> {
+        self.rings
+            .setups
+            .get(index as usize)
+            .map(|s| s.lock())
+            .ok_or(VuError::InvalidParam)
+    }
+
+    fn set_status(&self, status: u8) {
+        if self.status.swap(status, Ordering::AcqRel) != status {
+            self.life.emit(DeviceEvent::Status {
+                status,
+                features: self.features.load(Ordering::Acquire),
+            });
+        }
+    }
+
+    /// Arms ring `index` if it has everything (kick fd, enabled) and is not running yet.
+    fn maybe_start(&self, index: u32) -> VuResult<()> {
+        let mut s = self.setup(index)?;
+        if s.started || s.kick.is_none() || !s.enabled {
+            return Ok(());
+        }
+        s.started = true;
+        drop(s);
+        let features = self.features.load(Ordering::Acquire);
+        if self.status.load(Ordering::Acquire) & STATUS_DRIVER_OK == 0 {
+            if let Some(model) = &self.model {
+                model.started(features);
+            }
+            self.set_status(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+        }
+        let q = &self.life.queues[index as usize];
+        q.set_event_idx(features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0);
+        q.set_features(features);
+        q.arm();
+        // Serve now: the ring may hold requests already.
+        let _ = self.life.kicks[index as usize].write(1);
+        Ok(())
+    }
+
+    /// Stops ring `index` (drain, then fence) and returns the avail index to resume from. An error when its
+    /// memory could not be made safe in time: the caller drops the client rather than answer.
+    fn stop_ring(&self, index: u32) -> VuResult<u16> {
+        let started = Instant::now();
+        let q = self
+            .life
+            .queues
+            .get(index as usize)
+            .ok_or(VuError::InvalidParam)?;
+        let was_started = std::mem::replace(&mut self.setup(index)?.started, false);
+        if !was_started {
+            return Ok(self.setup(index)?.base);
+        }
+        q.quiesce();
+        let base = q.next_avail();
+        if !self.life.stop_queues(started, |v| v.index == q.index, false) {
+            log::error!(
+                "device {:?}: queue {index} stopped while native I/O may still touch its memory",
+                self.life.name
+            );
+            return Err(VuError::BackendInternalError);
+        }
+        let mut s = self.setup(index)?;
+        if let Some(base) = base {
+            s.base = base;
+        }
+        let base = s.base;
+        drop(s);
+        if self.rings.setups.iter().all(|s| !s.lock().started) {
+            self.set_status(0);
+        }
+        Ok(base)
+    }
+
+    /// The client left (or reset the device): every ring stops, its memory and fds are forgotten.
+    fn reset(&self) -> bool {
+        let started = Instant::now();
+        for s in &self.rings.setups {
+            *s.lock() = RingSetup::default();
+        }
+        let safe = self.life.stop_queues(started, |_| true, true);
+        for c in &self.rings.calls {
+            *c.lock() = None;
+        }
+        self.rings.table.regions.lock().clear();
+        self.life.memory.invalidate();
+        *self.backend_req.lock() = None;
+        self.features.store(0, Ordering::Release);
+        self.protocol.store(0, Ordering::Release);
+        self.set_status(0);
+        if !safe {
+            log::error!(
+                "device {:?}: the client left while native I/O may still touch its memory",
+                self.life.name
+            );
+        }
+        safe
+    }
+
+    /// The table changed: requests using memory that went away are drained or fenced before the answer.
+    fn memory_changed(&self) -> VuResult<()> {
+        if self.life.memory_changed(Instant::now()) {
+            Ok(())
+        } else {
+            Err(VuError::BackendInternalError)
+        }
+    }
+}
+
+/// The handler of one client's messages.
+struct Session {
+    shared: Arc<Shared>,
+}
+
+impl VhostUserBackendReqHandler for Session {
+    fn set_owner(&self) -> VuResult<()> {
+        Ok(())
+    }
+
+    fn reset_owner(&self) -> VuResult<()> {
+        self.reset_device()
+    }
+
+    fn reset_device(&self) -> VuResult<()> {
+        if self.shared.reset() {
+            Ok(())
+        } else {
+            Err(VuError::BackendInternalError)
+        }
+    }
+
+    fn get_features(&self) -> VuResult<u64> {
+        Ok(self.shared.spec.features | TRANSPORT_FEATURES)
+    }
+
+    fn set_features(&self, features: u64) -> VuResult<()> {
+        if features & !(self.shared.spec.features | TRANSPORT_FEATURES) != 0 {
+            return Err(VuError::InvalidParam);
+        }
+        if features & (1 << VIRTIO_F_VERSION_1) == 0 {
+            return Err(VuError::InvalidParam); // legacy (pre-1.0) rings are not served
+        }
+        self.shared.features.store(features, Ordering::Release);
+        Ok(())
+    }
+
+    fn set_mem_table(
+        &self,
+        regions: &[VhostUserMemoryRegion],
+        files: Vec<File>,
+        _postcopy: Option<bool>,
+    ) -> VuResult<Option<Vec<VhostUserMemoryRegionBase>>> {
+        let mut table = Vec::with_capacity(regions.len());
+        for (r, file) in regions.iter().zip(files) {
+            MemTable::admit(&table, r)?;
+            table.push(TableRegion {
+                gpa: r.guest_phys_addr,
+                size: r.memory_size,
+                user_addr: r.user_addr,
+                mmap_offset: r.mmap_offset,
+                file,
+            });
+        }
+        *self.shared.rings.table.regions.lock() = table;
+        self.shared.memory_changed()?;
+        Ok(None)
+    }
+
+    fn set_vring_num(&self, index: u32, num: u32) -> VuResult<()> {
+        let max = u32::from(self.shared.spec.queue_size);
+        if num == 0 || num > max || !num.is_power_of_two() {
+            return Err(VuError::InvalidParam);
+        }
+        let mut s = self.shared.setup(index)?;
+        if s.started {
+            return Err(VuError::InvalidOperation("the ring is running"));
+        }
+        s.num = num as u16;
+        Ok(())
+    }
+
+    fn set_vring_addr(
+        &self,
+        index: u32,
+        _flags: VhostUserVringAddrFlags,
+        descriptor: u64,
+        used: u64,
+        available: u64,
+        _log: u64,
+    ) -> VuResult<()> {
+        let mut s = self.shared.setup(index)?;
+        if s.started {
+            return Err(VuError::InvalidOperation("the ring is running"));
+        }
+        s.desc = descriptor;
+        s.used = used;
+        s.avail = available;
+        Ok(())
+    }
+
+    fn set_vring_base(&self, index: u32, base: u32) -> VuResult<()> {
+        let base = u16::try_from(base).map_err(|_| VuError::InvalidParam)?;
+        let mut s = self.shared.setup(index)?;
+        if s.started {
+            return Err(VuError::InvalidOperation("the ring is running"));
+        }
+        s.base = base;
+        Ok(())
+    }
+
+    fn get_vring_base(&self, index: u32) -> VuResult<VhostUserVringState> {
+        let base = self.shared.stop_ring(index)?;
+        // The ring stays stopped until the client starts it again with a new kick fd.
+        self.shared.setup(index)?.kick = None;
+        Ok(VhostUserVringState::new(index, u32::from(base)))
+    }
+
+    fn set_vring_kick(&self, index: u8, fd: Option<File>) -> VuResult<()> {
+        let index = u32::from(index);
+        {
+            let mut s = self.shared.setup(index)?;
+            if s.started {
+                // A new kick fd for a running ring: relay from it from now on.
+                s.kick = fd;
+                return Ok(());
+            }
+            s.kick = fd;
+            // Without protocol features a ring starts with its kick fd (vhost-user spec).
+            if self.shared.features.load(Ordering::Acquire)
+                & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+                == 0
+            {
+                s.enabled = true;
+            }
+        }
+        self.shared.maybe_start(index)
+    }
+
+    fn set_vring_call(&self, index: u8, fd: Option<File>) -> VuResult<()> {
+        let call = self
+            .shared
+            .rings
+            .calls
+            .get(usize::from(index))
+            .ok_or(VuError::InvalidParam)?;
+        *call.lock() = fd;
+        // A completion published while no call fd was set raised no interrupt: a spurious one costs nothing.
+        self.shared.rings.notify(u16::from(index));
+        Ok(())
+    }
+
+    fn set_vring_err(&self, index: u8, _fd: Option<File>) -> VuResult<()> {
+        self.shared.setup(u32::from(index)).map(|_| ())
+    }
+
+    fn get_protocol_features(&self) -> VuResult<VhostUserProtocolFeatures> {
+        Ok(protocol_features())
+    }
+
+    fn set_protocol_features(&self, features: u64) -> VuResult<()> {
+        if features & !protocol_features().bits() != 0 {
+            return Err(VuError::InvalidParam);
+        }
+        self.shared.protocol.store(features, Ordering::Release);
+        Ok(())
+    }
+
+    fn get_queue_num(&self) -> VuResult<u64> {
+        Ok(u64::from(self.shared.spec.num_queues))
+    }
+
+    fn set_vring_enable(&self, index: u32, enable: bool) -> VuResult<()> {
+        if enable {
+            self.shared.setup(index)?.enabled = true;
+            self.shared.maybe_start(index)
+        } else {
+            let base = self.shared.stop_ring(index)?;
+            let mut s = self.shared.setup(index)?;
+            s.enabled = false;
+            s.base = base;
+            Ok(())
+        }
+    }
+
+    fn get_config(&self, offset: u32, size: u32, _flags: VhostUserConfigFlags) -> VuResult<Vec<u8>> {
+        let config = self.shared.config.lock();
+        let end = offset.checked_add(size).ok_or(VuError::InvalidParam)? as usize;
+        config
+            .get(offset as usize..end)
+            .map(<[u8]>::to_vec)
+            .ok_or(VuError::InvalidParam)
+    }
+
+    fn set_config(&self, _offset: u32, _buf: &[u8], _flags: VhostUserConfigFlags) -> VuResult<()> {
+        // As over VDUSE, the driver cannot write the config space.
+        Err(VuError::InvalidOperation("the config space is read-only"))
+    }
+
+    fn set_backend_req_fd(&self, backend: Backend) {
+        *self.shared.backend_req.lock() = Some(backend);
+    }
+
+    fn set_gpu_socket(&self, _gpu: GpuBackend) -> VuResult<()> {
+        Err(VuError::InvalidOperation("not a GPU"))
+    }
+
+    fn get_shared_object(&self, _uuid: VhostUserSharedMsg) -> VuResult<File> {
+        Err(VuError::InvalidOperation("no shared objects"))
+    }
+
+    fn get_inflight_fd(&self, _inflight: &VhostUserInflight) -> VuResult<(VhostUserInflight, File)> {
+        Err(VuError::InvalidOperation("no inflight tracking"))
+    }
+
+    fn set_inflight_fd(&self, _inflight: &VhostUserInflight, _file: File) -> VuResult<()> {
+        Err(VuError::InvalidOperation("no inflight tracking"))
+    }
+
+    fn get_max_mem_slots(&self) -> VuResult<u64> {
+        Ok(MAX_MEM_SLOTS as u64)
+    }
+
+    fn add_mem_region(
+        &self,
+        region: &VhostUserSingleMemoryRegion,
+        fd: File,
+        _postcopy: Option<bool>,
+    ) -> VuResult<Option<VhostUserMemoryRegionBase>> {
+        {
+            let mut table = self.shared.rings.table.regions.lock();
+            MemTable::admit(&table, region)?;
+            table.push(TableRegion {
+                gpa: region.guest_phys_addr,
+                size: region.memory_size,
+                user_addr: region.user_addr,
+                mmap_offset: region.mmap_offset,
+                file: fd,
+            });
+        }
+        self.shared.memory_changed()?;
+        Ok(None)
+    }
+
+    fn remove_mem_region(&self, region: &VhostUserSingleMemoryRegion) -> VuResult<()> {
+        {
+            let mut table = self.shared.rings.table.regions.lock();
+            let before = table.len();
+            table.retain(|r| !(r.gpa == region.guest_phys_addr && r.size == region.memory_size));
+            if table.len() == before {
+                return Err(VuError::InvalidParam);
+            }
+        }
+        self.shared.memory_changed()
+    }
+
+    fn set_device_state_fd(
+        &self,
+        _direction: VhostTransferStateDirection,
+        _phase: VhostTransferStatePhase,
+        _fd: File,
+    ) -> VuResult<Option<File>> {
+        Err(VuError::InvalidOperation("no migration"))
+    }
+
+    fn check_device_state(&self) -> VuResult<()> {
+        Err(VuError::InvalidOperation("no migration"))
+    }
+
+    fn get_shmem_config(&self) -> VuResult<VhostUserShMemConfig> {
+        Err(VuError::InvalidOperation("no shared memory regions"))
+    }
+
+    fn set_log_base(&self, _log: &VhostUserLog, _file: File) -> VuResult<()> {
+        Err(VuError::InvalidOperation("no dirty logging"))
+    }
+}
+
+/// A device served over a vhost-user socket. Close it to stop listening; a connected client sees its
+/// rings stop (as on a reset) and the socket close.
+pub struct VhostUserDevice {
+    shared: Arc<Shared>,
+    path: PathBuf,
+    stop: Arc<EventFd>,
+    thread: Option<JoinHandle<()>>,
+    workers: Vec<Worker>,
+    closed: bool,
+}
+
+impl VhostUserDevice {
+    /// Listens on `path` (a stale socket file there is replaced) and serves one client at a time.
+    pub fn listen(
+        path: &Path,
+        options: DeviceOptions,
+        spec: DeviceSpec,
+        serving: Serving,
+        events: Option<Arc<dyn DeviceEvents>>,
+    ) -> Result<Self> {
+        validate(&options.name, &spec)?;
+        let listener = Listener::new(path, true).map_err(|e| match e {
+            VuError::SocketError(io) | VuError::SocketConnect(io) => Error::sys("bind", io),
+            other => Error::sys("bind", std::io::Error::other(other.to_string())),
+        })?;
+        let table = Arc::new(MemTable::default());
+        let memory = Arc::new(Memory::new(table.clone()));
+        let rings = Arc::new(Rings {
+            setups: (0..spec.num_queues).map(|_| Mutex::default()).collect(),
+            calls: (0..spec.num_queues).map(|_| Mutex::default()).collect(),
+            table,
+        });
+        let inflight = Arc::new(InFlight::default());
+        let mut queues = Vec::new();
+        let mut kicks = Vec::new();
+        for i in 0..spec.num_queues {
+            let kick = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| Error::sys("eventfd", e))?);
+            let q = Virtqueue::new(
+                i,
+                spec.queue_size,
+                spec.max_segments,
+                memory.clone(),
+                rings.clone(),
+                inflight.clone(),
+                None,
+            );
+            q.set_waker(kick.clone());
+            q.set_held(i < 64 && spec.held_queues & (1 << i) != 0);
+            q.set_fail_status(spec.fail_status());
+            queues.push(q);
+            kicks.push(kick);
+        }
+        let shared = Arc::new(Shared {
+            life: Lifecycle {
+                name: options.name.clone(),
+                memory,
+                queues,
+                kicks,
+                inflight,
+                drain_timeout: options.drain_timeout.min(MAX_DRAIN).min(ANSWER_BUDGET / 2),
+                answer_budget: ANSWER_BUDGET,
+                janitor: Janitor::new(&options.name).map_err(|e| Error::sys("spawn", e))?,
+                events,
+                drains: AtomicU64::new(0),
+                max_drain_us: AtomicU64::new(0),
+            },
+            config: Mutex::new(spec.config.clone()),
+            spec,
+            rings,
+            features: AtomicU64::new(0),
+            protocol: AtomicU64::new(0),
+            status: AtomicU8::new(0),
+            model: match &serving {
+                Serving::Workers(model) => Some(model.clone()),
+                Serving::External => None,
+            },
+            backend_req: Mutex::new(None),
+            connected: AtomicBool::new(false),
+            sessions: AtomicU64::new(0),
+        });
+        let mut workers = Vec::new();
+        if let Serving::Workers(model) = serving {
+            for (q, kick) in shared.life.queues.iter().zip(&shared.life.kicks) {
+                let w = Worker::spawn(
+                    &options.name,
+                    q.clone(),
+                    model.clone(),
+                    kick.clone(),
+                    options.budget,
+                )
+                .map_err(|e| Error::sys("spawn", e))?;
+                workers.push(w);
+            }
+        }
+        let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| Error::sys("eventfd", e))?);
+        let thread = {
+            let shared = shared.clone();
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name(format!("vhost-user-{}", options.name))
+                .spawn(move || control_loop(&shared, listener, &stop))
+                .map_err(|e| Error::sys("spawn", e))?
+        };
+        Ok(Self {
+            shared,
+            path: path.to_owned(),
+            stop,
+            thread: Some(thread),
+            workers,
+            closed: false,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.shared.life.name
+    }
+
+    pub fn socket_path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn spec(&self) -> &DeviceSpec {
+        &self.shared.spec
+    }
+
+    pub fn queues(&self) -> &[Arc<Virtqueue>] {
+        &self.shared.life.queues
+    }
+
+    pub fn kick_fds(&self) -> &[Arc<EventFd>] {
+        &self.shared.life.kicks
+    }
+
+    pub fn memory(&self) -> &Arc<Memory> {
+        &self.shared.life.memory
+    }
+
+    /// DRIVER_OK while a client runs at least one ring; 0 otherwise (vhost-user has no status of its own).
+    pub fn status(&self) -> u8 {
+        self.shared.status.load(Ordering::Acquire)
+    }
+
+    pub fn negotiated_features(&self) -> u64 {
+        self.shared.features.load(Ordering::Acquire)
+    }
+
+    /// Whether a client is connected now.
+    pub fn is_connected(&self) -> bool {
+        self.shared.connected.load(Ordering::Acquire)
+    }
+
+    /// Clients served so far.
+    pub fn sessions(&self) -> u64 {
+        self.shared.sessions.load(Ordering::Relaxed)
+    }
+
+    pub fn stats(&self) -> DeviceStats {
+        self.shared.life.stats()
+    }
+
+    /// Rewrites part of the config space and tells a connected client (`CONFIG_CHANGE_MSG`, when it
+    /// opened the backend channel).
+    pub fn update_config(&self, offset: u32, data: &[u8]) -> Result<()> {
+        {
+            let mut config = self.shared.config.lock();
+            let end = (offset as usize)
+                .checked_add(data.len())
+                .filter(|&e| e <= config.len())
+                .ok_or_else(|| Error::InvalidConfig("config update past the config space".into()))?;
+            config[offset as usize..end].copy_from_slice(data);
+        }
+        if let Some(backend) = self.shared.backend_req.lock().as_ref() {
+            if let Err(e) = backend.handle_config_change() {
+                log::warn!(
+                    "device {:?}: config change not delivered: {e}",
+                    self.shared.life.name
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops listening, drops the client (its rings stop as on a reset) and removes the socket file.
+    pub fn close(&mut self) -> Result<()> {
+        if self.closed {
+            return Ok(());
+        }
+        self.closed = true;
+        for w in &mut self.workers {
+            w.stop();
+        }
+        let _ = self.stop.write(1);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+        Ok(())
+    }
+}
+
+impl Drop for VhostUserDevice {
+    fn drop(&mut self) {
+        let _ = self.close();
+    }
+}
+
+/// Polls `fds` for reading; returns which are readable. EINTR retries.
+fn poll_in(fds: &[RawFd]) -> std::io::Result<Vec<bool>> {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    loop {
+        // SAFETY: `pfds` is a valid array of `pfds.len()` pollfds for the duration of the call.
+        let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, -1) };
+        if n >= 0 {
+            return Ok(pfds.iter().map(|p| p.revents != 0).collect());
+        }
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EINTR) {
+            return Err(err);
+        }
+    }
+}
+
+fn control_loop(shared: &Arc<Shared>, listener: Listener, stop: &EventFd) {
+    let name = shared.life.name.clone();
+    loop {
+        match poll_in(&[stop.as_raw_fd(), listener.as_raw_fd()]) {
+            Ok(r) if r[0] => return,
+            Ok(_) => {}
+            Err(e) => {
+                log::error!("device {name:?}: poll: {e}");
+                return;
+            }
+        }
+        let stream = match listener.accept() {
+            Ok(Some(s)) => s,
+            Ok(None) => continue,
+            Err(e) => {
+                log::warn!("device {name:?}: accept: {e}");
+                continue;
+            }
+        };
+        // Blocking reads: a message is read whole once its first byte is there.
+        let _ = stream.set_nonblocking(false);
+        shared.sessions.fetch_add(1, Ordering::Relaxed);
+        shared.connected.store(true, Ordering::Release);
+        log::info!("device {name:?}: a vhost-user client connected");
+        let stopped = serve_client(shared, stream, stop);
+        shared.connected.store(false, Ordering::Release);
+        shared.reset();
+        log::info!("device {name:?}: the vhost-user client left");
+        if stopped {
+            return;
+        }
+    }
+}
+
+/// Serves one client until it leaves, breaks the protocol, or `stop`. True if stopped.
+fn serve_client(shared: &Arc<Shared>, stream: std::os::unix::net::UnixStream, stop: &EventFd) -> bool {
+    let name = &shared.life.name;
+    let mut handler = BackendReqHandler::from_stream(
+        stream,
+        Arc::new(Session {
+            shared: shared.clone(),
+        }),
+    );
+    loop {
+        // The stop fd, the socket, then the kick fd of every running ring.
+        let mut fds = vec![stop.as_raw_fd(), handler.as_raw_fd()];
+        let mut rings = Vec::new();
+        for (i, s) in shared.rings.setups.iter().enumerate() {
+            let s = s.lock();
+            if let (true, Some(kick)) = (s.started, s.kick.as_ref()) {
+                fds.push(kick.as_raw_fd());
+                rings.push(i);
+            }
+        }
+        let ready = match poll_in(&fds) {
+            Ok(r) => r,
+            Err(e) => {
+                log::error!("device {name:?}: poll: {e}");
+                return true;
+            }
+        };
+        if ready[0] {
+            return true;
+        }
+        for (k, &i) in rings.iter().enumerate() {
+            if ready[2 + k] {
+                relay_kick(shared, i);
+            }
+        }
+        if ready[1] {
+            match handler.handle_request() {
+                Ok(()) => {}
+                Err(VuError::Disconnected | VuError::PartialMessage) => return false,
+                Err(e) => {
+                    log::warn!("device {name:?}: vhost-user client dropped: {e}");
+                    return false;
+                }
+            }
+        }
+    }
+}
+
+/// Moves one kick of the client's ring `i` to the queue's own eventfd.
+fn relay_kick(shared: &Shared, i: usize) {
+    let s = shared.rings.setups[i].lock();
+    if let Some(kick) = s.kick.as_ref() {
+        let mut buf = [0u8; 8];
+        // SAFETY: reads at most 8 bytes into `buf`; the fd is the client's eventfd, nonblocking or readable.
+        let _ = unsafe { libc::read(kick.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+    }
+    drop(s);
+    let _ = shared.life.kicks[i].write(1);
+}
