@@ -54,6 +54,8 @@ use crate::queue::{InFlight, RingInfo, Transport, Virtqueue};
 use crate::uapi::{vduse_iotlb_entry, VDUSE_ACCESS_RW};
 use crate::worker::Worker;
 
+/// virtio-blk's device id.
+const VIRTIO_ID_BLOCK: u32 = 2;
 /// Memory regions a client may register (what `GET_MAX_MEM_SLOTS` answers; QEMU uses up to 32).
 pub const MAX_MEM_SLOTS: usize = 32;
 /// How long one message may keep the client waiting, drains and revocations included.
@@ -65,13 +67,19 @@ const TRANSPORT_FEATURES: u64 = (1 << VIRTIO_F_VERSION_1)
     | (1 << VIRTIO_RING_F_INDIRECT_DESC)
     | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
 
-fn protocol_features() -> VhostUserProtocolFeatures {
-    VhostUserProtocolFeatures::MQ
-        | VhostUserProtocolFeatures::REPLY_ACK
-        | VhostUserProtocolFeatures::CONFIG
+/// The protocol features offered for a device of `device_id`. The config space goes over the socket only
+/// where VMMs read it from the back-end (block devices): QEMU's virtio-net keeps its own, and QEMU 7.2
+/// crashes when a vhost-user NIC offers `CONFIG`.
+fn protocol_features(device_id: u32) -> VhostUserProtocolFeatures {
+    let mut f = VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-        | VhostUserProtocolFeatures::BACKEND_REQ
-        | VhostUserProtocolFeatures::RESET_DEVICE
+        | VhostUserProtocolFeatures::RESET_DEVICE;
+    if device_id == VIRTIO_ID_BLOCK {
+        f |= VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::BACKEND_REQ;
+    }
+    f
 }
 
 /// One region of the client's memory table.
@@ -150,7 +158,10 @@ struct RingSetup {
     avail: u64,
     used: u64,
     base: u16,
-    enabled: bool,
+    /// What `SET_VRING_ENABLE` last said. Unset, a ring runs once it has a kick fd: QEMU's virtio-net
+    /// enables its rings before `SET_FEATURES`, which the protocol crate drops unanswered, so "never told"
+    /// must not mean "disabled" (libvhost-user starts rings at their kick fd too).
+    enabled: Option<bool>,
     kick: Option<File>,
     /// Armed for serving (kick fd and enabled): stopping it is a drain.
     started: bool,
@@ -245,7 +256,7 @@ impl Shared {
     /// Arms ring `index` if it has everything (kick fd, enabled) and is not running yet.
     fn maybe_start(&self, index: u32) -> VuResult<()> {
         let mut s = self.setup(index)?;
-        if s.started || s.kick.is_none() || !s.enabled {
+        if s.started || s.kick.is_none() || s.enabled == Some(false) {
             return Ok(());
         }
         s.started = true;
@@ -257,6 +268,10 @@ impl Shared {
             }
             self.set_status(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
         }
+        log::debug!(
+            "device {:?}: queue {index} starts (features {features:#x})",
+            self.life.name
+        );
         let q = &self.life.queues[index as usize];
         q.set_event_idx(features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0);
         q.set_features(features);
@@ -362,6 +377,7 @@ impl VhostUserBackendReqHandler for Session {
     }
 
     fn set_features(&self, features: u64) -> VuResult<()> {
+        log::debug!("device {:?}: features {features:#x}", self.shared.life.name);
         if features & !(self.shared.spec.features | TRANSPORT_FEATURES) != 0 {
             return Err(VuError::InvalidParam);
         }
@@ -445,6 +461,11 @@ impl VhostUserBackendReqHandler for Session {
 
     fn set_vring_kick(&self, index: u8, fd: Option<File>) -> VuResult<()> {
         let index = u32::from(index);
+        log::debug!(
+            "device {:?}: queue {index}: kick fd {}",
+            self.shared.life.name,
+            fd.is_some()
+        );
         {
             let mut s = self.shared.setup(index)?;
             if s.started {
@@ -453,13 +474,6 @@ impl VhostUserBackendReqHandler for Session {
                 return Ok(());
             }
             s.kick = fd;
-            // Without protocol features a ring starts with its kick fd (vhost-user spec).
-            if self.shared.features.load(Ordering::Acquire)
-                & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
-                == 0
-            {
-                s.enabled = true;
-            }
         }
         self.shared.maybe_start(index)
     }
@@ -482,11 +496,11 @@ impl VhostUserBackendReqHandler for Session {
     }
 
     fn get_protocol_features(&self) -> VuResult<VhostUserProtocolFeatures> {
-        Ok(protocol_features())
+        Ok(protocol_features(self.shared.spec.device_id))
     }
 
     fn set_protocol_features(&self, features: u64) -> VuResult<()> {
-        if features & !protocol_features().bits() != 0 {
+        if features & !protocol_features(self.shared.spec.device_id).bits() != 0 {
             return Err(VuError::InvalidParam);
         }
         self.shared.protocol.store(features, Ordering::Release);
@@ -498,13 +512,17 @@ impl VhostUserBackendReqHandler for Session {
     }
 
     fn set_vring_enable(&self, index: u32, enable: bool) -> VuResult<()> {
+        log::debug!(
+            "device {:?}: queue {index}: enable {enable}",
+            self.shared.life.name
+        );
         if enable {
-            self.shared.setup(index)?.enabled = true;
+            self.shared.setup(index)?.enabled = Some(true);
             self.shared.maybe_start(index)
         } else {
             let base = self.shared.stop_ring(index)?;
             let mut s = self.shared.setup(index)?;
-            s.enabled = false;
+            s.enabled = Some(false);
             s.base = base;
             Ok(())
         }
@@ -905,6 +923,12 @@ fn serve_client(shared: &Arc<Shared>, stream: std::os::unix::net::UnixStream, st
             match handler.handle_request() {
                 Ok(()) => {}
                 Err(VuError::Disconnected | VuError::PartialMessage) => return false,
+                // A message sent before the feature it belongs to was negotiated (QEMU's virtio-net disables
+                // its rings before SET_FEATURES): the crate ignores it unanswered; the rest of the session
+                // is sound, and rings without PROTOCOL_FEATURES start with their kick fd.
+                Err(e @ (VuError::InactiveFeature(_) | VuError::InactiveOperation(_))) => {
+                    log::debug!("device {name:?}: vhost-user message ignored: {e}");
+                }
                 Err(e) => {
                     log::warn!("device {name:?}: vhost-user client dropped: {e}");
                     return false;

@@ -1,0 +1,70 @@
+#!/bin/sh
+# Runs inside the test guest booted with a vhost-user-blk-pci disk (/dev/vda) and a virtio-net-pci NIC on
+# -netdev vhost-user, both served by vduse on the host (see vhost-user.spec.ts). The stock guest drivers
+# (virtio_blk, virtio_net over virtio-pci) talk to our devices exactly as a VM's would.
+#   VDUSE_VU_MAC   the NIC's MAC (to find its interface)
+#   VDUSE_VU_PHASE blk | net | restart (restart: fio verify across a restart of the host's server)
+#   VDUSE_VU_SYNC  a directory shared with the host, for the restart handshake
+set -eu
+dev=/dev/vda
+
+blk() {
+  [ -b $dev ] || { echo "no $dev: the vhost-user disk did not appear" >&2; exit 1; }
+  echo "disk-bytes $(blockdev --getsize64 $dev) queues $(ls /sys/block/vda/mq | wc -l)"
+  head -c 64M /dev/urandom >/tmp/pattern
+  dd if=/tmp/pattern of=$dev bs=1M oflag=direct status=none
+  dd if=$dev of=/tmp/back bs=1M count=64 iflag=direct status=none
+  cmp /tmp/pattern /tmp/back
+  rm -f /tmp/pattern /tmp/back
+  fio --name=verify --filename=$dev --rw=randwrite --bs=4k --iodepth=16 --ioengine=libaio --direct=1 \
+    --numjobs=2 --size=32M --offset_increment=32M --verify=crc32c --verify_state_save=0 --do_verify=1 \
+    --verify_fatal=1 --group_reporting --output-format=terse >/dev/null
+  mkfs.ext4 -q -F $dev
+  mkdir -p /tmp/mnt
+  mount $dev /tmp/mnt
+  for i in 1 2 3; do head -c $((i * 700000)) /dev/urandom >/tmp/mnt/f$i; done
+  (cd /tmp/mnt && sha256sum f* >/tmp/sums)
+  umount /tmp/mnt
+  fsck.ext4 -f -n $dev >/dev/null
+  mount $dev /tmp/mnt
+  (cd /tmp/mnt && sha256sum -c --quiet /tmp/sums)
+  umount /tmp/mnt
+  echo "blk-ok"
+}
+
+net() {
+  ifc=
+  for i in /sys/class/net/*; do
+    [ "$(cat "$i/address")" = "$VDUSE_VU_MAC" ] && ifc=$(basename "$i")
+  done
+  [ -n "$ifc" ] || { echo "no interface with MAC $VDUSE_VU_MAC" >&2; exit 1; }
+  ip link set "$ifc" up
+  ip addr add 10.77.0.2/24 dev "$ifc"
+  ping -c 3 -W 5 10.77.0.1 >/dev/null
+  echo "ping-ok"
+  iperf3 -c 10.77.0.1 -t 3 -J >/tmp/iperf.json
+  echo "iperf-bps $(grep -m1 -A8 '"sum_received"' /tmp/iperf.json | grep -m1 bits_per_second | tr -dc 0-9.)"
+}
+
+# fio writes and verifies while the host kills its server and starts it again: the driver must see a pause,
+# never an error (the restarted server serves again what was in flight, from the inflight region).
+restart() {
+  fio --name=restart --filename=$dev --rw=randwrite --bs=4k --iodepth=16 --ioengine=libaio --direct=1 \
+    --size=48M --verify=crc32c --verify_state_save=0 --do_verify=1 --verify_fatal=1 --output-format=terse \
+    >/tmp/fio.out 2>&1 &
+  pid=$!
+  sleep 2
+  touch "$VDUSE_VU_SYNC/fio-running"
+  i=0
+  while [ ! -e "$VDUSE_VU_SYNC/restarted" ]; do
+    i=$((i + 1))
+    [ $i -lt 600 ] || { echo "the host never restarted its server" >&2; exit 1; }
+    sleep 0.1
+  done
+  wait $pid || { cat /tmp/fio.out >&2; exit 1; }
+  echo "restart-ok"
+}
+
+for phase in ${VDUSE_VU_PHASE:-blk net}; do
+  $phase
+done
