@@ -49,9 +49,10 @@ net() {
 # fio writes and verifies while the host kills its server and starts it again: the driver must see a pause,
 # never an error (the restarted server serves again what was in flight, from the inflight region).
 restart() {
+  # Time-based, verifying as it goes (verify_backlog): it is surely writing when the server dies.
   fio --name=restart --filename=$dev --rw=randwrite --bs=4k --iodepth=16 --ioengine=libaio --direct=1 \
-    --size=48M --verify=crc32c --verify_state_save=0 --do_verify=1 --verify_fatal=1 --output-format=terse \
-    >/tmp/fio.out 2>&1 &
+    --size=96M --time_based --runtime=12 --verify=crc32c --verify_backlog=256 --verify_state_save=0 \
+    --verify_fatal=1 --output-format=terse >/tmp/fio.out 2>&1 &
   pid=$!
   sleep 2
   touch "$VDUSE_VU_SYNC/fio-running"

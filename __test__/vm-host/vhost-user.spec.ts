@@ -3,7 +3,7 @@
 // anywhere). Inside, the stock virtio-pci drivers: dd/cmp, fio verify, ext4 + fsck on /dev/vda; ping and
 // iperf3 to a tap on the host inside a network namespace this test creates.
 import { execFile, spawn, type ChildProcess } from 'node:child_process'
-import { existsSync, mkdtempSync, rmSync } from 'node:fs'
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { createInterface } from 'node:readline'
@@ -19,7 +19,10 @@ interface Server {
 }
 
 function serve(args: string[]): Server {
-  const proc = spawn(process.execPath, ['dist/cli/main.js', ...args, '--json'], {
+  // --json before a plugin's `--`, whose arguments are the plugin's.
+  const split = args.indexOf('--')
+  const own = split < 0 ? [...args, '--json'] : [...args.slice(0, split), '--json', ...args.slice(split)]
+  const proc = spawn(process.execPath, ['dist/cli/main.js', ...own], {
     stdio: ['ignore', 'pipe', 'inherit'],
   })
   const events: Array<Record<string, unknown>> = []
@@ -127,4 +130,68 @@ test('a VM boots with a vhost-user-blk-pci disk and a vhost-user NIC served by v
   const stopped = blk.events.find((e) => e.event === 'stopped') as { stats: { ioErrors: number } }
   t.is(stopped.stats.ioErrors, 0)
   t.false(existsSync(join(dir, 'blk.sock')))
+})
+
+test('the server killed and restarted under fio --verify in the VM: QEMU reconnects, the inflight region resumes what was in flight, no error', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'vduse-vuvm-'))
+  // The guest writes its handshake here: the working directory is its one writable share of the host.
+  const sync = mkdtempSync(join(process.cwd(), '.vduse-vu-'))
+  t.teardown(() => {
+    rmSync(dir, { recursive: true, force: true })
+    rmSync(sync, { recursive: true, force: true })
+  })
+  const sock = join(dir, 'blk.sock')
+  // A slow backend (20 ms a request): the killed server surely has requests in flight.
+  const args = [
+    'blk',
+    '--name',
+    'vuvm-rs',
+    '--backend',
+    join(process.cwd(), '__test__/vm-host/slow-file.cjs'),
+    '--queues',
+    '2',
+    '--vhost-user',
+    sock,
+    '--log-level',
+    'info',
+    '--',
+    join(dir, 'disk.img'),
+    String(128 << 20),
+  ]
+  const first = serve(args)
+  t.teardown(() => first.proc.kill('SIGKILL'))
+  await ready(first, 'blk')
+  let second: Server | undefined
+  t.teardown(() => second?.proc.kill('SIGKILL'))
+
+  const host = (async () => {
+    await until('fio running in the guest', () => existsSync(join(sync, 'fio-running')), 240_000)
+    first.proc.kill('SIGKILL')
+    await first.exited
+    await new Promise((r) => setTimeout(r, 500))
+    second = serve(args)
+    await ready(second, 'restarted blk')
+    writeFileSync(join(sync, 'restarted'), '')
+  })()
+  const out = await guest(
+    [
+      `-chardev socket,id=vub,path=${sock},reconnect=1`,
+      '-device vhost-user-blk-pci,chardev=vub,num-queues=2',
+    ],
+    { VDUSE_VU_PHASE: 'restart', VDUSE_VU_SYNC: sync },
+  )
+  await host
+  t.log(out.trim())
+  t.regex(out, /restart-ok/)
+  const s = second!
+  s.proc.kill('SIGTERM')
+  t.is(await s.exited, 0)
+  const stopped = s.events.find((e) => e.event === 'stopped') as {
+    stats: { ioErrors: number }
+    counters: { resubmitted: number }
+  }
+  t.is(stopped.stats.ioErrors, 0)
+  for (const e of [...first.events, ...s.events]) if (e.event === 'log') t.log(String(e.message))
+  t.log(`resubmitted by the restarted server: ${stopped.counters.resubmitted}`)
+  t.true(stopped.counters.resubmitted > 0, 'the restarted server served what the killed one left in flight')
 })

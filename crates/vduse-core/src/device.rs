@@ -35,14 +35,13 @@ use std::time::{Duration, Instant};
 
 use virtio_bindings::virtio_config::{VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1};
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::ioctl::{ioctl, ioctl_with_mut_ref, ioctl_with_ptr, ioctl_with_ref};
 
 use crate::control::Control;
 use crate::error::{last_os, Error, Result};
-use crate::inflight::{QueueLog, StateFile, StateInfo};
-use crate::lifecycle::{Lifecycle, Settled};
+use crate::inflight::{StateFile, StateInfo};
+use crate::lifecycle::{Lifecycle, ResumePlan, Settled};
 use crate::memory::{mappings_of, IotlbMap, Janitor, Memory};
 use crate::model::{DeviceModel, DeviceSpec};
 use crate::queue::{Budget, InFlight, RingInfo, Ticket, Transport, Virtqueue};
@@ -1036,16 +1035,7 @@ impl Shared {
         let kernel = Kernel {
             dev: self.dev.clone(),
         };
-        let read_u16 = |addr: u64| map.read_obj::<u16>(GuestAddress(addr)).ok().map(u16::from_le);
 
-        /// What one queue resumes from.
-        struct Plan {
-            log: QueueLog,
-            info: RingInfo,
-            used: u16,
-            next_avail: u16,
-            published: Vec<u16>,
-        }
         let mut plans = Vec::new();
         for q in &self.life.queues {
             let Some(log) = state.queue(q.index) else { continue };
@@ -1056,59 +1046,9 @@ impl Shared {
                 // Never enabled: it starts fresh when it is (activation clears its log).
                 continue;
             }
-            let size = info.size;
-            if size > self.spec.queue_size || !size.is_power_of_two() {
-                return Err(refuse(format!("queue {} has {size} entries", q.index)));
-            }
-            let (Some(used), Some(avail)) = (read_u16(info.used + 2), read_u16(info.avail + 2)) else {
-                return Err(refuse(format!("queue {}'s rings are out of reach", q.index)));
-            };
-            // Heads published after the log's used index: the dead server died between the two.
-            let since = used.wrapping_sub(log.used_idx());
-            if since > size {
-                return Err(refuse(format!(
-                    "queue {}: the used ring is {since} ahead of the log",
-                    q.index
-                )));
-            }
-            let mut published = Vec::with_capacity(usize::from(since));
-            for k in 0..since {
-                let at = info.used + 4 + 8 * u64::from(log.used_idx().wrapping_add(k) % size);
-                match map.read_obj::<u32>(GuestAddress(at)) {
-                    Ok(id) => published.push(u32::from_le(id) as u16),
-                    Err(_) => return Err(refuse(format!("queue {}'s used ring is out of reach", q.index))),
-                }
-            }
-            let mut in_flight = log.in_flight();
-            in_flight.retain(|h| !published.contains(h));
-            let mut next_avail = log.next_avail();
-            // A crash between logging a pop and advancing the log's avail index leaves the newest request
-            // both in flight and next in the avail ring: take it once.
-            if avail != next_avail {
-                let at = info.avail + 4 + 2 * u64::from(next_avail % size);
-                if read_u16(at).is_some_and(|h| in_flight.last() == Some(&h)) {
-                    next_avail = next_avail.wrapping_add(1);
-                }
-            }
-            let taken = next_avail.wrapping_sub(used);
-            if avail.wrapping_sub(next_avail) > size || taken > size || in_flight.len() > usize::from(taken) {
-                return Err(refuse(format!(
-                    "queue {}: the log (next avail {next_avail}, {} in flight) does not fit the rings \
-                     (avail {avail}, used {used})",
-                    q.index,
-                    in_flight.len()
-                )));
-            }
-            plans.push((
-                q,
-                Plan {
-                    log,
-                    info,
-                    used,
-                    next_avail,
-                    published,
-                },
-            ));
+            let plan = ResumePlan::check(&log, &info, &map, self.spec.queue_size)
+                .map_err(|reason| refuse(format!("queue {}: {reason}", q.index)))?;
+            plans.push((q, log, plan));
         }
         drop(map);
         if let Some(model) = &self.model {
@@ -1118,27 +1058,12 @@ impl Shared {
             q.set_event_idx(event_idx);
             q.set_features(features);
         }
-        for (q, plan) in plans {
-            let Plan {
-                log,
-                info,
-                used,
-                next_avail,
-                published,
-            } = plan;
-            let published_at = |k: u16| {
-                let i = usize::from(k.wrapping_sub(log.used_idx()));
-                published.get(i).copied()
-            };
-            log.repair(used, published_at);
-            log.set_next_avail(next_avail);
-            let in_flight = log.in_flight();
+        for (q, log, plan) in plans {
+            let (next_avail, in_flight) = plan.apply(&log);
             log::info!(
-                "queue {}: taking over with {} request(s) in flight (ring of {}, used index {used}, next avail \
-                 {next_avail})",
+                "queue {}: taking over with {} request(s) in flight (next avail {next_avail})",
                 q.index,
                 in_flight.len(),
-                info.size
             );
             self.resubmitted
                 .fetch_add(in_flight.len() as u64, Ordering::Relaxed);

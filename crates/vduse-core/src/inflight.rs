@@ -82,7 +82,7 @@ pub struct StateFile {
     path: PathBuf,
     num_queues: u16,
     queue_size: u16,
-    _file: File,
+    file: File,
 }
 
 // SAFETY: the mapping is shared memory accessed only through atomics and byte copies at fixed offsets.
@@ -94,7 +94,8 @@ fn queue_stride(queue_size: u16) -> usize {
     (QUEUE_HEADER + 8 * usize::from(queue_size)).div_ceil(64) * 64
 }
 
-fn file_len(num_queues: u16, queue_size: u16) -> usize {
+/// The size of a state file for this queue layout.
+pub fn file_len(num_queues: u16, queue_size: u16) -> usize {
     HEADER + CONFIG_AREA + usize::from(num_queues) * queue_stride(queue_size)
 }
 
@@ -119,6 +120,17 @@ impl StateFile {
             .mode(0o600)
             .custom_flags(libc::O_CLOEXEC)
             .open(path)?;
+        Self::create_in(file, path, info)
+    }
+
+    /// Like [`create`](Self::create), in a file the caller opened (a memfd: a vhost-user inflight region);
+    /// `label` names it in messages.
+    pub fn create_in(file: File, label: &Path, info: &StateInfo) -> std::io::Result<Arc<Self>> {
+        if info.config.len() > CONFIG_AREA {
+            return Err(invalid("config space too large for the state file"));
+        }
+        let path = label;
+        file.set_len(0)?;
         let len = file_len(info.num_queues, info.queue_size);
         // Allocated, not sparse: a store into a hole of a full tmpfs would be a SIGBUS on the data path.
         // SAFETY: posix_fallocate on a file we own; it only fails.
@@ -152,6 +164,13 @@ impl StateFile {
             .write(true)
             .custom_flags(libc::O_CLOEXEC)
             .open(path)?;
+        Self::open_in(file, path)
+    }
+
+    /// Like [`open`](Self::open), for a file the caller opened (a vhost-user inflight region handed back
+    /// by the client); `label` names it in messages.
+    pub fn open_in(file: File, label: &Path) -> std::io::Result<Arc<Self>> {
+        let path = label;
         let actual = file.metadata()?.len() as usize;
         if actual < HEADER + CONFIG_AREA {
             return Err(invalid(format!(
@@ -241,7 +260,7 @@ impl StateFile {
             path: path.to_owned(),
             num_queues,
             queue_size,
-            _file: file,
+            file,
         })
     }
 
@@ -276,6 +295,11 @@ impl StateFile {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The file the state lives in.
+    pub fn file(&self) -> &File {
+        &self.file
     }
 
     pub fn info(&self) -> StateInfo {
@@ -402,6 +426,7 @@ impl Drop for StateFile {
 }
 
 /// The in-flight log of one queue.
+#[derive(Clone)]
 pub struct QueueLog {
     file: Arc<StateFile>,
     base: usize,

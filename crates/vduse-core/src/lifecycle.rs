@@ -10,10 +10,12 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::device::{DeviceEvent, DeviceEvents, DeviceStats, DrainReason};
+use crate::inflight::QueueLog;
 use crate::memory::{
     entry_keys, mappings_of, push_unique, wait_unpinned, EntryKey, IotlbMap, Janitor, Mapping, Memory,
 };
-use crate::queue::{InFlight, Virtqueue};
+use crate::queue::{InFlight, RingInfo, Virtqueue};
+use vm_memory::{Bytes, GuestAddress};
 
 /// A device's queues and memory, and how long its control side may wait for them.
 pub struct Lifecycle {
@@ -297,4 +299,75 @@ pub enum Settled {
     Revoked,
     /// It could not be made safe in time: fail closed.
     Unsafe,
+}
+
+/// Where a queue resumes when a new server takes over from one that died (a VDUSE takeover, a vhost-user
+/// client reconnecting to a restarted server): its in-flight log, checked against the driver's rings.
+#[derive(Debug)]
+pub struct ResumePlan {
+    used: u16,
+    next_avail: u16,
+    /// Heads the dead server published after its log's used index (it died between the two).
+    published: Vec<u16>,
+}
+
+impl ResumePlan {
+    /// Checks `log` against the rings at `info` (read through `map`). The reason when they do not fit: a
+    /// log that does not describe these rings would replay requests the driver finished long ago.
+    pub fn check(log: &QueueLog, info: &RingInfo, map: &IotlbMap, max_size: u16) -> Result<Self, String> {
+        let size = info.size;
+        if size == 0 || size > max_size || !size.is_power_of_two() {
+            return Err(format!("the ring has {size} entries"));
+        }
+        let read_u16 = |addr: u64| map.read_obj::<u16>(GuestAddress(addr)).ok().map(u16::from_le);
+        let (Some(used), Some(avail)) = (read_u16(info.used + 2), read_u16(info.avail + 2)) else {
+            return Err("the rings are out of reach".into());
+        };
+        let since = used.wrapping_sub(log.used_idx());
+        if since > size {
+            return Err(format!("the used ring is {since} ahead of the log"));
+        }
+        let mut published = Vec::with_capacity(usize::from(since));
+        for k in 0..since {
+            let at = info.used + 4 + 8 * u64::from(log.used_idx().wrapping_add(k) % size);
+            match map.read_obj::<u32>(GuestAddress(at)) {
+                Ok(id) => published.push(u32::from_le(id) as u16),
+                Err(_) => return Err("the used ring is out of reach".into()),
+            }
+        }
+        let mut in_flight = log.in_flight();
+        in_flight.retain(|h| !published.contains(h));
+        let mut next_avail = log.next_avail();
+        // A crash between logging a pop and advancing the log's avail index leaves the newest request
+        // both in flight and next in the avail ring: take it once.
+        if avail != next_avail {
+            let at = info.avail + 4 + 2 * u64::from(next_avail % size);
+            if read_u16(at).is_some_and(|h| in_flight.last() == Some(&h)) {
+                next_avail = next_avail.wrapping_add(1);
+            }
+        }
+        let taken = next_avail.wrapping_sub(used);
+        if avail.wrapping_sub(next_avail) > size || taken > size || in_flight.len() > usize::from(taken) {
+            return Err(format!(
+                "the log (next avail {next_avail}, {} in flight) does not fit the rings (avail {avail}, used {used})",
+                in_flight.len()
+            ));
+        }
+        Ok(Self {
+            used,
+            next_avail,
+            published,
+        })
+    }
+
+    /// Repairs the log to match the rings; returns where the queue resumes and the heads to serve again
+    /// first, in their original order (for [`Virtqueue::arm_resumed`]).
+    pub fn apply(self, log: &QueueLog) -> (u16, Vec<u16>) {
+        let base = log.used_idx();
+        log.repair(self.used, |k| {
+            self.published.get(usize::from(k.wrapping_sub(base))).copied()
+        });
+        log.set_next_avail(self.next_avail);
+        (self.next_avail, log.in_flight())
+    }
 }

@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering}
 use std::sync::Arc;
 use std::time::Instant;
 
-use parking_lot::{Condvar, Mutex};
+use parking_lot::{Condvar, Mutex, RwLock};
 use virtio_queue::{Error as QueueError, Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 
@@ -482,7 +482,8 @@ pub struct Virtqueue {
     memory: Arc<Memory>,
     transport: Arc<dyn Transport>,
     inflight: Arc<InFlight>,
-    log: Option<QueueLog>,
+    /// The in-flight log (a state file's, or a vhost-user inflight region's); set while the queue is off.
+    log: RwLock<Option<QueueLog>>,
     pub stats: QueueStats,
     logged: [AtomicBool; ChainError::KINDS],
     event_idx: AtomicBool,
@@ -558,7 +559,7 @@ impl Virtqueue {
             memory,
             transport,
             inflight,
-            log,
+            log: RwLock::new(log),
             stats: QueueStats::default(),
             logged: Default::default(),
             event_idx: AtomicBool::new(false),
@@ -578,6 +579,22 @@ impl Virtqueue {
         if let Some(w) = self.waker.lock().as_ref() {
             let _ = w.write(1);
         }
+    }
+
+    /// Gives the queue an in-flight log (a vhost-user client's inflight region), or takes it away. Only
+    /// while the queue is off: a running queue's requests belong to the log they were popped under.
+    pub fn set_log(&self, log: Option<QueueLog>) -> bool {
+        let r = self.ring.lock();
+        if r.state != State::Off {
+            return false;
+        }
+        *self.log.write() = log;
+        true
+    }
+
+    /// The queue's in-flight log, if it has one.
+    pub fn log(&self) -> Option<QueueLog> {
+        self.log.read().clone()
     }
 
     /// The status byte a request failed by the transport gets (see [`failure`](Self::failure)).
@@ -715,7 +732,7 @@ impl Virtqueue {
         r.full = false;
         r.refused_streak = 0;
         drop(r);
-        if let (true, Some(log)) = (forget, &self.log) {
+        if let (true, Some(log)) = (forget, self.log.read().as_ref()) {
             log.clear();
         }
         (n, maps)
@@ -826,7 +843,7 @@ impl Virtqueue {
             if let Some(hs) = head_slot.get_mut(usize::from(s.head)) {
                 *hs = 0;
             }
-            if let (true, Some(log)) = (end, &self.log) {
+            if let (true, Some(log)) = (end, self.log.read().as_ref()) {
                 log.end(s.head);
             }
             if let Some(m) = s.map.take() {
@@ -851,7 +868,7 @@ impl Virtqueue {
             );
         }
         // The log counts the chain as taken before it is answered: a crash in between loses only it.
-        if let Some(log) = &self.log {
+        if let Some(log) = self.log.read().as_ref() {
             log.set_next_avail(next_avail);
         }
         if self.push_used(r, map, head, 0) {
@@ -909,7 +926,7 @@ impl Virtqueue {
         let resumed = r.resume_avail.take();
         let next_avail = resumed.unwrap_or(info.avail_idx);
         queue.set_next_avail(next_avail);
-        if let Some(log) = &self.log {
+        if let Some(log) = self.log.read().as_ref() {
             if resumed.is_none() {
                 // A fresh start: whatever the log held belongs to rings that are gone.
                 log.clear();
@@ -1158,7 +1175,7 @@ impl Virtqueue {
                 );
             }
             // Not published: the head's first request still owns its used entry.
-            if let Some(log) = &self.log {
+            if let Some(log) = self.log.read().as_ref() {
                 log.set_next_avail(next_avail);
             }
             self.count_refusal(r);
@@ -1199,7 +1216,7 @@ impl Virtqueue {
                 }
                 r.live += 1;
                 self.inflight.add(1);
-                if let Some(log) = &self.log {
+                if let Some(log) = self.log.read().as_ref() {
                     log.begin(head);
                     log.set_next_avail(next_avail);
                 }
@@ -1305,7 +1322,7 @@ impl Virtqueue {
             return;
         }
         r.need_notify = true;
-        if let Some(log) = &self.log {
+        if let Some(log) = self.log.read().as_ref() {
             for &head in &r.unpublished {
                 log.end(head);
             }

@@ -21,6 +21,7 @@
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
@@ -47,7 +48,8 @@ use crate::device::{
     STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
 };
 use crate::error::{Error, Result};
-use crate::lifecycle::Lifecycle;
+use crate::inflight::{StateFile, StateInfo};
+use crate::lifecycle::{Lifecycle, ResumePlan};
 use crate::memory::{IotlbSource, Janitor, Memory};
 use crate::model::{DeviceModel, DeviceSpec};
 use crate::queue::{InFlight, RingInfo, Transport, Virtqueue};
@@ -75,9 +77,11 @@ fn protocol_features(device_id: u32) -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
         | VhostUserProtocolFeatures::RESET_DEVICE;
     if device_id == VIRTIO_ID_BLOCK {
+        // INFLIGHT_SHMFD: QEMU's vhost-user-blk keeps our in-flight log across a restart of this server.
         f |= VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::BACKEND_REQ;
+            | VhostUserProtocolFeatures::BACKEND_REQ
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD;
     }
     f
 }
@@ -231,6 +235,9 @@ struct Shared {
     status: AtomicU8,
     model: Option<Arc<dyn DeviceModel>>,
     backend_req: Mutex<Option<Backend>>,
+    /// The client's inflight region: our in-flight log, which the client keeps for a restarted server.
+    inflight_region: Mutex<Option<Arc<StateFile>>>,
+    resubmitted: AtomicU64,
     connected: AtomicBool,
     sessions: AtomicU64,
 }
@@ -275,9 +282,73 @@ impl Shared {
         let q = &self.life.queues[index as usize];
         q.set_event_idx(features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0);
         q.set_features(features);
+        if let Err(e) = self.resume(q) {
+            self.setup(index)?.started = false;
+            return Err(e);
+        }
         q.arm();
         // Serve now: the ring may hold requests already.
         let _ = self.life.kicks[index as usize].write(1);
+        Ok(())
+    }
+
+    /// A ring whose in-flight log (the client's inflight region) holds requests a previous server took and
+    /// never completed: they are served again first, in their original order, once the log checks out
+    /// against the rings. A log that does not fit refuses the start (replaying requests the driver already
+    /// has back would corrupt its data).
+    fn resume(&self, q: &Virtqueue) -> VuResult<()> {
+        let Some(log) = q.log() else { return Ok(()) };
+        log::debug!(
+            "device {:?}: queue {}: inflight log: {} in flight, next avail {}, used {}",
+            self.life.name,
+            q.index,
+            log.in_flight().len(),
+            log.next_avail(),
+            log.used_idx()
+        );
+        if log.in_flight().is_empty() {
+            return Ok(()); // a fresh start: activation resets the log
+        }
+        let info = self.rings.ring_info(q.index).map_err(|_| VuError::InvalidParam)?;
+        let map = self.life.memory.snapshot();
+        match ResumePlan::check(&log, &info, &map, self.spec.queue_size) {
+            Ok(plan) => {
+                let (next_avail, in_flight) = plan.apply(&log);
+                log::info!(
+                    "device {:?}: queue {}: resuming {} request(s) a previous server left in flight",
+                    self.life.name,
+                    q.index,
+                    in_flight.len()
+                );
+                self.resubmitted
+                    .fetch_add(in_flight.len() as u64, Ordering::Relaxed);
+                q.arm_resumed(next_avail, in_flight);
+                // The dead server may have published completions without their interrupt.
+                self.rings.notify(q.index);
+                Ok(())
+            }
+            Err(reason) => {
+                log::error!(
+                    "device {:?}: queue {}: the inflight region does not fit the rings ({reason}); not starting it",
+                    self.life.name,
+                    q.index
+                );
+                Err(VuError::InvalidParam)
+            }
+        }
+    }
+
+    /// Attaches the client's inflight region to the queues (all stopped).
+    fn install_inflight(&self, region: Arc<StateFile>) -> VuResult<()> {
+        if self.rings.setups.iter().any(|s| s.lock().started) {
+            return Err(VuError::InvalidOperation("rings are running"));
+        }
+        for q in &self.life.queues {
+            if !q.set_log(region.queue(q.index)) {
+                return Err(VuError::InvalidOperation("rings are running"));
+            }
+        }
+        *self.inflight_region.lock() = Some(region);
         Ok(())
     }
 
@@ -327,6 +398,10 @@ impl Shared {
         }
         self.rings.table.regions.lock().clear();
         self.life.memory.invalidate();
+        for q in &self.life.queues {
+            q.set_log(None);
+        }
+        *self.inflight_region.lock() = None;
         *self.backend_req.lock() = None;
         self.features.store(0, Ordering::Release);
         self.protocol.store(0, Ordering::Release);
@@ -554,12 +629,76 @@ impl VhostUserBackendReqHandler for Session {
         Err(VuError::InvalidOperation("no shared objects"))
     }
 
-    fn get_inflight_fd(&self, _inflight: &VhostUserInflight) -> VuResult<(VhostUserInflight, File)> {
-        Err(VuError::InvalidOperation("no inflight tracking"))
+    fn get_inflight_fd(&self, inflight: &VhostUserInflight) -> VuResult<(VhostUserInflight, File)> {
+        let spec = &self.shared.spec;
+        if inflight.num_queues > spec.num_queues || inflight.queue_size > spec.queue_size {
+            return Err(VuError::InvalidParam);
+        }
+        let (region, file) = new_inflight_region(spec).map_err(|e| {
+            log::error!(
+                "device {:?}: cannot create the inflight region: {e}",
+                self.shared.life.name
+            );
+            VuError::BackendInternalError
+        })?;
+        self.shared.install_inflight(region)?;
+        log::debug!("device {:?}: inflight region created", self.shared.life.name);
+        let reply = VhostUserInflight {
+            mmap_size: file.metadata().map(|m| m.len()).unwrap_or(0),
+            mmap_offset: 0,
+            num_queues: inflight.num_queues,
+            queue_size: inflight.queue_size,
+        };
+        Ok((reply, file))
     }
 
-    fn set_inflight_fd(&self, _inflight: &VhostUserInflight, _file: File) -> VuResult<()> {
-        Err(VuError::InvalidOperation("no inflight tracking"))
+    fn set_inflight_fd(&self, inflight: &VhostUserInflight, file: File) -> VuResult<()> {
+        log::debug!(
+            "device {:?}: inflight region from the client",
+            self.shared.life.name
+        );
+        if inflight.mmap_offset != 0 {
+            return Err(VuError::InvalidParam);
+        }
+        let identity = |f: &File| f.metadata().ok().map(|m| (m.dev(), m.ino()));
+        // Ours already (the client hands back what GET_INFLIGHT_FD gave it): nothing to do.
+        if let Some(current) = self.shared.inflight_region.lock().as_ref() {
+            if identity(current.file()).is_some() && identity(current.file()) == identity(&file) {
+                return Ok(());
+            }
+        }
+        // A region we map must not shrink under us (a store past its end would be a SIGBUS).
+        // SAFETY: F_GET_SEALS only reads the seals of an fd we own.
+        let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+        if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
+            log::error!(
+                "device {:?}: refusing an inflight region that is not sealed against shrinking",
+                self.shared.life.name
+            );
+            return Err(VuError::InvalidParam);
+        }
+        let region = StateFile::open_in(file, Path::new("inflight region")).map_err(|e| {
+            log::error!(
+                "device {:?}: the client's inflight region is unusable: {e}",
+                self.shared.life.name
+            );
+            VuError::InvalidParam
+        })?;
+        let info = region.info();
+        let spec = &self.shared.spec;
+        if info.device_id != spec.device_id
+            || info.num_queues != spec.num_queues
+            || info.queue_size != spec.queue_size
+        {
+            log::error!(
+                "device {:?}: the client's inflight region describes another device ({} queues of {}); refused",
+                self.shared.life.name,
+                info.num_queues,
+                info.queue_size
+            );
+            return Err(VuError::InvalidParam);
+        }
+        self.shared.install_inflight(region)
     }
 
     fn get_max_mem_slots(&self) -> VuResult<u64> {
@@ -698,6 +837,8 @@ impl VhostUserDevice {
                 Serving::External => None,
             },
             backend_req: Mutex::new(None),
+            inflight_region: Mutex::new(None),
+            resubmitted: AtomicU64::new(0),
             connected: AtomicBool::new(false),
             sessions: AtomicU64::new(0),
         });
@@ -778,7 +919,10 @@ impl VhostUserDevice {
     }
 
     pub fn stats(&self) -> DeviceStats {
-        self.shared.life.stats()
+        DeviceStats {
+            resubmitted: self.shared.resubmitted.load(Ordering::Relaxed),
+            ..self.shared.life.stats()
+        }
     }
 
     /// Rewrites part of the config space and tells a connected client (`CONFIG_CHANGE_MSG`, when it
@@ -825,6 +969,44 @@ impl Drop for VhostUserDevice {
     fn drop(&mut self) {
         let _ = self.close();
     }
+}
+
+/// A new inflight region: a sealed memfd holding an empty in-flight log for every queue of `spec`.
+fn new_inflight_region(spec: &DeviceSpec) -> std::io::Result<(Arc<StateFile>, File)> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: memfd_create with a valid C string; the fd it returns is ours.
+    let fd = unsafe {
+        libc::memfd_create(
+            c"vduse-inflight".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a new fd that nothing else owns.
+    let file = unsafe { File::from_raw_fd(fd) };
+    let info = StateInfo {
+        device_id: spec.device_id,
+        num_queues: spec.num_queues,
+        queue_size: spec.queue_size,
+        features: spec.features | TRANSPORT_FEATURES,
+        config: spec.config.clone(),
+    };
+    let region = StateFile::create_in(file.try_clone()?, Path::new("inflight region"), &info)?;
+    // Neither we nor the client may resize it from now on: both map it whole.
+    // SAFETY: F_ADD_SEALS on a memfd we own, created with MFD_ALLOW_SEALING.
+    let sealed = unsafe {
+        libc::fcntl(
+            fd,
+            libc::F_ADD_SEALS,
+            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL,
+        )
+    };
+    if sealed < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((region, file))
 }
 
 /// Polls `fds` for reading; returns which are readable. EINTR retries.
