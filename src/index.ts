@@ -61,7 +61,7 @@ export { defineBackend, loadBackendPlugin, defineFileSystem, loadFsPlugin } from
 export type { BackendFactory, BackendPluginOptions, FsFactory, FsPluginOptions } from './plugin'
 
 export { InProcessTransport } from './transport/in-process'
-export { vduseTransport, vhostUser } from './transport/native'
+export { vhostUser } from './transport/native'
 export type { InProcessResult } from './transport/in-process'
 export type { Transport, RequestSource, DeviceCounters, DeviceEvent, DeviceInit } from './transport/source'
 export { RequestBatch, BatchArrays, Completions, HEAD_BYTES } from './transport/batch'

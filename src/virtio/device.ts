@@ -149,6 +149,15 @@ export abstract class VirtioDevice<
         hint: "recover takes a dead server's device over; replaceStale destroys it",
       })
     }
+    if (
+      this.#options.transport?.socketPath !== undefined &&
+      (this.#options.recover || this.#options.replaceStale || this.#options.stateDir !== undefined)
+    ) {
+      throw new VduseError('recover, replaceStale and stateDir are for VDUSE devices, not vhostUser()', {
+        code: 'ERR_VDUSE_INVALID_CONFIG',
+        hint: 'a vhost-user client keeps the in-flight log itself (INFLIGHT_SHMFD); a restarted server resumes it',
+      })
+    }
     if (this.#options.replaceStale && this.#options.transport === undefined) {
       try {
         await removeStaleDevice(this.name, { stateDir: this.#options.stateDir })
@@ -449,6 +458,8 @@ export abstract class VirtioDevice<
   /** Removes the device from the vDPA bus. */
   async detach(options: { signal?: AbortSignal } = {}): Promise<void> {
     throwIfAborted(options.signal, 'Detaching')
+    // A vhost-user device is on no bus (a VDUSE device of the same name is someone else's).
+    if (this.#options.transport?.socketPath !== undefined) return
     if (this.#attachedAs === undefined && !(await isAttached(this.name))) return
     await detach(this.name, options)
     this.#attachedAs = undefined
@@ -517,6 +528,14 @@ export abstract class VirtioDevice<
 
   async #doRelease(): Promise<void> {
     // What makes a handover impossible is found out before anything is paused or stopped.
+    if (this.#options.transport?.socketPath !== undefined) {
+      throw retryable(
+        new VduseError(`device ${this.name} is served over vhost-user: there is no device to hand over`, {
+          code: 'ERR_VDUSE_NOT_RECOVERABLE',
+          hint: 'stop it and start the new server on the same socket: the VMM reconnects (QEMU: reconnect=N) and block devices resume their in-flight requests',
+        }),
+      )
+    }
     if (!this.source.release || this.source.releasable?.() === false) {
       throw retryable(
         new VduseError(`device ${this.name} cannot be handed over: it keeps no state file`, {

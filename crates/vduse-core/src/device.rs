@@ -41,7 +41,7 @@ use vmm_sys_util::ioctl::{ioctl, ioctl_with_mut_ref, ioctl_with_ptr, ioctl_with_
 use crate::control::Control;
 use crate::error::{last_os, Error, Result};
 use crate::inflight::{StateFile, StateInfo};
-use crate::lifecycle::{Lifecycle, ResumePlan, Settled};
+use crate::lifecycle::{Lifecycle, ResumePlan, Settled, Stop};
 use crate::memory::{mappings_of, IotlbMap, Janitor, Memory};
 use crate::model::{DeviceModel, DeviceSpec};
 use crate::queue::{Budget, InFlight, RingInfo, Ticket, Transport, Virtqueue};
@@ -1094,7 +1094,7 @@ impl Shared {
                 let mut ok = true;
                 let resets =
                     status == 0 || (before & STATUS_DRIVER_OK != 0 && status & STATUS_DRIVER_OK == 0);
-                if resets && !self.life.stop_queues(started, |_| true, true) {
+                if resets && !self.life.stop_queues(started, |_| true, Stop::Reset) {
                     log::error!(
                         "device {:?}: the reset is not answered: fenced memory may still be touched",
                         self.life.name
@@ -1104,7 +1104,7 @@ impl Shared {
                 if status & STATUS_DRIVER_OK != 0 && before & STATUS_DRIVER_OK == 0 {
                     if let Err(e) = self.start() {
                         log::error!("device {:?}: cannot start serving: {e}", self.life.name);
-                        if !self.life.stop_queues(started, |_| true, true) {
+                        if !self.life.stop_queues(started, |_| true, Stop::Reset) {
                             return None;
                         }
                         ok = false;

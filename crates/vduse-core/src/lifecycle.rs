@@ -64,16 +64,11 @@ impl Lifecycle {
         s
     }
 
-    /// Stops the queues `which` selects (a reset, or a vhost-user `GET_VRING_BASE`): requests in flight
-    /// get until the drain deadline to finish, the rest are fenced. With `forget_memory` (a reset, a
-    /// disconnect) the map goes too. True when nothing of ours can touch the memory those requests used
-    /// (the driver reuses it once answered); false when that could not be made sure within the budget.
-    pub fn stop_queues(
-        &self,
-        started: Instant,
-        which: impl Fn(&Virtqueue) -> bool,
-        forget_memory: bool,
-    ) -> bool {
+    /// Stops the queues `which` selects: requests in flight get until the drain deadline to finish, the
+    /// rest are fenced (see [`Stop`] for what else goes). True when nothing of ours can touch the memory
+    /// those requests used (the driver reuses it once answered); false when that could not be made sure
+    /// within the budget — the caller fails closed.
+    pub fn stop_queues(&self, started: Instant, which: impl Fn(&Virtqueue) -> bool, kind: Stop) -> bool {
         let deadline = started + self.drain_timeout;
         let chosen: Vec<&Arc<Virtqueue>> = self.queues.iter().filter(|q| which(q)).collect();
         for q in &chosen {
@@ -91,21 +86,42 @@ impl Lifecycle {
         let drained = !busy || self.inflight.wait_until(deadline, || waited() == 0);
         let mut fenced = 0;
         let mut maps = Vec::new();
+        // Native I/O still running for requests about to be fenced: only it could touch their buffers later.
+        let mut native = 0;
         for q in &chosen {
-            let (n, m) = q.stop();
+            if kind == Stop::Ring && q.held() {
+                // The ring resumes later: its receive buffers go back empty rather than be lost to the driver.
+                let (_, m) = q.give_back_where(|_, _| true);
+                maps.extend(m);
+            }
+            native += q.native_live();
+            let (n, m) = match kind {
+                Stop::Reset => q.stop(),
+                Stop::Leave | Stop::Ring => q.abandon(),
+            };
             if !q.held() {
                 fenced += n;
             }
             maps.extend(m);
         }
         // Stopped queues touch no ring, and fenced tickets reach no buffer: what is left are pins.
-        let old = forget_memory.then(|| self.memory.clear());
-        let mappings = mappings_of(old.iter().chain(&maps));
-        let settled = self.settle(mappings, deadline, started, false);
-        if settled == Settled::Revoked && !forget_memory {
-            // The map still in use holds revoked mappings: the next snapshot maps that memory afresh.
-            self.memory.invalidate();
-        }
+        let (old, settled) = if kind == Stop::Ring {
+            // The memory stays mapped for the other rings, whose own native I/O pins the same mappings: pins
+            // cannot tell this ring's apart, and revoking would fault the others. Without native I/O of its
+            // own in flight this ring is quiet; with some, the caller must stop everything instead.
+            (
+                None,
+                if native == 0 {
+                    Settled::Quiet
+                } else {
+                    Settled::Unsafe
+                },
+            )
+        } else {
+            let old = self.memory.clear();
+            let mappings = mappings_of(std::iter::once(&old).chain(&maps));
+            (Some(old), self.settle(mappings, deadline, started, false))
+        };
         self.janitor.dispose((old, maps));
         if !drained || fenced > 0 {
             log::warn!(
@@ -288,6 +304,22 @@ impl Lifecycle {
             revoked,
         });
     }
+}
+
+/// What stopping queues does besides fencing their requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// The driver reset the device (VDUSE: status 0; vhost-user: `RESET_DEVICE`): the memory map goes and
+    /// the in-flight log is cleared.
+    Reset,
+    /// The client left, or this server is leaving: the memory map goes, the in-flight log stays (fenced
+    /// requests in it are served again by whoever resumes the rings — a reconnecting VMM hands the log
+    /// back).
+    Leave,
+    /// One ring stops while the others run (vhost-user `GET_VRING_BASE`, a disabled ring): the map stays,
+    /// held buffers go back to the driver empty, the log stays for the ring's restart. Fails (false)
+    /// when native I/O of the ring was still in flight: only a stop of every ring can make that safe.
+    Ring,
 }
 
 /// What became of memory the loop took from the device (see `Shared::settle`).

@@ -231,8 +231,9 @@ impl Mapping {
         let base_len = len
             .checked_add(delta)
             .ok_or_else(|| std::io::Error::other("IOTLB entry too large"))?;
-        // SAFETY: a fresh shared mapping of `base_len` bytes of `file` at a page-aligned offset; the kernel
-        // validates offset and length against the file.
+        // SAFETY: a fresh shared mapping of `base_len` bytes of `file` at a page-aligned offset. mmap checks
+        // the offset; an access past the file's end would fault, so callers hand in ranges the file holds
+        // (the kernel's IOTLB entries; vhost-user regions are checked against the file's size first).
         let base = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),

@@ -687,6 +687,17 @@ impl Virtqueue {
         self.ring.lock().live
     }
 
+    /// Requests in flight whose data moves by native I/O right now (they may touch driver memory until
+    /// their system calls return).
+    pub fn native_live(&self) -> usize {
+        self.ring
+            .lock()
+            .slots
+            .iter()
+            .filter(|s| s.live && s.native)
+            .count()
+    }
+
     /// Whether a request of this queue is in flight and still the model's to complete (not handed to
     /// native I/O, which completes on its own threads).
     pub fn awaits_model(&self) -> bool {

@@ -22,6 +22,7 @@ use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
@@ -35,8 +36,8 @@ use vhost::vhost_user::message::{
     VhostUserSingleMemoryRegion, VhostUserVirtioFeatures, VhostUserVringAddrFlags, VhostUserVringState,
 };
 use vhost::vhost_user::{
-    Backend, BackendReqHandler, Error as VuError, GpuBackend, Listener, Result as VuResult,
-    VhostUserBackendReqHandler, VhostUserFrontendReqHandler,
+    Backend, BackendReqHandler, Error as VuError, GpuBackend, Result as VuResult, VhostUserBackendReqHandler,
+    VhostUserFrontendReqHandler,
 };
 use vhost::VhostUserMemoryRegionBase;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -49,13 +50,18 @@ use crate::device::{
 };
 use crate::error::{Error, Result};
 use crate::inflight::{StateFile, StateInfo};
-use crate::lifecycle::{Lifecycle, ResumePlan};
+use crate::lifecycle::{Lifecycle, ResumePlan, Stop};
 use crate::memory::{IotlbSource, Janitor, Memory};
 use crate::model::{DeviceModel, DeviceSpec};
 use crate::queue::{InFlight, RingInfo, Transport, Virtqueue};
 use crate::uapi::{vduse_iotlb_entry, VDUSE_ACCESS_RW};
 use crate::worker::Worker;
 
+/// How an inflight region is named in messages (never a path anything could remove).
+const INFLIGHT_LABEL: &str = "/dev/null/vduse-inflight-region";
+/// How long a client may leave a message half-sent (or our reply unread) before it is dropped: the control
+/// thread serves every ring's kicks and must not wait on one client for long.
+const MESSAGE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// virtio-blk's device id.
 const VIRTIO_ID_BLOCK: u32 = 2;
 /// Memory regions a client may register (what `GET_MAX_MEM_SLOTS` answers; QEMU uses up to 32).
@@ -136,6 +142,31 @@ impl MemTable {
     }
 }
 
+/// Checks that `file` holds the whole region (an access past its end would be a SIGBUS, not an error).
+fn region_fits(r: &VhostUserMemoryRegion, file: &File) -> VuResult<()> {
+    let len = file.metadata().map_err(|_| VuError::InvalidParam)?.len();
+    match r.mmap_offset.checked_add(r.memory_size) {
+        Some(end) if end <= len => Ok(()),
+        _ => Err(VuError::InvalidParam),
+    }
+}
+
+/// Makes a client's eventfd non-blocking: the control thread and the serving threads must never wait on
+/// it (a full counter, a client that drains it itself).
+fn set_nonblocking(file: &File) -> VuResult<()> {
+    let fd = file.as_raw_fd();
+    // SAFETY: F_GETFL/F_SETFL on an fd we own only change its status flags.
+    let ok = unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        flags >= 0 && libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) >= 0
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(VuError::InvalidParam)
+    }
+}
+
 impl IotlbSource for MemTable {
     fn entry(&self, first: u64, last: u64) -> std::io::Result<Option<(vduse_iotlb_entry, File)>> {
         let regions = self.regions.lock();
@@ -186,6 +217,7 @@ impl Transport for Rings {
         // Under the lock: the client may replace (and close) the fd meanwhile.
         let call = call.lock();
         if let Some(mut fd) = call.as_ref() {
+            // Non-blocking: EAGAIN means the counter is full, so an interrupt is pending anyway.
             if let Err(e) = fd.write_all(&1u64.to_ne_bytes()) {
                 log::debug!("queue {queue}: signal the call fd: {e}");
             }
@@ -239,6 +271,13 @@ struct Shared {
     inflight_region: Mutex<Option<Arc<StateFile>>>,
     resubmitted: AtomicU64,
     connected: AtomicBool,
+    /// The current client must go: something it asked for could not be made safe (the session's end
+    /// stops every ring, which can).
+    drop_client: AtomicBool,
+    /// Memory of a client could not be made unreachable in time: no further client is served.
+    poisoned: AtomicBool,
+    /// The current client's socket, to cut a session that blocks the control thread (close()).
+    connection: Mutex<Option<UnixStream>>,
     sessions: AtomicU64,
 }
 
@@ -266,9 +305,13 @@ impl Shared {
         if s.started || s.kick.is_none() || s.enabled == Some(false) {
             return Ok(());
         }
+        let features = self.features.load(Ordering::Acquire);
+        if features & (1 << VIRTIO_F_VERSION_1) == 0 {
+            // No SET_FEATURES yet (or a legacy driver): the model cannot tell how to read the rings.
+            return Err(VuError::InvalidOperation("a ring started before SET_FEATURES"));
+        }
         s.started = true;
         drop(s);
-        let features = self.features.load(Ordering::Acquire);
         if self.status.load(Ordering::Acquire) & STATUS_DRIVER_OK == 0 {
             if let Some(model) = &self.model {
                 model.started(features);
@@ -367,11 +410,14 @@ impl Shared {
         }
         q.quiesce();
         let base = q.next_avail();
-        if !self.life.stop_queues(started, |v| v.index == q.index, false) {
+        if !self.life.stop_queues(started, |v| v.index == q.index, Stop::Ring) {
+            // Native I/O of the ring outlived the drain: only stopping every ring can fence it (and revoke
+            // its memory if need be). Never answer as if the ring were quiet.
             log::error!(
-                "device {:?}: queue {index} stopped while native I/O may still touch its memory",
+                "device {:?}: queue {index} still had native I/O in flight at the drain deadline; dropping the client",
                 self.life.name
             );
+            self.drop_client.store(true, Ordering::Release);
             return Err(VuError::BackendInternalError);
         }
         let mut s = self.setup(index)?;
@@ -386,31 +432,40 @@ impl Shared {
         Ok(base)
     }
 
-    /// The client left (or reset the device): every ring stops, its memory and fds are forgotten.
-    fn reset(&self) -> bool {
+    /// Every ring stops. `Stop::Leave` (the client left, or we drop it): its memory table, fds and inflight
+    /// region are forgotten, the log in the region kept for a reconnecting client. `Stop::Reset`
+    /// (`RESET_DEVICE`): the rings and their logs start over; the table stays. False when memory could not
+    /// be made unreachable in time: the device then serves no further client.
+    fn reset(&self, kind: Stop) -> bool {
         let started = Instant::now();
         for s in &self.rings.setups {
             *s.lock() = RingSetup::default();
         }
-        let safe = self.life.stop_queues(started, |_| true, true);
+        if kind == Stop::Leave {
+            // First, so that no serving thread maps the departed client's memory again meanwhile.
+            self.rings.table.regions.lock().clear();
+            self.life.memory.invalidate();
+        }
+        let safe = self.life.stop_queues(started, |_| true, kind);
         for c in &self.rings.calls {
             *c.lock() = None;
         }
-        self.rings.table.regions.lock().clear();
-        self.life.memory.invalidate();
-        for q in &self.life.queues {
-            q.set_log(None);
+        if kind == Stop::Leave {
+            for q in &self.life.queues {
+                q.set_log(None);
+            }
+            *self.inflight_region.lock() = None;
+            *self.backend_req.lock() = None;
+            self.protocol.store(0, Ordering::Release);
         }
-        *self.inflight_region.lock() = None;
-        *self.backend_req.lock() = None;
         self.features.store(0, Ordering::Release);
-        self.protocol.store(0, Ordering::Release);
         self.set_status(0);
         if !safe {
             log::error!(
-                "device {:?}: the client left while native I/O may still touch its memory",
+                "device {:?}: native I/O may still touch the client's memory; no further client is served",
                 self.life.name
             );
+            self.poisoned.store(true, Ordering::Release);
         }
         safe
     }
@@ -420,6 +475,8 @@ impl Shared {
         if self.life.memory_changed(Instant::now()) {
             Ok(())
         } else {
+            // The old memory may still be touched: the client must not go on with it.
+            self.drop_client.store(true, Ordering::Release);
             Err(VuError::BackendInternalError)
         }
     }
@@ -440,7 +497,7 @@ impl VhostUserBackendReqHandler for Session {
     }
 
     fn reset_device(&self) -> VuResult<()> {
-        if self.shared.reset() {
+        if self.shared.reset(Stop::Reset) {
             Ok(())
         } else {
             Err(VuError::BackendInternalError)
@@ -459,6 +516,9 @@ impl VhostUserBackendReqHandler for Session {
         if features & (1 << VIRTIO_F_VERSION_1) == 0 {
             return Err(VuError::InvalidParam); // legacy (pre-1.0) rings are not served
         }
+        if self.shared.rings.setups.iter().any(|s| s.lock().started) {
+            return Err(VuError::InvalidOperation("features change while rings run"));
+        }
         self.shared.features.store(features, Ordering::Release);
         Ok(())
     }
@@ -472,6 +532,7 @@ impl VhostUserBackendReqHandler for Session {
         let mut table = Vec::with_capacity(regions.len());
         for (r, file) in regions.iter().zip(files) {
             MemTable::admit(&table, r)?;
+            region_fits(r, &file)?;
             table.push(TableRegion {
                 gpa: r.guest_phys_addr,
                 size: r.memory_size,
@@ -536,19 +597,22 @@ impl VhostUserBackendReqHandler for Session {
 
     fn set_vring_kick(&self, index: u8, fd: Option<File>) -> VuResult<()> {
         let index = u32::from(index);
-        log::debug!(
-            "device {:?}: queue {index}: kick fd {}",
-            self.shared.life.name,
-            fd.is_some()
-        );
+        // No fd: the client would have us poll the ring, which this back-end does not do.
+        let fd = fd.ok_or(VuError::InvalidOperation(
+            "rings without a kick fd (polling) are not served",
+        ))?;
+        set_nonblocking(&fd)?;
+        log::debug!("device {:?}: queue {index}: kick fd", self.shared.life.name);
         {
             let mut s = self.shared.setup(index)?;
-            if s.started {
-                // A new kick fd for a running ring: relay from it from now on.
-                s.kick = fd;
+            let running = s.started;
+            s.kick = Some(fd);
+            if running {
+                // A new kick fd for a running ring: a kick sent to the old one may be lost; serve now.
+                drop(s);
+                let _ = self.shared.life.kicks[index as usize].write(1);
                 return Ok(());
             }
-            s.kick = fd;
         }
         self.shared.maybe_start(index)
     }
@@ -560,6 +624,9 @@ impl VhostUserBackendReqHandler for Session {
             .calls
             .get(usize::from(index))
             .ok_or(VuError::InvalidParam)?;
+        if let Some(fd) = &fd {
+            set_nonblocking(fd)?;
+        }
         *call.lock() = fd;
         // A completion published while no call fd was set raised no interrupt: a spurious one costs nothing.
         self.shared.rings.notify(u16::from(index));
@@ -643,8 +710,9 @@ impl VhostUserBackendReqHandler for Session {
         })?;
         self.shared.install_inflight(region)?;
         log::debug!("device {:?}: inflight region created", self.shared.life.name);
+        let mmap_size = file.metadata().map_err(|_| VuError::BackendInternalError)?.len();
         let reply = VhostUserInflight {
-            mmap_size: file.metadata().map(|m| m.len()).unwrap_or(0),
+            mmap_size,
             mmap_offset: 0,
             num_queues: inflight.num_queues,
             queue_size: inflight.queue_size,
@@ -677,7 +745,7 @@ impl VhostUserBackendReqHandler for Session {
             );
             return Err(VuError::InvalidParam);
         }
-        let region = StateFile::open_in(file, Path::new("inflight region")).map_err(|e| {
+        let region = StateFile::open_in(file, Path::new(INFLIGHT_LABEL)).map_err(|e| {
             log::error!(
                 "device {:?}: the client's inflight region is unusable: {e}",
                 self.shared.life.name
@@ -714,6 +782,7 @@ impl VhostUserBackendReqHandler for Session {
         {
             let mut table = self.shared.rings.table.regions.lock();
             MemTable::admit(&table, region)?;
+            region_fits(region, &fd)?;
             table.push(TableRegion {
                 gpa: region.guest_phys_addr,
                 size: region.memory_size,
@@ -765,6 +834,8 @@ impl VhostUserBackendReqHandler for Session {
 pub struct VhostUserDevice {
     shared: Arc<Shared>,
     path: PathBuf,
+    /// The socket file we bound (device, inode): removed on close only if it is still ours.
+    socket_id: (u64, u64),
     stop: Arc<EventFd>,
     thread: Option<JoinHandle<()>>,
     workers: Vec<Worker>,
@@ -781,10 +852,7 @@ impl VhostUserDevice {
         events: Option<Arc<dyn DeviceEvents>>,
     ) -> Result<Self> {
         validate(&options.name, &spec)?;
-        let listener = Listener::new(path, true).map_err(|e| match e {
-            VuError::SocketError(io) | VuError::SocketConnect(io) => Error::sys("bind", io),
-            other => Error::sys("bind", std::io::Error::other(other.to_string())),
-        })?;
+        let (listener, socket_id) = bind_socket(&options.name, path)?;
         let table = Arc::new(MemTable::default());
         let memory = Arc::new(Memory::new(table.clone()));
         let rings = Arc::new(Rings {
@@ -840,6 +908,9 @@ impl VhostUserDevice {
             inflight_region: Mutex::new(None),
             resubmitted: AtomicU64::new(0),
             connected: AtomicBool::new(false),
+            drop_client: AtomicBool::new(false),
+            poisoned: AtomicBool::new(false),
+            connection: Mutex::new(None),
             sessions: AtomicU64::new(0),
         });
         let mut workers = Vec::new();
@@ -867,6 +938,7 @@ impl VhostUserDevice {
         };
         Ok(Self {
             shared,
+            socket_id,
             path: path.to_owned(),
             stop,
             thread: Some(thread),
@@ -947,7 +1019,8 @@ impl VhostUserDevice {
         Ok(())
     }
 
-    /// Stops listening, drops the client (its rings stop as on a reset) and removes the socket file.
+    /// Stops listening, drops the client (its rings stop as when it leaves) and removes the socket file.
+    /// An error when the last client's memory could not be made unreachable in time.
     pub fn close(&mut self) -> Result<()> {
         if self.closed {
             return Ok(());
@@ -957,10 +1030,23 @@ impl VhostUserDevice {
             w.stop();
         }
         let _ = self.stop.write(1);
+        // A client in the middle of a message holds the control thread in a read: cut it.
+        if let Some(c) = self.shared.connection.lock().as_ref() {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        let _ = std::fs::remove_file(&self.path);
+        let ours = std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.socket_id);
+        if ours {
+            let _ = std::fs::remove_file(&self.path);
+        }
+        if self.shared.poisoned.load(Ordering::Acquire) {
+            return Err(Error::sys(
+                "revoke",
+                std::io::Error::other("native I/O may still touch the last vhost-user client's memory"),
+            ));
+        }
         Ok(())
     }
 }
@@ -993,7 +1079,7 @@ fn new_inflight_region(spec: &DeviceSpec) -> std::io::Result<(Arc<StateFile>, Fi
         features: spec.features | TRANSPORT_FEATURES,
         config: spec.config.clone(),
     };
-    let region = StateFile::create_in(file.try_clone()?, Path::new("inflight region"), &info)?;
+    let region = StateFile::create_in(file.try_clone()?, Path::new(INFLIGHT_LABEL), &info)?;
     // Neither we nor the client may resize it from now on: both map it whole.
     // SAFETY: F_ADD_SEALS on a memfd we own, created with MFD_ALLOW_SEALING.
     let sealed = unsafe {
@@ -1009,8 +1095,40 @@ fn new_inflight_region(spec: &DeviceSpec) -> std::io::Result<(Arc<StateFile>, Fi
     Ok((region, file))
 }
 
-/// Polls `fds` for reading; returns which are readable. EINTR retries.
-fn poll_in(fds: &[RawFd]) -> std::io::Result<Vec<bool>> {
+/// Binds the device's socket at `path`. A stale socket file there (its server gone) is replaced; a live
+/// server's socket, or anything that is not a socket, is refused. Returns the listener and the socket
+/// file's identity.
+fn bind_socket(name: &str, path: &Path) -> Result<(UnixListener, (u64, u64))> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            if UnixStream::connect(path).is_ok() {
+                return Err(Error::Busy {
+                    name: name.into(),
+                    reason: "another server listens on its vhost-user socket",
+                });
+            }
+            let _ = std::fs::remove_file(path);
+        }
+        Ok(_) => {
+            return Err(Error::InvalidConfig(format!(
+                "{} exists and is not a socket; refusing to replace it",
+                path.display()
+            )))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::sys("stat(vhost-user socket)", e)),
+    }
+    let listener = UnixListener::bind(path).map_err(|e| Error::sys("bind(vhost-user socket)", e))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| Error::sys("fcntl(vhost-user socket)", e))?;
+    let m = std::fs::symlink_metadata(path).map_err(|e| Error::sys("stat(vhost-user socket)", e))?;
+    Ok((listener, (m.dev(), m.ino())))
+}
+
+/// Polls `fds` for reading; returns each one's `revents` (EINTR retries).
+fn poll_in(fds: &[RawFd]) -> std::io::Result<Vec<i16>> {
     let mut pfds: Vec<libc::pollfd> = fds
         .iter()
         .map(|&fd| libc::pollfd {
@@ -1023,7 +1141,7 @@ fn poll_in(fds: &[RawFd]) -> std::io::Result<Vec<bool>> {
         // SAFETY: `pfds` is a valid array of `pfds.len()` pollfds for the duration of the call.
         let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, -1) };
         if n >= 0 {
-            return Ok(pfds.iter().map(|p| p.revents != 0).collect());
+            return Ok(pfds.iter().map(|p| p.revents).collect());
         }
         let err = std::io::Error::last_os_error();
         if err.raw_os_error() != Some(libc::EINTR) {
@@ -1032,11 +1150,13 @@ fn poll_in(fds: &[RawFd]) -> std::io::Result<Vec<bool>> {
     }
 }
 
-fn control_loop(shared: &Arc<Shared>, listener: Listener, stop: &EventFd) {
+const BROKEN: i16 = libc::POLLERR | libc::POLLHUP | libc::POLLNVAL;
+
+fn control_loop(shared: &Arc<Shared>, listener: UnixListener, stop: &EventFd) {
     let name = shared.life.name.clone();
     loop {
         match poll_in(&[stop.as_raw_fd(), listener.as_raw_fd()]) {
-            Ok(r) if r[0] => return,
+            Ok(r) if r[0] != 0 => return,
             Ok(_) => {}
             Err(e) => {
                 log::error!("device {name:?}: poll: {e}");
@@ -1044,22 +1164,42 @@ fn control_loop(shared: &Arc<Shared>, listener: Listener, stop: &EventFd) {
             }
         }
         let stream = match listener.accept() {
-            Ok(Some(s)) => s,
-            Ok(None) => continue,
+            Ok((s, _)) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(e) => {
+                // EMFILE and the like: do not spin on them.
                 log::warn!("device {name:?}: accept: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(100));
                 continue;
             }
         };
-        // Blocking reads: a message is read whole once its first byte is there.
-        let _ = stream.set_nonblocking(false);
+        // Blocking reads, bounded: a message is read whole once its first byte is there, and a client
+        // that stops half-way is dropped rather than waited for.
+        let bounded = stream.set_nonblocking(false).is_ok()
+            && stream.set_read_timeout(Some(MESSAGE_TIMEOUT)).is_ok()
+            && stream.set_write_timeout(Some(MESSAGE_TIMEOUT)).is_ok();
+        if !bounded {
+            log::warn!("device {name:?}: cannot set up the client's socket; dropped");
+            continue;
+        }
+        *shared.connection.lock() = stream.try_clone().ok();
+        shared.drop_client.store(false, Ordering::Release);
         shared.sessions.fetch_add(1, Ordering::Relaxed);
         shared.connected.store(true, Ordering::Release);
         log::info!("device {name:?}: a vhost-user client connected");
         let stopped = serve_client(shared, stream, stop);
+        *shared.connection.lock() = None;
         shared.connected.store(false, Ordering::Release);
-        shared.reset();
+        shared.reset(Stop::Leave);
         log::info!("device {name:?}: the vhost-user client left");
+        if shared.poisoned.load(Ordering::Acquire) {
+            // Fail closed: a new client could be handed pages this process may still write.
+            log::error!(
+                "device {name:?}: not serving further vhost-user clients (memory could not be made safe)"
+            );
+            shared.life.emit(DeviceEvent::Broken);
+            return;
+        }
         if stopped {
             return;
         }
@@ -1067,7 +1207,7 @@ fn control_loop(shared: &Arc<Shared>, listener: Listener, stop: &EventFd) {
 }
 
 /// Serves one client until it leaves, breaks the protocol, or `stop`. True if stopped.
-fn serve_client(shared: &Arc<Shared>, stream: std::os::unix::net::UnixStream, stop: &EventFd) -> bool {
+fn serve_client(shared: &Arc<Shared>, stream: UnixStream, stop: &EventFd) -> bool {
     let name = &shared.life.name;
     let mut handler = BackendReqHandler::from_stream(
         stream,
@@ -1093,21 +1233,28 @@ fn serve_client(shared: &Arc<Shared>, stream: std::os::unix::net::UnixStream, st
                 return true;
             }
         };
-        if ready[0] {
+        if ready[0] != 0 {
             return true;
         }
         for (k, &i) in rings.iter().enumerate() {
-            if ready[2 + k] {
+            let revents = ready[2 + k];
+            if revents & BROKEN != 0 {
+                log::warn!(
+                    "device {name:?}: queue {i}: the client's kick fd is unusable; dropping the client"
+                );
+                return false;
+            }
+            if revents != 0 {
                 relay_kick(shared, i);
             }
         }
-        if ready[1] {
+        if ready[1] != 0 {
             match handler.handle_request() {
                 Ok(()) => {}
                 Err(VuError::Disconnected | VuError::PartialMessage) => return false,
-                // A message sent before the feature it belongs to was negotiated (QEMU's virtio-net disables
-                // its rings before SET_FEATURES): the crate ignores it unanswered; the rest of the session
-                // is sound, and rings without PROTOCOL_FEATURES start with their kick fd.
+                // A message sent before the feature it belongs to was negotiated (QEMU's virtio-net
+                // disables its rings before SET_FEATURES): the crate ignores it unanswered; the rest of
+                // the session is sound.
                 Err(e @ (VuError::InactiveFeature(_) | VuError::InactiveOperation(_))) => {
                     log::debug!("device {name:?}: vhost-user message ignored: {e}");
                 }
@@ -1115,6 +1262,9 @@ fn serve_client(shared: &Arc<Shared>, stream: std::os::unix::net::UnixStream, st
                     log::warn!("device {name:?}: vhost-user client dropped: {e}");
                     return false;
                 }
+            }
+            if shared.drop_client.load(Ordering::Acquire) {
+                return false;
             }
         }
     }
@@ -1125,7 +1275,8 @@ fn relay_kick(shared: &Shared, i: usize) {
     let s = shared.rings.setups[i].lock();
     if let Some(kick) = s.kick.as_ref() {
         let mut buf = [0u8; 8];
-        // SAFETY: reads at most 8 bytes into `buf`; the fd is the client's eventfd, nonblocking or readable.
+        // SAFETY: reads at most 8 bytes into `buf`, which outlives the call; the fd was made non-blocking
+        // when the client gave it (EAGAIN: someone else drained it; the relay below is harmless).
         let _ = unsafe { libc::read(kick.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
     }
     drop(s);
