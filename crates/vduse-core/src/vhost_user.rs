@@ -1252,11 +1252,17 @@ fn serve_client(shared: &Arc<Shared>, stream: UnixStream, stop: &EventFd) -> boo
             match handler.handle_request() {
                 Ok(()) => {}
                 Err(VuError::Disconnected | VuError::PartialMessage) => return false,
-                // A message sent before the feature it belongs to was negotiated (QEMU's virtio-net
-                // disables its rings before SET_FEATURES): the crate ignores it unanswered; the rest of
-                // the session is sound.
-                Err(e @ (VuError::InactiveFeature(_) | VuError::InactiveOperation(_))) => {
-                    log::debug!("device {name:?}: vhost-user message ignored: {e}");
+                // A request refused whole (nothing changed; with REPLY_ACK the client was told), or sent
+                // before the feature it belongs to was negotiated (QEMU's virtio-net disables its rings
+                // before SET_FEATURES; the crate ignores it): the message was read whole, so the session
+                // is in step and sound. Requests that could not be made safe set `drop_client`.
+                Err(
+                    e @ (VuError::InactiveFeature(_)
+                    | VuError::InactiveOperation(_)
+                    | VuError::InvalidParam
+                    | VuError::InvalidOperation(_)),
+                ) => {
+                    log::debug!("device {name:?}: vhost-user request refused: {e}");
                 }
                 Err(e) => {
                     log::warn!("device {name:?}: vhost-user client dropped: {e}");
