@@ -245,4 +245,10 @@ test('--vhost-user excludes --attach, --recover and --replace; net wants one soc
   )
   const ok = parseCommand(['blk', '--name', 'a', '--null', '1M', '--vhost-user', '/tmp/s'])
   t.like(ok, { command: 'blk', attach: 'none', vhostUser: '/tmp/s' })
+  t.like(parseCommand(['fs', '--name', 'f', '--memory', '--vhost-user', '/tmp/f']), {
+    command: 'fs',
+    attach: 'none',
+    vhostUser: '/tmp/f',
+  })
+  t.regex(usage(['fs', '--name', 'f', '--memory', '--vhost-user', '/tmp/f', '--attach', 'virtio']), /exclude/)
 })

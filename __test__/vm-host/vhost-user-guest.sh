@@ -1,9 +1,10 @@
 #!/bin/sh
-# Runs inside the test guest booted with a vhost-user-blk-pci disk (/dev/vda) and a virtio-net-pci NIC on
-# -netdev vhost-user, both served by vduse on the host (see vhost-user.spec.ts). The stock guest drivers
+# Runs inside the test guest booted with a vhost-user-blk-pci disk (/dev/vda), a virtio-net-pci NIC on
+# -netdev vhost-user and a vhost-user-fs-pci file system, both served by vduse on the host (see vhost-user.spec.ts). The stock guest drivers
 # (virtio_blk, virtio_net over virtio-pci) talk to our devices exactly as a VM's would.
 #   VDUSE_VU_MAC   the NIC's MAC (to find its interface)
-#   VDUSE_VU_PHASE blk | net | restart (restart: fio verify across a restart of the host's server)
+#   VDUSE_VU_TAG   the virtio-fs tag
+#   VDUSE_VU_PHASE blk | net | fs | restart (restart: fio verify across a restart of the host's server)
 #   VDUSE_VU_SYNC  a directory shared with the host, for the restart handshake
 set -eu
 dev=/dev/vda
@@ -44,6 +45,24 @@ net() {
   echo "ping-ok"
   iperf3 -c 10.77.0.1 -t 3 -J >/tmp/iperf.json
   echo "iperf-bps $(grep -m1 -A8 '"sum_received"' /tmp/iperf.json | grep -m1 bits_per_second | tr -dc 0-9.)"
+}
+
+# A virtio-fs mount of a TypeScript MemoryFs over vhost-user-fs-pci (any guest kernel with virtiofs: no
+# VDUSE, so no 6.15 needed): a tree in with tar and compared, fio verify on a file, unmount/remount.
+fs() {
+  modprobe -d "$VDUSE_VM_MODROOT" virtiofs 2>/dev/null || true
+  mkdir -p /tmp/vufs
+  mount -t virtiofs "$VDUSE_VU_TAG" /tmp/vufs
+  mkdir /tmp/vufs/tree
+  tar -C /usr/include/linux -cf - . | tar -C /tmp/vufs/tree -xf -
+  diff -r /usr/include/linux /tmp/vufs/tree
+  fio --name=fsverify --directory=/tmp/vufs --size=16M --rw=randwrite --bs=4k --ioengine=psync \
+    --verify=crc32c --do_verify=1 --verify_fatal=1 --verify_state_save=0 --output-format=terse >/dev/null
+  umount /tmp/vufs
+  mount -t virtiofs "$VDUSE_VU_TAG" /tmp/vufs
+  diff -r /usr/include/linux /tmp/vufs/tree
+  umount /tmp/vufs
+  echo "fs-ok"
 }
 
 # fio writes and verifies while the host kills its server and starts it again: the driver must see a pause,

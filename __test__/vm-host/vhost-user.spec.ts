@@ -66,7 +66,7 @@ async function guest(qemuArgs: string[], env: Record<string, string>): Promise<s
   }
 }
 
-test('a VM boots with a vhost-user-blk-pci disk and a vhost-user NIC served by vduse: dd/cmp, fio verify, ext4, ping, iperf3', async (t) => {
+test('a VM boots with a vhost-user-blk-pci disk, a vhost-user NIC and a vhost-user-fs-pci mount served by vduse: dd/cmp, fio verify, ext4, ping, iperf3, tar, fio on virtiofs', async (t) => {
   const dir = mkdtempSync(join(tmpdir(), 'vduse-vuvm-'))
   const ns = `vduse-vu-${process.pid}`
   const tap = `vut${process.pid % 10000}`
@@ -91,6 +91,18 @@ test('a VM boots with a vhost-user-blk-pci disk and a vhost-user NIC served by v
   t.teardown(() => blk.proc.kill('SIGKILL'))
   const nic = serve(['net', '--name', 'vuvm-net', '--tap', tap, '--vhost-user', join(dir, 'net.sock')])
   t.teardown(() => nic.proc.kill('SIGKILL'))
+  const fs = serve([
+    'fs',
+    '--name',
+    'vuvm-fs',
+    '--tag',
+    'vufs',
+    '--memory',
+    '--vhost-user',
+    join(dir, 'fs.sock'),
+  ])
+  t.teardown(() => fs.proc.kill('SIGKILL'))
+  t.is((await ready(fs, 'fs')).path, join(dir, 'fs.sock'))
   t.is((await ready(blk, 'blk')).path, join(dir, 'blk.sock'))
   t.is((await ready(nic, 'net')).path, join(dir, 'net.sock'))
 
@@ -113,20 +125,25 @@ test('a VM boots with a vhost-user-blk-pci disk and a vhost-user NIC served by v
       // vectors=0: the host's QEMU 7.2 under TCG segfaults in vhost_net_start (msix_set_vector_notifiers)
       // when a vhost-user NIC has MSI-X; with INTx it runs.
       `-device virtio-net-pci,netdev=n0,mac=${mac},vectors=0`,
+      `-chardev socket,id=vuf,path=${join(dir, 'fs.sock')}`,
+      '-device vhost-user-fs-pci,chardev=vuf,tag=vufs',
     ],
-    { VDUSE_VU_MAC: mac, VDUSE_VU_PHASE: 'blk net' },
+    { VDUSE_VU_MAC: mac, VDUSE_VU_TAG: 'vufs', VDUSE_VU_PHASE: 'blk net fs' },
   )
   t.log(out.trim())
   t.regex(out, /disk-bytes 268435456 queues 2/)
   t.regex(out, /blk-ok/)
   t.regex(out, /ping-ok/)
+  t.regex(out, /fs-ok/)
   const bps = Number(/iperf-bps ([\d.]+)/.exec(out)?.[1] ?? 0)
   t.true(bps > 0, 'iperf3 moved data')
 
   blk.proc.kill('SIGTERM')
   nic.proc.kill('SIGTERM')
+  fs.proc.kill('SIGTERM')
   t.is(await blk.exited, 0)
   t.is(await nic.exited, 0)
+  t.is(await fs.exited, 0)
   const stopped = blk.events.find((e) => e.event === 'stopped') as { stats: { ioErrors: number } }
   t.is(stopped.stats.ioErrors, 0)
   t.false(existsSync(join(dir, 'blk.sock')))

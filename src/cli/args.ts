@@ -91,6 +91,9 @@ Options for fs (virtio-fs, Linux >= 6.15: \`mount -t virtiofs TAG /mnt\`, or han
   --request-queues N     request queues besides the high-priority one (default 1)
   --read-only            refuse every change (EROFS)
   --timeout MS           answer a file-system call that takes longer with ETIMEDOUT (default: no limit)
+  --vhost-user SOCK      serve over a vhost-user socket instead of VDUSE (QEMU: -chardev socket,id=c,
+                         path=SOCK -device vhost-user-fs-pci,chardev=c,tag=TAG); the ready event's path
+                         is SOCK
   --attach, --replace, --json, --log-level, --queue-size   as for blk (the ready event's path is the tag)
 
 Other commands:
@@ -233,6 +236,7 @@ function parseFs(args: readonly string[]): FsCommand | { command: 'help'; topic:
         'read-only': { type: 'boolean' },
         timeout: { type: 'string' },
         attach: { type: 'string' },
+        'vhost-user': { type: 'string' },
         replace: { type: 'boolean' },
         json: { type: 'boolean' },
         'log-level': { type: 'string' },
@@ -255,6 +259,12 @@ function parseFs(args: readonly string[]): FsCommand | { command: 'help'; topic:
   if (v.size !== undefined && !v.memory) throw new UsageError('--size goes with --memory')
   const queueSize = parseQueueSize(v['queue-size'])
   const attach = parseAttach(v.attach)
+  if (v['vhost-user'] !== undefined) {
+    checkSocketPath(v['vhost-user'])
+    if (v.attach !== undefined)
+      throw new UsageError('--vhost-user and --attach exclude each other: a VMM connects to the socket')
+    if (v.replace) throw new UsageError('--replace is for VDUSE devices, not --vhost-user')
+  }
   const cmd: FsCommand = {
     command: 'fs',
     name: v.name,
@@ -265,13 +275,14 @@ function parseFs(args: readonly string[]): FsCommand | { command: 'help'; topic:
     requestQueues: parseInteger(v['request-queues'], '--request-queues', 1, 64) ?? 1,
     queueSize,
     readOnly: v['read-only'] ?? false,
-    attach,
+    attach: v['vhost-user'] === undefined ? attach : 'none',
     replace: v.replace ?? false,
     json: v.json ?? false,
     logLevel: parseLogLevel(v['log-level']),
   }
   const timeout = parseInteger(v.timeout, '--timeout', 1, 3_600_000)
   if (timeout !== undefined) cmd.timeoutMs = timeout
+  if (v['vhost-user'] !== undefined) cmd.vhostUser = v['vhost-user']
   return cmd
 }
 
@@ -367,6 +378,8 @@ export interface FsCommand {
   readOnly: boolean
   timeoutMs?: number
   attach: 'virtio' | 'vhost' | 'none'
+  /** Serve over a vhost-user socket at this path (QEMU: vhost-user-fs-pci) instead of through VDUSE. */
+  vhostUser?: string
   replace: boolean
   json: boolean
   logLevel: LogLevel

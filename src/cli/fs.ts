@@ -8,6 +8,7 @@ import { logs, setLogLevel, type LogRecord } from '../log'
 import { loadFsPlugin } from '../plugin'
 import type { FsCommand } from './args'
 import { onStopSignals } from './signals'
+import { vhostUser } from '../transport/native'
 import { deviceError } from './events'
 
 type Emit = (event: Record<string, unknown>) => void
@@ -33,6 +34,7 @@ export async function serveFs(cmd: FsCommand, emit: Emit): Promise<number> {
     replaceStale: cmd.replace,
     pollUs: 'auto',
     ...(cmd.timeoutMs === undefined ? {} : { requestTimeoutMs: cmd.timeoutMs }),
+    ...(cmd.vhostUser === undefined ? {} : { transport: vhostUser(cmd.vhostUser) }),
   })
   const name = device.name
   device.on('error', (err) => emit(deviceError(name, err)))
@@ -95,7 +97,7 @@ export async function serveFs(cmd: FsCommand, emit: Emit): Promise<number> {
   })
 
   try {
-    let path: string | undefined
+    let path = device.path
     if (cmd.attach !== 'none') {
       attaching = device.attach({ driver: cmd.attach, signal: attachAbort.signal })
       path = (await attaching) as string

@@ -151,7 +151,7 @@ export abstract class VirtioDevice<
     }
     if (
       this.#options.transport?.socketPath !== undefined &&
-      (this.#options.recover || this.#options.replaceStale || this.#options.stateDir !== undefined)
+      (this.#options.recover || this.#options.replaceStale || typeof this.#options.stateDir === 'string')
     ) {
       throw new VduseError('recover, replaceStale and stateDir are for VDUSE devices, not vhostUser()', {
         code: 'ERR_VDUSE_INVALID_CONFIG',
