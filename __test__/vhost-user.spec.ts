@@ -10,27 +10,15 @@ import test from 'ava'
 
 import { BlockDevice, MemoryBackend, vhostUser, type BlockBackend, type BlockIo } from '../src/index'
 import { parseCommand } from '../src/cli/args'
+import { peers } from './vm/guest'
 
 const execFileAsync = promisify(execFile)
 
-interface Peers {
-  qemuIo: string
-  qemuImg: string
-}
-
-let peers: Peers | undefined
+let cached: ReturnType<typeof peers> | undefined
 /** QEMU 10's clients, unpacked by scripts/peers/fetch (cached; fetched once if missing). */
-async function clients(): Promise<Peers> {
-  if (peers) return peers
-  const { stdout } = await execFileAsync('scripts/peers/fetch', [], { maxBuffer: 1 << 20 })
-  const kv = Object.fromEntries(
-    stdout
-      .split('\n')
-      .filter((l) => l.includes('='))
-      .map((l) => [l.slice(0, l.indexOf('=')), l.slice(l.indexOf('=') + 1)]),
-  )
-  peers = { qemuIo: kv.QEMU_IO!, qemuImg: kv.QEMU_IMG! }
-  return peers
+function clients(): ReturnType<typeof peers> {
+  cached ??= peers()
+  return cached
 }
 
 const image = (sock: string): string => `driver=virtio-blk-vhost-user,path=${sock},cache.direct=on`

@@ -42,9 +42,9 @@ use crate::control::Control;
 use crate::error::{last_os, Error, Result};
 use crate::inflight::{StateFile, StateInfo};
 use crate::lifecycle::{Lifecycle, ResumePlan, Settled, Stop};
-use crate::memory::{mappings_of, IotlbMap, Janitor, Memory};
+use crate::memory::{mappings_of, IotlbMap, Memory};
 use crate::model::{DeviceModel, DeviceSpec};
-use crate::queue::{Budget, InFlight, RingInfo, Ticket, Transport, Virtqueue};
+use crate::queue::{Budget, RingInfo, Ticket, Transport, Virtqueue};
 use crate::uapi::{self, vduse_dev_config, vduse_dev_request, vduse_dev_response, vduse_vq_info};
 use crate::worker::Worker;
 
@@ -559,43 +559,18 @@ impl VduseDevice {
         features: u64,
     ) -> Result<Self> {
         let kernel = Arc::new(Kernel { dev: dev.clone() });
-        let memory = Arc::new(Memory::new(dev.clone()));
-        let inflight = Arc::new(InFlight::default());
-        let mut queues = Vec::new();
-        let mut kicks = Vec::new();
-        for i in 0..spec.num_queues {
-            let kick = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| Error::sys("eventfd", e))?);
-            let q = Virtqueue::new(
-                i,
-                spec.queue_size,
-                spec.max_segments,
-                memory.clone(),
-                kernel.clone(),
-                inflight.clone(),
-                state.as_ref().and_then(|s| s.queue(i)),
-            );
-            q.set_waker(kick.clone());
-            q.set_held(i < 64 && spec.held_queues & (1 << i) != 0);
-            q.set_fail_status(spec.fail_status());
-            queues.push(q);
-            kicks.push(kick);
-        }
-        let answer_budget = answer_budget(&options.name);
+        let life = Lifecycle::new(
+            &options.name,
+            &spec,
+            Arc::new(Memory::new(dev.clone())),
+            kernel,
+            |i| state.as_ref().and_then(|s| s.queue(i)),
+            options.drain_timeout,
+            answer_budget(&options.name),
+            events,
+        )?;
         let shared = Arc::new(Shared {
-            life: Lifecycle {
-                name: options.name.clone(),
-                memory,
-                queues,
-                kicks,
-                inflight,
-                // A drain leaves at least half of the answer budget for what follows it (revocations).
-                drain_timeout: options.drain_timeout.min(MAX_DRAIN).min(answer_budget / 2),
-                answer_budget,
-                janitor: Janitor::new(&options.name).map_err(|e| Error::sys("spawn", e))?,
-                events,
-                drains: AtomicU64::new(0),
-                max_drain_us: AtomicU64::new(0),
-            },
+            life,
             dev,
             spec,
             status: AtomicU8::new(status),
@@ -608,20 +583,10 @@ impl VduseDevice {
             broken: AtomicBool::new(false),
             resubmitted: AtomicU64::new(0),
         });
-        let mut workers = Vec::new();
-        if let Serving::Workers(model) = serving {
-            for (q, kick) in shared.life.queues.iter().zip(&shared.life.kicks) {
-                let w = Worker::spawn(
-                    &options.name,
-                    q.clone(),
-                    model.clone(),
-                    kick.clone(),
-                    options.budget,
-                )
-                .map_err(|e| Error::sys("spawn", e))?;
-                workers.push(w);
-            }
-        }
+        let workers = match &serving {
+            Serving::Workers(model) => shared.life.spawn_workers(model, options.budget)?,
+            Serving::External => Vec::new(),
+        };
         // A taken-over device: first answer what the kernel kept for us (a reset pending since the crash
         // must not see the old requests run), then resume the queues if the driver is still running.
         if shared.state.is_some() && status & STATUS_DRIVER_OK != 0 {
@@ -1224,7 +1189,7 @@ mod tests {
     //! The message loop's answers, without a kernel: a device's control side over memory whose IOTLB a
     //! test controls (`/dev/null` stands in for the device node: interrupts and ring queries just fail).
     use super::*;
-    use crate::memory::{IotlbSource, Pins};
+    use crate::memory::{IotlbSource, Janitor, Pins};
     use crate::queue::{Budget, Owner, Part, RequestBatch};
     use crate::rig::{desc, offer, MemfdIotlb, Rig};
     use crate::uapi::{vduse_iotlb_entry, VDUSE_ACCESS_RW};

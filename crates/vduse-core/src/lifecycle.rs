@@ -7,14 +7,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::device::{DeviceEvent, DeviceEvents, DeviceStats, DrainReason};
+use crate::device::{DeviceEvent, DeviceEvents, DeviceStats, DrainReason, MAX_DRAIN};
+use crate::error::{Error, Result};
 use crate::inflight::QueueLog;
 use crate::memory::{
     entry_keys, mappings_of, push_unique, wait_unpinned, EntryKey, IotlbMap, Janitor, Mapping, Memory,
 };
-use crate::queue::{InFlight, RingInfo, Virtqueue};
+use crate::model::{DeviceModel, DeviceSpec};
+use crate::queue::{Budget, InFlight, RingInfo, Transport, Virtqueue};
+use crate::worker::Worker;
 use vm_memory::{Bytes, GuestAddress};
 
 /// A device's queues and memory, and how long its control side may wait for them.
@@ -35,6 +38,68 @@ pub struct Lifecycle {
 }
 
 impl Lifecycle {
+    /// The queues of a device described by `spec`, over `memory`, reached through `transport`: one
+    /// stable kick eventfd per queue (whoever serves the queue polls it), `log(i)` as queue `i`'s in-flight
+    /// log if there is one.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        name: &str,
+        spec: &DeviceSpec,
+        memory: Arc<Memory>,
+        transport: Arc<dyn Transport>,
+        log: impl Fn(u16) -> Option<QueueLog>,
+        drain_timeout: Duration,
+        answer_budget: Duration,
+        events: Option<Arc<dyn DeviceEvents>>,
+    ) -> Result<Self> {
+        let inflight = Arc::new(InFlight::default());
+        let mut queues = Vec::new();
+        let mut kicks = Vec::new();
+        for i in 0..spec.num_queues {
+            let kick = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| Error::sys("eventfd", e))?);
+            let q = Virtqueue::new(
+                i,
+                spec.queue_size,
+                spec.max_segments,
+                memory.clone(),
+                transport.clone(),
+                inflight.clone(),
+                log(i),
+            );
+            q.set_waker(kick.clone());
+            q.set_held(i < 64 && spec.held_queues & (1 << i) != 0);
+            q.set_fail_status(spec.fail_status());
+            queues.push(q);
+            kicks.push(kick);
+        }
+        Ok(Self {
+            name: name.into(),
+            memory,
+            queues,
+            kicks,
+            inflight,
+            // A drain leaves at least half of the answer budget for what follows it (revocations).
+            drain_timeout: drain_timeout.min(MAX_DRAIN).min(answer_budget / 2),
+            answer_budget,
+            janitor: Janitor::new(name).map_err(|e| Error::sys("spawn", e))?,
+            events,
+            drains: AtomicU64::new(0),
+            max_drain_us: AtomicU64::new(0),
+        })
+    }
+
+    /// One worker thread per queue running `model` (natively served devices).
+    pub fn spawn_workers(&self, model: &Arc<dyn DeviceModel>, budget: Budget) -> Result<Vec<Worker>> {
+        self.queues
+            .iter()
+            .zip(&self.kicks)
+            .map(|(q, kick)| {
+                Worker::spawn(&self.name, q.clone(), model.clone(), kick.clone(), budget)
+                    .map_err(|e| Error::sys("spawn", e))
+            })
+            .collect()
+    }
+
     pub fn emit(&self, event: DeviceEvent) {
         if let Some(e) = &self.events {
             e.event(&event);

@@ -45,15 +45,15 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device::{
-    validate, DeviceEvent, DeviceEvents, DeviceOptions, DeviceStats, Serving, MAX_DRAIN, STATUS_ACKNOWLEDGE,
+    validate, DeviceEvent, DeviceEvents, DeviceOptions, DeviceStats, Serving, STATUS_ACKNOWLEDGE,
     STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
 };
 use crate::error::{Error, Result};
 use crate::inflight::{StateFile, StateInfo};
 use crate::lifecycle::{Lifecycle, ResumePlan, Stop};
-use crate::memory::{IotlbSource, Janitor, Memory};
+use crate::memory::{IotlbSource, Memory};
 use crate::model::{DeviceModel, DeviceSpec};
-use crate::queue::{InFlight, RingInfo, Transport, Virtqueue};
+use crate::queue::{RingInfo, Transport, Virtqueue};
 use crate::uapi::{vduse_iotlb_entry, VDUSE_ACCESS_RW};
 use crate::worker::Worker;
 
@@ -99,6 +99,21 @@ struct TableRegion {
     user_addr: u64,
     mmap_offset: u64,
     file: File,
+}
+
+impl TableRegion {
+    /// Region `r` backed by `file`, once it fits its file and overlaps none of `table`.
+    fn admit(table: &[TableRegion], r: &VhostUserMemoryRegion, file: File) -> VuResult<Self> {
+        MemTable::admit(table, r)?;
+        region_fits(r, &file)?;
+        Ok(Self {
+            gpa: r.guest_phys_addr,
+            size: r.memory_size,
+            user_addr: r.user_addr,
+            mmap_offset: r.mmap_offset,
+            file,
+        })
+    }
 }
 
 /// The client's memory table, read by [`Memory`] like a VDUSE IOTLB (keyed by guest-physical address).
@@ -531,15 +546,7 @@ impl VhostUserBackendReqHandler for Session {
     ) -> VuResult<Option<Vec<VhostUserMemoryRegionBase>>> {
         let mut table = Vec::with_capacity(regions.len());
         for (r, file) in regions.iter().zip(files) {
-            MemTable::admit(&table, r)?;
-            region_fits(r, &file)?;
-            table.push(TableRegion {
-                gpa: r.guest_phys_addr,
-                size: r.memory_size,
-                user_addr: r.user_addr,
-                mmap_offset: r.mmap_offset,
-                file,
-            });
+            table.push(TableRegion::admit(&table, r, file)?);
         }
         *self.shared.rings.table.regions.lock() = table;
         self.shared.memory_changed()?;
@@ -781,15 +788,8 @@ impl VhostUserBackendReqHandler for Session {
     ) -> VuResult<Option<VhostUserMemoryRegionBase>> {
         {
             let mut table = self.shared.rings.table.regions.lock();
-            MemTable::admit(&table, region)?;
-            region_fits(region, &fd)?;
-            table.push(TableRegion {
-                gpa: region.guest_phys_addr,
-                size: region.memory_size,
-                user_addr: region.user_addr,
-                mmap_offset: region.mmap_offset,
-                file: fd,
-            });
+            let admitted = TableRegion::admit(&table, region, fd)?;
+            table.push(admitted);
         }
         self.shared.memory_changed()?;
         Ok(None)
@@ -860,40 +860,18 @@ impl VhostUserDevice {
             calls: (0..spec.num_queues).map(|_| Mutex::default()).collect(),
             table,
         });
-        let inflight = Arc::new(InFlight::default());
-        let mut queues = Vec::new();
-        let mut kicks = Vec::new();
-        for i in 0..spec.num_queues {
-            let kick = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| Error::sys("eventfd", e))?);
-            let q = Virtqueue::new(
-                i,
-                spec.queue_size,
-                spec.max_segments,
-                memory.clone(),
-                rings.clone(),
-                inflight.clone(),
-                None,
-            );
-            q.set_waker(kick.clone());
-            q.set_held(i < 64 && spec.held_queues & (1 << i) != 0);
-            q.set_fail_status(spec.fail_status());
-            queues.push(q);
-            kicks.push(kick);
-        }
+        let life = Lifecycle::new(
+            &options.name,
+            &spec,
+            memory,
+            rings.clone(),
+            |_| None,
+            options.drain_timeout,
+            ANSWER_BUDGET,
+            events,
+        )?;
         let shared = Arc::new(Shared {
-            life: Lifecycle {
-                name: options.name.clone(),
-                memory,
-                queues,
-                kicks,
-                inflight,
-                drain_timeout: options.drain_timeout.min(MAX_DRAIN).min(ANSWER_BUDGET / 2),
-                answer_budget: ANSWER_BUDGET,
-                janitor: Janitor::new(&options.name).map_err(|e| Error::sys("spawn", e))?,
-                events,
-                drains: AtomicU64::new(0),
-                max_drain_us: AtomicU64::new(0),
-            },
+            life,
             config: Mutex::new(spec.config.clone()),
             spec,
             rings,
@@ -913,20 +891,10 @@ impl VhostUserDevice {
             connection: Mutex::new(None),
             sessions: AtomicU64::new(0),
         });
-        let mut workers = Vec::new();
-        if let Serving::Workers(model) = serving {
-            for (q, kick) in shared.life.queues.iter().zip(&shared.life.kicks) {
-                let w = Worker::spawn(
-                    &options.name,
-                    q.clone(),
-                    model.clone(),
-                    kick.clone(),
-                    options.budget,
-                )
-                .map_err(|e| Error::sys("spawn", e))?;
-                workers.push(w);
-            }
-        }
+        let workers = match &serving {
+            Serving::Workers(model) => shared.life.spawn_workers(model, options.budget)?,
+            Serving::External => Vec::new(),
+        };
         let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| Error::sys("eventfd", e))?);
         let thread = {
             let shared = shared.clone();
