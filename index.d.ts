@@ -230,6 +230,11 @@ export interface DeviceInit {
    * of creating it in the kernel.
    */
   vhostUser?: string
+  /**
+   * With `vhost_user`: connect to a VMM listening there (QEMU `server=on`), again whenever it goes, instead
+   * of listening.
+   */
+  vhostUserConnect?: boolean
 }
 
 /** `fallocate(2)` on the libuv pool (punch holes, zero ranges) without blocking the JavaScript thread. */

@@ -239,4 +239,9 @@ test('--vhost-user excludes --attach, --recover and --replace; net wants one soc
     vhostUser: '/tmp/f',
   })
   t.regex(usage(['fs', '--name', 'f', '--memory', '--vhost-user', '/tmp/f', '--attach', 'virtio']), /exclude/)
+  t.regex(usage(['blk', '--name', 'a', '--null', '1M', '--connect']), /--connect goes with --vhost-user/)
+  t.like(parseCommand(['net', '--name', 'n', '--tap', 't0', '--vhost-user', '/tmp/n', '--connect']), {
+    vhostUser: ['/tmp/n'],
+    vhostUserConnect: true,
+  })
 })

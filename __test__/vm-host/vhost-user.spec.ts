@@ -91,6 +91,7 @@ test('a VM boots with a vhost-user-blk-pci disk, a vhost-user NIC and a vhost-us
   t.teardown(() => blk.proc.kill('SIGKILL'))
   const nic = serve(['net', '--name', 'vuvm-net', '--tap', tap, '--vhost-user', join(dir, 'net.sock')])
   t.teardown(() => nic.proc.kill('SIGKILL'))
+  // The file system dials QEMU instead (QEMU listens: server=on), like a back-end the VMM's side starts.
   const fs = serve([
     'fs',
     '--name',
@@ -100,6 +101,7 @@ test('a VM boots with a vhost-user-blk-pci disk, a vhost-user NIC and a vhost-us
     '--memory',
     '--vhost-user',
     join(dir, 'fs.sock'),
+    '--connect',
   ])
   t.teardown(() => fs.proc.kill('SIGKILL'))
   t.is((await ready(fs, 'fs')).path, join(dir, 'fs.sock'))
@@ -125,7 +127,7 @@ test('a VM boots with a vhost-user-blk-pci disk, a vhost-user NIC and a vhost-us
       // vectors=0: the host's QEMU 7.2 under TCG segfaults in vhost_net_start (msix_set_vector_notifiers)
       // when a vhost-user NIC has MSI-X; with INTx it runs.
       `-device virtio-net-pci,netdev=n0,mac=${mac},vectors=0`,
-      `-chardev socket,id=vuf,path=${join(dir, 'fs.sock')}`,
+      `-chardev socket,id=vuf,path=${join(dir, 'fs.sock')},server=on,wait=on`,
       '-device vhost-user-fs-pci,chardev=vuf,tag=vufs',
     ],
     { VDUSE_VU_MAC: mac, VDUSE_VU_TAG: 'vufs', VDUSE_VU_PHASE: 'blk net fs' },

@@ -49,6 +49,8 @@ Options for blk:
                          a VMM connects to SOCK (QEMU: -chardev socket,id=c,path=SOCK -device
                          vhost-user-blk-pci,chardev=c; libblkio: virtio-blk-vhost-user), one at a
                          time; the ready event's path is SOCK. Excludes --attach, --recover, --replace
+  --connect              with --vhost-user: connect to a VMM listening on SOCK (QEMU: server=on) instead
+                         of listening, and again whenever it goes (blk, net and fs)
   --timeout MS           fail a request whose backend call takes longer (default: no limit, as the
                          kernel's NBD client). With --nbd the request's connection is closed too, so
                          its copy cannot land later; the connection's other requests are sent again
@@ -162,6 +164,7 @@ function parseNet(args: readonly string[]): NetCommand | { command: 'help'; topi
         'queue-size': { type: 'string' },
         attach: { type: 'string' },
         'vhost-user': { type: 'string', multiple: true },
+        connect: { type: 'boolean' },
         replace: { type: 'boolean' },
         json: { type: 'boolean' },
         'log-level': { type: 'string' },
@@ -211,6 +214,10 @@ function parseNet(args: readonly string[]): NetCommand | { command: 'help'; topi
   if (v.tap !== undefined) cmd.tap = v.tap
   if (v.mac !== undefined) cmd.mac = v.mac
   if (sockets !== undefined) cmd.vhostUser = sockets
+  if (v.connect) {
+    if (sockets === undefined) throw new UsageError('--connect goes with --vhost-user')
+    cmd.vhostUserConnect = true
+  }
   const mtu = parseInteger(v.mtu, '--mtu', 68, 65535)
   if (mtu !== undefined) cmd.mtu = mtu
   return cmd
@@ -237,6 +244,7 @@ function parseFs(args: readonly string[]): FsCommand | { command: 'help'; topic:
         timeout: { type: 'string' },
         attach: { type: 'string' },
         'vhost-user': { type: 'string' },
+        connect: { type: 'boolean' },
         replace: { type: 'boolean' },
         json: { type: 'boolean' },
         'log-level': { type: 'string' },
@@ -283,6 +291,10 @@ function parseFs(args: readonly string[]): FsCommand | { command: 'help'; topic:
   const timeout = parseInteger(v.timeout, '--timeout', 1, 3_600_000)
   if (timeout !== undefined) cmd.timeoutMs = timeout
   if (v['vhost-user'] !== undefined) cmd.vhostUser = v['vhost-user']
+  if (v.connect) {
+    if (v['vhost-user'] === undefined) throw new UsageError('--connect goes with --vhost-user')
+    cmd.vhostUserConnect = true
+  }
   return cmd
 }
 
@@ -343,6 +355,8 @@ export interface BlkCommand {
   attach: 'virtio' | 'vhost' | 'none'
   /** Serve over a vhost-user socket at this path instead of through VDUSE. */
   vhostUser?: string
+  /** With `vhostUser`: connect to a VMM listening there instead of listening. */
+  vhostUserConnect?: boolean
   timeoutMs?: number
   pollUs: number | 'auto'
   replace: boolean
@@ -363,6 +377,8 @@ export interface NetCommand {
   attach: 'virtio' | 'vhost' | 'none'
   /** One vhost-user socket per NIC (in `names` order) instead of VDUSE. */
   vhostUser?: string[]
+  /** With `vhostUser`: connect to a VMM listening there instead of listening. */
+  vhostUserConnect?: boolean
   replace: boolean
   json: boolean
   logLevel: LogLevel
@@ -380,6 +396,8 @@ export interface FsCommand {
   attach: 'virtio' | 'vhost' | 'none'
   /** Serve over a vhost-user socket at this path (QEMU: vhost-user-fs-pci) instead of through VDUSE. */
   vhostUser?: string
+  /** With `vhostUser`: connect to a VMM listening there instead of listening. */
+  vhostUserConnect?: boolean
   replace: boolean
   json: boolean
   logLevel: LogLevel
@@ -431,6 +449,7 @@ export function parseCommand(argv: readonly string[]): Command {
         serial: { type: 'string' },
         attach: { type: 'string' },
         'vhost-user': { type: 'string' },
+        connect: { type: 'boolean' },
         timeout: { type: 'string' },
         'poll-us': { type: 'string' },
         replace: { type: 'boolean' },
@@ -559,6 +578,10 @@ export function parseCommand(argv: readonly string[]): Command {
   if (blockSize !== undefined) cmd.blockSize = blockSize
   if (v.serial !== undefined) cmd.serial = v.serial
   if (v['vhost-user'] !== undefined) cmd.vhostUser = v['vhost-user']
+  if (v.connect) {
+    if (v['vhost-user'] === undefined) throw new UsageError('--connect goes with --vhost-user')
+    cmd.vhostUserConnect = true
+  }
   const timeout = parseInteger(v.timeout, '--timeout', 1, 3_600_000)
   if (timeout !== undefined) cmd.timeoutMs = timeout
   return cmd

@@ -34,7 +34,9 @@ export async function serveFs(cmd: FsCommand, emit: Emit): Promise<number> {
     replaceStale: cmd.replace,
     pollUs: 'auto',
     ...(cmd.timeoutMs === undefined ? {} : { requestTimeoutMs: cmd.timeoutMs }),
-    ...(cmd.vhostUser === undefined ? {} : { transport: vhostUser(cmd.vhostUser) }),
+    ...(cmd.vhostUser === undefined
+      ? {}
+      : { transport: vhostUser(cmd.vhostUser, { connect: cmd.vhostUserConnect ?? false }) }),
   })
   const name = device.name
   device.on('error', (err) => emit(deviceError(name, err)))

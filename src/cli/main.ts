@@ -116,7 +116,8 @@ async function serveBlk(cmd: BlkCommand, emit: Emit): Promise<number> {
     options.pollUs = cmd.pollUs
     // With --nbd too: a request past its deadline fails, and its connection is closed (it cannot land later).
     if (cmd.timeoutMs !== undefined) options.requestTimeoutMs = cmd.timeoutMs
-    if (cmd.vhostUser !== undefined) options.transport = vhostUser(cmd.vhostUser)
+    if (cmd.vhostUser !== undefined)
+      options.transport = vhostUser(cmd.vhostUser, { connect: cmd.vhostUserConnect ?? false })
     device = await BlockDevice.create(options)
   } catch (err) {
     await backend.close?.()

@@ -42,7 +42,8 @@ export async function serveNet(cmd: NetCommand, emit: Emit): Promise<number> {
       if (cmd.mac !== undefined) options.mac = cmd.mac
       if (cmd.mtu !== undefined) options.mtu = cmd.mtu
       const socket = cmd.vhostUser?.[i]
-      if (socket !== undefined) options.transport = vhostUser(socket)
+      if (socket !== undefined)
+        options.transport = vhostUser(socket, { connect: cmd.vhostUserConnect ?? false })
       const nic = await NetDevice.create(options)
       nics.push(nic)
       sw?.connect(nic)

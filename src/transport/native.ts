@@ -45,6 +45,16 @@ function openNative(
 /** The real thing: a VDUSE device in the kernel, served on this JavaScript thread by the native binding. */
 export const vduseTransport: Transport = { native: true, open: openNative }
 
+/** Options of {@link vhostUser}. */
+export interface VhostUserOptions {
+  /**
+   * Connect to a VMM that listens on the socket (QEMU: `-chardev socket,…,server=on`) instead of listening
+   * on it; when the VMM goes away, connect again (every 500 ms) until the device is closed. The socket is
+   * the VMM's: `close()` leaves it.
+   */
+  connect?: boolean
+}
+
 /**
  * Serves the device over a vhost-user socket at `socketPath` instead of through VDUSE: any VMM (QEMU
  * `-chardev socket,path=…` with `vhost-user-blk-pci` or `-netdev vhost-user`, cloud-hypervisor,
@@ -52,7 +62,7 @@ export const vduseTransport: Transport = { native: true, open: openNative }
  * created when the device is (a stale socket file there is replaced) and removed by `close()`. Devices
  * on it are not attached (`attach()` throws); their `path` is the socket.
  */
-export function vhostUser(socketPath: string): Transport {
+export function vhostUser(socketPath: string, options: VhostUserOptions = {}): Transport {
   if (typeof socketPath !== 'string' || socketPath === '' || socketPath.includes('\0')) {
     throw new VduseError('vhostUser() needs the path of the socket to listen on', {
       code: 'ERR_VDUSE_INVALID_CONFIG',
@@ -68,7 +78,12 @@ export function vhostUser(socketPath: string): Transport {
     native: true,
     socketPath,
     open: (init, arrays, onBatch, onEvent) =>
-      openNative({ ...init, vhostUser: socketPath }, arrays, onBatch, onEvent),
+      openNative(
+        { ...init, vhostUser: socketPath, vhostUserConnect: options.connect ?? false },
+        arrays,
+        onBatch,
+        onEvent,
+      ),
   }
 }
 

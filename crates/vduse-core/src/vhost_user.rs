@@ -834,8 +834,9 @@ impl VhostUserBackendReqHandler for Session {
 pub struct VhostUserDevice {
     shared: Arc<Shared>,
     path: PathBuf,
-    /// The socket file we bound (device, inode): removed on close only if it is still ours.
-    socket_id: (u64, u64),
+    /// The socket file we bound (device, inode): removed on close only if it is still ours. None: the
+    /// VMM's (connect mode).
+    socket_id: Option<(u64, u64)>,
     stop: Arc<EventFd>,
     thread: Option<JoinHandle<()>>,
     workers: Vec<Worker>,
@@ -853,6 +854,48 @@ impl VhostUserDevice {
     ) -> Result<Self> {
         validate(&options.name, &spec)?;
         let (listener, socket_id) = bind_socket(&options.name, path)?;
+        Self::serve(
+            path,
+            Endpoint::Listen(listener),
+            Some(socket_id),
+            options,
+            spec,
+            serving,
+            events,
+        )
+    }
+
+    /// Connects to a VMM listening on `path` (QEMU: `-chardev socket,…,server=on`) and serves it; when it
+    /// goes away, connects again (every [`RECONNECT_EVERY`]) until closed. The socket is the VMM's: close()
+    /// leaves it.
+    pub fn connect(
+        path: &Path,
+        options: DeviceOptions,
+        spec: DeviceSpec,
+        serving: Serving,
+        events: Option<Arc<dyn DeviceEvents>>,
+    ) -> Result<Self> {
+        validate(&options.name, &spec)?;
+        Self::serve(
+            path,
+            Endpoint::Connect(path.to_owned()),
+            None,
+            options,
+            spec,
+            serving,
+            events,
+        )
+    }
+
+    fn serve(
+        path: &Path,
+        endpoint: Endpoint,
+        socket_id: Option<(u64, u64)>,
+        options: DeviceOptions,
+        spec: DeviceSpec,
+        serving: Serving,
+        events: Option<Arc<dyn DeviceEvents>>,
+    ) -> Result<Self> {
         let table = Arc::new(MemTable::default());
         let memory = Arc::new(Memory::new(table.clone()));
         let rings = Arc::new(Rings {
@@ -901,7 +944,7 @@ impl VhostUserDevice {
             let stop = stop.clone();
             std::thread::Builder::new()
                 .name(format!("vhost-user-{}", options.name))
-                .spawn(move || control_loop(&shared, listener, &stop))
+                .spawn(move || control_loop(&shared, endpoint, &stop))
                 .map_err(|e| Error::sys("spawn", e))?
         };
         Ok(Self {
@@ -1005,7 +1048,8 @@ impl VhostUserDevice {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        let ours = std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.socket_id);
+        let ours =
+            std::fs::symlink_metadata(&self.path).is_ok_and(|m| Some((m.dev(), m.ino())) == self.socket_id);
         if ours {
             let _ = std::fs::remove_file(&self.path);
         }
@@ -1097,6 +1141,11 @@ fn bind_socket(name: &str, path: &Path) -> Result<(UnixListener, (u64, u64))> {
 
 /// Polls `fds` for reading; returns each one's `revents` (EINTR retries).
 fn poll_in(fds: &[RawFd]) -> std::io::Result<Vec<i16>> {
+    poll_in_for(fds, -1)
+}
+
+/// [`poll_in`] for at most `timeout_ms` (-1: no limit).
+fn poll_in_for(fds: &[RawFd], timeout_ms: i32) -> std::io::Result<Vec<i16>> {
     let mut pfds: Vec<libc::pollfd> = fds
         .iter()
         .map(|&fd| libc::pollfd {
@@ -1107,7 +1156,7 @@ fn poll_in(fds: &[RawFd]) -> std::io::Result<Vec<i16>> {
         .collect();
     loop {
         // SAFETY: `pfds` is a valid array of `pfds.len()` pollfds for the duration of the call.
-        let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, -1) };
+        let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout_ms) };
         if n >= 0 {
             return Ok(pfds.iter().map(|p| p.revents).collect());
         }
@@ -1120,26 +1169,65 @@ fn poll_in(fds: &[RawFd]) -> std::io::Result<Vec<i16>> {
 
 const BROKEN: i16 = libc::POLLERR | libc::POLLHUP | libc::POLLNVAL;
 
-fn control_loop(shared: &Arc<Shared>, listener: UnixListener, stop: &EventFd) {
-    let name = shared.life.name.clone();
-    loop {
-        match poll_in(&[stop.as_raw_fd(), listener.as_raw_fd()]) {
-            Ok(r) if r[0] != 0 => return,
-            Ok(_) => {}
-            Err(e) => {
-                log::error!("device {name:?}: poll: {e}");
-                return;
+/// Where clients come from: our listening socket, or a VMM's that we connect to.
+enum Endpoint {
+    Listen(UnixListener),
+    Connect(PathBuf),
+}
+
+/// How often connect mode tries again while the VMM's socket is not there (or refuses).
+pub const RECONNECT_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
+impl Endpoint {
+    /// The next client, or None once `stop` is readable.
+    fn next(&self, name: &str, stop: &EventFd) -> Option<UnixStream> {
+        loop {
+            match self {
+                Endpoint::Listen(listener) => {
+                    match poll_in(&[stop.as_raw_fd(), listener.as_raw_fd()]) {
+                        Ok(r) if r[0] != 0 => return None,
+                        Ok(_) => {}
+                        Err(e) => {
+                            log::error!("device {name:?}: poll: {e}");
+                            return None;
+                        }
+                    }
+                    match listener.accept() {
+                        Ok((s, _)) => return Some(s),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(e) => {
+                            // EMFILE and the like: do not spin on them.
+                            log::warn!("device {name:?}: accept: {e}");
+                            if !wait_stop(stop, 100) {
+                                return None;
+                            }
+                        }
+                    }
+                }
+                Endpoint::Connect(path) => match UnixStream::connect(path) {
+                    Ok(s) => return Some(s),
+                    Err(e) => {
+                        log::debug!("device {name:?}: connect to {}: {e}", path.display());
+                        if !wait_stop(stop, RECONNECT_EVERY.as_millis() as i32) {
+                            return None;
+                        }
+                    }
+                },
             }
         }
-        let stream = match listener.accept() {
-            Ok((s, _)) => s,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(e) => {
-                // EMFILE and the like: do not spin on them.
-                log::warn!("device {name:?}: accept: {e}");
-                std::thread::sleep(std::time::Duration::from_millis(100));
-                continue;
-            }
+    }
+}
+
+/// Waits up to `ms` for `stop`; false if it came.
+fn wait_stop(stop: &EventFd, ms: i32) -> bool {
+    !matches!(poll_in_for(&[stop.as_raw_fd()], ms), Ok(r) if r[0] != 0)
+}
+
+fn control_loop(shared: &Arc<Shared>, endpoint: Endpoint, stop: &EventFd) {
+    let name = shared.life.name.clone();
+    loop {
+        let Some(stream) = endpoint.next(&name, stop) else {
+            return;
         };
         // Blocking reads, bounded: a message is read whole once its first byte is there, and a client
         // that stops half-way is dropped rather than waited for.

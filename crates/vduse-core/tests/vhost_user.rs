@@ -278,3 +278,31 @@ fn a_client_that_stalls_mid_message_neither_holds_the_device_nor_its_close() {
     drop(stalled);
     assert!(!sock.exists());
 }
+
+#[test]
+fn in_connect_mode_the_device_dials_the_vmm_and_again_when_it_comes_back() {
+    let dir = scratch("connect");
+    let sock = dir.join("vmm.sock");
+    let model = Arc::new(RamBlk::new(1 << 20, 1, QSIZE, "vu-test"));
+    // The device starts first: the VMM's socket is not there yet, it keeps trying.
+    let mut dev = VhostUserDevice::connect(
+        &sock,
+        DeviceOptions::new("vu-connect"),
+        model.spec(),
+        Serving::Workers(model.clone()),
+        None,
+    )
+    .unwrap();
+    let vmm = UnixListener::bind(&sock).unwrap();
+    for session in 1..=2 {
+        let (stream, _) = vmm.accept().unwrap();
+        let fe = Frontend::from_stream(stream, 1);
+        fe.set_owner().unwrap();
+        assert_ne!(fe.get_features().unwrap() & VERSION_1, 0);
+        wait_for("the session", || dev.sessions() == session);
+        // The VMM goes away: the device dials again.
+        drop(fe);
+    }
+    dev.close().unwrap();
+    assert!(sock.exists(), "the VMM's socket is not ours to remove");
+}

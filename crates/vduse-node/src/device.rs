@@ -63,6 +63,9 @@ pub struct DeviceInit {
     /// Serve the device over a vhost-user socket at this path (listening; one client at a time) instead
     /// of creating it in the kernel.
     pub vhost_user: Option<String>,
+    /// With `vhost_user`: connect to a VMM listening there (QEMU `server=on`), again whenever it goes, instead
+    /// of listening.
+    pub vhost_user_connect: Option<bool>,
 }
 
 /// The JavaScript arrays of the batch protocol (see `serve.rs`).
@@ -415,6 +418,10 @@ pub fn create_device(
         None => Serving::External,
     };
     let device = match init.vhost_user.as_deref() {
+        Some(path) if init.vhost_user_connect.unwrap_or(false) => {
+            VhostUserDevice::connect(std::path::Path::new(path), options, spec, serving(), Some(events))
+                .map(Served::VhostUser)
+        }
         Some(path) => {
             VhostUserDevice::listen(std::path::Path::new(path), options, spec, serving(), Some(events))
                 .map(Served::VhostUser)
