@@ -134,6 +134,19 @@ impl Lifecycle {
     /// those requests used (the driver reuses it once answered); false when that could not be made sure
     /// within the budget — the caller fails closed.
     pub fn stop_queues(&self, started: Instant, which: impl Fn(&Virtqueue) -> bool, kind: Stop) -> bool {
+        self.stop_queues_then(started, which, kind, || {})
+    }
+
+    /// [`stop_queues`](Self::stop_queues), calling `before_forget` once the queues are stopped and before
+    /// the memory map is dropped (a transport drops its own record of the memory there, so that nothing
+    /// maps it again).
+    pub fn stop_queues_then(
+        &self,
+        started: Instant,
+        which: impl Fn(&Virtqueue) -> bool,
+        kind: Stop,
+        before_forget: impl FnOnce(),
+    ) -> bool {
         let deadline = started + self.drain_timeout;
         let chosen: Vec<&Arc<Virtqueue>> = self.queues.iter().filter(|q| which(q)).collect();
         for q in &chosen {
@@ -148,27 +161,35 @@ impl Lifecycle {
                 .sum::<usize>()
         };
         let busy = waited() > 0;
-        let drained = !busy || self.inflight.wait_until(deadline, || waited() == 0);
+        // A client that is gone sees no completion: fence at once (the log keeps the requests).
+        let drained = !busy || (kind != Stop::Gone && self.inflight.wait_until(deadline, || waited() == 0));
         let mut fenced = 0;
         let mut maps = Vec::new();
-        // Native I/O still running for requests about to be fenced: only it could touch their buffers later.
-        let mut native = 0;
+        // Requests fenced while native I/O moved their data: only that I/O could touch their buffers later.
+        // Counted by the fences themselves, under each ring's lock (so none slips in between).
+        let fenced_native = || {
+            chosen
+                .iter()
+                .map(|q| q.stats.fenced_native.load(Ordering::Relaxed))
+                .sum::<u64>()
+        };
+        let native_before = fenced_native();
         for q in &chosen {
             if kind == Stop::Ring && q.held() {
                 // The ring resumes later: its receive buffers go back empty rather than be lost to the driver.
                 let (_, m) = q.give_back_where(|_, _| true);
                 maps.extend(m);
             }
-            native += q.native_live();
             let (n, m) = match kind {
                 Stop::Reset => q.stop(),
-                Stop::Leave | Stop::Ring => q.abandon(),
+                Stop::Leave | Stop::Gone | Stop::Ring => q.abandon(),
             };
             if !q.held() {
                 fenced += n;
             }
             maps.extend(m);
         }
+        let native = fenced_native() - native_before;
         // Stopped queues touch no ring, and fenced tickets reach no buffer: what is left are pins.
         let (old, settled) = if kind == Stop::Ring {
             // The memory stays mapped for the other rings, whose own native I/O pins the same mappings: pins
@@ -183,6 +204,7 @@ impl Lifecycle {
                 },
             )
         } else {
+            before_forget();
             let old = self.memory.clear();
             let mappings = mappings_of(std::iter::once(&old).chain(&maps));
             (Some(old), self.settle(mappings, deadline, started, false))
@@ -377,10 +399,12 @@ pub enum Stop {
     /// The driver reset the device (VDUSE: status 0; vhost-user: `RESET_DEVICE`): the memory map goes and
     /// the in-flight log is cleared.
     Reset,
-    /// The client left, or this server is leaving: the memory map goes, the in-flight log stays (fenced
-    /// requests in it are served again by whoever resumes the rings — a reconnecting VMM hands the log
-    /// back).
+    /// This server is leaving while its client stays: requests get the drain deadline, the memory map
+    /// goes, the in-flight log stays (fenced requests in it are served again by whoever resumes the rings
+    /// — a reconnecting VMM hands the log back).
     Leave,
+    /// The client is gone: like `Leave`, but nothing is waited for (nobody would see a completion).
+    Gone,
     /// One ring stops while the others run (vhost-user `GET_VRING_BASE`, a disabled ring): the map stays,
     /// held buffers go back to the driver empty, the log stays for the ring's restart. Fails (false)
     /// when native I/O of the ring was still in flight: only a stop of every ring can make that safe.

@@ -115,6 +115,9 @@ pub struct QueueStats {
     pub duplicate_heads: AtomicU64,
     /// Requests fenced (reset, IOTLB change) before the model completed them.
     pub fenced: AtomicU64,
+    /// Of those, requests fenced while native I/O was moving their data (it may still touch their buffers
+    /// until its system calls return).
+    pub fenced_native: AtomicU64,
     /// Completions for requests that were no longer in flight (fenced, or completed twice).
     pub stale_completions: AtomicU64,
     /// Times the queue stopped because the driver corrupted it.
@@ -687,17 +690,6 @@ impl Virtqueue {
         self.ring.lock().live
     }
 
-    /// Requests in flight whose data moves by native I/O right now (they may touch driver memory until
-    /// their system calls return).
-    pub fn native_live(&self) -> usize {
-        self.ring
-            .lock()
-            .slots
-            .iter()
-            .filter(|s| s.live && s.native)
-            .count()
-    }
-
     /// Whether a request of this queue is in flight and still the model's to complete (not handed to
     /// native I/O, which completes on its own threads).
     pub fn awaits_model(&self) -> bool {
@@ -847,7 +839,9 @@ impl Virtqueue {
                 continue;
             }
             s.live = false;
-            s.native = false;
+            if std::mem::take(&mut s.native) {
+                self.stats.fenced_native.fetch_add(1, Ordering::Relaxed);
+            }
             s.gen = s.gen.wrapping_add(1) & Ticket::GEN_MASK;
             *held_segments -= s.segments.len();
             self.trim_slot(s, slot_capacity);

@@ -166,9 +166,19 @@ fn region_fits(r: &VhostUserMemoryRegion, file: &File) -> VuResult<()> {
     }
 }
 
-/// Makes a client's eventfd non-blocking: the control thread and the serving threads must never wait on
-/// it (a full counter, a client that drains it itself).
+/// Whether `file` is an eventfd: kick and call fds must be (a regular file is always readable and
+/// never blocks as a non-blocking fd would; a FIFO or FUSE file could block).
+fn is_eventfd(file: &File) -> bool {
+    std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
+        .is_ok_and(|target| target.as_os_str() == "anon_inode:[eventfd]")
+}
+
+/// Checks that a client's fd is an eventfd and makes it non-blocking: the control thread and the serving
+/// threads must never wait on it (a full counter, a client that drains it itself).
 fn set_nonblocking(file: &File) -> VuResult<()> {
+    if !is_eventfd(file) {
+        return Err(VuError::InvalidParam);
+    }
     let fd = file.as_raw_fd();
     // SAFETY: F_GETFL/F_SETFL on an fd we own only change its status flags.
     let ok = unsafe {
@@ -215,6 +225,8 @@ struct RingSetup {
     kick: Option<File>,
     /// Armed for serving (kick fd and enabled): stopping it is a drain.
     started: bool,
+    /// The index GET_VRING_BASE (or a disable) answered when the ring last stopped.
+    answered: Option<u16>,
 }
 
 /// The client's side of the rings: their setup and the fds to interrupt it.
@@ -291,6 +303,9 @@ struct Shared {
     drop_client: AtomicBool,
     /// Memory of a client could not be made unreachable in time: no further client is served.
     poisoned: AtomicBool,
+    /// The last request was refused by one of our handlers whose answer is an ack (sent when asked for):
+    /// the client is in step and was told. Other refusals owe a reply nobody sends: the client goes.
+    refused_with_ack: AtomicBool,
     /// The current client's socket, to cut a session that blocks the control thread (close()).
     connection: Mutex<Option<UnixStream>>,
     sessions: AtomicU64,
@@ -326,7 +341,23 @@ impl Shared {
             return Err(VuError::InvalidOperation("a ring started before SET_FEATURES"));
         }
         s.started = true;
+        // The client set the ring up again with another index than we answered when it stopped: it is a
+        // new ring (a reset without RESET_DEVICE), and what the log kept belongs to the old one.
+        let restarted_elsewhere = s.answered.take().is_some_and(|b| b != s.base);
         drop(s);
+        let q = &self.life.queues[index as usize];
+        if restarted_elsewhere {
+            if let Some(log) = q.log() {
+                log.clear();
+            }
+        }
+        q.set_event_idx(features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0);
+        q.set_features(features);
+        // Before anything is announced: a refused resume leaves the ring (and the device) not running.
+        if let Err(e) = self.resume(q) {
+            self.setup(index)?.started = false;
+            return Err(e);
+        }
         if self.status.load(Ordering::Acquire) & STATUS_DRIVER_OK == 0 {
             if let Some(model) = &self.model {
                 model.started(features);
@@ -337,13 +368,6 @@ impl Shared {
             "device {:?}: queue {index} starts (features {features:#x})",
             self.life.name
         );
-        let q = &self.life.queues[index as usize];
-        q.set_event_idx(features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0);
-        q.set_features(features);
-        if let Err(e) = self.resume(q) {
-            self.setup(index)?.started = false;
-            return Err(e);
-        }
         q.arm();
         // Serve now: the ring may hold requests already.
         let _ = self.life.kicks[index as usize].write(1);
@@ -440,6 +464,7 @@ impl Shared {
             s.base = base;
         }
         let base = s.base;
+        s.answered = Some(base);
         drop(s);
         if self.rings.setups.iter().all(|s| !s.lock().started) {
             self.set_status(0);
@@ -456,16 +481,24 @@ impl Shared {
         for s in &self.rings.setups {
             *s.lock() = RingSetup::default();
         }
-        if kind == Stop::Leave {
-            // First, so that no serving thread maps the departed client's memory again meanwhile.
-            self.rings.table.regions.lock().clear();
-            self.life.memory.invalidate();
-        }
-        let safe = self.life.stop_queues(started, |_| true, kind);
+        let leaving = kind != Stop::Reset;
+        // The table goes once the rings are stopped (completions during the drain still reach the client)
+        // and before the map is dropped, so that nothing maps the departed client's memory again.
+        let safe = self.life.stop_queues_then(
+            started,
+            |_| true,
+            kind,
+            || {
+                if leaving {
+                    self.rings.table.regions.lock().clear();
+                    self.life.memory.invalidate();
+                }
+            },
+        );
         for c in &self.rings.calls {
             *c.lock() = None;
         }
-        if kind == Stop::Leave {
+        if leaving {
             for q in &self.life.queues {
                 q.set_log(None);
             }
@@ -502,6 +535,28 @@ struct Session {
     shared: Arc<Shared>,
 }
 
+impl Session {
+    /// Runs a handler answered with an ack: its refusal leaves the session in step.
+    fn acked<T>(&self, handle: impl FnOnce() -> VuResult<T>) -> VuResult<T> {
+        let result = handle();
+        if result.is_err() {
+            self.shared.refused_with_ack.store(true, Ordering::Release);
+        }
+        result
+    }
+
+    /// Runs a handler whose refusal cannot be undone or answered (the protocol crate recorded the
+    /// features before asking us; an inflight region refused would leave the rings without their log):
+    /// the client must go.
+    fn final_say<T>(&self, handle: impl FnOnce() -> VuResult<T>) -> VuResult<T> {
+        let result = handle();
+        if result.is_err() {
+            self.shared.drop_client.store(true, Ordering::Release);
+        }
+        result
+    }
+}
+
 impl VhostUserBackendReqHandler for Session {
     fn set_owner(&self) -> VuResult<()> {
         Ok(())
@@ -524,18 +579,20 @@ impl VhostUserBackendReqHandler for Session {
     }
 
     fn set_features(&self, features: u64) -> VuResult<()> {
-        log::debug!("device {:?}: features {features:#x}", self.shared.life.name);
-        if features & !(self.shared.spec.features | TRANSPORT_FEATURES) != 0 {
-            return Err(VuError::InvalidParam);
-        }
-        if features & (1 << VIRTIO_F_VERSION_1) == 0 {
-            return Err(VuError::InvalidParam); // legacy (pre-1.0) rings are not served
-        }
-        if self.shared.rings.setups.iter().any(|s| s.lock().started) {
-            return Err(VuError::InvalidOperation("features change while rings run"));
-        }
-        self.shared.features.store(features, Ordering::Release);
-        Ok(())
+        self.final_say(|| {
+            log::debug!("device {:?}: features {features:#x}", self.shared.life.name);
+            if features & !(self.shared.spec.features | TRANSPORT_FEATURES) != 0 {
+                return Err(VuError::InvalidParam);
+            }
+            if features & (1 << VIRTIO_F_VERSION_1) == 0 {
+                return Err(VuError::InvalidParam); // legacy (pre-1.0) rings are not served
+            }
+            if self.shared.rings.setups.iter().any(|s| s.lock().started) {
+                return Err(VuError::InvalidOperation("features change while rings run"));
+            }
+            self.shared.features.store(features, Ordering::Release);
+            Ok(())
+        })
     }
 
     fn set_mem_table(
@@ -544,26 +601,30 @@ impl VhostUserBackendReqHandler for Session {
         files: Vec<File>,
         _postcopy: Option<bool>,
     ) -> VuResult<Option<Vec<VhostUserMemoryRegionBase>>> {
-        let mut table = Vec::with_capacity(regions.len());
-        for (r, file) in regions.iter().zip(files) {
-            table.push(TableRegion::admit(&table, r, file)?);
-        }
-        *self.shared.rings.table.regions.lock() = table;
-        self.shared.memory_changed()?;
-        Ok(None)
+        self.acked(|| {
+            let mut table = Vec::with_capacity(regions.len());
+            for (r, file) in regions.iter().zip(files) {
+                table.push(TableRegion::admit(&table, r, file)?);
+            }
+            *self.shared.rings.table.regions.lock() = table;
+            self.shared.memory_changed()?;
+            Ok(None)
+        })
     }
 
     fn set_vring_num(&self, index: u32, num: u32) -> VuResult<()> {
-        let max = u32::from(self.shared.spec.queue_size);
-        if num == 0 || num > max || !num.is_power_of_two() {
-            return Err(VuError::InvalidParam);
-        }
-        let mut s = self.shared.setup(index)?;
-        if s.started {
-            return Err(VuError::InvalidOperation("the ring is running"));
-        }
-        s.num = num as u16;
-        Ok(())
+        self.acked(|| {
+            let max = u32::from(self.shared.spec.queue_size);
+            if num == 0 || num > max || !num.is_power_of_two() {
+                return Err(VuError::InvalidParam);
+            }
+            let mut s = self.shared.setup(index)?;
+            if s.started {
+                return Err(VuError::InvalidOperation("the ring is running"));
+            }
+            s.num = num as u16;
+            Ok(())
+        })
     }
 
     fn set_vring_addr(
@@ -575,24 +636,28 @@ impl VhostUserBackendReqHandler for Session {
         available: u64,
         _log: u64,
     ) -> VuResult<()> {
-        let mut s = self.shared.setup(index)?;
-        if s.started {
-            return Err(VuError::InvalidOperation("the ring is running"));
-        }
-        s.desc = descriptor;
-        s.used = used;
-        s.avail = available;
-        Ok(())
+        self.acked(|| {
+            let mut s = self.shared.setup(index)?;
+            if s.started {
+                return Err(VuError::InvalidOperation("the ring is running"));
+            }
+            s.desc = descriptor;
+            s.used = used;
+            s.avail = available;
+            Ok(())
+        })
     }
 
     fn set_vring_base(&self, index: u32, base: u32) -> VuResult<()> {
-        let base = u16::try_from(base).map_err(|_| VuError::InvalidParam)?;
-        let mut s = self.shared.setup(index)?;
-        if s.started {
-            return Err(VuError::InvalidOperation("the ring is running"));
-        }
-        s.base = base;
-        Ok(())
+        self.acked(|| {
+            let base = u16::try_from(base).map_err(|_| VuError::InvalidParam)?;
+            let mut s = self.shared.setup(index)?;
+            if s.started {
+                return Err(VuError::InvalidOperation("the ring is running"));
+            }
+            s.base = base;
+            Ok(())
+        })
     }
 
     fn get_vring_base(&self, index: u32) -> VuResult<VhostUserVringState> {
@@ -603,45 +668,49 @@ impl VhostUserBackendReqHandler for Session {
     }
 
     fn set_vring_kick(&self, index: u8, fd: Option<File>) -> VuResult<()> {
-        let index = u32::from(index);
-        // No fd: the client would have us poll the ring, which this back-end does not do.
-        let fd = fd.ok_or(VuError::InvalidOperation(
-            "rings without a kick fd (polling) are not served",
-        ))?;
-        set_nonblocking(&fd)?;
-        log::debug!("device {:?}: queue {index}: kick fd", self.shared.life.name);
-        {
-            let mut s = self.shared.setup(index)?;
-            let running = s.started;
-            s.kick = Some(fd);
-            if running {
-                // A new kick fd for a running ring: a kick sent to the old one may be lost; serve now.
-                drop(s);
-                let _ = self.shared.life.kicks[index as usize].write(1);
-                return Ok(());
+        self.acked(|| {
+            let index = u32::from(index);
+            // No fd: the client would have us poll the ring, which this back-end does not do.
+            let fd = fd.ok_or(VuError::InvalidOperation(
+                "rings without a kick fd (polling) are not served",
+            ))?;
+            set_nonblocking(&fd)?;
+            log::debug!("device {:?}: queue {index}: kick fd", self.shared.life.name);
+            {
+                let mut s = self.shared.setup(index)?;
+                let running = s.started;
+                s.kick = Some(fd);
+                if running {
+                    // A new kick fd for a running ring: a kick sent to the old one may be lost; serve now.
+                    drop(s);
+                    let _ = self.shared.life.kicks[index as usize].write(1);
+                    return Ok(());
+                }
             }
-        }
-        self.shared.maybe_start(index)
+            self.shared.maybe_start(index)
+        })
     }
 
     fn set_vring_call(&self, index: u8, fd: Option<File>) -> VuResult<()> {
-        let call = self
-            .shared
-            .rings
-            .calls
-            .get(usize::from(index))
-            .ok_or(VuError::InvalidParam)?;
-        if let Some(fd) = &fd {
-            set_nonblocking(fd)?;
-        }
-        *call.lock() = fd;
-        // A completion published while no call fd was set raised no interrupt: a spurious one costs nothing.
-        self.shared.rings.notify(u16::from(index));
-        Ok(())
+        self.acked(|| {
+            let call = self
+                .shared
+                .rings
+                .calls
+                .get(usize::from(index))
+                .ok_or(VuError::InvalidParam)?;
+            if let Some(fd) = &fd {
+                set_nonblocking(fd)?;
+            }
+            *call.lock() = fd;
+            // A completion published while no call fd was set raised no interrupt: a spurious one costs nothing.
+            self.shared.rings.notify(u16::from(index));
+            Ok(())
+        })
     }
 
     fn set_vring_err(&self, index: u8, _fd: Option<File>) -> VuResult<()> {
-        self.shared.setup(u32::from(index)).map(|_| ())
+        self.acked(|| self.shared.setup(u32::from(index)).map(|_| ()))
     }
 
     fn get_protocol_features(&self) -> VuResult<VhostUserProtocolFeatures> {
@@ -649,11 +718,13 @@ impl VhostUserBackendReqHandler for Session {
     }
 
     fn set_protocol_features(&self, features: u64) -> VuResult<()> {
-        if features & !protocol_features(self.shared.spec.device_id).bits() != 0 {
-            return Err(VuError::InvalidParam);
-        }
-        self.shared.protocol.store(features, Ordering::Release);
-        Ok(())
+        self.final_say(|| {
+            if features & !protocol_features(self.shared.spec.device_id).bits() != 0 {
+                return Err(VuError::InvalidParam);
+            }
+            self.shared.protocol.store(features, Ordering::Release);
+            Ok(())
+        })
     }
 
     fn get_queue_num(&self) -> VuResult<u64> {
@@ -661,20 +732,22 @@ impl VhostUserBackendReqHandler for Session {
     }
 
     fn set_vring_enable(&self, index: u32, enable: bool) -> VuResult<()> {
-        log::debug!(
-            "device {:?}: queue {index}: enable {enable}",
-            self.shared.life.name
-        );
-        if enable {
-            self.shared.setup(index)?.enabled = Some(true);
-            self.shared.maybe_start(index)
-        } else {
-            let base = self.shared.stop_ring(index)?;
-            let mut s = self.shared.setup(index)?;
-            s.enabled = Some(false);
-            s.base = base;
-            Ok(())
-        }
+        self.acked(|| {
+            log::debug!(
+                "device {:?}: queue {index}: enable {enable}",
+                self.shared.life.name
+            );
+            if enable {
+                self.shared.setup(index)?.enabled = Some(true);
+                self.shared.maybe_start(index)
+            } else {
+                let base = self.shared.stop_ring(index)?;
+                let mut s = self.shared.setup(index)?;
+                s.enabled = Some(false);
+                s.base = base;
+                Ok(())
+            }
+        })
     }
 
     fn get_config(&self, offset: u32, size: u32, _flags: VhostUserConfigFlags) -> VuResult<Vec<u8>> {
@@ -687,11 +760,17 @@ impl VhostUserBackendReqHandler for Session {
     }
 
     fn set_config(&self, _offset: u32, _buf: &[u8], _flags: VhostUserConfigFlags) -> VuResult<()> {
-        // As over VDUSE, the driver cannot write the config space.
-        Err(VuError::InvalidOperation("the config space is read-only"))
+        self.acked(|| {
+            // As over VDUSE, the driver cannot write the config space.
+            Err(VuError::InvalidOperation("the config space is read-only"))
+        })
     }
 
     fn set_backend_req_fd(&self, backend: Backend) {
+        log::debug!(
+            "device {:?}: the client opened its backend channel",
+            self.shared.life.name
+        );
         *self.shared.backend_req.lock() = Some(backend);
     }
 
@@ -704,76 +783,80 @@ impl VhostUserBackendReqHandler for Session {
     }
 
     fn get_inflight_fd(&self, inflight: &VhostUserInflight) -> VuResult<(VhostUserInflight, File)> {
-        let spec = &self.shared.spec;
-        if inflight.num_queues > spec.num_queues || inflight.queue_size > spec.queue_size {
-            return Err(VuError::InvalidParam);
-        }
-        let (region, file) = new_inflight_region(spec).map_err(|e| {
-            log::error!(
-                "device {:?}: cannot create the inflight region: {e}",
-                self.shared.life.name
-            );
-            VuError::BackendInternalError
-        })?;
-        self.shared.install_inflight(region)?;
-        log::debug!("device {:?}: inflight region created", self.shared.life.name);
-        let mmap_size = file.metadata().map_err(|_| VuError::BackendInternalError)?.len();
-        let reply = VhostUserInflight {
-            mmap_size,
-            mmap_offset: 0,
-            num_queues: inflight.num_queues,
-            queue_size: inflight.queue_size,
-        };
-        Ok((reply, file))
+        self.final_say(|| {
+            let spec = &self.shared.spec;
+            if inflight.num_queues > spec.num_queues || inflight.queue_size > spec.queue_size {
+                return Err(VuError::InvalidParam);
+            }
+            let (region, file) = new_inflight_region(spec).map_err(|e| {
+                log::error!(
+                    "device {:?}: cannot create the inflight region: {e}",
+                    self.shared.life.name
+                );
+                VuError::BackendInternalError
+            })?;
+            self.shared.install_inflight(region)?;
+            log::debug!("device {:?}: inflight region created", self.shared.life.name);
+            let mmap_size = file.metadata().map_err(|_| VuError::BackendInternalError)?.len();
+            let reply = VhostUserInflight {
+                mmap_size,
+                mmap_offset: 0,
+                num_queues: inflight.num_queues,
+                queue_size: inflight.queue_size,
+            };
+            Ok((reply, file))
+        })
     }
 
     fn set_inflight_fd(&self, inflight: &VhostUserInflight, file: File) -> VuResult<()> {
-        log::debug!(
-            "device {:?}: inflight region from the client",
-            self.shared.life.name
-        );
-        if inflight.mmap_offset != 0 {
-            return Err(VuError::InvalidParam);
-        }
-        let identity = |f: &File| f.metadata().ok().map(|m| (m.dev(), m.ino()));
-        // Ours already (the client hands back what GET_INFLIGHT_FD gave it): nothing to do.
-        if let Some(current) = self.shared.inflight_region.lock().as_ref() {
-            if identity(current.file()).is_some() && identity(current.file()) == identity(&file) {
-                return Ok(());
+        self.final_say(|| {
+            log::debug!(
+                "device {:?}: inflight region from the client",
+                self.shared.life.name
+            );
+            if inflight.mmap_offset != 0 {
+                return Err(VuError::InvalidParam);
             }
-        }
-        // A region we map must not shrink under us (a store past its end would be a SIGBUS).
-        // SAFETY: F_GET_SEALS only reads the seals of an fd we own.
-        let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
-        if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
-            log::error!(
-                "device {:?}: refusing an inflight region that is not sealed against shrinking",
-                self.shared.life.name
-            );
-            return Err(VuError::InvalidParam);
-        }
-        let region = StateFile::open_in(file, Path::new(INFLIGHT_LABEL)).map_err(|e| {
-            log::error!(
-                "device {:?}: the client's inflight region is unusable: {e}",
-                self.shared.life.name
-            );
-            VuError::InvalidParam
-        })?;
-        let info = region.info();
-        let spec = &self.shared.spec;
-        if info.device_id != spec.device_id
-            || info.num_queues != spec.num_queues
-            || info.queue_size != spec.queue_size
-        {
-            log::error!(
-                "device {:?}: the client's inflight region describes another device ({} queues of {}); refused",
-                self.shared.life.name,
-                info.num_queues,
-                info.queue_size
-            );
-            return Err(VuError::InvalidParam);
-        }
-        self.shared.install_inflight(region)
+            let identity = |f: &File| f.metadata().ok().map(|m| (m.dev(), m.ino()));
+            // Ours already (the client hands back what GET_INFLIGHT_FD gave it): nothing to do.
+            if let Some(current) = self.shared.inflight_region.lock().as_ref() {
+                if identity(current.file()).is_some() && identity(current.file()) == identity(&file) {
+                    return Ok(());
+                }
+            }
+            // A region we map must not shrink under us (a store past its end would be a SIGBUS).
+            // SAFETY: F_GET_SEALS only reads the seals of an fd we own.
+            let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+            if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
+                log::error!(
+                    "device {:?}: refusing an inflight region that is not sealed against shrinking",
+                    self.shared.life.name
+                );
+                return Err(VuError::InvalidParam);
+            }
+            let region = StateFile::open_in(file, Path::new(INFLIGHT_LABEL)).map_err(|e| {
+                log::error!(
+                    "device {:?}: the client's inflight region is unusable: {e}",
+                    self.shared.life.name
+                );
+                VuError::InvalidParam
+            })?;
+            let info = region.info();
+            let spec = &self.shared.spec;
+            if info.device_id != spec.device_id
+                || info.num_queues != spec.num_queues
+                || info.queue_size != spec.queue_size
+            {
+                log::error!(
+                    "device {:?}: the client's inflight region describes another device ({} queues of {}); refused",
+                    self.shared.life.name,
+                    info.num_queues,
+                    info.queue_size
+                );
+                return Err(VuError::InvalidParam);
+            }
+            self.shared.install_inflight(region)
+        })
     }
 
     fn get_max_mem_slots(&self) -> VuResult<u64> {
@@ -786,25 +869,29 @@ impl VhostUserBackendReqHandler for Session {
         fd: File,
         _postcopy: Option<bool>,
     ) -> VuResult<Option<VhostUserMemoryRegionBase>> {
-        {
-            let mut table = self.shared.rings.table.regions.lock();
-            let admitted = TableRegion::admit(&table, region, fd)?;
-            table.push(admitted);
-        }
-        self.shared.memory_changed()?;
-        Ok(None)
+        self.acked(|| {
+            {
+                let mut table = self.shared.rings.table.regions.lock();
+                let admitted = TableRegion::admit(&table, region, fd)?;
+                table.push(admitted);
+            }
+            self.shared.memory_changed()?;
+            Ok(None)
+        })
     }
 
     fn remove_mem_region(&self, region: &VhostUserSingleMemoryRegion) -> VuResult<()> {
-        {
-            let mut table = self.shared.rings.table.regions.lock();
-            let before = table.len();
-            table.retain(|r| !(r.gpa == region.guest_phys_addr && r.size == region.memory_size));
-            if table.len() == before {
-                return Err(VuError::InvalidParam);
+        self.acked(|| {
+            {
+                let mut table = self.shared.rings.table.regions.lock();
+                let before = table.len();
+                table.retain(|r| !(r.gpa == region.guest_phys_addr && r.size == region.memory_size));
+                if table.len() == before {
+                    return Err(VuError::InvalidParam);
+                }
             }
-        }
-        self.shared.memory_changed()
+            self.shared.memory_changed()
+        })
     }
 
     fn set_device_state_fd(
@@ -931,6 +1018,7 @@ impl VhostUserDevice {
             connected: AtomicBool::new(false),
             drop_client: AtomicBool::new(false),
             poisoned: AtomicBool::new(false),
+            refused_with_ack: AtomicBool::new(false),
             connection: Mutex::new(None),
             sessions: AtomicU64::new(0),
         });
@@ -1019,8 +1107,25 @@ impl VhostUserDevice {
                 .ok_or_else(|| Error::InvalidConfig("config update past the config space".into()))?;
             config[offset as usize..end].copy_from_slice(data);
         }
-        if let Some(backend) = self.shared.backend_req.lock().as_ref() {
-            if let Err(e) = backend.handle_config_change() {
+        // Sent from a thread of its own: the client may be slow to read its channel, and neither the
+        // caller (the JavaScript thread) nor the control thread (which takes this lock) may wait for it.
+        let backend = self.shared.backend_req.lock().clone();
+        log::debug!(
+            "device {:?}: config change at {offset} ({} bytes); channel {}",
+            self.shared.life.name,
+            data.len(),
+            backend.is_some()
+        );
+        if let Some(backend) = backend {
+            let name = self.shared.life.name.clone();
+            let sent = std::thread::Builder::new()
+                .name(format!("vhost-user-cfg-{name}"))
+                .spawn(move || {
+                    if let Err(e) = backend.handle_config_change() {
+                        log::warn!("device {name:?}: config change not delivered: {e}");
+                    }
+                });
+            if let Err(e) = sent {
                 log::warn!(
                     "device {:?}: config change not delivered: {e}",
                     self.shared.life.name
@@ -1037,16 +1142,17 @@ impl VhostUserDevice {
             return Ok(());
         }
         self.closed = true;
-        for w in &mut self.workers {
-            w.stop();
-        }
         let _ = self.stop.write(1);
         // A client in the middle of a message holds the control thread in a read: cut it.
         if let Some(c) = self.shared.connection.lock().as_ref() {
             let _ = c.shutdown(std::net::Shutdown::Both);
         }
+        // The control thread first: its last reset drains what the workers are still serving.
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+        for w in &mut self.workers {
+            w.stop();
         }
         let ours =
             std::fs::symlink_metadata(&self.path).is_ok_and(|m| Some((m.dev(), m.ino())) == self.socket_id);
@@ -1204,7 +1310,7 @@ impl Endpoint {
                         }
                     }
                 }
-                Endpoint::Connect(path) => match UnixStream::connect(path) {
+                Endpoint::Connect(path) => match connect_nonblocking(path) {
                     Ok(s) => return Some(s),
                     Err(e) => {
                         log::debug!("device {name:?}: connect to {}: {e}", path.display());
@@ -1218,9 +1324,48 @@ impl Endpoint {
     }
 }
 
-/// Waits up to `ms` for `stop`; false if it came.
+/// Connects to the UNIX socket at `path` without blocking: a VMM whose backlog is full (QEMU listens with
+/// a backlog of one and stops accepting while it has a back-end) is EAGAIN, tried again later, never a
+/// wait that close() could not cut. The stream is left blocking.
+fn connect_nonblocking(path: &Path) -> std::io::Result<UnixStream> {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain old data; all zeroes is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(std::io::Error::from_raw_os_error(libc::ENAMETOOLONG));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, &b) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = b as libc::c_char;
+    }
+    // SAFETY: a new socket; the fd is owned by the UnixStream right away.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh socket nothing else owns.
+    let stream = unsafe { UnixStream::from_raw_fd(fd) };
+    let len = (std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1) as libc::socklen_t;
+    // SAFETY: `addr` is a valid sockaddr_un of at least `len` bytes, alive for the call.
+    let ret = unsafe { libc::connect(fd, (&raw const addr).cast(), len) };
+    if ret < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    stream.set_nonblocking(false)?;
+    Ok(stream)
+}
+
+/// Waits up to `ms` for `stop`; false if it came (or the wait failed: then stop too).
 fn wait_stop(stop: &EventFd, ms: i32) -> bool {
-    !matches!(poll_in_for(&[stop.as_raw_fd()], ms), Ok(r) if r[0] != 0)
+    matches!(poll_in_for(&[stop.as_raw_fd()], ms), Ok(r) if r[0] == 0)
 }
 
 fn control_loop(shared: &Arc<Shared>, endpoint: Endpoint, stop: &EventFd) {
@@ -1243,10 +1388,12 @@ fn control_loop(shared: &Arc<Shared>, endpoint: Endpoint, stop: &EventFd) {
         shared.sessions.fetch_add(1, Ordering::Relaxed);
         shared.connected.store(true, Ordering::Release);
         log::info!("device {name:?}: a vhost-user client connected");
+        let began = Instant::now();
         let stopped = serve_client(shared, stream, stop);
         *shared.connection.lock() = None;
         shared.connected.store(false, Ordering::Release);
-        shared.reset(Stop::Leave);
+        // Stopped by close(), the client is still there and sees what completes; otherwise it is gone.
+        shared.reset(if stopped { Stop::Leave } else { Stop::Gone });
         log::info!("device {name:?}: the vhost-user client left");
         if shared.poisoned.load(Ordering::Acquire) {
             // Fail closed: a new client could be handed pages this process may still write.
@@ -1257,6 +1404,13 @@ fn control_loop(shared: &Arc<Shared>, endpoint: Endpoint, stop: &EventFd) {
             return;
         }
         if stopped {
+            return;
+        }
+        // A VMM that hangs up at once must not make this a busy loop of dial, reset, dial.
+        if matches!(endpoint, Endpoint::Connect(_))
+            && began.elapsed() < RECONNECT_EVERY
+            && !wait_stop(stop, RECONNECT_EVERY.as_millis() as i32)
+        {
             return;
         }
     }
@@ -1305,21 +1459,23 @@ fn serve_client(shared: &Arc<Shared>, stream: UnixStream, stop: &EventFd) -> boo
             }
         }
         if ready[1] != 0 {
+            shared.refused_with_ack.store(false, Ordering::Release);
             match handler.handle_request() {
                 Ok(()) => {}
                 Err(VuError::Disconnected | VuError::PartialMessage) => return false,
-                // A request refused whole (nothing changed; with REPLY_ACK the client was told), or sent
-                // before the feature it belongs to was negotiated (QEMU's virtio-net disables its rings
-                // before SET_FEATURES; the crate ignores it): the message was read whole, so the session
-                // is in step and sound. Requests that could not be made safe set `drop_client`.
-                Err(
-                    e @ (VuError::InactiveFeature(_)
-                    | VuError::InactiveOperation(_)
-                    | VuError::InvalidParam
-                    | VuError::InvalidOperation(_)),
-                ) => {
+                // Refused whole by a handler whose answer is an ack: nothing changed, the message was
+                // read whole and (when asked for) answered, so the session is in step.
+                Err(e @ (VuError::InvalidParam | VuError::InvalidOperation(_)))
+                    if shared.refused_with_ack.load(Ordering::Acquire) =>
+                {
                     log::debug!("device {name:?}: vhost-user request refused: {e}");
                 }
+                // SET_VRING_ENABLE before SET_FEATURES (QEMU's virtio-net does that): the crate ignores
+                // it, unanswered, as no answer is owed.
+                Err(e @ VuError::InactiveFeature(_)) => {
+                    log::debug!("device {name:?}: vhost-user request ignored: {e}");
+                }
+                // Anything else may owe the client a reply nobody will send: it must not wait for ever.
                 Err(e) => {
                     log::warn!("device {name:?}: vhost-user client dropped: {e}");
                     return false;
@@ -1337,8 +1493,8 @@ fn relay_kick(shared: &Shared, i: usize) {
     let s = shared.rings.setups[i].lock();
     if let Some(kick) = s.kick.as_ref() {
         let mut buf = [0u8; 8];
-        // SAFETY: reads at most 8 bytes into `buf`, which outlives the call; the fd was made non-blocking
-        // when the client gave it (EAGAIN: someone else drained it; the relay below is harmless).
+        // SAFETY: reads at most 8 bytes into `buf`, which outlives the call; the fd is an eventfd made
+        // non-blocking when the client gave it (EAGAIN: someone else drained it; the relay is harmless).
         let _ = unsafe { libc::read(kick.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
     }
     drop(s);

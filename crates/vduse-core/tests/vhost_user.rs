@@ -192,9 +192,7 @@ fn a_ring_does_not_start_before_the_features_are_set() {
     let mut fe = Frontend::connect(&sock, 1).unwrap();
     fe.set_owner().unwrap();
     fe.get_features().unwrap();
-    // Without VERSION_1 the features are refused (unanswered: no REPLY_ACK yet), so none are set.
-    fe.set_features(VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits())
-        .unwrap();
+    // No SET_FEATURES at all.
     fe.set_protocol_features(VhostUserProtocolFeatures::REPLY_ACK)
         .unwrap();
     acked(&fe)
@@ -224,6 +222,24 @@ fn a_ring_does_not_start_before_the_features_are_set() {
     );
     drop(fe);
     wait_for("the client to be gone", || !dev.is_connected());
+    dev.close().unwrap();
+}
+
+#[test]
+fn refused_features_cost_the_client_its_session() {
+    let dir = scratch("features");
+    let sock = dir.join("d.sock");
+    let (mut dev, _model) = device(&sock, "vu-features");
+    let fe = Frontend::connect(&sock, 1).unwrap();
+    fe.set_owner().unwrap();
+    fe.get_features().unwrap();
+    wait_for("the client", || dev.is_connected());
+    // Without VERSION_1 (legacy rings): refused, and the protocol crate has already taken them as acked,
+    // so the session cannot go on in step.
+    fe.set_features(VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits())
+        .unwrap();
+    wait_for("the client to be dropped", || !dev.is_connected());
+    assert!(fe.get_features().is_err());
     dev.close().unwrap();
 }
 
