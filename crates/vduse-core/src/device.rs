@@ -21,7 +21,7 @@
 //! whatever the answer — is not answered until the memory is safe, and if that never happens within the
 //! budget, not at all (the kernel then marks the device broken rather than reuse pages we may touch).
 //! The loop never waits on the model beyond the drain deadline, and never mmaps or munmaps (see
-//! [`Janitor`]).
+//! [`Janitor`](crate::memory::Janitor)).
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};

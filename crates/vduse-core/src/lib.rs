@@ -47,41 +47,39 @@ pub use vhost_user::VhostUserDevice;
 
 use std::os::fd::RawFd;
 
-/// Waits until `fd` is readable (`Ok(true)`) or `stop` is (`Ok(false)`). An error condition on `fd`
-/// (POLLERR/POLLHUP: a broken VDUSE device) is `EPIPE`.
-pub fn wait_readable(fd: RawFd, stop: RawFd) -> std::io::Result<bool> {
-    let mut fds = [
-        libc::pollfd {
-            fd: stop,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
+/// Polls `fds` for reading for at most `timeout_ms` (-1: no limit); returns each one's `revents`
+/// (EINTR retries).
+pub fn poll_readable(fds: &[RawFd], timeout_ms: i32) -> std::io::Result<Vec<i16>> {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
             fd,
             events: libc::POLLIN,
             revents: 0,
-        },
-    ];
+        })
+        .collect();
     loop {
-        fds[0].revents = 0;
-        fds[1].revents = 0;
-        // SAFETY: `fds` is a valid array of two pollfds for the duration of the call.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if n < 0 {
-            let err = std::io::Error::last_os_error();
-            if err.raw_os_error() == Some(libc::EINTR) {
-                continue;
-            }
+        // SAFETY: `pfds` is a valid array of `pfds.len()` pollfds for the duration of the call.
+        let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout_ms) };
+        if n >= 0 {
+            return Ok(pfds.iter().map(|p| p.revents).collect());
+        }
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EINTR) {
             return Err(err);
         }
-        if fds[0].revents != 0 {
-            return Ok(false);
-        }
-        if fds[1].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
-            return Err(std::io::Error::from_raw_os_error(libc::EPIPE));
-        }
-        if fds[1].revents & libc::POLLIN != 0 {
-            return Ok(true);
-        }
     }
+}
+
+/// Waits until `fd` is readable (`Ok(true)`) or `stop` is (`Ok(false)`). An error condition on `fd`
+/// (POLLERR/POLLHUP: a broken VDUSE device) is `EPIPE`.
+pub fn wait_readable(fd: RawFd, stop: RawFd) -> std::io::Result<bool> {
+    let r = poll_readable(&[stop, fd], -1)?;
+    if r[0] != 0 {
+        return Ok(false);
+    }
+    if r[1] & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+        return Err(std::io::Error::from_raw_os_error(libc::EPIPE));
+    }
+    Ok(true)
 }

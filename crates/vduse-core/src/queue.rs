@@ -761,7 +761,7 @@ impl Virtqueue {
     /// Gives the requests `affected` selects back to the driver unused (used length 0) instead of fencing
     /// them: for held buffers (a NIC's receive buffers) whose memory the driver is unmapping — they have
     /// nothing in them to lose, and a fenced one would be lost to the driver until it resets. Returns how
-    /// many, and the maps they held (to dispose of off this thread, like [`fence_where`]'s). The used ring
+    /// many, and the maps they held (to dispose of off this thread, like [`fence_where`](Self::fence_where)'s). The used ring
     /// itself must still be reachable; where it is not, the ring breaks (as any publish would).
     ///
     /// Called by the message loop during an IOTLB update: it publishes through the map as it was (no
