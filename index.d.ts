@@ -48,6 +48,8 @@ export declare class BindingDevice {
   get tapName(): string | null
   /** Frame counters of a natively served NIC. */
   tapStats(): TapCounters | null
+  /** Frame counters of a NIC served natively as a switch port. */
+  portStats(): PortCounters | null
   /** Whether this device was taken over from a server that died (`recover`), rather than created. */
   get recovered(): boolean
   status(): number
@@ -101,6 +103,18 @@ export declare class BindingReclaim {
    * after a detach before it lets go. Rejects with ERR_VDUSE_BUSY while it is attached.
    */
   destroy(): Promise<void>
+}
+
+export declare class BindingSwitch {
+  /** A switch with these port-security settings (see `NetSwitchOptions`). */
+  constructor(maxMacsPerPort: number, macAgeMs: number)
+  /** What devices name in `DeviceInit.switchId` to become ports of this switch. */
+  get id(): number
+  stats(): SwitchCounters
+  /** The name of the device whose port `mac` (6 bytes) was learned on. */
+  portOf(mac: Buffer): string | null
+  /** Ports plugged in (devices not closed yet). */
+  get portCount(): number
 }
 
 /** The JavaScript arrays of the batch protocol (see `serve.rs`). */
@@ -226,6 +240,11 @@ export interface DeviceInit {
    */
   tap?: string
   /**
+   * Serve the device natively as a port of this switch (`BindingSwitch.id`) instead of on the
+   * JavaScript thread: frames move between its ports on native threads.
+   */
+  switchId?: number
+  /**
    * Serve the device over a vhost-user socket at this path (listening; one client at a time) instead
    * of creating it in the kernel.
    */
@@ -287,6 +306,17 @@ export interface LoopbackReport {
   interrupts: number
 }
 
+/** One switch port's frame counters (named as a NIC's `NetStats`). */
+export interface PortCounters {
+  txFrames: number
+  txBytes: number
+  txMalformed: number
+  rxFrames: number
+  rxBytes: number
+  rxNoBuffers: number
+  rxRefused: number
+}
+
 /**
  * Starts serving a stale device (no live process serves it). Throws `ERR_VDUSE_BUSY` if a live process
  * serves it. `stateDir`: where the dead server kept its state file (default /run/vduse).
@@ -309,6 +339,15 @@ export interface StateSummary {
   queueSize: number
   /** Servers that have served the device: 1, plus one per takeover. */
   servings: number
+}
+
+/** What the switch did with its ports' frames. */
+export interface SwitchCounters {
+  forwarded: number
+  flooded: number
+  filtered: number
+  spoofed: number
+  unlearned: number
 }
 
 /** Frames a natively served NIC moved between the driver and its tap. */

@@ -838,6 +838,7 @@ module.exports = nativeBinding
 module.exports.BindingDevice = nativeBinding.BindingDevice
 module.exports.BindingLoopback = nativeBinding.BindingLoopback
 module.exports.BindingReclaim = nativeBinding.BindingReclaim
+module.exports.BindingSwitch = nativeBinding.BindingSwitch
 module.exports.blkDiscard = nativeBinding.blkDiscard
 module.exports.blkZeroOut = nativeBinding.blkZeroOut
 module.exports.createDevice = nativeBinding.createDevice

@@ -1,6 +1,7 @@
 // The network half of `npm run bench` (in the guest): iperf3 TCP throughput (1 and 4 streams, both
 // through the same pair of namespaces) and ping round-trip times, for our NICs through the in-process
-// switch, our NIC bridged to a tap, and a veth pair — the kernel's own ceiling for two namespaces.
+// switch (native ports, and the JavaScript path), our NIC bridged to a tap, and a veth pair — the
+// kernel's own ceiling for two namespaces.
 import { execFile, spawn, type ChildProcess } from 'node:child_process'
 import { readFileSync } from 'node:fs'
 import { join } from 'node:path'
@@ -39,12 +40,13 @@ interface NetTarget {
   setup(): Promise<Pair>
 }
 
-/** Starts `vduse net …` and waits for `count` ready events; their interface names. */
+/** Starts `vduse net …` (or `argv`) and waits for `count` ready events; their interface names. */
 async function vduseNet(
   args: string[],
   count: number,
+  argv = [CLI, 'net', ...args, '--replace', '--json'],
 ): Promise<{ child: ChildProcess; ready: Array<Record<string, unknown>> }> {
-  const child = spawn(process.execPath, [CLI, 'net', ...args, '--replace', '--json'], {
+  const child = spawn(process.execPath, argv, {
     stdio: ['ignore', 'pipe', 'inherit'],
   })
   const ready: Array<Record<string, unknown>> = []
@@ -95,7 +97,7 @@ export const NET_TARGETS: NetTarget[] = [
   },
   {
     id: 'net-switch',
-    label: 'vduse net --switch: two NICs through the TypeScript switch',
+    label: 'vduse net --switch: two NICs through the native switch',
     async setup() {
       const { child, ready } = await vduseNet(['--switch', '--name', 'bn-a', '--name', 'bn-b'], 2)
       await namespaces('bn-sa', 'bn-sb')
@@ -108,6 +110,30 @@ export const NET_TARGETS: NetTarget[] = [
         stop: async () => {
           await stopChild(child)
           await sh('ip netns del bn-sa; ip netns del bn-sb')
+        },
+      }
+    },
+  },
+  {
+    id: 'net-switch-js',
+    label: 'NetSwitch.connect(): two NICs through the switch in JavaScript',
+    async setup() {
+      const { child, ready } = await vduseNet([], 2, [
+        '--import=tsx',
+        join(__dirname, 'js-switch.ts'),
+        'bn-ja',
+        'bn-jb',
+      ])
+      await namespaces('bn-ja', 'bn-jb')
+      await place(String(ready[0]!.path), 'bn-ja', '10.93.0.1')
+      await place(String(ready[1]!.path), 'bn-jb', '10.93.0.2')
+      return {
+        a: { ns: 'bn-ja', ip: '10.93.0.1' },
+        b: { ns: 'bn-jb', ip: '10.93.0.2' },
+        pid: child.pid,
+        stop: async () => {
+          await stopChild(child)
+          await sh('ip netns del bn-ja; ip netns del bn-jb')
         },
       }
     },

@@ -64,7 +64,15 @@ export { InProcessTransport } from './transport/in-process'
 export { vhostUser } from './transport/native'
 export type { VhostUserOptions } from './transport/native'
 export type { InProcessResult } from './transport/in-process'
-export type { Transport, RequestSource, DeviceCounters, DeviceEvent, DeviceInit } from './transport/source'
+export type {
+  Transport,
+  RequestSource,
+  DeviceCounters,
+  DeviceEvent,
+  DeviceInit,
+  PortCounters,
+  TapCounters,
+} from './transport/source'
 export { RequestBatch, BatchArrays, Completions, HEAD_BYTES } from './transport/batch'
 export type { AttachDriver } from './transport/attach'
 

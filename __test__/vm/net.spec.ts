@@ -1,6 +1,7 @@
 // virtio-net on the real kernel: NICs served by this process, seen by Linux's virtio_net driver as
 // interfaces, moved into network namespaces the test creates (the guest has no other network), and
-// wired together through the in-process switch. No traffic leaves the guest.
+// wired together through the in-process switch (native ports, and JavaScript-connected ones). No traffic
+// leaves the guest.
 import test from 'ava'
 import { createResponder } from '../../examples/net-responder'
 
@@ -21,9 +22,16 @@ async function nic(
   name: string,
   ns: string,
   ip: string,
-  options: { offloads?: boolean; mtu?: number; tap?: string } = {},
+  options: { offloads?: boolean; mtu?: number; tap?: string; switch?: NetSwitch | undefined } = {},
 ): Promise<Nic> {
-  const device = await NetDevice.create({ name, replaceStale: true, mtu: options.mtu ?? 9000, ...options })
+  const { switch: sw, ...rest } = options
+  const device = await NetDevice.create({
+    name,
+    replaceStale: true,
+    mtu: options.mtu ?? 9000,
+    ...rest,
+    ...(sw === undefined ? {} : { switch: sw }),
+  })
   const ifname = await device.attach()
   t_ok(/^[a-z0-9]+$/.test(ifname), `interface name ${ifname}`)
   await sh(`ip netns del ${ns} 2>/dev/null || true; ip netns add ${ns}
@@ -65,65 +73,86 @@ async function cleanup(nics: Nic[]): Promise<void> {
   for (const n of nics) await sh(`ip netns del ${n.ns} 2>/dev/null || true`)
 }
 
-test('two NICs through the TypeScript switch: ping, jumbo frames, iperf3 both ways with and without offloads, link state, a driver reset', async (t) => {
-  const sw = new NetSwitch()
-  const a = await nic('vnet-a', 'ns-a', '10.77.0.1')
-  const b = await nic('vnet-b', 'ns-b', '10.77.0.2')
-  try {
-    sw.connect(a.device).connect(b.device)
-    t.true(a.device.negotiatedNetFeatures.includes('MRG_RXBUF'))
-    t.true(a.device.negotiatedNetFeatures.includes('HOST_TSO4'), a.device.negotiatedNetFeatures.join())
-    t.is((await sh(`ip netns exec ns-a cat /sys/class/net/${a.ifname}/address`)).trim(), a.device.mac)
+type Mode = 'native' | 'JavaScript'
+const MODES: Mode[] = ['native', 'JavaScript']
 
-    t.is(await ping(a, b, 1000), 0, '1000 pings, none lost')
-    await sh(`ip -n ns-a link set ${a.ifname} mtu 9000; ip -n ns-b link set ${b.ifname} mtu 9000`)
-    t.is(await ping(a, b, 100, 8972, '-M do'), 0, '9000-byte frames, not fragmented')
+/** Plugs NICs into `sw` the way `mode` says: native ports at creation, or `connect()` after. */
+function plugs(sw: NetSwitch, mode: Mode): { switch?: NetSwitch } {
+  return mode === 'native' ? { switch: sw } : {}
+}
 
-    const forward = await iperf(b, a)
-    const reverse = await iperf(b, a, true)
-    t.log(`iperf3 with offloads: ${(forward / 1e6).toFixed(0)} / ${(reverse / 1e6).toFixed(0)} Mbit/s`)
-    t.true(forward > 0 && reverse > 0)
-    t.true(a.device.stats.txFrames > 0 && b.device.stats.rxFrames > 0)
-    // Offloads off in the guest (no TSO, no checksum offload on TX): the same paths with plain frames.
-    await sh(`ip netns exec ns-a ethtool -K ${a.ifname} tx off tso off gso off
+function connectAll(sw: NetSwitch, mode: Mode, ...nics: Nic[]): void {
+  if (mode === 'JavaScript') for (const n of nics) sw.connect(n.device)
+  else for (const n of nics) t_ok(n.device.portCounters() !== undefined, `${n.device.name} is a native port`)
+}
+
+/** A NIC's frame counters, wherever it is served. */
+function counts(n: Nic): { txFrames: number; rxFrames: number; txMalformed: number } {
+  return n.device.portCounters() ?? n.device.stats
+}
+
+for (const mode of MODES)
+  test(`two NICs through the ${mode} switch: ping, jumbo frames, iperf3 both ways with and without offloads, link state, a driver reset`, async (t) => {
+    const sw = new NetSwitch()
+    const a = await nic(`vn${mode[0]}-a`, 'ns-a', '10.77.0.1', plugs(sw, mode))
+    const b = await nic(`vn${mode[0]}-b`, 'ns-b', '10.77.0.2', plugs(sw, mode))
+    try {
+      connectAll(sw, mode, a, b)
+      t.true(a.device.negotiatedNetFeatures.includes('MRG_RXBUF'))
+      t.true(a.device.negotiatedNetFeatures.includes('HOST_TSO4'), a.device.negotiatedNetFeatures.join())
+      t.is((await sh(`ip netns exec ns-a cat /sys/class/net/${a.ifname}/address`)).trim(), a.device.mac)
+
+      t.is(await ping(a, b, 1000), 0, '1000 pings, none lost')
+      await sh(`ip -n ns-a link set ${a.ifname} mtu 9000; ip -n ns-b link set ${b.ifname} mtu 9000`)
+      t.is(await ping(a, b, 100, 8972, '-M do'), 0, '9000-byte frames, not fragmented')
+
+      const forward = await iperf(b, a)
+      const reverse = await iperf(b, a, true)
+      t.log(`iperf3 with offloads: ${(forward / 1e6).toFixed(0)} / ${(reverse / 1e6).toFixed(0)} Mbit/s`)
+      t.true(forward > 0 && reverse > 0)
+      t.true(counts(a).txFrames > 0 && counts(b).rxFrames > 0)
+      if (mode === 'native')
+        t.is(a.device.stats.txFrames + b.device.stats.rxFrames, 0, 'no frame passed through JavaScript')
+      // Offloads off in the guest (no TSO, no checksum offload on TX): the same paths with plain frames.
+      await sh(`ip netns exec ns-a ethtool -K ${a.ifname} tx off tso off gso off
       ip netns exec ns-b ethtool -K ${b.ifname} tx off tso off gso off`)
-    const plainForward = await iperf(b, a)
-    const plainReverse = await iperf(b, a, true)
-    t.log(`iperf3 without: ${(plainForward / 1e6).toFixed(0)} / ${(plainReverse / 1e6).toFixed(0)} Mbit/s`)
-    t.true(plainForward > 0 && plainReverse > 0)
-    t.is(a.device.stats.txMalformed + b.device.stats.txMalformed, 0)
+      const plainForward = await iperf(b, a)
+      const plainReverse = await iperf(b, a, true)
+      t.log(`iperf3 without: ${(plainForward / 1e6).toFixed(0)} / ${(plainReverse / 1e6).toFixed(0)} Mbit/s`)
+      t.true(plainForward > 0 && plainReverse > 0)
+      t.is(counts(a).txMalformed + counts(b).txMalformed, 0)
 
-    // Link down: the driver sees no carrier; up again: traffic flows.
-    a.device.setLink(false)
-    await sh(
-      `for i in $(seq 50); do [ "$(ip netns exec ns-a cat /sys/class/net/${a.ifname}/carrier)" = 0 ] && exit 0; sleep 0.1; done; exit 1`,
-    )
-    t.regex(await sh(`ip -n ns-a link show ${a.ifname}`), /NO-CARRIER/)
-    a.device.setLink(true)
-    await sh(
-      `for i in $(seq 50); do [ "$(ip netns exec ns-a cat /sys/class/net/${a.ifname}/carrier)" = 1 ] && exit 0; sleep 0.1; done; exit 1`,
-    )
-    t.is(await ping(a, b, 20), 0)
+      // Link down: the driver sees no carrier; up again: traffic flows.
+      a.device.setLink(false)
+      await sh(
+        `for i in $(seq 50); do [ "$(ip netns exec ns-a cat /sys/class/net/${a.ifname}/carrier)" = 0 ] && exit 0; sleep 0.1; done; exit 1`,
+      )
+      t.regex(await sh(`ip -n ns-a link show ${a.ifname}`), /NO-CARRIER/)
+      a.device.setLink(true)
+      await sh(
+        `for i in $(seq 50); do [ "$(ip netns exec ns-a cat /sys/class/net/${a.ifname}/carrier)" = 1 ] && exit 0; sleep 0.1; done; exit 1`,
+      )
+      t.is(await ping(a, b, 20), 0)
 
-    // A driver reset (unbind, bind) with receive buffers held: they come back at once, not after a drain.
-    const dev = (await sh(`basename $(readlink -f /sys/bus/vdpa/devices/vnet-b/virtio*)`)).trim()
-    const started = Date.now()
-    await sh(`echo ${dev} > /sys/bus/virtio/drivers/virtio_net/unbind`)
-    const unbindMs = Date.now() - started
-    t.true(unbindMs < 2000, `unbind took ${unbindMs} ms (held buffers must not wait for the drain timeout)`)
-    t.is(b.device.rxBuffers, 0)
-    await sh(`echo ${dev} > /sys/bus/virtio/drivers/virtio_net/bind`)
-    // The interface comes back in the initial namespace: configure it again.
-    const again = (await sh(`ls /sys/bus/vdpa/devices/vnet-b/${dev}/net`)).trim()
-    await sh(
-      `ip link set ${again} netns ns-b; ip -n ns-b addr add 10.77.0.2/24 dev ${again}; ip -n ns-b link set ${again} up`,
-    )
-    b.ifname = again
-    t.is(await ping(a, b, 50), 0, 'traffic after the reset')
-  } finally {
-    await cleanup([a, b])
-  }
-})
+      // A driver reset (unbind, bind) with receive buffers held: they come back at once, not after a drain.
+      const dev = (await sh(`basename $(readlink -f /sys/bus/vdpa/devices/${b.device.name}/virtio*)`)).trim()
+      const started = Date.now()
+      await sh(`echo ${dev} > /sys/bus/virtio/drivers/virtio_net/unbind`)
+      const unbindMs = Date.now() - started
+      t.true(unbindMs < 2000, `unbind took ${unbindMs} ms (held buffers must not wait for the drain timeout)`)
+      t.is(b.device.rxBuffers, 0)
+      await sh(`echo ${dev} > /sys/bus/virtio/drivers/virtio_net/bind`)
+      // The interface comes back in the initial namespace: configure it again.
+      const again = (await sh(`ls /sys/bus/vdpa/devices/${b.device.name}/${dev}/net`)).trim()
+      await sh(
+        `ip link set ${again} netns ns-b; ip -n ns-b addr add 10.77.0.2/24 dev ${again}; ip -n ns-b link set ${again} up`,
+      )
+      b.ifname = again
+      t.is(await ping(a, b, 50), 0, 'traffic after the reset')
+    } finally {
+      await cleanup([a, b])
+    }
+  })
 
 test('a NIC bridged natively to a tap in another namespace: ping, jumbo frames, iperf3 both ways with and without offloads, link state', async (t) => {
   await sh('modprobe -d "$VDUSE_VM_MODROOT" tun 2>/dev/null || true')
@@ -291,16 +320,17 @@ test('the responder example answers ping from a namespace', async (t) => {
   }
 })
 
-test("a hostile NIC on the switch: frames from a victim's address and a flood of new ones take nothing from the victims", async (t) => {
-  const sw = new NetSwitch({ maxMacsPerPort: 16 })
-  const a = await nic('sec-a', 'ns-sa', '10.79.0.1')
-  const b = await nic('sec-b', 'ns-sb', '10.79.0.2')
-  const evil = await nic('sec-e', 'ns-se', '10.79.0.66')
-  try {
-    for (const x of [a, b, evil]) sw.connect(x.device)
-    t.is(await ping(a, b, 50), 0)
-    // Raw frames from the hostile namespace: 200 claiming a's address, then 3000 from new addresses.
-    const script = `
+for (const mode of MODES)
+  test(`a hostile NIC on the ${mode} switch: frames from a victim's address and a flood of new ones take nothing from the victims`, async (t) => {
+    const sw = new NetSwitch({ maxMacsPerPort: 16 })
+    const a = await nic(`sec${mode[0]}-a`, 'ns-sa', '10.79.0.1', plugs(sw, mode))
+    const b = await nic(`sec${mode[0]}-b`, 'ns-sb', '10.79.0.2', plugs(sw, mode))
+    const evil = await nic(`sec${mode[0]}-e`, 'ns-se', '10.79.0.66', plugs(sw, mode))
+    try {
+      connectAll(sw, mode, a, b, evil)
+      t.is(await ping(a, b, 50), 0)
+      // Raw frames from the hostile namespace: 200 claiming a's address, then 3000 from new addresses.
+      const script = `
 import socket, struct
 s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
 s.bind(("${evil.ifname}", 0))
@@ -309,31 +339,36 @@ frame = lambda src: bytes.fromhex("ffffffffffff") + src + struct.pack("!H", 0x88
 for i in range(200): s.send(frame(victim))
 for i in range(3000): s.send(frame(bytes([6, 0, 0, 0, i >> 8, i & 255])))
 `
-    await sh(`ip netns exec ns-se python3 -c '${script}'`)
-    t.true(sw.stats.spoofed >= 200, `${sw.stats.spoofed} spoofed frames dropped`)
-    t.true(sw.stats.unlearned >= 3000 - 16)
-    t.is(sw.portOf(a.device.mac), a.device, 'a keeps its address')
-    t.is(await ping(a, b, 100), 0, 'the victims still reach each other')
-  } finally {
-    await cleanup([a, b, evil])
-  }
-})
+      await sh(`ip netns exec ns-se python3 -c '${script}'`)
+      t.true(sw.stats.spoofed >= 200, `${sw.stats.spoofed} spoofed frames dropped`)
+      t.true(sw.stats.unlearned >= 3000 - 16)
+      t.is(sw.portOf(a.device.mac), a.device, 'a keeps its address')
+      t.is(await ping(a, b, 100), 0, 'the victims still reach each other')
+    } finally {
+      await cleanup([a, b, evil])
+    }
+  })
 
-test('NICs that negotiated different offloads still carry TCP: large packets are segmented for the one without TSO', async (t) => {
-  const sw = new NetSwitch()
-  const a = await nic('gso-a', 'ns-ga', '10.78.0.1', { mtu: 1500 })
-  const b = await nic('gso-b', 'ns-gb', '10.78.0.2', { offloads: false, mtu: 1500 })
-  try {
-    sw.connect(a.device).connect(b.device)
-    t.true(a.device.negotiatedNetFeatures.includes('HOST_TSO4'))
-    t.false(b.device.negotiatedNetFeatures.includes('GUEST_TSO4'))
-    const toB = await iperf(b, a)
-    const toA = await iperf(a, b)
-    t.log(
-      `iperf3 a→b (segmented here): ${(toB / 1e6).toFixed(0)} Mbit/s; b→a: ${(toA / 1e6).toFixed(0)} Mbit/s`,
-    )
-    t.true(toB > 0 && toA > 0)
-  } finally {
-    await cleanup([a, b])
-  }
-})
+for (const mode of MODES)
+  test(`NICs that negotiated different offloads still carry TCP through the ${mode} switch: large packets are segmented for the one without TSO`, async (t) => {
+    const sw = new NetSwitch()
+    const a = await nic(`gso${mode[0]}-a`, 'ns-ga', '10.78.0.1', { mtu: 1500, ...plugs(sw, mode) })
+    const b = await nic(`gso${mode[0]}-b`, 'ns-gb', '10.78.0.2', {
+      offloads: false,
+      mtu: 1500,
+      ...plugs(sw, mode),
+    })
+    try {
+      connectAll(sw, mode, a, b)
+      t.true(a.device.negotiatedNetFeatures.includes('HOST_TSO4'))
+      t.false(b.device.negotiatedNetFeatures.includes('GUEST_TSO4'))
+      const toB = await iperf(b, a)
+      const toA = await iperf(a, b)
+      t.log(
+        `iperf3 a→b (segmented here): ${(toB / 1e6).toFixed(0)} Mbit/s; b→a: ${(toA / 1e6).toFixed(0)} Mbit/s`,
+      )
+      t.true(toB > 0 && toA > 0)
+    } finally {
+      await cleanup([a, b])
+    }
+  })

@@ -1,5 +1,5 @@
 // `vduse net`: virtio-net NICs served by this process — one bridged natively to a kernel tap, or several
-// wired to one in-process switch. Events, signals and exit codes as for `vduse blk`.
+// wired to one native in-process switch. Events, signals and exit codes as for `vduse blk`.
 import { NetDevice, type NetDeviceOptions } from '../devices/net/net-device'
 import { NetSwitch } from '../devices/net/switch'
 import { logs, setLogLevel, type LogRecord } from '../log'
@@ -16,6 +16,7 @@ function statsOf(nic: NetDevice, sw: NetSwitch | undefined): Record<string, unkn
     stats: nic.stats,
     counters: nic.counters(),
     ...(nic.tapName === undefined ? {} : { tap: nic.tapCounters() }),
+    ...(nic.portCounters() === undefined ? {} : { port: nic.portCounters() }),
     ...(sw === undefined ? {} : { switch: sw.stats }),
   }
 }
@@ -39,6 +40,7 @@ export async function serveNet(cmd: NetCommand, emit: Emit): Promise<number> {
         replaceStale: cmd.replace,
       }
       if (cmd.tap !== undefined) options.tap = cmd.tap
+      if (sw !== undefined) options.switch = sw
       if (cmd.mac !== undefined) options.mac = cmd.mac
       if (cmd.mtu !== undefined) options.mtu = cmd.mtu
       const socket = cmd.vhostUser?.[i]
@@ -46,7 +48,6 @@ export async function serveNet(cmd: NetCommand, emit: Emit): Promise<number> {
         options.transport = vhostUser(socket, { connect: cmd.vhostUserConnect ?? false })
       const nic = await NetDevice.create(options)
       nics.push(nic)
-      sw?.connect(nic)
       nic.on('error', (err) => emit(deviceError(name, err)))
       nic.on('drained', (info) => emit({ event: 'drained', name, ...info }))
     }

@@ -38,6 +38,7 @@ function openNative(
     release: () => nativeAsync(async () => void (await native(() => device.release()))),
     tapName: device.tapName ?? undefined,
     tapCounters: () => device.tapStats() ?? undefined,
+    portCounters: () => device.portStats() ?? undefined,
   }
   return source
 }

@@ -1,4 +1,6 @@
-import type { DeviceCounters, DeviceInit } from '../../index'
+import type { DeviceCounters, DeviceInit, PortCounters } from '../../index'
+
+export type { PortCounters }
 import type { BatchArrays } from './batch'
 
 /** Something the kernel-facing side did (from the device's message loop). */
@@ -57,6 +59,8 @@ export interface RequestSource {
   readonly tapName?: string | undefined
   /** A NIC served natively: its frame counters. */
   tapCounters?(): TapCounters | undefined
+  /** A NIC served natively as a switch port (`DeviceInit.switchId`): its frame counters. */
+  portCounters?(): PortCounters | undefined
 }
 
 /** Frames a natively served NIC moved between the driver and its tap. */

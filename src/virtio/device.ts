@@ -172,6 +172,11 @@ export abstract class VirtioDevice<
     }
   }
 
+  /** Whether the device is served by the native binding (VDUSE or vhost-user), which can run native models. */
+  protected get nativeTransport(): boolean {
+    return (this.#options.transport ?? vduseTransport).native === true
+  }
+
   /** Creates the device (called by the subclass's async factory once it knows its features and config). */
   protected open(
     init: Omit<DeviceInit, 'name' | 'replaceStale' | 'drainTimeoutMs' | 'ioThreads' | 'stateDir'>,

@@ -13,14 +13,18 @@
 //! partial-checksum frame the tap queued before a renegotiation) is dropped, `DATA_VALID` is cleared
 //! without GUEST_CSUM, and without MRG_RXBUF a frame takes exactly one buffer.
 
-use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use vduse_core::queue::Owner;
-use vduse_core::{Completer, DeviceModel, Done, RequestBatch, Ticket};
+use vduse_core::{Completer, DeviceModel, Done, RequestBatch};
+
+use crate::nic::{
+    header_allowed, Delivery, ReceiveBuffers, ETH_HLEN, F_GUEST_CSUM, F_GUEST_TSO4, F_GUEST_TSO6, HDR,
+    MAX_FRAME, RX_QUEUE, TX_QUEUE,
+};
 use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
@@ -32,29 +36,6 @@ const IFF_VNET_HDR: libc::c_short = 0x4000;
 const TUN_F_CSUM: u32 = 0x01;
 const TUN_F_TSO4: u32 = 0x02;
 const TUN_F_TSO6: u32 = 0x04;
-
-/// `struct virtio_net_hdr_v1`: with VERSION_1, 12 bytes, `num_buffers` at 10.
-const HDR: usize = 12;
-const ETH_HLEN: usize = 14;
-/// A 64 KiB GSO packet plus its Ethernet and VLAN headers.
-const MAX_FRAME: usize = 65_535 + ETH_HLEN + 4;
-
-const F_CSUM: u64 = 1 << 0;
-const F_GUEST_CSUM: u64 = 1 << 1;
-const F_HOST_TSO4: u64 = 1 << 11;
-const F_HOST_TSO6: u64 = 1 << 12;
-const F_GUEST_TSO4: u64 = 1 << 7;
-const F_GUEST_TSO6: u64 = 1 << 8;
-const F_MRG_RXBUF: u64 = 1 << 15;
-
-/// virtio_net_hdr flags and GSO types.
-const HDR_F_NEEDS_CSUM: u8 = 1;
-const GSO_NONE: u8 = 0;
-const GSO_TCPV4: u8 = 1;
-const GSO_TCPV6: u8 = 4;
-
-const RX_QUEUE: u16 = 0;
-const TX_QUEUE: u16 = 1;
 
 /// Marks `Shared::offloads` as set (bit 63, SPEED_DUPLEX, is never offered; no offload reads it).
 const OFFLOAD_PENDING: u64 = 1 << 63;
@@ -72,16 +53,9 @@ pub struct TapStats {
     pub rx_dropped: AtomicU64,
 }
 
-/// Receive buffers held, oldest first, and the completer of the receive queue (once seen).
-#[derive(Default)]
-struct Held {
-    buffers: VecDeque<(Ticket, u32)>,
-    completer: Option<Completer>,
-}
-
 struct Shared {
     tap: OwnedFd,
-    held: Mutex<Held>,
+    rx: ReceiveBuffers,
     /// A session's features whose offloads the reader is to set on the tap (`OFFLOAD_PENDING` set).
     offloads: AtomicU64,
     /// Written when buffers are posted (and when `offloads` changed): the reader waits on it while none are held.
@@ -153,7 +127,7 @@ impl TapModel {
         let eventfd = || EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(|e| ("eventfd", e));
         let shared = Arc::new(Shared {
             tap,
-            held: Mutex::new(Held::default()),
+            rx: ReceiveBuffers::default(),
             offloads: AtomicU64::new(0),
             posted: eventfd()?,
             stop: eventfd()?,
@@ -269,25 +243,7 @@ impl DeviceModel for TapModel {
         match queue {
             TX_QUEUE => self.transmit(batch, completer),
             RX_QUEUE => {
-                let mut held = self.shared.held.lock().unwrap_or_else(|e| e.into_inner());
-                if held.completer.is_none() {
-                    held.completer = Some(completer.clone());
-                }
-                // Buffers of past sessions (fenced by resets) are forgotten here too, not only when a
-                // frame comes: a driver that posts and resets in a loop cannot grow the list.
-                let ring = usize::from(completer.queue().size());
-                if held.buffers.len() + batch.len() > ring {
-                    let queue = completer.queue().clone();
-                    held.buffers.retain(|&(t, _)| queue.is_live(t));
-                }
-                for req in batch.iter() {
-                    if (req.shape.writable_bytes as usize) < HDR {
-                        completer.complete(req.ticket, 0, None);
-                    } else {
-                        held.buffers.push_back((req.ticket, req.shape.writable_bytes));
-                    }
-                }
-                drop(held);
+                self.shared.rx.post(batch, completer);
                 let _ = self.shared.posted.write(1);
             }
             _ => {
@@ -329,12 +285,7 @@ fn read_loop(shared: &Shared, name: &str) {
         revents: 0,
     };
     loop {
-        let have_buffers = !shared
-            .held
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .buffers
-            .is_empty();
+        let have_buffers = !shared.rx.is_empty();
         // Watch the tap only when a frame could go somewhere; otherwise wait for buffers (the tap's
         // queue is the backpressure). A frame waiting for more buffers waits for them, not for the tap.
         let mut fds = [
@@ -387,7 +338,7 @@ fn read_loop(shared: &Shared, name: &str) {
                     continue;
                 }
             }
-            match deliver(shared, &mut frame[..pending], &mut done) {
+            match shared.rx.deliver(&mut frame[..pending], &mut done) {
                 Delivery::Done => {
                     shared.stats.rx_frames.fetch_add(1, Ordering::Relaxed);
                     delivered = true;
@@ -401,132 +352,7 @@ fn read_loop(shared: &Shared, name: &str) {
             }
         }
         if delivered {
-            if let Some(c) = shared
-                .held
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .completer
-                .as_ref()
-            {
-                c.flush();
-            }
+            shared.rx.flush();
         }
     }
-}
-
-enum Delivery {
-    Done,
-    Dropped,
-    NoBuffers,
-}
-
-/// Whether a TX frame's virtio-net header (its first two bytes, from the frame's copy) asks only for
-/// what the driver negotiated (spec 5.1.6.2): no flags but NEEDS_CSUM (and that only with CSUM), GSO only
-/// of a negotiated kind and with a partial checksum. The tap's kernel side checks the rest (sizes,
-/// offsets) before it builds a packet.
-fn header_allowed(hdr: &[u8], features: u64) -> bool {
-    // No ECN bit: HOST_ECN is not offered.
-    let (flags, gso) = (hdr[0], hdr[1]);
-    let csum = flags & HDR_F_NEEDS_CSUM != 0;
-    if flags & !HDR_F_NEEDS_CSUM != 0 || (csum && features & F_CSUM == 0) {
-        return false;
-    }
-    match gso {
-        GSO_NONE => true,
-        GSO_TCPV4 => csum && features & F_HOST_TSO4 != 0,
-        GSO_TCPV6 => csum && features & F_HOST_TSO6 != 0,
-        _ => false,
-    }
-}
-
-/// Fits the tap's header to what the driver negotiated; false: the driver cannot take this frame.
-fn fit_header(frame: &mut [u8], features: u64) -> bool {
-    let csum = features & F_GUEST_CSUM != 0;
-    if frame[0] & HDR_F_NEEDS_CSUM != 0 && !csum {
-        return false;
-    }
-    if !csum {
-        frame[0] = 0; // no DATA_VALID either: without GUEST_CSUM the flags must be 0
-    }
-    match frame[1] {
-        GSO_NONE => true,
-        GSO_TCPV4 => features & F_GUEST_TSO4 != 0,
-        GSO_TCPV6 => features & F_GUEST_TSO6 != 0,
-        _ => false,
-    }
-}
-
-/// Spreads `frame` (header + data) over the oldest held buffers (dead ones, fenced, are skipped) and
-/// publishes them together.
-fn deliver(shared: &Shared, frame: &mut [u8], done: &mut Vec<Done>) -> Delivery {
-    let mut held = shared.held.lock().unwrap_or_else(|e| e.into_inner());
-    let Held { buffers, completer } = &mut *held;
-    let Some(completer) = completer.clone() else {
-        return Delivery::NoBuffers;
-    };
-    let queue = completer.queue().clone();
-    let features = queue.features();
-    if !fit_header(frame, features) {
-        return Delivery::Dropped;
-    }
-    let mergeable = features & F_MRG_RXBUF != 0;
-    // Enough room among the live buffers at the front?
-    let mut room = 0usize;
-    let mut count = 0usize;
-    let mut i = 0;
-    while room < frame.len() && i < buffers.len() {
-        let (ticket, size) = buffers[i];
-        if !queue.is_live(ticket) {
-            buffers.remove(i); // fenced since it was posted
-            continue;
-        }
-        room += size as usize;
-        count += 1;
-        i += 1;
-        if !mergeable {
-            break;
-        }
-    }
-    if room < frame.len() {
-        // Without MRG_RXBUF a frame takes one buffer: one too small for it means the frame is larger
-        // than the driver takes (the buffer stays for the next one). With it, a frame that a full ring
-        // of buffers cannot hold never will be.
-        let never = if mergeable {
-            count >= usize::from(queue.size())
-        } else {
-            count == 1
-        };
-        return if never {
-            Delivery::Dropped
-        } else {
-            Delivery::NoBuffers
-        };
-    }
-    frame[10..12].copy_from_slice(&(count as u16).to_le_bytes());
-    done.clear();
-    let mut at = 0usize;
-    let mut whole = true;
-    for k in 0..count {
-        let Some((ticket, size)) = buffers.pop_front() else {
-            break;
-        };
-        let n = (size as usize).min(frame.len() - at);
-        whole &= queue.write_request(ticket, Owner::Model, 0, &frame[at..at + n]) == Ok(n);
-        done.push(Done {
-            ticket,
-            used_len: n as u32,
-            status: None,
-            joined: k + 1 < count,
-        });
-        at += n;
-    }
-    if !whole {
-        // A buffer that could not take its part (fenced meanwhile): the frame goes out as runts.
-        for d in done.iter_mut() {
-            d.used_len = 0;
-        }
-    }
-    // All buffers of the frame become visible to the driver at once (one used-index store).
-    completer.complete_all(done.drain(..));
-    Delivery::Done
 }

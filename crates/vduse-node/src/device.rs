@@ -14,6 +14,7 @@ use vduse_core::{
 };
 
 use vduse_backends::file_io::{IoPool, Op};
+use vduse_backends::switch::SwitchPort;
 use vduse_backends::tap::TapModel;
 
 use crate::error::{native, Failure, OrThrow, Parked};
@@ -60,6 +61,9 @@ pub struct DeviceInit {
     /// Serve the device natively as a NIC bridged to this tap interface ("" lets the kernel name one)
     /// instead of on the JavaScript thread: frames never reach JavaScript.
     pub tap: Option<String>,
+    /// Serve the device natively as a port of this switch (`BindingSwitch.id`) instead of on the
+    /// JavaScript thread: frames move between its ports on native threads.
+    pub switch_id: Option<u32>,
     /// Serve the device over a vhost-user socket at this path (listening; one client at a time) instead
     /// of creating it in the kernel.
     pub vhost_user: Option<String>,
@@ -306,9 +310,41 @@ pub struct BindingDevice {
     io: Option<Arc<IoPool>>,
     serving: JsQueues,
     final_counters: Option<DeviceCounters>,
-    /// The natively served NIC's tap model, if the device is one.
-    tap: Option<Arc<TapModel>>,
+    /// The model of a natively served NIC, if the device is one.
+    nic: Option<NativeNic>,
     recovered: bool,
+}
+
+/// A NIC served natively, on worker threads: bridged to a tap, or a port of a switch.
+#[derive(Clone)]
+enum NativeNic {
+    Tap(Arc<TapModel>),
+    Port(Arc<SwitchPort>),
+}
+
+impl NativeNic {
+    fn model(&self) -> Arc<dyn vduse_core::DeviceModel> {
+        match self {
+            NativeNic::Tap(t) => t.clone(),
+            NativeNic::Port(p) => p.clone(),
+        }
+    }
+
+    /// After the device is closed (its workers no longer use the model): stops the tap's reader and
+    /// closes it, or unplugs the port.
+    fn stop(&self) {
+        match self {
+            NativeNic::Tap(t) => t.stop(),
+            NativeNic::Port(p) => p.leave(),
+        }
+    }
+}
+
+/// The MTU a virtio-net config space tells the driver (`mtu` at offset 10), or 1500.
+fn config_mtu(config: &[u8]) -> u16 {
+    config
+        .get(10..12)
+        .map_or(1500, |b| u16::from_le_bytes([b[0], b[1]]))
 }
 
 fn spec_of(init: &DeviceInit) -> Result<DeviceSpec, Failure> {
@@ -382,8 +418,11 @@ pub fn create_device(
         .map_err(native)
         .or_throw(&env)?;
     let events: Arc<dyn DeviceEvents> = Arc::new(JsEvents { sink });
-    let tap = match init.tap.as_deref() {
-        Some(name) => Some(
+    let nic = match (init.tap.as_deref(), init.switch_id) {
+        (Some(_), Some(_)) => {
+            return Err(native("a NIC is bridged to a tap or a port of a switch, not both")).or_throw(&env)
+        }
+        (Some(name), None) => Some(NativeNic::Tap(
             TapModel::open(name)
                 .map_err(|(syscall, e)| {
                     let (code, hint) = match e.raw_os_error() {
@@ -410,11 +449,17 @@ pub fn create_device(
                     )
                 })
                 .or_throw(&env)?,
-        ),
-        None => None,
+        )),
+        (None, Some(id)) => {
+            let switch = crate::switch::switch_of(id)
+                .ok_or_else(|| native("the switch of this port is gone"))
+                .or_throw(&env)?;
+            Some(NativeNic::Port(switch.port(&init.name, config_mtu(&init.config))))
+        }
+        (None, None) => None,
     };
-    let serving = || match &tap {
-        Some(model) => Serving::Workers(model.clone()),
+    let serving = || match &nic {
+        Some(nic) => Serving::Workers(nic.model()),
         None => Serving::External,
     };
     let device = match init.vhost_user.as_deref() {
@@ -433,7 +478,7 @@ pub fn create_device(
     }
     .or_throw(&env)?;
     let queues = device.queues().to_vec();
-    if tap.is_some() {
+    if nic.is_some() {
         // Native serving: worker threads pop the queues; no JavaScript server, no file I/O pool.
         return Ok(BindingDevice {
             device: Some(device),
@@ -441,7 +486,7 @@ pub fn create_device(
             serving: JsQueues { queues, server: None },
             final_counters: None,
             recovered: recover,
-            tap,
+            nic,
         });
     }
     // SAFETY: `on_batch` is a function of this env; we are on the JS thread.
@@ -470,7 +515,7 @@ pub fn create_device(
         },
         final_counters: None,
         recovered: recover,
-        tap: None,
+        nic: None,
     })
 }
 
@@ -486,7 +531,7 @@ pub struct TapCounters {
 pub struct Close {
     device: Option<Served>,
     io: Option<Arc<IoPool>>,
-    tap: Option<Arc<TapModel>>,
+    nic: Option<NativeNic>,
     /// Destroy the device (close), or leave it to a successor (release).
     destroy: bool,
     failure: Parked,
@@ -514,9 +559,8 @@ impl napi::Task for Close {
             };
             done.map_err(|e| self.failure.park(e))?;
         }
-        // After the device: its workers no longer use the tap; this stops the reader and closes it.
-        if let Some(tap) = self.tap.take() {
-            tap.stop();
+        if let Some(nic) = self.nic.take() {
+            nic.stop();
         }
         Ok(())
     }
@@ -627,22 +671,35 @@ impl BindingDevice {
     /// The tap interface a natively served NIC is bridged to.
     #[napi(getter)]
     pub fn tap_name(&self) -> Option<String> {
-        self.tap.as_ref().map(|t| t.name().to_string())
+        match &self.nic {
+            Some(NativeNic::Tap(t)) => Some(t.name().to_string()),
+            _ => None,
+        }
     }
 
     /// Frame counters of a natively served NIC.
     #[napi]
     pub fn tap_stats(&self) -> Option<TapCounters> {
-        self.tap.as_ref().map(|t| {
-            let s = t.stats();
-            let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed) as f64;
-            TapCounters {
-                tx_frames: get(&s.tx_frames),
-                tx_dropped: get(&s.tx_dropped),
-                rx_frames: get(&s.rx_frames),
-                rx_dropped: get(&s.rx_dropped),
-            }
+        let Some(NativeNic::Tap(t)) = &self.nic else {
+            return None;
+        };
+        let s = t.stats();
+        let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed) as f64;
+        Some(TapCounters {
+            tx_frames: get(&s.tx_frames),
+            tx_dropped: get(&s.tx_dropped),
+            rx_frames: get(&s.rx_frames),
+            rx_dropped: get(&s.rx_dropped),
         })
+    }
+
+    /// Frame counters of a NIC served natively as a switch port.
+    #[napi]
+    pub fn port_stats(&self) -> Option<crate::switch::PortCounters> {
+        match &self.nic {
+            Some(NativeNic::Port(p)) => Some(crate::switch::port_counters(p.stats())),
+            _ => None,
+        }
     }
 
     /// Whether this device was taken over from a server that died (`recover`), rather than created.
@@ -739,7 +796,7 @@ impl BindingDevice {
         AsyncTask::new(Close {
             device: self.device.take(),
             io: self.io.take(),
-            tap: self.tap.take(),
+            nic: self.nic.take(),
             destroy,
             failure: Parked::default(),
         })

@@ -13,6 +13,7 @@ mod logger;
 mod loopback;
 mod serve;
 mod served;
+mod switch;
 mod uv;
 
 use error::{OrThrow, Parked};

@@ -2,7 +2,9 @@ import { randomBytes } from 'node:crypto'
 
 import { VduseError } from '../../errors'
 import { STATUS_JOINED, type RequestBatch } from '../../transport/batch'
+import type { PortCounters } from '../../transport/source'
 import { VirtioDevice, type VirtioDeviceEvents, type VirtioDeviceOptions } from '../../virtio/device'
+import type { NetSwitch } from './switch'
 import {
   ETH_HLEN,
   GSO,
@@ -52,6 +54,12 @@ export interface NetDeviceOptions extends VirtioDeviceOptions {
    * events, no `send`. The tap mirrors the offloads the driver negotiated (TUNSETOFFLOAD).
    */
   tap?: string
+  /**
+   * Plug the NIC into this switch. On VDUSE or vhost-user it becomes a native port: frames move between
+   * the switch's NICs on native threads — no `frame` events, no `send` (counters: `portCounters()`). On
+   * the in-process transport it is connected through JavaScript (`NetSwitch.connect`).
+   */
+  switch?: NetSwitch
 }
 
 /** Counters of the virtio-net model. */
@@ -163,6 +171,9 @@ export class NetDevice extends VirtioDevice<NetDeviceEvents> {
   }
   readonly #csum = Buffer.alloc(2)
   readonly #tap: string | undefined
+  readonly #switch: NetSwitch | undefined
+  /** Served natively as a port of `#switch`. */
+  #port = false
 
   /** Creates the device and starts serving it; attach it with `attach()`. */
   static async create(options: NetDeviceOptions): Promise<NetDevice> {
@@ -170,6 +181,8 @@ export class NetDevice extends VirtioDevice<NetDeviceEvents> {
     await device.prepare()
     device.#start()
     await device.opened()
+    if (device.#port) device.#switch!.plugged(device)
+    else device.#switch?.connect(device)
     return device
   }
 
@@ -199,6 +212,12 @@ export class NetDevice extends VirtioDevice<NetDeviceEvents> {
         },
       )
     }
+    this.#switch = options.switch
+    if (this.#tap !== undefined && this.#switch !== undefined) {
+      throw new VduseError('a NIC is bridged to a tap or plugged into a switch, not both', {
+        code: 'ERR_VDUSE_INVALID_CONFIG',
+      })
+    }
     const features: NetFeature[] = ['MAC', 'MTU', 'STATUS', 'MRG_RXBUF']
     if (options.offloads ?? true) features.push(...OFFLOAD_FEATURES)
     this.offeredFeatures = features
@@ -211,6 +230,8 @@ export class NetDevice extends VirtioDevice<NetDeviceEvents> {
   }
 
   #start(): void {
+    this.#port = this.#switch !== undefined && this.nativeTransport
+    const switchId = this.#port ? this.#switch!.nativeSwitchId() : undefined
     const config = NET_CONFIG.encode({ status: LINK_UP, max_virtqueue_pairs: 1, mtu: this.mtu })
     this.#macBytes.copy(config, 0)
     this.open({
@@ -224,6 +245,7 @@ export class NetDevice extends VirtioDevice<NetDeviceEvents> {
       kind: 'net',
       heldQueues: [RX_QUEUE],
       ...(this.#tap === undefined ? {} : { tap: this.#tap }),
+      ...(switchId === undefined ? {} : { switchId }),
     })
   }
 
@@ -253,6 +275,11 @@ export class NetDevice extends VirtioDevice<NetDeviceEvents> {
   /** Frames a bridged NIC moved natively: to the tap (tx), from it (rx), and those dropped. */
   tapCounters(): { txFrames: number; txDropped: number; rxFrames: number; rxDropped: number } | undefined {
     return this.source.tapCounters?.()
+  }
+
+  /** Frames a native switch port moved (`switch` option on a native transport), named as `stats`. */
+  portCounters(): PortCounters | undefined {
+    return this.source.portCounters?.()
   }
 
   /** Receive buffers the driver has posted and the device holds now. */
@@ -339,10 +366,11 @@ export class NetDevice extends VirtioDevice<NetDeviceEvents> {
   }
 
   send(frame: Uint8Array, header?: NetHeader): boolean {
-    if (this.#tap !== undefined) {
-      throw new VduseError('this NIC is bridged to a tap: its frames move natively', {
-        code: 'ERR_VDUSE_INVALID_CONFIG',
-      })
+    if (this.#tap !== undefined || this.#port) {
+      throw new VduseError(
+        `this NIC is ${this.#port ? 'a native switch port' : 'bridged to a tap'}: its frames move natively`,
+        { code: 'ERR_VDUSE_INVALID_CONFIG' },
+      )
     }
     const len = frame.length
     const gso = header ? header.gsoType & ~GSO.ECN : GSO.NONE

@@ -1,3 +1,6 @@
+import type { BindingSwitch } from '../../../index'
+import { VduseError } from '../../errors'
+import { binding } from '../../transport/binding'
 import type { NetDevice, NetHeader } from './net-device'
 
 /** MAC addresses one port may have learned at once (a flood of new ones from it is not learned). */
@@ -39,17 +42,30 @@ interface Learned {
 /**
  * An Ethernet switch in the process: wires `NetDevice`s together. It learns which port each source MAC
  * address lives behind, forwards frames to the learned port, and floods broadcast, multicast and
- * unknown-destination frames to every other port. Each frame is copied once, from the sender's buffers
- * into each receiver's; offload headers pass through (a receiver that did not negotiate them gets
- * checksums completed, or the frame dropped and counted in its `rxRefused`).
+ * unknown-destination frames to every other port. Offload headers pass through: a receiver that did not
+ * negotiate them gets checksums completed and TCP segmentation-offload packets cut into segments.
+ *
+ * Two ways to plug a NIC in, one per switch:
+ * - **natively** (the fast path): create the NIC with `{ switch: sw }` on a native transport (VDUSE or
+ *   vhost-user). Frames then move from one NIC's transmit ring into another's receive buffers on the
+ *   sender's native queue thread — no JavaScript per frame, interrupts batched — and the NIC has no
+ *   `frame` events and no `send()`; its counters are `portCounters()`.
+ * - **through JavaScript**: `connect(nic)` (or `{ switch: sw }` on the in-process transport). Every
+ *   frame is a `frame` event and a `send()`: the place for a forwarding function of your own, a capture,
+ *   or a NIC that also talks to JavaScript.
  *
  * Port security: an address learned on one port stays there while it is in use (`macAgeMs` after it was
  * last heard from); another port sending from it is dropped (`spoofed`). Each port learns at most
  * `maxMacsPerPort` addresses, so a port flooding new ones cannot evict the others' hosts.
  */
 export class NetSwitch {
-  readonly stats: NetSwitchStats = { forwarded: 0, flooded: 0, filtered: 0, spoofed: 0, unlearned: 0 }
+  /** Counters of the JavaScript path (the native switch's are added in `stats`). */
+  readonly #stats: NetSwitchStats = { forwarded: 0, flooded: 0, filtered: 0, spoofed: 0, unlearned: 0 }
   readonly #ports: NetDevice[] = []
+  /** The native switch, once a native port was plugged in. */
+  #native: BindingSwitch | undefined
+  /** Native ports by device name (the native switch names the port an address was learned on). */
+  readonly #nativePorts = new Map<string, NetDevice>()
   readonly #listeners = new Map<NetDevice, (frame: Buffer, header: NetHeader) => void>()
   /** MAC (as a 48-bit number) → its port. */
   readonly #table = new Map<number, Learned>()
@@ -61,11 +77,57 @@ export class NetSwitch {
   constructor(options: NetSwitchOptions = {}) {
     this.#maxPerPort = options.maxMacsPerPort ?? DEFAULT_MACS_PER_PORT
     this.#ageMs = options.macAgeMs ?? DEFAULT_MAC_AGE_MS
+    if (!Number.isInteger(this.#maxPerPort) || this.#maxPerPort < 1 || this.#maxPerPort > 0xffff_ffff) {
+      throw new VduseError('maxMacsPerPort must be a positive integer', { code: 'ERR_VDUSE_INVALID_CONFIG' })
+    }
+    if (!Number.isFinite(this.#ageMs) || this.#ageMs < 0) {
+      throw new VduseError('macAgeMs must be a non-negative number', { code: 'ERR_VDUSE_INVALID_CONFIG' })
+    }
   }
 
-  /** Plugs a NIC into the switch. */
+  /** What the switch did with its ports' frames (native and JavaScript paths together). */
+  get stats(): NetSwitchStats {
+    const s = { ...this.#stats }
+    if (this.#native) {
+      const n = this.#native.stats()
+      s.forwarded += n.forwarded
+      s.flooded += n.flooded
+      s.filtered += n.filtered
+      s.spoofed += n.spoofed
+      s.unlearned += n.unlearned
+    }
+    return s
+  }
+
+  /**
+   * @internal The id of the native switch (`DeviceInit.switchId`) a NIC created with `{ switch: this }` on
+   * a native transport becomes a port of. Refused while JavaScript-connected ports exist.
+   */
+  nativeSwitchId(): number {
+    if (this.#listeners.size > 0) throw NetSwitch.#mixed()
+    this.#native ??= new binding.BindingSwitch(this.#maxPerPort, this.#ageMs)
+    return this.#native.id
+  }
+
+  /** @internal Records a NIC the native switch serves as a port (until it closes). */
+  plugged(port: NetDevice): void {
+    this.#nativePorts.set(port.name, port)
+    port.once('close', () => {
+      if (this.#nativePorts.get(port.name) === port) this.#nativePorts.delete(port.name)
+    })
+  }
+
+  static #mixed(): VduseError {
+    return new VduseError('a switch has native ports or JavaScript-connected ones, not both', {
+      code: 'ERR_VDUSE_INVALID_CONFIG',
+      hint: 'create every NIC of this switch with { switch } on VDUSE or vhost-user, or connect() them all',
+    })
+  }
+
+  /** Plugs a NIC into the switch through JavaScript: its frames are `frame` events, forwarded by `send()`. */
   connect(port: NetDevice): this {
     if (this.#listeners.has(port)) return this
+    if (this.#nativePorts.size > 0) throw NetSwitch.#mixed()
     const listener = (frame: Buffer, header: NetHeader): void => this.#forward(port, frame, header)
     this.#listeners.set(port, listener)
     this.#ports.push(port)
@@ -86,32 +148,37 @@ export class NetSwitch {
     return this
   }
 
+  /** The NICs plugged in (native ports until they close). */
   get ports(): readonly NetDevice[] {
-    return this.#ports
+    return this.#nativePorts.size > 0 ? [...this.#nativePorts.values()] : this.#ports
   }
 
   /** The port an address was learned on, if any (for tests and diagnostics). */
   portOf(mac: string): NetDevice | undefined {
+    if (this.#native && this.#nativePorts.size > 0) {
+      const name = this.#native.portOf(Buffer.from(mac.replaceAll(':', ''), 'hex'))
+      return name === null ? undefined : this.#nativePorts.get(name)
+    }
     return this.#table.get(parseInt(mac.replaceAll(':', ''), 16))?.port
   }
 
   #forward(from: NetDevice, frame: Buffer, header: NetHeader): void {
     // Source MAC at 6..12, destination at 0..6; as numbers, no allocation.
     if ((frame[6]! & 1) === 0 && !this.#learn(frame.readUIntBE(6, 6), from)) {
-      this.stats.spoofed++
+      this.#stats.spoofed++
       return
     }
     const to = (frame[0]! & 1) === 0 ? this.#table.get(frame.readUIntBE(0, 6))?.port : undefined
     if (to !== undefined) {
       if (to === from) {
-        this.stats.filtered++
+        this.#stats.filtered++
         return
       }
-      this.stats.forwarded++
+      this.#stats.forwarded++
       to.send(frame, header)
       return
     }
-    this.stats.flooded++
+    this.#stats.flooded++
     for (const port of this.#ports) if (port !== from) port.send(frame, header)
   }
 
@@ -133,7 +200,7 @@ export class NetSwitch {
     if (count >= this.#maxPerPort) {
       // Its share is full: an address of its own that aged out makes room; otherwise this one is not learned.
       if (!this.#evictAged(from, now)) {
-        this.stats.unlearned++
+        this.#stats.unlearned++
         return true
       }
     }
