@@ -2,11 +2,13 @@
 //! port's driver sends moves to the receive buffers another port's driver posted on the sender's TX
 //! worker thread — no JavaScript, no system call, no queue in between.
 //!
-//! TX: a chain (virtio-net header + frame) is copied out of the sender's buffers under its ticket, and
-//! everything is decided on that copy — the header checked against what the sender negotiated and its
-//! MTU, the source address learned, the destination looked up — so a driver rewriting its buffers
-//! meanwhile changes nothing that was checked. The copy then goes into the receiver's held buffers
-//! ([`ReceiveBuffers::deliver`]); interrupts are raised once per sender's batch and receiver.
+//! TX: the head of a chain — its virtio-net header and Ethernet header — is copied out of the sender's
+//! buffers under its ticket, and everything is decided on that copy: the header checked against what the
+//! sender negotiated and its MTU, the source address learned, the destination looked up. The receiver
+//! gets that checked head, and the rest of the frame in one copy straight from the sender's buffers to
+//! its own (`Virtqueue::copy_to_request`, both pinned): a driver rewriting its buffers meanwhile changes
+//! payload bytes only, never what was checked. The sender's buffers are given back after the copies;
+//! interrupts are raised once per sender's batch and receiver.
 //!
 //! Receivers get frames in the shape they negotiated: a partial checksum is completed for a driver
 //! without GUEST_CSUM, and a TCP segmentation-offload packet is cut into MTU-sized segments for a driver
@@ -20,13 +22,14 @@
 //! A frame for a port whose driver has no buffer posted is dropped and counted (`rx_no_buffers`), as a
 //! switch drops on a full egress queue: no frame waits, so no sender can hold memory in the switch.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use vduse_core::memory::Pins;
 use vduse_core::queue::Owner;
-use vduse_core::{Completer, DeviceModel, Done, RequestBatch};
+use vduse_core::{Completer, DeviceModel, Done, RequestBatch, Ticket, Virtqueue};
 
 use crate::nic::{
     header_allowed, Delivery, ReceiveBuffers, ETH_HLEN, F_GUEST_CSUM, F_GUEST_TSO4, F_GUEST_TSO6, GSO_NONE,
@@ -82,13 +85,133 @@ pub struct PortStats {
     pub rx_refused: AtomicU64,
 }
 
+/// Frames a port may have queued (copies) while its driver has too few receive buffers posted: enough to
+/// ride out a driver refilling its ring under a burst of 64 KiB TSO packets, bounded so that no sender can
+/// make the switch hold more.
+const BACKLOG_BYTES: usize = 4 << 20;
+const BACKLOG_FRAMES: usize = 256;
+
 struct Port {
     id: u64,
     name: String,
     /// Largest frame payload (bytes after the Ethernet header) the port's driver was told of.
     mtu: usize,
     rx: ReceiveBuffers,
+    /// Whether `backlog` holds frames: then every new frame for this port goes behind them, in order.
+    backlogged: AtomicBool,
+    backlog: Mutex<Backlog>,
     stats: PortStats,
+}
+
+#[derive(Default)]
+struct Backlog {
+    /// Frames (virtio-net header + Ethernet frame), oldest first.
+    frames: VecDeque<Vec<u8>>,
+    bytes: usize,
+    /// Buffers of delivered frames, reused.
+    spare: Vec<Vec<u8>>,
+}
+
+impl Port {
+    fn count(&self, delivery: Delivery, bytes: usize) {
+        let stats = &self.stats;
+        match delivery {
+            Delivery::Done => {
+                stats.rx_frames.fetch_add(1, Ordering::Relaxed);
+                stats.rx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+            }
+            Delivery::Dropped => {
+                stats.rx_refused.fetch_add(1, Ordering::Relaxed);
+            }
+            Delivery::NoBuffers => {
+                stats.rx_no_buffers.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn lock_backlog(&self) -> std::sync::MutexGuard<'_, Backlog> {
+        self.backlog.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Delivers queued frames while buffers last; true when none is left.
+    fn drain(&self, backlog: &mut Backlog, done: &mut Vec<Done>) -> bool {
+        while let Some(frame) = backlog.frames.front_mut() {
+            let delivery = self.rx.deliver(frame, done);
+            if delivery == Delivery::NoBuffers {
+                return false;
+            }
+            self.count(delivery, frame.len() - HDR);
+            backlog.bytes -= frame.len();
+            if let Some(f) = backlog.frames.pop_front() {
+                backlog.spare.push(f);
+            }
+        }
+        self.backlogged.store(false, Ordering::Release);
+        true
+    }
+
+    /// Gives a frame to the driver in order behind any queued ones: `deliver` tries now; with too few
+    /// buffers posted, `copy` fills a buffer with the whole frame (false: it could not), which waits in the
+    /// backlog — or is dropped and counted when the backlog is full.
+    /// `frame` is what both work on (the frame or its head).
+    fn offer(
+        &self,
+        bytes: usize,
+        frame: &mut [u8],
+        done: &mut Vec<Done>,
+        deliver: impl FnOnce(&mut [u8], &mut Vec<Done>) -> Delivery,
+        copy: impl FnOnce(&[u8], &mut Vec<u8>) -> bool,
+    ) {
+        let mut held = None;
+        if self.backlogged.load(Ordering::Acquire) {
+            let mut backlog = self.lock_backlog();
+            if !self.drain(&mut backlog, done) {
+                return self.enqueue(backlog, bytes, done, |c| copy(frame, c));
+            }
+            held = Some(backlog);
+        }
+        match deliver(frame, done) {
+            Delivery::NoBuffers => {
+                let backlog = held.unwrap_or_else(|| self.lock_backlog());
+                self.enqueue(backlog, bytes, done, |c| copy(frame, c));
+            }
+            delivery => self.count(delivery, bytes),
+        }
+    }
+
+    fn enqueue(
+        &self,
+        mut backlog: std::sync::MutexGuard<'_, Backlog>,
+        bytes: usize,
+        done: &mut Vec<Done>,
+        copy: impl FnOnce(&mut Vec<u8>) -> bool,
+    ) {
+        let len = HDR + bytes;
+        if backlog.frames.len() >= BACKLOG_FRAMES || backlog.bytes + len > BACKLOG_BYTES {
+            self.stats.rx_no_buffers.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let mut frame = backlog.spare.pop().unwrap_or_default();
+        frame.clear();
+        if !copy(&mut frame) {
+            self.stats.rx_refused.fetch_add(1, Ordering::Relaxed);
+            backlog.spare.push(frame);
+            return;
+        }
+        backlog.bytes += frame.len();
+        backlog.frames.push_back(frame);
+        self.backlogged.store(true, Ordering::Release);
+        // Buffers posted since `deliver` found too few would wait for the next post: try once more.
+        self.drain(&mut backlog, done);
+    }
+
+    /// After the driver posted receive buffers: what waits goes into them.
+    fn posted(&self, done: &mut Vec<Done>) {
+        if self.backlogged.load(Ordering::Acquire) {
+            let mut backlog = self.lock_backlog();
+            self.drain(&mut backlog, done);
+        }
+    }
 }
 
 struct Learned {
@@ -202,6 +325,8 @@ impl Switch {
             name: name.to_string(),
             mtu: usize::from(mtu),
             rx: ReceiveBuffers::default(),
+            backlogged: AtomicBool::new(false),
+            backlog: Mutex::new(Backlog::default()),
             stats: PortStats::default(),
         });
         self.ports_mut().push(port.clone());
@@ -212,6 +337,7 @@ impl Switch {
                 frame: vec![0u8; HDR + MAX_FRAME],
                 out: vec![0u8; HDR + MAX_FRAME],
                 done: Vec::new(),
+                pins: [Pins::new(), Pins::new()],
                 touched: Vec::new(),
             }),
         })
@@ -251,13 +377,29 @@ impl Switch {
 
 /// A sender's reusable buffers (one TX worker per port: never contended).
 struct Scratch {
-    /// The frame as copied out of the sender's buffers: virtio-net header, then Ethernet onward.
+    /// The frame as copied out of the sender's buffers: virtio-net header, then Ethernet onward. Only
+    /// the first `HEAD` bytes are copied for every frame; the rest only for a receiver that needs the
+    /// frame reshaped (segmented, or its checksum completed).
     frame: Vec<u8>,
     /// A receiver's own version of it (a checksum completed, a segment).
     out: Vec<u8>,
     done: Vec<Done>,
+    pins: [Pins; 2],
     /// Indices (into the port list) of the ports given frames in this batch: their interrupts are owed.
     touched: Vec<usize>,
+}
+
+/// What is copied of every frame and checked: the virtio-net header and the Ethernet header.
+const HEAD: usize = HDR + ETH_HLEN;
+
+/// The frame being forwarded: its checked head in the scratch, the rest still in the sender's buffers.
+struct Sent<'a> {
+    queue: &'a Virtqueue,
+    ticket: Ticket,
+    /// Header + frame bytes.
+    len: usize,
+    /// Whether `Scratch::frame` holds the whole frame (copied for a receiver that needs it reshaped).
+    whole: bool,
 }
 
 /// The virtio-net model of one port of a [`Switch`].
@@ -283,49 +425,44 @@ impl SwitchPort {
 
     fn transmit(&self, batch: &RequestBatch, completer: &Completer) {
         let mut scratch = self.tx.lock().unwrap_or_else(|e| e.into_inner());
-        let Scratch {
-            frame,
-            out,
-            done,
-            touched,
-        } = &mut *scratch;
         let queue = completer.queue();
         let features = queue.features();
         let stats = &self.port.stats;
         let ports = self.switch.ports_ref();
-        touched.clear();
+        scratch.touched.clear();
         for req in batch.iter() {
             let len = req.shape.readable_bytes as usize;
-            let copied = (HDR + ETH_HLEN..=HDR + MAX_FRAME).contains(&len)
-                && queue.read_request(req.ticket, Owner::Model, 0, &mut frame[..len]) == Ok(len);
-            // The buffers are the driver's again as soon as the frame is copied out.
-            completer.complete(req.ticket, 0, None);
-            if !copied || !tx_header_valid(&frame[..len], features, self.port.mtu) {
+            let valid = (HEAD..=HDR + MAX_FRAME).contains(&len)
+                && queue.read_request(req.ticket, Owner::Model, 0, &mut scratch.frame[..HEAD]) == Ok(HEAD)
+                && tx_header_valid(&scratch.frame[..HEAD], len, features, self.port.mtu);
+            if valid {
+                stats.tx_frames.fetch_add(1, Ordering::Relaxed);
+                stats.tx_bytes.fetch_add((len - HDR) as u64, Ordering::Relaxed);
+                let mut sent = Sent {
+                    queue,
+                    ticket: req.ticket,
+                    len,
+                    whole: false,
+                };
+                self.forward(&ports, &mut sent, &mut scratch);
+            } else {
                 stats.tx_malformed.fetch_add(1, Ordering::Relaxed);
-                continue;
             }
-            stats.tx_frames.fetch_add(1, Ordering::Relaxed);
-            stats.tx_bytes.fetch_add((len - HDR) as u64, Ordering::Relaxed);
-            self.forward(&ports, &mut frame[..len], out, done, touched);
+            // Only now: the receivers' copies came straight from these buffers.
+            completer.complete(req.ticket, 0, None);
         }
-        for &i in touched.iter() {
+        for &i in scratch.touched.iter() {
             ports[i].rx.flush();
         }
     }
 
     /// Learns the frame's source, then gives the frame to the port its destination lives behind, or to
     /// every other port.
-    fn forward(
-        &self,
-        ports: &[Arc<Port>],
-        frame: &mut [u8],
-        out: &mut [u8],
-        done: &mut Vec<Done>,
-        touched: &mut Vec<usize>,
-    ) {
+    fn forward(&self, ports: &[Arc<Port>], sent: &mut Sent<'_>, scratch: &mut Scratch) {
         let switch = &*self.switch;
         let me = self.port.id;
-        let (dst, src) = (&frame[HDR..HDR + 6], &frame[HDR + 6..HDR + 12]);
+        let head = &scratch.frame[..HEAD];
+        let (dst, src) = (&head[HDR..HDR + 6], &head[HDR + 6..HDR + 12]);
         let unicast_dst = dst[0] & 1 == 0;
         let to = {
             let mut fdb = switch.fdb();
@@ -339,6 +476,12 @@ impl SwitchPort {
                 None
             }
         };
+        let mut give_to = |i: usize, scratch: &mut Scratch| {
+            give(&ports[i], sent, scratch);
+            if !scratch.touched.contains(&i) {
+                scratch.touched.push(i);
+            }
+        };
         match to {
             Some(id) if id == me => {
                 switch.stats.filtered.fetch_add(1, Ordering::Relaxed);
@@ -346,20 +489,14 @@ impl SwitchPort {
             Some(id) => {
                 switch.stats.forwarded.fetch_add(1, Ordering::Relaxed);
                 if let Some(i) = ports.iter().position(|p| p.id == id) {
-                    give(&ports[i], frame, out, done);
-                    if !touched.contains(&i) {
-                        touched.push(i);
-                    }
+                    give_to(i, scratch);
                 }
             }
             None => {
                 switch.stats.flooded.fetch_add(1, Ordering::Relaxed);
                 for (i, port) in ports.iter().enumerate() {
                     if port.id != me {
-                        give(port, frame, out, done);
-                        if !touched.contains(&i) {
-                            touched.push(i);
-                        }
+                        give_to(i, scratch);
                     }
                 }
             }
@@ -377,7 +514,11 @@ impl DeviceModel for SwitchPort {
     fn handle(&self, queue: u16, batch: &RequestBatch, completer: &Completer) {
         match queue {
             TX_QUEUE => self.transmit(batch, completer),
-            RX_QUEUE => self.port.rx.post(batch, completer),
+            RX_QUEUE => {
+                self.port.rx.post(batch, completer);
+                let mut done = Vec::new();
+                self.port.posted(&mut done);
+            }
             _ => {
                 for req in batch.iter() {
                     completer.complete(req.ticket, 0, None);
@@ -395,51 +536,98 @@ fn u16be(b: &[u8], at: usize) -> usize {
     usize::from(u16::from_be_bytes([b[at], b[at + 1]]))
 }
 
-/// Whether a sent frame (header + Ethernet frame, copied out) is one a receiver may be given: a header
-/// the sender negotiated (spec 5.1.6.2), a partial checksum inside the frame, no larger than the MTU
-/// unless it is a GSO packet, whose segments must fit the MTU.
-fn tx_header_valid(f: &[u8], features: u64, mtu: usize) -> bool {
-    if !header_allowed(&f[..2], features) {
+/// Whether a sent frame of `total` bytes (header + Ethernet frame; `head`, its copied start) is one a
+/// receiver may be given: a header the sender negotiated (spec 5.1.6.2), a partial checksum inside the
+/// frame, no larger than the MTU unless it is a GSO packet, whose segments must fit the MTU.
+fn tx_header_valid(head: &[u8], total: usize, features: u64, mtu: usize) -> bool {
+    if !header_allowed(&head[..2], features) {
         return false;
     }
-    let len = f.len() - HDR;
-    let (flags, gso) = (f[0], f[1]);
-    if flags & HDR_F_NEEDS_CSUM != 0 && u16le(f, 6) + u16le(f, 8) + 2 > len {
+    let len = total - HDR;
+    let (flags, gso) = (head[0], head[1]);
+    if flags & HDR_F_NEEDS_CSUM != 0 && u16le(head, 6) + u16le(head, 8) + 2 > len {
         return false;
     }
     if gso == GSO_NONE {
         return len <= mtu + ETH_HLEN + 4;
     }
-    let (hdr_len, gso_size) = (u16le(f, 2), u16le(f, 4));
+    let (hdr_len, gso_size) = (u16le(head, 2), u16le(head, 4));
     gso_size != 0 && gso_size <= mtu && hdr_len <= len
 }
 
-/// Gives `frame` (header + Ethernet frame, valid for its sender) to `port` in the shape its driver
-/// negotiated, and counts what became of it.
-fn give(port: &Port, frame: &mut [u8], out: &mut [u8], done: &mut Vec<Done>) {
+/// Gives the frame `sent` to `port` in the shape its driver negotiated, and counts what became of it.
+/// As sent, it goes in one copy from the sender's buffers to the receiver's; reshaped, from a copy.
+fn give(port: &Port, sent: &mut Sent<'_>, scratch: &mut Scratch) {
     let stats = &port.stats;
     let Some(features) = port.rx.features() else {
         stats.rx_no_buffers.fetch_add(1, Ordering::Relaxed);
         return;
     };
-    let len = frame.len();
+    let len = sent.len;
+    let Scratch {
+        frame,
+        out,
+        done,
+        pins,
+        ..
+    } = scratch;
     let gso = frame[1];
     let tso = match gso {
         GSO_TCPV4 => features & F_GUEST_TSO4 != 0,
         GSO_TCPV6 => features & F_GUEST_TSO6 != 0,
         _ => true,
     };
-    let count = |delivery: Delivery, bytes: usize| match delivery {
-        Delivery::Done => {
-            stats.rx_frames.fetch_add(1, Ordering::Relaxed);
-            stats.rx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
-        }
-        Delivery::Dropped => {
+    if gso == GSO_NONE && len - HDR > port.mtu + ETH_HLEN + 4 {
+        stats.rx_refused.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    let partial_refused = frame[0] & HDR_F_NEEDS_CSUM != 0 && features & F_GUEST_CSUM == 0;
+    if tso && !partial_refused {
+        let (queue, ticket) = (sent.queue, sent.ticket);
+        port.offer(
+            len - HDR,
+            &mut frame[..HEAD],
+            done,
+            |head, done| {
+                port.rx
+                    .deliver_parts(head, len - HEAD, done, |to, t, at, from, n| {
+                        queue.copy_to_request(ticket, (HEAD + from) as u64, to, t, at, n as u64, pins)
+                            == Ok(true)
+                    })
+            },
+            |head, copy| {
+                copy.resize(len, 0);
+                copy[..HEAD].copy_from_slice(head);
+                queue.read_request(ticket, Owner::Model, HEAD as u64, &mut copy[HEAD..]) == Ok(len - HEAD)
+            },
+        );
+        return;
+    }
+    // Reshaped for this receiver: from a whole copy of the frame.
+    if !sent.whole {
+        let rest = &mut frame[HEAD..len];
+        if sent
+            .queue
+            .read_request(sent.ticket, Owner::Model, HEAD as u64, rest)
+            != Ok(rest.len())
+        {
             stats.rx_refused.fetch_add(1, Ordering::Relaxed);
+            return;
         }
-        Delivery::NoBuffers => {
-            stats.rx_no_buffers.fetch_add(1, Ordering::Relaxed);
-        }
+        sent.whole = true;
+    }
+    let frame = &frame[..len];
+    let put = |f: &mut [u8], done: &mut Vec<Done>| {
+        port.offer(
+            f.len() - HDR,
+            f,
+            done,
+            |f, done| port.rx.deliver(f, done),
+            |f, copy| {
+                copy.extend_from_slice(f);
+                true
+            },
+        )
     };
     if !tso {
         // A large TCP packet for a driver that cannot take it whole: cut it, as its NIC would have.
@@ -448,29 +636,18 @@ fn give(port: &Port, frame: &mut [u8], out: &mut [u8], done: &mut Vec<Done>) {
             if !guest_csum {
                 complete_checksum(seg);
             }
-            let n = seg.len() - HDR;
-            let d = port.rx.deliver(seg, done);
-            count(d, n);
-            d == Delivery::Done
+            put(seg, done);
         });
-        if segmented.is_none() {
+        if !segmented {
             stats.rx_refused.fetch_add(1, Ordering::Relaxed);
         }
         return;
     }
-    if gso == GSO_NONE && len - HDR > port.mtu + ETH_HLEN + 4 {
-        stats.rx_refused.fetch_add(1, Ordering::Relaxed);
-        return;
-    }
-    if frame[0] & HDR_F_NEEDS_CSUM != 0 && features & F_GUEST_CSUM == 0 {
-        // The driver takes no partial checksums: finish it, in a copy (other ports may take it partial).
-        let copy = &mut out[..len];
-        copy.copy_from_slice(frame);
-        complete_checksum(copy);
-        count(port.rx.deliver(copy, done), len - HDR);
-        return;
-    }
-    count(port.rx.deliver(frame, done), len - HDR);
+    // The driver takes no partial checksums: finish it, in a copy (other ports may take it partial).
+    let copy = &mut out[..len];
+    copy.copy_from_slice(frame);
+    complete_checksum(copy);
+    put(copy, done);
 }
 
 /// Folds the Internet checksum of `data` into `sum` (ones' complement of 16-bit big-endian words).
@@ -506,9 +683,9 @@ fn complete_checksum(f: &mut [u8]) {
 /// Software segmentation (TSO done here): a TCP packet over IPv4 or IPv6 (no VLAN tag, no IPv6 extension
 /// headers) in `f` (header + Ethernet frame) cut into `gso_size` segments, each built in `out` with its
 /// own IP length, IPv4 id and header checksum, TCP sequence number and flags (FIN and PSH on the last, CWR
-/// on the first), and a partial TCP checksum — then handed to `each`. `None` if the packet is not one
-/// this can cut or its segments do not fit `mtu`; else whether every segment was delivered.
-fn segment(f: &[u8], mtu: usize, out: &mut [u8], mut each: impl FnMut(&mut [u8]) -> bool) -> Option<bool> {
+/// on the first), and a partial TCP checksum — then handed to `each`. False if the packet is not one
+/// this can cut or its segments do not fit `mtu`.
+fn segment(f: &[u8], mtu: usize, out: &mut [u8], mut each: impl FnMut(&mut [u8])) -> bool {
     let frame = &f[HDR..];
     let len = frame.len();
     let v4 = f[1] == GSO_TCPV4;
@@ -525,17 +702,16 @@ fn segment(f: &[u8], mtu: usize, out: &mut [u8], mut each: impl FnMut(&mut [u8])
             frame[ip] >> 4 == 6 && frame[ip + 6] == 6
         };
     if !fits {
-        return None;
+        return false;
     }
     let tcp_len = usize::from(frame[tcp + 12] >> 4) * 4;
     let payload = tcp + tcp_len;
     if tcp_len < 20 || payload > len || mss < 1 || payload + mss > mtu + ETH_HLEN {
-        return None;
+        return false;
     }
-    let seq = u32::from_be_bytes(frame[tcp + 4..tcp + 8].try_into().ok()?);
+    let seq = u32::from_be_bytes([frame[tcp + 4], frame[tcp + 5], frame[tcp + 6], frame[tcp + 7]]);
     let flags = frame[tcp + 13];
     let id = if v4 { u16be(frame, ip + 4) as u16 } else { 0 };
-    let mut all = true;
     let mut at = payload;
     let mut i = 0u16;
     while at < len {
@@ -577,11 +753,11 @@ fn segment(f: &[u8], mtu: usize, out: &mut [u8], mut each: impl FnMut(&mut [u8])
         hdr[0] = HDR_F_NEEDS_CSUM;
         hdr[6..8].copy_from_slice(&(tcp as u16).to_le_bytes());
         hdr[8..10].copy_from_slice(&16u16.to_le_bytes());
-        all &= each(&mut out[..HDR + seg_len]);
+        each(&mut out[..HDR + seg_len]);
         at += n;
         i = i.wrapping_add(1);
     }
-    Some(all)
+    true
 }
 
 #[cfg(test)]
