@@ -10,7 +10,8 @@
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
-use vduse_core::queue::Owner;
+use vduse_core::memory::Pins;
+use vduse_core::queue::{Owner, Part};
 use vduse_core::{Completer, Done, RequestBatch, Ticket, Virtqueue};
 
 /// `struct virtio_net_hdr_v1`: with VERSION_1, 12 bytes, `num_buffers` at 10.
@@ -70,6 +71,36 @@ pub fn fit_header(frame: &mut [u8], features: u64) -> bool {
         _ => false,
     }
 }
+
+/// What became of a frame read straight into the driver's buffers ([`ReceiveBuffers::receive`]).
+#[derive(Debug)]
+pub enum Direct {
+    /// Read and published.
+    Done,
+    /// Read, but not one the driver can take (too short, offloads it did not negotiate, a buffer fenced
+    /// meanwhile): its buffers stay held for the next frame.
+    Dropped,
+    /// Too little room held (or buffers not all mapped): read the frame into a buffer of your own and
+    /// [`deliver`](ReceiveBuffers::deliver) it.
+    Room,
+    /// The read failed (`WouldBlock`: no frame waiting).
+    Read(std::io::Error),
+}
+
+/// The most iovecs one `readv` takes (`UIO_MAXIOV`).
+const MAX_IOV: usize = 1024;
+
+/// A reader's reusable state for [`ReceiveBuffers::receive`].
+#[derive(Default)]
+pub struct DirectScratch {
+    pins: Pins,
+    iov: Vec<libc::iovec>,
+    sizes: Vec<u32>,
+}
+
+// SAFETY: the iovecs point into mappings `pins` hold; they are rebuilt for every read and used only by
+// the thread that owns the scratch.
+unsafe impl Send for DirectScratch {}
 
 /// What became of a frame offered to the driver.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -137,6 +168,118 @@ impl ReceiveBuffers {
         if let Some(c) = self.lock().completer.as_ref() {
             c.flush();
         }
+    }
+
+    /// Reads one frame (virtio-net header + data, at most `max` bytes) straight into the oldest held
+    /// buffers: they are pinned (their message loop waits for the read) and handed to `read` as iovecs,
+    /// enough of them to hold `max` bytes (one buffer without MRG_RXBUF), after a first iovec for the
+    /// header: it is fitted to the driver's features in our copy, then written, and the buffers the frame
+    /// filled are published together.
+    pub fn receive(
+        &self,
+        max: usize,
+        scratch: &mut DirectScratch,
+        done: &mut Vec<Done>,
+        read: impl FnOnce(&[libc::iovec]) -> isize,
+    ) -> Direct {
+        let mut held = self.lock();
+        let Held { buffers, completer } = &mut *held;
+        let Some(completer) = completer.as_ref() else {
+            return Direct::Room;
+        };
+        let queue = completer.queue();
+        let features = queue.features();
+        let mergeable = features & F_MRG_RXBUF != 0;
+        let DirectScratch { pins, iov, sizes } = scratch;
+        pins.release();
+        sizes.clear();
+        let mut room = 0usize;
+        let mut i = 0;
+        while room < max && i < buffers.len() {
+            let (ticket, size) = buffers[i];
+            // The first buffer's header goes into `hdr` (checked and fitted there), the rest straight in.
+            let skip = if sizes.is_empty() { HDR as u64 } else { 0 };
+            match queue.pin(
+                ticket,
+                Owner::Model,
+                Part::Writable,
+                skip,
+                u64::from(size) - skip,
+                pins,
+            ) {
+                Ok(true) if pins.ranges().len() < MAX_IOV => {}
+                Err(_) => {
+                    buffers.remove(i); // fenced since it was posted
+                    continue;
+                }
+                _ => break, // not mapped as it should be, or too many pieces: the copy path judges
+            }
+            room += size as usize;
+            sizes.push(size);
+            i += 1;
+            if !mergeable {
+                break;
+            }
+        }
+        if room < max {
+            pins.release();
+            return Direct::Room;
+        }
+        let mut hdr = [0u8; HDR];
+        iov.clear();
+        iov.push(libc::iovec {
+            iov_base: hdr.as_mut_ptr().cast(),
+            iov_len: HDR,
+        });
+        iov.extend(pins.ranges().iter().map(|&(p, n)| libc::iovec {
+            iov_base: p.cast(),
+            iov_len: n,
+        }));
+        let n = read(iov);
+        let err = std::io::Error::last_os_error();
+        pins.release();
+        if n < 0 {
+            return Direct::Read(err);
+        }
+        let n = n as usize;
+        let Some(&(first, _)) = buffers.front() else {
+            return Direct::Dropped;
+        };
+        if n < HDR + ETH_HLEN || !fit_header(&mut hdr, features) {
+            return Direct::Dropped;
+        }
+        let mut count = 0;
+        let mut filled = 0usize;
+        while filled < n {
+            filled += sizes[count] as usize;
+            count += 1;
+        }
+        hdr[10..12].copy_from_slice(&(count as u16).to_le_bytes());
+        let mut whole = queue.write_request(first, Owner::Model, 0, &hdr) == Ok(HDR);
+        done.clear();
+        let mut at = 0usize;
+        for k in 0..count {
+            let Some((ticket, size)) = buffers.pop_front() else {
+                break;
+            };
+            let len = (size as usize).min(n - at);
+            whole &= queue.is_live(ticket);
+            done.push(Done {
+                ticket,
+                used_len: len as u32,
+                status: None,
+                joined: k + 1 < count,
+            });
+            at += len;
+        }
+        if !whole {
+            // A buffer fenced meanwhile: the frame goes out as runts.
+            for d in done.iter_mut() {
+                d.used_len = 0;
+            }
+        }
+        completer.complete_all(done.drain(..));
+        Direct::Done
     }
 
     /// Spreads `frame` (virtio-net header + data) over the oldest held buffers (dead ones, fenced, are

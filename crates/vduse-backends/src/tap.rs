@@ -1,12 +1,13 @@
 //! A virtio-net device bridged to a kernel TAP interface, served natively: frames never pass through
-//! JavaScript. TX: each chain (virtio-net header + frame) is copied out of the driver's buffers under
-//! its ticket, its header checked *in the copy*, and the copy written to the tap — the tap takes the same
-//! 12-byte header (`IFF_VNET_HDR`), offloads included. A copy, not a `writev` from guest memory: the
-//! driver cannot change the header between the check and the send, and a fence cannot turn the rest of
-//! a frame into zeros on the wire. RX: a reader
-//! thread reads a frame (header + data) from the tap into one buffer and spreads it over the receive
-//! buffers the driver posted (`num_buffers` with MRG_RXBUF), which the model holds until then, and
-//! publishes them with one used-index store: the driver never sees part of a frame.
+//! JavaScript. TX: each chain's virtio-net header is copied out of the driver's buffers under its ticket
+//! and checked *in the copy*; the tap gets that copy and, in the same `writev`, the rest of the frame
+//! straight from the driver's buffers, pinned — the tap takes the same 12-byte header (`IFF_VNET_HDR`),
+//! offloads included. The driver cannot change the header between the check and the send, and a fence
+//! waits for the pins rather than turning the rest of a frame into zeros on the wire. RX: a reader
+//! thread reads a frame (header + data) from the tap straight into the receive buffers the driver
+//! posted, which the model holds until then (`readv` into them, pinned, when they can hold the largest
+//! frame; else into a buffer of its own, spread over them after), and publishes the buffers it filled
+//! (`num_buffers` with MRG_RXBUF) with one used-index store: the driver never sees part of a frame.
 //!
 //! The session's negotiated features come with the receive queue (`Virtqueue::features`), so a frame is
 //! always shaped for the driver that will read it: a header the driver did not negotiate (a GSO or
@@ -18,12 +19,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use vduse_core::queue::Owner;
+use vduse_core::memory::Pins;
+use vduse_core::queue::{Owner, Part};
 use vduse_core::{Completer, DeviceModel, Done, RequestBatch};
 
 use crate::nic::{
-    header_allowed, Delivery, ReceiveBuffers, ETH_HLEN, F_GUEST_CSUM, F_GUEST_TSO4, F_GUEST_TSO6, HDR,
-    MAX_FRAME, RX_QUEUE, TX_QUEUE,
+    header_allowed, Delivery, Direct, DirectScratch, ReceiveBuffers, ETH_HLEN, F_GUEST_CSUM, F_GUEST_TSO4,
+    F_GUEST_TSO6, HDR, MAX_FRAME, RX_QUEUE, TX_QUEUE,
 };
 use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
@@ -68,8 +70,8 @@ pub struct TapModel {
     shared: Arc<Shared>,
     name: String,
     reader: Mutex<Option<JoinHandle<()>>>,
-    /// The TX worker's frame buffer (no allocation per frame).
-    tx_frame: Mutex<Vec<u8>>,
+    /// The TX worker's scratch (no allocation per frame).
+    tx: Mutex<TxScratch>,
     tx_error_logged: AtomicBool,
 }
 
@@ -147,7 +149,11 @@ impl TapModel {
             shared,
             name,
             reader: Mutex::new(Some(reader)),
-            tx_frame: Mutex::new(vec![0u8; HDR + MAX_FRAME]),
+            tx: Mutex::new(TxScratch {
+                header: [0; HDR],
+                pins: Pins::new(),
+                iov: Vec::new(),
+            }),
             tx_error_logged: AtomicBool::new(false),
         }))
     }
@@ -187,24 +193,51 @@ impl TapModel {
     }
 
     fn transmit(&self, batch: &RequestBatch, completer: &Completer) {
-        // One worker thread per queue: the frame buffer is this queue's alone.
-        let mut frame = self.tx_frame.lock().unwrap_or_else(|e| e.into_inner());
+        // One worker thread per queue: the scratch is this queue's alone.
+        let mut tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
+        let TxScratch { header, pins, iov } = &mut *tx;
         let queue = completer.queue();
         let features = queue.features();
         for req in batch.iter() {
             let len = req.shape.readable_bytes as usize;
+            // The header is copied and checked; the frame goes from the driver's pinned buffers.
             let ok = (HDR + ETH_HLEN..=HDR + MAX_FRAME).contains(&len)
-                && queue.read_request(req.ticket, Owner::Model, 0, &mut frame[..len]) == Ok(len)
-                && header_allowed(&frame[..2], features);
+                && queue.read_request(req.ticket, Owner::Model, 0, header) == Ok(HDR)
+                && header_allowed(&header[..2], features)
+                && queue.pin(
+                    req.ticket,
+                    Owner::Model,
+                    Part::Readable,
+                    HDR as u64,
+                    (len - HDR) as u64,
+                    pins,
+                ) == Ok(true);
             if ok {
-                // SAFETY: writing from our own buffer, of the given length.
-                let n = unsafe { libc::write(self.shared.tap.as_raw_fd(), frame.as_ptr().cast(), len) };
+                iov.clear();
+                iov.push(libc::iovec {
+                    iov_base: header.as_mut_ptr().cast(),
+                    iov_len: HDR,
+                });
+                iov.extend(pins.ranges().iter().map(|&(p, n)| libc::iovec {
+                    iov_base: p.cast(),
+                    iov_len: n,
+                }));
+                // SAFETY: every iovec is our header or a range of a mapping `pins` keep alive (and whose
+                // message loop waits for them) until released below.
+                let n = unsafe {
+                    libc::writev(
+                        self.shared.tap.as_raw_fd(),
+                        iov.as_ptr(),
+                        iov.len() as libc::c_int,
+                    )
+                };
+                let err = std::io::Error::last_os_error();
+                pins.release();
                 // A full tap queue (nobody reads the other side) or a frame the kernel refuses: dropped,
                 // as a NIC drops on a full link.
                 if n == len as isize {
                     self.shared.stats.tx_frames.fetch_add(1, Ordering::Relaxed);
                 } else {
-                    let err = std::io::Error::last_os_error();
                     // EAGAIN: the tap's queue is full; EIO: the tap is down (no carrier). Both are a
                     // NIC dropping on its link; anything else is worth a word.
                     let link =
@@ -221,6 +254,18 @@ impl TapModel {
         }
     }
 }
+
+/// The TX worker's reusable state.
+struct TxScratch {
+    /// The frame's virtio-net header, as copied and checked.
+    header: [u8; HDR],
+    pins: Pins,
+    iov: Vec<libc::iovec>,
+}
+
+// SAFETY: the iovecs point at the header beside them or into mappings `pins` hold; they are rebuilt for
+// every frame and used only by the thread holding the scratch's lock.
+unsafe impl Send for TxScratch {}
 
 impl Drop for TapModel {
     fn drop(&mut self) {
@@ -277,6 +322,7 @@ fn wait(fds: &mut [libc::pollfd], timeout_ms: i32) -> Option<bool> {
 fn read_loop(shared: &Shared, name: &str) {
     let mut frame = vec![0u8; HDR + MAX_FRAME];
     let mut done: Vec<Done> = Vec::new();
+    let mut direct = DirectScratch::default();
     // A frame read but not delivered yet (too few buffers posted): the tap's own queue holds the rest.
     let mut pending: usize = 0;
     let pollfd = |fd: i32| libc::pollfd {
@@ -319,6 +365,32 @@ fn read_loop(shared: &Shared, name: &str) {
         let mut delivered = false;
         for _ in 0..RX_BURST {
             if pending == 0 {
+                // Straight into the driver's buffers when enough are held; else through `frame`.
+                let fd = shared.tap.as_raw_fd();
+                let got = shared.rx.receive(HDR + MAX_FRAME, &mut direct, &mut done, |iov| {
+                    // SAFETY: the iovecs cover pinned mappings of the driver's buffers, valid during the call.
+                    unsafe { libc::readv(fd, iov.as_ptr(), iov.len() as libc::c_int) }
+                });
+                match got {
+                    Direct::Done => {
+                        shared.stats.rx_frames.fetch_add(1, Ordering::Relaxed);
+                        delivered = true;
+                        continue;
+                    }
+                    Direct::Dropped => {
+                        shared.stats.rx_dropped.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    Direct::Read(err) => match err.kind() {
+                        std::io::ErrorKind::WouldBlock => break,
+                        std::io::ErrorKind::Interrupted => continue,
+                        _ => {
+                            log::error!("tap {name}: read failed ({err}); the NIC receives nothing more");
+                            return;
+                        }
+                    },
+                    Direct::Room => {}
+                }
                 // SAFETY: reading into our own buffer of the given length.
                 let n = unsafe { libc::read(shared.tap.as_raw_fd(), frame.as_mut_ptr().cast(), frame.len()) };
                 if n < 0 {
