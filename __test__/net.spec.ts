@@ -1,9 +1,12 @@
 // The virtio-net model over the in-process transport: a fake driver posts receive buffers and sends
 // frames exactly as Linux's virtio_net does (a 12-byte virtio_net_hdr_v1 first).
+import { mkdtempSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
 import test from 'ava'
 import { createResponder } from '../examples/net-responder'
 
-import { InProcessTransport, NET_FEATURES, NetDevice, NetSwitch, type NetHeader } from '../src'
+import { InProcessTransport, NET_FEATURES, NetDevice, NetSwitch, vhostUser, type NetHeader } from '../src'
 
 const HDR = 12
 let n = 0
@@ -383,4 +386,55 @@ test('a TCP GSO frame for a driver without TSO is segmented here: lengths, ids, 
   }
   t.true(back.equals(payload))
   await device.close()
+})
+
+test('{ switch } on the in-process transport plugs the NIC in through JavaScript', async (t) => {
+  const sw = new NetSwitch()
+  const a = await nic({ mac: '02:00:00:00:01:0a', switch: sw })
+  const b = await nic({ mac: '02:00:00:00:01:0b', switch: sw })
+  t.deepEqual(sw.ports, [a.device, b.device])
+  t.is(a.device.portCounters(), undefined, 'not a native port')
+  const bRx = b.transport.request([], [2048], 0)
+  await tick()
+  await a.transport.request([header(), frame('ff:ff:ff:ff:ff:ff', '02:00:00:00:01:0a', 60)], [], 1)
+  t.is((await bRx).used, HDR + 60)
+  t.is(sw.portOf('02:00:00:00:01:0a'), a.device)
+  for (const x of [a, b]) await x.device.close()
+})
+
+test('a switch has native ports or JavaScript-connected ones, never both; a NIC is on a tap or a switch', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'vduse-sw-'))
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }))
+  // A native port without a kernel: a NIC on a vhost-user socket (no client needed to exist).
+  const sw = new NetSwitch()
+  const native = await NetDevice.create({
+    name: 'sw-native',
+    switch: sw,
+    transport: vhostUser(join(dir, 'n.sock')),
+  })
+  t.truthy(native.portCounters(), 'a native port')
+  t.deepEqual(sw.ports, [native])
+  t.throws(() => native.send(Buffer.alloc(60)), { code: 'ERR_VDUSE_INVALID_CONFIG' })
+  const js = await nic()
+  t.throws(() => sw.connect(js.device), { code: 'ERR_VDUSE_INVALID_CONFIG' })
+  await native.close()
+  t.deepEqual(sw.ports, [], 'a closed port leaves')
+  t.deepEqual(native.portCounters(), {
+    txFrames: 0,
+    txBytes: 0,
+    txMalformed: 0,
+    rxFrames: 0,
+    rxBytes: 0,
+    rxNoBuffers: 0,
+    rxRefused: 0,
+  })
+  // The other way round: JavaScript ports first, then a native one is refused.
+  const other = new NetSwitch().connect(js.device)
+  await t.throwsAsync(
+    NetDevice.create({ name: 'sw-native2', switch: other, transport: vhostUser(join(dir, 'm.sock')) }),
+    { code: 'ERR_VDUSE_INVALID_CONFIG' },
+  )
+  await t.throwsAsync(nic({ tap: 'tap9', switch: other }), { code: 'ERR_VDUSE_INVALID_CONFIG' })
+  t.throws(() => new NetSwitch({ maxMacsPerPort: 0 }), { code: 'ERR_VDUSE_INVALID_CONFIG' })
+  await js.device.close()
 })

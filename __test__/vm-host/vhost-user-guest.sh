@@ -4,7 +4,8 @@
 # (virtio_blk, virtio_net over virtio-pci) talk to our devices exactly as a VM's would.
 #   VDUSE_VU_MAC   the NIC's MAC (to find its interface)
 #   VDUSE_VU_TAG   the virtio-fs tag
-#   VDUSE_VU_PHASE blk | net | fs | restart (restart: fio verify across a restart of the host's server)
+#   VDUSE_VU_PHASE blk | net | switch | fs | restart (restart: fio verify across a restart of the host's
+#   server; switch: two NICs, VDUSE_VU_MAC and VDUSE_VU_MAC2, on one switch)
 #   VDUSE_VU_SYNC  a directory shared with the host, for the restart handshake
 set -eu
 dev=/dev/vda
@@ -45,6 +46,32 @@ net() {
   echo "ping-ok"
   iperf3 -c 10.77.0.1 -t 3 -J >/tmp/iperf.json
   echo "iperf-bps $(grep -m1 -A8 '"sum_received"' /tmp/iperf.json | grep -m1 bits_per_second | tr -dc 0-9.)"
+}
+
+# Two NICs of this VM on one native switch of the host's server: the second moved into a namespace, so
+# traffic between them crosses the switch (and never this guest's own stack shortcut).
+switch() {
+  a=
+  b=
+  for i in /sys/class/net/*; do
+    case "$(cat "$i/address")" in
+    "$VDUSE_VU_MAC") a=$(basename "$i") ;;
+    "$VDUSE_VU_MAC2") b=$(basename "$i") ;;
+    esac
+  done
+  [ -n "$a" ] && [ -n "$b" ] || { echo "no interfaces with MACs $VDUSE_VU_MAC and $VDUSE_VU_MAC2" >&2; exit 1; }
+  ip netns add peer
+  ip link set "$b" netns peer
+  ip addr add 10.78.0.1/24 dev "$a"
+  ip link set "$a" up
+  ip -n peer addr add 10.78.0.2/24 dev "$b"
+  ip -n peer link set "$b" up
+  ping -c 20 -i 0.05 -W 5 10.78.0.2 >/dev/null
+  echo "switch-ping-ok"
+  ip netns exec peer iperf3 -s -1 -D -B 10.78.0.2
+  sleep 0.5
+  iperf3 -c 10.78.0.2 -t 3 -J >/tmp/iperf.json
+  echo "switch-iperf-bps $(grep -m1 -A8 '"sum_received"' /tmp/iperf.json | grep -m1 bits_per_second | tr -dc 0-9.)"
 }
 
 # A virtio-fs mount of a TypeScript MemoryFs over vhost-user-fs-pci (any guest kernel with virtiofs: no

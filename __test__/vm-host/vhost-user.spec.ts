@@ -151,6 +151,53 @@ test('a VM boots with a vhost-user-blk-pci disk, a vhost-user NIC and a vhost-us
   t.false(existsSync(join(dir, 'blk.sock')))
 })
 
+test('two NICs of a VM on one native switch served over vhost-user: ping and iperf3 between them, no frame through JavaScript', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'vduse-vusw-'))
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }))
+  const [macA, macB] = ['52:54:00:a7:01:01', '52:54:00:a7:01:02']
+  const sw = serve([
+    'net',
+    '--switch',
+    '--name',
+    'vusw-a',
+    '--name',
+    'vusw-b',
+    '--vhost-user',
+    join(dir, 'a.sock'),
+    '--vhost-user',
+    join(dir, 'b.sock'),
+  ])
+  t.teardown(() => sw.proc.kill('SIGKILL'))
+  await until('two NICs ready', () => sw.events.filter((e) => e.event === 'ready').length === 2)
+  const netdev = (id: string, mac: string): string[] => [
+    `-chardev socket,id=c${id},path=${join(dir, `${id}.sock`)}`,
+    `-netdev vhost-user,id=n${id},chardev=c${id}`,
+    `-device virtio-net-pci,netdev=n${id},mac=${mac},vectors=0`,
+  ]
+  const out = await guest([...netdev('a', macA), ...netdev('b', macB)], {
+    VDUSE_VU_MAC: macA,
+    VDUSE_VU_MAC2: macB,
+    VDUSE_VU_PHASE: 'switch',
+  })
+  t.log(out.trim())
+  t.regex(out, /switch-ping-ok/)
+  t.true(Number(/switch-iperf-bps ([\d.]+)/.exec(out)?.[1] ?? 0) > 0, 'iperf3 moved data')
+  sw.proc.kill('SIGTERM')
+  t.is(await sw.exited, 0)
+  const stopped = sw.events.filter((e) => e.event === 'stopped') as Array<{
+    stats: { txFrames: number; rxFrames: number }
+    port: { txFrames: number; rxFrames: number; txMalformed: number }
+    switch: { forwarded: number }
+  }>
+  t.is(stopped.length, 2)
+  for (const s of stopped) {
+    t.true(s.port.txFrames > 100 && s.port.rxFrames > 100, JSON.stringify(s.port))
+    t.is(s.port.txMalformed, 0)
+    t.is(s.stats.txFrames + s.stats.rxFrames, 0, 'no frame through JavaScript')
+  }
+  t.true(stopped[0]!.switch.forwarded > 200)
+})
+
 test('the server killed and restarted under fio --verify in the VM: QEMU reconnects, the inflight region resumes what was in flight, no error', async (t) => {
   const dir = mkdtempSync(join(tmpdir(), 'vduse-vuvm-'))
   // The guest writes its handshake here: the working directory is its one writable share of the host.

@@ -312,7 +312,15 @@ pub struct BindingDevice {
     final_counters: Option<DeviceCounters>,
     /// The model of a natively served NIC, if the device is one.
     nic: Option<NativeNic>,
+    /// Its counters as they were when it stopped serving (the model is gone by then).
+    final_nic: Option<NicCounters>,
     recovered: bool,
+}
+
+#[derive(Clone)]
+enum NicCounters {
+    Tap(TapCounters),
+    Port(crate::switch::PortCounters),
 }
 
 /// A NIC served natively, on worker threads: bridged to a tap, or a port of a switch.
@@ -323,6 +331,23 @@ enum NativeNic {
 }
 
 impl NativeNic {
+    fn counters(&self) -> NicCounters {
+        match self {
+            NativeNic::Tap(t) => {
+                let s = t.stats();
+                let get =
+                    |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed) as f64;
+                NicCounters::Tap(TapCounters {
+                    tx_frames: get(&s.tx_frames),
+                    tx_dropped: get(&s.tx_dropped),
+                    rx_frames: get(&s.rx_frames),
+                    rx_dropped: get(&s.rx_dropped),
+                })
+            }
+            NativeNic::Port(p) => NicCounters::Port(crate::switch::port_counters(p.stats())),
+        }
+    }
+
     fn model(&self) -> Arc<dyn vduse_core::DeviceModel> {
         match self {
             NativeNic::Tap(t) => t.clone(),
@@ -487,6 +512,7 @@ pub fn create_device(
             final_counters: None,
             recovered: recover,
             nic,
+            final_nic: None,
         });
     }
     // SAFETY: `on_batch` is a function of this env; we are on the JS thread.
@@ -516,11 +542,13 @@ pub fn create_device(
         final_counters: None,
         recovered: recover,
         nic: None,
+        final_nic: None,
     })
 }
 
 /// Frames a natively served NIC moved between the driver and its tap.
 #[napi(object)]
+#[derive(Clone)]
 pub struct TapCounters {
     pub tx_frames: f64,
     pub tx_dropped: f64,
@@ -680,25 +708,18 @@ impl BindingDevice {
     /// Frame counters of a natively served NIC.
     #[napi]
     pub fn tap_stats(&self) -> Option<TapCounters> {
-        let Some(NativeNic::Tap(t)) = &self.nic else {
-            return None;
-        };
-        let s = t.stats();
-        let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed) as f64;
-        Some(TapCounters {
-            tx_frames: get(&s.tx_frames),
-            tx_dropped: get(&s.tx_dropped),
-            rx_frames: get(&s.rx_frames),
-            rx_dropped: get(&s.rx_dropped),
-        })
+        match self.nic_counters()? {
+            NicCounters::Tap(c) => Some(c),
+            NicCounters::Port(_) => None,
+        }
     }
 
     /// Frame counters of a NIC served natively as a switch port.
     #[napi]
     pub fn port_stats(&self) -> Option<crate::switch::PortCounters> {
-        match &self.nic {
-            Some(NativeNic::Port(p)) => Some(crate::switch::port_counters(p.stats())),
-            _ => None,
+        match self.nic_counters()? {
+            NicCounters::Port(c) => Some(c),
+            NicCounters::Tap(_) => None,
         }
     }
 
@@ -779,6 +800,13 @@ impl BindingDevice {
 }
 
 impl BindingDevice {
+    fn nic_counters(&self) -> Option<NicCounters> {
+        self.nic
+            .as_ref()
+            .map(NativeNic::counters)
+            .or_else(|| self.final_nic.clone())
+    }
+
     /// Records the final counters, publishes what completed, stops serving on this thread, and hands the
     /// device to a task that closes (`destroy`) or releases it off the JavaScript thread.
     fn stop_serving(&mut self, destroy: bool) -> AsyncTask<Close> {
@@ -792,6 +820,9 @@ impl BindingDevice {
         if let Some(s) = &self.serving.server {
             s.flush();
             s.close();
+        }
+        if let Some(nic) = &self.nic {
+            self.final_nic = Some(nic.counters());
         }
         AsyncTask::new(Close {
             device: self.device.take(),

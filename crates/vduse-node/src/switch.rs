@@ -35,6 +35,7 @@ pub struct SwitchCounters {
 
 /// One switch port's frame counters (named as a NIC's `NetStats`).
 #[napi(object)]
+#[derive(Clone)]
 pub struct PortCounters {
     pub tx_frames: f64,
     pub tx_bytes: f64,
