@@ -10,9 +10,8 @@
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
-use vduse_core::memory::Pins;
-use vduse_core::queue::{Owner, Part};
-use vduse_core::{Completer, Done, RequestBatch, Ticket, Virtqueue};
+use vduse_core::queue::Owner;
+use vduse_core::{Completer, Done, RequestBatch, Ticket};
 
 /// `struct virtio_net_hdr_v1`: with VERSION_1, 12 bytes, `num_buffers` at 10.
 pub const HDR: usize = 12;
@@ -71,36 +70,6 @@ pub fn fit_header(frame: &mut [u8], features: u64) -> bool {
         _ => false,
     }
 }
-
-/// What became of a frame read straight into the driver's buffers ([`ReceiveBuffers::receive`]).
-#[derive(Debug)]
-pub enum Direct {
-    /// Read and published.
-    Done,
-    /// Read, but not one the driver can take (too short, offloads it did not negotiate, a buffer fenced
-    /// meanwhile): its buffers stay held for the next frame.
-    Dropped,
-    /// Too little room held (or buffers not all mapped): read the frame into a buffer of your own and
-    /// [`deliver`](ReceiveBuffers::deliver) it.
-    Room,
-    /// The read failed (`WouldBlock`: no frame waiting).
-    Read(std::io::Error),
-}
-
-/// The most iovecs one `readv` takes (`UIO_MAXIOV`).
-const MAX_IOV: usize = 1024;
-
-/// A reader's reusable state for [`ReceiveBuffers::receive`].
-#[derive(Default)]
-pub struct DirectScratch {
-    pins: Pins,
-    iov: Vec<libc::iovec>,
-    sizes: Vec<u32>,
-}
-
-// SAFETY: the iovecs point into mappings `pins` hold; they are rebuilt for every read and used only by
-// the thread that owns the scratch.
-unsafe impl Send for DirectScratch {}
 
 /// What became of a frame offered to the driver.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -170,136 +139,10 @@ impl ReceiveBuffers {
         }
     }
 
-    /// Reads one frame (virtio-net header + data, at most `max` bytes) straight into the oldest held
-    /// buffers: they are pinned (their message loop waits for the read) and handed to `read` as iovecs,
-    /// enough of them to hold `max` bytes (one buffer without MRG_RXBUF), after a first iovec for the
-    /// header: it is fitted to the driver's features in our copy, then written, and the buffers the frame
-    /// filled are published together.
-    pub fn receive(
-        &self,
-        max: usize,
-        scratch: &mut DirectScratch,
-        done: &mut Vec<Done>,
-        read: impl FnOnce(&[libc::iovec]) -> isize,
-    ) -> Direct {
-        let mut held = self.lock();
-        let Held { buffers, completer } = &mut *held;
-        let Some(completer) = completer.as_ref() else {
-            return Direct::Room;
-        };
-        let queue = completer.queue();
-        let features = queue.features();
-        let mergeable = features & F_MRG_RXBUF != 0;
-        let DirectScratch { pins, iov, sizes } = scratch;
-        pins.release();
-        sizes.clear();
-        let mut room = 0usize;
-        let mut i = 0;
-        while room < max && i < buffers.len() {
-            let (ticket, size) = buffers[i];
-            // The first buffer's header goes into `hdr` (checked and fitted there), the rest straight in.
-            let skip = if sizes.is_empty() { HDR as u64 } else { 0 };
-            match queue.pin(
-                ticket,
-                Owner::Model,
-                Part::Writable,
-                skip,
-                u64::from(size) - skip,
-                pins,
-            ) {
-                Ok(true) if pins.ranges().len() < MAX_IOV => {}
-                Err(_) => {
-                    buffers.remove(i); // fenced since it was posted
-                    continue;
-                }
-                _ => break, // not mapped as it should be, or too many pieces: the copy path judges
-            }
-            room += size as usize;
-            sizes.push(size);
-            i += 1;
-            if !mergeable {
-                break;
-            }
-        }
-        if room < max {
-            pins.release();
-            return Direct::Room;
-        }
-        let mut hdr = [0u8; HDR];
-        iov.clear();
-        iov.push(libc::iovec {
-            iov_base: hdr.as_mut_ptr().cast(),
-            iov_len: HDR,
-        });
-        iov.extend(pins.ranges().iter().map(|&(p, n)| libc::iovec {
-            iov_base: p.cast(),
-            iov_len: n,
-        }));
-        let n = read(iov);
-        let err = std::io::Error::last_os_error();
-        pins.release();
-        if n < 0 {
-            return Direct::Read(err);
-        }
-        let n = n as usize;
-        let Some(&(first, _)) = buffers.front() else {
-            return Direct::Dropped;
-        };
-        if n < HDR + ETH_HLEN || !fit_header(&mut hdr, features) {
-            return Direct::Dropped;
-        }
-        let mut count = 0;
-        let mut filled = 0usize;
-        while filled < n {
-            filled += sizes[count] as usize;
-            count += 1;
-        }
-        hdr[10..12].copy_from_slice(&(count as u16).to_le_bytes());
-        let mut whole = queue.write_request(first, Owner::Model, 0, &hdr) == Ok(HDR);
-        done.clear();
-        let mut at = 0usize;
-        for k in 0..count {
-            let Some((ticket, size)) = buffers.pop_front() else {
-                break;
-            };
-            let len = (size as usize).min(n - at);
-            whole &= queue.is_live(ticket);
-            done.push(Done {
-                ticket,
-                used_len: len as u32,
-                status: None,
-                joined: k + 1 < count,
-            });
-            at += len;
-        }
-        if !whole {
-            // A buffer fenced meanwhile: the frame goes out as runts.
-            for d in done.iter_mut() {
-                d.used_len = 0;
-            }
-        }
-        completer.complete_all(done.drain(..));
-        Direct::Done
-    }
-
     /// Spreads `frame` (virtio-net header + data) over the oldest held buffers (dead ones, fenced, are
     /// skipped), after fitting its header to the driver's features, and publishes them together.
     /// `frame`'s header is rewritten (flags, `num_buffers`).
     pub fn deliver(&self, frame: &mut [u8], done: &mut Vec<Done>) -> Delivery {
-        self.deliver_parts(frame, 0, done, |_, _, _, _, _| false)
-    }
-
-    /// [`deliver`](Self::deliver) for a frame in two parts: `head` (the virtio-net header and what else
-    /// was copied and checked) and `tail` more bytes that `copy_tail(queue, ticket, buffer offset, tail
-    /// offset, length)` puts straight into a receive buffer (false: it could not; the frame goes out as
-    /// runts).
-    pub fn deliver_parts(
-        &self,
-        head: &mut [u8],
-        tail: usize,
-        done: &mut Vec<Done>,
-        mut copy_tail: impl FnMut(&Virtqueue, Ticket, u64, usize, usize) -> bool,
-    ) -> Delivery {
         let mut held = self.lock();
         let Held { buffers, completer } = &mut *held;
         let Some(completer) = completer.as_ref() else {
@@ -307,16 +150,15 @@ impl ReceiveBuffers {
         };
         let queue = completer.queue();
         let features = queue.features();
-        if !fit_header(head, features) {
+        if !fit_header(frame, features) {
             return Delivery::Dropped;
         }
-        let total = head.len() + tail;
         let mergeable = features & F_MRG_RXBUF != 0;
         // Enough room among the live buffers at the front?
         let mut room = 0usize;
         let mut count = 0usize;
         let mut i = 0;
-        while room < total && i < buffers.len() {
+        while room < frame.len() && i < buffers.len() {
             let (ticket, size) = buffers[i];
             if !queue.is_live(ticket) {
                 buffers.remove(i); // fenced since it was posted
@@ -329,7 +171,7 @@ impl ReceiveBuffers {
                 break;
             }
         }
-        if room < total {
+        if room < frame.len() {
             // Without MRG_RXBUF a frame takes one buffer: one too small for it means the frame is larger
             // than the driver takes (the buffer stays for the next one). With it, a frame that a full
             // ring of buffers cannot hold never will be.
@@ -344,7 +186,7 @@ impl ReceiveBuffers {
                 Delivery::NoBuffers
             };
         }
-        head[10..12].copy_from_slice(&(count as u16).to_le_bytes());
+        frame[10..12].copy_from_slice(&(count as u16).to_le_bytes());
         done.clear();
         let mut at = 0usize;
         let mut whole = true;
@@ -352,16 +194,8 @@ impl ReceiveBuffers {
             let Some((ticket, size)) = buffers.pop_front() else {
                 break;
             };
-            let n = (size as usize).min(total - at);
-            // The part of this buffer's share in `head`, then the part in the tail.
-            let split = (at + n).min(head.len()).max(at);
-            if split > at {
-                whole &= queue.write_request(ticket, Owner::Model, 0, &head[at..split]) == Ok(split - at);
-            }
-            if at + n > split {
-                let (off, from) = ((split - at) as u64, split - head.len());
-                whole &= copy_tail(queue, ticket, off, from, at + n - split);
-            }
+            let n = (size as usize).min(frame.len() - at);
+            whole &= queue.write_request(ticket, Owner::Model, 0, &frame[at..at + n]) == Ok(n);
             done.push(Done {
                 ticket,
                 used_len: n as u32,

@@ -1,14 +1,14 @@
 //! An Ethernet switch in the process, served natively: each port is a virtio-net model, and a frame one
 //! port's driver sends moves to the receive buffers another port's driver posted on the sender's TX
-//! worker thread — no JavaScript, no system call, no queue in between.
+//! worker thread — no JavaScript, no system call, no thread in between.
 //!
 //! TX: the head of a chain — its virtio-net header and Ethernet header — is copied out of the sender's
 //! buffers under its ticket, and everything is decided on that copy: the header checked against what the
-//! sender negotiated and its MTU, the source address learned, the destination looked up. The receiver
-//! gets that checked head, and the rest of the frame in one copy straight from the sender's buffers to
-//! its own (`Virtqueue::copy_to_request`, both pinned): a driver rewriting its buffers meanwhile changes
-//! payload bytes only, never what was checked. The sender's buffers are given back after the copies;
-//! interrupts are raised once per sender's batch and receiver.
+//! sender negotiated and its MTU, the source address learned, the destination looked up. The rest follows
+//! into the same buffer, and the receivers get that copy: a driver rewriting its buffers meanwhile changes
+//! nothing that was checked. Both copies are ticket-checked under the ring's lock (`read_request`,
+//! `write_request`): a receive buffer given back on a reset or a memory-map change is never written after,
+//! and no mapping is touched once revoked. Interrupts are raised once per sender's batch and receiver.
 //!
 //! Receivers get frames in the shape they negotiated: a partial checksum is completed for a driver
 //! without GUEST_CSUM, and a TCP segmentation-offload packet is cut into MTU-sized segments for a driver
@@ -17,17 +17,19 @@
 //! Port security, as in the TypeScript `NetSwitch`: an address learned on a port stays there while it is
 //! in use (`mac_age` after it was last heard from); a frame from another port with that source address
 //! is dropped (`spoofed`). Each port learns at most `max_macs_per_port` addresses, so a port sending from
-//! ever-new ones fills only its own share and never turns the switch into a hub.
+//! ever-new ones fills only its own share and never turns the switch into a hub. Frames from a multicast
+//! or all-zero source address are dropped as malformed (as Linux's bridge does).
 //!
-//! A frame for a port whose driver has no buffer posted is dropped and counted (`rx_no_buffers`), as a
-//! switch drops on a full egress queue: no frame waits, so no sender can hold memory in the switch.
+//! A frame for a port whose driver has too few buffers posted waits, copied, in that port's backlog
+//! (bounded in frames and in bytes of buffer capacity, spare buffers included), delivered in order when
+//! the driver posts buffers and forgotten when a new driver session starts; beyond the bound it is dropped
+//! and counted (`rx_no_buffers`), as a switch drops on a full egress queue.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use vduse_core::memory::Pins;
 use vduse_core::queue::Owner;
 use vduse_core::{Completer, DeviceModel, Done, RequestBatch, Ticket, Virtqueue};
 
@@ -103,13 +105,35 @@ struct Port {
     stats: PortStats,
 }
 
+/// Spare buffers a backlog keeps for its next frames.
+const SPARE: usize = 8;
+
 #[derive(Default)]
 struct Backlog {
     /// Frames (virtio-net header + Ethernet frame), oldest first.
     frames: VecDeque<Vec<u8>>,
+    /// Capacity of the queued frames' buffers and of the spare ones: what the backlog holds.
     bytes: usize,
     /// Buffers of delivered frames, reused.
     spare: Vec<Vec<u8>>,
+}
+
+impl Backlog {
+    /// Keeps a delivered frame's buffer for reuse, or frees it.
+    fn recycle(&mut self, buffer: Vec<u8>) {
+        if self.spare.len() < SPARE {
+            self.spare.push(buffer);
+        } else {
+            self.bytes -= buffer.capacity();
+        }
+    }
+
+    /// Forgets every queued frame (a new driver session: they were for the one before).
+    fn clear(&mut self) {
+        while let Some(f) = self.frames.pop_front() {
+            self.recycle(f);
+        }
+    }
 }
 
 impl Port {
@@ -141,9 +165,8 @@ impl Port {
                 return false;
             }
             self.count(delivery, frame.len() - HDR);
-            backlog.bytes -= frame.len();
             if let Some(f) = backlog.frames.pop_front() {
-                backlog.spare.push(f);
+                backlog.recycle(f);
             }
         }
         self.backlogged.store(false, Ordering::Release);
@@ -187,22 +210,38 @@ impl Port {
         copy: impl FnOnce(&mut Vec<u8>) -> bool,
     ) {
         let len = HDR + bytes;
-        if backlog.frames.len() >= BACKLOG_FRAMES || backlog.bytes + len > BACKLOG_BYTES {
+        let spare = backlog.spare.pop();
+        // A new buffer (or one that must grow) counts its capacity against the bound.
+        let grows = len.saturating_sub(spare.as_ref().map_or(0, Vec::capacity));
+        if backlog.frames.len() >= BACKLOG_FRAMES || backlog.bytes + grows > BACKLOG_BYTES {
+            if let Some(f) = spare {
+                backlog.spare.push(f);
+            }
             self.stats.rx_no_buffers.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        let mut frame = backlog.spare.pop().unwrap_or_default();
+        let mut frame = spare.unwrap_or_default();
+        let before = frame.capacity();
         frame.clear();
-        if !copy(&mut frame) {
+        frame.reserve_exact(len);
+        let copied = copy(&mut frame);
+        backlog.bytes = backlog.bytes + frame.capacity() - before;
+        if !copied {
             self.stats.rx_refused.fetch_add(1, Ordering::Relaxed);
-            backlog.spare.push(frame);
+            backlog.recycle(frame);
             return;
         }
-        backlog.bytes += frame.len();
         backlog.frames.push_back(frame);
         self.backlogged.store(true, Ordering::Release);
         // Buffers posted since `deliver` found too few would wait for the next post: try once more.
         self.drain(&mut backlog, done);
+    }
+
+    /// A new driver session: frames queued for the one before are not its.
+    fn new_session(&self) {
+        let mut backlog = self.lock_backlog();
+        backlog.clear();
+        self.backlogged.store(false, Ordering::Release);
     }
 
     /// After the driver posted receive buffers: what waits goes into them.
@@ -292,7 +331,9 @@ impl Fdb {
 /// The switch: create it, then a [`SwitchPort`] model per NIC.
 pub struct Switch {
     options: SwitchOptions,
-    ports: RwLock<Vec<Arc<Port>>>,
+    /// The ports, replaced whole on a change: a sender takes the list for its batch without holding a
+    /// lock that plugging a port in (on the JavaScript thread) would wait on.
+    ports: RwLock<Arc<Vec<Arc<Port>>>>,
     fdb: Mutex<Fdb>,
     next_id: AtomicU64,
     stats: SwitchStats,
@@ -306,7 +347,7 @@ impl Switch {
     pub fn new(options: SwitchOptions) -> Arc<Self> {
         Arc::new(Self {
             options,
-            ports: RwLock::new(Vec::new()),
+            ports: RwLock::new(Arc::new(Vec::new())),
             fdb: Mutex::new(Fdb::default()),
             next_id: AtomicU64::new(1),
             stats: SwitchStats::default(),
@@ -329,7 +370,7 @@ impl Switch {
             backlog: Mutex::new(Backlog::default()),
             stats: PortStats::default(),
         });
-        self.ports_mut().push(port.clone());
+        self.update_ports(|ports| ports.push(port.clone()));
         Arc::new(SwitchPort {
             switch: self.clone(),
             port,
@@ -337,7 +378,6 @@ impl Switch {
                 frame: vec![0u8; HDR + MAX_FRAME],
                 out: vec![0u8; HDR + MAX_FRAME],
                 done: Vec::new(),
-                pins: [Pins::new(), Pins::new()],
                 touched: Vec::new(),
             }),
         })
@@ -361,45 +401,66 @@ impl Switch {
         self.fdb.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn ports_ref(&self) -> std::sync::RwLockReadGuard<'_, Vec<Arc<Port>>> {
-        self.ports.read().unwrap_or_else(|e| e.into_inner())
+    fn ports_ref(&self) -> Arc<Vec<Arc<Port>>> {
+        self.ports.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    fn ports_mut(&self) -> std::sync::RwLockWriteGuard<'_, Vec<Arc<Port>>> {
-        self.ports.write().unwrap_or_else(|e| e.into_inner())
+    fn update_ports(&self, change: impl FnOnce(&mut Vec<Arc<Port>>)) {
+        let mut ports = self.ports.write().unwrap_or_else(|e| e.into_inner());
+        let mut next = Vec::clone(&ports);
+        change(&mut next);
+        *ports = Arc::new(next);
     }
 
     fn remove(&self, id: u64) {
-        self.ports_mut().retain(|p| p.id != id);
+        self.update_ports(|ports| ports.retain(|p| p.id != id));
         self.fdb().forget_port(id);
     }
 }
 
 /// A sender's reusable buffers (one TX worker per port: never contended).
 struct Scratch {
-    /// The frame as copied out of the sender's buffers: virtio-net header, then Ethernet onward. Only
-    /// the first `HEAD` bytes are copied for every frame; the rest only for a receiver that needs the
-    /// frame reshaped (segmented, or its checksum completed).
+    /// The frame as copied out of the sender's buffers: virtio-net header, then Ethernet onward. The
+    /// first `HEAD` bytes are copied and checked first; the rest only once a receiver is found.
     frame: Vec<u8>,
     /// A receiver's own version of it (a checksum completed, a segment).
     out: Vec<u8>,
     done: Vec<Done>,
-    pins: [Pins; 2],
     /// Indices (into the port list) of the ports given frames in this batch: their interrupts are owed.
     touched: Vec<usize>,
 }
 
-/// What is copied of every frame and checked: the virtio-net header and the Ethernet header.
+/// The smallest segment size a GSO packet may ask for (Linux's `tcp_min_snd_mss` default).
+const MIN_MSS: usize = 48;
+
+/// What is copied of every frame and checked first: the virtio-net header and the Ethernet header.
 const HEAD: usize = HDR + ETH_HLEN;
 
-/// The frame being forwarded: its checked head in the scratch, the rest still in the sender's buffers.
+/// The frame being forwarded: its checked head in the scratch, the rest still in the sender's buffers
+/// until a receiver needs it.
 struct Sent<'a> {
     queue: &'a Virtqueue,
     ticket: Ticket,
     /// Header + frame bytes.
     len: usize,
-    /// Whether `Scratch::frame` holds the whole frame (copied for a receiver that needs it reshaped).
-    whole: bool,
+    /// Whether `Scratch::frame` holds the whole frame; `None`: the copy failed (the sender's request was
+    /// fenced meanwhile), and no receiver gets it.
+    whole: Option<bool>,
+}
+
+impl Sent<'_> {
+    /// Copies the rest of the frame after its head, once; false if it cannot be had.
+    fn fetch(&mut self, frame: &mut [u8]) -> bool {
+        if self.whole.is_none() {
+            let rest = &mut frame[HEAD..self.len];
+            let ok = self
+                .queue
+                .read_request(self.ticket, Owner::Model, HEAD as u64, rest)
+                == Ok(rest.len());
+            self.whole = Some(ok);
+        }
+        self.whole == Some(true)
+    }
 }
 
 /// The virtio-net model of one port of a [`Switch`].
@@ -430,6 +491,7 @@ impl SwitchPort {
         let stats = &self.port.stats;
         let ports = self.switch.ports_ref();
         scratch.touched.clear();
+        let ports = &ports[..];
         for req in batch.iter() {
             let len = req.shape.readable_bytes as usize;
             let valid = (HEAD..=HDR + MAX_FRAME).contains(&len)
@@ -442,13 +504,13 @@ impl SwitchPort {
                     queue,
                     ticket: req.ticket,
                     len,
-                    whole: false,
+                    whole: None,
                 };
-                self.forward(&ports, &mut sent, &mut scratch);
+                self.forward(ports, &mut sent, &mut scratch);
             } else {
                 stats.tx_malformed.fetch_add(1, Ordering::Relaxed);
             }
-            // Only now: the receivers' copies came straight from these buffers.
+            // Only now: the rest of the frame is copied out when a receiver is found.
             completer.complete(req.ticket, 0, None);
         }
         for &i in scratch.touched.iter() {
@@ -464,9 +526,14 @@ impl SwitchPort {
         let head = &scratch.frame[..HEAD];
         let (dst, src) = (&head[HDR..HDR + 6], &head[HDR + 6..HDR + 12]);
         let unicast_dst = dst[0] & 1 == 0;
+        if src[0] & 1 != 0 || src.iter().all(|&b| b == 0) {
+            // No station sends from a group or the zero address (Linux's bridge drops these too).
+            self.port.stats.tx_malformed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         let to = {
             let mut fdb = switch.fdb();
-            if src[0] & 1 == 0 && !fdb.learn(mac48(src), me, &switch.options, &switch.stats) {
+            if !fdb.learn(mac48(src), me, &switch.options, &switch.stats) {
                 switch.stats.spoofed.fetch_add(1, Ordering::Relaxed);
                 return;
             }
@@ -511,6 +578,10 @@ impl Drop for SwitchPort {
 }
 
 impl DeviceModel for SwitchPort {
+    fn started(&self, _features: u64) {
+        self.port.new_session();
+    }
+
     fn handle(&self, queue: u16, batch: &RequestBatch, completer: &Completer) {
         match queue {
             TX_QUEUE => self.transmit(batch, completer),
@@ -552,11 +623,12 @@ fn tx_header_valid(head: &[u8], total: usize, features: u64, mtu: usize) -> bool
         return len <= mtu + ETH_HLEN + 4;
     }
     let (hdr_len, gso_size) = (u16le(head, 2), u16le(head, 4));
-    gso_size != 0 && gso_size <= mtu && hdr_len <= len
+    // A TCP packet: room for Ethernet, IP and TCP headers; segments of at least Linux's smallest MSS, so
+    // that cutting one packet makes a bounded number of them.
+    len >= ETH_HLEN + 20 + 20 && (MIN_MSS..=mtu).contains(&gso_size) && hdr_len <= len
 }
 
 /// Gives the frame `sent` to `port` in the shape its driver negotiated, and counts what became of it.
-/// As sent, it goes in one copy from the sender's buffers to the receiver's; reshaped, from a copy.
 fn give(port: &Port, sent: &mut Sent<'_>, scratch: &mut Scratch) {
     let stats = &port.stats;
     let Some(features) = port.rx.features() else {
@@ -564,13 +636,7 @@ fn give(port: &Port, sent: &mut Sent<'_>, scratch: &mut Scratch) {
         return;
     };
     let len = sent.len;
-    let Scratch {
-        frame,
-        out,
-        done,
-        pins,
-        ..
-    } = scratch;
+    let Scratch { frame, out, done, .. } = scratch;
     let gso = frame[1];
     let tso = match gso {
         GSO_TCPV4 => features & F_GUEST_TSO4 != 0,
@@ -581,42 +647,10 @@ fn give(port: &Port, sent: &mut Sent<'_>, scratch: &mut Scratch) {
         stats.rx_refused.fetch_add(1, Ordering::Relaxed);
         return;
     }
-    let partial_refused = frame[0] & HDR_F_NEEDS_CSUM != 0 && features & F_GUEST_CSUM == 0;
-    if tso && !partial_refused {
-        let (queue, ticket) = (sent.queue, sent.ticket);
-        port.offer(
-            len - HDR,
-            &mut frame[..HEAD],
-            done,
-            |head, done| {
-                port.rx
-                    .deliver_parts(head, len - HEAD, done, |to, t, at, from, n| {
-                        queue.copy_to_request(ticket, (HEAD + from) as u64, to, t, at, n as u64, pins)
-                            == Ok(true)
-                    })
-            },
-            |head, copy| {
-                copy.resize(len, 0);
-                copy[..HEAD].copy_from_slice(head);
-                queue.read_request(ticket, Owner::Model, HEAD as u64, &mut copy[HEAD..]) == Ok(len - HEAD)
-            },
-        );
+    if !sent.fetch(frame) {
+        stats.rx_refused.fetch_add(1, Ordering::Relaxed);
         return;
     }
-    // Reshaped for this receiver: from a whole copy of the frame.
-    if !sent.whole {
-        let rest = &mut frame[HEAD..len];
-        if sent
-            .queue
-            .read_request(sent.ticket, Owner::Model, HEAD as u64, rest)
-            != Ok(rest.len())
-        {
-            stats.rx_refused.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        sent.whole = true;
-    }
-    let frame = &frame[..len];
     let put = |f: &mut [u8], done: &mut Vec<Done>| {
         port.offer(
             f.len() - HDR,
@@ -632,22 +666,26 @@ fn give(port: &Port, sent: &mut Sent<'_>, scratch: &mut Scratch) {
     if !tso {
         // A large TCP packet for a driver that cannot take it whole: cut it, as its NIC would have.
         let guest_csum = features & F_GUEST_CSUM != 0;
-        let segmented = segment(frame, port.mtu, out, |seg| {
+        let cut = segment(&frame[..len], port.mtu, out, |seg| {
             if !guest_csum {
                 complete_checksum(seg);
             }
             put(seg, done);
         });
-        if !segmented {
+        if !cut {
             stats.rx_refused.fetch_add(1, Ordering::Relaxed);
         }
         return;
     }
-    // The driver takes no partial checksums: finish it, in a copy (other ports may take it partial).
-    let copy = &mut out[..len];
-    copy.copy_from_slice(frame);
-    complete_checksum(copy);
-    put(copy, done);
+    if frame[0] & HDR_F_NEEDS_CSUM != 0 && features & F_GUEST_CSUM == 0 {
+        // The driver takes no partial checksums: finish it, in a copy (other ports may take it partial).
+        let copy = &mut out[..len];
+        copy.copy_from_slice(&frame[..len]);
+        complete_checksum(copy);
+        put(copy, done);
+        return;
+    }
+    put(&mut frame[..len], done);
 }
 
 /// Folds the Internet checksum of `data` into `sum` (ones' complement of 16-bit big-endian words).
@@ -684,12 +722,15 @@ fn complete_checksum(f: &mut [u8]) {
 /// headers) in `f` (header + Ethernet frame) cut into `gso_size` segments, each built in `out` with its
 /// own IP length, IPv4 id and header checksum, TCP sequence number and flags (FIN and PSH on the last, CWR
 /// on the first), and a partial TCP checksum — then handed to `each`. False if the packet is not one
-/// this can cut or its segments do not fit `mtu`.
+/// this can cut (too short, no payload, not TCP) or its segments do not fit `mtu`.
 fn segment(f: &[u8], mtu: usize, out: &mut [u8], mut each: impl FnMut(&mut [u8])) -> bool {
     let frame = &f[HDR..];
     let len = frame.len();
     let v4 = f[1] == GSO_TCPV4;
     let ip = ETH_HLEN;
+    if len < ip + if v4 { 20 } else { 40 } + 20 {
+        return false;
+    }
     let ethertype = u16be(frame, 12);
     let ip_len = if v4 { usize::from(frame[ip] & 0x0f) * 4 } else { 40 };
     let tcp = ip + ip_len;
@@ -706,7 +747,8 @@ fn segment(f: &[u8], mtu: usize, out: &mut [u8], mut each: impl FnMut(&mut [u8])
     }
     let tcp_len = usize::from(frame[tcp + 12] >> 4) * 4;
     let payload = tcp + tcp_len;
-    if tcp_len < 20 || payload > len || mss < 1 || payload + mss > mtu + ETH_HLEN {
+    // A packet without payload is not one to cut; segments must fit the receiver's MTU.
+    if tcp_len < 20 || payload >= len || mss < MIN_MSS || payload + mss > mtu + ETH_HLEN {
         return false;
     }
     let seq = u32::from_be_bytes([frame[tcp + 4], frame[tcp + 5], frame[tcp + 6], frame[tcp + 7]]);

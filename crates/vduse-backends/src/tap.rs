@@ -3,11 +3,13 @@
 //! and checked *in the copy*; the tap gets that copy and, in the same `writev`, the rest of the frame
 //! straight from the driver's buffers, pinned — the tap takes the same 12-byte header (`IFF_VNET_HDR`),
 //! offloads included. The driver cannot change the header between the check and the send, and a fence
-//! waits for the pins rather than turning the rest of a frame into zeros on the wire. RX: a reader
-//! thread reads a frame (header + data) from the tap straight into the receive buffers the driver
-//! posted, which the model holds until then (`readv` into them, pinned, when they can hold the largest
-//! frame; else into a buffer of its own, spread over them after), and publishes the buffers it filled
-//! (`num_buffers` with MRG_RXBUF) with one used-index store: the driver never sees part of a frame.
+//! waits for the pins (or revokes them, and the `writev` fails) rather than turning the rest of a frame
+//! into zeros on the wire; the request stays in flight until the `writev` returned, so a drain waits for
+//! it. RX: a reader thread reads a frame (header + data) from the tap into one buffer and spreads it over
+//! the receive buffers the driver posted (`num_buffers` with MRG_RXBUF), which the model holds until then,
+//! with ticket-checked copies — held buffers are given back at once on a reset, so nothing may write into
+//! them outside the ring lock — and publishes them with one used-index store: the driver never sees part
+//! of a frame.
 //!
 //! The session's negotiated features come with the receive queue (`Virtqueue::features`), so a frame is
 //! always shaped for the driver that will read it: a header the driver did not negotiate (a GSO or
@@ -24,8 +26,8 @@ use vduse_core::queue::{Owner, Part};
 use vduse_core::{Completer, DeviceModel, Done, RequestBatch};
 
 use crate::nic::{
-    header_allowed, Delivery, Direct, DirectScratch, ReceiveBuffers, ETH_HLEN, F_GUEST_CSUM, F_GUEST_TSO4,
-    F_GUEST_TSO6, HDR, MAX_FRAME, RX_QUEUE, TX_QUEUE,
+    header_allowed, Delivery, ReceiveBuffers, ETH_HLEN, F_GUEST_CSUM, F_GUEST_TSO4, F_GUEST_TSO6, HDR,
+    MAX_FRAME, RX_QUEUE, TX_QUEUE,
 };
 use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
@@ -211,7 +213,12 @@ impl TapModel {
                     HDR as u64,
                     (len - HDR) as u64,
                     pins,
-                ) == Ok(true);
+                ) == Ok(true)
+                // One writev takes at most UIO_MAXIOV pieces (a chain has at most 64 buffers).
+                && pins.ranges().len() < 1024;
+            if !ok {
+                pins.release();
+            }
             if ok {
                 iov.clear();
                 iov.push(libc::iovec {
@@ -222,8 +229,9 @@ impl TapModel {
                     iov_base: p.cast(),
                     iov_len: n,
                 }));
-                // SAFETY: every iovec is our header or a range of a mapping `pins` keep alive (and whose
-                // message loop waits for them) until released below.
+                // SAFETY: every iovec is our header or a range of a mapping `pins` keep mapped until
+                // released below; a message loop that cannot wait for them revokes them (PROT_NONE), and
+                // then the writev fails with EFAULT — a system call, never a fault in this process.
                 let n = unsafe {
                     libc::writev(
                         self.shared.tap.as_raw_fd(),
@@ -322,7 +330,6 @@ fn wait(fds: &mut [libc::pollfd], timeout_ms: i32) -> Option<bool> {
 fn read_loop(shared: &Shared, name: &str) {
     let mut frame = vec![0u8; HDR + MAX_FRAME];
     let mut done: Vec<Done> = Vec::new();
-    let mut direct = DirectScratch::default();
     // A frame read but not delivered yet (too few buffers posted): the tap's own queue holds the rest.
     let mut pending: usize = 0;
     let pollfd = |fd: i32| libc::pollfd {
@@ -365,32 +372,6 @@ fn read_loop(shared: &Shared, name: &str) {
         let mut delivered = false;
         for _ in 0..RX_BURST {
             if pending == 0 {
-                // Straight into the driver's buffers when enough are held; else through `frame`.
-                let fd = shared.tap.as_raw_fd();
-                let got = shared.rx.receive(HDR + MAX_FRAME, &mut direct, &mut done, |iov| {
-                    // SAFETY: the iovecs cover pinned mappings of the driver's buffers, valid during the call.
-                    unsafe { libc::readv(fd, iov.as_ptr(), iov.len() as libc::c_int) }
-                });
-                match got {
-                    Direct::Done => {
-                        shared.stats.rx_frames.fetch_add(1, Ordering::Relaxed);
-                        delivered = true;
-                        continue;
-                    }
-                    Direct::Dropped => {
-                        shared.stats.rx_dropped.fetch_add(1, Ordering::Relaxed);
-                        continue;
-                    }
-                    Direct::Read(err) => match err.kind() {
-                        std::io::ErrorKind::WouldBlock => break,
-                        std::io::ErrorKind::Interrupted => continue,
-                        _ => {
-                            log::error!("tap {name}: read failed ({err}); the NIC receives nothing more");
-                            return;
-                        }
-                    },
-                    Direct::Room => {}
-                }
                 // SAFETY: reading into our own buffer of the given length.
                 let n = unsafe { libc::read(shared.tap.as_raw_fd(), frame.as_mut_ptr().cast(), frame.len()) };
                 if n < 0 {

@@ -433,3 +433,71 @@ fn frames_wait_in_order_for_receive_buffers_and_the_wait_is_bounded() {
     assert_eq!(seen, (0..257).collect::<Vec<_>>());
     assert_eq!(stats.rx_frames.load(Ordering::Relaxed), 257);
 }
+
+#[test]
+fn short_or_hostile_gso_frames_and_group_sources_are_refused_without_harm() {
+    let sw = Switch::new(SwitchOptions::default());
+    // b cannot take TSO: GSO frames for it would be cut here.
+    let (mut a, mut b) = (Nic::new(&sw, "a", ALL), Nic::new(&sw, "b", VERSION_1 | F_MRG_RXBUF));
+    b.post(16);
+    // A GSO header on a frame too short for IP and TCP headers, and one asking for 1-byte segments.
+    let mut short = frame(BROADCAST, mac(1), 0, 0);
+    short[0] = HDR_F_NEEDS_CSUM;
+    short[1] = GSO_TCPV4;
+    short[4..6].copy_from_slice(&1u16.to_le_bytes());
+    let mut tiny_mss = tso_packet(3000, 1);
+    tiny_mss[HDR..HDR + 6].copy_from_slice(&BROADCAST);
+    // Frames from a multicast and from the zero address.
+    let group = frame(mac(2), [0x03, 0, 0, 0, 0, 1], 60, 0);
+    let zero = frame(mac(2), [0; 6], 60, 0);
+    a.send(&[short, tiny_mss, group, zero]);
+    assert_eq!(a.model.stats().tx_malformed.load(Ordering::Relaxed), 4);
+    // A well-formed GSO header with no payload behind it: nothing to cut, refused for b.
+    let mut empty = tso_packet(0, 1000);
+    empty[HDR..HDR + 6].copy_from_slice(&BROADCAST);
+    a.send(&[empty]);
+    assert_eq!(b.model.stats().rx_refused.load(Ordering::Relaxed), 1);
+    assert!(b.received().is_empty());
+    assert_eq!(sw.port_of([0; 6]), None);
+}
+
+#[test]
+fn buffers_given_back_by_a_reset_are_never_written_and_a_new_session_forgets_the_backlog() {
+    let sw = Switch::new(SwitchOptions::default());
+    let (mut a, mut b) = (Nic::new(&sw, "a", ALL), Nic::new(&sw, "b", ALL));
+    b.post(2);
+    // The driver resets (or changes its memory map): its held buffers are given back, empty.
+    let (given, _) = b.rx.2.give_back_where(|_, _| true);
+    assert_eq!(given, 2);
+    let used_after_reset = b.rx.1.used_idx();
+    a.send(&[frame(mac(2), mac(1), 100, 0xee)]);
+    let mut first = vec![0u8; BUF_SIZE as usize * 2];
+    b.rx.0.map.read_slice(&mut first, GuestAddress(BUF)).unwrap();
+    assert!(first.iter().all(|&x| x == 0), "a given-back buffer was written");
+    assert_eq!(b.rx.1.used_idx(), used_after_reset);
+    // The frame waits for the next buffers — unless a new session starts first.
+    b.model.started(ALL);
+    b.rx_seen = b.rx.1.used_idx();
+    b.free = (0..16).rev().collect();
+    b.post(4);
+    assert!(b.received().is_empty(), "a frame of the session before reached the new one");
+    a.send(&[frame(mac(2), mac(1), 100, 0xef)]);
+    assert_eq!(b.received().len(), 1);
+}
+
+#[test]
+fn the_backlog_is_bounded_in_bytes_of_the_buffers_it_holds() {
+    let sw = Switch::new(SwitchOptions::default());
+    let (mut a, mut b) = (Nic::new(&sw, "a", ALL), Nic::new(&sw, "b", ALL));
+    b.post(1);
+    let _ = b.received();
+    // 100 TSO packets of 60 KB for a driver that takes them whole, and nothing posted.
+    let packet = tso_packet(60_000, 1400);
+    for _ in 0..100 {
+        a.send(std::slice::from_ref(&packet));
+    }
+    let len = packet.len();
+    let queued = 100 - b.model.stats().rx_no_buffers.load(Ordering::Relaxed) as usize;
+    assert!(queued * len <= 4 << 20, "{queued} frames of {len} bytes queued");
+    assert!((queued + 1) * len > 4 << 20, "only {queued} queued");
+}

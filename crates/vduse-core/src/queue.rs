@@ -31,7 +31,7 @@ use std::time::Instant;
 
 use parking_lot::{Condvar, Mutex, RwLock};
 use virtio_queue::{Error as QueueError, Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions, VolatileSlice};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 
 use crate::chain::{self, ChainError, Segment, Shape};
 use crate::inflight::QueueLog;
@@ -1527,59 +1527,6 @@ impl Virtqueue {
             pins.release();
             return Ok(false);
         }
-        Ok(true)
-    }
-
-    /// Copies `len` readable bytes of request `src` (from `src_offset`) into the writable bytes of request
-    /// `dst` of queue `to` (from `dst_offset`): one copy from driver memory to driver memory — of one
-    /// device or of two (a switch moving a frame between NICs). Both ranges are pinned for the copy, so
-    /// neither message loop answers its kernel before it ended (as for a native read); no ring lock is
-    /// held meanwhile. `Ok(false)` if either range is not wholly mapped with the access it needs (nothing
-    /// copied); `Gone` if either ticket is not in flight. `pins` are scratch, empty on return.
-    #[allow(clippy::too_many_arguments)]
-    pub fn copy_to_request(
-        &self,
-        src: Ticket,
-        src_offset: u64,
-        to: &Virtqueue,
-        dst: Ticket,
-        dst_offset: u64,
-        len: u64,
-        pins: &mut [Pins; 2],
-    ) -> Result<bool, Gone> {
-        let [from, into] = pins;
-        if !self.pin(src, Owner::Model, Part::Readable, src_offset, len, from)? {
-            return Ok(false);
-        }
-        match to.pin(dst, Owner::Model, Part::Writable, dst_offset, len, into) {
-            Ok(true) => {}
-            other => {
-                from.release();
-                return other;
-            }
-        }
-        let (mut s, mut d) = (from.ranges().iter().copied(), into.ranges().iter().copied());
-        let (mut sr, mut dr) = (s.next(), d.next());
-        while let (Some((sp, sn)), Some((dp, dn))) = (sr, dr) {
-            let n = sn.min(dn);
-            // SAFETY: both ranges lie inside mappings `pins` keep alive until released below, and their
-            // message loops wait for the pins before any mapping is revoked or unmapped. The driver may
-            // write them meanwhile, as it may any memory a device reads: VolatileSlice is rust-vmm's
-            // type for exactly such shared guest memory.
-            let (from_slice, into_slice) = unsafe { (VolatileSlice::new(sp, n), VolatileSlice::new(dp, n)) };
-            from_slice.copy_to_volatile_slice(into_slice);
-            // SAFETY: `n` is at most the length of both ranges, so the advanced pointers stay inside (or at
-            // the end of) them.
-            sr = (sn > n)
-                .then(|| unsafe { (sp.add(n), sn - n) })
-                .or_else(|| s.next());
-            // SAFETY: as above.
-            dr = (dn > n)
-                .then(|| unsafe { (dp.add(n), dn - n) })
-                .or_else(|| d.next());
-        }
-        from.release();
-        into.release();
         Ok(true)
     }
 

@@ -73,15 +73,15 @@ impl BindingSwitch {
     /// A switch with these port-security settings (see `NetSwitchOptions`).
     #[napi(constructor)]
     pub fn new(max_macs_per_port: u32, mac_age_ms: f64) -> napi::Result<Self> {
-        if !(mac_age_ms.is_finite() && mac_age_ms >= 0.0) {
-            return Err(napi::Error::new(
-                napi::Status::InvalidArg,
-                "macAgeMs must be a non-negative number",
-            ));
+        let invalid = |what: &str| napi::Error::new(napi::Status::InvalidArg, what.to_string());
+        let mac_age = Duration::try_from_secs_f64(mac_age_ms / 1000.0)
+            .map_err(|_| invalid("macAgeMs must be a non-negative number of milliseconds"))?;
+        if max_macs_per_port == 0 {
+            return Err(invalid("maxMacsPerPort must be at least 1"));
         }
         let switch = Switch::new(SwitchOptions {
             max_macs_per_port: max_macs_per_port as usize,
-            mac_age: Duration::from_secs_f64(mac_age_ms / 1000.0),
+            mac_age,
         });
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         registry()

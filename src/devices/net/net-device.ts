@@ -178,9 +178,14 @@ export class NetDevice extends VirtioDevice<NetDeviceEvents> {
   /** Creates the device and starts serving it; attach it with `attach()`. */
   static async create(options: NetDeviceOptions): Promise<NetDevice> {
     const device = new NetDevice(options)
-    await device.prepare()
-    device.#start()
-    await device.opened()
+    try {
+      await device.prepare()
+      device.#start()
+      await device.opened()
+    } catch (err) {
+      if (device.#port) device.#switch!.unplug(device)
+      throw err
+    }
     if (device.#port) device.#switch!.plugged(device)
     else device.#switch?.connect(device)
     return device
@@ -230,8 +235,9 @@ export class NetDevice extends VirtioDevice<NetDeviceEvents> {
   }
 
   #start(): void {
-    this.#port = this.#switch !== undefined && this.nativeTransport
-    const switchId = this.#port ? this.#switch!.nativeSwitchId() : undefined
+    const switchId =
+      this.#switch !== undefined && this.nativeTransport ? this.#switch.nativeSwitchId(this) : undefined
+    this.#port = switchId !== undefined
     const config = NET_CONFIG.encode({ status: LINK_UP, max_virtqueue_pairs: 1, mtu: this.mtu })
     this.#macBytes.copy(config, 0)
     this.open({

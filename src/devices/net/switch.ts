@@ -103,18 +103,22 @@ export class NetSwitch {
    * @internal The id of the native switch (`DeviceInit.switchId`) a NIC created with `{ switch: this }` on
    * a native transport becomes a port of. Refused while JavaScript-connected ports exist.
    */
-  nativeSwitchId(): number {
+  nativeSwitchId(port: NetDevice): number {
     if (this.#listeners.size > 0) throw NetSwitch.#mixed()
     this.#native ??= new binding.BindingSwitch(this.#maxPerPort, this.#ageMs)
+    // Counted from now on, while it is being created: a connect() meanwhile is refused.
+    this.#nativePorts.set(port.name, port)
     return this.#native.id
   }
 
-  /** @internal Records a NIC the native switch serves as a port (until it closes). */
+  /** @internal The native port `port` is served: it leaves when it closes. */
   plugged(port: NetDevice): void {
-    this.#nativePorts.set(port.name, port)
-    port.once('close', () => {
-      if (this.#nativePorts.get(port.name) === port) this.#nativePorts.delete(port.name)
-    })
+    port.once('close', () => this.unplug(port))
+  }
+
+  /** @internal A native port that closed, or whose creation failed. */
+  unplug(port: NetDevice): void {
+    if (this.#nativePorts.get(port.name) === port) this.#nativePorts.delete(port.name)
   }
 
   static #mixed(): VduseError {
