@@ -11,7 +11,7 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 
 use vduse_core::queue::Owner;
-use vduse_core::{Completer, Done, RequestBatch, Ticket};
+use vduse_core::{Completer, Done, RequestBatch, Ticket, Virtqueue};
 
 /// `struct virtio_net_hdr_v1`: with VERSION_1, 12 bytes, `num_buffers` at 10.
 pub const HDR: usize = 12;
@@ -143,6 +143,20 @@ impl ReceiveBuffers {
     /// skipped), after fitting its header to the driver's features, and publishes them together.
     /// `frame`'s header is rewritten (flags, `num_buffers`).
     pub fn deliver(&self, frame: &mut [u8], done: &mut Vec<Done>) -> Delivery {
+        self.deliver_parts(frame, 0, done, |_, _, _, _, _| false)
+    }
+
+    /// [`deliver`](Self::deliver) for a frame in two parts: `head` (the virtio-net header and what else
+    /// was copied and checked) and `tail` more bytes that `copy_tail(queue, ticket, buffer offset, tail
+    /// offset, length)` puts straight into a receive buffer (false: it could not; the frame goes out as
+    /// runts).
+    pub fn deliver_parts(
+        &self,
+        head: &mut [u8],
+        tail: usize,
+        done: &mut Vec<Done>,
+        mut copy_tail: impl FnMut(&Virtqueue, Ticket, u64, usize, usize) -> bool,
+    ) -> Delivery {
         let mut held = self.lock();
         let Held { buffers, completer } = &mut *held;
         let Some(completer) = completer.as_ref() else {
@@ -150,15 +164,16 @@ impl ReceiveBuffers {
         };
         let queue = completer.queue();
         let features = queue.features();
-        if !fit_header(frame, features) {
+        if !fit_header(head, features) {
             return Delivery::Dropped;
         }
+        let total = head.len() + tail;
         let mergeable = features & F_MRG_RXBUF != 0;
         // Enough room among the live buffers at the front?
         let mut room = 0usize;
         let mut count = 0usize;
         let mut i = 0;
-        while room < frame.len() && i < buffers.len() {
+        while room < total && i < buffers.len() {
             let (ticket, size) = buffers[i];
             if !queue.is_live(ticket) {
                 buffers.remove(i); // fenced since it was posted
@@ -171,7 +186,7 @@ impl ReceiveBuffers {
                 break;
             }
         }
-        if room < frame.len() {
+        if room < total {
             // Without MRG_RXBUF a frame takes one buffer: one too small for it means the frame is larger
             // than the driver takes (the buffer stays for the next one). With it, a frame that a full
             // ring of buffers cannot hold never will be.
@@ -186,7 +201,7 @@ impl ReceiveBuffers {
                 Delivery::NoBuffers
             };
         }
-        frame[10..12].copy_from_slice(&(count as u16).to_le_bytes());
+        head[10..12].copy_from_slice(&(count as u16).to_le_bytes());
         done.clear();
         let mut at = 0usize;
         let mut whole = true;
@@ -194,8 +209,16 @@ impl ReceiveBuffers {
             let Some((ticket, size)) = buffers.pop_front() else {
                 break;
             };
-            let n = (size as usize).min(frame.len() - at);
-            whole &= queue.write_request(ticket, Owner::Model, 0, &frame[at..at + n]) == Ok(n);
+            let n = (size as usize).min(total - at);
+            // The part of this buffer's share in `head`, then the part in the tail.
+            let split = (at + n).min(head.len()).max(at);
+            if split > at {
+                whole &= queue.write_request(ticket, Owner::Model, 0, &head[at..split]) == Ok(split - at);
+            }
+            if at + n > split {
+                let (off, from) = ((split - at) as u64, split - head.len());
+                whole &= copy_tail(queue, ticket, off, from, at + n - split);
+            }
             done.push(Done {
                 ticket,
                 used_len: n as u32,

@@ -4,11 +4,13 @@
 //!
 //! TX: the head of a chain — its virtio-net header and Ethernet header — is copied out of the sender's
 //! buffers under its ticket, and everything is decided on that copy: the header checked against what the
-//! sender negotiated and its MTU, the source address learned, the destination looked up. The rest follows
-//! into the same buffer, and the receivers get that copy: a driver rewriting its buffers meanwhile changes
-//! nothing that was checked. Both copies are ticket-checked under the ring's lock (`read_request`,
-//! `write_request`): a receive buffer given back on a reset or a memory-map change is never written after,
-//! and no mapping is touched once revoked. Interrupts are raised once per sender's batch and receiver.
+//! sender negotiated and its MTU, the source address learned, the destination looked up. A receiver gets
+//! that checked head, and the rest of the frame in one copy from the sender's buffers straight into its
+//! own (`Virtqueue::copy_to_request`): a driver rewriting its buffers meanwhile changes payload bytes only,
+//! never what was checked. Every copy is ticket-checked under the rings' locks, so a receive buffer given
+//! back on a reset or a memory-map change is never written after, and no mapping is touched once revoked.
+//! A receiver that needs the frame reshaped (segmented, its checksum completed) gets it from a whole copy.
+//! Interrupts are raised once per sender's batch and receiver.
 //!
 //! Receivers get frames in the shape they negotiated: a partial checksum is completed for a driver
 //! without GUEST_CSUM, and a TCP segmentation-offload packet is cut into MTU-sized segments for a driver
@@ -421,7 +423,7 @@ impl Switch {
 /// A sender's reusable buffers (one TX worker per port: never contended).
 struct Scratch {
     /// The frame as copied out of the sender's buffers: virtio-net header, then Ethernet onward. The
-    /// first `HEAD` bytes are copied and checked first; the rest only once a receiver is found.
+    /// first `HEAD` bytes for every frame; the rest only for a receiver that needs it reshaped.
     frame: Vec<u8>,
     /// A receiver's own version of it (a checksum completed, a segment).
     out: Vec<u8>,
@@ -436,8 +438,8 @@ const MIN_MSS: usize = 48;
 /// What is copied of every frame and checked first: the virtio-net header and the Ethernet header.
 const HEAD: usize = HDR + ETH_HLEN;
 
-/// The frame being forwarded: its checked head in the scratch, the rest still in the sender's buffers
-/// until a receiver needs it.
+/// The frame being forwarded: its checked head in the scratch, the rest in the sender's buffers (copied
+/// into the scratch only for a receiver that needs the frame reshaped).
 struct Sent<'a> {
     queue: &'a Virtqueue,
     ticket: Ticket,
@@ -510,7 +512,7 @@ impl SwitchPort {
             } else {
                 stats.tx_malformed.fetch_add(1, Ordering::Relaxed);
             }
-            // Only now: the rest of the frame is copied out when a receiver is found.
+            // Only now: the receivers' copies came from these buffers.
             completer.complete(req.ticket, 0, None);
         }
         for &i in scratch.touched.iter() {
@@ -647,6 +649,29 @@ fn give(port: &Port, sent: &mut Sent<'_>, scratch: &mut Scratch) {
         stats.rx_refused.fetch_add(1, Ordering::Relaxed);
         return;
     }
+    let partial_refused = frame[0] & HDR_F_NEEDS_CSUM != 0 && features & F_GUEST_CSUM == 0;
+    if tso && !partial_refused {
+        // As sent: the checked head, then the rest straight from the sender's buffers (a copy of it only
+        // if it has to wait in the backlog).
+        let (queue, ticket) = (sent.queue, sent.ticket);
+        port.offer(
+            len - HDR,
+            &mut frame[..HEAD],
+            done,
+            |head, done| {
+                port.rx
+                    .deliver_parts(head, len - HEAD, done, |to, t, at, from, n| {
+                        queue.copy_to_request(ticket, (HEAD + from) as u64, to, t, at, n) == Ok(n)
+                    })
+            },
+            |head, copy| {
+                copy.resize(len, 0);
+                copy[..HEAD].copy_from_slice(head);
+                queue.read_request(ticket, Owner::Model, HEAD as u64, &mut copy[HEAD..]) == Ok(len - HEAD)
+            },
+        );
+        return;
+    }
     if !sent.fetch(frame) {
         stats.rx_refused.fetch_add(1, Ordering::Relaxed);
         return;
@@ -677,15 +702,11 @@ fn give(port: &Port, sent: &mut Sent<'_>, scratch: &mut Scratch) {
         }
         return;
     }
-    if frame[0] & HDR_F_NEEDS_CSUM != 0 && features & F_GUEST_CSUM == 0 {
-        // The driver takes no partial checksums: finish it, in a copy (other ports may take it partial).
-        let copy = &mut out[..len];
-        copy.copy_from_slice(&frame[..len]);
-        complete_checksum(copy);
-        put(copy, done);
-        return;
-    }
-    put(&mut frame[..len], done);
+    // The driver takes no partial checksums: finish it, in a copy (other ports may take it partial).
+    let copy = &mut out[..len];
+    copy.copy_from_slice(&frame[..len]);
+    complete_checksum(copy);
+    put(copy, done);
 }
 
 /// Folds the Internet checksum of `data` into `sum` (ones' complement of 16-bit big-endian words).

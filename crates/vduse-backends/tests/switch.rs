@@ -438,7 +438,10 @@ fn frames_wait_in_order_for_receive_buffers_and_the_wait_is_bounded() {
 fn short_or_hostile_gso_frames_and_group_sources_are_refused_without_harm() {
     let sw = Switch::new(SwitchOptions::default());
     // b cannot take TSO: GSO frames for it would be cut here.
-    let (mut a, mut b) = (Nic::new(&sw, "a", ALL), Nic::new(&sw, "b", VERSION_1 | F_MRG_RXBUF));
+    let (mut a, mut b) = (
+        Nic::new(&sw, "a", ALL),
+        Nic::new(&sw, "b", VERSION_1 | F_MRG_RXBUF),
+    );
     b.post(16);
     // A GSO header on a frame too short for IP and TCP headers, and one asking for 1-byte segments.
     let mut short = frame(BROADCAST, mac(1), 0, 0);
@@ -480,7 +483,10 @@ fn buffers_given_back_by_a_reset_are_never_written_and_a_new_session_forgets_the
     b.rx_seen = b.rx.1.used_idx();
     b.free = (0..16).rev().collect();
     b.post(4);
-    assert!(b.received().is_empty(), "a frame of the session before reached the new one");
+    assert!(
+        b.received().is_empty(),
+        "a frame of the session before reached the new one"
+    );
     a.send(&[frame(mac(2), mac(1), 100, 0xef)]);
     assert_eq!(b.received().len(), 1);
 }
@@ -500,4 +506,36 @@ fn the_backlog_is_bounded_in_bytes_of_the_buffers_it_holds() {
     let queued = 100 - b.model.stats().rx_no_buffers.load(Ordering::Relaxed) as usize;
     assert!(queued * len <= 4 << 20, "{queued} frames of {len} bytes queued");
     assert!((queued + 1) * len > 4 << 20, "only {queued} queued");
+}
+
+#[test]
+fn a_frame_over_several_descriptors_lands_whole_in_small_buffers() {
+    let sw = Switch::new(SwitchOptions::default());
+    let (mut a, mut b) = (Nic::new(&sw, "a", ALL), Nic::new(&sw, "b", ALL));
+    b.post_sized(16, 40);
+    let mut f = frame(mac(2), mac(1), 400, 0);
+    for (i, x) in f[HDR + 14..].iter_mut().enumerate() {
+        *x = (i * 7) as u8;
+    }
+    // The chain: 10 bytes, 50 bytes, then the rest — pieces that never line up with the 40-byte buffers.
+    let (rig, ring, q, c) = &a.tx;
+    let at = [0x40_000u64, 0x50_000, 0x60_000];
+    let cuts = [0, 10, 60, f.len()];
+    for k in 0..3 {
+        rig.map.write_slice(&f[cuts[k]..cuts[k + 1]], GuestAddress(at[k])).unwrap();
+    }
+    let table: Vec<_> = (0..3u16)
+        .map(|k| {
+            let len = (cuts[usize::from(k) + 1] - cuts[usize::from(k)]) as u32;
+            let next = if k < 2 { 1 } else { 0 };
+            (k, desc(at[usize::from(k)], len, next, k + 1))
+        })
+        .collect();
+    offer(ring, &table, &[0]);
+    let mut batch = RequestBatch::default();
+    q.pop(Budget::default(), &mut batch);
+    a.model.handle(TX_QUEUE, &batch, c);
+    let got = b.received();
+    assert_eq!(got.len(), f.len().div_ceil(40));
+    assert_eq!(&got.concat()[HDR..], &f[HDR..]);
 }

@@ -342,6 +342,35 @@ fn walk_bytes(segs: &[Segment], mut skip: u64, len: u64, mut f: impl FnMut(u64, 
     done
 }
 
+/// Copies `n` bytes of `src` at `from` to `dst` at `to`, region by region (volatile copies: both are a
+/// driver's memory); false if either range is not mapped with the access it needs.
+fn copy_between(src: &IotlbMap, from: u64, dst: &IotlbMap, to: u64, n: usize) -> bool {
+    let (Ok(mut s), Ok(mut d)) = (
+        src.get_slices(GuestAddress(from), n, Permissions::Read),
+        dst.get_slices(GuestAddress(to), n, Permissions::Write),
+    ) else {
+        return false;
+    };
+    let (mut a, mut b) = (None, None);
+    let mut left = n;
+    while left > 0 {
+        let (Some(Ok(x)), Some(Ok(y))) = (a.take().or_else(|| s.next()), b.take().or_else(|| d.next()))
+        else {
+            return false;
+        };
+        let m = x.len().min(y.len()).min(left);
+        let (Ok(xs), Ok(ys)) = (x.subslice(0, m), y.subslice(0, m)) else {
+            return false;
+        };
+        xs.copy_to_volatile_slice(ys);
+        left -= m;
+        // What is left of either piece comes first next time.
+        a = (x.len() > m).then(|| x.offset(m).map_err(Into::into));
+        b = (y.len() > m).then(|| y.offset(m).map_err(Into::into));
+    }
+    true
+}
+
 impl Slot {
     /// The buffers of `part`, their total length, and the access they allow the device.
     fn part(&self, part: Part) -> (&[Segment], u64, Access) {
@@ -1497,6 +1526,65 @@ impl Virtqueue {
             }) as usize;
             done += moved;
             if moved < chunk {
+                return Ok(done);
+            }
+        }
+    }
+
+    /// Copies `len` readable bytes of request `src` (from `src_offset`) straight into the writable bytes
+    /// of request `dst` of another queue `to` (from `dst_offset`): one copy between two drivers' memories
+    /// (a switch moving a frame between NICs). It is ticket-checked like [`read_request`](Self::read_request)
+    /// and [`write_request`](Self::write_request) — both rings locked for each chunk, in address order so
+    /// two queues copying to each other cannot deadlock — so nothing reaches either request's memory
+    /// after it was fenced or given back. Returns the bytes copied (fewer if either request is shorter),
+    /// or `Gone` if either ticket died.
+    pub fn copy_to_request(
+        &self,
+        src: Ticket,
+        src_offset: u64,
+        to: &Virtqueue,
+        dst: Ticket,
+        dst_offset: u64,
+        len: usize,
+    ) -> Result<usize, Gone> {
+        if std::ptr::eq(self, to) {
+            // Never asked for (a queue's requests are all of one direction); done through a copy.
+            let mut bounce = vec![0u8; len];
+            let n = self.read_request(src, Owner::Model, src_offset, &mut bounce)?;
+            return to.write_request(dst, Owner::Model, dst_offset, &bounce[..n]);
+        }
+        let mut done = 0usize;
+        let mut want = None;
+        loop {
+            let (r_src, r_dst) = if (self as *const Self) < (to as *const Self) {
+                let a = self.ring.lock();
+                (a, to.ring.lock())
+            } else {
+                let b = to.ring.lock();
+                (self.ring.lock(), b)
+            };
+            let s = Slot::of(&r_src.slots, src, false).ok_or(Gone)?;
+            let d = Slot::of(&r_dst.slots, dst, false).ok_or(Gone)?;
+            let (s_map, d_map) = (s.map.as_deref().ok_or(Gone)?, d.map.as_deref().ok_or(Gone)?);
+            let (s_segs, s_total, _) = s.part(Part::Readable);
+            let (d_segs, d_total, _) = d.part(Part::Writable);
+            let want = *want.get_or_insert_with(|| {
+                let room = d_total.saturating_sub(dst_offset);
+                s_total.saturating_sub(src_offset).min(room).min(len as u64) as usize
+            });
+            if done == want {
+                return Ok(done);
+            }
+            let chunk = ((want - done).min(COPY_CHUNK)) as u64;
+            let base = done as u64;
+            // Each readable piece, then the writable pieces its bytes go to.
+            let moved = walk_bytes(s_segs, src_offset + base, chunk, |s_addr, at, n| {
+                walk_bytes(d_segs, dst_offset + base + at, n, |d_addr, k, m| {
+                    copy_between(s_map, s_addr + k, d_map, d_addr, m as usize)
+                }) == n
+            }) as usize;
+            done += moved;
+            if (moved as u64) < chunk {
                 return Ok(done);
             }
         }
