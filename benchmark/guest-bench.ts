@@ -647,7 +647,7 @@ async function main(): Promise<void> {
       if (runs.length > 1) (entry.runs ??= {})[w.id] = runs.map((r) => r.iops)
     }
   }
-  const net = await runNetBench(only, RUNTIME)
+  const net = await runNetBench(only, RUNTIME, REPEAT)
   const md =
     `# vduse benchmark, ${env.date.slice(0, 10)}\n\n` +
     `Guest: ${env.guestCpus} vCPUs, ${env.guestMemoryMiB} MiB, kernel ${env.kernel}, ${env.accelerator} on ${env.cpuModel}.\n` +
