@@ -348,6 +348,7 @@ export interface SwitchCounters {
   filtered: number
   spoofed: number
   unlearned: number
+  invalid: number
 }
 
 /** Frames a natively served NIC moved between the driver and its tap. */

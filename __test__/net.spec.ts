@@ -148,6 +148,11 @@ test('TX: frames reach listeners with their header; malformed ones are dropped a
     [header({ flags: 1, csumStart: 1990, csumOffset: 16 }), good.subarray(0, 2000 - 14)], // checksum outside
     [header({ gsoType: 3, flags: 1, gsoSize: 1400, csumStart: 34, csumOffset: 6 }), gsoFrame], // UFO: not offered
     [header({ flags: 0x40 }), good], // flags the driver may not set
+    [header({ flags: 1, gsoType: 1, hdrLen: 54, gsoSize: 1, csumStart: 34, csumOffset: 16 }), gsoFrame], // 1-byte segments
+    [
+      header({ flags: 1, gsoType: 1, hdrLen: 14, gsoSize: 1448, csumStart: 0, csumOffset: 0 }),
+      good.subarray(0, 30),
+    ], // no room for IP and TCP
   ]
   for (const parts of bad) t.is((await transport.request(parts, [], 1)).used, 0)
   t.is(device.stats.txMalformed, bad.length)
@@ -301,6 +306,21 @@ test("port security: a NIC sending from another port's address cannot take its t
   t.is(sw.stats.forwarded, before + 1)
   t.is(seen(), evilBefore, 'nothing was offered to the hostile NIC')
   for (const x of [a, b, evil]) await x.device.close()
+})
+
+test('the switch drops frames from a group or the all-zero source address', async (t) => {
+  const a = await nic({ mac: '02:00:00:00:02:0a' })
+  const b = await nic({ mac: '02:00:00:00:02:0b' })
+  const sw = new NetSwitch().connect(a.device).connect(b.device)
+  const bRx = b.transport.request([], [2048], 0)
+  await tick()
+  await a.transport.request([header(), frame('ff:ff:ff:ff:ff:ff', '03:00:00:00:00:01', 60)], [], 1)
+  await a.transport.request([header(), frame('ff:ff:ff:ff:ff:ff', '00:00:00:00:00:00', 60)], [], 1)
+  t.is(sw.stats.invalid, 2)
+  t.is(sw.stats.flooded, 0)
+  t.is(b.device.rxBuffers, 1, 'b got neither')
+  for (const x of [a, b]) await x.device.close()
+  void bRx
 })
 
 test('an address that went quiet may move to another port (a VM that migrated)', async (t) => {

@@ -20,7 +20,7 @@
 //! in use (`mac_age` after it was last heard from); a frame from another port with that source address
 //! is dropped (`spoofed`). Each port learns at most `max_macs_per_port` addresses, so a port sending from
 //! ever-new ones fills only its own share and never turns the switch into a hub. Frames from a multicast
-//! or all-zero source address are dropped as malformed (as Linux's bridge does).
+//! or all-zero source address are dropped (`invalid`, as Linux's bridge does).
 //!
 //! A frame for a port whose driver has too few buffers posted waits, copied, in that port's backlog
 //! (bounded in frames and in bytes of buffer capacity, spare buffers included), delivered in order when
@@ -71,6 +71,8 @@ pub struct SwitchStats {
     pub spoofed: AtomicU64,
     /// New source addresses not learned because their port has its share.
     pub unlearned: AtomicU64,
+    /// Frames dropped because their source is a group or the all-zero address.
+    pub invalid: AtomicU64,
 }
 
 /// One port's counters, named as `NetDevice`'s `NetStats`.
@@ -530,7 +532,7 @@ impl SwitchPort {
         let unicast_dst = dst[0] & 1 == 0;
         if src[0] & 1 != 0 || src.iter().all(|&b| b == 0) {
             // No station sends from a group or the zero address (Linux's bridge drops these too).
-            self.port.stats.tx_malformed.fetch_add(1, Ordering::Relaxed);
+            switch.stats.invalid.fetch_add(1, Ordering::Relaxed);
             return;
         }
         let to = {

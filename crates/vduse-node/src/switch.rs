@@ -31,6 +31,7 @@ pub struct SwitchCounters {
     pub filtered: f64,
     pub spoofed: f64,
     pub unlearned: f64,
+    pub invalid: f64,
 }
 
 /// One switch port's frame counters (named as a NIC's `NetStats`).
@@ -105,6 +106,7 @@ impl BindingSwitch {
             filtered: get(&s.filtered),
             spoofed: get(&s.spoofed),
             unlearned: get(&s.unlearned),
+            invalid: get(&s.invalid),
         }
     }
 

@@ -61,3 +61,6 @@ export const GSO = { NONE: 0, TCPV4: 1, UDP: 3, TCPV6: 4, ECN: 0x80 } as const
 export const ETH_HLEN = 14
 /** Largest frame: a 64 KiB GSO packet plus its Ethernet and VLAN headers. */
 export const MAX_FRAME = 65_535 + ETH_HLEN + 4
+/** The smallest segment a GSO packet may ask for (Linux's `tcp_min_snd_mss` default): cutting one packet
+ * makes a bounded number of segments. */
+export const MIN_MSS = 48

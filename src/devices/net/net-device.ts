@@ -12,6 +12,7 @@ import {
   HDR_F_NEEDS_CSUM,
   LINK_UP,
   MAX_FRAME,
+  MIN_MSS,
   NET_CONFIG,
   NET_FEATURES,
   NET_HDR_BYTES,
@@ -331,7 +332,7 @@ export class NetDevice extends VirtioDevice<NetDeviceEvents> {
       (v4 ? f[ip]! >> 4 === 4 && ipLen >= 20 && f[ip + 9] === 6 : f[ip]! >> 4 === 6 && f[ip + 6] === 6)
     const tcpLen = fits ? (f[tcp + 12]! >> 4) * 4 : 0
     const payload = tcp + tcpLen
-    if (!fits || tcpLen < 20 || payload > f.length || mss < 1 || payload + mss > this.mtu + ETH_HLEN) {
+    if (!fits || tcpLen < 20 || payload >= f.length || mss < MIN_MSS || payload + mss > this.mtu + ETH_HLEN) {
       this.stats.rxRefused++
       return false
     }
@@ -544,8 +545,9 @@ export class NetDevice extends VirtioDevice<NetDeviceEvents> {
       (gso === GSO.TCPV6 && !this.#hostTso6) ||
       (gso !== GSO.NONE &&
         ((gso !== GSO.TCPV4 && gso !== GSO.TCPV6) ||
-          header.gsoSize === 0 ||
+          header.gsoSize < MIN_MSS ||
           header.gsoSize > this.mtu ||
+          len < ETH_HLEN + 20 + 20 ||
           header.hdrLen > len ||
           !partial))
     ) {

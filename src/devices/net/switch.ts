@@ -31,6 +31,8 @@ export interface NetSwitchStats {
   spoofed: number
   /** New source addresses not learned because their port has its share (`maxMacsPerPort`). */
   unlearned: number
+  /** Frames dropped because their source is a group (multicast) or the all-zero address. */
+  invalid: number
 }
 
 interface Learned {
@@ -60,7 +62,14 @@ interface Learned {
  */
 export class NetSwitch {
   /** Counters of the JavaScript path (the native switch's are added in `stats`). */
-  readonly #stats: NetSwitchStats = { forwarded: 0, flooded: 0, filtered: 0, spoofed: 0, unlearned: 0 }
+  readonly #stats: NetSwitchStats = {
+    forwarded: 0,
+    flooded: 0,
+    filtered: 0,
+    spoofed: 0,
+    unlearned: 0,
+    invalid: 0,
+  }
   readonly #ports: NetDevice[] = []
   /** The native switch, once a native port was plugged in. */
   #native: BindingSwitch | undefined
@@ -95,6 +104,7 @@ export class NetSwitch {
       s.filtered += n.filtered
       s.spoofed += n.spoofed
       s.unlearned += n.unlearned
+      s.invalid += n.invalid
     }
     return s
   }
@@ -168,7 +178,13 @@ export class NetSwitch {
 
   #forward(from: NetDevice, frame: Buffer, header: NetHeader): void {
     // Source MAC at 6..12, destination at 0..6; as numbers, no allocation.
-    if ((frame[6]! & 1) === 0 && !this.#learn(frame.readUIntBE(6, 6), from)) {
+    const src = frame.readUIntBE(6, 6)
+    if ((frame[6]! & 1) === 1 || src === 0) {
+      // No station sends from a group or the zero address (Linux's bridge drops these too).
+      this.#stats.invalid++
+      return
+    }
+    if (!this.#learn(src, from)) {
       this.#stats.spoofed++
       return
     }
