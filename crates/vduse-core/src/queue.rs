@@ -342,8 +342,8 @@ fn walk_bytes(segs: &[Segment], mut skip: u64, len: u64, mut f: impl FnMut(u64, 
     done
 }
 
-/// Copies `n` bytes of `src` at `from` to `dst` at `to`, region by region (volatile copies: both are a
-/// driver's memory); false if either range is not mapped with the access it needs.
+/// Copies `n` bytes of `src` at `from` to `dst` at `to`, region by region through the maps'
+/// permission-checked slices; false if either range is not mapped with the access it needs.
 fn copy_between(src: &IotlbMap, from: u64, dst: &IotlbMap, to: u64, n: usize) -> bool {
     let (Ok(mut s), Ok(mut d)) = (
         src.get_slices(GuestAddress(from), n, Permissions::Read),
@@ -1534,10 +1534,12 @@ impl Virtqueue {
     /// Copies `len` readable bytes of request `src` (from `src_offset`) straight into the writable bytes
     /// of request `dst` of another queue `to` (from `dst_offset`): one copy between two drivers' memories
     /// (a switch moving a frame between NICs). It is ticket-checked like [`read_request`](Self::read_request)
-    /// and [`write_request`](Self::write_request) — both rings locked for each chunk, in address order so
-    /// two queues copying to each other cannot deadlock — so nothing reaches either request's memory
-    /// after it was fenced or given back. Returns the bytes copied (fewer if either request is shorter),
-    /// or `Gone` if either ticket died.
+    /// and [`write_request`](Self::write_request) — both rings locked for each chunk of at most
+    /// `COPY_CHUNK` bytes — so nothing reaches either request's memory after it was fenced or given back.
+    /// The second lock is only tried while the first is held: a queue waiting for another device's ring
+    /// never holds its own meanwhile, so neither device's message loop waits on the other's traffic beyond
+    /// one chunk. Returns the bytes copied (fewer if either request is shorter), or `Gone` if either
+    /// ticket died (or is not of its queue).
     pub fn copy_to_request(
         &self,
         src: Ticket,
@@ -1547,22 +1549,28 @@ impl Virtqueue {
         dst_offset: u64,
         len: usize,
     ) -> Result<usize, Gone> {
+        if src.queue() != self.index || dst.queue() != to.index {
+            return Err(Gone);
+        }
         if std::ptr::eq(self, to) {
-            // Never asked for (a queue's requests are all of one direction); done through a copy.
-            let mut bounce = vec![0u8; len];
-            let n = self.read_request(src, Owner::Model, src_offset, &mut bounce)?;
-            return to.write_request(dst, Owner::Model, dst_offset, &bounce[..n]);
+            // Never asked for (a queue's requests are all of one direction): through a bounce, by chunks.
+            let mut bounce = vec![0u8; len.min(COPY_CHUNK)];
+            let mut done = 0;
+            while done < len {
+                let n = (len - done).min(COPY_CHUNK);
+                let got = self.read_request(src, Owner::Model, src_offset + done as u64, &mut bounce[..n])?;
+                let put = to.write_request(dst, Owner::Model, dst_offset + done as u64, &bounce[..got])?;
+                done += put;
+                if put < n {
+                    break;
+                }
+            }
+            return Ok(done);
         }
         let mut done = 0usize;
         let mut want = None;
         loop {
-            let (r_src, r_dst) = if (self as *const Self) < (to as *const Self) {
-                let a = self.ring.lock();
-                (a, to.ring.lock())
-            } else {
-                let b = to.ring.lock();
-                (self.ring.lock(), b)
-            };
+            let (r_src, r_dst) = self.lock_both(to);
             let s = Slot::of(&r_src.slots, src, false).ok_or(Gone)?;
             let d = Slot::of(&r_dst.slots, dst, false).ok_or(Gone)?;
             let (s_map, d_map) = (s.map.as_deref().ok_or(Gone)?, d.map.as_deref().ok_or(Gone)?);
@@ -1587,6 +1595,25 @@ impl Virtqueue {
             if (moved as u64) < chunk {
                 return Ok(done);
             }
+        }
+    }
+
+    /// Locks this queue's ring and `to`'s: the second only by trying, with the first held; when it is
+    /// busy, neither is held while waiting for it.
+    fn lock_both<'a>(
+        &'a self,
+        to: &'a Virtqueue,
+    ) -> (
+        parking_lot::MutexGuard<'a, Ring>,
+        parking_lot::MutexGuard<'a, Ring>,
+    ) {
+        loop {
+            let mine = self.ring.lock();
+            if let Some(theirs) = to.ring.try_lock() {
+                return (mine, theirs);
+            }
+            drop(mine);
+            drop(to.ring.lock());
         }
     }
 
