@@ -479,10 +479,6 @@ impl SwitchPort {
         &self.port.stats
     }
 
-    pub fn name(&self) -> &str {
-        &self.port.name
-    }
-
     /// Unplugs the port: no frame reaches it any more, and the addresses learned on it are forgotten.
     pub fn leave(&self) {
         self.switch.remove(self.port.id);

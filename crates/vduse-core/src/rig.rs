@@ -114,13 +114,26 @@ impl Rig {
     /// as with VDUSE: revoking the device's mapping leaves the driver's pages (the memfd) alone.
     /// `map` is the device's map (the driver writes through it: the same pages).
     pub fn memfd_backed(len: u64) -> (Self, Arc<File>) {
-        let file = memfd(len);
+        let (rig, mut files) = Self::memfd_regions(&[len]);
+        (rig, files.remove(0))
+    }
+
+    /// [`memfd_backed`](Self::memfd_backed) with one IOTLB entry (and memfd) per length, laid out one after
+    /// the other from IOVA 0: a buffer across their boundary crosses from one mapping into the next.
+    pub fn memfd_regions(lens: &[u64]) -> (Self, Vec<Arc<File>>) {
         let source = Arc::new(MemfdIotlb::default());
-        source
-            .entries
-            .lock()
-            .unwrap()
-            .push((0, len, crate::uapi::VDUSE_ACCESS_RW, file.clone()));
+        let mut files = Vec::new();
+        let mut at = 0;
+        for &len in lens {
+            let file = memfd(len);
+            source
+                .entries
+                .lock()
+                .unwrap()
+                .push((at, len, crate::uapi::VDUSE_ACCESS_RW, file.clone()));
+            files.push(file);
+            at += len;
+        }
         let memory = Arc::new(Memory::new(source));
         memory.invalidate();
         let map = memory.snapshot();
@@ -129,7 +142,7 @@ impl Rig {
                 map,
                 ..Self::with_memory(memory)
             },
-            file,
+            files,
         )
     }
 

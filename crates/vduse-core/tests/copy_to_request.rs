@@ -3,12 +3,8 @@
 //! several chunks, never into a request that was given back, never between a ticket and the wrong
 //! queue, and without deadlock when two queues copy into each other at once.
 
-use std::sync::Arc;
-
-use vduse_core::memory::Memory;
 use vduse_core::queue::{Budget, Gone, RequestBatch, Ticket};
-use vduse_core::rig::{desc, memfd, offer, DriverRing, MemfdIotlb, Rig};
-use vduse_core::uapi::VDUSE_ACCESS_RW;
+use vduse_core::rig::{desc, offer, DriverRing, Rig};
 use vduse_core::Virtqueue;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use vm_memory::{Bytes, GuestAddress};
@@ -18,19 +14,7 @@ const MIB: u64 = 1 << 20;
 /// A driver whose memory is two IOTLB entries of 1 MiB each, backed by two memfds: a buffer across
 /// 1 MiB crosses from one mapping into the other.
 fn two_region_rig() -> Rig {
-    let source = Arc::new(MemfdIotlb::default());
-    {
-        let mut entries = source.entries.lock().unwrap();
-        entries.push((0, MIB, VDUSE_ACCESS_RW, memfd(MIB)));
-        entries.push((MIB, MIB, VDUSE_ACCESS_RW, memfd(MIB)));
-    }
-    let memory = Arc::new(Memory::new(source));
-    memory.invalidate();
-    let map = memory.snapshot();
-    Rig {
-        map,
-        ..Rig::with_memory(memory)
-    }
+    Rig::memfd_regions(&[MIB, MIB]).0
 }
 
 /// Offers one request (`parts`: address, length, device-writable) and pops it; its ticket.
