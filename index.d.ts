@@ -50,6 +50,8 @@ export declare class BindingDevice {
   tapStats(): TapCounters | null
   /** Frame counters of a NIC served natively as a switch port. */
   portStats(): PortCounters | null
+  /** Counters of a natively shared directory (`fsShare`). */
+  fsStats(): FsCounters | null
   /** Whether this device was taken over from a server that died (`recover`), rather than created. */
   get recovered(): boolean
   status(): number
@@ -245,6 +247,11 @@ export interface DeviceInit {
    */
   switchId?: number
   /**
+   * Serve the device natively as virtio-fs sharing this host directory, on worker threads: no
+   * request reaches JavaScript.
+   */
+  fsShare?: FsShareInit
+  /**
    * Serve the device over a vhost-user socket at this path (listening; one client at a time) instead
    * of creating it in the kernel.
    */
@@ -258,6 +265,41 @@ export interface DeviceInit {
 
 /** `fallocate(2)` on the libuv pool (punch holes, zero ranges) without blocking the JavaScript thread. */
 export declare function fallocate(fd: number, mode: number, offset: number, len: number): Promise<void>
+
+/** Counters of a natively served file system. */
+export interface FsCounters {
+  requests: number
+  errors: number
+  malformed: number
+  unsupported: number
+  sessions: number
+  nodes: number
+  handles: number
+  bytesRead: number
+  bytesWritten: number
+  /** The limits in force (lowered to fit the open-file limit). */
+  maxNodes: number
+  maxHandles: number
+}
+
+/** What to share, and how (`DeviceInit.fsShare`). */
+export interface FsShareInit {
+  /** The host directory. */
+  dir: string
+  /** `never`, `auto` (default) or `always`. */
+  cache?: string
+  /** Let the driver cache writes (FUSE writeback cache). */
+  writeback?: boolean
+  readOnly?: boolean
+  /** `off`, `user` (default: `user.*` only) or `all`. */
+  xattr?: string
+  maxNodes?: number
+  maxHandles?: number
+  /** Let the driver create character and block device nodes. */
+  allowDevices?: boolean
+  /** Largest read or write the driver may send (bytes, a multiple of 4096 up to 1 MiB). */
+  maxWrite?: number
+}
 
 /**
  * The VDUSE API version spoken by `/dev/vduse/control` (0 on Linux 6.12).

@@ -237,6 +237,52 @@ test('fs options parse; wrong ones are usage errors', (t) => {
     message: /--size/,
   })
   t.throws(() => parseCommand(['fs', '--name', 'f0', '--memory', '--', 'x']), { message: /plugin/ })
+  const share = parseCommand([
+    'fs',
+    '--name',
+    'f0',
+    '--shared-dir',
+    '/srv/share',
+    '--cache',
+    'always',
+    '--writeback',
+    '--xattr',
+    'off',
+    '--readonly',
+  ])
+  t.like(share, {
+    readOnly: true,
+    source: {
+      kind: 'shared',
+      dir: '/srv/share',
+      cache: 'always',
+      writeback: true,
+      xattr: 'off',
+      allowDevices: false,
+    },
+  })
+  t.like(parseCommand(['fs', '--name', 'f0', '--shared-dir', '/s']), {
+    readOnly: false,
+    source: { kind: 'shared', cache: 'auto', xattr: 'user', writeback: false },
+  })
+  t.throws(() => parseCommand(['fs', '--name', 'f0', '--shared-dir', '/s', '--memory']), {
+    message: /exactly one of/,
+  })
+  t.throws(() => parseCommand(['fs', '--name', 'f0', '--memory', '--cache', 'never']), {
+    message: /--cache goes with --shared-dir/,
+  })
+  t.throws(() => parseCommand(['fs', '--name', 'f0', '--shared-dir', '/s', '--cache', 'sometimes']), {
+    message: /--cache must be/,
+  })
+  t.throws(
+    () => parseCommand(['fs', '--name', 'f0', '--shared-dir', '/s', '--cache', 'never', '--writeback']),
+    {
+      message: /--writeback needs/,
+    },
+  )
+  t.throws(() => parseCommand(['fs', '--name', 'f0', '--shared-dir', '/s', '--timeout', '5']), {
+    message: /--timeout is for/,
+  })
 })
 
 test('vduse fs without VDUSE fails with a code and a hint (exit 1)', async (t) => {

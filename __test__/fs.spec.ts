@@ -6,7 +6,16 @@ import { join } from 'node:path'
 
 import { JsonFs } from '../examples/json-fs'
 
-import { FsError, MemoryFs, STATUS, loadFsPlugin, type FileSystem } from '../src'
+import {
+  FsDevice,
+  FsError,
+  InProcessTransport,
+  MemoryFs,
+  STATUS,
+  loadFsPlugin,
+  vhostUser,
+  type FileSystem,
+} from '../src'
 import { OP, cstr, entryOf, fhOf, fsSetup } from './helpers/fuse-driver'
 
 const setup = fsSetup('fs')
@@ -23,6 +32,47 @@ const E = {
   EMFILE: 24,
 }
 const MORE = { ERANGE: 34, ENOSYS: 38, ENOTEMPTY: 39, ENODATA: 61, ETIMEDOUT: 110, ESTALE: 116, EROFS: 30 }
+
+test('a shared directory is served natively: refused in-process, options checked, a missing directory named', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'vduse-share-'))
+  const inProcess = new InProcessTransport()
+  await t.throwsAsync(FsDevice.create({ name: 's0', tag: 's', sharedDir: dir, transport: inProcess }), {
+    code: 'ERR_VDUSE_UNAVAILABLE',
+  })
+  await t.throwsAsync(
+    FsDevice.create({ name: 's0', tag: 's', sharedDir: dir, fs: new MemoryFs(), transport: inProcess }),
+    { code: 'ERR_VDUSE_INVALID_CONFIG', message: /not both or neither/ },
+  )
+  await t.throwsAsync(FsDevice.create({ name: 's0', tag: 's', transport: inProcess }), {
+    code: 'ERR_VDUSE_INVALID_CONFIG',
+  })
+  const sock = join(dir, '..', `vduse-share-${process.pid}.sock`)
+  await t.throwsAsync(
+    FsDevice.create({
+      name: 's0',
+      tag: 's',
+      sharedDir: dir,
+      cache: 'never',
+      writebackCache: true,
+      transport: vhostUser(sock),
+    }),
+    { code: 'ERR_VDUSE_INVALID_CONFIG', message: /writebackCache/ },
+  )
+  await t.throwsAsync(
+    FsDevice.create({ name: 's0', tag: 's', sharedDir: join(dir, 'missing'), transport: vhostUser(sock) }),
+    { code: 'ERR_VDUSE_NOT_FOUND' },
+  )
+  // Over vhost-user the native model serves it; its counters are the native server's.
+  const device = await FsDevice.create({ name: 's0', tag: 's', sharedDir: dir, transport: vhostUser(sock) })
+  try {
+    t.is(device.sharedDir, dir)
+    t.like(device.stats, { requests: 0, sessions: 0, nodes: 0, handles: 0 })
+    t.true((device.stats.maxNodes ?? 0) >= 1024)
+  } finally {
+    await device.close()
+  }
+  t.like(device.stats, { requests: 0 }, 'counters stay readable after close')
+})
 
 test('INIT negotiates 7.38 with max_pages; the config space holds the tag and queue count', async (t) => {
   const { device, transport, driver } = await setup(new MemoryFs(), { requestQueues: 2 })

@@ -14,7 +14,8 @@ export const HELP = `Usage:
   vduse blk --name NAME --backend MODULE [--size SIZE] [options] [-- plugin arguments]
   vduse net --name NAME --tap TAP [--mac MAC] [options]
   vduse net --switch --name NAME [--name NAME …] [options]
-  vduse fs --name NAME --tag TAG (--memory [--size SIZE] | --backend MODULE) [options] [-- plugin args]
+  vduse fs --name NAME --tag TAG (--memory [--size SIZE] | --shared-dir DIR | --backend MODULE) [options]
+           [-- plugin args]
   vduse list [--json]
   vduse destroy NAME | --all
 
@@ -88,10 +89,17 @@ Options for net (virtio-net NICs; the kernel shows each as a network interface, 
 Options for fs (virtio-fs, Linux >= 6.15: \`mount -t virtiofs TAG /mnt\`, or hand it to a VM):
   --tag TAG              the mount tag (1–36 bytes; default: the name)
   --memory               serve an in-memory file system (MemoryFs); --size caps its data (default 1G)
+  --shared-dir DIR       share this host directory, served natively (no JavaScript per request); the
+                         driver reaches nothing outside it (names resolved beneath it, symlinks never
+                         followed on the host)
+  --cache POLICY         with --shared-dir: never | auto (default) | always — what the driver caches
+  --writeback            with --shared-dir: let the driver cache writes (not with --cache never)
+  --xattr POLICY         with --shared-dir: off | user (default: user.* only) | all
+  --allow-devices        with --shared-dir: let the driver create device nodes (default: EPERM)
   --backend MODULE       a file-system plugin whose default export is (options) => FileSystem; it gets
                          --name, --tag, --read-only and what follows --
   --request-queues N     request queues besides the high-priority one (default 1)
-  --read-only            refuse every change (EROFS)
+  --read-only            refuse every change (EROFS); --readonly is the same
   --timeout MS           answer a file-system call that takes longer with ETIMEDOUT (default: no limit)
   --vhost-user SOCK      serve over a vhost-user socket instead of VDUSE (QEMU: -chardev socket,id=c,
                          path=SOCK -device vhost-user-fs-pci,chardev=c,tag=TAG); the ready event's path
@@ -241,6 +249,12 @@ function parseFs(args: readonly string[]): FsCommand | { command: 'help'; topic:
         'request-queues': { type: 'string' },
         'queue-size': { type: 'string' },
         'read-only': { type: 'boolean' },
+        readonly: { type: 'boolean' },
+        'shared-dir': { type: 'string' },
+        cache: { type: 'string' },
+        writeback: { type: 'boolean' },
+        xattr: { type: 'string' },
+        'allow-devices': { type: 'boolean' },
         timeout: { type: 'string' },
         attach: { type: 'string' },
         'vhost-user': { type: 'string' },
@@ -256,12 +270,26 @@ function parseFs(args: readonly string[]): FsCommand | { command: 'help'; topic:
   }
   const v = parsed.values
   if (v.help) return { command: 'help', topic: 'fs' }
+  const shared = v['shared-dir']
   if (v.name === undefined) throw new UsageError('fs needs --name NAME')
   checkName(v.name)
   const tag = v.tag ?? v.name
   if (Buffer.byteLength(tag) > 36 || tag.length === 0) throw new UsageError('--tag must be 1–36 bytes')
-  if (!v.memory === (v.backend === undefined))
-    throw new UsageError('fs needs exactly one of --memory, --backend MODULE')
+  if ([v.memory, v.backend, shared].filter((x) => x !== undefined && x !== false).length !== 1)
+    throw new UsageError('fs needs exactly one of --memory, --shared-dir DIR, --backend MODULE')
+  if (shared === '') throw new UsageError('--shared-dir needs a directory')
+  for (const o of ['cache', 'writeback', 'xattr', 'allow-devices'] as const) {
+    if (v[o] !== undefined && shared === undefined) throw new UsageError(`--${o} goes with --shared-dir`)
+  }
+  const cache = v.cache ?? 'auto'
+  if (cache !== 'never' && cache !== 'auto' && cache !== 'always')
+    throw new UsageError('--cache must be never, auto or always')
+  const xattr = v.xattr ?? 'user'
+  if (xattr !== 'off' && xattr !== 'user' && xattr !== 'all')
+    throw new UsageError('--xattr must be off, user or all')
+  if (cache === 'never' && v.writeback) throw new UsageError('--writeback needs --cache auto or always')
+  if (shared !== undefined && v.timeout !== undefined)
+    throw new UsageError('--timeout is for --memory and --backend (a shared directory is served natively)')
   if (v.backend === undefined && pluginArgs.length > 0)
     throw new UsageError('arguments after -- are for a --backend plugin')
   if (v.size !== undefined && !v.memory) throw new UsageError('--size goes with --memory')
@@ -279,10 +307,19 @@ function parseFs(args: readonly string[]): FsCommand | { command: 'help'; topic:
     tag,
     source: v.memory
       ? { kind: 'memory', size: v.size === undefined ? 1 << 30 : parseSize(v.size, '--size') }
-      : { kind: 'plugin', module: v.backend!, args: pluginArgs },
+      : shared !== undefined
+        ? {
+            kind: 'shared',
+            dir: shared,
+            cache,
+            writeback: v.writeback ?? false,
+            xattr,
+            allowDevices: v['allow-devices'] ?? false,
+          }
+        : { kind: 'plugin', module: v.backend!, args: pluginArgs },
     requestQueues: parseInteger(v['request-queues'], '--request-queues', 1, 64) ?? 1,
     queueSize,
-    readOnly: v['read-only'] ?? false,
+    readOnly: (v['read-only'] ?? false) || (v.readonly ?? false),
     attach: v['vhost-user'] === undefined ? attach : 'none',
     replace: v.replace ?? false,
     json: v.json ?? false,
@@ -388,7 +425,17 @@ export interface FsCommand {
   command: 'fs'
   name: string
   tag: string
-  source: { kind: 'memory'; size: number } | { kind: 'plugin'; module: string; args: string[] }
+  source:
+    | { kind: 'memory'; size: number }
+    | { kind: 'plugin'; module: string; args: string[] }
+    | {
+        kind: 'shared'
+        dir: string
+        cache: 'never' | 'auto' | 'always'
+        writeback: boolean
+        xattr: 'off' | 'user' | 'all'
+        allowDevices: boolean
+      }
   requestQueues: number
   queueSize: number
   readOnly: boolean

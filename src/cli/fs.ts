@@ -1,6 +1,7 @@
-// `vduse fs`: a virtio-fs device served by this process — an in-memory file system or a plugin's — for
-// `mount -t virtiofs TAG /mnt` (or a VM over vhost-vdpa). Events, signals and exit codes as for `vduse blk`;
-// SIGUSR2 (a handover) is refused: a file system's session state lives in this process.
+// `vduse fs`: a virtio-fs device served by this process — an in-memory file system, a plugin's, or a host
+// directory shared natively (--shared-dir) — for `mount -t virtiofs TAG /mnt` (or a VM over vhost-vdpa).
+// Events, signals and exit codes as for `vduse blk`; SIGUSR2 (a handover) is refused: a file system's
+// session state lives in this process.
 import { FsDevice } from '../devices/fs/fs-device'
 import type { FileSystem } from '../devices/fs/filesystem'
 import { MemoryFs } from '../devices/fs/memory-fs'
@@ -15,19 +16,32 @@ type Emit = (event: Record<string, unknown>) => void
 
 export async function serveFs(cmd: FsCommand, emit: Emit): Promise<number> {
   setLogLevel(cmd.logLevel)
-  const fs: FileSystem =
-    cmd.source.kind === 'memory'
-      ? new MemoryFs({ maxBytes: cmd.source.size })
-      : await loadFsPlugin(cmd.source.module, {
-          name: cmd.name,
-          tag: cmd.tag,
-          readOnly: cmd.readOnly,
-          args: cmd.source.args,
-        })
+  const src = cmd.source
+  const fs: FileSystem | undefined =
+    src.kind === 'memory'
+      ? new MemoryFs({ maxBytes: src.size })
+      : src.kind === 'plugin'
+        ? await loadFsPlugin(src.module, {
+            name: cmd.name,
+            tag: cmd.tag,
+            readOnly: cmd.readOnly,
+            args: src.args,
+          })
+        : undefined
   const device = await FsDevice.create({
     name: cmd.name,
     tag: cmd.tag,
-    fs,
+    ...(src.kind === 'shared'
+      ? {
+          sharedDir: src.dir,
+          cache: src.cache,
+          writebackCache: src.writeback,
+          xattr: src.xattr,
+          allowDevices: src.allowDevices,
+        }
+      : fs === undefined
+        ? {}
+        : { fs }),
     requestQueues: cmd.requestQueues,
     queueSize: cmd.queueSize,
     readOnly: cmd.readOnly,

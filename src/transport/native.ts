@@ -39,6 +39,7 @@ function openNative(
     tapName: device.tapName ?? undefined,
     tapCounters: () => device.tapStats() ?? undefined,
     portCounters: () => device.portStats() ?? undefined,
+    fsCounters: () => device.fsStats() ?? undefined,
   }
   return source
 }

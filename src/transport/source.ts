@@ -1,4 +1,4 @@
-import type { DeviceCounters, DeviceInit, PortCounters } from '../../index'
+import type { DeviceCounters, DeviceInit, FsCounters, PortCounters } from '../../index'
 
 export type { PortCounters }
 import type { BatchArrays } from './batch'
@@ -61,6 +61,8 @@ export interface RequestSource {
   tapCounters?(): TapCounters | undefined
   /** A NIC served natively as a switch port (`DeviceInit.switchId`): its frame counters. */
   portCounters?(): PortCounters | undefined
+  /** A file system served natively (`DeviceInit.fsShare`): its counters. */
+  fsCounters?(): FsCounters | undefined
 }
 
 /** Frames a natively served NIC moved between the driver and its tap. */

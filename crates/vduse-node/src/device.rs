@@ -64,6 +64,9 @@ pub struct DeviceInit {
     /// Serve the device natively as a port of this switch (`BindingSwitch.id`) instead of on the
     /// JavaScript thread: frames move between its ports on native threads.
     pub switch_id: Option<u32>,
+    /// Serve the device natively as virtio-fs sharing this host directory, on worker threads: no
+    /// request reaches JavaScript.
+    pub fs_share: Option<crate::fs::FsShareInit>,
     /// Serve the device over a vhost-user socket at this path (listening; one client at a time) instead
     /// of creating it in the kernel.
     pub vhost_user: Option<String>,
@@ -314,6 +317,9 @@ pub struct BindingDevice {
     nic: Option<NativeNic>,
     /// Its counters as they were when it stopped serving (the model is gone by then).
     final_nic: Option<NicCounters>,
+    /// The server of a natively shared directory, and its counters once it stopped.
+    fs: Option<Arc<vduse_fs::Server>>,
+    final_fs: Option<crate::fs::FsCounters>,
     recovered: bool,
 }
 
@@ -483,9 +489,17 @@ pub fn create_device(
         }
         (None, None) => None,
     };
-    let serving = || match &nic {
-        Some(nic) => Serving::Workers(nic.model()),
-        None => Serving::External,
+    let fs = match &init.fs_share {
+        Some(_) if nic.is_some() => {
+            return Err(native("a device is a NIC or a shared directory, not both")).or_throw(&env)
+        }
+        Some(share) => Some(crate::fs::server_of(share).or_throw(&env)?),
+        None => None,
+    };
+    let serving = || match (&nic, &fs) {
+        (Some(nic), _) => Serving::Workers(nic.model()),
+        (None, Some(server)) => Serving::Workers(Arc::new(vduse_fs::FsModel::new(server.clone()))),
+        (None, None) => Serving::External,
     };
     let device = match init.vhost_user.as_deref() {
         Some(path) if init.vhost_user_connect.unwrap_or(false) => {
@@ -503,7 +517,7 @@ pub fn create_device(
     }
     .or_throw(&env)?;
     let queues = device.queues().to_vec();
-    if nic.is_some() {
+    if nic.is_some() || fs.is_some() {
         // Native serving: worker threads pop the queues; no JavaScript server, no file I/O pool.
         return Ok(BindingDevice {
             device: Some(device),
@@ -513,6 +527,8 @@ pub fn create_device(
             recovered: recover,
             nic,
             final_nic: None,
+            fs,
+            final_fs: None,
         });
     }
     // SAFETY: `on_batch` is a function of this env; we are on the JS thread.
@@ -543,6 +559,8 @@ pub fn create_device(
         recovered: recover,
         nic: None,
         final_nic: None,
+        fs: None,
+        final_fs: None,
     })
 }
 
@@ -560,6 +578,7 @@ pub struct Close {
     device: Option<Served>,
     io: Option<Arc<IoPool>>,
     nic: Option<NativeNic>,
+    fs: Option<Arc<vduse_fs::Server>>,
     /// Destroy the device (close), or leave it to a successor (release).
     destroy: bool,
     failure: Parked,
@@ -589,6 +608,10 @@ impl napi::Task for Close {
         }
         if let Some(nic) = self.nic.take() {
             nic.stop();
+        }
+        if let Some(fs) = self.fs.take() {
+            // The workers are gone: close every node's and handle's fd now, not when JavaScript lets go.
+            fs.fs().forget_all();
         }
         Ok(())
     }
@@ -723,6 +746,15 @@ impl BindingDevice {
         }
     }
 
+    /// Counters of a natively shared directory (`fsShare`).
+    #[napi]
+    pub fn fs_stats(&self) -> Option<crate::fs::FsCounters> {
+        self.fs
+            .as_deref()
+            .map(crate::fs::counters)
+            .or_else(|| self.final_fs.clone())
+    }
+
     /// Whether this device was taken over from a server that died (`recover`), rather than created.
     #[napi(getter)]
     pub fn recovered(&self) -> bool {
@@ -824,10 +856,14 @@ impl BindingDevice {
         if let Some(nic) = &self.nic {
             self.final_nic = Some(nic.counters());
         }
+        if let Some(fs) = &self.fs {
+            self.final_fs = Some(crate::fs::counters(fs));
+        }
         AsyncTask::new(Close {
             device: self.device.take(),
             io: self.io.take(),
             nic: self.nic.take(),
+            fs: self.fs.take(),
             destroy,
             failure: Parked::default(),
         })

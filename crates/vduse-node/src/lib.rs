@@ -9,6 +9,7 @@ use napi_derive::napi;
 mod device;
 mod error;
 mod file;
+mod fs;
 mod logger;
 mod loopback;
 mod serve;

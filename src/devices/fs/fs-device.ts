@@ -71,8 +71,28 @@ const RENAME_FLAGS = 1 | 2
 export interface FsDeviceOptions<H = unknown> extends Omit<VirtioDeviceOptions, 'recover' | 'stateDir'> {
   /** The tag the driver mounts (`mount -t virtiofs TAG /mnt`): 1–36 bytes of UTF-8. */
   tag: string
-  /** The file system to serve. */
-  fs: FileSystem<H>
+  /**
+   * The file system to serve, in TypeScript. Give this or `sharedDir`.
+   */
+  fs?: FileSystem<H>
+  /**
+   * Share this host directory instead, served natively (Rust, on the queues' threads: no JavaScript per
+   * request). Every name the driver sends is resolved beneath the directory, one component at a time
+   * relative to its parent's file descriptor; symlinks are never followed on the host. Needs a native
+   * transport (VDUSE or vhost-user). `entryTimeout`, `attrTimeout` and `requestTimeoutMs` are for a
+   * TypeScript `fs`; here `cache` decides.
+   */
+  sharedDir?: string
+  /**
+   * What the driver may cache (`sharedDir`): `never` (every access asks the host; direct I/O),
+   * `auto` (default: names and attributes for 1 s, data until the file changes), `always` (a day;
+   * only the driver changes the directory).
+   */
+  cache?: 'never' | 'auto' | 'always'
+  /** Extended attributes the driver sees (`sharedDir`): `off`, `user` (default: `user.*` only), `all`. */
+  xattr?: 'off' | 'user' | 'all'
+  /** Let the driver create character and block device nodes in `sharedDir` (default false: EPERM). */
+  allowDevices?: boolean
   /** Request queues besides the high-priority one (default 1, at most 64). */
   requestQueues?: number
   /** Ring size per queue, a power of two (default 256). */
@@ -113,6 +133,11 @@ export interface FsStats {
   /** Nodes the driver knows now, and open handles. */
   nodes: number
   handles: number
+  /** A shared directory only: file data moved, and the node and handle limits in force. */
+  bytesRead?: number
+  bytesWritten?: number
+  maxNodes?: number
+  maxHandles?: number
 }
 
 export interface FsDeviceEvents extends VirtioDeviceEvents {
@@ -233,9 +258,25 @@ function isPromise<T>(x: Maybe<T>): x is Promise<T> {
  * driver exactly once per request, and never after a reset fenced it. Memory is bounded: nodes the
  * driver knows (`maxNodes`), open handles (`maxHandles`), requests (the rings).
  */
+/** The TypeScript file system of a device that shares a directory natively: never asked anything. */
+const NATIVE_ONLY: FileSystem = {
+  lookup: () => refusedNative(),
+  getattr: () => refusedNative(),
+  readdir: () => refusedNative(),
+  read: () => refusedNative(),
+}
+
+function refusedNative(): never {
+  throw new VduseError('this device shares a directory natively: its requests never reach JavaScript', {
+    code: 'ERR_VDUSE_NATIVE',
+  })
+}
+
 export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
   readonly tag: string
-  readonly stats: FsStats = {
+  /** The host directory shared natively (`sharedDir`), if this device shares one. */
+  readonly sharedDir: string | undefined
+  readonly #stats: FsStats = {
     requests: 0,
     errors: 0,
     malformed: 0,
@@ -245,6 +286,9 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
     handles: 0,
   }
   readonly #fs: FileSystem<H>
+  readonly #cache: 'never' | 'auto' | 'always'
+  readonly #xattr: 'off' | 'user' | 'all'
+  readonly #allowDevices: boolean
   readonly #requestQueues: number
   readonly #queueSize: number
   readonly #entryTimeout: number
@@ -301,14 +345,43 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
       throw bad(`tag must be 1–${TAG_BYTES} bytes of UTF-8 without NUL or newline (the driver refuses those)`)
     }
     const fs = options.fs
-    if (!fs || typeof fs.lookup !== 'function' || typeof fs.getattr !== 'function') {
-      throw bad('fs must be a FileSystem (lookup, getattr, readdir, read, …)')
+    const shared = options.sharedDir
+    if ((fs === undefined) === (shared === undefined)) {
+      throw bad(
+        'give either fs (a TypeScript file system) or sharedDir (a host directory), not both or neither',
+      )
     }
-    if (typeof fs.readdir !== 'function' || typeof fs.read !== 'function') {
+    if (shared !== undefined) {
+      if (typeof shared !== 'string' || shared.length === 0 || shared.includes('\0')) {
+        throw bad('sharedDir must be the path of a host directory')
+      }
+      if (!this.nativeTransport) {
+        throw new VduseError('a shared directory is served natively: it needs VDUSE or vhost-user', {
+          code: 'ERR_VDUSE_UNAVAILABLE',
+          hint: 'use the default transport or vhostUser(); serve a MemoryFs in-process instead',
+        })
+      }
+      if (options.requestTimeoutMs !== undefined) throw bad('requestTimeoutMs is for a TypeScript fs')
+    } else if (!fs || typeof fs.lookup !== 'function' || typeof fs.getattr !== 'function') {
+      throw bad('fs must be a FileSystem (lookup, getattr, readdir, read, …)')
+    } else if (typeof fs.readdir !== 'function' || typeof fs.read !== 'function') {
       throw bad('fs must implement readdir() and read()')
     }
+    const cache = options.cache ?? 'auto'
+    if (!['never', 'auto', 'always'].includes(cache)) throw bad('cache must be never, auto or always')
+    const xattr = options.xattr ?? 'user'
+    if (!['off', 'user', 'all'].includes(xattr)) throw bad('xattr must be off, user or all')
+    if (cache === 'never' && options.writebackCache) {
+      throw bad('writebackCache needs a cache policy other than never')
+    }
+    this.#cache = cache
+    this.#xattr = xattr
+    this.#allowDevices = options.allowDevices ?? false
     this.tag = options.tag
-    this.#fs = fs
+    this.sharedDir = shared
+    // A shared directory's requests never reach JavaScript (native serving); the TypeScript path has an
+    // empty file system then, which only ever sees session ends with nothing to forget.
+    this.#fs = fs ?? (NATIVE_ONLY as FileSystem<H>)
     this.#requestQueues = intOption(options.requestQueues, 1, 1, 64, 'requestQueues')
     // The driver needs more than its four header descriptors per request (and WARNs at mount otherwise).
     const queueSize = intOption(options.queueSize, 256, 16, 32768, 'queueSize')
@@ -340,7 +413,44 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
       // Headers and arguments, then a page per 4 KiB of data, then the reply's header and struct.
       maxSegments: this.#maxWrite / PAGE + 8,
       kind: 'fs',
+      ...(this.sharedDir === undefined
+        ? {}
+        : {
+            fsShare: {
+              dir: this.sharedDir,
+              cache: this.#cache,
+              writeback: this.#writeback,
+              readOnly: this.#readOnly,
+              xattr: this.#xattr,
+              maxNodes: this.#maxNodes,
+              maxHandles: this.#maxHandles,
+              allowDevices: this.#allowDevices,
+              maxWrite: this.#maxWrite,
+            },
+          }),
     })
+  }
+
+  /**
+   * Counters of the model. For a shared directory they come from the native server (and `bytesRead`,
+   * `bytesWritten` and the limits in force are there too).
+   */
+  get stats(): FsStats {
+    const n = this.sharedDir === undefined ? undefined : this.source?.fsCounters?.()
+    if (!n) return this.#stats
+    return {
+      requests: n.requests,
+      errors: n.errors,
+      malformed: n.malformed,
+      unsupported: n.unsupported,
+      sessions: n.sessions,
+      nodes: n.nodes,
+      handles: n.handles,
+      bytesRead: n.bytesRead,
+      bytesWritten: n.bytesWritten,
+      maxNodes: n.maxNodes,
+      maxHandles: n.maxHandles,
+    }
   }
 
   get requestQueues(): number {
@@ -350,7 +460,7 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
   // ---- the request path ----
 
   protected handleRequest(batch: RequestBatch, i: number): void {
-    this.stats.requests++
+    this.#stats.requests++
     const call = this.#pool.pop() ?? new Call(this.source)
     call.reset()
     try {
@@ -521,7 +631,7 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
         const fh = readU64(a, 0)
         const handle = this.#handle(a, 0, ino, dir)
         this.#handles.delete(fh)
-        this.stats.handles = this.#handles.size
+        this.#stats.handles = this.#handles.size
         handle.closing = true
         const method = dir ? fs.releasedir : fs.release
         // A driver releases a handle no call of it still uses; a hostile one may not: then the release
@@ -741,7 +851,7 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
         out.writeUInt16LE(flags & INIT.MAX_PAGES ? maxWrite / PAGE : 0, o + 28)
         if (this.#reply(call, INIT_OUT)) {
           this.#session = true
-          this.stats.sessions++
+          this.#stats.sessions++
           const info = { major, minor: Math.min(minor, FUSE_KERNEL_MINOR_VERSION), flags, maxWrite }
           // A listener that throws must not look like a failed INIT: the driver has its answer.
           this.#quietly(() => void this.emit('session', info))
@@ -762,12 +872,12 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
     const fs = this.#fs
     const handles = [...this.#handles.values()]
     this.#handles.clear()
-    this.stats.handles = 0
+    this.#stats.handles = 0
     // Calls still running keep their handle until they are over.
     for (const h of handles) this.#close(h)
     const nodes = [...this.#nodes.keys()]
     this.#nodes.clear()
-    this.stats.nodes = 0
+    this.#stats.nodes = 0
     for (const ino of nodes) this.#quietly(() => fs.forget?.(ino))
   }
 
@@ -787,16 +897,16 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
     if (call.opcode === OP.FORGET) {
       if (argLen === 8 && this.source.read(call.ticket, IN_HEADER, a, 0, 8) === 8) {
         this.#unref(call.nodeid, readCount(a, 0))
-      } else this.stats.malformed++
+      } else this.#stats.malformed++
       return this.#complete(call, 0)
     }
     if (argLen < 8 || this.source.read(call.ticket, IN_HEADER, a, 0, 8) !== 8) {
-      this.stats.malformed++
+      this.#stats.malformed++
       return this.#complete(call, 0)
     }
     const count = a.readUInt32LE(0)
     if (count * 16 !== argLen - 8) {
-      this.stats.malformed++
+      this.#stats.malformed++
       return this.#complete(call, 0)
     }
     // In chunks of the scratch buffer: a batch is as long as the driver made it.
@@ -818,7 +928,7 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
       return
     }
     this.#nodes.delete(nodeid)
-    this.stats.nodes = this.#nodes.size
+    this.#stats.nodes = this.#nodes.size
     const fs = this.#fs
     this.#quietly(() => fs.forget?.(nodeid))
   }
@@ -831,7 +941,7 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
       for (const c of this.#pending.values()) {
         if (c.uniqueLo === lo && c.uniqueHi === hi) c.abort('the driver interrupted the request')
       }
-    } else this.stats.malformed++
+    } else this.#stats.malformed++
     this.#complete(call, 0)
   }
 
@@ -981,17 +1091,17 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
     if (call.answered) return false
     call.answered = true
     if (call.writable < OUT_HEADER) {
-      this.stats.malformed++
+      this.#stats.malformed++
       this.completions.complete(call.ticket, 0, -1)
       return false
     }
     if (OUT_HEADER + length > call.writable) {
       // The driver left no room for the answer: an error fits.
-      this.stats.malformed++
+      this.#stats.malformed++
       length = 0
       error = E.EINVAL
     }
-    if (error !== 0) this.stats.errors++
+    if (error !== 0) this.#stats.errors++
     return this.#answer(call, OUT_HEADER + length, error, OUT_HEADER + length) && error === 0
   }
 
@@ -1015,12 +1125,12 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
   }
 
   #unsupported(call: Call): void {
-    this.stats.unsupported++
+    this.#stats.unsupported++
     this.#error(call, E.ENOSYS)
   }
 
   #malformed(call: Call, errno: number): void {
-    this.stats.malformed++
+    this.#stats.malformed++
     this.#error(call, errno)
   }
 
@@ -1082,7 +1192,7 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
   #ref(ino: number): void {
     if (ino === FUSE_ROOT_ID) return
     this.#nodes.set(ino, (this.#nodes.get(ino) ?? 0) + 1)
-    this.stats.nodes = this.#nodes.size
+    this.#stats.nodes = this.#nodes.size
   }
 
   /**
@@ -1159,7 +1269,7 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
     if (this.#reply(call, length)) {
       if (created) this.#ref(node)
       this.#handles.set(fh, { ino: node, dir, value: r.handle, busy: 0, closing: false })
-      this.stats.handles = this.#handles.size
+      this.#stats.handles = this.#handles.size
     } else {
       // Nobody will release it: the driver never learned of it.
       release()

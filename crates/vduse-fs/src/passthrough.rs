@@ -1,0 +1,908 @@
+//! `PassthroughFs`: a host directory as the driver's file system. Every node the driver knows is an
+//! `O_PATH` file descriptor of its own inode, and every name is resolved relative to its parent's fd, one
+//! validated component at a time (`openat2` with `RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS`, and
+//! `O_NOFOLLOW`), never by joining path strings: whatever names, symlinks or renames the driver sends, it
+//! reaches nothing outside the shared directory. Files are opened again through `/proc/self/fd` only
+//! for regular files and directories; symlinks are never followed on the host.
+
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use crate::abi::{self, Validity};
+use crate::sys::{self, Errno, FdName, SysResult};
+
+/// How long the driver may cache what it learns (virtiofsd's `--cache`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CachePolicy {
+    /// Nothing is cached: every access asks (names and attributes valid 0 s, direct I/O). For a
+    /// directory that the host changes under the driver's feet.
+    Never,
+    /// Names and attributes for 1 s; file data until the driver sees the file changed.
+    Auto,
+    /// Everything for a day, data kept across opens: only the driver changes the directory.
+    Always,
+}
+
+/// Which extended attributes the driver may see and set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XattrPolicy {
+    /// None: the operations answer ENOSYS (the driver stops asking).
+    Off,
+    /// `user.*` only; `security.*`, `trusted.*` and `system.*` are hidden and cannot be set.
+    User,
+    /// All, as the server's own privileges allow (lets the driver set `security.capability` on host
+    /// files: only for a trusted driver).
+    All,
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The shared directory.
+    pub root: PathBuf,
+    pub cache: CachePolicy,
+    /// Let the driver cache writes (FUSE_WRITEBACK_CACHE); not with `CachePolicy::Never`.
+    pub writeback: bool,
+    /// Refuse every change with EROFS, before touching the host.
+    pub read_only: bool,
+    pub xattr: XattrPolicy,
+    /// Nodes the driver may know at once (one fd each); more lookups fail with ENFILE.
+    pub max_nodes: usize,
+    /// Open files and directories at once; more opens fail with EMFILE.
+    pub max_handles: usize,
+    /// Let the driver create character and block device nodes (off: EPERM).
+    pub allow_devices: bool,
+}
+
+impl Config {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self {
+            root: root.into(),
+            cache: CachePolicy::Auto,
+            writeback: false,
+            read_only: false,
+            xattr: XattrPolicy::User,
+            max_nodes: 1 << 20,
+            max_handles: 65_536,
+            allow_devices: false,
+        }
+    }
+}
+
+/// Why a shared directory cannot be served.
+#[derive(Debug)]
+pub enum SetupError {
+    /// The directory cannot be opened, or is not one.
+    Root(PathBuf, std::io::Error),
+    /// `/proc/self/fd` is missing or not procfs (files are reopened through it).
+    Proc(std::io::Error),
+    /// Options that contradict each other.
+    Invalid(&'static str),
+    /// The open-file limit leaves too few descriptors for the nodes and handles asked for.
+    FdLimit { limit: u64, needed: u64 },
+}
+
+impl std::fmt::Display for SetupError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SetupError::Root(p, e) => write!(f, "cannot share {}: {e}", p.display()),
+            SetupError::Proc(e) => write!(f, "/proc/self/fd is not usable (mount procfs): {e}"),
+            SetupError::Invalid(m) => f.write_str(m),
+            SetupError::FdLimit { limit, needed } => write!(
+                f,
+                "the open-file limit ({limit}) leaves too few descriptors: at least {needed} needed (raise ulimit -n, or lower maxNodes/maxHandles)"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for SetupError {}
+
+/// An inode the driver knows.
+pub struct Node {
+    /// `O_PATH | O_NOFOLLOW` fd of the inode (a symlink itself, never its target).
+    fd: OwnedFd,
+    /// `st_mode & S_IFMT`.
+    kind: u32,
+    key: (u64, u64),
+}
+
+impl Node {
+    pub fn fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+    pub fn is_dir(&self) -> bool {
+        self.kind == libc::S_IFDIR
+    }
+    fn is_reg(&self) -> bool {
+        self.kind == libc::S_IFREG
+    }
+}
+
+struct Known {
+    node: Arc<Node>,
+    lookups: u64,
+}
+
+#[derive(Default)]
+struct Nodes {
+    by_id: HashMap<u64, Known>,
+    by_key: HashMap<(u64, u64), u64>,
+    next: u64,
+}
+
+/// An open file or directory.
+pub struct Handle {
+    fd: OwnedFd,
+    pub node: Arc<Node>,
+    /// Writes allowed (opened O_WRONLY or O_RDWR).
+    writable: bool,
+    /// A directory's position is shared by seek and read: one reader at a time.
+    dir: Option<Mutex<()>>,
+}
+
+impl Handle {
+    pub fn fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+#[derive(Default)]
+struct Handles {
+    map: HashMap<u64, Arc<Handle>>,
+    next: u64,
+}
+
+/// Descriptors kept free for everything else in the process.
+const FD_RESERVE: u64 = 1024;
+
+pub struct PassthroughFs {
+    cfg: Config,
+    root: Arc<Node>,
+    /// `/proc/self/fd`, to reopen an O_PATH fd with real access.
+    proc_fd: OwnedFd,
+    nodes: Mutex<Nodes>,
+    handles: Mutex<Handles>,
+    node_count: AtomicUsize,
+    handle_count: AtomicUsize,
+    /// `openat2` works (false after one ENOSYS).
+    beneath: AtomicBool,
+    /// Creations run under the caller's fsuid/fsgid (we are root).
+    switch_ids: bool,
+    max_nodes: usize,
+    max_handles: usize,
+}
+
+impl PassthroughFs {
+    pub fn new(cfg: Config) -> Result<Self, SetupError> {
+        if cfg.writeback && cfg.cache == CachePolicy::Never {
+            return Err(SetupError::Invalid(
+                "a writeback cache needs a cache policy other than never",
+            ));
+        }
+        if cfg.max_nodes < 16 || cfg.max_handles < 4 {
+            return Err(SetupError::Invalid("maxNodes must be ≥ 16 and maxHandles ≥ 4"));
+        }
+        let root_fd = open_path(&cfg.root).map_err(|e| SetupError::Root(cfg.root.clone(), e))?;
+        let st = sys::stat_fd(root_fd.as_raw_fd())
+            .map_err(|e| SetupError::Root(cfg.root.clone(), std::io::Error::from_raw_os_error(e.0)))?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
+            return Err(SetupError::Root(
+                cfg.root.clone(),
+                std::io::Error::from_raw_os_error(libc::ENOTDIR),
+            ));
+        }
+        let proc_fd = open_path(Path::new("/proc/self/fd")).map_err(SetupError::Proc)?;
+        const PROC_SUPER_MAGIC: i64 = 0x9fa0;
+        #[allow(clippy::unnecessary_cast)] // f_type is not i64 everywhere (musl)
+        let is_proc = |s: &libc::statfs| s.f_type as i64 == PROC_SUPER_MAGIC;
+        match sys::statfs(proc_fd.as_raw_fd()) {
+            Ok(s) if is_proc(&s) => {}
+            _ => return Err(SetupError::Proc(std::io::Error::other("not a procfs mount"))),
+        }
+        // One fd per node and per handle: what the limit allows bounds both (ENFILE / EMFILE past it),
+        // with FD_RESERVE left for the rest of the process. A quarter at most goes to handles.
+        let limit = sys::raise_nofile((cfg.max_nodes + cfg.max_handles) as u64 + FD_RESERVE);
+        let available = limit.saturating_sub(FD_RESERVE);
+        if available < 1024 {
+            return Err(SetupError::FdLimit {
+                limit,
+                needed: FD_RESERVE + 1024,
+            });
+        }
+        let max_handles = cfg.max_handles.min((available / 4) as usize);
+        let max_nodes = cfg.max_nodes.min((available - max_handles as u64) as usize);
+        if max_nodes < cfg.max_nodes || max_handles < cfg.max_handles {
+            log::warn!(
+                "virtio-fs {}: the open-file limit ({limit}) allows {max_nodes} nodes and {max_handles} open files, not {} and {}",
+                cfg.root.display(),
+                cfg.max_nodes,
+                cfg.max_handles
+            );
+        }
+        let key = (st.st_dev, st.st_ino);
+        let root = Arc::new(Node {
+            fd: root_fd,
+            kind: libc::S_IFDIR,
+            key,
+        });
+        let fs = Self {
+            cfg,
+            root,
+            proc_fd,
+            nodes: Mutex::new(Nodes::default()),
+            handles: Mutex::new(Handles::default()),
+            node_count: AtomicUsize::new(0),
+            handle_count: AtomicUsize::new(0),
+            beneath: AtomicBool::new(true),
+            // SAFETY: geteuid has no preconditions.
+            switch_ids: unsafe { libc::geteuid() } == 0,
+            max_nodes,
+            max_handles,
+        };
+        fs.forget_all();
+        Ok(fs)
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// The node and handle limits in force (the configured ones, lowered to fit the open-file limit).
+    pub fn limits(&self) -> (usize, usize) {
+        (self.max_nodes, self.max_handles)
+    }
+
+    /// Nodes the driver knows now (the root not counted) and open handles.
+    pub fn counts(&self) -> (usize, usize) {
+        (
+            self.node_count.load(Ordering::Relaxed),
+            self.handle_count.load(Ordering::Relaxed),
+        )
+    }
+
+    /// What the driver may cache, and for how long.
+    pub fn validity(&self) -> Validity {
+        let t = match self.cfg.cache {
+            CachePolicy::Never => (0, 0),
+            CachePolicy::Auto => (1, 0),
+            CachePolicy::Always => (86_400, 0),
+        };
+        Validity { entry: t, attr: t }
+    }
+
+    /// `FOPEN_*` flags for an opened file or directory.
+    pub fn open_flags(&self, dir: bool) -> u32 {
+        match (self.cfg.cache, dir) {
+            (CachePolicy::Never, false) => abi::fopen::DIRECT_IO,
+            (CachePolicy::Always, false) => abi::fopen::KEEP_CACHE,
+            (CachePolicy::Always, true) => abi::fopen::CACHE_DIR,
+            _ => 0,
+        }
+    }
+
+    /// Forgets every node and closes every handle (a new or ended session). The fds close here, on the
+    /// caller's thread (a queue worker, never the message loop).
+    pub fn forget_all(&self) {
+        let (old_nodes, old_handles) = {
+            let mut n = self.nodes.lock();
+            let mut h = self.handles.lock();
+            let old = (std::mem::take(&mut n.by_id), std::mem::take(&mut h.map));
+            n.by_key.clear();
+            n.by_key.insert(self.root.key, abi::ROOT_ID);
+            n.next = abi::ROOT_ID + 1;
+            h.next = 1;
+            self.node_count.store(0, Ordering::Relaxed);
+            self.handle_count.store(0, Ordering::Relaxed);
+            old
+        };
+        drop(old_handles);
+        drop(old_nodes);
+    }
+
+    /// The node `id`, or ESTALE (an id the driver was never given, or forgot).
+    pub fn node(&self, id: u64) -> SysResult<Arc<Node>> {
+        if id == abi::ROOT_ID {
+            return Ok(self.root.clone());
+        }
+        self.nodes
+            .lock()
+            .by_id
+            .get(&id)
+            .map(|k| k.node.clone())
+            .ok_or(Errno(libc::ESTALE))
+    }
+
+    fn dir(&self, id: u64) -> SysResult<Arc<Node>> {
+        let n = self.node(id)?;
+        if n.is_dir() {
+            Ok(n)
+        } else {
+            Err(Errno(libc::ENOTDIR))
+        }
+    }
+
+    fn writable(&self) -> SysResult<()> {
+        if self.cfg.read_only {
+            Err(Errno(libc::EROFS))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Counts a lookup of the inode `fd` refers to: a known inode keeps its id (hard links share one),
+    /// a new one gets the next. The fd is dropped if the inode was known.
+    fn remember(&self, fd: OwnedFd) -> SysResult<(u64, libc::stat)> {
+        let st = sys::stat_fd(fd.as_raw_fd())?;
+        let key = (st.st_dev, st.st_ino);
+        let mut n = self.nodes.lock();
+        if let Some(&id) = n.by_key.get(&key) {
+            if id != abi::ROOT_ID {
+                if let Some(k) = n.by_id.get_mut(&id) {
+                    k.lookups += 1;
+                }
+            }
+            drop(n);
+            drop(fd);
+            return Ok((id, st));
+        }
+        if n.by_id.len() >= self.max_nodes {
+            return Err(Errno(libc::ENFILE));
+        }
+        let id = n.next;
+        n.next += 1;
+        n.by_key.insert(key, id);
+        let node = Arc::new(Node {
+            fd,
+            kind: st.st_mode & libc::S_IFMT,
+            key,
+        });
+        n.by_id.insert(id, Known { node, lookups: 1 });
+        self.node_count.store(n.by_id.len(), Ordering::Relaxed);
+        Ok((id, st))
+    }
+
+    /// Drops `count` lookups of `id`; at zero the node (and its fd, once no call uses it) goes.
+    pub fn forget(&self, id: u64, count: u64) {
+        if id == abi::ROOT_ID {
+            return;
+        }
+        let gone = {
+            let mut n = self.nodes.lock();
+            let Some(k) = n.by_id.get_mut(&id) else { return };
+            k.lookups = k.lookups.saturating_sub(count);
+            if k.lookups > 0 {
+                return;
+            }
+            let k = n.by_id.remove(&id);
+            if let Some(k) = &k {
+                if n.by_key.get(&k.node.key) == Some(&id) {
+                    n.by_key.remove(&k.node.key);
+                }
+            }
+            self.node_count.store(n.by_id.len(), Ordering::Relaxed);
+            k
+        };
+        drop(gone);
+    }
+
+    fn open_child(&self, parent: &Node, name: &[u8]) -> SysResult<OwnedFd> {
+        sys::open_beneath(
+            parent.fd(),
+            name,
+            libc::O_PATH | libc::O_NOFOLLOW,
+            0,
+            &self.beneath,
+        )
+    }
+
+    pub fn lookup(&self, parent: u64, name: &[u8]) -> SysResult<(u64, libc::stat)> {
+        let p = self.dir(parent)?;
+        let fd = self.open_child(&p, name)?;
+        self.remember(fd)
+    }
+
+    /// A lookup in a directory node the caller holds (READDIRPLUS, from its open handle).
+    pub fn lookup_in(&self, parent: &Node, name: &[u8]) -> SysResult<(u64, libc::stat)> {
+        if !abi::valid_name(name) {
+            return Err(Errno(libc::EINVAL));
+        }
+        let fd = self.open_child(parent, name)?;
+        self.remember(fd)
+    }
+
+    pub fn getattr(&self, id: u64) -> SysResult<libc::stat> {
+        sys::stat_fd(self.node(id)?.fd())
+    }
+
+    /// Applies a SETATTR; `fh` is an open handle of the node if the driver named one.
+    pub fn setattr(&self, id: u64, a: &SetAttr) -> SysResult<libc::stat> {
+        self.writable()?;
+        let n = self.node(id)?;
+        let handle =
+            a.fh.and_then(|fh| self.handle(fh).ok())
+                .filter(|h| Arc::ptr_eq(&h.node, &n));
+        if let Some(mode) = a.mode {
+            if n.kind == libc::S_IFLNK {
+                return Err(Errno(libc::EOPNOTSUPP));
+            }
+            sys::chmod_fd(self.proc_fd.as_raw_fd(), n.fd(), mode & 0o7777)?;
+        }
+        if a.uid.is_some() || a.gid.is_some() {
+            sys::chown_fd(n.fd(), a.uid.unwrap_or(u32::MAX), a.gid.unwrap_or(u32::MAX))?;
+        }
+        if let Some(size) = a.size {
+            if !n.is_reg() {
+                return Err(if n.is_dir() {
+                    Errno(libc::EISDIR)
+                } else {
+                    Errno(libc::EINVAL)
+                });
+            }
+            match handle.as_ref().filter(|h| h.writable) {
+                Some(h) => sys::truncate(h.fd(), size)?,
+                None => {
+                    let f = self.reopen(&n, libc::O_WRONLY)?;
+                    sys::truncate(f.as_raw_fd(), size)?;
+                }
+            }
+        }
+        if a.atime.is_some() || a.mtime.is_some() {
+            let omit = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: libc::UTIME_OMIT,
+            };
+            let times = [a.atime.unwrap_or(omit), a.mtime.unwrap_or(omit)];
+            sys::utimes_fd(self.proc_fd.as_raw_fd(), n.fd(), &times)?;
+        }
+        sys::stat_fd(n.fd())
+    }
+
+    pub fn readlink(&self, id: u64, buf: &mut [u8]) -> SysResult<usize> {
+        let n = self.node(id)?;
+        if n.kind != libc::S_IFLNK {
+            return Err(Errno(libc::EINVAL));
+        }
+        sys::readlink(n.fd(), buf)
+    }
+
+    /// Runs a creation as the caller (`uid`, `gid`) so the host gives the new inode the owner and group
+    /// the driver expects (setgid directories included).
+    fn as_caller<T>(&self, uid: u32, gid: u32, f: impl FnOnce() -> SysResult<T>) -> SysResult<T> {
+        if !self.switch_ids {
+            return f();
+        }
+        sys::set_fs_ids(uid, gid);
+        let r = f();
+        sys::set_fs_ids(0, 0);
+        r
+    }
+
+    /// After a creation under `parent`: the new node, looked up by name.
+    fn created(&self, parent: &Node, name: &[u8]) -> SysResult<(u64, libc::stat)> {
+        let fd = self.open_child(parent, name)?;
+        self.remember(fd)
+    }
+
+    pub fn mkdir(&self, parent: u64, name: &[u8], mode: u32, who: Caller) -> SysResult<(u64, libc::stat)> {
+        self.writable()?;
+        let p = self.dir(parent)?;
+        self.as_caller(who.uid, who.gid, || sys::mkdir_at(p.fd(), name, mode & 0o7777))?;
+        self.created(&p, name)
+    }
+
+    pub fn mknod(
+        &self,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        rdev: u32,
+        who: Caller,
+    ) -> SysResult<(u64, libc::stat)> {
+        self.writable()?;
+        let p = self.dir(parent)?;
+        let kind = mode & libc::S_IFMT;
+        match kind {
+            libc::S_IFREG | libc::S_IFIFO | libc::S_IFSOCK => {}
+            libc::S_IFCHR | libc::S_IFBLK if self.cfg.allow_devices => {}
+            libc::S_IFCHR | libc::S_IFBLK => return Err(Errno(libc::EPERM)),
+            _ => return Err(Errno(libc::EINVAL)),
+        }
+        let dev = if kind == libc::S_IFCHR || kind == libc::S_IFBLK {
+            abi::decode_dev(rdev)
+        } else {
+            0
+        };
+        self.as_caller(who.uid, who.gid, || sys::mknod_at(p.fd(), name, mode, dev))?;
+        self.created(&p, name)
+    }
+
+    pub fn symlink(
+        &self,
+        parent: u64,
+        name: &[u8],
+        target: &[u8],
+        who: Caller,
+    ) -> SysResult<(u64, libc::stat)> {
+        self.writable()?;
+        let p = self.dir(parent)?;
+        self.as_caller(who.uid, who.gid, || sys::symlink_at(target, p.fd(), name))?;
+        self.created(&p, name)
+    }
+
+    pub fn link(&self, id: u64, new_parent: u64, name: &[u8]) -> SysResult<(u64, libc::stat)> {
+        self.writable()?;
+        let n = self.node(id)?;
+        if n.is_dir() {
+            return Err(Errno(libc::EPERM));
+        }
+        let p = self.dir(new_parent)?;
+        sys::link_fd(n.fd(), self.proc_fd.as_raw_fd(), p.fd(), name)?;
+        self.created(&p, name)
+    }
+
+    pub fn unlink(&self, parent: u64, name: &[u8], dir: bool) -> SysResult<()> {
+        self.writable()?;
+        let p = self.dir(parent)?;
+        sys::unlink_at(p.fd(), name, if dir { libc::AT_REMOVEDIR } else { 0 })
+    }
+
+    pub fn rename(
+        &self,
+        parent: u64,
+        name: &[u8],
+        new_parent: u64,
+        new_name: &[u8],
+        flags: u32,
+    ) -> SysResult<()> {
+        self.writable()?;
+        // RENAME_NOREPLACE | RENAME_EXCHANGE; RENAME_WHITEOUT (an overlay's) is refused.
+        if flags & !3 != 0 {
+            return Err(Errno(libc::EINVAL));
+        }
+        let a = self.dir(parent)?;
+        let b = self.dir(new_parent)?;
+        sys::rename_at(a.fd(), name, b.fd(), new_name, flags)
+    }
+
+    /// The open flags the host file is opened with: the access mode and the flags that mean something
+    /// for an already created file; never O_CREAT, O_NOFOLLOW, O_DIRECT or O_NONBLOCK.
+    fn host_open_flags(&self, flags: u32) -> SysResult<i32> {
+        let flags = flags as i32;
+        let mut acc = flags & libc::O_ACCMODE;
+        if acc == libc::O_ACCMODE {
+            return Err(Errno(libc::EINVAL));
+        }
+        let mut keep =
+            flags & (libc::O_APPEND | libc::O_TRUNC | libc::O_SYNC | libc::O_DSYNC | libc::O_NOATIME);
+        if self.cfg.read_only && (acc != libc::O_RDONLY || keep & libc::O_TRUNC != 0) {
+            return Err(Errno(libc::EROFS));
+        }
+        if self.cfg.writeback {
+            // The driver's cache writes whole pages, reading around them, and orders appends itself.
+            if acc == libc::O_WRONLY {
+                acc = libc::O_RDWR;
+            }
+            keep &= !libc::O_APPEND;
+        }
+        Ok(acc | keep)
+    }
+
+    /// A real fd of a regular file or directory node (through `/proc/self/fd`, which reopens exactly
+    /// that inode); other kinds are never opened on the host (a FIFO would block a worker).
+    fn reopen(&self, n: &Node, flags: i32) -> SysResult<OwnedFd> {
+        if n.is_dir() {
+            return sys::open_at(n.fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY);
+        }
+        if !n.is_reg() {
+            return Err(Errno(libc::EACCES));
+        }
+        let name = FdName::new(n.fd());
+        sys::open_at(self.proc_fd.as_raw_fd(), name.as_cstr(), flags & !libc::O_CREAT)
+    }
+
+    fn add_handle(&self, fd: OwnedFd, node: Arc<Node>, writable: bool, dir: bool) -> SysResult<u64> {
+        let mut h = self.handles.lock();
+        if h.map.len() >= self.max_handles {
+            return Err(Errno(libc::EMFILE));
+        }
+        let fh = h.next;
+        h.next += 1;
+        h.map.insert(
+            fh,
+            Arc::new(Handle {
+                fd,
+                node,
+                writable,
+                dir: dir.then(|| Mutex::new(())),
+            }),
+        );
+        self.handle_count.store(h.map.len(), Ordering::Relaxed);
+        Ok(fh)
+    }
+
+    pub fn open(&self, id: u64, flags: u32, dir: bool) -> SysResult<u64> {
+        let n = self.node(id)?;
+        if dir {
+            if !n.is_dir() {
+                return Err(Errno(libc::ENOTDIR));
+            }
+            let fd = self.reopen(&n, libc::O_RDONLY)?;
+            return self.add_handle(fd, n, false, true);
+        }
+        if n.is_dir() {
+            return Err(Errno(libc::EISDIR));
+        }
+        let f = self.host_open_flags(flags)?;
+        let fd = self.reopen(&n, f)?;
+        self.add_handle(fd, n, f & libc::O_ACCMODE != libc::O_RDONLY, false)
+    }
+
+    /// Creates and opens `name` in `parent`: never through a symlink of that name (O_NOFOLLOW), never
+    /// outside. Returns the node, its attributes and the handle.
+    pub fn create(
+        &self,
+        parent: u64,
+        name: &[u8],
+        flags: u32,
+        mode: u32,
+        who: Caller,
+    ) -> SysResult<(u64, libc::stat, u64)> {
+        self.writable()?;
+        let p = self.dir(parent)?;
+        let f = self.host_open_flags(flags)? | (flags as i32 & libc::O_EXCL);
+        let fd = self.as_caller(who.uid, who.gid, || {
+            sys::open_beneath(
+                p.fd(),
+                name,
+                f | libc::O_CREAT | libc::O_NOFOLLOW,
+                mode & 0o7777,
+                &self.beneath,
+            )
+        })?;
+        // The node is the inode we just opened, not whatever the name means by now.
+        let path = sys::open_at(
+            self.proc_fd.as_raw_fd(),
+            FdName::new(fd.as_raw_fd()).as_cstr(),
+            libc::O_PATH,
+        )?;
+        let (id, st) = self.remember(path)?;
+        let node = self.node(id)?;
+        match self.add_handle(fd, node, f & libc::O_ACCMODE != libc::O_RDONLY, false) {
+            Ok(fh) => Ok((id, st, fh)),
+            Err(e) => {
+                self.forget(id, 1);
+                Err(e)
+            }
+        }
+    }
+
+    pub fn handle(&self, fh: u64) -> SysResult<Arc<Handle>> {
+        self.handles
+            .lock()
+            .map
+            .get(&fh)
+            .cloned()
+            .ok_or(Errno(libc::EBADF))
+    }
+
+    /// A handle of a regular file open for writing.
+    pub fn write_handle(&self, fh: u64) -> SysResult<Arc<Handle>> {
+        self.writable()?;
+        let h = self.handle(fh)?;
+        if h.dir.is_some() || !h.writable {
+            return Err(Errno(libc::EBADF));
+        }
+        Ok(h)
+    }
+
+    pub fn release(&self, fh: u64) {
+        let h = {
+            let mut hs = self.handles.lock();
+            let h = hs.map.remove(&fh);
+            self.handle_count.store(hs.map.len(), Ordering::Relaxed);
+            h
+        };
+        drop(h);
+    }
+
+    pub fn statfs(&self) -> SysResult<libc::statfs> {
+        sys::statfs(self.root.fd())
+    }
+
+    pub fn fsync(&self, fh: u64, data_only: bool) -> SysResult<()> {
+        let h = self.handle(fh)?;
+        sys::fsync(h.fd(), data_only)
+    }
+
+    pub fn syncfs(&self) -> SysResult<()> {
+        let f = self.reopen(&self.root, libc::O_RDONLY)?;
+        sys::syncfs(f.as_raw_fd())
+    }
+
+    pub fn fallocate(&self, fh: u64, mode: u32, offset: u64, len: u64) -> SysResult<()> {
+        let h = self.write_handle(fh)?;
+        sys::fallocate(h.fd(), mode, offset, len)
+    }
+
+    pub fn lseek(&self, fh: u64, offset: u64, whence: u32) -> SysResult<u64> {
+        if whence != libc::SEEK_DATA as u32 && whence != libc::SEEK_HOLE as u32 {
+            return Err(Errno(libc::EINVAL));
+        }
+        let h = self.handle(fh)?;
+        if h.dir.is_some() {
+            return Err(Errno(libc::EINVAL));
+        }
+        sys::lseek(h.fd(), offset, whence)
+    }
+
+    pub fn copy_file_range(
+        &self,
+        fh_in: u64,
+        off_in: u64,
+        fh_out: u64,
+        off_out: u64,
+        len: u64,
+    ) -> SysResult<usize> {
+        let a = self.handle(fh_in)?;
+        let b = self.write_handle(fh_out)?;
+        if a.dir.is_some() {
+            return Err(Errno(libc::EISDIR));
+        }
+        // At most what a FUSE write may report (u32), in one call.
+        let len = len.min(1 << 30) as usize;
+        sys::copy_file_range(a.fd(), off_in, b.fd(), off_out, len)
+    }
+
+    /// Lists directory entries of the open directory `fh` from the position `offset` (a cookie the host
+    /// gave with an earlier entry): each is given to `emit(name, ino, type, next_offset)`, which says
+    /// whether it still fit. The host position is set and read under the handle's lock.
+    pub fn read_dir(
+        &self,
+        fh: u64,
+        offset: u64,
+        buf: &mut Vec<u8>,
+        mut emit: impl FnMut(&[u8], u64, u8, u64) -> bool,
+    ) -> SysResult<()> {
+        let h = self.handle(fh)?;
+        let Some(lock) = &h.dir else {
+            return Err(Errno(libc::ENOTDIR));
+        };
+        let _one = lock.lock();
+        sys::lseek(h.fd(), offset, libc::SEEK_SET as u32)?;
+        buf.resize(32 * 1024, 0);
+        loop {
+            let n = sys::getdents(h.fd(), buf)?;
+            if n == 0 {
+                return Ok(());
+            }
+            let mut at = 0;
+            while at + 19 <= n {
+                let ino = u64::from_ne_bytes(buf[at..at + 8].try_into().unwrap_or_default());
+                let off = u64::from_ne_bytes(buf[at + 8..at + 16].try_into().unwrap_or_default());
+                let reclen = usize::from(u16::from_ne_bytes([buf[at + 16], buf[at + 17]]));
+                let kind = buf[at + 18];
+                if reclen < 20 || at + reclen > n {
+                    return Err(Errno(libc::EIO));
+                }
+                let raw = &buf[at + 19..at + reclen];
+                let name = &raw[..raw.iter().position(|&c| c == 0).unwrap_or(raw.len())];
+                if !emit(name, ino, kind, off) {
+                    return Ok(());
+                }
+                at += reclen;
+            }
+        }
+    }
+
+    /// Whether the xattr `name` is visible to the driver under the policy.
+    fn xattr_allowed(&self, name: &[u8]) -> bool {
+        match self.cfg.xattr {
+            XattrPolicy::Off => false,
+            XattrPolicy::User => name.starts_with(b"user."),
+            XattrPolicy::All => true,
+        }
+    }
+
+    pub fn xattrs_on(&self) -> bool {
+        self.cfg.xattr != XattrPolicy::Off
+    }
+
+    /// An fd to read or change a node's xattrs with: only regular files and directories (no user.*
+    /// xattrs elsewhere; other kinds are never opened on the host).
+    fn xattr_fd(&self, id: u64) -> SysResult<Option<OwnedFd>> {
+        let n = self.node(id)?;
+        if !n.is_dir() && !n.is_reg() {
+            return Ok(None);
+        }
+        self.reopen(&n, libc::O_RDONLY | libc::O_NONBLOCK).map(Some)
+    }
+
+    pub fn getxattr(&self, id: u64, name: &[u8], buf: &mut [u8]) -> SysResult<usize> {
+        if !self.xattr_allowed(name) {
+            return Err(Errno(libc::ENODATA));
+        }
+        match self.xattr_fd(id)? {
+            Some(f) => sys::fgetxattr(f.as_raw_fd(), name, buf),
+            None => Err(Errno(libc::ENODATA)),
+        }
+    }
+
+    /// The names the policy lets through, NUL-separated, into `out`.
+    pub fn listxattr(&self, id: u64, out: &mut Vec<u8>) -> SysResult<()> {
+        out.clear();
+        let Some(f) = self.xattr_fd(id)? else {
+            return Ok(());
+        };
+        let mut raw = vec![0u8; sys::flistxattr(f.as_raw_fd(), &mut [])?];
+        let n = sys::flistxattr(f.as_raw_fd(), &mut raw)?;
+        for name in raw[..n.min(raw.len())]
+            .split(|&c| c == 0)
+            .filter(|s| !s.is_empty())
+        {
+            if self.xattr_allowed(name) {
+                out.extend_from_slice(name);
+                out.push(0);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn setxattr(&self, id: u64, name: &[u8], value: &[u8], flags: u32) -> SysResult<()> {
+        self.writable()?;
+        if !self.xattr_allowed(name) {
+            return Err(Errno(libc::EPERM));
+        }
+        match self.xattr_fd(id)? {
+            Some(f) => sys::fsetxattr(f.as_raw_fd(), name, value, flags as i32),
+            None => Err(Errno(libc::EPERM)),
+        }
+    }
+
+    pub fn removexattr(&self, id: u64, name: &[u8]) -> SysResult<()> {
+        self.writable()?;
+        if !self.xattr_allowed(name) {
+            return Err(Errno(libc::EPERM));
+        }
+        match self.xattr_fd(id)? {
+            Some(f) => sys::fremovexattr(f.as_raw_fd(), name),
+            None => Err(Errno(libc::EPERM)),
+        }
+    }
+}
+
+/// Who a request comes from (`fuse_in_header`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// A SETATTR, decoded: each field present when its `valid` bit was set.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SetAttr {
+    pub fh: Option<u64>,
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<libc::timespec>,
+    pub mtime: Option<libc::timespec>,
+}
+
+fn open_path(p: &Path) -> std::io::Result<OwnedFd> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: a NUL-terminated path; the fd returned is new.
+    let fd = unsafe { libc::open(c.as_ptr(), libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
+}

@@ -1,0 +1,760 @@
+//! The FUSE server: parses one request (checked against what the driver really gave), runs it on the
+//! [`PassthroughFs`], and writes the reply. It sees a request only through [`ReqIo`], so the same code
+//! serves virtqueues (ticket-checked copies that end at a fence) and plain buffers in tests.
+
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use parking_lot::Mutex;
+use vduse_core::queue::Gone;
+
+use crate::abi::{self, fattr, init, op, InHeader, Malformed, Reader, Writer, IN_HEADER, OUT_HEADER};
+use crate::passthrough::{CachePolicy, Caller, PassthroughFs, SetAttr};
+use crate::sys::{self, Errno};
+
+/// One request's buffers, as the server reaches them.
+pub trait ReqIo {
+    /// Bytes the driver gave to read (header, arguments, a write's data).
+    fn readable(&self) -> usize;
+    /// Room for the reply.
+    fn writable(&self) -> usize;
+    /// Copies readable bytes from `offset` into `dst`; fewer if the request has fewer.
+    fn read(&mut self, offset: usize, dst: &mut [u8]) -> Result<usize, Gone>;
+    /// Copies `src` into the reply from `offset`; fewer if there is less room.
+    fn write(&mut self, offset: usize, src: &[u8]) -> Result<usize, Gone>;
+    /// Reads up to `len` bytes of the file `fd` from `pos` straight into the reply at `offset`.
+    /// `Ok(None)`: not possible for this file or these buffers (the server copies through its own).
+    fn read_file(
+        &mut self,
+        _fd: RawFd,
+        _pos: u64,
+        _offset: usize,
+        _len: usize,
+    ) -> Result<Option<usize>, Gone> {
+        Ok(None)
+    }
+}
+
+/// What the server did, for `stats`.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub requests: AtomicU64,
+    pub errors: AtomicU64,
+    pub malformed: AtomicU64,
+    pub unsupported: AtomicU64,
+    pub sessions: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub bytes_written: AtomicU64,
+}
+
+/// Buffers one worker thread reuses for every request (no allocation per request once warm).
+#[derive(Default)]
+pub struct Scratch {
+    args: Vec<u8>,
+    out: Writer,
+    data: Vec<u8>,
+    list: Vec<u8>,
+    dents: Vec<u8>,
+    /// Reply bytes already written into the request after the header (a READ's data).
+    extra: usize,
+}
+
+/// A request's reply: a payload in `Scratch::out` after the header, or an errno.
+enum Fail {
+    Errno(Errno),
+    Malformed,
+    Gone,
+}
+
+impl From<Errno> for Fail {
+    fn from(e: Errno) -> Self {
+        Fail::Errno(e)
+    }
+}
+impl From<Malformed> for Fail {
+    fn from(_: Malformed) -> Self {
+        Fail::Malformed
+    }
+}
+impl From<Gone> for Fail {
+    fn from(_: Gone) -> Self {
+        Fail::Gone
+    }
+}
+
+type Outcome = Result<(), Fail>;
+
+/// Staging chunk for data that cannot move straight between the file and the driver's buffers.
+const STAGE: usize = 256 * 1024;
+
+pub struct Server {
+    fs: PassthroughFs,
+    max_write: u32,
+    counters: Counters,
+    /// Bumped by each new driver session (a reset): the first request after it forgets the old one.
+    generation: AtomicU64,
+    seen: AtomicU64,
+    session: Mutex<()>,
+    /// INIT answered, no DESTROY or reset since.
+    up: AtomicBool,
+}
+
+impl Server {
+    /// `max_write`: the largest read or write the driver may send (a multiple of 4096, up to 1 MiB).
+    pub fn new(fs: PassthroughFs, max_write: u32) -> Self {
+        Self {
+            fs,
+            max_write: max_write.clamp(4096, 1 << 20) & !4095,
+            counters: Counters::default(),
+            generation: AtomicU64::new(0),
+            seen: AtomicU64::new(0),
+            session: Mutex::new(()),
+            up: AtomicBool::new(false),
+        }
+    }
+
+    pub fn fs(&self) -> &PassthroughFs {
+        &self.fs
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    pub fn max_write(&self) -> u32 {
+        self.max_write
+    }
+
+    /// A new driver session began (DRIVER_OK after a reset): what the old one knew is forgotten by the
+    /// next request, on a worker thread. Cheap: safe on the message loop.
+    pub fn new_driver_session(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.up.store(false, Ordering::Release);
+    }
+
+    fn sync_session(&self) {
+        let g = self.generation.load(Ordering::Acquire);
+        if self.seen.load(Ordering::Acquire) == g {
+            return;
+        }
+        let _s = self.session.lock();
+        if self.seen.load(Ordering::Acquire) != g {
+            self.up.store(false, Ordering::Release);
+            self.fs.forget_all();
+            self.seen.store(g, Ordering::Release);
+        }
+    }
+
+    /// Serves one request whose first readable bytes are `head`. Returns the bytes written into its
+    /// buffers (what to complete it with), or `Gone` if it was fenced meanwhile (answer nothing).
+    pub fn handle(&self, io: &mut dyn ReqIo, head: &[u8], s: &mut Scratch) -> Result<u32, Gone> {
+        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        self.sync_session();
+        let Some(h) =
+            InHeader::parse(head).filter(|h| h.len as usize == io.readable() && h.total_extlen == 0)
+        else {
+            // The driver's stated length must be what it gave; extensions were never granted.
+            let unique = InHeader::parse(head).map_or(0, |h| h.unique);
+            self.counters.malformed.fetch_add(1, Ordering::Relaxed);
+            return self.reply_error(io, unique, libc::EINVAL);
+        };
+        s.out.buf.clear();
+        s.out.zeros(OUT_HEADER);
+        s.extra = 0;
+        let r = self.dispatch(io, &h, s);
+        match r {
+            Ok(()) if h.opcode == op::FORGET || h.opcode == op::BATCH_FORGET || h.opcode == op::INTERRUPT => {
+                Ok(0)
+            }
+            Ok(()) => {
+                let len = s.out.buf.len() + s.extra;
+                if len > io.writable() {
+                    self.counters.malformed.fetch_add(1, Ordering::Relaxed);
+                    return self.reply_error(io, h.unique, libc::EINVAL);
+                }
+                s.out.buf[..4].copy_from_slice(&(len as u32).to_le_bytes());
+                s.out.buf[4..8].copy_from_slice(&0i32.to_le_bytes());
+                s.out.buf[8..16].copy_from_slice(&h.unique.to_le_bytes());
+                io.write(0, &s.out.buf)?;
+                Ok(len as u32)
+            }
+            Err(Fail::Gone) => Err(Gone),
+            Err(Fail::Malformed) => {
+                self.counters.malformed.fetch_add(1, Ordering::Relaxed);
+                self.reply_error(io, h.unique, libc::EINVAL)
+            }
+            Err(Fail::Errno(e)) => {
+                if e.0 == libc::ENOSYS {
+                    self.counters.unsupported.fetch_add(1, Ordering::Relaxed);
+                }
+                self.reply_error(io, h.unique, e.0)
+            }
+        }
+    }
+
+    fn reply_error(&self, io: &mut dyn ReqIo, unique: u64, errno: i32) -> Result<u32, Gone> {
+        self.counters.errors.fetch_add(1, Ordering::Relaxed);
+        if io.writable() < OUT_HEADER {
+            // No room for an answer: the buffers go back empty.
+            return Ok(0);
+        }
+        let mut b = [0u8; OUT_HEADER];
+        b[..4].copy_from_slice(&(OUT_HEADER as u32).to_le_bytes());
+        b[4..8].copy_from_slice(&(-errno).to_le_bytes());
+        b[8..].copy_from_slice(&unique.to_le_bytes());
+        io.write(0, &b)?;
+        Ok(OUT_HEADER as u32)
+    }
+
+    /// Reads the request's arguments (after the header) into `s.args`.
+    fn args<'s>(&self, io: &mut dyn ReqIo, args: &'s mut Vec<u8>) -> Result<&'s [u8], Fail> {
+        let n = io.readable() - IN_HEADER;
+        if n > abi::ARGS_MAX {
+            return Err(Fail::Malformed);
+        }
+        args.resize(n, 0);
+        if io.read(IN_HEADER, args)? != n {
+            return Err(Fail::Gone);
+        }
+        Ok(args)
+    }
+
+    /// The reply must fit in what the driver gave: checked before anything is done on the host.
+    fn room(&self, io: &dyn ReqIo, payload: usize) -> Outcome {
+        if io.writable() < OUT_HEADER + payload {
+            return Err(Fail::Malformed);
+        }
+        Ok(())
+    }
+
+    fn dispatch(&self, io: &mut dyn ReqIo, h: &InHeader, s: &mut Scratch) -> Outcome {
+        match h.opcode {
+            op::FORGET => {
+                let mut r = Reader::new(self.args(io, &mut s.args)?);
+                self.fs.forget(h.nodeid, r.u64()?);
+                return Ok(());
+            }
+            op::BATCH_FORGET => {
+                let mut r = Reader::new(self.args(io, &mut s.args)?);
+                let count = r.u32()?;
+                r.skip(4)?;
+                for _ in 0..count {
+                    let (id, n) = (r.u64()?, r.u64()?);
+                    self.fs.forget(id, n);
+                }
+                return Ok(());
+            }
+            // Operations are synchronous: there is nothing to interrupt.
+            op::INTERRUPT => return Ok(()),
+            op::INIT => return self.init(io, s),
+            _ => {}
+        }
+        if !self.up.load(Ordering::Acquire) {
+            return Err(Errno(libc::EIO).into());
+        }
+        let who = Caller {
+            uid: h.uid,
+            gid: h.gid,
+        };
+        let valid = self.fs.validity();
+        let fs = &self.fs;
+        match h.opcode {
+            op::DESTROY => {
+                let _s = self.session.lock();
+                self.up.store(false, Ordering::Release);
+                self.fs.forget_all();
+                Ok(())
+            }
+            op::WRITE => self.write(io, s),
+            op::READ => self.read(io, s),
+            op::READDIR | op::READDIRPLUS => self.readdir(io, s, h.opcode == op::READDIRPLUS),
+            op::LOOKUP => {
+                self.room(io, abi::ENTRY_OUT)?;
+                let name = entry_name(&mut Reader::new(self.args(io, &mut s.args)?))?;
+                let (id, st) = fs.lookup(h.nodeid, name)?;
+                s.out.entry(id, &st, valid);
+                Ok(())
+            }
+            op::GETATTR => {
+                self.room(io, abi::ATTR_OUT)?;
+                let st = fs.getattr(h.nodeid)?;
+                self.attr_out(s, &st);
+                Ok(())
+            }
+            op::SETATTR => {
+                self.room(io, abi::ATTR_OUT)?;
+                let a = decode_setattr(self.args(io, &mut s.args)?)?;
+                let st = fs.setattr(h.nodeid, &a)?;
+                self.attr_out(s, &st);
+                Ok(())
+            }
+            op::READLINK => {
+                let room = io.writable().saturating_sub(OUT_HEADER).min(abi::PATH_MAX);
+                s.data.resize(abi::PATH_MAX, 0);
+                let n = fs.readlink(h.nodeid, &mut s.data)?;
+                if n > room {
+                    return Err(Errno(libc::ENAMETOOLONG).into());
+                }
+                s.out.bytes(&s.data[..n]);
+                Ok(())
+            }
+            op::SYMLINK => {
+                self.room(io, abi::ENTRY_OUT)?;
+                let mut r = Reader::new(self.args(io, &mut s.args)?);
+                let name = entry_name(&mut r)?;
+                let target = r.cstr()?;
+                if target.is_empty() || target.len() > abi::PATH_MAX {
+                    return Err(Fail::Malformed);
+                }
+                let (id, st) = fs.symlink(h.nodeid, name, target, who)?;
+                s.out.entry(id, &st, valid);
+                Ok(())
+            }
+            op::MKNOD => {
+                self.room(io, abi::ENTRY_OUT)?;
+                let mut r = Reader::new(self.args(io, &mut s.args)?);
+                let (mode, rdev) = (r.u32()?, r.u32()?);
+                r.skip(8)?;
+                let name = entry_name(&mut r)?;
+                let (id, st) = fs.mknod(h.nodeid, name, mode, rdev, who)?;
+                s.out.entry(id, &st, valid);
+                Ok(())
+            }
+            op::MKDIR => {
+                self.room(io, abi::ENTRY_OUT)?;
+                let mut r = Reader::new(self.args(io, &mut s.args)?);
+                let mode = r.u32()?;
+                r.skip(4)?;
+                let name = entry_name(&mut r)?;
+                let (id, st) = fs.mkdir(h.nodeid, name, mode, who)?;
+                s.out.entry(id, &st, valid);
+                Ok(())
+            }
+            op::UNLINK | op::RMDIR => {
+                let name = entry_name(&mut Reader::new(self.args(io, &mut s.args)?))?;
+                fs.unlink(h.nodeid, name, h.opcode == op::RMDIR)?;
+                Ok(())
+            }
+            op::RENAME | op::RENAME2 => {
+                let mut r = Reader::new(self.args(io, &mut s.args)?);
+                let new_dir = r.u64()?;
+                let flags = if h.opcode == op::RENAME2 {
+                    let f = r.u32()?;
+                    r.skip(4)?;
+                    f
+                } else {
+                    0
+                };
+                let (old, new) = (entry_name(&mut r)?, entry_name(&mut r)?);
+                fs.rename(h.nodeid, old, new_dir, new, flags)?;
+                Ok(())
+            }
+            op::LINK => {
+                self.room(io, abi::ENTRY_OUT)?;
+                let mut r = Reader::new(self.args(io, &mut s.args)?);
+                let old = r.u64()?;
+                let name = entry_name(&mut r)?;
+                let (id, st) = fs.link(old, h.nodeid, name)?;
+                s.out.entry(id, &st, valid);
+                Ok(())
+            }
+            op::OPEN | op::OPENDIR => {
+                self.room(io, abi::OPEN_OUT)?;
+                let flags = Reader::new(self.args(io, &mut s.args)?).u32()?;
+                let dir = h.opcode == op::OPENDIR;
+                let fh = fs.open(h.nodeid, flags, dir)?;
+                s.out.u64(fh).u32(fs.open_flags(dir)).u32(0);
+                Ok(())
+            }
+            op::CREATE => {
+                self.room(io, abi::ENTRY_OUT + abi::OPEN_OUT)?;
+                let mut r = Reader::new(self.args(io, &mut s.args)?);
+                let (flags, mode) = (r.u32()?, r.u32()?);
+                r.skip(8)?;
+                let name = entry_name(&mut r)?;
+                if mode & libc::S_IFMT != 0 && mode & libc::S_IFMT != libc::S_IFREG {
+                    return Err(Fail::Malformed);
+                }
+                let (id, st, fh) = fs.create(h.nodeid, name, flags, mode, who)?;
+                s.out
+                    .entry(id, &st, valid)
+                    .u64(fh)
+                    .u32(fs.open_flags(false))
+                    .u32(0);
+                Ok(())
+            }
+            op::STATFS => {
+                self.room(io, abi::STATFS_OUT)?;
+                let st = fs.statfs()?;
+                s.out
+                    .u64(st.f_blocks)
+                    .u64(st.f_bfree)
+                    .u64(st.f_bavail)
+                    .u64(st.f_files)
+                    .u64(st.f_ffree)
+                    .u32(st.f_bsize as u32)
+                    .u32(st.f_namelen as u32)
+                    .u32(st.f_frsize as u32)
+                    .zeros(4 + 24);
+                Ok(())
+            }
+            op::RELEASE | op::RELEASEDIR => {
+                let fh = Reader::new(self.args(io, &mut s.args)?).u64()?;
+                fs.release(fh);
+                Ok(())
+            }
+            op::FLUSH => {
+                let fh = Reader::new(self.args(io, &mut s.args)?).u64()?;
+                fs.handle(fh)?;
+                Ok(())
+            }
+            op::FSYNC | op::FSYNCDIR => {
+                let mut r = Reader::new(self.args(io, &mut s.args)?);
+                let (fh, flags) = (r.u64()?, r.u32()?);
+                fs.fsync(fh, flags & abi::FSYNC_FDATASYNC != 0)?;
+                Ok(())
+            }
+            op::SYNCFS => {
+                fs.syncfs()?;
+                Ok(())
+            }
+            op::FALLOCATE => {
+                let mut r = Reader::new(self.args(io, &mut s.args)?);
+                let (fh, offset, len, mode) = (r.u64()?, r.u64()?, r.u64()?, r.u32()?);
+                fs.fallocate(fh, mode, offset, len)?;
+                Ok(())
+            }
+            op::LSEEK => {
+                self.room(io, 8)?;
+                let mut r = Reader::new(self.args(io, &mut s.args)?);
+                let (fh, offset, whence) = (r.u64()?, r.u64()?, r.u32()?);
+                let at = fs.lseek(fh, offset, whence)?;
+                s.out.u64(at);
+                Ok(())
+            }
+            op::COPY_FILE_RANGE => {
+                self.room(io, 8)?;
+                let mut r = Reader::new(self.args(io, &mut s.args)?);
+                let (fh_in, off_in, _node_out, fh_out, off_out, len) =
+                    (r.u64()?, r.u64()?, r.u64()?, r.u64()?, r.u64()?, r.u64()?);
+                let n = fs.copy_file_range(fh_in, off_in, fh_out, off_out, len)?;
+                s.out.u32(n as u32).u32(0);
+                Ok(())
+            }
+            op::GETXATTR | op::LISTXATTR | op::SETXATTR | op::REMOVEXATTR if !fs.xattrs_on() => {
+                Err(Errno(libc::ENOSYS).into())
+            }
+            op::GETXATTR => {
+                let mut r = Reader::new(self.args(io, &mut s.args)?);
+                let size = r.u32()? as usize;
+                r.skip(4)?;
+                let name = r.cstr()?;
+                s.data.resize(abi::XATTR_SIZE_MAX, 0);
+                let n = fs.getxattr(h.nodeid, name, &mut s.data)?;
+                self.sized_reply(io, s, size, n, SizedFrom::Data)
+            }
+            op::LISTXATTR => {
+                let size = Reader::new(self.args(io, &mut s.args)?).u32()? as usize;
+                fs.listxattr(h.nodeid, &mut s.list)?;
+                let n = s.list.len();
+                self.sized_reply(io, s, size, n, SizedFrom::List)
+            }
+            op::SETXATTR => {
+                let mut r = Reader::new(self.args(io, &mut s.args)?);
+                let (size, flags) = (r.u32()? as usize, r.u32()?);
+                let name = r.cstr()?;
+                let value = r.bytes(size)?;
+                if name.is_empty() || name.len() > 255 || size > abi::XATTR_SIZE_MAX {
+                    return Err(Fail::Malformed);
+                }
+                fs.setxattr(h.nodeid, name, value, flags)?;
+                Ok(())
+            }
+            op::REMOVEXATTR => {
+                let name = Reader::new(self.args(io, &mut s.args)?).cstr()?;
+                fs.removexattr(h.nodeid, name)?;
+                Ok(())
+            }
+            // ACCESS (the driver mounts with default_permissions and checks itself), locks (the driver
+            // keeps them locally), ioctl, poll, bmap, DAX mappings, statx, tmpfile.
+            _ => Err(Errno(libc::ENOSYS).into()),
+        }
+    }
+
+    fn attr_out(&self, s: &mut Scratch, st: &libc::stat) {
+        let v = self.fs.validity();
+        s.out.u64(v.attr.0).u32(v.attr.1).u32(0).attr(st);
+    }
+
+    /// An xattr reply: the size when the driver asked with 0, the bytes if they fit in `size`, or ERANGE.
+    fn sized_reply(
+        &self,
+        io: &dyn ReqIo,
+        s: &mut Scratch,
+        size: usize,
+        n: usize,
+        from: SizedFrom,
+    ) -> Outcome {
+        if size == 0 {
+            self.room(io, 8)?;
+            s.out.u32(n as u32).u32(0);
+            return Ok(());
+        }
+        if n > size {
+            return Err(Errno(libc::ERANGE).into());
+        }
+        self.room(io, n)?;
+        match from {
+            SizedFrom::Data => s.out.bytes(&s.data[..n]),
+            SizedFrom::List => s.out.bytes(&s.list[..n]),
+        };
+        Ok(())
+    }
+
+    fn init(&self, io: &mut dyn ReqIo, s: &mut Scratch) -> Outcome {
+        self.room(io, abi::INIT_OUT)?;
+        let args = self.args(io, &mut s.args)?;
+        let mut r = Reader::new(args);
+        let (major, minor, readahead, offered) = (r.u32()?, r.u32()?, r.u32()?, r.u32()?);
+        if major != abi::KERNEL_VERSION {
+            // Older majors are not spoken; a newer one is told ours (and must come back with it).
+            if major < abi::KERNEL_VERSION {
+                return Err(Errno(libc::EPROTO).into());
+            }
+            s.out
+                .u32(abi::KERNEL_VERSION)
+                .u32(abi::KERNEL_MINOR_VERSION)
+                .zeros(abi::INIT_OUT - 8);
+            return Ok(());
+        }
+        let cfg = self.fs.config();
+        let mut want = init::ASYNC_READ
+            | init::BIG_WRITES
+            | init::DO_READDIRPLUS
+            | init::READDIRPLUS_AUTO
+            | init::PARALLEL_DIROPS
+            | init::MAX_PAGES
+            | init::CACHE_SYMLINKS
+            | init::ATOMIC_O_TRUNC;
+        if cfg.cache == CachePolicy::Auto {
+            want |= init::AUTO_INVAL_DATA;
+        }
+        if cfg.writeback && !cfg.read_only {
+            want |= init::WRITEBACK_CACHE;
+        }
+        let flags = offered & want;
+        {
+            // A new session: whatever the driver knew of the last one is gone.
+            let _s = self.session.lock();
+            self.seen
+                .store(self.generation.load(Ordering::Acquire), Ordering::Release);
+            self.fs.forget_all();
+            self.up.store(true, Ordering::Release);
+        }
+        self.counters.sessions.fetch_add(1, Ordering::Relaxed);
+        log::debug!("virtio-fs session: FUSE {major}.{minor}, flags {flags:#x}");
+        let max_pages = if flags & init::MAX_PAGES != 0 {
+            (self.max_write / 4096) as u16
+        } else {
+            0
+        };
+        s.out
+            .u32(abi::KERNEL_VERSION)
+            .u32(abi::KERNEL_MINOR_VERSION)
+            .u32(readahead)
+            .u32(flags)
+            .u16(64) // max_background
+            .u16(48) // congestion_threshold
+            .u32(self.max_write)
+            .u32(1) // time_gran: nanoseconds
+            .u16(max_pages)
+            .zeros(abi::INIT_OUT - 30);
+        Ok(())
+    }
+
+    fn read(&self, io: &mut dyn ReqIo, s: &mut Scratch) -> Outcome {
+        let mut r = Reader::new(self.args(io, &mut s.args)?);
+        let (fh, pos, size) = (r.u64()?, r.u64()?, r.u32()?);
+        let room = io.writable().saturating_sub(OUT_HEADER);
+        let want = (size.min(self.max_write) as usize).min(room);
+        let h = self.fs.handle(fh)?;
+        if h.node.is_dir() {
+            return Err(Errno(libc::EISDIR).into());
+        }
+        let got = match io.read_file(h.fd(), pos, OUT_HEADER, want)? {
+            Some(n) => n,
+            None => {
+                let mut done = 0;
+                s.data.resize(STAGE.min(want.max(1)), 0);
+                while done < want {
+                    let n = (want - done).min(STAGE);
+                    let got = match sys::pread(h.fd(), &mut s.data[..n], pos + done as u64) {
+                        Ok(g) => g,
+                        Err(e) if done == 0 => return Err(e.into()),
+                        Err(_) => break,
+                    };
+                    if got == 0 {
+                        break;
+                    }
+                    if io.write(OUT_HEADER + done, &s.data[..got])? < got {
+                        return Err(Fail::Gone);
+                    }
+                    done += got;
+                    if got < n {
+                        break;
+                    }
+                }
+                done
+            }
+        };
+        self.counters.bytes_read.fetch_add(got as u64, Ordering::Relaxed);
+        // The data is in place after the header; the header (written last) counts it.
+        s.extra = got;
+        Ok(())
+    }
+
+    fn write(&self, io: &mut dyn ReqIo, s: &mut Scratch) -> Outcome {
+        const WRITE_IN: usize = 40;
+        let mut head = [0u8; WRITE_IN];
+        if io.readable() < IN_HEADER + WRITE_IN {
+            return Err(Fail::Malformed);
+        }
+        if io.read(IN_HEADER, &mut head)? != WRITE_IN {
+            return Err(Fail::Gone);
+        }
+        let mut r = Reader::new(&head);
+        let (fh, pos, size) = (r.u64()?, r.u64()?, r.u32()? as usize);
+        if IN_HEADER + WRITE_IN + size != io.readable() || size > self.max_write as usize {
+            return Err(Fail::Malformed);
+        }
+        self.room(io, 8)?;
+        let h = self.fs.write_handle(fh)?;
+        s.data.resize(STAGE.min(size.max(1)), 0);
+        let mut done = 0;
+        // Staged by chunks, each copied under the ticket's check: a fence stops the write at the next
+        // chunk, and nothing of the driver's memory is read after it.
+        while done < size {
+            let n = (size - done).min(STAGE);
+            if io.read(IN_HEADER + WRITE_IN + done, &mut s.data[..n])? != n {
+                return Err(Fail::Gone);
+            }
+            let mut at = 0;
+            while at < n {
+                match sys::pwrite(h.fd(), &s.data[at..n], pos + (done + at) as u64) {
+                    Ok(0) => break,
+                    Ok(k) => at += k,
+                    Err(e) if done + at == 0 => return Err(e.into()),
+                    Err(_) => break,
+                }
+            }
+            done += at;
+            if at < n {
+                break;
+            }
+        }
+        self.counters
+            .bytes_written
+            .fetch_add(done as u64, Ordering::Relaxed);
+        s.out.u32(done as u32).u32(0);
+        Ok(())
+    }
+
+    fn readdir(&self, io: &mut dyn ReqIo, s: &mut Scratch, plus: bool) -> Outcome {
+        let mut r = Reader::new(self.args(io, &mut s.args)?);
+        let (fh, offset, size) = (r.u64()?, r.u64()?, r.u32()? as usize);
+        let room = io.writable().saturating_sub(OUT_HEADER).min(size).min(1 << 20);
+        let h = self.fs.handle(fh)?;
+        let dir = h.node.clone();
+        let valid = self.fs.validity();
+        let fs = &self.fs;
+        let out = &mut s.out;
+        let mut dents = std::mem::take(&mut s.dents);
+        let r = fs.read_dir(fh, offset, &mut dents, |name, ino, kind, next| {
+            let len = abi::dirent_size(name.len(), plus);
+            if out.buf.len() - OUT_HEADER + len > room {
+                return false;
+            }
+            if plus {
+                let dot = name == b"." || name == b"..";
+                match (!dot).then(|| fs.lookup_in(&dir, name)) {
+                    Some(Ok((id, st))) => {
+                        out.entry(id, &st, valid);
+                    }
+                    // "." and "..", or an entry gone meanwhile: no node (the driver looks it up itself).
+                    _ => {
+                        out.zeros(abi::ENTRY_OUT);
+                    }
+                }
+            }
+            out.u64(ino)
+                .u64(next)
+                .u32(name.len() as u32)
+                .u32(u32::from(kind))
+                .bytes(name)
+                .align8();
+            true
+        });
+        s.dents = dents;
+        r?;
+        Ok(())
+    }
+}
+
+enum SizedFrom {
+    Data,
+    List,
+}
+
+/// A directory entry name from the arguments: longer than NAME_MAX is the caller's ENAMETOOLONG (the
+/// driver passes names through unchecked); empty, `.`, `..` or with a `/` is malformed.
+fn entry_name<'a>(r: &mut Reader<'a>) -> Result<&'a [u8], Fail> {
+    let n = r.cstr()?;
+    if n.len() > abi::NAME_MAX {
+        return Err(Errno(libc::ENAMETOOLONG).into());
+    }
+    if !abi::valid_name(n) {
+        return Err(Fail::Malformed);
+    }
+    Ok(n)
+}
+
+fn decode_setattr(args: &[u8]) -> Result<SetAttr, Malformed> {
+    let mut r = Reader::new(args);
+    let valid = r.u32()?;
+    r.skip(4)?;
+    let fh = r.u64()?;
+    let size = r.u64()?;
+    r.skip(8)?; // lock_owner
+    let (atime, mtime) = (r.u64()?, r.u64()?);
+    r.skip(8)?; // ctime
+    let (atimensec, mtimensec) = (r.u32()?, r.u32()?);
+    r.skip(4)?;
+    let mode = r.u32()?;
+    r.skip(4)?;
+    let (uid, gid) = (r.u32()?, r.u32()?);
+    let time = |set: u32, now: u32, sec: u64, nsec: u32| {
+        if valid & now != 0 {
+            Some(libc::timespec {
+                tv_sec: 0,
+                tv_nsec: libc::UTIME_NOW,
+            })
+        } else if valid & set != 0 {
+            Some(libc::timespec {
+                tv_sec: sec as libc::time_t,
+                tv_nsec: i64::from(nsec.min(999_999_999)) as _,
+            })
+        } else {
+            None
+        }
+    };
+    let on = |bit: u32| valid & bit != 0;
+    Ok(SetAttr {
+        fh: on(fattr::FH).then_some(fh),
+        mode: on(fattr::MODE).then_some(mode),
+        uid: on(fattr::UID).then_some(uid),
+        gid: on(fattr::GID).then_some(gid),
+        size: on(fattr::SIZE).then_some(size),
+        atime: time(fattr::ATIME, fattr::ATIME_NOW, atime, atimensec),
+        mtime: time(fattr::MTIME, fattr::MTIME_NOW, mtime, mtimensec),
+    })
+}
