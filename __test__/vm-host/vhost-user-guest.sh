@@ -4,7 +4,8 @@
 # (virtio_blk, virtio_net over virtio-pci) talk to our devices exactly as a VM's would.
 #   VDUSE_VU_MAC   the NIC's MAC (to find its interface)
 #   VDUSE_VU_TAG   the virtio-fs tag
-#   VDUSE_VU_PHASE blk | net | switch | fs | restart (restart: fio verify across a restart of the host's
+#   VDUSE_VU_SHARE_TAG the tag of a host directory shared natively (phase share)
+#   VDUSE_VU_PHASE blk | net | switch | fs | share | restart (restart: fio verify across a restart of the host's
 #   server; switch: two NICs, VDUSE_VU_MAC and VDUSE_VU_MAC2, on one switch)
 #   VDUSE_VU_SYNC  a directory shared with the host, for the restart handshake
 set -eu
@@ -90,6 +91,26 @@ fs() {
   diff -r /usr/include/linux /tmp/vufs/tree
   umount /tmp/vufs
   echo "fs-ok"
+}
+
+# A host directory shared natively (vduse fs --shared-dir) over vhost-user-fs-pci: a host file read, a
+# tree in with tar and compared, fio verify, a file for the host to check, unmount/remount.
+share() {
+  mkdir -p /tmp/vushare
+  mount -t virtiofs "$VDUSE_VU_SHARE_TAG" /tmp/vushare
+  [ "$(cat /tmp/vushare/from-host)" = host-data ] || { echo "the host's file is not there" >&2; exit 1; }
+  mkdir /tmp/vushare/tree
+  tar -C /usr/include/linux -cf - . | tar -C /tmp/vushare/tree -xf -
+  diff -r /usr/include/linux /tmp/vushare/tree
+  fio --name=shareverify --directory=/tmp/vushare --size=16M --rw=randwrite --bs=4k --ioengine=psync \
+    --verify=crc32c --do_verify=1 --verify_fatal=1 --verify_state_save=0 --output-format=terse >/dev/null
+  rm -f /tmp/vushare/shareverify*
+  echo guest-data >/tmp/vushare/from-guest
+  umount /tmp/vushare
+  mount -t virtiofs "$VDUSE_VU_SHARE_TAG" /tmp/vushare
+  diff -r /usr/include/linux /tmp/vushare/tree
+  umount /tmp/vushare
+  echo "share-ok"
 }
 
 # fio writes and verifies while the host kills its server and starts it again: the driver must see a pause,

@@ -1,5 +1,5 @@
-// A real VM on vhost-user: the test guest boots with `vhost-user-blk-pci` and `-netdev vhost-user` +
-// `virtio-net-pci`, connected to `vduse blk|net --vhost-user` servers running here on the host (no VDUSE
+// A real VM on vhost-user: the test guest boots with `vhost-user-blk-pci`, `-netdev vhost-user` +
+// `virtio-net-pci` and two `vhost-user-fs-pci` (a MemoryFs, and a host directory shared natively), connected to `vduse blk|net --vhost-user` servers running here on the host (no VDUSE
 // anywhere). Inside, the stock virtio-pci drivers: dd/cmp, fio verify, ext4 + fsck on /dev/vda; ping and
 // iperf3 to a tap on the host inside a network namespace this test creates.
 import { execFile, spawn, type ChildProcess } from 'node:child_process'
@@ -104,7 +104,24 @@ test('a VM boots with a vhost-user-blk-pci disk, a vhost-user NIC and a vhost-us
     '--connect',
   ])
   t.teardown(() => fs.proc.kill('SIGKILL'))
+  // A host directory shared natively (Rust serves every request), listening for QEMU.
+  const share = join(dir, 'share')
+  await execFileAsync('mkdir', ['-p', share])
+  writeFileSync(join(share, 'from-host'), 'host-data\n')
+  const shared = serve([
+    'fs',
+    '--name',
+    'vuvm-share',
+    '--tag',
+    'vushare',
+    '--shared-dir',
+    share,
+    '--vhost-user',
+    join(dir, 'share.sock'),
+  ])
+  t.teardown(() => shared.proc.kill('SIGKILL'))
   t.is((await ready(fs, 'fs')).path, join(dir, 'fs.sock'))
+  t.is((await ready(shared, 'shared fs')).path, join(dir, 'share.sock'))
   t.is((await ready(blk, 'blk')).path, join(dir, 'blk.sock'))
   t.is((await ready(nic, 'net')).path, join(dir, 'net.sock'))
 
@@ -129,20 +146,38 @@ test('a VM boots with a vhost-user-blk-pci disk, a vhost-user NIC and a vhost-us
       `-device virtio-net-pci,netdev=n0,mac=${mac},vectors=0`,
       `-chardev socket,id=vuf,path=${join(dir, 'fs.sock')},server=on,wait=on`,
       '-device vhost-user-fs-pci,chardev=vuf,tag=vufs',
+      `-chardev socket,id=vus,path=${join(dir, 'share.sock')}`,
+      '-device vhost-user-fs-pci,chardev=vus,tag=vushare',
     ],
-    { VDUSE_VU_MAC: mac, VDUSE_VU_TAG: 'vufs', VDUSE_VU_PHASE: 'blk net fs' },
+    {
+      VDUSE_VU_MAC: mac,
+      VDUSE_VU_TAG: 'vufs',
+      VDUSE_VU_SHARE_TAG: 'vushare',
+      VDUSE_VU_PHASE: 'blk net fs share',
+    },
   )
   t.log(out.trim())
   t.regex(out, /disk-bytes 268435456 queues 2/)
   t.regex(out, /blk-ok/)
   t.regex(out, /ping-ok/)
   t.regex(out, /fs-ok/)
+  t.regex(out, /share-ok/)
+  // What the VM wrote is in the host directory itself.
+  t.is((await execFileAsync('cat', [join(share, 'from-guest')])).stdout, 'guest-data\n')
+  await execFileAsync('diff', ['-r', '/usr/include/linux', join(share, 'tree')])
   const bps = Number(/iperf-bps ([\d.]+)/.exec(out)?.[1] ?? 0)
   t.true(bps > 0, 'iperf3 moved data')
 
   blk.proc.kill('SIGTERM')
   nic.proc.kill('SIGTERM')
   fs.proc.kill('SIGTERM')
+  shared.proc.kill('SIGTERM')
+  t.is(await shared.exited, 0)
+  const sharedStats = shared.events.find((e) => e.event === 'stopped') as {
+    stats: { malformed: number; sessions: number }
+  }
+  t.is(sharedStats.stats.malformed, 0)
+  t.true(sharedStats.stats.sessions >= 2, 'mounted twice')
   t.is(await blk.exited, 0)
   t.is(await nic.exited, 0)
   t.is(await fs.exited, 0)
