@@ -299,6 +299,8 @@ export interface FsShareInit {
   allowDevices?: boolean
   /** Largest read or write the driver may send (bytes, a multiple of 4096 up to 1 MiB). */
   maxWrite?: number
+  /** Let lookups enter file systems mounted inside the directory (never procfs, sysfs and the like). */
+  crossMounts?: boolean
 }
 
 /**

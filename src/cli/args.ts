@@ -95,7 +95,10 @@ Options for fs (virtio-fs, Linux >= 6.15: \`mount -t virtiofs TAG /mnt\`, or han
   --cache POLICY         with --shared-dir: never | auto (default) | always — what the driver caches
   --writeback            with --shared-dir: let the driver cache writes (not with --cache never)
   --xattr POLICY         with --shared-dir: off | user (default: user.* only) | all
-  --allow-devices        with --shared-dir: let the driver create device nodes (default: EPERM)
+  --allow-devices        with --shared-dir: let the driver create device nodes (default: EPERM); the
+                         driver creates files as any uid it names: share a nosuid,nodev mount
+  --cross-mounts         with --shared-dir: enter file systems mounted inside DIR (default: EACCES;
+                         procfs, sysfs and the like never)
   --backend MODULE       a file-system plugin whose default export is (options) => FileSystem; it gets
                          --name, --tag, --read-only and what follows --
   --request-queues N     request queues besides the high-priority one (default 1)
@@ -255,6 +258,7 @@ function parseFs(args: readonly string[]): FsCommand | { command: 'help'; topic:
         writeback: { type: 'boolean' },
         xattr: { type: 'string' },
         'allow-devices': { type: 'boolean' },
+        'cross-mounts': { type: 'boolean' },
         timeout: { type: 'string' },
         attach: { type: 'string' },
         'vhost-user': { type: 'string' },
@@ -278,7 +282,7 @@ function parseFs(args: readonly string[]): FsCommand | { command: 'help'; topic:
   if ([v.memory, v.backend, shared].filter((x) => x !== undefined && x !== false).length !== 1)
     throw new UsageError('fs needs exactly one of --memory, --shared-dir DIR, --backend MODULE')
   if (shared === '') throw new UsageError('--shared-dir needs a directory')
-  for (const o of ['cache', 'writeback', 'xattr', 'allow-devices'] as const) {
+  for (const o of ['cache', 'writeback', 'xattr', 'allow-devices', 'cross-mounts'] as const) {
     if (v[o] !== undefined && shared === undefined) throw new UsageError(`--${o} goes with --shared-dir`)
   }
   const cache = v.cache ?? 'auto'
@@ -315,6 +319,7 @@ function parseFs(args: readonly string[]): FsCommand | { command: 'help'; topic:
             writeback: v.writeback ?? false,
             xattr,
             allowDevices: v['allow-devices'] ?? false,
+            crossMounts: v['cross-mounts'] ?? false,
           }
         : { kind: 'plugin', module: v.backend!, args: pluginArgs },
     requestQueues: parseInteger(v['request-queues'], '--request-queues', 1, 64) ?? 1,
@@ -435,6 +440,7 @@ export interface FsCommand {
         writeback: boolean
         xattr: 'off' | 'user' | 'all'
         allowDevices: boolean
+        crossMounts: boolean
       }
   requestQueues: number
   queueSize: number

@@ -38,6 +38,7 @@ export async function serveFs(cmd: FsCommand, emit: Emit): Promise<number> {
           writebackCache: src.writeback,
           xattr: src.xattr,
           allowDevices: src.allowDevices,
+          crossMounts: src.crossMounts,
         }
       : fs === undefined
         ? {}

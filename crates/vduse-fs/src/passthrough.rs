@@ -56,6 +56,9 @@ pub struct Config {
     pub max_handles: usize,
     /// Let the driver create character and block device nodes (off: EPERM).
     pub allow_devices: bool,
+    /// Let lookups cross into file systems mounted inside the directory (off: such a mount point answers
+    /// EACCES). Even then procfs, sysfs and the like are never entered.
+    pub cross_mounts: bool,
 }
 
 impl Config {
@@ -69,6 +72,7 @@ impl Config {
             max_nodes: 1 << 20,
             max_handles: 65_536,
             allow_devices: false,
+            cross_mounts: false,
         }
     }
 }
@@ -102,6 +106,32 @@ impl std::fmt::Display for SetupError {
 
 impl std::error::Error for SetupError {}
 
+/// Descriptors all shared directories of this process hold for nodes and handles, and the most they
+/// may: the open-file limit is per process, so one device's driver must not starve another device (or
+/// the rest of the process) of descriptors.
+static FDS_IN_USE: AtomicUsize = AtomicUsize::new(0);
+static FD_CAP: AtomicUsize = AtomicUsize::new(0);
+
+/// One descriptor of the budget, given back when dropped.
+struct FdTicket;
+
+impl FdTicket {
+    fn take(errno: i32) -> SysResult<Self> {
+        let cap = FD_CAP.load(Ordering::Relaxed);
+        if FDS_IN_USE.fetch_add(1, Ordering::AcqRel) >= cap {
+            FDS_IN_USE.fetch_sub(1, Ordering::AcqRel);
+            return Err(Errno(errno));
+        }
+        Ok(FdTicket)
+    }
+}
+
+impl Drop for FdTicket {
+    fn drop(&mut self) {
+        FDS_IN_USE.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// An inode the driver knows.
 pub struct Node {
     /// `O_PATH | O_NOFOLLOW` fd of the inode (a symlink itself, never its target).
@@ -109,6 +139,8 @@ pub struct Node {
     /// `st_mode & S_IFMT`.
     kind: u32,
     key: (u64, u64),
+    /// Its share of the process's descriptor budget (none for the root).
+    _budget: Option<FdTicket>,
 }
 
 impl Node {
@@ -118,7 +150,7 @@ impl Node {
     pub fn is_dir(&self) -> bool {
         self.kind == libc::S_IFDIR
     }
-    fn is_reg(&self) -> bool {
+    pub fn is_reg(&self) -> bool {
         self.kind == libc::S_IFREG
     }
 }
@@ -143,6 +175,7 @@ pub struct Handle {
     writable: bool,
     /// A directory's position is shared by seek and read: one reader at a time.
     dir: Option<Mutex<()>>,
+    _budget: FdTicket,
 }
 
 impl Handle {
@@ -205,15 +238,18 @@ impl PassthroughFs {
             _ => return Err(SetupError::Proc(std::io::Error::other("not a procfs mount"))),
         }
         // One fd per node and per handle: what the limit allows bounds both (ENFILE / EMFILE past it),
-        // with FD_RESERVE left for the rest of the process. A quarter at most goes to handles.
+        // with FD_RESERVE left for the rest of the process. A quarter at most goes to handles. The cap is
+        // for all shared directories of the process together (FdTicket).
         let limit = sys::raise_nofile((cfg.max_nodes + cfg.max_handles) as u64 + FD_RESERVE);
-        let available = limit.saturating_sub(FD_RESERVE);
+        let others = open_fds().saturating_sub(FDS_IN_USE.load(Ordering::Relaxed) as u64);
+        let available = limit.saturating_sub(FD_RESERVE + others);
         if available < 1024 {
             return Err(SetupError::FdLimit {
                 limit,
-                needed: FD_RESERVE + 1024,
+                needed: FD_RESERVE + others + 1024,
             });
         }
+        FD_CAP.fetch_max(available as usize, Ordering::Relaxed);
         let max_handles = cfg.max_handles.min((available / 4) as usize);
         let max_nodes = cfg.max_nodes.min((available - max_handles as u64) as usize);
         if max_nodes < cfg.max_nodes || max_handles < cfg.max_handles {
@@ -224,18 +260,37 @@ impl PassthroughFs {
                 cfg.max_handles
             );
         }
+        if let Ok(flags) = sys::mount_flags(root_fd.as_raw_fd()) {
+            if flags & libc::ST_NOSUID == 0 || (cfg.allow_devices && flags & libc::ST_NODEV == 0) {
+                log::warn!(
+                    "virtio-fs {}: not mounted nosuid{}: the driver creates files as the uid it names (root included), so it can leave setuid{} files here for the host",
+                    cfg.root.display(),
+                    if cfg.allow_devices { ",nodev" } else { "" },
+                    if cfg.allow_devices { " files and device nodes" } else { "" }
+                );
+            }
+        }
         let key = (st.st_dev, st.st_ino);
         let root = Arc::new(Node {
             fd: root_fd,
             kind: libc::S_IFDIR,
             key,
+            _budget: None,
         });
         let fs = Self {
             cfg,
             root,
             proc_fd,
-            nodes: Mutex::new(Nodes::default()),
-            handles: Mutex::new(Handles::default()),
+            // Ids only grow, across sessions too: a request that outlived its session never names
+            // a node or handle of the next one.
+            nodes: Mutex::new(Nodes {
+                next: abi::ROOT_ID + 1,
+                ..Nodes::default()
+            }),
+            handles: Mutex::new(Handles {
+                next: 1,
+                ..Handles::default()
+            }),
             node_count: AtomicUsize::new(0),
             handle_count: AtomicUsize::new(0),
             beneath: AtomicBool::new(true),
@@ -294,8 +349,6 @@ impl PassthroughFs {
             let old = (std::mem::take(&mut n.by_id), std::mem::take(&mut h.map));
             n.by_key.clear();
             n.by_key.insert(self.root.key, abi::ROOT_ID);
-            n.next = abi::ROOT_ID + 1;
-            h.next = 1;
             self.node_count.store(0, Ordering::Relaxed);
             self.handle_count.store(0, Ordering::Relaxed);
             old
@@ -336,8 +389,7 @@ impl PassthroughFs {
 
     /// Counts a lookup of the inode `fd` refers to: a known inode keeps its id (hard links share one),
     /// a new one gets the next. The fd is dropped if the inode was known.
-    fn remember(&self, fd: OwnedFd) -> SysResult<(u64, libc::stat)> {
-        let st = sys::stat_fd(fd.as_raw_fd())?;
+    fn remember(&self, fd: OwnedFd, st: libc::stat) -> SysResult<(u64, libc::stat)> {
         let key = (st.st_dev, st.st_ino);
         let mut n = self.nodes.lock();
         if let Some(&id) = n.by_key.get(&key) {
@@ -353,6 +405,7 @@ impl PassthroughFs {
         if n.by_id.len() >= self.max_nodes {
             return Err(Errno(libc::ENFILE));
         }
+        let budget = FdTicket::take(libc::ENFILE)?;
         let id = n.next;
         n.next += 1;
         n.by_key.insert(key, id);
@@ -360,6 +413,7 @@ impl PassthroughFs {
             fd,
             kind: st.st_mode & libc::S_IFMT,
             key,
+            _budget: Some(budget),
         });
         n.by_id.insert(id, Known { node, lookups: 1 });
         self.node_count.store(n.by_id.len(), Ordering::Relaxed);
@@ -390,20 +444,27 @@ impl PassthroughFs {
         drop(gone);
     }
 
-    fn open_child(&self, parent: &Node, name: &[u8]) -> SysResult<OwnedFd> {
-        sys::open_beneath(
+    /// `name` under `parent` as an O_PATH fd and its attributes. A file system mounted there is entered
+    /// only with `cross_mounts`, and never one of the kernel's own (procfs, sysfs, …): EACCES.
+    fn child(&self, parent: &Node, name: &[u8]) -> SysResult<(OwnedFd, libc::stat)> {
+        let fd = sys::open_beneath(
             parent.fd(),
             name,
             libc::O_PATH | libc::O_NOFOLLOW,
             0,
             &self.beneath,
-        )
+        )?;
+        let st = sys::stat_fd(fd.as_raw_fd())?;
+        if st.st_dev != parent.key.0 && (!self.cfg.cross_mounts || kernel_fs(fd.as_raw_fd())) {
+            return Err(Errno(libc::EACCES));
+        }
+        Ok((fd, st))
     }
 
     pub fn lookup(&self, parent: u64, name: &[u8]) -> SysResult<(u64, libc::stat)> {
         let p = self.dir(parent)?;
-        let fd = self.open_child(&p, name)?;
-        self.remember(fd)
+        let (fd, st) = self.child(&p, name)?;
+        self.remember(fd, st)
     }
 
     /// A lookup in a directory node the caller holds (READDIRPLUS, from its open handle).
@@ -411,8 +472,8 @@ impl PassthroughFs {
         if !abi::valid_name(name) {
             return Err(Errno(libc::EINVAL));
         }
-        let fd = self.open_child(parent, name)?;
-        self.remember(fd)
+        let (fd, st) = self.child(parent, name)?;
+        self.remember(fd, st)
     }
 
     pub fn getattr(&self, id: u64) -> SysResult<libc::stat> {
@@ -476,16 +537,16 @@ impl PassthroughFs {
         if !self.switch_ids {
             return f();
         }
-        sys::set_fs_ids(uid, gid);
-        let r = f();
-        sys::set_fs_ids(0, 0);
-        r
+        // An id the kernel will not take (unmapped in our user namespace, or -1) fails the creation
+        // rather than letting it run as root; the guard switches back on every path out.
+        let _as = sys::FsIds::switch(uid, gid)?;
+        f()
     }
 
     /// After a creation under `parent`: the new node, looked up by name.
     fn created(&self, parent: &Node, name: &[u8]) -> SysResult<(u64, libc::stat)> {
-        let fd = self.open_child(parent, name)?;
-        self.remember(fd)
+        let (fd, st) = self.child(parent, name)?;
+        self.remember(fd, st)
     }
 
     pub fn mkdir(&self, parent: u64, name: &[u8], mode: u32, who: Caller) -> SysResult<(u64, libc::stat)> {
@@ -610,6 +671,7 @@ impl PassthroughFs {
         if h.map.len() >= self.max_handles {
             return Err(Errno(libc::EMFILE));
         }
+        let budget = FdTicket::take(libc::EMFILE)?;
         let fh = h.next;
         h.next += 1;
         h.map.insert(
@@ -619,6 +681,7 @@ impl PassthroughFs {
                 node,
                 writable,
                 dir: dir.then(|| Mutex::new(())),
+                _budget: budget,
             }),
         );
         self.handle_count.store(h.map.len(), Ordering::Relaxed);
@@ -654,23 +717,48 @@ impl PassthroughFs {
     ) -> SysResult<(u64, libc::stat, u64)> {
         self.writable()?;
         let p = self.dir(parent)?;
-        let f = self.host_open_flags(flags)? | (flags as i32 & libc::O_EXCL);
-        let fd = self.as_caller(who.uid, who.gid, || {
+        let f = self.host_open_flags(flags)?;
+        // Always exclusive on the host: a name that exists is opened as the node it is — a regular file
+        // only — never by O_CREAT on whatever it is (a FIFO would block a worker, a device node would
+        // hand the driver the host's device).
+        let created = self.as_caller(who.uid, who.gid, || {
             sys::open_beneath(
                 p.fd(),
                 name,
-                f | libc::O_CREAT | libc::O_NOFOLLOW,
+                f | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW,
                 mode & 0o7777,
                 &self.beneath,
             )
-        })?;
-        // The node is the inode we just opened, not whatever the name means by now.
-        let path = sys::open_at(
-            self.proc_fd.as_raw_fd(),
-            FdName::new(fd.as_raw_fd()).as_cstr(),
-            libc::O_PATH,
-        )?;
-        let (id, st) = self.remember(path)?;
+        });
+        let (fd, path, st) = match created {
+            Ok(fd) => {
+                // The node is the inode just created, not whatever the name means by now.
+                let path = sys::open_at(
+                    self.proc_fd.as_raw_fd(),
+                    FdName::new(fd.as_raw_fd()).as_cstr(),
+                    libc::O_PATH,
+                )?;
+                let st = sys::stat_fd(path.as_raw_fd())?;
+                (fd, path, st)
+            }
+            Err(Errno(libc::EEXIST)) if flags as i32 & libc::O_EXCL == 0 => {
+                let (path, st) = self.child(&p, name)?;
+                match st.st_mode & libc::S_IFMT {
+                    libc::S_IFREG => {}
+                    libc::S_IFDIR => return Err(Errno(libc::EISDIR)),
+                    libc::S_IFLNK => return Err(Errno(libc::ELOOP)),
+                    _ => return Err(Errno(libc::EACCES)),
+                }
+                let fd = sys::open_at(
+                    self.proc_fd.as_raw_fd(),
+                    FdName::new(path.as_raw_fd()).as_cstr(),
+                    f,
+                )?;
+                (fd, path, st)
+            }
+            Err(e) => return Err(e),
+        };
+        let (id, st) = self.remember(path, st)?;
         let node = self.node(id)?;
         match self.add_handle(fd, node, f & libc::O_ACCMODE != libc::O_RDONLY, false) {
             Ok(fh) => Ok((id, st, fh)),
@@ -708,6 +796,13 @@ impl PassthroughFs {
             h
         };
         drop(h);
+    }
+
+    /// FLUSH (a close of one of the driver's file descriptors): `close(dup(fd))`, so a file system that
+    /// reports errors at close (NFS, FUSE) reports them to the driver's close.
+    pub fn flush(&self, fh: u64) -> SysResult<()> {
+        let h = self.handle(fh)?;
+        sys::close_dup(h.fd())
     }
 
     pub fn statfs(&self) -> SysResult<libc::statfs> {
@@ -905,4 +1000,30 @@ fn open_path(p: &Path) -> std::io::Result<OwnedFd> {
     }
     // SAFETY: as above.
     Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
+}
+
+/// Descriptors this process has open now.
+fn open_fds() -> u64 {
+    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64)
+}
+
+/// Whether `fd` is on one of the kernel's own file systems, which a share must never enter: procfs
+/// (`/proc/PID/mem`, `/proc/sys`), sysfs, devpts, debugfs, tracefs, securityfs, cgroup, bpf, configfs,
+/// efivarfs. Unknown: treated as such.
+fn kernel_fs(fd: RawFd) -> bool {
+    const KERNEL: [i64; 11] = [
+        0x9fa0,      // proc
+        0x6265_6572, // sysfs
+        0x1cd1,      // devpts
+        0x6462_6720, // debugfs
+        0x7472_6163, // tracefs
+        0x7363_6673, // securityfs
+        0x6367_7270, // cgroup2
+        0x0027_e0eb, // cgroup
+        0xcafe_4a11, // bpf
+        0x6265_6570, // configfs
+        0xde5e_81e4, // efivarfs
+    ];
+    #[allow(clippy::unnecessary_cast)] // f_type is not i64 everywhere (musl)
+    sys::statfs(fd).map_or(true, |s| KERNEL.contains(&(s.f_type as i64)))
 }

@@ -175,7 +175,10 @@ impl Server {
                 s.out.buf[..4].copy_from_slice(&(len as u32).to_le_bytes());
                 s.out.buf[4..8].copy_from_slice(&0i32.to_le_bytes());
                 s.out.buf[8..16].copy_from_slice(&h.unique.to_le_bytes());
-                io.write(0, &s.out.buf)?;
+                if io.write(0, &s.out.buf)? < s.out.buf.len() {
+                    // The reply did not fit where the driver said it would: no answer is a true one.
+                    return Ok(0);
+                }
                 Ok(len as u32)
             }
             Err(Fail::Gone) => Err(Gone),
@@ -202,7 +205,9 @@ impl Server {
         b[..4].copy_from_slice(&(OUT_HEADER as u32).to_le_bytes());
         b[4..8].copy_from_slice(&(-errno).to_le_bytes());
         b[8..].copy_from_slice(&unique.to_le_bytes());
-        io.write(0, &b)?;
+        if io.write(0, &b)? < OUT_HEADER {
+            return Ok(0);
+        }
         Ok(OUT_HEADER as u32)
     }
 
@@ -214,7 +219,8 @@ impl Server {
         }
         args.resize(n, 0);
         if io.read(IN_HEADER, args)? != n {
-            return Err(Fail::Gone);
+            // Live, but not all of it could be read (memory the device may not read): an error.
+            return Err(Errno(libc::EIO).into());
         }
         Ok(args)
     }
@@ -405,7 +411,7 @@ impl Server {
             }
             op::FLUSH => {
                 let fh = Reader::new(self.args(io, &mut s.args)?).u64()?;
-                fs.handle(fh)?;
+                fs.flush(fh)?;
                 Ok(())
             }
             op::FSYNC | op::FSYNCDIR => {
@@ -581,23 +587,28 @@ impl Server {
         if h.node.is_dir() {
             return Err(Errno(libc::EISDIR).into());
         }
-        let got = match io.read_file(h.fd(), pos, OUT_HEADER, want)? {
+        // Straight into the driver's buffers only from a regular file (a device could stall with them
+        // pinned); the model checks the file system too.
+        let direct = if h.node.is_reg() {
+            io.read_file(h.fd(), pos, OUT_HEADER, want)?
+        } else {
+            None
+        };
+        let got = match direct {
             Some(n) => n,
             None => {
                 let mut done = 0;
                 s.data.resize(STAGE.min(want.max(1)), 0);
                 while done < want {
                     let n = (want - done).min(STAGE);
-                    let got = match sys::pread(h.fd(), &mut s.data[..n], pos + done as u64) {
-                        Ok(g) => g,
-                        Err(e) if done == 0 => return Err(e.into()),
-                        Err(_) => break,
-                    };
+                    // An error is the driver's error even after some data: a short read would read as
+                    // the end of the file.
+                    let got = sys::pread(h.fd(), &mut s.data[..n], pos + done as u64)?;
                     if got == 0 {
                         break;
                     }
                     if io.write(OUT_HEADER + done, &s.data[..got])? < got {
-                        return Err(Fail::Gone);
+                        return Err(Errno(libc::EIO).into());
                     }
                     done += got;
                     if got < n {
@@ -620,7 +631,7 @@ impl Server {
             return Err(Fail::Malformed);
         }
         if io.read(IN_HEADER, &mut head)? != WRITE_IN {
-            return Err(Fail::Gone);
+            return Err(Errno(libc::EIO).into());
         }
         let mut r = Reader::new(&head);
         let (fh, pos, size) = (r.u64()?, r.u64()?, r.u32()? as usize);
@@ -636,7 +647,7 @@ impl Server {
         while done < size {
             let n = (size - done).min(STAGE);
             if io.read(IN_HEADER + WRITE_IN + done, &mut s.data[..n])? != n {
-                return Err(Fail::Gone);
+                return Err(Errno(libc::EIO).into());
             }
             let mut at = 0;
             while at < n {

@@ -97,6 +97,12 @@ pub fn open_beneath(
     beneath: &std::sync::atomic::AtomicBool,
 ) -> SysResult<OwnedFd> {
     use std::sync::atomic::Ordering;
+    // Never a controlling terminal (openat2 refuses O_NOCTTY beside O_PATH, where it means nothing).
+    let flags = if flags & libc::O_PATH == 0 {
+        flags | libc::O_NOCTTY
+    } else {
+        flags
+    };
     with_cstr(name, |p| {
         if beneath.load(Ordering::Relaxed) {
             let how = OpenHow {
@@ -138,7 +144,7 @@ pub fn open_beneath(
 /// `openat(dir, name, flags)` for a name we made ourselves (a `/proc/self/fd` entry, ".").
 pub fn open_at(dir: RawFd, name: &std::ffi::CStr, flags: i32) -> SysResult<OwnedFd> {
     // SAFETY: `name` is NUL-terminated; the fd returned is new.
-    let fd = check(unsafe { libc::openat(dir, name.as_ptr(), flags | libc::O_CLOEXEC) })?;
+    let fd = check(unsafe { libc::openat(dir, name.as_ptr(), flags | libc::O_CLOEXEC | libc::O_NOCTTY) })?;
     // SAFETY: as above.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
@@ -165,6 +171,15 @@ pub fn statfs(fd: RawFd) -> SysResult<libc::statfs> {
     // SAFETY: as above.
     check(unsafe { libc::fstatfs(fd, &mut st) })?;
     Ok(st)
+}
+
+/// The mount flags (`ST_NOSUID`, `ST_NODEV`, …) of the file system `fd` is on.
+pub fn mount_flags(fd: RawFd) -> SysResult<libc::c_ulong> {
+    // SAFETY: a zeroed statvfs is valid; fstatvfs writes into it.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    check(unsafe { libc::fstatvfs(fd, &mut st) })?;
+    Ok(st.f_flag)
 }
 
 pub fn readlink(fd: RawFd, buf: &mut [u8]) -> SysResult<usize> {
@@ -415,14 +430,45 @@ pub fn fremovexattr(fd: RawFd, name: &[u8]) -> SysResult<()> {
     with_cstr(name, |p| check(unsafe { libc::fremovexattr(fd, p) }).map(drop))
 }
 
-/// Sets this thread's filesystem uid and gid (thread-private on Linux: the raw system calls, not a
-/// libc wrapper that might broadcast to every thread). Returns nothing: setfsuid cannot report errors.
-pub fn set_fs_ids(uid: u32, gid: u32) {
-    // SAFETY: plain system calls changing only this thread's credentials.
-    unsafe {
-        libc::syscall(libc::SYS_setfsgid, gid);
-        libc::syscall(libc::SYS_setfsuid, uid);
+/// This thread's filesystem uid and gid switched to a caller's, switched back to root when dropped.
+/// Thread-private on Linux: the raw system calls, not a libc wrapper that might broadcast to every thread.
+pub struct FsIds(());
+
+impl FsIds {
+    /// Switches, and checks the kernel took both ids (setfsuid reports no error: it keeps the old id
+    /// when it refuses, e.g. an id not mapped in our user namespace). Refused: EPERM, still root.
+    pub fn switch(uid: u32, gid: u32) -> SysResult<Self> {
+        let guard = FsIds(());
+        // SAFETY: plain system calls changing only this thread's credentials; -1 only queries.
+        let (g, u) = unsafe {
+            libc::syscall(libc::SYS_setfsgid, gid);
+            let g = libc::syscall(libc::SYS_setfsgid, u32::MAX) as u32;
+            libc::syscall(libc::SYS_setfsuid, uid);
+            (g, libc::syscall(libc::SYS_setfsuid, u32::MAX) as u32)
+        };
+        if g != gid || u != uid {
+            return Err(Errno(libc::EPERM));
+        }
+        Ok(guard)
     }
+}
+
+impl Drop for FsIds {
+    fn drop(&mut self) {
+        // SAFETY: as in `switch`; back to root (which this thread was: ids are switched only as root).
+        unsafe {
+            libc::syscall(libc::SYS_setfsuid, 0u32);
+            libc::syscall(libc::SYS_setfsgid, 0u32);
+        }
+    }
+}
+
+/// `close(dup(fd))`: what a close of this file would report, without closing it.
+pub fn close_dup(fd: RawFd) -> SysResult<()> {
+    // SAFETY: dup of an fd we own; the copy is closed right away.
+    let copy = check(unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) })?;
+    // SAFETY: `copy` is ours alone.
+    check(unsafe { libc::close(copy) }).map(drop)
 }
 
 /// Gives this thread its own umask and cwd (`unshare(CLONE_FS)`), then sets the umask to 0: modes the

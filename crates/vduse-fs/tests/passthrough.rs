@@ -472,3 +472,80 @@ fn creations_belong_to_the_caller() {
     d.mkdir(ROOT, "r", 0o700).unwrap();
     assert_eq!(std::fs::metadata(dir.0.join("r")).unwrap().uid(), 0);
 }
+
+#[test]
+fn create_over_an_existing_fifo_or_device_never_opens_it() {
+    let dir = TempDir::new("create-existing");
+    let mut d = Driver::mounted(Config::new(&dir.0));
+    let mut a = le(&[u64::from(libc::S_IFIFO | 0o666), 0, 0, 0], &[4, 4, 4, 4]);
+    a.extend(name("p"));
+    assert_eq!(d.call(op::MKNOD, ROOT, &a, 16 + 128).errno, 0);
+    // Without O_EXCL: the name exists and is not a regular file. Before, openat(O_CREAT) blocked here.
+    assert_eq!(d.create(ROOT, "p", 0, 0o644), Err(libc::EACCES));
+    assert_eq!(d.create(ROOT, "p", O_RDWR | O_EXCL, 0o644), Err(libc::EEXIST));
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        // A device node already in the tree (the host put it there): never opened either.
+        let c = std::ffi::CString::new(dir.0.join("null").display().to_string()).unwrap();
+        // SAFETY: a NUL-terminated path.
+        let rc = unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 3)) };
+        assert_eq!(rc, 0);
+        assert_eq!(d.create(ROOT, "null", O_RDWR, 0o644), Err(libc::EACCES));
+    }
+    // An existing regular file is opened (and truncated when asked), as the kernel's O_CREAT would.
+    std::fs::write(dir.0.join("f"), b"old data").unwrap();
+    let (node, fh) = d.create(ROOT, "f", O_RDWR | libc::O_TRUNC as u32, 0o644).unwrap();
+    assert_eq!(d.lookup(ROOT, "f"), Ok(node));
+    assert_eq!(d.read(fh, 0, 100).unwrap(), b"");
+    std::fs::create_dir(dir.0.join("d")).unwrap();
+    assert_eq!(d.create(ROOT, "d", O_RDWR, 0o644), Err(libc::EISDIR));
+}
+
+#[test]
+fn the_kernel_s_own_file_systems_and_other_mounts_are_never_entered() {
+    // The root directory holds mount points: /proc and /sys at least.
+    let mut d = Driver::mounted(Config::new("/"));
+    assert_eq!(d.lookup(ROOT, "proc"), Err(libc::EACCES), "procfs");
+    assert_eq!(d.lookup(ROOT, "sys"), Err(libc::EACCES), "sysfs");
+    assert!(
+        d.lookup(ROOT, "etc").is_ok(),
+        "the share's own file system is served"
+    );
+    let mut cfg = Config::new("/");
+    cfg.cross_mounts = true;
+    let mut d = Driver::mounted(cfg);
+    assert_eq!(
+        d.lookup(ROOT, "proc"),
+        Err(libc::EACCES),
+        "procfs, even with cross_mounts"
+    );
+    assert_eq!(
+        d.lookup(ROOT, "sys"),
+        Err(libc::EACCES),
+        "sysfs, even with cross_mounts"
+    );
+}
+
+#[test]
+fn ids_are_never_reused_across_sessions_and_unswitchable_ids_fail() {
+    let dir = TempDir::new("ids");
+    std::fs::write(dir.0.join("f"), b"").unwrap();
+    let mut d = Driver::mounted(Config::new(&dir.0));
+    let old = d.lookup(ROOT, "f").unwrap();
+    let fh = d.open(old, 0).unwrap();
+    d.init();
+    let new = d.lookup(ROOT, "f").unwrap();
+    assert_ne!(new, old, "a node id of the last session names nothing now");
+    assert_eq!(d.open(new, 0).map(|h| h == fh), Ok(false));
+    assert_eq!(d.read(fh, 0, 1), Err(libc::EBADF));
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        d.uid = u32::MAX;
+        assert_eq!(
+            d.mkdir(ROOT, "x", 0o755),
+            Err(libc::EPERM),
+            "not created as root instead"
+        );
+        assert!(!dir.0.join("x").exists());
+    }
+}

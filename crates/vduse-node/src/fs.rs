@@ -27,6 +27,8 @@ pub struct FsShareInit {
     pub allow_devices: Option<bool>,
     /// Largest read or write the driver may send (bytes, a multiple of 4096 up to 1 MiB).
     pub max_write: Option<u32>,
+    /// Let lookups enter file systems mounted inside the directory (never procfs, sysfs and the like).
+    pub cross_mounts: Option<bool>,
 }
 
 /// Counters of a natively served file system.
@@ -65,6 +67,7 @@ pub fn server_of(init: &FsShareInit) -> Result<Arc<Server>, Failure> {
     cfg.writeback = init.writeback.unwrap_or(false);
     cfg.read_only = init.read_only.unwrap_or(false);
     cfg.allow_devices = init.allow_devices.unwrap_or(false);
+    cfg.cross_mounts = init.cross_mounts.unwrap_or(false);
     if let Some(n) = init.max_nodes {
         cfg.max_nodes = n as usize;
     }

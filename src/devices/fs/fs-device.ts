@@ -91,8 +91,16 @@ export interface FsDeviceOptions<H = unknown> extends Omit<VirtioDeviceOptions, 
   cache?: 'never' | 'auto' | 'always'
   /** Extended attributes the driver sees (`sharedDir`): `off`, `user` (default: `user.*` only), `all`. */
   xattr?: 'off' | 'user' | 'all'
-  /** Let the driver create character and block device nodes in `sharedDir` (default false: EPERM). */
+  /**
+   * Let the driver create character and block device nodes in `sharedDir` (default false: EPERM). The
+   * driver creates files as the uid it names, root included: share a directory mounted `nosuid,nodev`.
+   */
   allowDevices?: boolean
+  /**
+   * Let lookups in `sharedDir` enter file systems mounted inside it (default false: a mount point answers
+   * EACCES). procfs, sysfs and the kernel's other own file systems are never entered.
+   */
+  crossMounts?: boolean
   /** Request queues besides the high-priority one (default 1, at most 64). */
   requestQueues?: number
   /** Ring size per queue, a power of two (default 256). */
@@ -289,6 +297,7 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
   readonly #cache: 'never' | 'auto' | 'always'
   readonly #xattr: 'off' | 'user' | 'all'
   readonly #allowDevices: boolean
+  readonly #crossMounts: boolean
   readonly #requestQueues: number
   readonly #queueSize: number
   readonly #entryTimeout: number
@@ -377,6 +386,7 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
     this.#cache = cache
     this.#xattr = xattr
     this.#allowDevices = options.allowDevices ?? false
+    this.#crossMounts = options.crossMounts ?? false
     this.tag = options.tag
     this.sharedDir = shared
     // A shared directory's requests never reach JavaScript (native serving); the TypeScript path has an
@@ -425,6 +435,7 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
               maxNodes: this.#maxNodes,
               maxHandles: this.#maxHandles,
               allowDevices: this.#allowDevices,
+              crossMounts: this.#crossMounts,
               maxWrite: this.#maxWrite,
             },
           }),
