@@ -75,6 +75,7 @@ pub mod init {
     pub const AUTO_INVAL_DATA: u32 = 1 << 12;
     pub const DO_READDIRPLUS: u32 = 1 << 13;
     pub const READDIRPLUS_AUTO: u32 = 1 << 14;
+    pub const ASYNC_DIO: u32 = 1 << 15;
     pub const WRITEBACK_CACHE: u32 = 1 << 16;
     pub const PARALLEL_DIROPS: u32 = 1 << 18;
     pub const MAX_PAGES: u32 = 1 << 22;

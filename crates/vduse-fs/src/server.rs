@@ -541,7 +541,10 @@ impl Server {
             | init::PARALLEL_DIROPS
             | init::MAX_PAGES
             | init::CACHE_SYMLINKS
-            | init::ATOMIC_O_TRUNC;
+            | init::ATOMIC_O_TRUNC
+            // O_DIRECT requests of one file may be in flight together (libaio at a queue depth), not
+            // one at a time.
+            | init::ASYNC_DIO;
         if cfg.cache == CachePolicy::Auto {
             want |= init::AUTO_INVAL_DATA;
         }

@@ -836,7 +836,9 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
       INIT.READDIRPLUS_AUTO |
       INIT.PARALLEL_DIROPS |
       INIT.MAX_PAGES |
-      INIT.CACHE_SYMLINKS
+      INIT.CACHE_SYMLINKS |
+      // O_DIRECT requests of one file may be in flight together (libaio at a queue depth).
+      INIT.ASYNC_DIO
     if (this.#writeback && !this.#readOnly) want |= INIT.WRITEBACK_CACHE
     // O_TRUNC reaches open() then; without open(), the driver truncates with SETATTR itself.
     if (this.#fs.open) want |= INIT.ATOMIC_O_TRUNC
