@@ -192,6 +192,26 @@ test('driver unbind/rebind with writes in flight: answered once or fenced, then 
   }
 })
 
+test('a write by a user without CAP_FSETID clears setuid on the host (the server does it: HANDLE_KILLPRIV_V2)', async (t) => {
+  const m = await shared()
+  try {
+    const mode = async (): Promise<string> => (await sh(`stat -c %a ${m.dir}/s`)).trim()
+    await sh(`echo x > ${m.mnt}/s && chmod 6777 ${m.mnt}/s`)
+    t.is(await mode(), '6777')
+    await sh(`echo root >> ${m.mnt}/s`)
+    t.is(await mode(), '6777', 'root keeps them')
+    await sh(`setpriv --reuid=65534 --regid=65534 --clear-groups sh -c 'echo nobody >> ${m.mnt}/s'`)
+    t.is(await mode(), '777', 'a plain user writing loses setuid and setgid')
+    await sh(
+      `chmod 4777 ${m.mnt}/s && setpriv --reuid=65534 --regid=65534 --clear-groups truncate -s 1 ${m.mnt}/s`,
+    )
+    t.is(await mode(), '777', 'and truncating')
+    t.is((await sh(`cat ${m.dir}/s`)).trim(), 'x')
+  } finally {
+    await unmountAndClose(m)
+  }
+})
+
 test('read-only: every change fails with EROFS and the directory is untouched', async (t) => {
   const m = await shared({ readOnly: true })
   try {

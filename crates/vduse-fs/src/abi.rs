@@ -80,7 +80,16 @@ pub mod init {
     pub const PARALLEL_DIROPS: u32 = 1 << 18;
     pub const MAX_PAGES: u32 = 1 << 22;
     pub const CACHE_SYMLINKS: u32 = 1 << 23;
+    /// The server clears setuid/setgid bits and capabilities on write, truncate and open with
+    /// O_TRUNC by a caller without CAP_FSETID (the driver says so per request); the driver then need
+    /// not ask for `security.capability` before every write.
+    pub const HANDLE_KILLPRIV_V2: u32 = 1 << 28;
 }
+
+/// `fuse_write_in.write_flags`: clear setuid/setgid (HANDLE_KILLPRIV_V2).
+pub const WRITE_KILL_SUIDGID: u32 = 1 << 2;
+/// `fuse_open_in.open_flags` / `fuse_create_in.open_flags`: the same, for an open with O_TRUNC.
+pub const OPEN_KILL_SUIDGID: u32 = 1 << 0;
 
 /// `fuse_open_out.open_flags`.
 pub mod fopen {
@@ -100,6 +109,7 @@ pub mod fattr {
     pub const FH: u32 = 1 << 6;
     pub const ATIME_NOW: u32 = 1 << 7;
     pub const MTIME_NOW: u32 = 1 << 8;
+    pub const KILL_SUIDGID: u32 = 1 << 11;
 }
 
 /// `fuse_getattr_in.getattr_flags`: `fh` is set.

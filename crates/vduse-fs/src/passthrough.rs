@@ -505,10 +505,18 @@ impl PassthroughFs {
                 });
             }
             match handle.as_ref().filter(|h| h.writable) {
-                Some(h) => sys::truncate(h.fd(), size)?,
+                Some(h) => {
+                    sys::truncate(h.fd(), size)?;
+                    if a.kill_suidgid && a.mode.is_none() {
+                        self.kill_suidgid(h.fd())?;
+                    }
+                }
                 None => {
                     let f = self.reopen(&n, libc::O_WRONLY)?;
                     sys::truncate(f.as_raw_fd(), size)?;
+                    if a.kill_suidgid && a.mode.is_none() {
+                        self.kill_suidgid(f.as_raw_fd())?;
+                    }
                 }
             }
         }
@@ -688,7 +696,28 @@ impl PassthroughFs {
         Ok(fh)
     }
 
-    pub fn open(&self, id: u64, flags: u32, dir: bool) -> SysResult<u64> {
+    /// What the host kernel does when a caller without CAP_FSETID writes or truncates a file (we are
+    /// root, so it does not do it for us): setuid goes, setgid too if group-executable, and
+    /// `security.capability`. Done when the driver asks (HANDLE_KILLPRIV_V2).
+    pub fn kill_suidgid(&self, fd: RawFd) -> SysResult<()> {
+        let st = sys::stat_fd(fd)?;
+        let mut mode = st.st_mode & 0o7777;
+        if mode & libc::S_ISUID != 0 {
+            mode &= !libc::S_ISUID;
+        }
+        if mode & libc::S_ISGID != 0 && mode & libc::S_IXGRP != 0 {
+            mode &= !libc::S_ISGID;
+        }
+        if mode != st.st_mode & 0o7777 {
+            sys::fchmod(fd, mode)?;
+        }
+        match sys::fremovexattr(fd, b"security.capability") {
+            Err(Errno(libc::ENODATA | libc::EOPNOTSUPP)) | Ok(()) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn open(&self, id: u64, flags: u32, dir: bool, kill_suidgid: bool) -> SysResult<u64> {
         let n = self.node(id)?;
         if dir {
             if !n.is_dir() {
@@ -702,6 +731,9 @@ impl PassthroughFs {
         }
         let f = self.host_open_flags(flags)?;
         let fd = self.reopen(&n, f)?;
+        if kill_suidgid && f & libc::O_TRUNC != 0 {
+            self.kill_suidgid(fd.as_raw_fd())?;
+        }
         self.add_handle(fd, n, f & libc::O_ACCMODE != libc::O_RDONLY, false)
     }
 
@@ -714,6 +746,7 @@ impl PassthroughFs {
         flags: u32,
         mode: u32,
         who: Caller,
+        kill_suidgid: bool,
     ) -> SysResult<(u64, libc::stat, u64)> {
         self.writable()?;
         let p = self.dir(parent)?;
@@ -754,6 +787,9 @@ impl PassthroughFs {
                     FdName::new(path.as_raw_fd()).as_cstr(),
                     f,
                 )?;
+                if kill_suidgid && f & libc::O_TRUNC != 0 {
+                    self.kill_suidgid(fd.as_raw_fd())?;
+                }
                 (fd, path, st)
             }
             Err(e) => return Err(e),
@@ -980,6 +1016,8 @@ pub struct Caller {
 /// A SETATTR, decoded: each field present when its `valid` bit was set.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SetAttr {
+    /// Clear setuid/setgid and capabilities (a truncate by a caller without CAP_FSETID).
+    pub kill_suidgid: bool,
     pub fh: Option<u64>,
     pub mode: Option<u32>,
     pub uid: Option<u32>,

@@ -366,22 +366,24 @@ impl Server {
             }
             op::OPEN | op::OPENDIR => {
                 self.room(io, abi::OPEN_OUT)?;
-                let flags = Reader::new(self.args(io, &mut s.args)?).u32()?;
+                let mut r = Reader::new(self.args(io, &mut s.args)?);
+                let (flags, open_flags) = (r.u32()?, r.u32()?);
                 let dir = h.opcode == op::OPENDIR;
-                let fh = fs.open(h.nodeid, flags, dir)?;
+                let kill = open_flags & abi::OPEN_KILL_SUIDGID != 0;
+                let fh = fs.open(h.nodeid, flags, dir, kill)?;
                 s.out.u64(fh).u32(fs.open_flags(dir)).u32(0);
                 Ok(())
             }
             op::CREATE => {
                 self.room(io, abi::ENTRY_OUT + abi::OPEN_OUT)?;
                 let mut r = Reader::new(self.args(io, &mut s.args)?);
-                let (flags, mode) = (r.u32()?, r.u32()?);
-                r.skip(8)?;
+                let (flags, mode, _umask, open_flags) = (r.u32()?, r.u32()?, r.u32()?, r.u32()?);
                 let name = entry_name(&mut r)?;
                 if mode & libc::S_IFMT != 0 && mode & libc::S_IFMT != libc::S_IFREG {
                     return Err(Fail::Malformed);
                 }
-                let (id, st, fh) = fs.create(h.nodeid, name, flags, mode, who)?;
+                let kill = open_flags & abi::OPEN_KILL_SUIDGID != 0;
+                let (id, st, fh) = fs.create(h.nodeid, name, flags, mode, who, kill)?;
                 s.out
                     .entry(id, &st, valid)
                     .u64(fh)
@@ -544,7 +546,10 @@ impl Server {
             | init::ATOMIC_O_TRUNC
             // O_DIRECT requests of one file may be in flight together (libaio at a queue depth), not
             // one at a time.
-            | init::ASYNC_DIO;
+            | init::ASYNC_DIO
+            // We clear setuid bits ourselves when told: without it the driver asks for
+            // security.capability before every write (a round trip per write).
+            | init::HANDLE_KILLPRIV_V2;
         if cfg.cache == CachePolicy::Auto {
             want |= init::AUTO_INVAL_DATA;
         }
@@ -637,7 +642,7 @@ impl Server {
             return Err(Errno(libc::EIO).into());
         }
         let mut r = Reader::new(&head);
-        let (fh, pos, size) = (r.u64()?, r.u64()?, r.u32()? as usize);
+        let (fh, pos, size, flags) = (r.u64()?, r.u64()?, r.u32()? as usize, r.u32()?);
         if IN_HEADER + WRITE_IN + size != io.readable() || size > self.max_write as usize {
             return Err(Fail::Malformed);
         }
@@ -665,6 +670,9 @@ impl Server {
             if at < n {
                 break;
             }
+        }
+        if flags & abi::WRITE_KILL_SUIDGID != 0 && done > 0 {
+            self.fs.kill_suidgid(h.fd())?;
         }
         self.counters
             .bytes_written
@@ -763,6 +771,7 @@ fn decode_setattr(args: &[u8]) -> Result<SetAttr, Malformed> {
     };
     let on = |bit: u32| valid & bit != 0;
     Ok(SetAttr {
+        kill_suidgid: on(fattr::KILL_SUIDGID),
         fh: on(fattr::FH).then_some(fh),
         mode: on(fattr::MODE).then_some(mode),
         uid: on(fattr::UID).then_some(uid),

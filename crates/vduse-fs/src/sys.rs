@@ -267,6 +267,11 @@ pub fn chmod_fd(proc_fd: RawFd, fd: RawFd, mode: u32) -> SysResult<()> {
     check(unsafe { libc::fchmodat(proc_fd, n.as_ptr(), mode, 0) }).map(drop)
 }
 
+pub fn fchmod(fd: RawFd, mode: u32) -> SysResult<()> {
+    // SAFETY: a plain system call on an fd we own.
+    check(unsafe { libc::fchmod(fd, mode) }).map(drop)
+}
+
 pub fn utimes_fd(proc_fd: RawFd, fd: RawFd, times: &[libc::timespec; 2]) -> SysResult<()> {
     let n = FdName::new(fd);
     // SAFETY: NUL-terminated name and two timespecs.

@@ -549,3 +549,53 @@ fn ids_are_never_reused_across_sessions_and_unswitchable_ids_fail() {
         assert!(!dir.0.join("x").exists());
     }
 }
+
+#[test]
+fn setuid_bits_go_when_the_driver_says_the_writer_has_no_cap_fsetid() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = TempDir::new("killpriv");
+    let mut d = Driver::mounted(Config::new(&dir.0));
+    let init = d.init();
+    assert_ne!(init.u32_at(12) & (1 << 28), 0, "HANDLE_KILLPRIV_V2 granted");
+    let mode = |n: &str| std::fs::metadata(dir.0.join(n)).unwrap().permissions().mode() & 0o7777;
+    let set = |n: &str, m: u32| {
+        std::fs::set_permissions(dir.0.join(n), std::fs::Permissions::from_mode(m)).unwrap()
+    };
+    let (f, fh) = d.create(ROOT, "f", O_RDWR, 0o755).unwrap();
+    set("f", 0o6755);
+    // A write without the flag (a writer with CAP_FSETID) keeps them.
+    d.write(fh, 0, b"a").unwrap();
+    assert_eq!(mode("f"), 0o6755);
+    // With it: setuid goes, setgid too (group-executable).
+    let mut a = le(&[fh, 0, 1, 1 << 2, 0, 0, 0], &[8, 8, 4, 4, 8, 4, 4]);
+    a.push(b'b');
+    assert_eq!(d.call(op::WRITE, 0, &a, 24).errno, 0);
+    assert_eq!(mode("f"), 0o755);
+    // setgid without group-execute is a mandatory-locking mark, not a privilege: it stays.
+    set("f", 0o2745);
+    assert_eq!(d.call(op::WRITE, 0, &a, 24).errno, 0);
+    assert_eq!(mode("f"), 0o2745);
+    // A truncate (SETATTR size + KILL_SUIDGID), and an open with O_TRUNC and OPEN_KILL_SUIDGID.
+    set("f", 0o4755);
+    let mut sa = vec![0u8; 88];
+    sa[..4].copy_from_slice(&(8u32 | (1 << 11)).to_le_bytes());
+    assert_eq!(d.call(op::SETATTR, f, &sa, 16 + 104).errno, 0);
+    assert_eq!(mode("f"), 0o755);
+    set("f", 0o4755);
+    let r = d.call(
+        op::OPEN,
+        f,
+        &le(&[u64::from(O_RDWR | libc::O_TRUNC as u32), 1], &[4, 4]),
+        32,
+    );
+    assert_eq!(r.errno, 0);
+    assert_eq!(mode("f"), 0o755);
+    // An open without O_TRUNC changes nothing.
+    set("f", 0o4755);
+    assert_eq!(
+        d.call(op::OPEN, f, &le(&[u64::from(O_RDWR), 1], &[4, 4]), 32)
+            .errno,
+        0
+    );
+    assert_eq!(mode("f"), 0o4755);
+}
