@@ -6,7 +6,7 @@
 //   memoryfs-vduse vduse fs --memory (the TypeScript MemoryFs) inside the guest, through VDUSE
 //   bench9p       a tmpfs directory here over virtio-9p (QEMU's own server): the floor
 // One request queue each (virtiofsd's default). It prints numbers and asserts nothing.
-//   node --import=tsx benchmark/fs-bench.ts [--quick]
+//   node --import=tsx benchmark/fs-bench.ts [--quick]   (npm run bench -- --only=fs: this table alone)
 import { execFile, spawn, type ChildProcess } from 'node:child_process'
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
@@ -15,6 +15,9 @@ import { promisify } from 'node:util'
 const exec = promisify(execFile)
 const ROOT = join(__dirname, '..')
 const quick = process.argv.includes('--quick')
+// `npm run bench -- --only=…` picks targets of the block and network tables: the fs table runs only when
+// one of them is `fs`.
+const only = process.argv.find((a) => a.startsWith('--only='))
 
 async function peers(): Promise<Record<string, string>> {
   const { stdout } = await exec(join(ROOT, 'scripts/peers/fetch'), [], { cwd: ROOT })
@@ -53,6 +56,7 @@ interface Row {
 }
 
 async function main(): Promise<void> {
+  if (only !== undefined && !only.slice(7).split(',').includes('fs')) return
   const p = await peers()
   const dir = mkdtempSync('/dev/shm/vduse-fsbench-')
   const servers: ChildProcess[] = []

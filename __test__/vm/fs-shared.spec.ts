@@ -159,7 +159,8 @@ test('10,000 files created, stat-ed and removed: after the unmount every fd is c
     await sh(`cd ${m.mnt}/many && find . -type f -delete && cd / && rmdir ${m.mnt}/many`)
     await sh(`umount ${m.mnt}`)
     await until('the session ended', () => m.device.stats.nodes === 0 && m.device.stats.handles === 0)
-    t.is(fds(), start, 'no fd kept')
+    // Not above where it started (other parts of this process may have closed some meanwhile).
+    t.true(fds() <= start, `no fd kept: ${fds()} open, ${start} at the start`)
     await sh(`mount -t virtiofs ${m.tag} ${m.mnt}`)
   } finally {
     await unmountAndClose(m)

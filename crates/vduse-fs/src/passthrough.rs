@@ -106,23 +106,20 @@ impl std::fmt::Display for SetupError {
 
 impl std::error::Error for SetupError {}
 
-/// Descriptors all shared directories of this process hold for nodes and handles, and the most they
-/// may: the open-file limit is per process, so one device's driver must not starve another device (or
-/// the rest of the process) of descriptors.
+/// Descriptors all shared directories of this process hold now for nodes and handles (counted by
+/// [`FdTicket`]s), and the nodes + handles all of them may hold together (each reserves its limits when
+/// created, and gives them back when dropped): the open-file limit is per process, so one device's
+/// driver must not starve another device — or the rest of the process — of descriptors.
 static FDS_IN_USE: AtomicUsize = AtomicUsize::new(0);
-static FD_CAP: AtomicUsize = AtomicUsize::new(0);
+static FDS_RESERVED: Mutex<u64> = Mutex::new(0);
 
-/// One descriptor of the budget, given back when dropped.
+/// One held descriptor, counted while it lives.
 struct FdTicket;
 
 impl FdTicket {
-    fn take(errno: i32) -> SysResult<Self> {
-        let cap = FD_CAP.load(Ordering::Relaxed);
-        if FDS_IN_USE.fetch_add(1, Ordering::AcqRel) >= cap {
-            FDS_IN_USE.fetch_sub(1, Ordering::AcqRel);
-            return Err(Errno(errno));
-        }
-        Ok(FdTicket)
+    fn take() -> Self {
+        FDS_IN_USE.fetch_add(1, Ordering::AcqRel);
+        FdTicket
     }
 }
 
@@ -175,12 +172,18 @@ pub struct Handle {
     writable: bool,
     /// A directory's position is shared by seek and read: one reader at a time.
     dir: Option<Mutex<()>>,
+    /// A regular file on a page-cache file system: reads may go straight into pinned buffers.
+    zero_copy: bool,
     _budget: FdTicket,
 }
 
 impl Handle {
     pub fn fd(&self) -> RawFd {
         self.fd.as_raw_fd()
+    }
+    /// Whether a read of this file copies page by page from the page cache (decided at open).
+    pub fn zero_copy(&self) -> bool {
+        self.zero_copy
     }
 }
 
@@ -229,6 +232,11 @@ impl PassthroughFs {
                 std::io::Error::from_raw_os_error(libc::ENOTDIR),
             ));
         }
+        if kernel_fs(root_fd.as_raw_fd()) {
+            return Err(SetupError::Invalid(
+                "the directory is on procfs, sysfs or another of the kernel's own file systems",
+            ));
+        }
         let proc_fd = open_path(Path::new("/proc/self/fd")).map_err(SetupError::Proc)?;
         const PROC_SUPER_MAGIC: i64 = 0x9fa0;
         #[allow(clippy::unnecessary_cast)] // f_type is not i64 everywhere (musl)
@@ -238,20 +246,24 @@ impl PassthroughFs {
             _ => return Err(SetupError::Proc(std::io::Error::other("not a procfs mount"))),
         }
         // One fd per node and per handle: what the limit allows bounds both (ENFILE / EMFILE past it),
-        // with FD_RESERVE left for the rest of the process. A quarter at most goes to handles. The cap is
-        // for all shared directories of the process together (FdTicket).
-        let limit = sys::raise_nofile((cfg.max_nodes + cfg.max_handles) as u64 + FD_RESERVE);
+        // with FD_RESERVE left for the rest of the process and what other shared directories reserved
+        // taken off. A quarter of this directory's share at most goes to handles.
+        let mut reserved = FDS_RESERVED.lock();
+        let limit = sys::raise_nofile(*reserved + (cfg.max_nodes + cfg.max_handles) as u64 + FD_RESERVE);
         let others = open_fds().saturating_sub(FDS_IN_USE.load(Ordering::Relaxed) as u64);
-        let available = limit.saturating_sub(FD_RESERVE + others);
+        let available = limit.saturating_sub(FD_RESERVE + others + *reserved);
         if available < 1024 {
             return Err(SetupError::FdLimit {
                 limit,
-                needed: FD_RESERVE + others + 1024,
+                needed: FD_RESERVE + others + *reserved + 1024,
             });
         }
-        FD_CAP.fetch_max(available as usize, Ordering::Relaxed);
-        let max_handles = cfg.max_handles.min((available / 4) as usize);
-        let max_nodes = cfg.max_nodes.min((available - max_handles as u64) as usize);
+        // At most half of what is left, so the next shared directory of the process gets its share too.
+        let share = (available / 2).max(1024);
+        let max_handles = cfg.max_handles.min((share / 4) as usize);
+        let max_nodes = cfg.max_nodes.min((share - max_handles as u64) as usize);
+        *reserved += (max_nodes + max_handles) as u64;
+        drop(reserved);
         if max_nodes < cfg.max_nodes || max_handles < cfg.max_handles {
             log::warn!(
                 "virtio-fs {}: the open-file limit ({limit}) allows {max_nodes} nodes and {max_handles} open files, not {} and {}",
@@ -405,7 +417,7 @@ impl PassthroughFs {
         if n.by_id.len() >= self.max_nodes {
             return Err(Errno(libc::ENFILE));
         }
-        let budget = FdTicket::take(libc::ENFILE)?;
+        let budget = FdTicket::take();
         let id = n.next;
         n.next += 1;
         n.by_key.insert(key, id);
@@ -447,16 +459,27 @@ impl PassthroughFs {
     /// `name` under `parent` as an O_PATH fd and its attributes. A file system mounted there is entered
     /// only with `cross_mounts`, and never one of the kernel's own (procfs, sysfs, …): EACCES.
     fn child(&self, parent: &Node, name: &[u8]) -> SysResult<(OwnedFd, libc::stat)> {
-        let fd = sys::open_beneath(
+        let stay = !self.cfg.cross_mounts;
+        let fd = match sys::open_beneath_x(
             parent.fd(),
             name,
             libc::O_PATH | libc::O_NOFOLLOW,
             0,
             &self.beneath,
-        )?;
+            stay,
+        ) {
+            // RESOLVE_NO_XDEV: a mount point, bind mounts of the same file system included.
+            Err(Errno(libc::EXDEV)) => return Err(Errno(libc::EACCES)),
+            r => r?,
+        };
         let st = sys::stat_fd(fd.as_raw_fd())?;
-        if st.st_dev != parent.key.0 && (!self.cfg.cross_mounts || kernel_fs(fd.as_raw_fd())) {
-            return Err(Errno(libc::EACCES));
+        if st.st_dev != parent.key.0 {
+            // Another file system (or, without openat2, possibly a mount): never one of the kernel's;
+            // without openat2 a change of device is all there is to tell a mount by.
+            let fallback = !self.beneath.load(Ordering::Relaxed);
+            if kernel_fs(fd.as_raw_fd()) || (stay && fallback) {
+                return Err(Errno(libc::EACCES));
+            }
         }
         Ok((fd, st))
     }
@@ -506,17 +529,17 @@ impl PassthroughFs {
             }
             match handle.as_ref().filter(|h| h.writable) {
                 Some(h) => {
-                    sys::truncate(h.fd(), size)?;
                     if a.kill_suidgid && a.mode.is_none() {
                         self.kill_suidgid(h.fd())?;
                     }
+                    sys::truncate(h.fd(), size)?;
                 }
                 None => {
                     let f = self.reopen(&n, libc::O_WRONLY)?;
-                    sys::truncate(f.as_raw_fd(), size)?;
                     if a.kill_suidgid && a.mode.is_none() {
                         self.kill_suidgid(f.as_raw_fd())?;
                     }
+                    sys::truncate(f.as_raw_fd(), size)?;
                 }
             }
         }
@@ -679,7 +702,8 @@ impl PassthroughFs {
         if h.map.len() >= self.max_handles {
             return Err(Errno(libc::EMFILE));
         }
-        let budget = FdTicket::take(libc::EMFILE)?;
+        let zero_copy = node.is_reg() && vduse_backends::file_io::zero_copy_reads(fd.as_raw_fd());
+        let budget = FdTicket::take();
         let fh = h.next;
         h.next += 1;
         h.map.insert(
@@ -689,6 +713,7 @@ impl PassthroughFs {
                 node,
                 writable,
                 dir: dir.then(|| Mutex::new(())),
+                zero_copy,
                 _budget: budget,
             }),
         );
@@ -730,9 +755,14 @@ impl PassthroughFs {
             return Err(Errno(libc::EISDIR));
         }
         let f = self.host_open_flags(flags)?;
-        let fd = self.reopen(&n, f)?;
-        if kill_suidgid && f & libc::O_TRUNC != 0 {
-            self.kill_suidgid(fd.as_raw_fd())?;
+        // Privileges go before the data does (as in the kernel): never a moment of new content
+        // under a setuid bit.
+        let fd = self.reopen(&n, f & !libc::O_TRUNC)?;
+        if f & libc::O_TRUNC != 0 {
+            if kill_suidgid {
+                self.kill_suidgid(fd.as_raw_fd())?;
+            }
+            sys::truncate(fd.as_raw_fd(), 0)?;
         }
         self.add_handle(fd, n, f & libc::O_ACCMODE != libc::O_RDONLY, false)
     }
@@ -763,7 +793,7 @@ impl PassthroughFs {
                 &self.beneath,
             )
         });
-        let (fd, path, st) = match created {
+        let (fd, path) = match created {
             Ok(fd) => {
                 // The node is the inode just created, not whatever the name means by now.
                 let path = sys::open_at(
@@ -771,8 +801,7 @@ impl PassthroughFs {
                     FdName::new(fd.as_raw_fd()).as_cstr(),
                     libc::O_PATH,
                 )?;
-                let st = sys::stat_fd(path.as_raw_fd())?;
-                (fd, path, st)
+                (fd, path)
             }
             Err(Errno(libc::EEXIST)) if flags as i32 & libc::O_EXCL == 0 => {
                 let (path, st) = self.child(&p, name)?;
@@ -782,18 +811,27 @@ impl PassthroughFs {
                     libc::S_IFLNK => return Err(Errno(libc::ELOOP)),
                     _ => return Err(Errno(libc::EACCES)),
                 }
-                let fd = sys::open_at(
-                    self.proc_fd.as_raw_fd(),
-                    FdName::new(path.as_raw_fd()).as_cstr(),
-                    f,
-                )?;
-                if kill_suidgid && f & libc::O_TRUNC != 0 {
-                    self.kill_suidgid(fd.as_raw_fd())?;
+                // As the caller: the driver's kernel checks no permission on an open that went to
+                // CREATE (it takes it as a creation), so the host's check is the only one.
+                let fd = self.as_caller(who.uid, who.gid, || {
+                    sys::open_at(
+                        self.proc_fd.as_raw_fd(),
+                        FdName::new(path.as_raw_fd()).as_cstr(),
+                        f & !libc::O_TRUNC,
+                    )
+                })?;
+                if f & libc::O_TRUNC != 0 {
+                    if kill_suidgid {
+                        self.kill_suidgid(fd.as_raw_fd())?;
+                    }
+                    sys::truncate(fd.as_raw_fd(), 0)?;
                 }
-                (fd, path, st)
+                (fd, path)
             }
             Err(e) => return Err(e),
         };
+        // What the driver caches is the file as it is now (truncated, setuid cleared).
+        let st = sys::stat_fd(path.as_raw_fd())?;
         let (id, st) = self.remember(path, st)?;
         let node = self.node(id)?;
         match self.add_handle(fd, node, f & libc::O_ACCMODE != libc::O_RDONLY, false) {
@@ -855,8 +893,14 @@ impl PassthroughFs {
         sys::syncfs(f.as_raw_fd())
     }
 
-    pub fn fallocate(&self, fh: u64, mode: u32, offset: u64, len: u64) -> SysResult<()> {
+    /// FALLOCATE and COPY_FILE_RANGE change data with no kill flag of their own (the driver's
+    /// `file_modified` leaves it to us under HANDLE_KILLPRIV_V2): a caller other than root loses
+    /// setuid bits first, as a write would.
+    pub fn fallocate(&self, fh: u64, mode: u32, offset: u64, len: u64, who: Caller) -> SysResult<()> {
         let h = self.write_handle(fh)?;
+        if who.uid != 0 {
+            self.kill_suidgid(h.fd())?;
+        }
         sys::fallocate(h.fd(), mode, offset, len)
     }
 
@@ -878,11 +922,15 @@ impl PassthroughFs {
         fh_out: u64,
         off_out: u64,
         len: u64,
+        who: Caller,
     ) -> SysResult<usize> {
         let a = self.handle(fh_in)?;
         let b = self.write_handle(fh_out)?;
         if a.dir.is_some() {
             return Err(Errno(libc::EISDIR));
+        }
+        if who.uid != 0 {
+            self.kill_suidgid(b.fd())?;
         }
         // At most what a FUSE write may report (u32), in one call.
         let len = len.min(1 << 30) as usize;
@@ -1006,6 +1054,12 @@ impl PassthroughFs {
     }
 }
 
+impl Drop for PassthroughFs {
+    fn drop(&mut self) {
+        *FDS_RESERVED.lock() -= (self.max_nodes + self.max_handles) as u64;
+    }
+}
+
 /// Who a request comes from (`fuse_in_header`).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Caller {
@@ -1049,7 +1103,7 @@ fn open_fds() -> u64 {
 /// (`/proc/PID/mem`, `/proc/sys`), sysfs, devpts, debugfs, tracefs, securityfs, cgroup, bpf, configfs,
 /// efivarfs. Unknown: treated as such.
 fn kernel_fs(fd: RawFd) -> bool {
-    const KERNEL: [i64; 11] = [
+    const KERNEL: [i64; 13] = [
         0x9fa0,      // proc
         0x6265_6572, // sysfs
         0x1cd1,      // devpts
@@ -1061,6 +1115,8 @@ fn kernel_fs(fd: RawFd) -> bool {
         0xcafe_4a11, // bpf
         0x6265_6570, // configfs
         0xde5e_81e4, // efivarfs
+        0x1980_0202, // mqueue
+        0x9584_58f6, // hugetlbfs
     ];
     #[allow(clippy::unnecessary_cast)] // f_type is not i64 everywhere (musl)
     sys::statfs(fd).map_or(true, |s| KERNEL.contains(&(s.f_type as i64)))

@@ -22,8 +22,10 @@ pub trait ReqIo {
     fn read(&mut self, offset: usize, dst: &mut [u8]) -> Result<usize, Gone>;
     /// Copies `src` into the reply from `offset`; fewer if there is less room.
     fn write(&mut self, offset: usize, src: &[u8]) -> Result<usize, Gone>;
-    /// Reads up to `len` bytes of the file `fd` from `pos` straight into the reply at `offset`.
-    /// `Ok(None)`: not possible for this file or these buffers (the server copies through its own).
+    /// Reads up to `len` bytes of the file `fd` from `pos` straight into the reply at `offset`: called
+    /// only for regular files on page-cache file systems, whose reads copy page by page (so the call
+    /// is short, and a revoked mapping stops it). `Ok(None)`: not possible for these buffers (the
+    /// server copies through its own).
     fn read_file(
         &mut self,
         _fd: RawFd,
@@ -429,7 +431,7 @@ impl Server {
             op::FALLOCATE => {
                 let mut r = Reader::new(self.args(io, &mut s.args)?);
                 let (fh, offset, len, mode) = (r.u64()?, r.u64()?, r.u64()?, r.u32()?);
-                fs.fallocate(fh, mode, offset, len)?;
+                fs.fallocate(fh, mode, offset, len, who)?;
                 Ok(())
             }
             op::LSEEK => {
@@ -445,7 +447,7 @@ impl Server {
                 let mut r = Reader::new(self.args(io, &mut s.args)?);
                 let (fh_in, off_in, _node_out, fh_out, off_out, len) =
                     (r.u64()?, r.u64()?, r.u64()?, r.u64()?, r.u64()?, r.u64()?);
-                let n = fs.copy_file_range(fh_in, off_in, fh_out, off_out, len)?;
+                let n = fs.copy_file_range(fh_in, off_in, fh_out, off_out, len, who)?;
                 s.out.u32(n as u32).u32(0);
                 Ok(())
             }
@@ -595,17 +597,19 @@ impl Server {
         if h.node.is_dir() {
             return Err(Errno(libc::EISDIR).into());
         }
-        // Straight into the driver's buffers only from a regular file (a device could stall with them
-        // pinned); the model checks the file system too.
-        let direct = if h.node.is_reg() {
+        // Straight into the driver's buffers only from a regular file on a page-cache file system
+        // (decided at open): anything else could stall with them pinned.
+        let direct = if h.zero_copy() {
             io.read_file(h.fd(), pos, OUT_HEADER, want)?
         } else {
             None
         };
         let got = match direct {
-            Some(n) => n,
-            None => {
-                let mut done = 0;
+            Some(n) if n == want => n,
+            // Short, or not possible: the rest through our buffer (at the end of the file that is one
+            // pread of 0; after an error, that error).
+            started => {
+                let mut done = started.unwrap_or(0);
                 s.data.resize(STAGE.min(want.max(1)), 0);
                 while done < want {
                     let n = (want - done).min(STAGE);
@@ -618,10 +622,8 @@ impl Server {
                     if io.write(OUT_HEADER + done, &s.data[..got])? < got {
                         return Err(Errno(libc::EIO).into());
                     }
+                    // A short count is not the end of the file: only a read of 0 is.
                     done += got;
-                    if got < n {
-                        break;
-                    }
                 }
                 done
             }
@@ -648,6 +650,10 @@ impl Server {
         }
         self.room(io, 8)?;
         let h = self.fs.write_handle(fh)?;
+        if flags & abi::WRITE_KILL_SUIDGID != 0 {
+            // Before the data, as the kernel does: never new content under a setuid bit.
+            self.fs.kill_suidgid(h.fd())?;
+        }
         s.data.resize(STAGE.min(size.max(1)), 0);
         let mut done = 0;
         // Staged by chunks, each copied under the ticket's check: a fence stops the write at the next
@@ -659,20 +665,18 @@ impl Server {
             }
             let mut at = 0;
             while at < n {
+                // An error is the driver's even after some data (ENOSPC stays ENOSPC: the driver's
+                // direct I/O would make any short count EIO).
                 match sys::pwrite(h.fd(), &s.data[at..n], pos + (done + at) as u64) {
-                    Ok(0) => break,
+                    Ok(0) => return Err(Errno(libc::EIO).into()),
                     Ok(k) => at += k,
-                    Err(e) if done + at == 0 => return Err(e.into()),
-                    Err(_) => break,
+                    Err(e) => return Err(e.into()),
                 }
             }
             done += at;
             if at < n {
                 break;
             }
-        }
-        if flags & abi::WRITE_KILL_SUIDGID != 0 && done > 0 {
-            self.fs.kill_suidgid(h.fd())?;
         }
         self.counters
             .bytes_written

@@ -83,6 +83,7 @@ struct OpenHow {
     resolve: u64,
 }
 
+const RESOLVE_NO_XDEV: u64 = 0x01;
 const RESOLVE_NO_MAGICLINKS: u64 = 0x02;
 const RESOLVE_BENEATH: u64 = 0x08;
 
@@ -95,6 +96,19 @@ pub fn open_beneath(
     flags: i32,
     mode: u32,
     beneath: &std::sync::atomic::AtomicBool,
+) -> SysResult<OwnedFd> {
+    open_beneath_x(dir, name, flags, mode, beneath, false)
+}
+
+/// [`open_beneath`]; with `stay`, never into another mount either (`RESOLVE_NO_XDEV`: EXDEV; the
+/// `openat` fallback cannot tell, the caller compares devices).
+pub fn open_beneath_x(
+    dir: RawFd,
+    name: &[u8],
+    flags: i32,
+    mode: u32,
+    beneath: &std::sync::atomic::AtomicBool,
+    stay: bool,
 ) -> SysResult<OwnedFd> {
     use std::sync::atomic::Ordering;
     // Never a controlling terminal (openat2 refuses O_NOCTTY beside O_PATH, where it means nothing).
@@ -112,7 +126,7 @@ pub fn open_beneath(
                 } else {
                     0
                 },
-                resolve: RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS,
+                resolve: RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS | if stay { RESOLVE_NO_XDEV } else { 0 },
             };
             // SAFETY: `p` is a NUL-terminated string and `how` a valid open_how of the size passed.
             let rc = unsafe {
@@ -435,21 +449,35 @@ pub fn fremovexattr(fd: RawFd, name: &[u8]) -> SysResult<()> {
     with_cstr(name, |p| check(unsafe { libc::fremovexattr(fd, p) }).map(drop))
 }
 
-/// This thread's filesystem uid and gid switched to a caller's, switched back to root when dropped.
-/// Thread-private on Linux: the raw system calls, not a libc wrapper that might broadcast to every thread.
-pub struct FsIds(());
+/// This thread's filesystem uid and gid switched to a caller's, switched back to what they were when
+/// dropped. Thread-private on Linux: the raw system calls, not a libc wrapper that might broadcast to
+/// every thread (and so not `Send`: it must be dropped on the thread that switched).
+pub struct FsIds {
+    uid: u32,
+    gid: u32,
+    _thread: std::marker::PhantomData<*const ()>,
+}
 
 impl FsIds {
     /// Switches, and checks the kernel took both ids (setfsuid reports no error: it keeps the old id
-    /// when it refuses, e.g. an id not mapped in our user namespace). Refused: EPERM, still root.
+    /// when it refuses, e.g. an id not mapped in our user namespace). Refused: EPERM, ids as before.
     pub fn switch(uid: u32, gid: u32) -> SysResult<Self> {
-        let guard = FsIds(());
         // SAFETY: plain system calls changing only this thread's credentials; -1 only queries.
-        let (g, u) = unsafe {
-            libc::syscall(libc::SYS_setfsgid, gid);
+        let (old_gid, g, old_uid, u) = unsafe {
+            let old_gid = libc::syscall(libc::SYS_setfsgid, gid) as u32;
             let g = libc::syscall(libc::SYS_setfsgid, u32::MAX) as u32;
-            libc::syscall(libc::SYS_setfsuid, uid);
-            (g, libc::syscall(libc::SYS_setfsuid, u32::MAX) as u32)
+            let old_uid = libc::syscall(libc::SYS_setfsuid, uid) as u32;
+            (
+                old_gid,
+                g,
+                old_uid,
+                libc::syscall(libc::SYS_setfsuid, u32::MAX) as u32,
+            )
+        };
+        let guard = FsIds {
+            uid: old_uid,
+            gid: old_gid,
+            _thread: std::marker::PhantomData,
         };
         if g != gid || u != uid {
             return Err(Errno(libc::EPERM));
@@ -460,10 +488,10 @@ impl FsIds {
 
 impl Drop for FsIds {
     fn drop(&mut self) {
-        // SAFETY: as in `switch`; back to root (which this thread was: ids are switched only as root).
+        // SAFETY: as in `switch`; the uid first, which gives the filesystem capabilities back.
         unsafe {
-            libc::syscall(libc::SYS_setfsuid, 0u32);
-            libc::syscall(libc::SYS_setfsgid, 0u32);
+            libc::syscall(libc::SYS_setfsuid, self.uid);
+            libc::syscall(libc::SYS_setfsgid, self.gid);
         }
     }
 }

@@ -599,3 +599,57 @@ fn setuid_bits_go_when_the_driver_says_the_writer_has_no_cap_fsetid() {
     );
     assert_eq!(mode("f"), 0o4755);
 }
+
+#[test]
+fn create_of_an_existing_file_is_checked_as_the_caller_and_procfs_is_never_a_share() {
+    assert!(
+        vduse_fs::PassthroughFs::new(Config::new("/proc")).is_err(),
+        "a share on procfs"
+    );
+    assert!(
+        vduse_fs::PassthroughFs::new(Config::new("/sys")).is_err(),
+        "a share on sysfs"
+    );
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return;
+    }
+    let dir = TempDir::new("create-perm");
+    std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    std::fs::write(dir.0.join("private"), b"root's").unwrap();
+    std::fs::set_permissions(dir.0.join("private"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mut d = Driver::mounted(Config::new(&dir.0));
+    d.uid = 1234;
+    d.gid = 1234;
+    // The driver's kernel checks nothing on an open that became a CREATE: the host must.
+    assert_eq!(
+        d.create(ROOT, "private", O_RDWR | libc::O_TRUNC as u32, 0o644),
+        Err(libc::EACCES)
+    );
+    assert_eq!(
+        std::fs::read(dir.0.join("private")).unwrap(),
+        b"root's",
+        "not truncated"
+    );
+    // A non-root caller's fallocate and copy_file_range clear setuid, as its writes do.
+    d.uid = 0;
+    d.gid = 0;
+    let (_, src) = d.create(ROOT, "src", O_RDWR, 0o644).unwrap();
+    d.write(src, 0, &[1u8; 4096]).unwrap();
+    let (_, dst) = d.create(ROOT, "dst", O_RDWR, 0o755).unwrap();
+    std::fs::set_permissions(dir.0.join("dst"), std::fs::Permissions::from_mode(0o4755)).unwrap();
+    d.uid = 1234;
+    let r = d.call(
+        op::COPY_FILE_RANGE,
+        0,
+        &le(&[src, 0, 0, dst, 0, 4096, 0], &[8; 7]),
+        24,
+    );
+    assert_eq!(r.errno, 0);
+    let mode = || std::fs::metadata(dir.0.join("dst")).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode(), 0o755);
+    std::fs::set_permissions(dir.0.join("dst"), std::fs::Permissions::from_mode(0o4755)).unwrap();
+    let r = d.call(op::FALLOCATE, 0, &le(&[dst, 0, 8192, 0, 0], &[8, 8, 8, 4, 4]), 16);
+    assert_eq!(r.errno, 0);
+    assert_eq!(mode(), 0o755);
+}
