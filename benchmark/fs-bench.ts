@@ -144,7 +144,11 @@ async function main(): Promise<void> {
       .split('\n')
       .filter((l) => l.startsWith('FSB '))
       .map((l) => JSON.parse(l.slice(4)) as Row)
-    for (const l of stderr.split('\n').filter((l) => l.includes(': ') && !l.startsWith('['))) console.error(l)
+    // A workload that failed on a target says so (the guest's stderr may come with its stdout).
+    const targetNames = ['virtiofsd', 'vduse-vu', 'vduse-vduse', 'memoryfs-vduse', 'bench9p']
+    for (const l of `${stdout}\n${stderr}`.split('\n')) {
+      if (targetNames.some((t) => l.startsWith(`${t}: `))) console.error(l)
+    }
     const targets = ['virtiofsd', 'vduse-vu', 'vduse-vduse', 'memoryfs-vduse', 'bench9p']
     const workloads = [...new Set(rows.map((r) => r.workload))]
     const cell = (t: string, w: string): Row | undefined =>

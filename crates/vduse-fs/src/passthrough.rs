@@ -211,6 +211,8 @@ pub struct PassthroughFs {
     switch_ids: bool,
     max_nodes: usize,
     max_handles: usize,
+    /// A limit was reached and logged.
+    warned: AtomicBool,
 }
 
 impl PassthroughFs {
@@ -247,7 +249,7 @@ impl PassthroughFs {
         }
         // One fd per node and per handle: what the limit allows bounds both (ENFILE / EMFILE past it),
         // with FD_RESERVE left for the rest of the process and what other shared directories reserved
-        // taken off. A quarter of this directory's share at most goes to handles.
+        // taken off.
         let mut reserved = FDS_RESERVED.lock();
         let limit = sys::raise_nofile(*reserved + (cfg.max_nodes + cfg.max_handles) as u64 + FD_RESERVE);
         let others = open_fds().saturating_sub(FDS_IN_USE.load(Ordering::Relaxed) as u64);
@@ -258,9 +260,10 @@ impl PassthroughFs {
                 needed: FD_RESERVE + others + *reserved + 1024,
             });
         }
-        // At most half of what is left, so the next shared directory of the process gets its share too.
-        let share = (available / 2).max(1024);
-        let max_handles = cfg.max_handles.min((share / 4) as usize);
+        // At most three quarters of what is left, so the next shared directory of the process gets its
+        // share too; an eighth of it at most for open files (the driver keeps nodes, not files, open).
+        let share = (available / 4 * 3).max(1024);
+        let max_handles = cfg.max_handles.min((share / 8) as usize);
         let max_nodes = cfg.max_nodes.min((share - max_handles as u64) as usize);
         *reserved += (max_nodes + max_handles) as u64;
         drop(reserved);
@@ -310,6 +313,7 @@ impl PassthroughFs {
             switch_ids: unsafe { libc::geteuid() } == 0,
             max_nodes,
             max_handles,
+            warned: AtomicBool::new(false),
         };
         fs.forget_all();
         Ok(fs)
@@ -415,6 +419,7 @@ impl PassthroughFs {
             return Ok((id, st));
         }
         if n.by_id.len() >= self.max_nodes {
+            self.at_limit("nodes", self.max_nodes);
             return Err(Errno(libc::ENFILE));
         }
         let budget = FdTicket::take();
@@ -430,6 +435,16 @@ impl PassthroughFs {
         n.by_id.insert(id, Known { node, lookups: 1 });
         self.node_count.store(n.by_id.len(), Ordering::Relaxed);
         Ok((id, st))
+    }
+
+    /// Says once (per instance) that the driver reached a limit: its creations and lookups now fail.
+    fn at_limit(&self, what: &str, limit: usize) {
+        if !self.warned.swap(true, Ordering::Relaxed) {
+            log::warn!(
+                "virtio-fs {}: the driver holds {limit} {what}, the most allowed: further ones fail (ENFILE/EMFILE) until it forgets some; raise the open-file limit or maxNodes/maxHandles",
+                self.cfg.root.display()
+            );
+        }
     }
 
     /// Drops `count` lookups of `id`; at zero the node (and its fd, once no call uses it) goes.
@@ -700,6 +715,7 @@ impl PassthroughFs {
     fn add_handle(&self, fd: OwnedFd, node: Arc<Node>, writable: bool, dir: bool) -> SysResult<u64> {
         let mut h = self.handles.lock();
         if h.map.len() >= self.max_handles {
+            self.at_limit("open files", self.max_handles);
             return Err(Errno(libc::EMFILE));
         }
         let zero_copy = node.is_reg() && vduse_backends::file_io::zero_copy_reads(fd.as_raw_fd());
