@@ -11,6 +11,8 @@ const exec = promisify(execFile)
 const ROOT = join(__dirname, '..')
 const RUNTIME = Number(process.env.VDUSE_BENCH_RUNTIME ?? 5)
 const FILES = 10_000
+/** VDUSE_FSB_WORKLOADS=data,meta,tar: which groups to run (default all). */
+const GROUPS = (process.env.VDUSE_FSB_WORKLOADS ?? 'data,meta,tar').split(',')
 
 async function sh(script: string): Promise<string> {
   const { stdout } = await exec('sh', ['-ec', script], { maxBuffer: 64 << 20 })
@@ -58,6 +60,12 @@ async function fio(m: Mount, name: string, rw: string, bs: string, depth: number
 }
 
 async function workloads(m: Mount): Promise<void> {
+  if (GROUPS.includes('data')) await data(m)
+  if (GROUPS.includes('meta')) await meta(m)
+  if (GROUPS.includes('tar')) await tar(m)
+}
+
+async function data(m: Mount): Promise<void> {
   await sh(`fio --name=prep --filename=${m.mnt}/bench.dat --size=256M --rw=write --bs=1M --ioengine=psync \
     --end_fsync=1 --output-format=terse >/dev/null`)
   emit(m.target, '4k randread QD16', await fio(m, 'rr', 'randread', '4k', 16), 'IOPS')
@@ -66,6 +74,9 @@ async function workloads(m: Mount): Promise<void> {
   emit(m.target, '128k read QD4', mib(await fio(m, 'sr', 'read', '128k', 4)), 'MiB/s')
   emit(m.target, '128k write QD4', mib(await fio(m, 'sw', 'write', '128k', 4)), 'MiB/s')
   await sh(`rm -f ${m.mnt}/bench.dat`)
+}
+
+async function meta(m: Mount): Promise<void> {
   // Metadata: 10,000 files created, stat-ed and removed, from one process (no fork per file).
   const meta = await exec(process.execPath, [
     '-e',
@@ -78,6 +89,9 @@ async function workloads(m: Mount): Promise<void> {
     `${m.mnt}/meta`,
   ])
   emit(m.target, `create+stat+unlink ${FILES} files`, (3 * FILES) / Number(meta.stdout.trim()), 'ops/s')
+}
+
+async function tar(m: Mount): Promise<void> {
   const t0 = process.hrtime.bigint()
   await sh(`mkdir ${m.mnt}/tree && tar -C ${m.mnt}/tree -xf /tmp/fsb-tree.tar && sync`)
   emit(m.target, 'tar extract (/usr/include/linux)', Number(process.hrtime.bigint() - t0) / 1e9, 's')

@@ -131,7 +131,7 @@ impl ReqIo for QueueIo<'_> {
             .write_request(self.ticket, Owner::Model, offset as u64, src)
     }
     fn read_file(&mut self, fd: RawFd, pos: u64, offset: usize, len: usize) -> Result<Option<usize>, Gone> {
-        // The server calls this only for regular files on page-cache file systems (decided at open).
+        // The server calls this only for regular files on page-cache file systems.
         if len == 0 {
             return Ok(None);
         }

@@ -598,7 +598,7 @@ impl Server {
             return Err(Errno(libc::EISDIR).into());
         }
         // Straight into the driver's buffers only from a regular file on a page-cache file system
-        // (decided at open): anything else could stall with them pinned.
+        // (decided once per open file): anything else could stall with them pinned.
         let direct = if h.zero_copy() {
             io.read_file(h.fd(), pos, OUT_HEADER, want)?
         } else {
