@@ -8,9 +8,11 @@
 // One request queue each (virtiofsd's default). It prints numbers and asserts nothing.
 //   node --import=tsx benchmark/fs-bench.ts [--quick]   (npm run bench -- --only=fs: this table alone)
 import { execFile, spawn, type ChildProcess } from 'node:child_process'
-import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { promisify } from 'node:util'
+
+import { cpuSeconds, peers, waitForSocket } from './peers'
 
 const exec = promisify(execFile)
 const ROOT = join(__dirname, '..')
@@ -18,35 +20,6 @@ const quick = process.argv.includes('--quick')
 // `npm run bench -- --only=…` picks targets of the block and network tables: the fs table runs only when
 // one of them is `fs`.
 const only = process.argv.find((a) => a.startsWith('--only='))
-
-async function peers(): Promise<Record<string, string>> {
-  const { stdout } = await exec(join(ROOT, 'scripts/peers/fetch'), [], { cwd: ROOT })
-  return Object.fromEntries(
-    stdout
-      .split('\n')
-      .filter((l) => l.includes('='))
-      .map((l) => [l.slice(0, l.indexOf('=')), l.slice(l.indexOf('=') + 1)]),
-  )
-}
-
-async function waitForSocket(sock: string, proc: ChildProcess): Promise<void> {
-  for (let i = 0; i < 200; i++) {
-    if (proc.exitCode !== null) throw new Error(`server exited (${proc.exitCode})`)
-    try {
-      readFileSync(sock)
-    } catch (err) {
-      if ((err as { code?: string }).code === 'ENXIO') return
-    }
-    await new Promise((r) => setTimeout(r, 50))
-  }
-  throw new Error(`no socket at ${sock}`)
-}
-
-/** utime+stime of a process, in seconds. */
-function cpuSeconds(pid: number): number {
-  const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]!.split(' ')
-  return (Number(fields[11]) + Number(fields[12])) / 100
-}
 
 interface Row {
   target: string

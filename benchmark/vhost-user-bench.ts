@@ -4,11 +4,13 @@
 // stock virtio-blk driver on `vhost-user-blk-pci` (QEMU 7.2, TCG), with fio. It prints numbers and the
 // server's CPU time per request; it asserts nothing.
 //   node --import=tsx benchmark/vhost-user-bench.ts [--quick] [--only=vduse-null,qsd10-null]
-import { execFile, spawn, type ChildProcess } from 'node:child_process'
-import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
+import { execFile, spawn } from 'node:child_process'
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { promisify } from 'node:util'
+
+import { cpuSeconds, peers, waitForSocket } from './peers'
 
 const exec = promisify(execFile)
 const ROOT = join(__dirname, '..')
@@ -26,16 +28,6 @@ interface Target {
   backend: string
   start(sock: string, dir: string): string[]
   peer: boolean
-}
-
-async function peers(): Promise<Record<string, string>> {
-  const { stdout } = await exec(join(ROOT, 'scripts/peers/fetch'), [], { cwd: ROOT })
-  return Object.fromEntries(
-    stdout
-      .split('\n')
-      .filter((l) => l.includes('='))
-      .map((l) => [l.slice(0, l.indexOf('=')), l.slice(l.indexOf('=') + 1)]),
-  )
 }
 
 function targets(qsd: string): Target[] {
@@ -82,25 +74,6 @@ function targets(qsd: string): Target[] {
       (dir) => `driver=file,filename=${join(dir, 'disk.img')},node-name=n0,aio=threads,cache.direct=off`,
     ),
   ]
-}
-
-/** utime+stime of a process, in seconds. */
-function cpuSeconds(pid: number): number {
-  const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]!.split(' ')
-  return (Number(fields[11]) + Number(fields[12])) / 100
-}
-
-async function waitForSocket(sock: string, proc: ChildProcess): Promise<void> {
-  for (let i = 0; i < 200; i++) {
-    if (proc.exitCode !== null) throw new Error(`server exited (${proc.exitCode})`)
-    try {
-      readFileSync(sock)
-    } catch (err) {
-      if ((err as { code?: string }).code === 'ENXIO') return // a socket exists
-    }
-    await new Promise((r) => setTimeout(r, 50))
-  }
-  throw new Error(`no socket at ${sock}`)
 }
 
 interface Row {
