@@ -761,6 +761,18 @@ impl PassthroughFs {
         }
     }
 
+    /// The O_TRUNC of an open (`flags`), done after opening without it: privileges go before the
+    /// data does (as in the kernel), never a moment of new content under a setuid bit.
+    fn truncate_opened(&self, fd: &OwnedFd, flags: i32, kill_suidgid: bool) -> SysResult<()> {
+        if flags & libc::O_TRUNC == 0 {
+            return Ok(());
+        }
+        if kill_suidgid {
+            self.kill_suidgid(fd.as_raw_fd())?;
+        }
+        sys::truncate(fd.as_raw_fd(), 0)
+    }
+
     pub fn open(&self, id: u64, flags: u32, dir: bool, kill_suidgid: bool) -> SysResult<u64> {
         let n = self.node(id)?;
         if dir {
@@ -774,15 +786,8 @@ impl PassthroughFs {
             return Err(Errno(libc::EISDIR));
         }
         let f = self.host_open_flags(flags)?;
-        // Privileges go before the data does (as in the kernel): never a moment of new content
-        // under a setuid bit.
         let fd = self.reopen(&n, f & !libc::O_TRUNC)?;
-        if f & libc::O_TRUNC != 0 {
-            if kill_suidgid {
-                self.kill_suidgid(fd.as_raw_fd())?;
-            }
-            sys::truncate(fd.as_raw_fd(), 0)?;
-        }
+        self.truncate_opened(&fd, f, kill_suidgid)?;
         self.add_handle(fd, n, f & libc::O_ACCMODE != libc::O_RDONLY, false)
     }
 
@@ -839,12 +844,7 @@ impl PassthroughFs {
                         f & !libc::O_TRUNC,
                     )
                 })?;
-                if f & libc::O_TRUNC != 0 {
-                    if kill_suidgid {
-                        self.kill_suidgid(fd.as_raw_fd())?;
-                    }
-                    sys::truncate(fd.as_raw_fd(), 0)?;
-                }
+                self.truncate_opened(&fd, f, kill_suidgid)?;
                 (fd, path)
             }
             Err(e) => return Err(e),

@@ -298,11 +298,10 @@ pub fn truncate(fd: RawFd, size: u64) -> SysResult<()> {
     check(unsafe { libc::ftruncate(fd, size) }).map(drop)
 }
 
-pub fn pread(fd: RawFd, buf: &mut [u8], pos: u64) -> SysResult<usize> {
-    let pos = i64::try_from(pos).map_err(|_| Errno(libc::EINVAL))?;
+/// Runs a read/write-style system call again while a signal interrupts it.
+fn retry_eintr(mut call: impl FnMut() -> isize) -> SysResult<usize> {
     loop {
-        // SAFETY: the kernel writes at most buf.len() bytes into buf.
-        let n = unsafe { libc::pread(fd, buf.as_mut_ptr().cast(), buf.len(), pos) };
+        let n = call();
         if n >= 0 {
             return Ok(n as usize);
         }
@@ -313,19 +312,16 @@ pub fn pread(fd: RawFd, buf: &mut [u8], pos: u64) -> SysResult<usize> {
     }
 }
 
+pub fn pread(fd: RawFd, buf: &mut [u8], pos: u64) -> SysResult<usize> {
+    let pos = i64::try_from(pos).map_err(|_| Errno(libc::EINVAL))?;
+    // SAFETY: the kernel writes at most buf.len() bytes into buf.
+    retry_eintr(|| unsafe { libc::pread(fd, buf.as_mut_ptr().cast(), buf.len(), pos) })
+}
+
 pub fn pwrite(fd: RawFd, buf: &[u8], pos: u64) -> SysResult<usize> {
     let pos = i64::try_from(pos).map_err(|_| Errno(libc::EINVAL))?;
-    loop {
-        // SAFETY: the kernel reads at most buf.len() bytes from buf.
-        let n = unsafe { libc::pwrite(fd, buf.as_ptr().cast(), buf.len(), pos) };
-        if n >= 0 {
-            return Ok(n as usize);
-        }
-        let e = Errno::last();
-        if e.0 != libc::EINTR {
-            return Err(e);
-        }
-    }
+    // SAFETY: the kernel reads at most buf.len() bytes from buf.
+    retry_eintr(|| unsafe { libc::pwrite(fd, buf.as_ptr().cast(), buf.len(), pos) })
 }
 
 /// `preadv` into raw ranges.
@@ -335,17 +331,8 @@ pub fn pwrite(fd: RawFd, buf: &[u8], pos: u64) -> SysResult<usize> {
 pub unsafe fn preadv(fd: RawFd, iov: &[libc::iovec], pos: u64) -> SysResult<usize> {
     let pos = i64::try_from(pos).map_err(|_| Errno(libc::EINVAL))?;
     let cnt = i32::try_from(iov.len()).map_err(|_| Errno(libc::EINVAL))?;
-    loop {
-        // SAFETY: the caller guarantees the iovecs.
-        let n = unsafe { libc::preadv(fd, iov.as_ptr(), cnt, pos) };
-        if n >= 0 {
-            return Ok(n as usize);
-        }
-        let e = Errno::last();
-        if e.0 != libc::EINTR {
-            return Err(e);
-        }
-    }
+    // SAFETY: the caller guarantees the iovecs.
+    retry_eintr(|| unsafe { libc::preadv(fd, iov.as_ptr(), cnt, pos) })
 }
 
 pub fn fsync(fd: RawFd, data_only: bool) -> SysResult<()> {
