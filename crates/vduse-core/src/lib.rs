@@ -10,6 +10,7 @@
 //! - [`queue`]: one virtqueue and the life of each request on it (pop, complete, fence);
 //! - [`model`]: the device description and the trait of models written in Rust;
 //! - [`worker`]: worker-thread serving for such models;
+//! - [`forward`]: handing requests such a model took to another server (JavaScript);
 //! - [`device`]: a VDUSE device — creation, take-over, the message loop, bounded drains, teardown;
 //! - [`vhost_user`]: the same devices over a vhost-user socket, for any VMM, without VDUSE;
 //! - [`reclaim`]: taking over a dead server's device just to detach it cleanly;
@@ -20,6 +21,7 @@ pub mod chain;
 pub mod control;
 pub mod device;
 pub mod error;
+pub mod forward;
 pub mod inflight;
 pub mod lifecycle;
 pub mod loopback;

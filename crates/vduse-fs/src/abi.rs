@@ -84,7 +84,13 @@ pub mod init {
     /// O_TRUNC by a caller without CAP_FSETID (the driver says so per request); the driver then need
     /// not ask for `security.capability` before every write.
     pub const HANDLE_KILLPRIV_V2: u32 = 1 << 28;
+    /// Entries with [`ATTR_SUBMOUNT`](super::ATTR_SUBMOUNT) are mount points: the driver mounts a
+    /// superblock of their own there (own `st_dev`; renames and links across it fail with EXDEV).
+    pub const SUBMOUNTS: u32 = 1 << 27;
 }
+
+/// `fuse_attr.flags`: this directory is the root of a submount (with [`init::SUBMOUNTS`]).
+pub const ATTR_SUBMOUNT: u32 = 1 << 0;
 
 /// `fuse_write_in.write_flags`: clear setuid/setgid (HANDLE_KILLPRIV_V2).
 pub const WRITE_KILL_SUIDGID: u32 = 1 << 2;

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use vduse_core::memory::Pins;
 use vduse_core::queue::{Gone, Owner, Part, Ticket};
-use vduse_core::{Completer, DeviceModel, DeviceSpec, RequestBatch, Virtqueue};
+use vduse_core::{Completer, DeviceModel, DeviceSpec, Request, RequestBatch, Virtqueue};
 
 use crate::server::{ReqIo, Scratch, Server};
 use crate::sys;
@@ -52,8 +52,8 @@ impl FsModel {
     }
 }
 
-struct Local {
-    scratch: Scratch,
+pub(crate) struct Local {
+    pub(crate) scratch: Scratch,
     pins: Pins,
     iov: Vec<libc::iovec>,
     /// This thread has its own umask (0); false if it could not get one (logged: new files are then
@@ -70,29 +70,50 @@ thread_local! {
     });
 }
 
+/// Runs `f` with this worker thread's buffers, and a [`QueueIo`] maker for a request of `vq`.
+pub(crate) fn with_local<R>(f: impl FnOnce(&mut Local) -> R) -> R {
+    LOCAL.with(|l| {
+        let l = &mut *l.borrow_mut();
+        if l.umask_private.is_none() {
+            let ok = sys::private_umask_zero().is_ok();
+            if !ok {
+                log::error!("virtio-fs: unshare(CLONE_FS) failed: new files get this process's umask");
+            }
+            l.umask_private = Some(ok);
+        }
+        f(l)
+    })
+}
+
+impl Local {
+    /// A request's buffers, and the scratch space to serve it with.
+    pub(crate) fn io<'a>(
+        &'a mut self,
+        vq: &'a Arc<Virtqueue>,
+        req: &Request<'_>,
+    ) -> (QueueIo<'a>, &'a mut Scratch) {
+        (
+            QueueIo {
+                vq,
+                ticket: req.ticket,
+                readable: req.shape.readable_bytes as usize,
+                writable: req.shape.writable_bytes as usize,
+                pins: &mut self.pins,
+                iov: &mut self.iov,
+            },
+            &mut self.scratch,
+        )
+    }
+}
+
 impl DeviceModel for FsModel {
     fn handle(&self, _queue: u16, batch: &RequestBatch, completer: &Completer) {
-        LOCAL.with(|l| {
-            let l = &mut *l.borrow_mut();
-            if l.umask_private.is_none() {
-                let ok = sys::private_umask_zero().is_ok();
-                if !ok {
-                    log::error!("virtio-fs: unshare(CLONE_FS) failed: new files get this process's umask");
-                }
-                l.umask_private = Some(ok);
-            }
+        with_local(|l| {
             let vq = completer.queue();
             for req in batch.iter() {
-                let mut io = QueueIo {
-                    vq,
-                    ticket: req.ticket,
-                    readable: req.shape.readable_bytes as usize,
-                    writable: req.shape.writable_bytes as usize,
-                    pins: &mut l.pins,
-                    iov: &mut l.iov,
-                };
+                let (mut io, scratch) = l.io(vq, &req);
                 // Gone: fenced meanwhile (a reset, a remap): there is no one to answer.
-                if let Ok(used) = self.server.handle(&mut io, req.header, &mut l.scratch) {
+                if let Ok(used) = self.server.handle(&mut io, req.header, scratch) {
                     completer.complete(req.ticket, used, None);
                 }
             }
@@ -106,7 +127,7 @@ impl DeviceModel for FsModel {
 }
 
 /// A request of a virtqueue, reached through its ticket.
-struct QueueIo<'a> {
+pub(crate) struct QueueIo<'a> {
     vq: &'a Arc<Virtqueue>,
     ticket: Ticket,
     readable: usize,

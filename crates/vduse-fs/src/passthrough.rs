@@ -59,6 +59,9 @@ pub struct Config {
     /// Let lookups cross into file systems mounted inside the directory (off: such a mount point answers
     /// EACCES). Even then procfs, sysfs and the like are never entered.
     pub cross_mounts: bool,
+    /// Added to every node id the driver is given (the root is `id_base + 1`): a share mounted inside
+    /// another file system's tree gets ids of its own (see `router`). A multiple of [`ID_SPAN`].
+    pub id_base: u64,
 }
 
 impl Config {
@@ -73,6 +76,7 @@ impl Config {
             max_handles: 65_536,
             allow_devices: false,
             cross_mounts: false,
+            id_base: 0,
         }
     }
 }
@@ -196,6 +200,10 @@ struct Handles {
     next: u64,
 }
 
+/// Node ids one instance may hand out, from `id_base + 1` (they never restart, so at a million lookups a
+/// second this lasts nine years).
+pub const ID_SPAN: u64 = 1 << 48;
+
 /// Descriptors kept free for everything else in the process.
 const FD_RESERVE: u64 = 1024;
 
@@ -214,6 +222,8 @@ pub struct PassthroughFs {
     switch_ids: bool,
     max_nodes: usize,
     max_handles: usize,
+    /// The root's node id (`id_base + 1`).
+    root_id: u64,
     /// A limit was reached and logged.
     warned: AtomicBool,
 }
@@ -227,6 +237,11 @@ impl PassthroughFs {
         }
         if cfg.max_nodes < 16 || cfg.max_handles < 4 {
             return Err(SetupError::Invalid("maxNodes must be ≥ 16 and maxHandles ≥ 4"));
+        }
+        if !cfg.id_base.is_multiple_of(ID_SPAN) || cfg.id_base > u64::MAX - ID_SPAN {
+            return Err(SetupError::Invalid(
+                "id_base must be a multiple of 2^48 below 2^64 - 2^48",
+            ));
         }
         let root_fd = open_path(&cfg.root).map_err(|e| SetupError::Root(cfg.root.clone(), e))?;
         let st = sys::stat_fd(root_fd.as_raw_fd())
@@ -295,6 +310,7 @@ impl PassthroughFs {
             key,
             _budget: None,
         });
+        let root_id = cfg.id_base + abi::ROOT_ID;
         let fs = Self {
             cfg,
             root,
@@ -302,7 +318,7 @@ impl PassthroughFs {
             // Ids only grow, across sessions too: a request that outlived its session never names
             // a node or handle of the next one.
             nodes: Mutex::new(Nodes {
-                next: abi::ROOT_ID + 1,
+                next: root_id + 1,
                 ..Nodes::default()
             }),
             handles: Mutex::new(Handles {
@@ -316,6 +332,7 @@ impl PassthroughFs {
             switch_ids: unsafe { libc::geteuid() } == 0,
             max_nodes,
             max_handles,
+            root_id,
             warned: AtomicBool::new(false),
         };
         fs.forget_all();
@@ -324,6 +341,11 @@ impl PassthroughFs {
 
     pub fn config(&self) -> &Config {
         &self.cfg
+    }
+
+    /// The root's node id.
+    pub fn root_id(&self) -> u64 {
+        self.root_id
     }
 
     /// The node and handle limits in force (the configured ones, lowered to fit the open-file limit).
@@ -367,7 +389,7 @@ impl PassthroughFs {
             let mut h = self.handles.lock();
             let old = (std::mem::take(&mut n.by_id), std::mem::take(&mut h.map));
             n.by_key.clear();
-            n.by_key.insert(self.root.key, abi::ROOT_ID);
+            n.by_key.insert(self.root.key, self.root_id);
             self.node_count.store(0, Ordering::Relaxed);
             self.handle_count.store(0, Ordering::Relaxed);
             old
@@ -378,7 +400,7 @@ impl PassthroughFs {
 
     /// The node `id`, or ESTALE (an id the driver was never given, or forgot).
     pub fn node(&self, id: u64) -> SysResult<Arc<Node>> {
-        if id == abi::ROOT_ID {
+        if id == self.root_id {
             return Ok(self.root.clone());
         }
         self.nodes
@@ -412,7 +434,7 @@ impl PassthroughFs {
         let key = (st.st_dev, st.st_ino);
         let mut n = self.nodes.lock();
         if let Some(&id) = n.by_key.get(&key) {
-            if id != abi::ROOT_ID {
+            if id != self.root_id {
                 if let Some(k) = n.by_id.get_mut(&id) {
                     k.lookups += 1;
                 }
@@ -423,6 +445,10 @@ impl PassthroughFs {
         }
         if n.by_id.len() >= self.max_nodes {
             self.at_limit("nodes", self.max_nodes);
+            return Err(Errno(libc::ENFILE));
+        }
+        if n.next - self.root_id >= ID_SPAN - 1 {
+            self.at_limit("node ids", (ID_SPAN - 1) as usize);
             return Err(Errno(libc::ENFILE));
         }
         let budget = FdTicket::take();
@@ -452,7 +478,7 @@ impl PassthroughFs {
 
     /// Drops `count` lookups of `id`; at zero the node (and its fd, once no call uses it) goes.
     pub fn forget(&self, id: u64, count: u64) {
-        if id == abi::ROOT_ID {
+        if id == self.root_id {
             return;
         }
         let gone = {

@@ -37,6 +37,22 @@ pub trait ReqIo {
     }
 }
 
+/// Answers `errno` to the request `unique`: the bytes written (0 if the driver left no room for it).
+pub fn reply_errno(io: &mut dyn ReqIo, unique: u64, errno: i32) -> Result<u32, Gone> {
+    if io.writable() < OUT_HEADER {
+        // No room for an answer: the buffers go back empty.
+        return Ok(0);
+    }
+    let mut b = [0u8; OUT_HEADER];
+    b[..4].copy_from_slice(&(OUT_HEADER as u32).to_le_bytes());
+    b[4..8].copy_from_slice(&(-errno).to_le_bytes());
+    b[8..].copy_from_slice(&unique.to_le_bytes());
+    if io.write(0, &b)? < OUT_HEADER {
+        return Ok(0);
+    }
+    Ok(OUT_HEADER as u32)
+}
+
 /// What the server did, for `stats`.
 #[derive(Debug, Default)]
 pub struct Counters {
@@ -52,7 +68,7 @@ pub struct Counters {
 /// Buffers one worker thread reuses for every request (no allocation per request once warm).
 #[derive(Default)]
 pub struct Scratch {
-    args: Vec<u8>,
+    pub(crate) args: Vec<u8>,
     out: Writer,
     data: Vec<u8>,
     list: Vec<u8>,
@@ -134,6 +150,60 @@ impl Server {
         self.up.store(false, Ordering::Release);
     }
 
+    /// A session begins that another server negotiated (this one serves a subtree of its tree, see
+    /// `router`): what the driver knew is forgotten, and requests are served from now on. On a worker
+    /// thread (the fds close here).
+    pub fn begin_session(&self) {
+        let _s = self.session.lock();
+        self.seen
+            .store(self.generation.load(Ordering::Acquire), Ordering::Release);
+        self.fs.forget_all();
+        self.up.store(true, Ordering::Release);
+        self.counters.sessions.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The session ended (DESTROY forwarded to the server that negotiated it): every node is forgotten
+    /// and requests fail with EIO until the next one. On a worker thread.
+    pub fn end_session(&self) {
+        let _s = self.session.lock();
+        self.up.store(false, Ordering::Release);
+        self.fs.forget_all();
+    }
+
+    /// Answers a LOOKUP another server was asked (of the name this subtree is mounted at) with this
+    /// tree's root, marked as a submount. Returns the bytes written, as `handle`.
+    pub fn answer_mount(&self, io: &mut dyn ReqIo, head: &[u8]) -> Result<u32, Gone> {
+        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        self.sync_session();
+        let Some(h) = InHeader::parse(head).filter(|h| h.opcode == op::LOOKUP) else {
+            let unique = InHeader::parse(head).map_or(0, |h| h.unique);
+            return self.reply_error(io, unique, libc::EINVAL);
+        };
+        if !self.up.load(Ordering::Acquire) {
+            return self.reply_error(io, h.unique, libc::EIO);
+        }
+        if io.writable() < OUT_HEADER + abi::ENTRY_OUT {
+            self.counters.malformed.fetch_add(1, Ordering::Relaxed);
+            return self.reply_error(io, h.unique, libc::EINVAL);
+        }
+        let root = self.fs.root_id();
+        let st = match self.fs.getattr(root) {
+            Ok(st) => st,
+            Err(e) => return self.reply_error(io, h.unique, e.0),
+        };
+        let mut out = Writer::default();
+        out.u32((OUT_HEADER + abi::ENTRY_OUT) as u32)
+            .u32(0)
+            .u64(h.unique)
+            .entry(root, &st, self.fs.validity());
+        let n = out.buf.len();
+        out.buf[n - 4..].copy_from_slice(&abi::ATTR_SUBMOUNT.to_le_bytes());
+        if io.write(0, &out.buf)? < n {
+            return Ok(0);
+        }
+        Ok(n as u32)
+    }
+
     fn sync_session(&self) {
         let g = self.generation.load(Ordering::Acquire);
         if self.seen.load(Ordering::Acquire) == g {
@@ -197,20 +267,10 @@ impl Server {
         }
     }
 
-    fn reply_error(&self, io: &mut dyn ReqIo, unique: u64, errno: i32) -> Result<u32, Gone> {
+    /// Answers `errno` (counted as an error); the bytes written, as `handle`.
+    pub fn reply_error(&self, io: &mut dyn ReqIo, unique: u64, errno: i32) -> Result<u32, Gone> {
         self.counters.errors.fetch_add(1, Ordering::Relaxed);
-        if io.writable() < OUT_HEADER {
-            // No room for an answer: the buffers go back empty.
-            return Ok(0);
-        }
-        let mut b = [0u8; OUT_HEADER];
-        b[..4].copy_from_slice(&(OUT_HEADER as u32).to_le_bytes());
-        b[4..8].copy_from_slice(&(-errno).to_le_bytes());
-        b[8..].copy_from_slice(&unique.to_le_bytes());
-        if io.write(0, &b)? < OUT_HEADER {
-            return Ok(0);
-        }
-        Ok(OUT_HEADER as u32)
+        reply_errno(io, unique, errno)
     }
 
     /// Reads the request's arguments (after the header) into `s.args`.
