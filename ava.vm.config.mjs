@@ -6,8 +6,18 @@ const kernel = process.env.VDUSE_VM_KERNEL ?? '6.12'
 export default {
   files:
     kernel === '6.12'
-      ? ['__test__/vm/**/*.spec.ts', '!__test__/vm/fs.spec.ts', '!__test__/vm/fs-shared.spec.ts']
-      : ['__test__/vm/fs.spec.ts', '__test__/vm/fs-shared.spec.ts', '__test__/vm/smoke.spec.ts'],
+      ? [
+          '__test__/vm/**/*.spec.ts',
+          '!__test__/vm/fs.spec.ts',
+          '!__test__/vm/fs-shared.spec.ts',
+          '!__test__/vm/fs-mount.spec.ts',
+        ]
+      : [
+          '__test__/vm/fs.spec.ts',
+          '__test__/vm/fs-shared.spec.ts',
+          '__test__/vm/fs-mount.spec.ts',
+          '__test__/vm/smoke.spec.ts',
+        ],
   extensions: { ts: 'commonjs' },
   nodeArguments: ['--import=tsx'],
   workerThreads: false,

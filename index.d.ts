@@ -52,6 +52,14 @@ export declare class BindingDevice {
   portStats(): PortCounters | null
   /** Counters of a natively shared directory (`fsShare`). */
   fsStats(): FsCounters | null
+  /**
+   * Answers request `ticket` — a LOOKUP of a name where host directory `mount` of `fsMounts` is mounted
+   * — with that directory's root (the driver mounts it there), and completes it. `writable`: the
+   * request's writable bytes. False if it is no longer in flight.
+   */
+  fsAnswerMount(ticket: number, writable: number, mount: number): boolean
+  /** Counters of each host directory mounted in the tree (`fsMounts`), in order. */
+  fsMountStats(): Array<FsCounters>
   /** Whether this device was taken over from a server that died (`recover`), rather than created. */
   get recovered(): boolean
   status(): number
@@ -251,6 +259,12 @@ export interface DeviceInit {
    * request reaches JavaScript.
    */
   fsShare?: FsShareInit
+  /**
+   * Host directories mounted in the tree of the TypeScript file system this device serves (mount `i`
+   * is `fsAnswerMount(ticket, i)`): a router on worker threads serves their requests natively and
+   * forwards the rest to `onBatch`.
+   */
+  fsMounts?: Array<FsShareInit>
   /**
    * Serve the device over a vhost-user socket at this path (listening; one client at a time) instead
    * of creating it in the kernel.

@@ -204,7 +204,7 @@ test('fs options parse; wrong ones are usage errors', (t) => {
     command: 'fs',
     name: 'f0',
     tag: 'f0',
-    source: { kind: 'memory', size: 1 << 30 },
+    source: { kind: 'memory', size: 1 << 30, mounts: [] },
     requestQueues: 1,
     queueSize: 256,
     readOnly: false,

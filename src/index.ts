@@ -32,11 +32,13 @@ export type { NetFeature } from './devices/net/constants'
 
 export { FsDevice, VIRTIO_ID_FS } from './devices/fs/fs-device'
 export type { FsDeviceOptions, FsDeviceEvents, FsStats } from './devices/fs/fs-device'
-export { FsError } from './devices/fs/filesystem'
+export { FsError, PassthroughMount } from './devices/fs/filesystem'
 export type {
   FileSystem,
   FsContext,
   Entry,
+  MountEntry,
+  PassthroughMountOptions,
   OpenResult,
   SetAttr,
   DirEntry,

@@ -89,6 +89,8 @@ Options for net (virtio-net NICs; the kernel shows each as a network interface, 
 Options for fs (virtio-fs, Linux >= 6.15: \`mount -t virtiofs TAG /mnt\`, or hand it to a VM):
   --tag TAG              the mount tag (1–36 bytes; default: the name)
   --memory               serve an in-memory file system (MemoryFs); --size caps its data (default 1G)
+  --mount PATH=DIR       with --memory: mount host directory DIR at PATH of it (repeatable), served
+                         natively as with --shared-dir (a submount: renames across it are copies)
   --shared-dir DIR       share this host directory, served natively (no JavaScript per request); the
                          driver reaches nothing outside it (names resolved beneath it, symlinks never
                          followed on the host)
@@ -259,6 +261,7 @@ function parseFs(args: readonly string[]): FsCommand | { command: 'help'; topic:
         xattr: { type: 'string' },
         'allow-devices': { type: 'boolean' },
         'cross-mounts': { type: 'boolean' },
+        mount: { type: 'string', multiple: true },
         timeout: { type: 'string' },
         attach: { type: 'string' },
         'vhost-user': { type: 'string' },
@@ -297,6 +300,17 @@ function parseFs(args: readonly string[]): FsCommand | { command: 'help'; topic:
   if (v.backend === undefined && pluginArgs.length > 0)
     throw new UsageError('arguments after -- are for a --backend plugin')
   if (v.size !== undefined && !v.memory) throw new UsageError('--size goes with --memory')
+  const mounts = (v.mount ?? []).map((m) => {
+    const at = m.indexOf('=')
+    const path = m.slice(0, at)
+    const dir = m.slice(at + 1)
+    if (at < 0 || !path.startsWith('/') || path === '/' || dir === '')
+      throw new UsageError(
+        `--mount needs PATH=DIR (an absolute path in the file system, a host directory), not ${m}`,
+      )
+    return { path, dir }
+  })
+  if (mounts.length > 0 && !v.memory) throw new UsageError('--mount goes with --memory')
   const queueSize = parseQueueSize(v['queue-size'])
   const attach = parseAttach(v.attach)
   if (v['vhost-user'] !== undefined) {
@@ -310,7 +324,7 @@ function parseFs(args: readonly string[]): FsCommand | { command: 'help'; topic:
     name: v.name,
     tag,
     source: v.memory
-      ? { kind: 'memory', size: v.size === undefined ? 1 << 30 : parseSize(v.size, '--size') }
+      ? { kind: 'memory', size: v.size === undefined ? 1 << 30 : parseSize(v.size, '--size'), mounts }
       : shared !== undefined
         ? {
             kind: 'shared',
@@ -431,7 +445,7 @@ export interface FsCommand {
   name: string
   tag: string
   source:
-    | { kind: 'memory'; size: number }
+    | { kind: 'memory'; size: number; mounts: { path: string; dir: string }[] }
     | { kind: 'plugin'; module: string; args: string[] }
     | {
         kind: 'shared'

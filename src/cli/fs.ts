@@ -3,7 +3,7 @@
 // Events, signals and exit codes as for `vduse blk`; SIGUSR2 (a handover) is refused: a file system's
 // session state lives in this process.
 import { FsDevice } from '../devices/fs/fs-device'
-import type { FileSystem } from '../devices/fs/filesystem'
+import { PassthroughMount, type FileSystem } from '../devices/fs/filesystem'
 import { MemoryFs } from '../devices/fs/memory-fs'
 import { logs, setLogLevel, type LogRecord } from '../log'
 import { loadFsPlugin } from '../plugin'
@@ -19,7 +19,7 @@ export async function serveFs(cmd: FsCommand, emit: Emit): Promise<number> {
   const src = cmd.source
   const fs: FileSystem | undefined =
     src.kind === 'memory'
-      ? new MemoryFs({ maxBytes: src.size })
+      ? memoryFs(src.size, src.mounts)
       : src.kind === 'plugin'
         ? await loadFsPlugin(src.module, {
             name: cmd.name,
@@ -60,7 +60,12 @@ export async function serveFs(cmd: FsCommand, emit: Emit): Promise<number> {
   device.on('session', (s) => emit({ event: 'session', name, ...s }))
   const onLog = (r: LogRecord): void => emit({ event: 'log', level: r.level, message: r.message })
   logs.on('log', onLog)
-  const stats = (): Record<string, unknown> => ({ name, stats: device.stats, counters: device.counters() })
+  const stats = (): Record<string, unknown> => ({
+    name,
+    stats: device.stats,
+    ...(src.kind === 'memory' && src.mounts.length > 0 ? { mounts: device.mountStats } : {}),
+    counters: device.counters(),
+  })
 
   let stopping: Promise<number> | undefined
   let stage = ''
@@ -134,4 +139,10 @@ export async function serveFs(cmd: FsCommand, emit: Emit): Promise<number> {
     attaching = undefined
   }
   return stopped
+}
+
+function memoryFs(size: number, mounts: { path: string; dir: string }[]): MemoryFs {
+  const fs = new MemoryFs({ maxBytes: size })
+  for (const m of mounts) fs.mount(m.path, new PassthroughMount({ dir: m.dir }))
+  return fs
 }

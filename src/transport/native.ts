@@ -40,6 +40,8 @@ function openNative(
     tapCounters: () => device.tapStats() ?? undefined,
     portCounters: () => device.portStats() ?? undefined,
     fsCounters: () => device.fsStats() ?? undefined,
+    fsAnswerMount: (ticket, writable, mount) => device.fsAnswerMount(ticket, writable, mount),
+    fsMountCounters: () => device.fsMountStats(),
   }
   return source
 }

@@ -63,6 +63,14 @@ export interface RequestSource {
   portCounters?(): PortCounters | undefined
   /** A file system served natively (`DeviceInit.fsShare`): its counters. */
   fsCounters?(): FsCounters | undefined
+  /**
+   * Host directories mounted in a TypeScript file system's tree (`DeviceInit.fsMounts`): answers the
+   * LOOKUP `ticket` of a mount point with mount `mount`'s root, and completes it. False if the request
+   * is no longer in flight.
+   */
+  fsAnswerMount?(ticket: number, writable: number, mount: number): boolean
+  /** Counters of each mounted host directory (`DeviceInit.fsMounts`), in order. */
+  fsMountCounters?(): FsCounters[]
 }
 
 /** Frames a natively served NIC moved between the driver and its tap. */

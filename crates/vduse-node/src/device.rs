@@ -67,6 +67,10 @@ pub struct DeviceInit {
     /// Serve the device natively as virtio-fs sharing this host directory, on worker threads: no
     /// request reaches JavaScript.
     pub fs_share: Option<crate::fs::FsShareInit>,
+    /// Host directories mounted in the tree of the TypeScript file system this device serves (mount `i`
+    /// is `fsAnswerMount(ticket, i)`): a router on worker threads serves their requests natively and
+    /// forwards the rest to `onBatch`.
+    pub fs_mounts: Option<Vec<crate::fs::FsShareInit>>,
     /// Serve the device over a vhost-user socket at this path (listening; one client at a time) instead
     /// of creating it in the kernel.
     pub vhost_user: Option<String>,
@@ -320,6 +324,9 @@ pub struct BindingDevice {
     /// The server of a natively shared directory, and its counters once it stopped.
     fs: Option<Arc<vduse_fs::Server>>,
     final_fs: Option<crate::fs::FsCounters>,
+    /// The router of host directories mounted in a TypeScript file system's tree (`fsMounts`).
+    router: Option<Arc<vduse_fs::FsRouter>>,
+    final_mounts: Vec<crate::fs::FsCounters>,
     recovered: bool,
 }
 
@@ -493,13 +500,21 @@ pub fn create_device(
         Some(_) if nic.is_some() => {
             return Err(native("a device is a NIC or a shared directory, not both")).or_throw(&env)
         }
-        Some(share) => Some(crate::fs::server_of(share).or_throw(&env)?),
+        Some(share) => Some(crate::fs::server_of(share, 0).or_throw(&env)?),
         None => None,
     };
-    let serving = || match (&nic, &fs) {
-        (Some(nic), _) => Serving::Workers(nic.model()),
-        (None, Some(server)) => Serving::Workers(Arc::new(vduse_fs::FsModel::new(server.clone()))),
-        (None, None) => Serving::External,
+    let router = match init.fs_mounts.as_deref() {
+        None | Some([]) => None,
+        Some(_) if nic.is_some() || fs.is_some() => {
+            return Err(native("fsMounts are for a device served in JavaScript")).or_throw(&env)
+        }
+        Some(mounts) => Some(crate::fs::router_of(mounts, usize::from(spec.num_queues)).or_throw(&env)?),
+    };
+    let serving = || match (&nic, &fs, &router) {
+        (Some(nic), _, _) => Serving::Workers(nic.model()),
+        (None, Some(server), _) => Serving::Workers(Arc::new(vduse_fs::FsModel::new(server.clone()))),
+        (None, None, Some(router)) => Serving::Workers(router.clone()),
+        (None, None, None) => Serving::External,
     };
     let device = match init.vhost_user.as_deref() {
         Some(path) if init.vhost_user_connect.unwrap_or(false) => {
@@ -529,18 +544,30 @@ pub fn create_device(
             final_nic: None,
             fs,
             final_fs: None,
+            router: None,
+            final_mounts: Vec::new(),
         });
     }
     // SAFETY: `on_batch` is a function of this env; we are on the JS thread.
     let server = unsafe {
-        JsServer::start(
-            env.raw(),
-            queues.clone(),
-            device.kick_fds().to_vec(),
-            arrays,
-            on_batch.raw(),
-            poll_cap(init.poll_auto, init.poll_us),
-        )
+        match &router {
+            // The router's workers pop the rings; JavaScript gets what they forward.
+            Some(r) => JsServer::start_forwarded(
+                env.raw(),
+                queues.clone(),
+                r.forwards().to_vec(),
+                arrays,
+                on_batch.raw(),
+            ),
+            None => JsServer::start(
+                env.raw(),
+                queues.clone(),
+                device.kick_fds().to_vec(),
+                arrays,
+                on_batch.raw(),
+                poll_cap(init.poll_auto, init.poll_us),
+            ),
+        }
     }
     .or_throw(&env)?;
     let io = Arc::new(
@@ -561,6 +588,8 @@ pub fn create_device(
         final_nic: None,
         fs: None,
         final_fs: None,
+        router,
+        final_mounts: Vec::new(),
     })
 }
 
@@ -579,6 +608,7 @@ pub struct Close {
     io: Option<Arc<IoPool>>,
     nic: Option<NativeNic>,
     fs: Option<Arc<vduse_fs::Server>>,
+    router: Option<Arc<vduse_fs::FsRouter>>,
     /// Destroy the device (close), or leave it to a successor (release).
     destroy: bool,
     failure: Parked,
@@ -612,6 +642,11 @@ impl napi::Task for Close {
         if let Some(fs) = self.fs.take() {
             // The workers are gone: close every node's and handle's fd now, not when JavaScript lets go.
             fs.fs().forget_all();
+        }
+        if let Some(router) = self.router.take() {
+            for m in router.mounts() {
+                m.fs().forget_all();
+            }
         }
         Ok(())
     }
@@ -755,6 +790,26 @@ impl BindingDevice {
             .or_else(|| self.final_fs.clone())
     }
 
+    /// Answers request `ticket` — a LOOKUP of a name where host directory `mount` of `fsMounts` is mounted
+    /// — with that directory's root (the driver mounts it there), and completes it. `writable`: the
+    /// request's writable bytes. False if it is no longer in flight.
+    #[napi]
+    pub fn fs_answer_mount(&self, ticket: f64, writable: u32, mount: u32) -> bool {
+        let (Some(router), Some((vq, t))) = (&self.router, self.serving.queue(ticket)) else {
+            return false;
+        };
+        crate::fs::answer_mount(router, vq, t, writable, mount)
+    }
+
+    /// Counters of each host directory mounted in the tree (`fsMounts`), in order.
+    #[napi]
+    pub fn fs_mount_stats(&self) -> Vec<crate::fs::FsCounters> {
+        match &self.router {
+            Some(r) => r.mounts().iter().map(|m| crate::fs::counters(m)).collect(),
+            None => self.final_mounts.clone(),
+        }
+    }
+
     /// Whether this device was taken over from a server that died (`recover`), rather than created.
     #[napi(getter)]
     pub fn recovered(&self) -> bool {
@@ -859,11 +914,13 @@ impl BindingDevice {
         if let Some(fs) = &self.fs {
             self.final_fs = Some(crate::fs::counters(fs));
         }
+        self.final_mounts = self.fs_mount_stats();
         AsyncTask::new(Close {
             device: self.device.take(),
             io: self.io.take(),
             nic: self.nic.take(),
             fs: self.fs.take(),
+            router: self.router.take(),
             destroy,
             failure: Parked::default(),
         })

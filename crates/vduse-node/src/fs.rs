@@ -1,11 +1,16 @@
 //! A virtio-fs device served natively: a host directory shared through `vduse_fs` on the queues' worker
-//! threads. JavaScript configures it and reads its counters; no request reaches JavaScript.
+//! threads. JavaScript configures it and reads its counters; no request reaches JavaScript. Or host
+//! directories mounted inside a TypeScript file system's tree (`fsMounts`): a router on the worker
+//! threads serves theirs and forwards the rest to JavaScript.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use napi_derive::napi;
-use vduse_fs::{CachePolicy, Config, PassthroughFs, Server, SetupError, XattrPolicy};
+use vduse_core::queue::{Done, Gone, Owner, Ticket};
+use vduse_core::Virtqueue;
+use vduse_fs::router::mount_id_base;
+use vduse_fs::{CachePolicy, Config, FsRouter, PassthroughFs, ReqIo, Server, SetupError, XattrPolicy};
 
 use crate::error::Failure;
 
@@ -49,7 +54,8 @@ pub struct FsCounters {
     pub max_handles: f64,
 }
 
-pub fn server_of(init: &FsShareInit) -> Result<Arc<Server>, Failure> {
+/// The server of a shared directory; `id_base`: 0 alone, or a router's mount's (see `router_of`).
+pub fn server_of(init: &FsShareInit, id_base: u64) -> Result<Arc<Server>, Failure> {
     let bad = |m: String| Failure::new("ERR_VDUSE_INVALID_CONFIG", m, None, None, None);
     let mut cfg = Config::new(&init.dir);
     cfg.cache = match init.cache.as_deref().unwrap_or("auto") {
@@ -74,6 +80,7 @@ pub fn server_of(init: &FsShareInit) -> Result<Arc<Server>, Failure> {
     if let Some(n) = init.max_handles {
         cfg.max_handles = n as usize;
     }
+    cfg.id_base = id_base;
     let max_write = init.max_write.unwrap_or(1 << 20);
     let fs = PassthroughFs::new(cfg).map_err(|e| {
         let message = e.to_string();
@@ -129,5 +136,62 @@ pub fn counters(server: &Server) -> FsCounters {
         bytes_written: get(&c.bytes_written),
         max_nodes: max_nodes as f64,
         max_handles: max_handles as f64,
+    }
+}
+
+/// A router for host directories mounted in a TypeScript file system's tree (`DeviceInit.fsMounts`).
+pub fn router_of(mounts: &[FsShareInit], queues: usize) -> Result<Arc<FsRouter>, Failure> {
+    let servers = mounts
+        .iter()
+        .enumerate()
+        .map(|(i, m)| server_of(m, mount_id_base(i)))
+        .collect::<Result<Vec<_>, _>>()?;
+    FsRouter::new(servers, queues)
+        .map(Arc::new)
+        .map_err(|e| Failure::new("ERR_VDUSE_INVALID_CONFIG", e.to_string(), None, None, None))
+}
+
+/// Answers request `ticket` (a LOOKUP JavaScript was asked, of a mount point) with mount `mount`'s
+/// root, and completes it. False if the request is no longer in flight.
+pub fn answer_mount(router: &FsRouter, vq: &Virtqueue, ticket: Ticket, writable: u32, mount: u32) -> bool {
+    let mut head = [0u8; vduse_core::queue::HEAD_BYTES];
+    let Ok(n) = vq.read_request(ticket, Owner::Model, 0, &mut head) else {
+        return false;
+    };
+    let mut io = TicketIo {
+        vq,
+        ticket,
+        writable: writable as usize,
+    };
+    match router.answer_mount(mount as usize, &mut io, &head[..n]) {
+        Ok(used) => {
+            vq.complete_all([Done::new(ticket, used, None)]);
+            used > 0
+        }
+        Err(Gone) => false,
+    }
+}
+
+/// A request JavaScript holds, reached through its ticket (the answer of a mount point's LOOKUP).
+struct TicketIo<'a> {
+    vq: &'a Virtqueue,
+    ticket: Ticket,
+    writable: usize,
+}
+
+impl ReqIo for TicketIo<'_> {
+    fn readable(&self) -> usize {
+        0
+    }
+    fn writable(&self) -> usize {
+        self.writable
+    }
+    fn read(&mut self, offset: usize, dst: &mut [u8]) -> Result<usize, Gone> {
+        self.vq
+            .read_request(self.ticket, Owner::Model, offset as u64, dst)
+    }
+    fn write(&mut self, offset: usize, src: &[u8]) -> Result<usize, Gone> {
+        self.vq
+            .write_request(self.ticket, Owner::Model, offset as u64, src)
     }
 }

@@ -23,6 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use napi::sys;
+use vduse_core::forward::{Forward, Forwarded};
 use vduse_core::queue::{Budget, Done, Owner, Pop, RequestBatch, Ticket, Virtqueue};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -308,6 +309,9 @@ pub struct JsServer {
     probe: Box<[Cell<u32>]>,
     /// Batches found by polling rather than by a kick.
     pub polled: Cell<u64>,
+    /// Requests come from a native model (per queue) rather than from the rings: see `start_forwarded`.
+    forward: Option<Vec<Arc<Forward>>>,
+    forwarded: RefCell<Vec<Forwarded>>,
 }
 
 /// Owns a [`JsServer`] and its poll handles.
@@ -338,6 +342,46 @@ impl JsServer {
         arrays: Arrays,
         on_batch: sys::napi_value,
         poll: PollCap,
+    ) -> Result<ServerHandle, Failure> {
+        // SAFETY: forwarded from the caller.
+        unsafe { Self::launch(env, queues, kicks, arrays, on_batch, poll, None) }
+    }
+
+    /// Creates a server of the requests a native model forwards (one [`Forward`] per queue, e.g. a
+    /// virtio-fs router's): it waits on their eventfds instead of the kicks, and never pops a ring.
+    /// Batches and completions are as for [`start`](Self::start); the requests stay owned by the model.
+    ///
+    /// # Safety
+    /// As for `start`.
+    pub unsafe fn start_forwarded(
+        env: sys::napi_env,
+        queues: Vec<Arc<Virtqueue>>,
+        forward: Vec<Arc<Forward>>,
+        arrays: Arrays,
+        on_batch: sys::napi_value,
+    ) -> Result<ServerHandle, Failure> {
+        if forward.len() != queues.len() {
+            return Err(native("one forward per queue"));
+        }
+        let wakes = forward
+            .iter()
+            .map(|f| f.wake_fd().try_clone().map(Arc::new))
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(|e| native(format!("eventfd: {e}")))?;
+        // SAFETY: forwarded from the caller.
+        unsafe { Self::launch(env, queues, wakes, arrays, on_batch, PollCap::Off, Some(forward)) }
+    }
+
+    /// # Safety
+    /// As for `start`.
+    unsafe fn launch(
+        env: sys::napi_env,
+        queues: Vec<Arc<Virtqueue>>,
+        kicks: Vec<Arc<EventFd>>,
+        arrays: Arrays,
+        on_batch: sys::napi_value,
+        poll: PollCap,
+        forward: Option<Vec<Arc<Forward>>>,
     ) -> Result<ServerHandle, Failure> {
         let capacity = arrays.capacity();
         if capacity == 0 || arrays.done.len() < DONE_FIELDS || arrays.ctl.len() < 1 {
@@ -390,6 +434,8 @@ impl JsServer {
             depth_x16: (0..n).map(|_| Cell::new(16)).collect(),
             probe: (0..n).map(|_| Cell::new(PROBE_EVERY)).collect(),
             polled: Cell::new(0),
+            forward,
+            forwarded: RefCell::new(Vec::new()),
         }));
         let handle = ServerHandle {
             // SAFETY: from Box::into_raw, never null.
@@ -434,6 +480,9 @@ impl JsServer {
     }
 
     fn serve_rounds(&self, q: usize) {
+        if let Some(forward) = &self.forward {
+            return self.serve_forwarded(q, forward);
+        }
         let (Some(vq), Some(kick)) = (self.queues.get(q), self.kicks.get(q)) else {
             return;
         };
@@ -518,6 +567,50 @@ impl JsServer {
                     }
                     return; // wait for a kick
                 }
+            }
+        }
+        // The budget ran out: continue after the other events of this loop turn.
+        let _ = kick.write(1);
+    }
+
+    /// Serves what the model forwarded for queue `q`, in bounded rounds like `serve_rounds`.
+    fn serve_forwarded(&self, q: usize, forward: &[Arc<Forward>]) {
+        let (Some(vq), Some(kick), Some(from)) = (self.queues.get(q), self.kicks.get(q), forward.get(q))
+        else {
+            return;
+        };
+        let _ = kick.read();
+        self.wakeups.set(self.wakeups.get() + 1);
+        for _ in 0..ROUNDS {
+            let (more, count) = {
+                let mut reqs = self.forwarded.borrow_mut();
+                let more = from.take(self.budget.requests, &mut reqs);
+                if reqs.is_empty() {
+                    return;
+                }
+                // SAFETY: the JS thread, our env.
+                if !unsafe { self.arrays.refresh(self.env) } {
+                    vq.complete_all(reqs.drain(..).map(|r| vq.failure(r.ticket)));
+                    drop(reqs);
+                    self.fail(
+                        "the batch arrays were detached or released; the device cannot deliver requests",
+                    );
+                    return;
+                }
+                let count = self.fill_from(
+                    reqs.iter().map(|r| (r.ticket, r.shape, r.header())),
+                    vq.features(),
+                );
+                reqs.clear();
+                (more, count)
+            };
+            self.call(q, count);
+            if self.closed.get() {
+                return;
+            }
+            self.flush();
+            if !more {
+                return;
             }
         }
         // The budget ran out: continue after the other events of this loop turn.
@@ -643,23 +736,35 @@ impl JsServer {
 
     /// Writes the batch into the JavaScript arrays; returns how many requests it holds.
     fn fill(&self, batch: &RequestBatch, features: u64) -> usize {
+        self.fill_from(
+            batch.iter().map(|req| (req.ticket, req.shape, req.header)),
+            features,
+        )
+    }
+
+    /// Writes requests (ticket, shape, first readable bytes) into the JavaScript arrays; returns how many.
+    fn fill_from<'h>(
+        &self,
+        reqs: impl Iterator<Item = (Ticket, vduse_core::chain::Shape, &'h [u8])>,
+        features: u64,
+    ) -> usize {
         let a = &self.arrays;
         // The session's device features (bits 0–23, exact in a double): requests carry them, so a model
         // never reads a request with the features of another session.
         let features = (features & 0xff_ffff) as f64;
         let mut n = 0;
-        for req in batch.iter() {
+        for (ticket, shape, header) in reqs {
             let r = n * REQ_FIELDS;
             // The header was copied when the request was popped, under the queue lock.
-            let at = a.heads.with_slice(n * HEAD_BYTES, req.header.len(), |dst| {
+            let at = a.heads.with_slice(n * HEAD_BYTES, header.len(), |dst| {
                 let k = dst.len();
-                dst.copy_from_slice(&req.header[..k]);
+                dst.copy_from_slice(&header[..k]);
                 k
             });
-            a.reqs.set(r, req.ticket.raw() as f64);
-            a.reqs.set(r + 1, f64::from(req.ticket.queue()));
-            a.reqs.set(r + 2, f64::from(req.shape.readable_bytes));
-            a.reqs.set(r + 3, f64::from(req.shape.writable_bytes));
+            a.reqs.set(r, ticket.raw() as f64);
+            a.reqs.set(r + 1, f64::from(ticket.queue()));
+            a.reqs.set(r + 2, f64::from(shape.readable_bytes));
+            a.reqs.set(r + 3, f64::from(shape.writable_bytes));
             a.reqs.set(r + 4, at as f64);
             a.reqs.set(r + 5, features);
             n += 1;

@@ -29,6 +29,60 @@ export interface Entry {
   generation?: number
 }
 
+/** How a {@link PassthroughMount} serves its host directory (as `FsDevice`'s `sharedDir` options). */
+export interface PassthroughMountOptions {
+  /** The host directory. */
+  dir: string
+  /** What the driver may cache: `never`, `auto` (default) or `always` (see `FsDeviceOptions.cache`). */
+  cache?: 'never' | 'auto' | 'always'
+  /** Refuse every change under it with EROFS (the device's `readOnly` applies too). */
+  readOnly?: boolean
+  /** Extended attributes the driver sees: `off`, `user` (default) or `all`. */
+  xattr?: 'off' | 'user' | 'all'
+  /** Let the driver create device nodes under it (default false: EPERM). */
+  allowDevices?: boolean
+  /** Let lookups enter file systems mounted under it (default false: EACCES). */
+  crossMounts?: boolean
+  /** Nodes the driver may know in it at once (default 1,048,576; lowered to fit the fd limit). */
+  maxNodes?: number
+  /** Open files and directories in it at once (default 65,536; lowered to fit the fd limit). */
+  maxHandles?: number
+}
+
+/**
+ * A host directory a TypeScript file system hands over to the native path: its `lookup` returns
+ * `{ mount }` for the name where it is mounted, and the driver then mounts the directory there (a
+ * submount: its own `st_dev`; renames and links across it fail with EXDEV). Every request under it is
+ * served in Rust on the queues' threads, with the same confinement as `sharedDir` — no JavaScript runs
+ * for it. The file system lists its mounts in `mounts()` before the device is created. Needs a native
+ * transport (VDUSE or vhost-user).
+ */
+export class PassthroughMount {
+  readonly options: Readonly<PassthroughMountOptions>
+
+  constructor(options: PassthroughMountOptions) {
+    const dir = options?.dir
+    if (typeof dir !== 'string' || dir.length === 0 || dir.includes('\0')) {
+      throw new TypeError('a PassthroughMount needs dir, the path of a host directory')
+    }
+    this.options = Object.freeze({ ...options })
+  }
+
+  get dir(): string {
+    return this.options.dir
+  }
+}
+
+/** What `lookup` returns for the name where a host directory is mounted. */
+export interface MountEntry {
+  mount: PassthroughMount
+}
+
+/** Whether a `lookup` answer is a mount point. */
+export function isMountEntry(x: unknown): x is MountEntry {
+  return typeof x === 'object' && x !== null && (x as MountEntry).mount instanceof PassthroughMount
+}
+
 /** What `open`, `opendir` and `create` may return: a handle of the file system's choosing, and cache hints. */
 export interface OpenResult<H> {
   /** Handed back to `read`, `write`, `release`, … for this open file. */
@@ -133,7 +187,13 @@ export interface FileSystem<H = unknown> {
   init?(info: FsInitInfo): Maybe<void>
   /** The driver ended the session (unmount). */
   destroy?(): Maybe<void>
-  lookup(parent: number, name: string, ctx: FsContext): Maybe<Entry | Attr>
+  /** A node, or `{ mount }` where a host directory of `mounts()` is mounted. */
+  lookup(parent: number, name: string, ctx: FsContext): Maybe<Entry | Attr | MountEntry>
+  /**
+   * The host directories `lookup` may return (`{ mount }`), read once when the device is created: the
+   * device serves them natively from then on.
+   */
+  mounts?(): Iterable<PassthroughMount>
   /** The driver forgot node `ino` entirely (every lookup of it was given back). */
   forget?(ino: number): void
   getattr(ino: number, ctx: FsContext, handle?: H): Maybe<Attr>

@@ -6,8 +6,11 @@ import type { RequestSource } from '../../transport/source'
 import type { RequestBatch } from '../../transport/batch'
 import { VirtioDevice, type VirtioDeviceEvents, type VirtioDeviceOptions } from '../../virtio/device'
 import {
+  PassthroughMount,
   errnoOf,
   isEntry,
+  isMountEntry,
+  type MountEntry,
   type Attr,
   type DirEntry,
   type Entry,
@@ -308,6 +311,10 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
   readonly #readOnly: boolean
   readonly #timeoutMs: number
   readonly #writeback: boolean
+  /** The flags the session's INIT granted. */
+  #initFlags = 0
+  /** Host directories of `fs.mounts()`, by index in `fsMounts` (served natively). */
+  readonly #mounts: Map<PassthroughMount, number>
   /** Lookup counts of the nodes the driver knows (the root is always known and never counted). */
   readonly #nodes = new Map<number, number>()
   readonly #handles = new Map<number, Handle>()
@@ -392,6 +399,21 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
     // A shared directory's requests never reach JavaScript (native serving); the TypeScript path has an
     // empty file system then, which only ever sees session ends with nothing to forget.
     this.#fs = fs ?? (NATIVE_ONLY as FileSystem<H>)
+    // Host directories mounted in the tree: read once, served natively from the device's creation.
+    const mounts = fs?.mounts ? [...new Set(fs.mounts())] : []
+    if (mounts.some((m) => !(m instanceof PassthroughMount))) {
+      throw bad('fs.mounts() must return PassthroughMount objects')
+    }
+    if (mounts.length > 0 && !this.nativeTransport) {
+      throw new VduseError(
+        'host directories mounted in the tree are served natively: it needs VDUSE or vhost-user',
+        {
+          code: 'ERR_VDUSE_UNAVAILABLE',
+          hint: 'use the default transport or vhostUser(), or a file system without mounts in-process',
+        },
+      )
+    }
+    this.#mounts = new Map(mounts.map((m, i) => [m, i]))
     this.#requestQueues = intOption(options.requestQueues, 1, 1, 64, 'requestQueues')
     // The driver needs more than its four header descriptors per request (and WARNs at mount otherwise).
     const queueSize = intOption(options.queueSize, 256, 16, 32768, 'queueSize')
@@ -439,7 +461,44 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
               maxWrite: this.#maxWrite,
             },
           }),
+      ...(this.#mounts.size === 0
+        ? {}
+        : {
+            fsMounts: [...this.#mounts.keys()].map(({ options: m }) => ({
+              dir: m.dir,
+              cache: m.cache ?? 'auto',
+              // The session's: the driver caches writes under the mount too when it was granted.
+              writeback: this.#writeback,
+              readOnly: this.#readOnly || (m.readOnly ?? false),
+              xattr: m.xattr ?? 'user',
+              ...(m.maxNodes === undefined ? {} : { maxNodes: m.maxNodes }),
+              ...(m.maxHandles === undefined ? {} : { maxHandles: m.maxHandles }),
+              allowDevices: m.allowDevices ?? false,
+              crossMounts: m.crossMounts ?? false,
+              maxWrite: this.#maxWrite,
+            })),
+          }),
     })
+  }
+
+  /**
+   * Counters of each host directory mounted in the tree (`fs.mounts()`, in that order), from the native
+   * servers; empty without mounts.
+   */
+  get mountStats(): FsStats[] {
+    return (this.source?.fsMountCounters?.() ?? []).map((n) => ({
+      requests: n.requests,
+      errors: n.errors,
+      malformed: n.malformed,
+      unsupported: n.unsupported,
+      sessions: n.sessions,
+      nodes: n.nodes,
+      handles: n.handles,
+      bytesRead: n.bytesRead,
+      bytesWritten: n.bytesWritten,
+      maxNodes: n.maxNodes,
+      maxHandles: n.maxHandles,
+    }))
   }
 
   /**
@@ -842,6 +901,18 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
     if (this.#writeback && !this.#readOnly) want |= INIT.WRITEBACK_CACHE
     // O_TRUNC reaches open() then; without open(), the driver truncates with SETATTR itself.
     if (this.#fs.open) want |= INIT.ATOMIC_O_TRUNC
+    // Mount points are answered as submounts: without them the driver would see one superblock with
+    // two trees' inode numbers (and move files across them by rename).
+    if (this.#mounts.size > 0) {
+      if (!(offered & INIT.SUBMOUNTS)) {
+        this.report(
+          new VduseError('the driver does not offer FUSE_SUBMOUNTS: mounted host directories stay hidden', {
+            code: 'ERR_VDUSE_UNAVAILABLE',
+          }),
+        )
+      }
+      want |= INIT.SUBMOUNTS
+    }
     const flags = (offered & want) >>> 0
     const maxWrite = this.#maxWrite
     this.#maxRead = flags & INIT.MAX_PAGES ? maxWrite : 32 * PAGE
@@ -864,6 +935,7 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
         out.writeUInt16LE(flags & INIT.MAX_PAGES ? maxWrite / PAGE : 0, o + 28)
         if (this.#reply(call, INIT_OUT)) {
           this.#session = true
+          this.#initFlags = flags
           this.#stats.sessions++
           const info = { major, minor: Math.min(minor, FUSE_KERNEL_MINOR_VERSION), flags, maxWrite }
           // A listener that throws must not look like a failed INIT: the driver has its answer.
@@ -1227,7 +1299,8 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
     this.#unsentInos.clear()
   }
 
-  readonly #replyEntry = (call: Call, value: Entry | Attr): void => {
+  readonly #replyEntry = (call: Call, value: Entry | Attr | MountEntry): void => {
+    if (isMountEntry(value)) return this.#replyMount(call, value)
     const ino = this.#entryAt(OUT_HEADER, value)
     if (!this.#room(ino)) {
       this.#unsent(ino)
@@ -1235,6 +1308,22 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
     }
     if (this.#reply(call, ENTRY_OUT)) this.#ref(ino)
     else this.#unsent(ino)
+  }
+
+  /** A LOOKUP of a mount point: the native side answers with the mounted directory's root. */
+  #replyMount(call: Call, value: MountEntry): void {
+    const index = this.#mounts.get(value.mount)
+    if (call.opcode !== OP.LOOKUP) throw new RangeError('only lookup may return a mount')
+    if (index === undefined) {
+      throw new RangeError(`the file system returned a mount (${value.mount.dir}) its mounts() did not list`)
+    }
+    if (!(this.#session && this.#initFlags & INIT.SUBMOUNTS)) {
+      // Without submounts the driver would take the mounted root for a node of this tree: it stays hidden.
+      return this.#error(call, E.EACCES)
+    }
+    if (call.answered) return
+    call.answered = true
+    this.source.fsAnswerMount?.(call.ticket, call.writable, index)
   }
 
   #replyOpen(

@@ -60,6 +60,8 @@ export const INIT = {
   PARALLEL_DIROPS: 1 << 18,
   MAX_PAGES: 1 << 22,
   CACHE_SYMLINKS: 1 << 23,
+  /** Entries flagged as submounts get a superblock of their own in the driver (host directories mounted in the tree). */
+  SUBMOUNTS: 1 << 27,
 } as const
 
 /** `fuse_open_out.open_flags`. */
@@ -200,6 +202,7 @@ export const E = {
   EAGAIN: 11,
   ENOMEM: 12,
   EACCES: 13,
+  EBUSY: 16,
   EEXIST: 17,
   EXDEV: 18,
   ENODEV: 19,

@@ -1,6 +1,8 @@
 import {
   FsError,
+  PassthroughMount,
   type DirEntry,
+  type MountEntry,
   type FileIo,
   type FileSystem,
   type FsContext,
@@ -21,6 +23,8 @@ import {
 } from './fuse'
 
 const ROOT = 1
+/** The context of the server's own creations (a mount point). */
+const NEVER = new AbortController().signal
 const O_TRUNC = 0o1000
 const O_EXCL = 0o200
 const XATTR_CREATE = 1
@@ -107,6 +111,8 @@ class Node {
   readonly xattrs = new Map<string, Buffer>()
   xattrBytes = 0
   entries: Entries | undefined
+  /** A host directory mounted here (an empty directory of ours underneath, never shown). */
+  mount: PassthroughMount | undefined
   /** A directory's parent. */
   parent = ROOT
   /** The driver may refer to it (returned, not forgotten). */
@@ -170,6 +176,7 @@ export class MemoryFs implements FileSystem<Node> {
   #bytes = 0
   readonly #maxBytes: number
   readonly #maxNodes: number
+  readonly #mounts = new Set<PassthroughMount>()
 
   constructor(options: MemoryFsOptions = {}) {
     this.#maxBytes = options.maxBytes ?? 1 << 30
@@ -197,10 +204,55 @@ export class MemoryFs implements FileSystem<Node> {
 
   // ---- names ----
 
-  lookup(parent: number, name: string): Attr {
+  lookup(parent: number, name: string): Attr | MountEntry {
     const child = this.#child(this.#dir(parent), name)
     if (!child) throw new FsError('ENOENT')
+    if (child.mount) return { mount: child.mount }
     return this.#known(child)
+  }
+
+  /**
+   * Mounts host directory `mount` at `path` (absolute; its parent must be a directory here, and `path`
+   * nothing yet or an empty directory): the driver sees the host directory there, served natively (see
+   * `PassthroughMount`). Mount before the device is created (it reads `mounts()` then). The mount point
+   * cannot be removed or renamed (EBUSY), as on Linux.
+   */
+  mount(path: string, mount: PassthroughMount): void {
+    if (!(mount instanceof PassthroughMount)) throw new TypeError('mount() needs a PassthroughMount')
+    const parts = typeof path === 'string' && path.startsWith('/') ? path.split('/').filter(Boolean) : []
+    if (
+      parts.length === 0 ||
+      parts.some((p) => p === '.' || p === '..' || Buffer.byteLength(p) > 255 || p.includes('\0'))
+    ) {
+      throw new FsError(
+        'EINVAL',
+        `mount() needs an absolute path below the root, not ${JSON.stringify(path)}`,
+      )
+    }
+    if (this.#mounts.has(mount)) throw new FsError('EBUSY', `${mount.dir} is mounted already`)
+    let dir = this.#nodes.get(ROOT)!
+    for (const p of parts.slice(0, -1)) {
+      const next = this.#child(dir, p)
+      if (!next?.isDir || next.mount) throw new FsError('ENOENT', `${path}: no directory ${p} to mount in`)
+      dir = next
+    }
+    const name = parts[parts.length - 1]!
+    let node = this.#child(dir, name)
+    if (node && (!node.isDir || node.mount || node.entries!.size > 0)) {
+      throw new FsError('EBUSY', `${path} is not an empty directory`)
+    }
+    node ??= this.#create(dir.ino, name, S_IFDIR | 0o755, {
+      uid: dir.uid,
+      gid: dir.gid,
+      pid: 0,
+      signal: NEVER,
+    })
+    node.mount = mount
+    this.#mounts.add(mount)
+  }
+
+  mounts(): Iterable<PassthroughMount> {
+    return this.#mounts
   }
 
   forget(ino: number): void {
@@ -276,6 +328,7 @@ export class MemoryFs implements FileSystem<Node> {
     const node = this.#child(dir, name)
     if (!node) throw new FsError('ENOENT')
     if (!node.isDir) throw new FsError('ENOTDIR')
+    if (node.mount) throw new FsError('EBUSY')
     if (node.entries!.size > 0) throw new FsError('ENOTEMPTY')
     this.#removeEntry(dir, name)
     dir.nlink--
@@ -289,6 +342,7 @@ export class MemoryFs implements FileSystem<Node> {
     const node = this.#child(from, name)
     if (!node) throw new FsError('ENOENT')
     const target = this.#child(to, newName)
+    if (node.mount || target?.mount) throw new FsError('EBUSY')
     if (flags & RENAME_EXCHANGE) {
       if (!target) throw new FsError('ENOENT')
       if (node.isDir && this.#isWithin(newParent, node.ino)) throw new FsError('EINVAL')
@@ -466,13 +520,10 @@ export class MemoryFs implements FileSystem<Node> {
     if (offset < 2) yield { name: '..', ino: dir.parent, mode: S_IFDIR, offset: 2 }
     for (const child of dir.entries!.after(offset)) {
       const node = this.#nodes.get(child.ino)!
-      yield {
-        name: child.name,
-        ino: child.ino,
-        mode: node.mode,
-        offset: child.cookie,
-        attr: this.#known(node),
-      }
+      // A mount point names no node of ours: the driver looks it up (and finds the mount).
+      yield node.mount
+        ? { name: child.name, ino: child.ino, mode: S_IFDIR, offset: child.cookie }
+        : { name: child.name, ino: child.ino, mode: node.mode, offset: child.cookie, attr: this.#known(node) }
     }
   }
 
