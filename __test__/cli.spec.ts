@@ -237,6 +237,26 @@ test('fs options parse; wrong ones are usage errors', (t) => {
     message: /--size/,
   })
   t.throws(() => parseCommand(['fs', '--name', 'f0', '--memory', '--', 'x']), { message: /plugin/ })
+  t.like(
+    parseCommand(['fs', '--name', 'f0', '--memory', '--mount', '/data=/srv/d', '--mount', '/a/b=/srv/e=f']),
+    {
+      source: {
+        kind: 'memory',
+        mounts: [
+          { path: '/data', dir: '/srv/d' },
+          { path: '/a/b', dir: '/srv/e=f' },
+        ],
+      },
+    },
+  )
+  for (const bad of ['data=/srv', '/=/srv', '/data=', '/data']) {
+    t.throws(() => parseCommand(['fs', '--name', 'f0', '--memory', '--mount', bad]), {
+      message: /--mount needs/,
+    })
+  }
+  t.throws(() => parseCommand(['fs', '--name', 'f0', '--shared-dir', '/x', '--mount', '/d=/y']), {
+    message: /--mount goes with --memory/,
+  })
   const share = parseCommand([
     'fs',
     '--name',

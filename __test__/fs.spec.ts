@@ -11,6 +11,7 @@ import {
   FsError,
   InProcessTransport,
   MemoryFs,
+  PassthroughMount,
   STATUS,
   loadFsPlugin,
   vhostUser,
@@ -72,6 +73,61 @@ test('a shared directory is served natively: refused in-process, options checked
     await device.close()
   }
   t.like(device.stats, { requests: 0 }, 'counters stay readable after close')
+})
+
+test('host directories mounted in a MemoryFs: mount() rules, lookup and readdir of a mount point, served natively only', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'vduse-mount-'))
+  const fs = new MemoryFs()
+  const ctx = { uid: 0, gid: 0, pid: 1, signal: new AbortController().signal }
+  const data = new PassthroughMount({ dir })
+  t.throws(() => new PassthroughMount({ dir: '' }), { instanceOf: TypeError })
+  const full = fs.mkdir(ROOT, 'full', 0o755, ctx)
+  fs.mknod(full.ino, 'f', 0o100644, 0, ctx)
+  for (const [path, code] of [
+    ['relative', 'EINVAL'],
+    ['/', 'EINVAL'],
+    ['/a/../b', 'EINVAL'],
+    ['/missing/data', 'ENOENT'],
+    ['/full', 'EBUSY'],
+  ] as const) {
+    t.throws(() => fs.mount(path, data), { instanceOf: FsError, code }, path)
+  }
+  fs.mount('/data', data)
+  t.throws(() => fs.mount('/again', data), { code: 'EBUSY' }, 'one place per mount')
+  t.deepEqual([...fs.mounts()], [data])
+  t.deepEqual(fs.lookup(ROOT, 'data'), { mount: data })
+  const listed = [...fs.readdir(ROOT, 2)].find((e) => e.name === 'data')
+  t.truthy(listed)
+  t.is(listed!.attr, undefined, 'a mount point names no node of the TypeScript tree (READDIRPLUS: nodeid 0)')
+  t.throws(() => fs.rmdir(ROOT, 'data'), { code: 'EBUSY' })
+  t.throws(() => fs.rename(ROOT, 'data', ROOT, 'moved', 0), { code: 'EBUSY' })
+  t.throws(() => fs.rename(ROOT, 'full', ROOT, 'data', 0), { code: 'EBUSY' })
+
+  // Mounts are served natively: refused in-process; over vhost-user the native side sets them up.
+  await t.throwsAsync(FsDevice.create({ name: 'm0', tag: 'm', fs, transport: new InProcessTransport() }), {
+    code: 'ERR_VDUSE_UNAVAILABLE',
+  })
+  const sock = join(dir, '..', `vduse-mount-${process.pid}.sock`)
+  const missing = new MemoryFs()
+  missing.mount('/data', new PassthroughMount({ dir: join(dir, 'missing') }))
+  await t.throwsAsync(FsDevice.create({ name: 'm0', tag: 'm', fs: missing, transport: vhostUser(sock) }), {
+    code: 'ERR_VDUSE_NOT_FOUND',
+  })
+  const bad = new MemoryFs()
+  bad.mount('/data', new PassthroughMount({ dir, cache: 'never' }))
+  await t.throwsAsync(
+    FsDevice.create({ name: 'm0', tag: 'm', fs: bad, writebackCache: true, transport: vhostUser(sock) }),
+    { code: 'ERR_VDUSE_INVALID_CONFIG' },
+  )
+  const device = await FsDevice.create({ name: 'm0', tag: 'm', fs, transport: vhostUser(sock) })
+  try {
+    t.is(device.mountStats.length, 1)
+    t.like(device.mountStats[0], { requests: 0, sessions: 0, nodes: 0, handles: 0 })
+    t.true((device.mountStats[0]!.maxNodes ?? 0) >= 1024)
+  } finally {
+    await device.close()
+  }
+  t.is(device.mountStats.length, 1, 'counters stay readable after close')
 })
 
 test('INIT negotiates 7.38 with max_pages; the config space holds the tag and queue count', async (t) => {

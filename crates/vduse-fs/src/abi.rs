@@ -198,15 +198,6 @@ impl<'a> Reader<'a> {
         self.at += n + 1;
         Ok(&rest[..n])
     }
-    /// A directory entry name: 1..=255 bytes, no `/`, not `.` or `..`, NUL-terminated.
-    pub fn name(&mut self) -> Result<&'a [u8], Malformed> {
-        let n = self.cstr()?;
-        if valid_name(n) {
-            Ok(n)
-        } else {
-            Err(Malformed)
-        }
-    }
     pub fn rest(&mut self) -> &'a [u8] {
         let r = self.b.get(self.at..).unwrap_or_default();
         self.at = self.b.len();
@@ -337,9 +328,9 @@ mod tests {
         let mut r = Reader::new(b"abc");
         assert_eq!(r.cstr(), Err(Malformed), "no NUL");
         let mut r = Reader::new(b"a\0b\0");
-        assert_eq!(r.name(), Ok(&b"a"[..]));
-        assert_eq!(r.name(), Ok(&b"b"[..]));
-        assert_eq!(r.name(), Err(Malformed));
+        assert_eq!(r.cstr(), Ok(&b"a"[..]));
+        assert_eq!(r.cstr(), Ok(&b"b"[..]));
+        assert_eq!(r.cstr(), Err(Malformed));
     }
 
     #[test]
