@@ -136,6 +136,32 @@ pub(crate) struct QueueIo<'a> {
     iov: &'a mut Vec<libc::iovec>,
 }
 
+impl QueueIo<'_> {
+    /// Pins `len` bytes of the request's `part` from `offset` and fills `iov` with them; false if that
+    /// is not possible (nothing pinned).
+    fn pin(&mut self, part: Part, offset: usize, len: usize) -> Result<bool, Gone> {
+        if len == 0
+            || !self.vq.pin(
+                self.ticket,
+                Owner::Model,
+                part,
+                offset as u64,
+                len as u64,
+                self.pins,
+            )?
+        {
+            return Ok(false);
+        }
+        self.iov.clear();
+        self.iov
+            .extend(self.pins.ranges().iter().map(|&(p, n)| libc::iovec {
+                iov_base: p.cast(),
+                iov_len: n,
+            }));
+        Ok(true)
+    }
+}
+
 impl ReqIo for QueueIo<'_> {
     fn readable(&self) -> usize {
         self.readable
@@ -153,31 +179,26 @@ impl ReqIo for QueueIo<'_> {
     }
     fn read_file(&mut self, fd: RawFd, pos: u64, offset: usize, len: usize) -> Result<Option<usize>, Gone> {
         // The server calls this only for regular files on page-cache file systems.
-        if len == 0 {
+        if !self.pin(Part::Writable, offset, len)? {
             return Ok(None);
         }
-        if !self.vq.pin(
-            self.ticket,
-            Owner::Model,
-            Part::Writable,
-            offset as u64,
-            len as u64,
-            self.pins,
-        )? {
-            return Ok(None);
-        }
-        self.iov.clear();
-        self.iov
-            .extend(self.pins.ranges().iter().map(|&(p, n)| libc::iovec {
-                iov_base: p.cast(),
-                iov_len: n,
-            }));
         // SAFETY: the iovecs point into mappings pinned (kept mapped, not given back to the kernel) until
-        // the pins are released below; the file is on a page-cache file system, so the copy is done by
-        // the time the call returns.
+        // the pins are released below, writable by the device; the file is on a page-cache file system,
+        // so the copy is done by the time the call returns.
         let r = unsafe { sys::preadv(fd, self.iov, pos) };
         self.pins.release();
         // An error: let the staged path try, and report its own.
+        Ok(r.ok())
+    }
+    fn write_file(&mut self, fd: RawFd, pos: u64, offset: usize, len: usize) -> Result<Option<usize>, Gone> {
+        // The server calls this only for regular files on page-cache file systems, never O_DIRECT.
+        if !self.pin(Part::Readable, offset, len)? {
+            return Ok(None);
+        }
+        // SAFETY: as in `read_file`, for readable pinned mappings: a buffered write copies into the page
+        // cache before it returns, so nothing reads the driver's memory once the pins are released.
+        let r = unsafe { sys::pwritev(fd, self.iov, pos) };
+        self.pins.release();
         Ok(r.ok())
     }
 }

@@ -335,6 +335,17 @@ pub unsafe fn preadv(fd: RawFd, iov: &[libc::iovec], pos: u64) -> SysResult<usiz
     retry_eintr(|| unsafe { libc::preadv(fd, iov.as_ptr(), cnt, pos) })
 }
 
+/// `pwritev(2)` (EINTR retried).
+///
+/// # Safety
+/// Every iovec points to `iov_len` readable bytes that stay valid for the call.
+pub unsafe fn pwritev(fd: RawFd, iov: &[libc::iovec], pos: u64) -> SysResult<usize> {
+    let pos = i64::try_from(pos).map_err(|_| Errno(libc::EFBIG))?;
+    let cnt = i32::try_from(iov.len()).map_err(|_| Errno(libc::EINVAL))?;
+    // SAFETY: the caller guarantees the iovecs.
+    retry_eintr(|| unsafe { libc::pwritev(fd, iov.as_ptr(), cnt, pos) })
+}
+
 pub fn fsync(fd: RawFd, data_only: bool) -> SysResult<()> {
     // SAFETY: plain system calls on an fd.
     check(unsafe {
