@@ -54,10 +54,11 @@ export declare class BindingDevice {
   fsStats(): FsCounters | null
   /**
    * Answers request `ticket` — a LOOKUP of a name where host directory `mount` of `fsMounts` is mounted
-   * — with that directory's root (the driver mounts it there), and completes it. `writable`: the
-   * request's writable bytes. False if it is no longer in flight.
+   * — with that directory's root (the driver mounts it there), the name valid for `entrySeconds`, and
+   * completes it. `writable`: the request's writable bytes. False if it is no longer in flight or
+   * could hold no answer (then completed empty).
    */
-  fsAnswerMount(ticket: number, writable: number, mount: number): boolean
+  fsAnswerMount(ticket: number, writable: number, mount: number, entrySeconds: number): boolean
   /** Counters of each host directory mounted in the tree (`fsMounts`), in order. */
   fsMountStats(): Array<FsCounters>
   /** Whether this device was taken over from a server that died (`recover`), rather than created. */
@@ -291,6 +292,8 @@ export interface FsCounters {
   handles: number
   bytesRead: number
   bytesWritten: number
+  /** FSYNC, FSYNCDIR and SYNCFS done on the host. */
+  syncs: number
   /** The limits in force (lowered to fit the open-file limit). */
   maxNodes: number
   maxHandles: number

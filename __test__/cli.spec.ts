@@ -254,6 +254,9 @@ test('fs options parse; wrong ones are usage errors', (t) => {
       message: /--mount needs/,
     })
   }
+  t.throws(() => parseCommand(['fs', '--name', 'f0', '--memory', '--mount', '/d=/y', '--mount', '/d/=/z']), {
+    message: /each PATH once/,
+  })
   t.throws(() => parseCommand(['fs', '--name', 'f0', '--shared-dir', '/x', '--mount', '/d=/y']), {
     message: /--mount goes with --memory/,
   })

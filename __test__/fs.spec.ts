@@ -99,6 +99,8 @@ test('host directories mounted in a MemoryFs: mount() rules, lookup and readdir 
   const listed = [...fs.readdir(ROOT, 2)].find((e) => e.name === 'data')
   t.truthy(listed)
   t.is(listed!.attr, undefined, 'a mount point names no node of the TypeScript tree (READDIRPLUS: nodeid 0)')
+  t.is(listed!.mount, data, 'and says so: the device names no node there whatever attr says')
+  t.throws(() => fs.mount('/later', new PassthroughMount({ dir })), { code: 'EBUSY' }, 'mounts were read')
   t.throws(() => fs.rmdir(ROOT, 'data'), { code: 'EBUSY' })
   t.throws(() => fs.rename(ROOT, 'data', ROOT, 'moved', 0), { code: 'EBUSY' })
   t.throws(() => fs.rename(ROOT, 'full', ROOT, 'data', 0), { code: 'EBUSY' })

@@ -311,6 +311,8 @@ function parseFs(args: readonly string[]): FsCommand | { command: 'help'; topic:
     return { path, dir }
   })
   if (mounts.length > 0 && !v.memory) throw new UsageError('--mount goes with --memory')
+  const paths = mounts.map((m) => m.path.replace(/\/+$/, ''))
+  if (new Set(paths).size !== paths.length) throw new UsageError('--mount: each PATH once')
   const queueSize = parseQueueSize(v['queue-size'])
   const attach = parseAttach(v.attach)
   if (v['vhost-user'] !== undefined) {

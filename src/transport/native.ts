@@ -40,7 +40,8 @@ function openNative(
     tapCounters: () => device.tapStats() ?? undefined,
     portCounters: () => device.portStats() ?? undefined,
     fsCounters: () => device.fsStats() ?? undefined,
-    fsAnswerMount: (ticket, writable, mount) => device.fsAnswerMount(ticket, writable, mount),
+    fsAnswerMount: (ticket, writable, mount, entrySeconds) =>
+      device.fsAnswerMount(ticket, writable, mount, entrySeconds),
     fsMountCounters: () => device.fsMountStats(),
   }
   return source

@@ -65,10 +65,10 @@ export interface RequestSource {
   fsCounters?(): FsCounters | undefined
   /**
    * Host directories mounted in a TypeScript file system's tree (`DeviceInit.fsMounts`): answers the
-   * LOOKUP `ticket` of a mount point with mount `mount`'s root, and completes it. False if the request
-   * is no longer in flight.
+   * LOOKUP `ticket` of a mount point with mount `mount`'s root (the name valid for `entrySeconds`), and
+   * completes it. False if the request is no longer in flight or could hold no answer.
    */
-  fsAnswerMount?(ticket: number, writable: number, mount: number): boolean
+  fsAnswerMount?(ticket: number, writable: number, mount: number, entrySeconds: number): boolean
   /** Counters of each mounted host directory (`DeviceInit.fsMounts`), in order. */
   fsMountCounters?(): FsCounters[]
 }

@@ -17,18 +17,22 @@ use crate::queue::{Request, Ticket, HEAD_BYTES};
 pub struct Forwarded {
     pub ticket: Ticket,
     pub shape: Shape,
+    /// The session's negotiated device features when the request was popped (a server reads it with
+    /// them, never with a later session's).
+    pub features: u64,
     header: [u8; HEAD_BYTES],
     header_len: u8,
 }
 
 impl Forwarded {
-    pub fn of(req: &Request<'_>) -> Self {
+    pub fn of(req: &Request<'_>, features: u64) -> Self {
         let mut header = [0u8; HEAD_BYTES];
         let n = req.header.len().min(HEAD_BYTES);
         header[..n].copy_from_slice(&req.header[..n]);
         Self {
             ticket: req.ticket,
             shape: req.shape,
+            features,
             header,
             header_len: n as u8,
         }
@@ -40,8 +44,9 @@ impl Forwarded {
     }
 }
 
-/// One queue's forwarded requests and the eventfd that tells their server there are some. Never longer
-/// than the requests in flight on that queue (each one is), so bounded by the ring's size.
+/// One queue's forwarded requests and the eventfd that tells their server there are some. At most the
+/// requests in flight on that queue (a ring's worth) plus those a reset or a memory change fenced since
+/// the server last took them (it drops those, see `Virtqueue::is_live`).
 pub struct Forward {
     reqs: Mutex<VecDeque<Forwarded>>,
     wake: EventFd,
@@ -101,6 +106,7 @@ mod tests {
         let req = |t: u64| Forwarded {
             ticket: Ticket::from_raw(t),
             shape: Shape::default(),
+            features: 0,
             header: [t as u8; HEAD_BYTES],
             header_len: 40,
         };

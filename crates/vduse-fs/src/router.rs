@@ -54,6 +54,14 @@ pub enum Routed {
     Forward,
 }
 
+/// What the router does with a request, decided without serving it.
+enum Step {
+    Answered(Result<u32, Gone>),
+    Forward,
+    /// Mount `i`'s: served by its server.
+    Serve(usize),
+}
+
 /// Requests the router answered or forwarded, for `stats`.
 #[derive(Debug, Default)]
 pub struct RouterCounters {
@@ -71,6 +79,8 @@ pub struct FsRouter {
 
 thread_local! {
     static FORWARD: std::cell::RefCell<Vec<Forwarded>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// (index in the batch, mount) of the requests a batch's second pass serves.
+    static SERVE: std::cell::RefCell<Vec<(usize, usize)>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 impl FsRouter {
@@ -79,7 +89,9 @@ impl FsRouter {
     pub fn new(mounts: Vec<Arc<Server>>, queues: usize) -> std::io::Result<Self> {
         let invalid = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, m.to_string());
         if mounts.is_empty() || mounts.len() > MAX_MOUNTS {
-            return Err(invalid("a router needs 1 to 16,383 mounts"));
+            return Err(invalid(
+                "a router needs at least one mount, and at most MAX_MOUNTS",
+            ));
         }
         if mounts
             .iter()
@@ -122,10 +134,17 @@ impl FsRouter {
     }
 
     /// Answers the LOOKUP the other server was asked (of the name mount `mount` is at) with that
-    /// mount's root; the other server completes it with the bytes returned.
-    pub fn answer_mount(&self, mount: usize, io: &mut dyn ReqIo, head: &[u8]) -> Result<u32, Gone> {
+    /// mount's root, the name valid for `entry_valid`; the other server completes it with the bytes
+    /// returned.
+    pub fn answer_mount(
+        &self,
+        mount: usize,
+        io: &mut dyn ReqIo,
+        head: &[u8],
+        entry_valid: (u64, u32),
+    ) -> Result<u32, Gone> {
         match self.mounts.get(mount) {
-            Some(m) => m.answer_mount(io, head),
+            Some(m) => m.answer_mount(io, head, entry_valid),
             None => {
                 let unique = InHeader::parse(head).map_or(0, |h| h.unique);
                 reply_errno(io, unique, libc::ENOENT)
@@ -136,23 +155,35 @@ impl FsRouter {
     /// Serves one request whose first readable bytes (up to 64) are `head`, or says it is the other
     /// server's.
     pub fn route(&self, io: &mut dyn ReqIo, head: &[u8], s: &mut Scratch) -> Routed {
+        match self.step(io, head, s) {
+            Step::Answered(r) => Routed::Answered(r),
+            Step::Forward => Routed::Forward,
+            Step::Serve(i) => Routed::Answered(self.mounts[i].handle(io, head, s)),
+        }
+    }
+
+    /// Decides what becomes of a request; answers here only what costs no host work (EXDEV, ESTALE, a
+    /// BATCH_FORGET of the mounts' nodes).
+    fn step(&self, io: &mut dyn ReqIo, head: &[u8], s: &mut Scratch) -> Step {
         // Malformed: the other server answers it (and counts it).
         let Some(h) = InHeader::parse(head) else {
-            return Routed::Forward;
+            return Step::Forward;
         };
         match h.opcode {
             op::INIT => {
-                // The driver sends nothing before INIT's answer: the mounts are ready by then.
+                // Armed as INIT passes, not when the other server has answered it: the driver sends
+                // nothing before that answer, so nothing reaches a mount earlier; a driver that does
+                // anyway (or whose INIT is refused) reaches only the directories it was to see.
                 for m in &self.mounts {
                     m.begin_session();
                 }
-                return Routed::Forward;
+                return Step::Forward;
             }
             op::DESTROY => {
                 for m in &self.mounts {
                     m.end_session();
                 }
-                return Routed::Forward;
+                return Step::Forward;
             }
             op::BATCH_FORGET => return self.batch_forget(io, &h, s),
             _ => {}
@@ -169,35 +200,35 @@ impl FsRouter {
                 let id = u64::from_le_bytes(b.try_into().unwrap_or_default());
                 if self.part(id) != part {
                     self.counters.refused.fetch_add(1, Ordering::Relaxed);
-                    return Routed::Answered(reply_errno(io, h.unique, libc::EXDEV));
+                    return Step::Answered(reply_errno(io, h.unique, libc::EXDEV));
                 }
             }
         }
         match part {
-            Part::Other => Routed::Forward,
-            Part::Mount(i) => Routed::Answered(self.mounts[i].handle(io, head, s)),
-            Part::Nowhere if h.opcode == op::FORGET || h.opcode == op::INTERRUPT => Routed::Answered(Ok(0)),
+            Part::Other => Step::Forward,
+            Part::Mount(i) => Step::Serve(i),
+            Part::Nowhere if h.opcode == op::FORGET || h.opcode == op::INTERRUPT => Step::Answered(Ok(0)),
             Part::Nowhere => {
                 self.counters.refused.fetch_add(1, Ordering::Relaxed);
-                Routed::Answered(reply_errno(io, h.unique, libc::ESTALE))
+                Step::Answered(reply_errno(io, h.unique, libc::ESTALE))
             }
         }
     }
 
     /// BATCH_FORGET names nodes of any tree: the mounts' are forgotten here, and the request goes on to
     /// the other server if it names any of its nodes (it skips the ids it does not know).
-    fn batch_forget(&self, io: &mut dyn ReqIo, h: &InHeader, s: &mut Scratch) -> Routed {
+    fn batch_forget(&self, io: &mut dyn ReqIo, h: &InHeader, s: &mut Scratch) -> Step {
         const CHUNK: usize = 4096;
         let mut head = [0u8; 8];
         let total = io.readable();
         match io.read(IN_HEADER, &mut head) {
             Ok(8) => {}
-            Ok(_) => return Routed::Forward,
-            Err(Gone) => return Routed::Answered(Err(Gone)),
+            Ok(_) => return Step::Forward,
+            Err(Gone) => return Step::Answered(Err(Gone)),
         }
         let count = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
         if h.len as usize != total || total != IN_HEADER + 8 + count * 16 {
-            return Routed::Forward;
+            return Step::Forward;
         }
         let mut others = false;
         let mut at = IN_HEADER + 8;
@@ -206,8 +237,9 @@ impl FsRouter {
             let n = (total - at).min(CHUNK);
             match io.read(at, &mut s.args[..n]) {
                 Ok(got) if got == n => {}
-                Ok(_) => break,
-                Err(Gone) => return Routed::Answered(Err(Gone)),
+                // Unreadable from here on: the other server reads what it can of it.
+                Ok(_) => return Step::Forward,
+                Err(Gone) => return Step::Answered(Err(Gone)),
             }
             for e in s.args[..n].chunks_exact(16) {
                 let id = u64::from_le_bytes(e[..8].try_into().unwrap_or_default());
@@ -221,48 +253,63 @@ impl FsRouter {
             at += n;
         }
         if others {
-            Routed::Forward
+            Step::Forward
         } else {
-            Routed::Answered(Ok(0))
+            Step::Answered(Ok(0))
         }
     }
 }
 
 impl DeviceModel for FsRouter {
+    /// Two passes: the other server's requests are handed over first (it works on them while the mounts'
+    /// are served here), then the mounts' are served in order.
     fn handle(&self, queue: u16, batch: &RequestBatch, completer: &Completer) {
         let vq = completer.queue();
         FORWARD.with(|f| {
-            let forward = &mut *f.borrow_mut();
-            with_local(|l| {
-                for req in batch.iter() {
-                    let routed = {
+            SERVE.with(|sv| {
+                let forward = &mut *f.borrow_mut();
+                let serve = &mut *sv.borrow_mut();
+                with_local(|l| {
+                    let features = vq.features();
+                    for (k, req) in batch.iter().enumerate() {
+                        let step = {
+                            let (mut io, scratch) = l.io(vq, &req);
+                            self.step(&mut io, req.header, scratch)
+                        };
+                        match step {
+                            Step::Answered(Ok(used)) => {
+                                completer.complete(req.ticket, used, None);
+                            }
+                            // Fenced meanwhile (a reset, a remap): there is no one to answer.
+                            Step::Answered(Err(Gone)) => {}
+                            Step::Forward => forward.push(Forwarded::of(&req, features)),
+                            Step::Serve(i) => serve.push((k, i)),
+                        }
+                    }
+                    if !forward.is_empty() {
+                        self.counters
+                            .forwarded
+                            .fetch_add(forward.len() as u64, Ordering::Relaxed);
+                        match self.forward.get(usize::from(queue)) {
+                            Some(to) => to.push(forward.drain(..)),
+                            // A queue the router was not made for: fail them rather than leave them.
+                            None => {
+                                vq.complete_all(forward.drain(..).map(|r| vq.failure(r.ticket)));
+                            }
+                        }
+                    }
+                    for (k, i) in serve.drain(..) {
+                        let Some(req) = batch.get(k) else { continue };
                         let (mut io, scratch) = l.io(vq, &req);
-                        self.route(&mut io, req.header, scratch)
-                    };
-                    match routed {
-                        Routed::Answered(Ok(used)) => {
+                        // Gone: fenced meanwhile, no one to answer.
+                        if let Ok(used) = self.mounts[i].handle(&mut io, req.header, scratch) {
                             completer.complete(req.ticket, used, None);
                         }
-                        // Fenced meanwhile (a reset, a remap): there is no one to answer.
-                        Routed::Answered(Err(Gone)) => {}
-                        Routed::Forward => forward.push(Forwarded::of(&req)),
                     }
-                }
+                });
             });
-            completer.flush();
-            if !forward.is_empty() {
-                self.counters
-                    .forwarded
-                    .fetch_add(forward.len() as u64, Ordering::Relaxed);
-                match self.forward.get(usize::from(queue)) {
-                    Some(to) => to.push(forward.drain(..)),
-                    // A queue the router was not made for: fail them rather than leave them in flight.
-                    None => {
-                        vq.complete_all(forward.drain(..).map(|r| vq.failure(r.ticket)));
-                    }
-                }
-            }
         });
+        completer.flush();
     }
 
     fn started(&self, _features: u64) {

@@ -77,6 +77,8 @@ pub struct Counters {
     pub sessions: AtomicU64,
     pub bytes_read: AtomicU64,
     pub bytes_written: AtomicU64,
+    /// FSYNC, FSYNCDIR and SYNCFS done on the host.
+    pub syncs: AtomicU64,
 }
 
 /// Buffers one worker thread reuses for every request (no allocation per request once warm).
@@ -185,15 +187,25 @@ impl Server {
     }
 
     /// Answers a LOOKUP another server was asked (of the name this subtree is mounted at) with this
-    /// tree's root, marked as a submount. Returns the bytes written, as `handle`.
-    pub fn answer_mount(&self, io: &mut dyn ReqIo, head: &[u8]) -> Result<u32, Gone> {
+    /// tree's root, marked as a submount; the name stays valid for `entry_valid` (the other tree's
+    /// choice: it owns the name). Returns the bytes written, as `handle`. Cheap (one `fstat`): it runs
+    /// on the other server's thread.
+    pub fn answer_mount(
+        &self,
+        io: &mut dyn ReqIo,
+        head: &[u8],
+        entry_valid: (u64, u32),
+    ) -> Result<u32, Gone> {
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
-        self.sync_session();
         let Some(h) = InHeader::parse(head).filter(|h| h.opcode == op::LOOKUP) else {
             let unique = InHeader::parse(head).map_or(0, |h| h.unique);
             return self.reply_error(io, unique, libc::EINVAL);
         };
-        if !self.up.load(Ordering::Acquire) {
+        // A reset since the session began (the workers forget the old one at their next request) or no
+        // session: not up.
+        if !self.up.load(Ordering::Acquire)
+            || self.seen.load(Ordering::Acquire) != self.generation.load(Ordering::Acquire)
+        {
             return self.reply_error(io, h.unique, libc::EIO);
         }
         if io.writable() < OUT_HEADER + abi::ENTRY_OUT {
@@ -205,11 +217,13 @@ impl Server {
             Ok(st) => st,
             Err(e) => return self.reply_error(io, h.unique, e.0),
         };
+        let mut valid = self.fs.validity();
+        valid.entry = entry_valid;
         let mut out = Writer::default();
         out.u32((OUT_HEADER + abi::ENTRY_OUT) as u32)
             .u32(0)
             .u64(h.unique)
-            .entry(root, &st, self.fs.validity());
+            .entry(root, &st, valid);
         let n = out.buf.len();
         out.buf[n - 4..].copy_from_slice(&abi::ATTR_SUBMOUNT.to_le_bytes());
         if io.write(0, &out.buf)? < n {
@@ -496,10 +510,12 @@ impl Server {
                 let mut r = Reader::new(self.args(io, &mut s.args)?);
                 let (fh, flags) = (r.u64()?, r.u32()?);
                 fs.fsync(fh, flags & abi::FSYNC_FDATASYNC != 0)?;
+                self.counters.syncs.fetch_add(1, Ordering::Relaxed);
                 Ok(())
             }
             op::SYNCFS => {
                 fs.syncfs()?;
+                self.counters.syncs.fetch_add(1, Ordering::Relaxed);
                 Ok(())
             }
             op::FALLOCATE => {
@@ -526,7 +542,14 @@ impl Server {
                 Ok(())
             }
             op::GETXATTR | op::LISTXATTR | op::SETXATTR | op::REMOVEXATTR if !fs.xattrs_on() => {
-                Err(Errno(libc::ENOSYS).into())
+                // ENOSYS turns xattrs off for the whole FUSE connection: a mount inside another tree
+                // (see `router`) says EOPNOTSUPP, which the driver's callers see anyway.
+                let e = if fs.config().id_base != 0 {
+                    libc::EOPNOTSUPP
+                } else {
+                    libc::ENOSYS
+                };
+                Err(Errno(e).into())
             }
             op::GETXATTR => {
                 let mut r = Reader::new(self.args(io, &mut s.args)?);

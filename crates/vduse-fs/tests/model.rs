@@ -205,15 +205,25 @@ fn a_write_straight_from_the_ring_lands_whole_and_a_fenced_one_not_at_all() {
     w.extend(std::iter::repeat_n(0xEE, 8192));
     let len = write_request(&d.rig, d.unique, op::WRITE, 0, &w);
     let from = d.ring.used_idx();
-    offer(&d.ring, &[(0, desc(REQ, len, NEXT, 1)), (1, desc(REPLY, 24, WRITE, 0))], &[0]);
+    offer(
+        &d.ring,
+        &[(0, desc(REQ, len, NEXT, 1)), (1, desc(REPLY, 24, WRITE, 0))],
+        &[0],
+    );
     let q = d.completer.queue().clone();
     q.pop(Budget::default(), &mut d.batch);
     assert_eq!(d.batch.len(), 1);
     let (fenced, _maps) = q.stop();
     assert_eq!(fenced, 1);
     d.model.handle(1, &d.batch, &d.completer);
-    assert!(used(&d.ring, from).is_empty(), "a fenced request is never answered");
+    assert!(
+        used(&d.ring, from).is_empty(),
+        "a fenced request is never answered"
+    );
     let on_disk = std::fs::read(dir.0.join("f")).unwrap();
-    assert!(on_disk[..4096].iter().all(|&b| b == 0), "nothing of the fenced write landed");
+    assert!(
+        on_disk[..4096].iter().all(|&b| b == 0),
+        "nothing of the fenced write landed"
+    );
     assert_eq!(&on_disk[4096..8192], &data[..4096]);
 }

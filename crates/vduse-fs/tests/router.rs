@@ -116,14 +116,16 @@ fn requests_go_by_node_id_and_nothing_crosses_trees() {
         output: vec![0; 4096],
     };
     let head = io.input.clone();
-    let n = t.router.answer_mount(0, &mut io, &head).unwrap() as usize;
+    let n = t.router.answer_mount(0, &mut io, &head, (7, 0)).unwrap() as usize;
     assert_eq!(n, 16 + abi::ENTRY_OUT);
     assert_eq!(u64::from_le_bytes(io.output[8..16].try_into().unwrap()), 77);
     assert_eq!(u64::from_le_bytes(io.output[16..24].try_into().unwrap()), root_a);
     let attr_flags = u32::from_le_bytes(io.output[n - 4..n].try_into().unwrap());
     assert_eq!(attr_flags, abi::ATTR_SUBMOUNT);
+    let entry_valid = u64::from_le_bytes(io.output[32..40].try_into().unwrap());
+    assert_eq!(entry_valid, 7, "the name's validity is the other tree's");
     // A mount that does not exist, or not a LOOKUP: errors.
-    let n = t.router.answer_mount(5, &mut io, &head).unwrap() as usize;
+    let n = t.router.answer_mount(5, &mut io, &head, (7, 0)).unwrap() as usize;
     assert_eq!(
         (n, i32::from_le_bytes(io.output[4..8].try_into().unwrap())),
         (16, -libc::ENOENT)
@@ -261,11 +263,44 @@ fn batch_forget_is_split_and_sessions_follow_init_and_destroy() {
         answered(libc::ESTALE)(&t.send(op::GETATTR, x, &[0; 16])),
         "ids never come back"
     );
-    // A driver reset: the next request finds the old session gone.
+    // A driver reset: the next request finds the old session gone, and a mount point is not answered
+    // with a root of it.
     let (_, x) = t.lookup(root, "x");
     t.router.started(0);
+    let mut io = VecIo {
+        input: header(op::LOOKUP, 9, 1, &name("data")),
+        output: vec![0; 4096],
+    };
+    let head = io.input.clone();
+    assert_eq!(t.router.answer_mount(0, &mut io, &head, (1, 0)), Ok(16));
+    assert_eq!(
+        i32::from_le_bytes(io.output[4..8].try_into().unwrap()),
+        -libc::EIO
+    );
     assert!(answered(libc::EIO)(&t.send(op::GETATTR, x, &[0; 16])));
     assert_eq!(nodes(&t), 0);
+}
+
+#[test]
+fn a_mount_never_answers_enosys_for_what_the_driver_would_turn_off_for_every_tree() {
+    let a = TempDir::new("router-xattr");
+    let mut cfg = Config::new(&a.0);
+    cfg.id_base = mount_id_base(0);
+    cfg.xattr = vduse_fs::XattrPolicy::Off;
+    let server = Arc::new(Server::new(PassthroughFs::new(cfg).unwrap(), 1 << 20));
+    let mut t = Bench {
+        router: FsRouter::new(vec![server], 2).unwrap(),
+        scratch: Scratch::default(),
+        unique: 0,
+    };
+    t.init();
+    let mut get = le(&[64, 0], &[4, 4]);
+    get.extend(name("user.x"));
+    assert!(answered(libc::EOPNOTSUPP)(&t.send(
+        op::GETXATTR,
+        mount_id_base(0) + 1,
+        &get
+    )));
 }
 
 #[test]

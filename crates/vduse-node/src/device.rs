@@ -791,14 +791,15 @@ impl BindingDevice {
     }
 
     /// Answers request `ticket` — a LOOKUP of a name where host directory `mount` of `fsMounts` is mounted
-    /// — with that directory's root (the driver mounts it there), and completes it. `writable`: the
-    /// request's writable bytes. False if it is no longer in flight.
+    /// — with that directory's root (the driver mounts it there), the name valid for `entrySeconds`, and
+    /// completes it. `writable`: the request's writable bytes. False if it is no longer in flight or
+    /// could hold no answer (then completed empty).
     #[napi]
-    pub fn fs_answer_mount(&self, ticket: f64, writable: u32, mount: u32) -> bool {
+    pub fn fs_answer_mount(&self, ticket: f64, writable: u32, mount: u32, entry_seconds: f64) -> bool {
         let (Some(router), Some((vq, t))) = (&self.router, self.serving.queue(ticket)) else {
             return false;
         };
-        crate::fs::answer_mount(router, vq, t, writable, mount)
+        crate::fs::answer_mount(router, vq, t, writable, mount, entry_seconds)
     }
 
     /// Counters of each host directory mounted in the tree (`fsMounts`), in order.

@@ -49,6 +49,8 @@ pub struct FsCounters {
     pub handles: f64,
     pub bytes_read: f64,
     pub bytes_written: f64,
+    /// FSYNC, FSYNCDIR and SYNCFS done on the host.
+    pub syncs: f64,
     /// The limits in force (lowered to fit the open-file limit).
     pub max_nodes: f64,
     pub max_handles: f64,
@@ -134,6 +136,7 @@ pub fn counters(server: &Server) -> FsCounters {
         handles: handles as f64,
         bytes_read: get(&c.bytes_read),
         bytes_written: get(&c.bytes_written),
+        syncs: get(&c.syncs),
         max_nodes: max_nodes as f64,
         max_handles: max_handles as f64,
     }
@@ -152,8 +155,16 @@ pub fn router_of(mounts: &[FsShareInit], queues: usize) -> Result<Arc<FsRouter>,
 }
 
 /// Answers request `ticket` (a LOOKUP JavaScript was asked, of a mount point) with mount `mount`'s
-/// root, and completes it. False if the request is no longer in flight.
-pub fn answer_mount(router: &FsRouter, vq: &Virtqueue, ticket: Ticket, writable: u32, mount: u32) -> bool {
+/// root, the name valid for `entry_seconds`, and completes it. False if the request is no longer in
+/// flight, or could hold no answer (completed empty).
+pub fn answer_mount(
+    router: &FsRouter,
+    vq: &Virtqueue,
+    ticket: Ticket,
+    writable: u32,
+    mount: u32,
+    entry_seconds: f64,
+) -> bool {
     let mut head = [0u8; vduse_core::queue::HEAD_BYTES];
     let Ok(n) = vq.read_request(ticket, Owner::Model, 0, &mut head) else {
         return false;
@@ -163,7 +174,13 @@ pub fn answer_mount(router: &FsRouter, vq: &Virtqueue, ticket: Ticket, writable:
         ticket,
         writable: writable as usize,
     };
-    match router.answer_mount(mount as usize, &mut io, &head[..n]) {
+    let secs = if entry_seconds.is_finite() {
+        entry_seconds.clamp(0.0, 1e12)
+    } else {
+        0.0
+    };
+    let valid = (secs as u64, ((secs.fract() * 1e9) as u32).min(999_999_999));
+    match router.answer_mount(mount as usize, &mut io, &head[..n], valid) {
         Ok(used) => {
             vq.complete_all([Done::new(ticket, used, None)]);
             used > 0

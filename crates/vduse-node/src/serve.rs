@@ -585,7 +585,13 @@ impl JsServer {
             let (more, count) = {
                 let mut reqs = self.forwarded.borrow_mut();
                 let more = from.take(self.budget.requests, &mut reqs);
+                // Fenced since they were forwarded (a reset, a memory change): nobody waits for them, and
+                // a model must never act on one (a stale DESTROY would end the next session).
+                reqs.retain(|r| vq.is_live(r.ticket));
                 if reqs.is_empty() {
+                    if more {
+                        continue;
+                    }
                     return;
                 }
                 // SAFETY: the JS thread, our env.
@@ -597,10 +603,7 @@ impl JsServer {
                     );
                     return;
                 }
-                let count = self.fill_from(
-                    reqs.iter().map(|r| (r.ticket, r.shape, r.header())),
-                    vq.features(),
-                );
+                let count = self.fill_from(reqs.iter().map(|r| (r.ticket, r.shape, r.header(), r.features)));
                 reqs.clear();
                 (more, count)
             };
@@ -737,23 +740,24 @@ impl JsServer {
     /// Writes the batch into the JavaScript arrays; returns how many requests it holds.
     fn fill(&self, batch: &RequestBatch, features: u64) -> usize {
         self.fill_from(
-            batch.iter().map(|req| (req.ticket, req.shape, req.header)),
-            features,
+            batch
+                .iter()
+                .map(|req| (req.ticket, req.shape, req.header, features)),
         )
     }
 
-    /// Writes requests (ticket, shape, first readable bytes) into the JavaScript arrays; returns how many.
+    /// Writes requests (ticket, shape, first readable bytes, the session's features when it was popped)
+    /// into the JavaScript arrays; returns how many.
     fn fill_from<'h>(
         &self,
-        reqs: impl Iterator<Item = (Ticket, vduse_core::chain::Shape, &'h [u8])>,
-        features: u64,
+        reqs: impl Iterator<Item = (Ticket, vduse_core::chain::Shape, &'h [u8], u64)>,
     ) -> usize {
         let a = &self.arrays;
-        // The session's device features (bits 0–23, exact in a double): requests carry them, so a model
-        // never reads a request with the features of another session.
-        let features = (features & 0xff_ffff) as f64;
         let mut n = 0;
-        for (ticket, shape, header) in reqs {
+        for (ticket, shape, header, features) in reqs {
+            // The session's device features (bits 0–23, exact in a double): requests carry them, so a
+            // model never reads a request with the features of another session.
+            let features = (features & 0xff_ffff) as f64;
             let r = n * REQ_FIELDS;
             // The header was copied when the request was popped, under the queue lock.
             let at = a.heads.with_slice(n * HEAD_BYTES, header.len(), |dst| {

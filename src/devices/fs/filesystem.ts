@@ -29,6 +29,8 @@ export interface Entry {
   generation?: number
 }
 
+const BRAND = Symbol.for('vduse.PassthroughMount')
+
 /** How a {@link PassthroughMount} serves its host directory (as `FsDevice`'s `sharedDir` options). */
 export interface PassthroughMountOptions {
   /** The host directory. */
@@ -60,7 +62,16 @@ export interface PassthroughMountOptions {
 export class PassthroughMount {
   readonly options: Readonly<PassthroughMountOptions>
 
+  /**
+   * Whether `x` is a PassthroughMount — also one made by another copy of this package (a plugin's),
+   * which `instanceof` would not recognise.
+   */
+  static is(x: unknown): x is PassthroughMount {
+    return typeof x === 'object' && x !== null && (x as Record<symbol, unknown>)[BRAND] === true
+  }
+
   constructor(options: PassthroughMountOptions) {
+    Object.defineProperty(this, BRAND, { value: true })
     const dir = options?.dir
     if (typeof dir !== 'string' || dir.length === 0 || dir.includes('\0')) {
       throw new TypeError('a PassthroughMount needs dir, the path of a host directory')
@@ -80,7 +91,7 @@ export interface MountEntry {
 
 /** Whether a `lookup` answer is a mount point. */
 export function isMountEntry(x: unknown): x is MountEntry {
-  return typeof x === 'object' && x !== null && (x as MountEntry).mount instanceof PassthroughMount
+  return typeof x === 'object' && x !== null && PassthroughMount.is((x as MountEntry).mount)
 }
 
 /** What `open`, `opendir` and `create` may return: a handle of the file system's choosing, and cache hints. */
@@ -122,6 +133,11 @@ export interface DirEntry {
    * (READDIRPLUS). An entry with attributes counts as a lookup (see `forget`).
    */
   attr?: Attr
+  /**
+   * Set where a host directory is mounted (the name `lookup` answers with `{ mount }`): the entry then
+   * names no node, whatever `attr` says, so that the driver looks the name up and finds the mount.
+   */
+  mount?: PassthroughMount
 }
 
 /** `statfs` answer; missing counts read as 0, `bsize`/`frsize` default to 4096, `namelen` to 255. */

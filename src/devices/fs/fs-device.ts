@@ -68,6 +68,8 @@ const PAGE = 4096
 const ARGS_MAX = XATTR_SIZE_MAX + 2 * (NAME_MAX + 1) + 64
 /** File types a node may have. */
 const VALID_TYPES = new Set([S_IFREG, S_IFDIR, S_IFLNK, S_IFCHR, S_IFBLK, S_IFIFO, S_IFSOCK])
+/** Host directories one tree may mount: each takes its share of the process's descriptors. */
+const MAX_MOUNTS = 64
 /** RENAME_NOREPLACE | RENAME_EXCHANGE; RENAME_WHITEOUT is refused. */
 const RENAME_FLAGS = 1 | 2
 
@@ -147,6 +149,8 @@ export interface FsStats {
   /** A shared directory only: file data moved, and the node and handle limits in force. */
   bytesRead?: number
   bytesWritten?: number
+  /** A shared directory only: FSYNC, FSYNCDIR and SYNCFS done on the host. */
+  syncs?: number
   maxNodes?: number
   maxHandles?: number
 }
@@ -401,8 +405,17 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
     this.#fs = fs ?? (NATIVE_ONLY as FileSystem<H>)
     // Host directories mounted in the tree: read once, served natively from the device's creation.
     const mounts = fs?.mounts ? [...new Set(fs.mounts())] : []
-    if (mounts.some((m) => !(m instanceof PassthroughMount))) {
+    if (mounts.some((m) => !PassthroughMount.is(m)))
       throw bad('fs.mounts() must return PassthroughMount objects')
+    if (mounts.length > MAX_MOUNTS)
+      throw bad(`at most ${MAX_MOUNTS} host directories may be mounted in one tree`)
+    for (const m of mounts) {
+      const cache = m.options.cache ?? 'auto'
+      if (!['never', 'auto', 'always'].includes(cache))
+        throw bad(`mount ${m.dir}: cache must be never, auto or always`)
+      if (cache === 'never' && options.writebackCache) {
+        throw bad(`mount ${m.dir}: cache never cannot be served with writebackCache (the session's)`)
+      }
     }
     if (mounts.length > 0 && !this.nativeTransport) {
       throw new VduseError(
@@ -496,6 +509,7 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
       handles: n.handles,
       bytesRead: n.bytesRead,
       bytesWritten: n.bytesWritten,
+      syncs: n.syncs,
       maxNodes: n.maxNodes,
       maxHandles: n.maxHandles,
     }))
@@ -518,6 +532,7 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
       handles: n.handles,
       bytesRead: n.bytesRead,
       bytesWritten: n.bytesWritten,
+      syncs: n.syncs,
       maxNodes: n.maxNodes,
       maxHandles: n.maxHandles,
     }
@@ -716,7 +731,7 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
         const handle = this.#handle(a, 0, ino, dir, call)
         const datasync = (a.readUInt32LE(8) & 1) !== 0
         const method = dir ? fs.fsyncdir : fs.fsync
-        if (!method) return this.#unsupported(call)
+        if (!method) return this.#lacking(call, true)
         return this.#run(
           call,
           () => method.call(fs, ino, datasync, handle.value as H, call),
@@ -726,7 +741,7 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
       case OP.FLUSH: {
         need(argLen, 24)
         const handle = this.#handle(a, 0, ino, false, call)
-        if (!fs.flush) return this.#unsupported(call)
+        if (!fs.flush) return this.#lacking(call, true)
         return this.#run(call, () => fs.flush!(ino, handle.value as H, call), this.#replyEmpty)
       }
       case OP.SETXATTR: {
@@ -739,7 +754,7 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
         if (size > XATTR_SIZE_MAX || end + 1 + size !== argLen) throw new Malformed(E.EINVAL)
         if (flags & ~3) return this.#error(call, E.EINVAL)
         if (this.#readOnly) return this.#error(call, E.EROFS)
-        if (!fs.setxattr) return this.#unsupported(call)
+        if (!fs.setxattr) return this.#lacking(call, false)
         // The value outlives this synchronous parse: it gets its own buffer.
         const value = Buffer.from(a.subarray(end + 1, end + 1 + size))
         return this.#run(call, () => fs.setxattr!(ino, name, value, flags, call), this.#replyEmpty)
@@ -751,13 +766,13 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
         if (end < 0 || end + 1 !== argLen) throw new Malformed(E.EINVAL)
         const name = xattrName(a, 8, end)
         call.length = size
-        if (!fs.getxattr) return this.#unsupported(call)
+        if (!fs.getxattr) return this.#lacking(call, false)
         return this.#run(call, () => fs.getxattr!(ino, name, call), this.#replyXattr)
       }
       case OP.LISTXATTR: {
         need(argLen, 8)
         call.length = a.readUInt32LE(0)
-        if (!fs.listxattr) return this.#unsupported(call)
+        if (!fs.listxattr) return this.#lacking(call, false)
         return this.#run(call, () => fs.listxattr!(ino, call), this.#replyXattrList)
       }
       case OP.REMOVEXATTR: {
@@ -765,7 +780,7 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
         if (end < 0 || end + 1 !== argLen) throw new Malformed(E.EINVAL)
         const name = xattrName(a, 0, end)
         if (this.#readOnly) return this.#error(call, E.EROFS)
-        if (!fs.removexattr) return this.#unsupported(call)
+        if (!fs.removexattr) return this.#lacking(call, false)
         return this.#run(call, () => fs.removexattr!(ino, name, call), this.#replyEmpty)
       }
       case OP.READDIR:
@@ -809,7 +824,7 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
         if (length === 0) return this.#error(call, E.EINVAL)
         if (offset + length > Number.MAX_SAFE_INTEGER) return this.#error(call, E.EFBIG)
         if (this.#readOnly) return this.#error(call, E.EROFS)
-        if (!fs.fallocate) return this.#unsupported(call)
+        if (!fs.fallocate) return this.#lacking(call, false)
         return this.#run(
           call,
           () => fs.fallocate!(ino, mode, offset, length, handle.value as H, call),
@@ -830,9 +845,25 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
           this.#replyOffset,
         )
       }
+      case OP.SYNCFS:
+        // Nothing here to sync (no file-system method for it); the mounts sync their own superblocks.
+        return this.#lacking(call, true)
       default:
         return this.#unsupported(call)
     }
+  }
+
+  /**
+   * An operation the file system lacks. With host directories mounted, never ENOSYS where the driver then
+   * stops sending it for the whole connection — the mounts too (an ENOSYS SYNCFS would leave their data
+   * unsynced for good): success where ENOSYS means "nothing to do" (`fsync`, `flush`, `syncfs`), else
+   * EOPNOTSUPP, what the driver's callers see after an ENOSYS anyway.
+   */
+  #lacking(call: Call, nothingToDo: boolean): void {
+    if (this.#mounts.size === 0) return this.#unsupported(call)
+    if (nothingToDo) return this.#replyEmpty(call)
+    this.#stats.unsupported++
+    this.#error(call, E.EOPNOTSUPP)
   }
 
   /** The node id of a request, if the driver was told of it. */
@@ -912,6 +943,10 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
         )
       }
       want |= INIT.SUBMOUNTS
+      // A mount's `auto` cache drops file data the host changed (connection-wide, harmless here).
+      if ([...this.#mounts.keys()].some((m) => (m.options.cache ?? 'auto') === 'auto')) {
+        want |= INIT.AUTO_INVAL_DATA
+      }
     }
     const flags = (offered & want) >>> 0
     const maxWrite = this.#maxWrite
@@ -946,6 +981,8 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
   }
 
   #destroy(call: Call): void {
+    // A DESTROY a reset fenced must not end the session that followed it.
+    if (!this.source.isLive(call.ticket)) return this.#drop(call)
     this.#endSession()
     const fs = this.#fs
     this.#run(call, () => fs.destroy?.(), this.#replyEmpty)
@@ -1321,9 +1358,17 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
       // Without submounts the driver would take the mounted root for a node of this tree: it stays hidden.
       return this.#error(call, E.EACCES)
     }
+    const answer = this.source.fsAnswerMount
+    if (!answer) throw new RangeError('this transport cannot answer a mount point')
     if (call.answered) return
     call.answered = true
-    this.source.fsAnswerMount?.(call.ticket, call.writable, index)
+    try {
+      // The name is this tree's: it stays valid as long as this tree's names do.
+      answer.call(this.source, call.ticket, call.writable, index, this.#entryTimeout)
+    } catch (err) {
+      call.answered = false
+      throw err
+    }
   }
 
   #replyOpen(
@@ -1498,8 +1543,9 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
         let at = OUT_HEADER + used
         if (plus) {
           const dot = e.name === '.' || e.name === '..'
-          // Without attributes, or for '.' and '..', the entry names no node (the driver looks it up).
-          if (e.attr && !dot && e.attr.ino === e.ino && this.#room(e.ino)) {
+          // Without attributes, for '.' and '..', or where a host directory is mounted, the entry names
+          // no node (the driver looks it up: a node here would hide the mount).
+          if (e.attr && !dot && e.mount === undefined && e.attr.ino === e.ino && this.#room(e.ino)) {
             this.#entryAt(at, { attr: e.attr })
             named.push(e.ino)
           } else {

@@ -46,6 +46,7 @@ export const OP = {
   READDIRPLUS: 44,
   RENAME2: 45,
   LSEEK: 46,
+  SYNCFS: 50,
 } as const
 
 /** `fuse_init_out.flags` (and `flags2` << 32) this device may grant. */
@@ -53,6 +54,7 @@ export const INIT = {
   ASYNC_READ: 1 << 0,
   ATOMIC_O_TRUNC: 1 << 3,
   BIG_WRITES: 1 << 5,
+  AUTO_INVAL_DATA: 1 << 12,
   DO_READDIRPLUS: 1 << 13,
   READDIRPLUS_AUTO: 1 << 14,
   ASYNC_DIO: 1 << 15,

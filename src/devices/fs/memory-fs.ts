@@ -177,6 +177,7 @@ export class MemoryFs implements FileSystem<Node> {
   readonly #maxBytes: number
   readonly #maxNodes: number
   readonly #mounts = new Set<PassthroughMount>()
+  #mountsRead = false
 
   constructor(options: MemoryFsOptions = {}) {
     this.#maxBytes = options.maxBytes ?? 1 << 30
@@ -218,7 +219,10 @@ export class MemoryFs implements FileSystem<Node> {
    * cannot be removed or renamed (EBUSY), as on Linux.
    */
   mount(path: string, mount: PassthroughMount): void {
-    if (!(mount instanceof PassthroughMount)) throw new TypeError('mount() needs a PassthroughMount')
+    if (!PassthroughMount.is(mount)) throw new TypeError('mount() needs a PassthroughMount')
+    if (this.#mountsRead) {
+      throw new FsError('EBUSY', 'mount() before the device is created: it reads the mounts then')
+    }
     const parts = typeof path === 'string' && path.startsWith('/') ? path.split('/').filter(Boolean) : []
     if (
       parts.length === 0 ||
@@ -241,18 +245,21 @@ export class MemoryFs implements FileSystem<Node> {
     if (node && (!node.isDir || node.mount || node.entries!.size > 0)) {
       throw new FsError('EBUSY', `${path} is not an empty directory`)
     }
-    node ??= this.#create(dir.ino, name, S_IFDIR | 0o755, {
-      uid: dir.uid,
-      gid: dir.gid,
-      pid: 0,
-      signal: NEVER,
-    })
+    if (!node) {
+      // A directory of ours underneath, made as mkdir makes one (the driver never sees it).
+      const ctx = { uid: dir.uid, gid: dir.gid, pid: 0, signal: NEVER }
+      node = this.#create(dir.ino, name, S_IFDIR | 0o755, ctx)
+      node.parent = dir.ino
+      dir.nlink++
+    }
     node.mount = mount
     this.#mounts.add(mount)
   }
 
+  /** The mounts (a device reads them when it is created; `mount()` is refused from then on). */
   mounts(): Iterable<PassthroughMount> {
-    return this.#mounts
+    this.#mountsRead = true
+    return [...this.#mounts]
   }
 
   forget(ino: number): void {
@@ -522,7 +529,7 @@ export class MemoryFs implements FileSystem<Node> {
       const node = this.#nodes.get(child.ino)!
       // A mount point names no node of ours: the driver looks it up (and finds the mount).
       yield node.mount
-        ? { name: child.name, ino: child.ino, mode: S_IFDIR, offset: child.cookie }
+        ? { name: child.name, ino: child.ino, mode: S_IFDIR, offset: child.cookie, mount: node.mount }
         : { name: child.name, ino: child.ino, mode: node.mode, offset: child.cookie, attr: this.#known(node) }
     }
   }
