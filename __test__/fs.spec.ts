@@ -121,6 +121,18 @@ test('host directories mounted in a MemoryFs: mount() rules, lookup and readdir 
     FsDevice.create({ name: 'm0', tag: 'm', fs: bad, writebackCache: true, transport: vhostUser(sock) }),
     { code: 'ERR_VDUSE_INVALID_CONFIG' },
   )
+  // Without create(), the driver would stop sending CREATE for every tree, the mounts too.
+  const noCreate: FileSystem = {
+    lookup: () => ({ mount: data }),
+    getattr: () => fs.getattr(ROOT),
+    readdir: () => [],
+    read: () => 0,
+    mounts: () => [data],
+  }
+  await t.throwsAsync(FsDevice.create({ name: 'm0', tag: 'm', fs: noCreate, transport: vhostUser(sock) }), {
+    code: 'ERR_VDUSE_INVALID_CONFIG',
+    message: /create/,
+  })
   const device = await FsDevice.create({ name: 'm0', tag: 'm', fs, transport: vhostUser(sock) })
   try {
     t.is(device.mountStats.length, 1)

@@ -1319,6 +1319,45 @@ mod tests {
         resp.map(|r| r.result == uapi::VDUSE_REQ_RESULT_OK)
     }
 
+    /// A model's pinned system call (a virtio-fs read or write straight through the driver's buffers) on
+    /// a ring that stops alone (vhost-user GET_VRING_BASE): the memory stays mapped for the other rings,
+    /// so the stop is quiet only once the pin is released — else the caller must stop everything.
+    #[test]
+    fn a_ring_stops_quietly_only_once_a_model_pin_on_it_is_released() {
+        use crate::lifecycle::Stop;
+        let (c, ticket) = control(Duration::from_millis(30));
+        let q = c.shared.life.queues[0].clone();
+        let mut pins = Pins::new();
+        assert_eq!(
+            q.pin(ticket, Owner::Model, Part::Writable, 0, 4096, &mut pins),
+            Ok(true)
+        );
+        assert_eq!(q.pinned_now(), 1);
+        assert!(
+            !c.shared.life.stop_queues(Instant::now(), |_| true, Stop::Ring),
+            "the pinned call may still move data through the fenced request's buffers"
+        );
+        assert!(!q.is_live(ticket), "fenced all the same");
+        pins.release();
+        assert_eq!(q.pinned_now(), 0);
+
+        let (c, ticket) = control(Duration::from_millis(100));
+        let q = c.shared.life.queues[0].clone();
+        let mut pins = Pins::new();
+        assert_eq!(
+            q.pin(ticket, Owner::Model, Part::Writable, 0, 4096, &mut pins),
+            Ok(true)
+        );
+        // The request is never completed (fenced at the drain deadline); its call ends just after, within
+        // the brief wait the stop still gives pins.
+        let call = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(150));
+            drop(pins);
+        });
+        assert!(c.shared.life.stop_queues(Instant::now(), |_| true, Stop::Ring));
+        call.join().unwrap();
+    }
+
     #[test]
     fn an_iotlb_update_whose_new_map_cannot_be_read_takes_all_memory_for_gone() {
         let (c, ticket) = control(Duration::from_millis(100));

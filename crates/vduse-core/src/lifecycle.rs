@@ -194,10 +194,26 @@ impl Lifecycle {
         let (old, settled) = if kind == Stop::Ring {
             // The memory stays mapped for the other rings, whose own native I/O pins the same mappings: pins
             // cannot tell this ring's apart, and revoking would fault the others. Without native I/O of its
-            // own in flight this ring is quiet; with some, the caller must stop everything instead.
+            // own in flight, and once no model's system call moves data through its buffers (a pinned
+            // read or write, counted per queue), this ring is quiet; otherwise the caller must stop
+            // everything instead.
+            let pinned = || chosen.iter().map(|q| q.pinned_now()).sum::<usize>();
+            // Past the drain deadline, still a brief wait (as `settle` gives pins): a pinned call lasts
+            // one system call.
+            let until = deadline.max(Instant::now() + Duration::from_millis(100));
+            let unpinned = loop {
+                if pinned() == 0 {
+                    break true;
+                }
+                let now = Instant::now();
+                if now >= until {
+                    break false;
+                }
+                std::thread::sleep((until - now).min(Duration::from_millis(1)));
+            };
             (
                 None,
-                if native == 0 {
+                if native == 0 && unpinned {
                     Settled::Quiet
                 } else {
                     Settled::Unsafe

@@ -356,6 +356,9 @@ impl Drop for Mapping {
 pub struct Pins {
     held: Vec<Arc<Mapping>>,
     ranges: Vec<(*mut u8, usize)>,
+    /// Counters of pins held now, one per queue whose requests these pins reach (see
+    /// `Virtqueue::pinned_now`): raised with the pins, lowered on release.
+    counted: Vec<Arc<AtomicUsize>>,
 }
 
 // SAFETY: the pointers point into mappings the pins keep alive; they are data for the holder's system
@@ -384,11 +387,23 @@ impl Pins {
         self.held.push(mapping.clone());
     }
 
+    /// Counts these pins in `counter` (a queue's) until they are released.
+    pub fn count_in(&mut self, counter: &Arc<AtomicUsize>) {
+        if self.counted.iter().any(|c| Arc::ptr_eq(c, counter)) {
+            return;
+        }
+        counter.fetch_add(1, Ordering::AcqRel);
+        self.counted.push(counter.clone());
+    }
+
     /// Forgets the ranges and unpins: from here on the pointers must not be used.
     pub fn release(&mut self) {
         self.ranges.clear();
         for m in self.held.drain(..) {
             m.pins.fetch_sub(1, Ordering::AcqRel);
+        }
+        for c in self.counted.drain(..) {
+            c.fetch_sub(1, Ordering::AcqRel);
         }
     }
 }

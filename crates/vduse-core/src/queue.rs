@@ -529,6 +529,9 @@ pub struct Virtqueue {
     /// Written into the status byte of a request the transport fails on the model's behalf (virtio-blk:
     /// IOERR), as `FAIL_STATUS_SET | status`; 0: such a request is given back empty.
     fail_status: AtomicU16,
+    /// `Pins` reaching this queue's requests right now (`pin`): a system call may be moving data through
+    /// their buffers even after they were fenced.
+    pinned: Arc<AtomicUsize>,
 }
 
 /// Which buffers of a request a copy or pin reaches.
@@ -598,7 +601,13 @@ impl Virtqueue {
             features: AtomicU64::new(0),
             waker: Mutex::new(None),
             held: AtomicBool::new(false),
+            pinned: Arc::new(AtomicUsize::new(0)),
         })
+    }
+
+    /// How many `Pins` reach this queue's requests right now (see [`pin`](Self::pin)).
+    pub fn pinned_now(&self) -> usize {
+        self.pinned.load(Ordering::Acquire)
     }
 
     /// The eventfd that wakes whoever serves this queue (its kick fd): written when a slot is freed after
@@ -1618,9 +1627,10 @@ impl Virtqueue {
     }
 
     /// Host pointers for `len` bytes of the request's `part` from `offset`, for a system call that moves
-    /// data straight between a file and the driver's buffers (a native read): appended to `pins`' ranges,
-    /// with their mappings pinned (the message loop does not answer the kernel while they are: keep the
-    /// call short, and release the pins when it returns). `Ok(false)` if the range is not wholly mapped
+    /// data straight between a file and the driver's buffers (a native read or write): appended to
+    /// `pins`' ranges, with their mappings pinned and counted on this queue (the message loop does not
+    /// answer the kernel or the VMM while they are: keep the call short, and release the pins when it
+    /// returns). `Ok(false)` if the range is not wholly mapped
     /// with the access `part` needs (nothing is added); `Gone` if the ticket is not in flight.
     pub fn pin(
         &self,
@@ -1642,6 +1652,8 @@ impl Virtqueue {
             pins.release();
             return Ok(false);
         }
+        // Counted under the ring lock, like the ticket check: a stop that fences this request next sees it.
+        pins.count_in(&self.pinned);
         Ok(true)
     }
 

@@ -177,6 +177,9 @@ impl ReqIo for QueueIo<'_> {
         self.vq
             .write_request(self.ticket, Owner::Model, offset as u64, src)
     }
+    fn live(&self) -> bool {
+        self.vq.is_live(self.ticket)
+    }
     fn read_file(&mut self, fd: RawFd, pos: u64, offset: usize, len: usize) -> Result<Option<usize>, Gone> {
         // The server calls this only for regular files on page-cache file systems.
         if !self.pin(Part::Writable, offset, len)? {
@@ -191,7 +194,8 @@ impl ReqIo for QueueIo<'_> {
         Ok(r.ok())
     }
     fn write_file(&mut self, fd: RawFd, pos: u64, offset: usize, len: usize) -> Result<Option<usize>, Gone> {
-        // The server calls this only for regular files on page-cache file systems, never O_DIRECT.
+        // The server calls this only for regular files on page-cache file systems, never O_DIRECT,
+        // O_SYNC or O_DSYNC (a write that waits for the disk must not hold the pins meanwhile).
         if !self.pin(Part::Readable, offset, len)? {
             return Ok(None);
         }

@@ -176,9 +176,11 @@ pub struct Handle {
     writable: bool,
     /// A directory's position is shared by seek and read: one reader at a time.
     dir: Option<Mutex<()>>,
-    /// A regular file on a page-cache file system: reads may go straight into pinned buffers (decided
-    /// at the first read: most files created are never read through their handle).
+    /// A regular file on a page-cache file system: reads and writes may go straight between it and pinned
+    /// buffers (decided at the first one: most files created are never read through their handle).
     zero_copy: std::sync::OnceLock<bool>,
+    /// Opened O_SYNC or O_DSYNC: a write waits for the disk inside the call (decided at the first write).
+    sync_writes: std::sync::OnceLock<bool>,
     _budget: FdTicket,
 }
 
@@ -191,6 +193,16 @@ impl Handle {
         *self
             .zero_copy
             .get_or_init(|| self.node.is_reg() && vduse_backends::file_io::zero_copy_reads(self.fd()))
+    }
+    /// Whether a write of this file is a copy into the page cache and nothing more: not when it also
+    /// waits for the disk (O_SYNC, O_DSYNC), which pinned buffers must not wait for.
+    pub fn zero_copy_writes(&self) -> bool {
+        self.zero_copy()
+            && !*self.sync_writes.get_or_init(|| {
+                // SAFETY: F_GETFL on our own open fd.
+                let fl = unsafe { libc::fcntl(self.fd(), libc::F_GETFL) };
+                fl < 0 || fl & (libc::O_SYNC | libc::O_DSYNC) != 0
+            })
     }
 }
 
@@ -759,6 +771,7 @@ impl PassthroughFs {
                 writable,
                 dir: dir.then(|| Mutex::new(())),
                 zero_copy: std::sync::OnceLock::new(),
+                sync_writes: std::sync::OnceLock::new(),
                 _budget: budget,
             }),
         );

@@ -169,6 +169,11 @@ impl FsRouter {
         let Some(h) = InHeader::parse(head) else {
             return Step::Forward;
         };
+        // A session starts or ends only by a request still in flight: one a reset fenced after it was
+        // popped must not end (or start) the session that followed.
+        if matches!(h.opcode, op::INIT | op::DESTROY) && !io.live() {
+            return Step::Answered(Err(Gone));
+        }
         match h.opcode {
             op::INIT => {
                 // Armed as INIT passes, not when the other server has answered it: the driver sends
@@ -292,9 +297,19 @@ impl DeviceModel for FsRouter {
                             .fetch_add(forward.len() as u64, Ordering::Relaxed);
                         match self.forward.get(usize::from(queue)) {
                             Some(to) => to.push(forward.drain(..)),
-                            // A queue the router was not made for: fail them rather than leave them.
+                            // A queue the router was not made for (never: one per queue): answer EIO
+                            // rather than leave them in flight.
                             None => {
-                                vq.complete_all(forward.drain(..).map(|r| vq.failure(r.ticket)));
+                                for r in forward.drain(..) {
+                                    let Some(req) = batch.iter().find(|q| q.ticket == r.ticket) else {
+                                        continue;
+                                    };
+                                    let (mut io, _) = l.io(vq, &req);
+                                    let unique = InHeader::parse(req.header).map_or(0, |h| h.unique);
+                                    if let Ok(used) = reply_errno(&mut io, unique, libc::EIO) {
+                                        completer.complete(req.ticket, used, None);
+                                    }
+                                }
                             }
                         }
                     }

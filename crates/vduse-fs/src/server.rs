@@ -35,9 +35,13 @@ pub trait ReqIo {
     ) -> Result<Option<usize>, Gone> {
         Ok(None)
     }
+    /// Whether the request is still in flight (not fenced since it was popped).
+    fn live(&self) -> bool {
+        true
+    }
     /// Writes up to `len` readable bytes from `offset` straight to the file `fd` at `pos`: called only
-    /// for regular files on page-cache file systems opened without O_DIRECT, whose writes copy into the
-    /// page cache before they return (so the call ends before the driver's memory may be reused, and a
+    /// for regular files on page-cache file systems opened without O_DIRECT, O_SYNC or O_DSYNC, whose
+    /// writes copy into the page cache before they return (so the call ends before the driver's memory may be reused, and a
     /// revoked mapping stops it). `Ok(None)`: not possible, or failed (the server stages the write and
     /// reports its own error).
     fn write_file(
@@ -753,7 +757,7 @@ impl Server {
         }
         // Straight from the driver's buffers into the page cache where that is a copy (see `write_file`);
         // whatever that did not write, staged.
-        let mut done = if h.zero_copy() {
+        let mut done = if h.zero_copy_writes() {
             io.write_file(h.fd(), pos, IN_HEADER + WRITE_IN, size)?
                 .unwrap_or(0)
         } else {

@@ -197,6 +197,25 @@ fn a_write_straight_from_the_ring_lands_whole_and_a_fenced_one_not_at_all() {
     let on_disk = std::fs::read(dir.0.join("f")).unwrap();
     assert_eq!(on_disk.len(), 4096 + (1 << 20));
     assert_eq!(&on_disk[4096..], &data[..]);
+    let fs = d.model.server().fs();
+    assert!(
+        fs.handle(fh).unwrap().zero_copy_writes(),
+        "a page-cache file: straight from the buffers"
+    );
+    // Opened O_SYNC: the write waits for the disk inside the call, so never with the buffers pinned.
+    let mut a = le(
+        &[(libc::O_RDWR | libc::O_SYNC) as u64, 0o644, 0, 0],
+        &[4, 4, 4, 4],
+    );
+    a.extend(name("s"));
+    let (_, r) = d.call(op::CREATE, 1, &a, 16 + 144);
+    let sync_fh = u64::from_le_bytes(r[128..136].try_into().unwrap());
+    assert!(!d.model.server().fs().handle(sync_fh).unwrap().zero_copy_writes());
+    let mut w = le(&[sync_fh, 0, 8192, 0, 0, 0, 0], &[8, 8, 4, 4, 8, 4, 4]);
+    w.extend(std::iter::repeat_n(0x77, 8192));
+    let (e, r) = d.call(op::WRITE, 0, &w, 24);
+    assert_eq!((e, u32::from_le_bytes(r[..4].try_into().unwrap())), (0, 8192));
+    assert_eq!(std::fs::read(dir.0.join("s")).unwrap(), vec![0x77; 8192]);
 
     // Popped, then the queue reset before the model gets to it: the ticket is dead, nothing is written
     // from the driver's memory and nothing is answered.

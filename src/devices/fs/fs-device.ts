@@ -68,6 +68,8 @@ const PAGE = 4096
 const ARGS_MAX = XATTR_SIZE_MAX + 2 * (NAME_MAX + 1) + 64
 /** File types a node may have. */
 const VALID_TYPES = new Set([S_IFREG, S_IFDIR, S_IFLNK, S_IFCHR, S_IFBLK, S_IFIFO, S_IFSOCK])
+/** What the driver takes for "nothing to do" after an ENOSYS: answered so when the file system lacks it. */
+const NOTHING_TO_DO = new Set<number>([OP.FSYNC, OP.FSYNCDIR, OP.FLUSH, OP.SYNCFS])
 /** Host directories one tree may mount: each takes its share of the process's descriptors. */
 const MAX_MOUNTS = 64
 /** RENAME_NOREPLACE | RENAME_EXCHANGE; RENAME_WHITEOUT is refused. */
@@ -409,6 +411,10 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
       throw bad('fs.mounts() must return PassthroughMount objects')
     if (mounts.length > MAX_MOUNTS)
       throw bad(`at most ${MAX_MOUNTS} host directories may be mounted in one tree`)
+    // Without create the driver falls back, for every tree, to MKNOD then OPEN (an O_CREAT open of a
+    // read-only mode then fails for non-root under the mounts too).
+    if (mounts.length > 0 && typeof fs?.create !== 'function')
+      throw bad('a file system with mounts must implement create()')
     for (const m of mounts) {
       const cache = m.options.cache ?? 'auto'
       if (!['never', 'auto', 'always'].includes(cache))
@@ -662,7 +668,7 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
         const [name, newName] = names(a, fixed, argLen, 2)
         if (flags & ~RENAME_FLAGS || flags === RENAME_FLAGS) return this.#error(call, E.EINVAL)
         if (this.#readOnly) return this.#error(call, E.EROFS)
-        if (!fs.rename) return this.#unsupported(call)
+        if (!fs.rename) return op === OP.RENAME2 ? this.#lacking(call, false) : this.#unsupported(call)
         return this.#run(
           call,
           () => fs.rename!(ino, name!, newParent, newName!, flags, call),
@@ -845,6 +851,10 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
           this.#replyOffset,
         )
       }
+      case OP.COPY_FILE_RANGE:
+        // Not offered to file systems here: the driver copies through read and write instead — after an
+        // EOPNOTSUPP for this one copy, after an ENOSYS for every tree (the mounts' own copies included).
+        return this.#lacking(call, false)
       case OP.SYNCFS:
         // Nothing here to sync (no file-system method for it); the mounts sync their own superblocks.
         return this.#lacking(call, true)
@@ -863,7 +873,8 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
     if (this.#mounts.size === 0) return this.#unsupported(call)
     if (nothingToDo) return this.#replyEmpty(call)
     this.#stats.unsupported++
-    this.#error(call, E.EOPNOTSUPP)
+    // RENAME2: EINVAL is what renameat2's callers see for flags a file system cannot honour.
+    this.#error(call, call.opcode === OP.RENAME2 ? E.EINVAL : E.EOPNOTSUPP)
   }
 
   /** The node id of a request, if the driver was told of it. */
@@ -1182,6 +1193,9 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
         })
       }
     }
+    // A method may say ENOSYS itself: with mounts, never as such (see `#lacking`).
+    if (errno === E.ENOSYS && this.#mounts.size > 0)
+      return this.#lacking(call, NOTHING_TO_DO.has(call.opcode))
     this.#error(call, errno ?? E.EIO)
   }
 

@@ -46,6 +46,7 @@ export const OP = {
   READDIRPLUS: 44,
   RENAME2: 45,
   LSEEK: 46,
+  COPY_FILE_RANGE: 47,
   SYNCFS: 50,
 } as const
 
