@@ -1,6 +1,6 @@
 import type { DeviceCounters, DeviceInit, FsCounters, PortCounters } from '../../index'
 
-export type { PortCounters }
+export type { FsCounters, PortCounters }
 import type { BatchArrays } from './batch'
 
 /** Something the kernel-facing side did (from the device's message loop). */

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{le, name, Driver, TempDir, VecIo};
+use common::{init_args, le, name, request, Driver, TempDir, VecIo};
 use std::sync::Arc;
 use vduse_core::model::{Completer, DeviceModel};
 use vduse_core::queue::{Budget, Gone, RequestBatch};
@@ -19,13 +19,7 @@ const REPLY: u64 = 0x80_000;
 
 /// Writes a request of `opcode` with `args` where the chain's readable descriptor points; its length.
 fn write_request(rig: &Rig, unique: u64, opcode: u32, node: u64, args: &[u8]) -> u32 {
-    let mut b = Vec::new();
-    b.extend_from_slice(&((40 + args.len()) as u32).to_le_bytes());
-    b.extend_from_slice(&opcode.to_le_bytes());
-    b.extend_from_slice(&unique.to_le_bytes());
-    b.extend_from_slice(&node.to_le_bytes());
-    b.extend_from_slice(&[0u8; 16]);
-    b.extend_from_slice(args);
+    let b = request(opcode, unique, node, args);
     rig.map.write_slice(&b, GuestAddress(REQ)).unwrap();
     b.len() as u32
 }
@@ -89,9 +83,7 @@ impl Device {
 fn requests_on_a_ring_are_served_and_completed_with_their_reply() {
     let dir = TempDir::new("model");
     let mut d = Device::new(&dir.0);
-    let mut init = le(&[7, 38, 65536, 0xffff_ffff], &[4, 4, 4, 4]);
-    init.resize(64, 0);
-    assert_eq!(d.call(op::INIT, 0, &init, 80).0, 0);
+    assert_eq!(d.call(op::INIT, 0, &init_args(), 80).0, 0);
     let mut a = le(&[libc::O_RDWR as u64, 0o644, 0, 0], &[4, 4, 4, 4]);
     a.extend(name("f"));
     let (e, r) = d.call(op::CREATE, 1, &a, 16 + 144);
@@ -181,9 +173,7 @@ fn a_write_fenced_between_chunks_stops_there_and_is_not_answered() {
 fn a_write_straight_from_the_ring_lands_whole_and_a_fenced_one_not_at_all() {
     let dir = TempDir::new("pinned");
     let mut d = Device::new(&dir.0);
-    let mut init = le(&[7, 38, 65536, 0xffff_ffff], &[4, 4, 4, 4]);
-    init.resize(64, 0);
-    assert_eq!(d.call(op::INIT, 0, &init, 80).0, 0);
+    assert_eq!(d.call(op::INIT, 0, &init_args(), 80).0, 0);
     let mut a = le(&[libc::O_RDWR as u64, 0o644, 0, 0], &[4, 4, 4, 4]);
     a.extend(name("f"));
     let (_, r) = d.call(op::CREATE, 1, &a, 16 + 144);

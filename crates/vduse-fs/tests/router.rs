@@ -7,7 +7,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{le, name, TempDir, VecIo};
+use common::{init_args, le, name, request, TempDir, VecIo};
 use vduse_core::model::{Completer, DeviceModel};
 use vduse_core::queue::{Budget, Done, RequestBatch};
 use vduse_core::rig::{desc, offer, used, Rig};
@@ -15,17 +15,6 @@ use vduse_fs::abi::{self, op};
 use vduse_fs::router::{mount_id_base, Routed, OTHER_IDS_END};
 use vduse_fs::{Config, FsRouter, PassthroughFs, Scratch, Server};
 use vm_memory::{Bytes, GuestAddress};
-
-fn header(opcode: u32, unique: u64, node: u64, args: &[u8]) -> Vec<u8> {
-    let mut b = Vec::new();
-    b.extend_from_slice(&((40 + args.len()) as u32).to_le_bytes());
-    b.extend_from_slice(&opcode.to_le_bytes());
-    b.extend_from_slice(&unique.to_le_bytes());
-    b.extend_from_slice(&node.to_le_bytes());
-    b.extend_from_slice(&[0u8; 16]);
-    b.extend_from_slice(args);
-    b
-}
 
 fn mount(dir: &TempDir, index: usize) -> Arc<Server> {
     let mut cfg = Config::new(&dir.0);
@@ -54,7 +43,7 @@ impl Bench {
 
     fn send(&mut self, opcode: u32, node: u64, args: &[u8]) -> Sent {
         self.unique += 1;
-        let input = header(opcode, self.unique, node, args);
+        let input = request(opcode, self.unique, node, args);
         let head = input[..input.len().min(64)].to_vec();
         let mut io = VecIo {
             input,
@@ -71,10 +60,8 @@ impl Bench {
     }
 
     fn init(&mut self) {
-        let mut a = le(&[7, 38, 65536, 0xffff_ffff], &[4, 4, 4, 4]);
-        a.resize(64, 0);
         assert_eq!(
-            self.send(op::INIT, 0, &a).0,
+            self.send(op::INIT, 0, &init_args()).0,
             Routed::Forward,
             "the session is the other server's"
         );
@@ -112,7 +99,7 @@ fn requests_go_by_node_id_and_nothing_crosses_trees() {
 
     // The mount point's LOOKUP, answered for the other server: the root, flagged as a submount.
     let mut io = VecIo {
-        input: header(op::LOOKUP, 77, 1, &name("data")),
+        input: request(op::LOOKUP, 77, 1, &name("data")),
         output: vec![0; 4096],
     };
     let head = io.input.clone();
@@ -268,7 +255,7 @@ fn batch_forget_is_split_and_sessions_follow_init_and_destroy() {
     let (_, x) = t.lookup(root, "x");
     t.router.started(0);
     let mut io = VecIo {
-        input: header(op::LOOKUP, 9, 1, &name("data")),
+        input: request(op::LOOKUP, 9, 1, &name("data")),
         output: vec![0; 4096],
     };
     let head = io.input.clone();
@@ -335,9 +322,9 @@ fn on_a_ring_the_other_servers_requests_stay_in_flight_forwarded() {
     let mut init = le(&[7, 38, 65536, 0], &[4, 4, 4, 4]);
     init.resize(64, 0);
     let reqs = [
-        header(op::INIT, 1, 0, &init),
-        header(op::LOOKUP, 2, root, &name("f")),
-        header(op::GETATTR, 3, 1, &[0; 16]),
+        request(op::INIT, 1, 0, &init),
+        request(op::LOOKUP, 2, root, &name("f")),
+        request(op::GETATTR, 3, 1, &[0; 16]),
     ];
     let mut table = Vec::new();
     for (i, r) in reqs.iter().enumerate() {

@@ -2,7 +2,7 @@ import { release } from 'node:os'
 
 import { kernelAtLeast } from '../../control'
 import { VduseError, asError } from '../../errors'
-import type { RequestSource } from '../../transport/source'
+import type { FsCounters, RequestSource } from '../../transport/source'
 import type { RequestBatch } from '../../transport/batch'
 import { VirtioDevice, type VirtioDeviceEvents, type VirtioDeviceOptions } from '../../virtio/device'
 import {
@@ -505,20 +505,7 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
    * servers; empty without mounts.
    */
   get mountStats(): FsStats[] {
-    return (this.source?.fsMountCounters?.() ?? []).map((n) => ({
-      requests: n.requests,
-      errors: n.errors,
-      malformed: n.malformed,
-      unsupported: n.unsupported,
-      sessions: n.sessions,
-      nodes: n.nodes,
-      handles: n.handles,
-      bytesRead: n.bytesRead,
-      bytesWritten: n.bytesWritten,
-      syncs: n.syncs,
-      maxNodes: n.maxNodes,
-      maxHandles: n.maxHandles,
-    }))
+    return (this.source?.fsMountCounters?.() ?? []).map(nativeStats)
   }
 
   /**
@@ -527,21 +514,7 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
    */
   get stats(): FsStats {
     const n = this.sharedDir === undefined ? undefined : this.source?.fsCounters?.()
-    if (!n) return this.#stats
-    return {
-      requests: n.requests,
-      errors: n.errors,
-      malformed: n.malformed,
-      unsupported: n.unsupported,
-      sessions: n.sessions,
-      nodes: n.nodes,
-      handles: n.handles,
-      bytesRead: n.bytesRead,
-      bytesWritten: n.bytesWritten,
-      syncs: n.syncs,
-      maxNodes: n.maxNodes,
-      maxHandles: n.maxHandles,
-    }
+    return n ? nativeStats(n) : this.#stats
   }
 
   get requestQueues(): number {
@@ -1656,6 +1629,24 @@ function readU64(b: Buffer, at: number): number {
 function readPos(b: Buffer, at: number): number {
   const hi = b.readUInt32LE(at + 4)
   return hi >= 0x20_0000 ? Infinity : hi * 0x1_0000_0000 + b.readUInt32LE(at)
+}
+
+/** `stats` of a natively served directory, from the binding's counters. */
+function nativeStats(n: FsCounters): FsStats {
+  return {
+    requests: n.requests,
+    errors: n.errors,
+    malformed: n.malformed,
+    unsupported: n.unsupported,
+    sessions: n.sessions,
+    nodes: n.nodes,
+    handles: n.handles,
+    bytesRead: n.bytesRead,
+    bytesWritten: n.bytesWritten,
+    syncs: n.syncs,
+    maxNodes: n.maxNodes,
+    maxHandles: n.maxHandles,
+  }
 }
 
 /** A u64 count (nlookup): larger than any count can be, so clamped. */

@@ -92,6 +92,25 @@ pub fn name(n: &str) -> Vec<u8> {
     v
 }
 
+/// A request: the 40-byte header (its length what is given, uid/gid/pid 0) then `args`.
+pub fn request(opcode: u32, unique: u64, node: u64, args: &[u8]) -> Vec<u8> {
+    let mut b = Vec::new();
+    b.extend_from_slice(&((40 + args.len()) as u32).to_le_bytes());
+    b.extend_from_slice(&opcode.to_le_bytes());
+    b.extend_from_slice(&unique.to_le_bytes());
+    b.extend_from_slice(&node.to_le_bytes());
+    b.extend_from_slice(&[0u8; 16]);
+    b.extend_from_slice(args);
+    b
+}
+
+/// INIT's arguments as a 7.38 driver offering every flag sends them.
+pub fn init_args() -> Vec<u8> {
+    let mut a = le(&[7, 38, 65536, 0xffff_ffff], &[4, 4, 4, 4]);
+    a.resize(64, 0);
+    a
+}
+
 pub fn le(parts: &[u64], widths: &[usize]) -> Vec<u8> {
     let mut v = Vec::new();
     for (x, w) in parts.iter().zip(widths) {
