@@ -144,6 +144,19 @@ test('host directories mounted in a MemoryFs: mount() rules, lookup and readdir 
   t.is(device.mountStats.length, 1, 'counters stay readable after close')
 })
 
+test('an ENOSYS thrown by open() reaches the driver as EOPNOTSUPP: ENOSYS would turn opens off for the session', async (t) => {
+  class NoOpen extends MemoryFs {
+    override open(): never {
+      throw new FsError('ENOSYS')
+    }
+  }
+  const { device, driver } = await setup(new NoOpen())
+  await driver.init()
+  const node = entryOf(await driver.create(ROOT, 'f')).nodeid
+  t.is((await driver.open(node)).error, -95)
+  await device.close()
+})
+
 test('INIT negotiates 7.38 with max_pages; the config space holds the tag and queue count', async (t) => {
   const { device, transport, driver } = await setup(new MemoryFs(), { requestQueues: 2 })
   t.is(transport.config.toString('utf8', 0, 4), 'test')

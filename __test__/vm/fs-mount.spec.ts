@@ -42,6 +42,9 @@ async function mounted(extra: Partial<Parameters<typeof FsDevice.create>[0]> = {
   const dir = `/tmp/${name}/host`
   await sh(`rm -rf /tmp/${name} && mkdir -p ${dir} && echo from-host > ${dir}/hello`)
   const memfs = new EagerFs()
+  // Without lseek(): the device answers SEEK_DATA/SEEK_HOLE itself (an ENOSYS would turn them off for
+  // the mounts too).
+  Object.defineProperty(memfs, 'lseek', { value: undefined })
   memfs.mount('/data', new PassthroughMount({ dir }))
   const device = await FsDevice.create({ name, tag, fs: memfs, replaceStale: true, ...extra })
   await device.attach()
@@ -109,6 +112,14 @@ test('the host directory is a submount of the TypeScript tree: each serves its p
     t.true(native > 1000, `${native} requests served natively`)
     // Per I/O, none: what reaches JavaScript is the walk above the mount (its names expire each second).
     t.true(js * 200 < native, `${js} requests reached JavaScript against ${native} served natively`)
+    // SEEK_HOLE in the TypeScript tree (no lseek there), then in a sparse file of the mount: its hole is
+    // still found (after an ENOSYS the driver would take the whole file for data).
+    const seek = (f: string, whence: number): Promise<string> =>
+      sh(`python3 -c "import os; fd = os.open('${f}', os.O_RDONLY); print(os.lseek(fd, 0, ${whence}))"`)
+    await sh(`head -c 4096 /dev/urandom > ${m.mnt}/ts-file && truncate -s 1M ${m.mnt}/ts-file`)
+    t.is((await seek(`${m.mnt}/ts-file`, 4)).trim(), String(1 << 20), 'SEEK_HOLE: the whole file is data')
+    await sh(`head -c 4096 /dev/urandom > ${m.dir}/sparse && truncate -s 1M ${m.dir}/sparse`)
+    t.is((await seek(`${m.mnt}/data/sparse`, 4)).trim(), '4096', 'the mount still finds its holes')
     // syncfs of the TypeScript tree (nothing to sync there) does not turn it off for the mount.
     await sh(`sync -f ${m.mnt}`)
     const synced = m.device.mountStats[0]!.syncs ?? 0

@@ -1348,13 +1348,21 @@ mod tests {
             q.pin(ticket, Owner::Model, Part::Writable, 0, 4096, &mut pins),
             Ok(true)
         );
-        // The request is never completed (fenced at the drain deadline); its call ends just after, within
-        // the brief wait the stop still gives pins.
-        let call = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(150));
-            drop(pins);
-        });
+        // The request is never completed (fenced at the drain deadline); its call ends right after the
+        // fence, within the brief wait the stop still gives pins.
+        let released = Arc::new(AtomicBool::new(false));
+        let call = {
+            let (q, released) = (q.clone(), released.clone());
+            std::thread::spawn(move || {
+                while q.is_live(ticket) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                released.store(true, Ordering::SeqCst);
+                drop(pins);
+            })
+        };
         assert!(c.shared.life.stop_queues(Instant::now(), |_| true, Stop::Ring));
+        assert!(released.load(Ordering::SeqCst), "quiet only after the pin went");
         call.join().unwrap();
     }
 

@@ -201,16 +201,17 @@ impl Lifecycle {
             // Past the drain deadline, still a brief wait (as `settle` gives pins): a pinned call lasts
             // one system call.
             let until = deadline.max(Instant::now() + Duration::from_millis(100));
-            let unpinned = loop {
-                if pinned() == 0 {
-                    break true;
-                }
-                let now = Instant::now();
-                if now >= until {
-                    break false;
-                }
-                std::thread::sleep((until - now).min(Duration::from_millis(1)));
-            };
+            let unpinned = native == 0
+                && loop {
+                    if pinned() == 0 {
+                        break true;
+                    }
+                    let now = Instant::now();
+                    if now >= until {
+                        break false;
+                    }
+                    std::thread::sleep((until - now).min(Duration::from_millis(1)));
+                };
             (
                 None,
                 if native == 0 && unpinned {

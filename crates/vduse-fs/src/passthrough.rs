@@ -195,13 +195,19 @@ impl Handle {
             .get_or_init(|| self.node.is_reg() && vduse_backends::file_io::zero_copy_reads(self.fd()))
     }
     /// Whether a write of this file is a copy into the page cache and nothing more: not when it also
-    /// waits for the disk (O_SYNC, O_DSYNC), which pinned buffers must not wait for.
+    /// waits for the disk (O_SYNC, O_DSYNC, a file system mounted `sync`), which pinned buffers must not
+    /// wait for. (A `chattr +S` file still would: not checked.)
     pub fn zero_copy_writes(&self) -> bool {
         self.zero_copy()
             && !*self.sync_writes.get_or_init(|| {
                 // SAFETY: F_GETFL on our own open fd.
                 let fl = unsafe { libc::fcntl(self.fd(), libc::F_GETFL) };
-                fl < 0 || fl & (libc::O_SYNC | libc::O_DSYNC) != 0
+                // SAFETY: an all-zero statvfs is a valid value; fstatvfs fills it for our own fd.
+                let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+                // SAFETY: as above.
+                let sync_mount = unsafe { libc::fstatvfs(self.fd(), &mut st) } != 0
+                    || st.f_flag & libc::ST_SYNCHRONOUS != 0;
+                fl < 0 || fl & (libc::O_SYNC | libc::O_DSYNC) != 0 || sync_mount
             })
     }
 }

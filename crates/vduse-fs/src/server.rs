@@ -294,7 +294,14 @@ impl Server {
                 if e.0 == libc::ENOSYS {
                     self.counters.unsupported.fetch_add(1, Ordering::Relaxed);
                 }
-                self.reply_error(io, h.unique, e.0)
+                // Inside another tree (see `router`) a host call's ENOSYS (a seccomp filter, an old
+                // kernel) must not turn the operation off for every tree of the connection.
+                let shared = self.fs.config().id_base != 0;
+                let errno = match h.opcode {
+                    op::COPY_FILE_RANGE | op::FALLOCATE if shared && e.0 == libc::ENOSYS => libc::EOPNOTSUPP,
+                    _ => e.0,
+                };
+                self.reply_error(io, h.unique, errno)
             }
         }
     }

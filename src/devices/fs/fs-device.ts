@@ -70,6 +70,8 @@ const ARGS_MAX = XATTR_SIZE_MAX + 2 * (NAME_MAX + 1) + 64
 const VALID_TYPES = new Set([S_IFREG, S_IFDIR, S_IFLNK, S_IFCHR, S_IFBLK, S_IFIFO, S_IFSOCK])
 /** What the driver takes for "nothing to do" after an ENOSYS: answered so when the file system lacks it. */
 const NOTHING_TO_DO = new Set<number>([OP.FSYNC, OP.FSYNCDIR, OP.FLUSH, OP.SYNCFS])
+/** Never answered ENOSYS: the driver would turn them off for the whole session. */
+const NEVER_ENOSYS = new Set<number>([OP.OPEN, OP.OPENDIR, OP.CREATE])
 /** Host directories one tree may mount: each takes its share of the process's descriptors. */
 const MAX_MOUNTS = 64
 /** RENAME_NOREPLACE | RENAME_EXCHANGE; RENAME_WHITEOUT is refused. */
@@ -412,8 +414,8 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
     if (mounts.length > MAX_MOUNTS)
       throw bad(`at most ${MAX_MOUNTS} host directories may be mounted in one tree`)
     // Without create the driver falls back, for every tree, to MKNOD then OPEN (an O_CREAT open of a
-    // read-only mode then fails for non-root under the mounts too).
-    if (mounts.length > 0 && typeof fs?.create !== 'function')
+    // read-only mode then fails for non-root under the mounts too). Read-only answers EROFS first.
+    if (mounts.length > 0 && typeof fs?.create !== 'function' && !options.readOnly)
       throw bad('a file system with mounts must implement create()')
     for (const m of mounts) {
       const cache = m.options.cache ?? 'auto'
@@ -817,7 +819,19 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
         const whence = a.readUInt32LE(16)
         if (whence > 4) return this.#error(call, E.EINVAL)
         if (offset > Number.MAX_SAFE_INTEGER) return this.#error(call, E.ENXIO)
-        if (!fs.lseek) return this.#unsupported(call)
+        if (!fs.lseek) {
+          if (this.#mounts.size === 0) return this.#unsupported(call)
+          // What the driver would do itself after an ENOSYS — which would also make it do so for the
+          // mounts, whose files have holes: the whole file is data (only SEEK_DATA/SEEK_HOLE come here).
+          return this.#run(
+            call,
+            () => fs.getattr(ino, call, handle.value as H),
+            (c, attr: Attr) => {
+              if (offset >= attr.size || whence < 3) return this.#error(c, whence < 3 ? E.EINVAL : E.ENXIO)
+              this.#replyOffset(c, whence === 3 ? offset : attr.size)
+            },
+          )
+        }
         return this.#run(
           call,
           () => fs.lseek!(ino, offset, whence, handle.value as H, call),
@@ -1166,9 +1180,13 @@ export class FsDevice<H = unknown> extends VirtioDevice<FsDeviceEvents> {
         })
       }
     }
-    // A method may say ENOSYS itself: with mounts, never as such (see `#lacking`).
-    if (errno === E.ENOSYS && this.#mounts.size > 0)
-      return this.#lacking(call, NOTHING_TO_DO.has(call.opcode))
+    if (errno === E.ENOSYS) {
+      // After an ENOSYS to OPEN or OPENDIR the driver stops opening for the whole session (and every
+      // read or write then names no handle here): never sent for those.
+      if (NEVER_ENOSYS.has(call.opcode)) return this.#error(call, E.EOPNOTSUPP)
+      // A method may say ENOSYS itself: with mounts, never as such (see `#lacking`).
+      if (this.#mounts.size > 0) return this.#lacking(call, NOTHING_TO_DO.has(call.opcode))
+    }
     this.#error(call, errno ?? E.EIO)
   }
 
