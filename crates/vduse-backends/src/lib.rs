@@ -10,6 +10,7 @@
 //! ticket (a fence ends them), or system calls into pinned mappings (the message loop waits for them).
 
 pub mod file_io;
+pub mod nbd;
 pub mod nic;
 pub mod switch;
 pub mod tap;

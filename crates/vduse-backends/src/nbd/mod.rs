@@ -1,0 +1,9 @@
+//! The NBD client's transmission phase, native: requests out and replies in on a socket the handshake
+//! (done by the caller) left in transmission mode, with the driver's data moved without JavaScript.
+//!
+//! - [`proto`]: the wire format, no I/O: request headers, a reply parser that trusts nothing;
+//! - [`conn`]: one connection: commands written whole, replies parsed on a thread of its own, every
+//!   command answered or handed back.
+
+pub mod conn;
+pub mod proto;
