@@ -56,6 +56,8 @@ pub trait Receiver<P>: Send + Sync + 'static {
     fn done(&self, cmd: P, error: u32);
     /// The connection ended; `orphans` were in flight, unanswered (oldest first).
     fn lost(&self, orphans: Vec<P>, why: ConnError);
+    /// The replies of one read from the socket were delivered: a moment to batch (interrupts).
+    fn flush(&self) {}
 }
 
 struct Table<P> {
@@ -72,7 +74,7 @@ pub struct Connection<P> {
     /// Held while a command is written: commands never interleave on the wire.
     send: Mutex<()>,
     receiver: Arc<dyn Receiver<P>>,
-    /// Milliseconds since `born` when a byte last arrived (liveness).
+    /// Microseconds since `born` when a byte last arrived, rounded up (liveness).
     heard: AtomicU64,
     born: Instant,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -143,6 +145,12 @@ impl<P: Send + 'static> Connection<P> {
         Ok(())
     }
 
+    /// Whether any command in flight satisfies `f` (called with the cookie table locked: `f` must not
+    /// call back into the connection).
+    pub fn any_in_flight(&self, mut f: impl FnMut(&P) -> bool) -> bool {
+        lock(&self.table).inflight.values().any(|(_, p, _)| f(p))
+    }
+
     /// Commands in flight.
     pub fn in_flight(&self) -> usize {
         lock(&self.table).inflight.len()
@@ -155,8 +163,14 @@ impl<P: Send + 'static> Connection<P> {
 
     /// How long since a byte last arrived (or since the start).
     pub fn silent_for(&self) -> std::time::Duration {
-        let heard = std::time::Duration::from_millis(self.heard.load(Ordering::Relaxed));
+        let heard = std::time::Duration::from_micros(self.heard.load(Ordering::Relaxed));
         self.born.elapsed().saturating_sub(heard)
+    }
+
+    /// Whether a byte arrived at `t` or later.
+    pub fn heard_since(&self, t: Instant) -> bool {
+        let heard = std::time::Duration::from_micros(self.heard.load(Ordering::Relaxed));
+        self.born + heard >= t
     }
 
     /// Cuts the connection: the server sees it go at once, and what was in flight is handed back.
@@ -211,7 +225,7 @@ impl<P: Send + 'static> Connection<P> {
                 break ConnError::Closed;
             }
             self.heard
-                .store(self.born.elapsed().as_millis() as u64, Ordering::Relaxed);
+                .store(self.born.elapsed().as_micros() as u64 + 1, Ordering::Relaxed);
             let mut t = lock(&self.table);
             if t.ended.is_some() {
                 return;
@@ -228,6 +242,7 @@ impl<P: Send + 'static> Connection<P> {
             for (p, error) in done {
                 self.receiver.done(p, error);
             }
+            self.receiver.flush();
             if let Err(e) = fed {
                 break ConnError::Protocol(e);
             }

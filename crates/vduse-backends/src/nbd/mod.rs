@@ -6,4 +6,5 @@
 //!   command answered or handed back.
 
 pub mod conn;
+pub mod engine;
 pub mod proto;
