@@ -38,10 +38,31 @@ export declare class BindingDevice {
    */
   isLive(ticket: number): boolean
   /**
-   * Hands block I/O to native threads: `ops` holds `[ticket, fd, kind (0 read, 1 write, 2 flush),
-   * position, skip]` per request. Each completes its request itself, status byte included.
+   * Hands block I/O to native threads: `ops` holds `[ticket, fd, kind, position, skip]` per request.
+   * Kinds 0 read, 1 write, 2 flush go to the file I/O pool (`fd`, and `skip` header bytes); kinds 8
+   * read, 9 write, 10 flush, 11 discard, 12 write-zeroes to the NBD engine (`nbdStart`; `skip` 1 asks
+   * for FUA). Each completes its request itself, status byte included.
    */
   submitIo(ops: Float64Array, count: number): void
+  /**
+   * Starts the native NBD data path of a blk device: requests submitted with kinds 8–12 are served
+   * over the connections given with `nbdAttach`. `onEvent` hears of lost connections (give a new one)
+   * and of requests that failed waiting for one.
+   */
+  nbdStart(info: NbdExportJs, options: NbdOptionsJs, onEvent: (arg: NbdEventJs) => void): void
+  /**
+   * Gives connection `slot` of the NBD data path the engine's half of `socket` (handshake done;
+   * `structured`: structured replies were agreed).
+   */
+  nbdAttach(slot: number, socket: BindingNbdSocket, structured: boolean): void
+  /**
+   * Makes every change the NBD data path had acknowledged durable (NBD_CMD_FLUSH), waiting at most
+   * `timeoutMs`. Rejects (ERR_VDUSE_SYSCALL) when the server fails it or acknowledged changes may have
+   * been lost with a connection.
+   */
+  nbdFlush(timeoutMs: number): Promise<void>
+  /** Counters of the NBD data path (`nbdStart`). */
+  nbdStats(): NbdCounters | null
   /** Rewrites part of the config space; tells the driver once it is running. */
   updateConfig(offset: number, data: Buffer): void
   /** The tap interface a natively served NIC is bridged to. */
@@ -99,6 +120,19 @@ export declare class BindingLoopback {
    */
   runInline(total: number, batch: number): LoopbackReport
   /** Stops serving. */
+  close(): void
+}
+
+/**
+ * A connected socket to an NBD server, in two halves: `fd` for JavaScript to handshake over (a
+ * `net.Socket` takes it, and closes it), and its twin the engine takes for the transmission phase
+ * (`BindingDevice.nbdAttach`). Closing (or collecting) this object closes the engine's half if it
+ * was never attached.
+ */
+export declare class BindingNbdSocket {
+  /** JavaScript's half. */
+  get fd(): number
+  /** Closes the engine's half (if not attached). JavaScript's half is its own to close. */
   close(): void
 }
 
@@ -365,6 +399,71 @@ export interface LoopbackReport {
   requests: number
   elapsedNs: number
   interrupts: number
+}
+
+/** The engine's counters. */
+export interface NbdCounters {
+  requests: number
+  errors: number
+  fenced: number
+  timedOut: number
+  shutdownRetries: number
+  probes: number
+  hungCut: number
+  reconnects: number
+  replayed: number
+  /** Requests and commands not answered yet. */
+  pending: number
+  /** Acknowledged changes kept until a flush, and their bytes. */
+  unflushedChanges: number
+  unflushedBytes: number
+  /** Commands sent per connection since the start. */
+  sent: Array<number>
+  /** Connections up. */
+  connections: number
+}
+
+/**
+ * Connects to an NBD server (off the JavaScript thread, at most `timeoutMs` per address for TCP).
+ * Throws ERR_VDUSE_UNREACHABLE.
+ */
+export declare function nbdDial(target: NbdDialTarget, timeoutMs: number): Promise<BindingNbdSocket>
+
+/** Where an NBD server listens: a UNIX socket `path`, or TCP `host` and `port`. */
+export interface NbdDialTarget {
+  path?: string
+  host?: string
+  port?: number
+}
+
+/**
+ * `lost` (a connection `slot` ended: `message`) or `unavailable` (`failed` requests failed waiting
+ * for a connection).
+ */
+export interface NbdEventJs {
+  kind: string
+  slot?: number
+  message?: string
+  failed?: number
+}
+
+/** What the handshake learnt, as the engine uses it (see `vduse_backends::nbd::engine::Export`). */
+export interface NbdExportJs {
+  size: number
+  blockSize: number
+  maxPayload: number
+  maxRange: number
+  volatile: boolean
+  alwaysFua: boolean
+}
+
+/** The engine's options; times in milliseconds, 0 for "none" where that makes sense. */
+export interface NbdOptionsJs {
+  connections: number
+  hangTimeoutMs: number
+  reconnectTimeoutMs: number
+  requestTimeoutMs: number
+  keepUnflushedBytes: number
 }
 
 /** One switch port's frame counters (named as a NIC's `NetStats`). */

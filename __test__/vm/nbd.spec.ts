@@ -48,6 +48,8 @@ test('vduse blk --nbd over a UNIX socket: dd/cmp, fio verify, ext4 + fsck; the i
   const dev = ready.path as string
   t.regex(dev, /^\/dev\/vd[a-z]+$/)
   t.is(ready.size, 128 << 20)
+  // Through VDUSE the requests take the native path (no JavaScript per request).
+  t.is((ready.nbd as { native: boolean }).native, true)
   t.deepEqual([...(ready.features as string[])].sort(), [
     'BLK_SIZE',
     'DISCARD',
@@ -63,6 +65,8 @@ test('vduse blk --nbd over a UNIX socket: dd/cmp, fio verify, ext4 + fsck; the i
     sync`)
   cli.child.kill('SIGTERM')
   t.is(await cli.exit, 0)
+  const stopped = cli.events.find((e) => e.event === 'stopped') as { nbd: { commandsSent: number[] } }
+  t.true(stopped.nbd.commandsSent[0]! > 1000, 'the engine sent the commands')
   await sh(`cmp /tmp/nbd-pat ${image} -i 0:$((100 << 20)) -n 1048576`)
 })
 
@@ -76,7 +80,9 @@ test('qemu-nbd killed and restarted twice under fio (TCP, 2 queues, multi-conn):
     until('qemu-nbd on 127.0.0.1:10809', async () => (await sh('ss -ltn')).includes('127.0.0.1:10809'))
   await listening()
   const cli = startCli(['blk', '--nbd', 'nbd://127.0.0.1/', '--name', 'nbd-tcp', '--queues', '2', '--json'])
-  const dev = (await cli.next('ready')).path as string
+  const ready = await cli.next('ready')
+  const dev = ready.path as string
+  t.like(ready.nbd, { native: true, connections: 2 })
   const dmesgFrom = (await sh('dmesg')).split('\n').length - 1
   // Writes with checksums, then a verify pass over all of it — across the restarts.
   const fio =
@@ -146,4 +152,10 @@ test('nbdkit stopped gracefully (SIGTERM) and restarted twice under fio verify: 
   t.deepEqual(await ioErrorsSince(dmesgFrom), [])
   cli.child.kill('SIGTERM')
   t.is(await cli.exit, 0)
+  const { nbd } = cli.events.find((e) => e.event === 'stopped') as {
+    nbd: { native: boolean; reconnects: number; shutdownRetries: number }
+  }
+  t.true(nbd.native)
+  t.true(nbd.reconnects >= 2)
+  t.log(`ESHUTDOWN answers sent again: ${nbd.shutdownRetries}; reconnects: ${nbd.reconnects}`)
 })

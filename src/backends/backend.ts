@@ -1,3 +1,5 @@
+import type { RequestSource } from '../transport/source'
+
 /**
  * One read or write of `length` bytes at byte `offset` of the device.
  *
@@ -71,6 +73,28 @@ export interface BlockBackendCapabilities {
 }
 
 /**
+ * How a device hands its requests to a backend's own native data path (the NBD client's): the part of
+ * the device's transport the backend drives. Internal: not part of the public API.
+ */
+export type NativeBlockHost = Required<
+  Pick<RequestSource, 'nbdStart' | 'nbdAttach' | 'nbdFlush' | 'nbdCounters'>
+>
+
+/**
+ * Internal: a backend with a native data path has a method under this key. A device whose transport
+ * serves natively calls it once, before serving any request; it resolves true once requests may go to
+ * the native path (`NBD_IO_*` kinds), false to keep `read`/`write`. It rejects when the path could not
+ * start — then the device is not created.
+ */
+export const kNativeBlock: unique symbol = Symbol('vduse.nativeBlock')
+
+/** What a device tells a native data path about itself. */
+export interface NativeBlockOptions {
+  /** The device's `requestTimeoutMs` (0: none), enforced by the native path. */
+  requestTimeoutMs: number
+}
+
+/**
  * Storage behind a block device. Implement `read` and `write`; every optional method you implement
  * turns on the matching virtio-blk feature (`flush` → FLUSH, `discard` → DISCARD, `writeZeroes` →
  * WRITE_ZEROES, `resize` → online resize) unless `capabilities` says otherwise. Methods may return a
@@ -112,4 +136,6 @@ export interface BlockBackend {
   /** Change the size (online resize). */
   resize?(size: number): void | Promise<void>
   close?(): void | Promise<void>
+  /** Internal (see `kNativeBlock`). */
+  [kNativeBlock]?(host: NativeBlockHost, options: NativeBlockOptions): Promise<boolean>
 }

@@ -1,8 +1,17 @@
 import { EventEmitter } from 'node:events'
-import { connect as netConnect, type Socket } from 'node:net'
+import { connect as netConnect, Socket, type SocketConstructorOpts } from 'node:net'
 
-import { VduseError, type VduseErrorCode } from '../errors'
-import type { BlockBackend, BlockBackendCapabilities, BlockIo } from './backend'
+import type { NbdEventJs } from '../../index'
+import { VduseError, native, nativeAsync, type VduseErrorCode } from '../errors'
+import { binding } from '../transport/binding'
+import {
+  kNativeBlock,
+  type BlockBackend,
+  type BlockBackendCapabilities,
+  type BlockIo,
+  type NativeBlockHost,
+  type NativeBlockOptions,
+} from './backend'
 
 // The NBD protocol (https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.md), client side:
 // fixed-newstyle handshake, NBD_OPT_GO, structured replies, many requests in flight per connection.
@@ -147,6 +156,13 @@ export interface NbdBackendOptions {
    * and the first flush after every connection was lost fails instead of claiming them durable.
    */
   keepUnflushedBytes?: number
+  /**
+   * Serve a device natively where its transport can (VDUSE, vhost-user): requests go between the
+   * driver's memory and the server's sockets on native threads, never through JavaScript, with the same
+   * semantics as above (default true). The connections are opened again for it when the device is
+   * created; the in-process transport always uses the JavaScript path.
+   */
+  native?: boolean
 }
 
 /** What the server said about the export. */
@@ -344,27 +360,48 @@ class Connection {
 
   readonly #receive: Buffer
 
+  /** Given an open socket (`fd`): no connect to wait for. */
+  readonly #connected: boolean
+
   constructor(
     readonly index: number,
     address: NbdAddress,
     receive: Buffer,
+    fd?: number,
   ) {
     this.#receive = receive
     const opts =
       address.socket !== undefined ? { path: address.socket } : { host: address.host!, port: address.port! }
-    this.socket = netConnect({
-      ...opts,
-      noDelay: true,
-      // Replies are parsed out of one buffer per connection as they arrive: no allocation per read.
-      onread: {
-        buffer: this.#receive,
-        callback: (n: number, buf: Uint8Array) => this.#onRead(n, buf as Buffer),
-      },
-    })
+    // Replies are parsed out of one buffer per connection as they arrive: no allocation per read.
+    const onread = {
+      buffer: this.#receive,
+      callback: (n: number, buf: Uint8Array) => this.#onRead(n, buf as Buffer),
+    }
+    this.#connected = fd !== undefined
+    this.socket =
+      fd === undefined
+        ? netConnect({ ...opts, noDelay: true, onread })
+        : // `onread` is a Socket option too (the types only list it for connect()).
+          new Socket({ fd, readable: true, writable: true, onread } as SocketConstructorOpts)
     this.socket.on('error', (err) => this.close(err))
     this.socket.on('close', () => this.close(new Error('the server closed the connection')))
     // A peer host that vanishes without a word is noticed even while every command is slow.
-    if (address.socket === undefined) this.socket.setKeepAlive(true, 10_000)
+    if (address.socket === undefined && fd === undefined) this.socket.setKeepAlive(true, 10_000)
+  }
+
+  /**
+   * Gives the session away after the handshake (the native engine holds the socket's twin): this side
+   * stops reading and closes its descriptor without a word to the server. Throws if the server sent
+   * anything beyond the handshake (it would be lost).
+   */
+  handOver(): void {
+    if (this.dead || this.#state !== Parse.Magic || this.#headerHave !== 0 || this.inflight.size > 0) {
+      throw protocol('data before any request')
+    }
+    this.dead = true
+    this.#onClosed = undefined
+    this.socket.pause()
+    this.socket.destroy()
   }
 
   /**
@@ -406,6 +443,7 @@ class Connection {
     // hangs (dropped SYNs) must not hang the caller.
     await new Promise<void>((resolve, reject) => {
       if (r.failed) return reject(r.failed)
+      if (this.#connected) return resolve()
       this.#connectFailed = reject
       this.socket.once('connect', resolve)
     })
@@ -904,13 +942,12 @@ export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockB
   /** Per connection: its pending reconnect (timer, attempts, down since). */
   readonly #redial: Array<{ timer: NodeJS.Timeout | undefined; attempts: number; since: number }> = []
   #closed = false
-  /** Connections lost and replaced, since the start. */
-  reconnects = 0
-  /** Commands the server refused while shutting down (ESHUTDOWN), sent again elsewhere. */
-  shutdownRetries = 0
-  /** Connections cut as hung, and quiet ones probed (the probes that showed them alive). */
-  hungCut = 0
-  probes = 0
+  #reconnects = 0
+  #shutdownRetries = 0
+  #hungCut = 0
+  #probes = 0
+  /** The device's native data path, once it took the requests over (`kNativeBlock`). */
+  #host: NativeBlockHost | undefined
   /** The export may cache writes (it offers FLUSH): acknowledged ones are kept until a flush. */
   readonly #volatile: boolean
   /** Largest TRIM / WRITE_ZEROES per command. */
@@ -947,6 +984,7 @@ export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockB
       hangTimeoutMs: options.hangTimeoutMs ?? 30_000,
       reconnectTimeoutMs: options.reconnectTimeoutMs ?? 60_000,
       keepUnflushedBytes: options.keepUnflushedBytes ?? 256 << 20,
+      native: options.native ?? true,
     }
     if (!Number.isSafeInteger(opts.keepUnflushedBytes) || opts.keepUnflushedBytes < 0) {
       throw new VduseError('keepUnflushedBytes must be a whole number of bytes', {
@@ -1039,7 +1077,118 @@ export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockB
 
   /** Connections ready now. */
   get connections(): number {
+    if (this.#host) return this.#host.nbdCounters()?.connections ?? 0
     return this.#conns.filter((c) => c && !c.dead).length
+  }
+
+  /** Whether a device serves this export natively (requests never reach `read`/`write`). */
+  get nativePath(): boolean {
+    return this.#host !== undefined
+  }
+
+  /** Connections lost and replaced, since the start. */
+  get reconnects(): number {
+    return this.#host ? (this.#host.nbdCounters()?.reconnects ?? 0) : this.#reconnects
+  }
+
+  /** Commands the server refused while shutting down (ESHUTDOWN), sent again elsewhere. */
+  get shutdownRetries(): number {
+    return this.#shutdownRetries + (this.#host?.nbdCounters()?.shutdownRetries ?? 0)
+  }
+
+  /** Connections cut as hung. */
+  get hungCut(): number {
+    return this.#hungCut + (this.#host?.nbdCounters()?.hungCut ?? 0)
+  }
+
+  /** Quiet connections probed (the probes that showed them alive). */
+  get probes(): number {
+    return this.#probes + (this.#host?.nbdCounters()?.probes ?? 0)
+  }
+
+  /**
+   * Takes the device's native data path (see `kNativeBlock`): opens every connection again for it
+   * (dialled natively, handshaken here, checked to reach the same export), then closes the JavaScript
+   * ones. Rejects — the device is not created — when a connection cannot be opened.
+   */
+  async [kNativeBlock](host: NativeBlockHost, device: NativeBlockOptions): Promise<boolean> {
+    if (!this.#options.native || this.#closed || this.#host) return false
+    const has = (flag: number): boolean => (this.info.flags & flag) !== 0
+    host.nbdStart(
+      {
+        size: this.size,
+        blockSize: this.blockSize,
+        maxPayload: this.#maxPayload,
+        maxRange: this.#maxRange,
+        volatile: this.#volatile,
+        alwaysFua: this.flush === undefined && has(NBD_FLAGS.SEND_FUA),
+      },
+      {
+        connections: this.#conns.length,
+        hangTimeoutMs: this.#options.hangTimeoutMs,
+        reconnectTimeoutMs: this.#options.reconnectTimeoutMs,
+        requestTimeoutMs: device.requestTimeoutMs,
+        keepUnflushedBytes: this.#options.keepUnflushedBytes,
+      },
+      (e) => this.#onNative(e),
+    )
+    for (let i = 0; i < this.#conns.length; i++) await this.#attachNative(host, i)
+    this.#host = host
+    // The JavaScript connections carry nothing from now on; a flush goes through the native path.
+    for (const c of this.#conns) c?.disconnect()
+    this.#conns.fill(undefined)
+    if (this.flush) this.flush = () => host.nbdFlush(this.#options.reconnectTimeoutMs)
+    return true
+  }
+
+  /** Opens connection `index` of the native path: dialled natively, handshaken here, then handed over. */
+  async #attachNative(host: NativeBlockHost, index: number): Promise<void> {
+    const a = this.#address
+    const target = a.socket !== undefined ? { path: a.socket } : { host: a.host!, port: a.port ?? 10809 }
+    const socket = await nativeAsync(() => binding.nbdDial(target, this.#options.connectTimeoutMs))
+    try {
+      const conn = await openConnection(
+        index,
+        a,
+        this.#receive[index]!,
+        this.#options.connectTimeoutMs,
+        false,
+        socket.fd,
+      )
+      try {
+        checkSame(this.info, conn.info!, {
+          multiConn: this.#conns.length > 1,
+          blockSize: this.blockSize,
+          maxPayload: this.#maxPayload,
+          size: this.size,
+        })
+        conn.handOver()
+      } catch (err) {
+        conn.disconnect()
+        throw err
+      }
+      native(() => host.nbdAttach(index, socket, conn.info!.structuredReplies))
+    } finally {
+      // The engine's half, unless it was attached.
+      socket.close()
+    }
+  }
+
+  /** What the native path tells: a connection lost (it is replaced), or requests that waited too long. */
+  #onNative(e: NbdEventJs): void {
+    if (this.#closed) return
+    if (e.kind === 'unavailable') {
+      this.#emitSafely('unavailable', { failed: e.failed ?? 0, error: this.#unreachable() })
+      return
+    }
+    const index = e.slot ?? 0
+    const r = this.#redial[index]
+    if (!r || r.timer) return
+    this.#emitSafely('disconnected', { connection: index, error: new Error(e.message ?? 'connection lost') })
+    // Backoff starts over only after a connection that lived.
+    if (Date.now() - r.since >= 5000) r.attempts = 0
+    r.since = Date.now()
+    this.#scheduleReconnect(index)
   }
 
   /** The canonical URI of the export. */
@@ -1210,7 +1359,7 @@ export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockB
 
   /** The server refused a command while shutting down: it was not executed; it goes first, elsewhere. */
   #retry(o: Op): void {
-    this.shutdownRetries++
+    this.#shutdownRetries++
     if (o.kind === OpKind.Probe) return finish(o, 0)
     this.#waiting.unshift(o)
     this.#arm()
@@ -1267,6 +1416,7 @@ export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockB
 
   /** Commands in flight on connections or waiting for one (probes and replays included). */
   get pending(): number {
+    if (this.#host) return this.#host.nbdCounters()?.pending ?? 0
     let n = this.#waiting.length
     for (const c of this.#conns) if (c && !c.dead) n += c.inflight.size
     return n
@@ -1274,11 +1424,15 @@ export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockB
 
   /** Acknowledged changes kept until a flush (see the class notes). */
   get unflushed(): { changes: number; bytes: number } {
+    const c = this.#host?.nbdCounters()
+    if (c) return { changes: c.unflushedChanges, bytes: c.unflushedBytes }
     return { changes: this.#retained.size, bytes: this.#retainedBytes }
   }
 
   /** Commands sent on each connection (slot) since the start, resends included. */
   get commandsSent(): number[] {
+    const c = this.#host?.nbdCounters()
+    if (c) return c.sent
     return this.#conns.map((_, i) => this.#sent[i] ?? 0)
   }
 
@@ -1357,6 +1511,7 @@ export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockB
     r.timer = undefined
     if (this.#closed) return
     r.attempts++
+    if (this.#host) return this.#reconnectNative(index)
     let conn: Connection
     try {
       conn = await openConnection(
@@ -1390,7 +1545,7 @@ export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockB
     this.#conns[index] = conn
     this.#watch(conn)
     this.#downSince = 0
-    this.reconnects++
+    this.#reconnects++
     this.#emitSafely('reconnected', { connection: index, attempts: r.attempts, downMs: Date.now() - r.since })
     // Requests fenced on the connection this one replaces are settled now (they stayed running until
     // the server saw that connection go).
@@ -1398,6 +1553,24 @@ export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockB
     for (const o of fenced) failRequest(o, cancelled())
     this.#replayStart()
     this.#dispatch()
+  }
+
+  async #reconnectNative(index: number): Promise<void> {
+    const r = this.#redial[index]!
+    try {
+      await this.#attachNative(this.#host!, index)
+    } catch (err) {
+      // The device is gone: its data path needs no connection any more.
+      if (this.#closed || (err instanceof VduseError && err.code === 'ERR_VDUSE_CLOSED')) return
+      const error =
+        err instanceof VduseError
+          ? err
+          : nbdError('ERR_VDUSE_UNREACHABLE', `cannot reconnect to ${this.uri}`, undefined, err)
+      this.#emitSafely('reconnectFailed', { connection: index, attempts: r.attempts, error })
+      return this.#scheduleReconnect(index)
+    }
+    this.#emitSafely('reconnected', { connection: index, attempts: r.attempts, downMs: Date.now() - r.since })
+    r.since = Date.now()
   }
 
   /** Sends the waiting commands that still matter. */
@@ -1502,7 +1675,7 @@ export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockB
       if (now - c.lastProgress < hang) continue
       if (c.probeSent === 0 && !c.draining) this.#probe(c)
       else if (now - c.probeSent >= hang) {
-        this.hungCut++
+        this.#hungCut++
         c.close(
           new Error(
             `nothing received for ${now - c.lastProgress} ms with requests in flight, a probe unanswered: ` +
@@ -1523,7 +1696,7 @@ export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockB
     o.kind = OpKind.Probe
     o.born = Date.now()
     c.probeSent = o.born
-    this.probes++
+    this.#probes++
     this.#send(c, o)
   }
 
@@ -1588,8 +1761,9 @@ async function openConnection(
   receive: Buffer,
   timeoutMs: number,
   keepAlive = true,
+  fd?: number,
 ): Promise<Connection> {
-  const conn = new Connection(index, address, receive)
+  const conn = new Connection(index, address, receive, fd)
   const where = formatAddress(address)
   const timer = setTimeout(
     () =>

@@ -170,6 +170,7 @@ async function serveBlk(cmd: BlkCommand, emit: Emit): Promise<number> {
         signal,
         stats: device.stats,
         counters: device.counters(),
+        ...nbdSummary(backend),
         ...(requestErrors.total > 0 ? { requestErrorsSuppressed: requestErrors.total } : {}),
       })
       return 0
@@ -282,8 +283,25 @@ async function serveBlk(cmd: BlkCommand, emit: Emit): Promise<number> {
     queues: cmd.queues,
     features: device.offeredFeatures,
     ...(device.recovered ? { recovered: true, resubmitted: device.counters().resubmitted } : {}),
+    ...nbdSummary(backend),
   })
   return stopped
+}
+
+/** With --nbd: whether requests go the native path, and what the client did so far. */
+function nbdSummary(backend: BlockBackend): { nbd?: Record<string, unknown> } {
+  if (!(backend instanceof NbdBackend)) return {}
+  return {
+    nbd: {
+      native: backend.nativePath,
+      connections: backend.connections,
+      commandsSent: backend.commandsSent,
+      reconnects: backend.reconnects,
+      shutdownRetries: backend.shutdownRetries,
+      probes: backend.probes,
+      hungCut: backend.hungCut,
+    },
+  }
 }
 
 /** One device in `vduse list`. */

@@ -43,6 +43,10 @@ function openNative(
     fsAnswerMount: (ticket, writable, mount, entrySeconds) =>
       device.fsAnswerMount(ticket, writable, mount, entrySeconds),
     fsMountCounters: () => device.fsMountStats(),
+    nbdStart: (info, options, onEvent) => native(() => device.nbdStart(info, options, onEvent)),
+    nbdAttach: (slot, socket, structured) => native(() => device.nbdAttach(slot, socket, structured)),
+    nbdFlush: (timeoutMs) => nativeAsync(() => native(() => device.nbdFlush(timeoutMs))),
+    nbdCounters: () => device.nbdStats() ?? undefined,
   }
   return source
 }

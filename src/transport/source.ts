@@ -1,4 +1,14 @@
-import type { DeviceCounters, DeviceInit, FsCounters, PortCounters } from '../../index'
+import type {
+  BindingNbdSocket,
+  DeviceCounters,
+  DeviceInit,
+  FsCounters,
+  NbdCounters,
+  NbdEventJs,
+  NbdExportJs,
+  NbdOptionsJs,
+  PortCounters,
+} from '../../index'
 
 export type { FsCounters, PortCounters }
 import type { BatchArrays } from './batch'
@@ -71,6 +81,18 @@ export interface RequestSource {
   fsAnswerMount?(ticket: number, writable: number, mount: number, entrySeconds: number): boolean
   /** Counters of each mounted host directory (`DeviceInit.fsMounts`), in order. */
   fsMountCounters?(): FsCounters[]
+  /**
+   * The native NBD data path of a blk device: requests submitted with the `NBD_IO_*` kinds are served
+   * over connections given with `nbdAttach`, without JavaScript. `onEvent` hears of lost connections
+   * (give a new one) and of requests that failed waiting for one.
+   */
+  nbdStart?(info: NbdExportJs, options: NbdOptionsJs, onEvent: (event: NbdEventJs) => void): void
+  /** Gives connection `slot` the engine's half of `socket` (handshake done). */
+  nbdAttach?(slot: number, socket: BindingNbdSocket, structured: boolean): void
+  /** Makes what the NBD data path acknowledged durable (NBD_CMD_FLUSH), within `timeoutMs`. */
+  nbdFlush?(timeoutMs: number): Promise<void>
+  /** The NBD data path's counters. */
+  nbdCounters?(): NbdCounters | undefined
 }
 
 /** Frames a natively served NIC moved between the driver and its tap. */

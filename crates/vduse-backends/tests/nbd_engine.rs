@@ -204,8 +204,12 @@ impl Setup {
             }
             assert!(
                 Instant::now() < deadline,
-                "{n} completions within {within:?} (have {})",
-                done.len()
+                "{n} completions within {within:?} (have {}; engine pending {}; used idx {}; requests {} fenced {})",
+                done.len(),
+                self.engine.pending(),
+                self.ring.used_idx(),
+                self.engine.stats().requests.load(Ordering::Relaxed),
+                self.engine.stats().fenced.load(Ordering::Relaxed),
             );
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -263,6 +267,12 @@ fn reads_writes_flush_and_discard_round_trip_over_two_connections() {
         (0, 0),
         "the flush made every kept write durable"
     );
+    // The owner's own flush (the device's final one) too.
+    s.write(40, 40 * (64 << 10), &pattern(40, 64 << 10));
+    s.completed(34, Duration::from_secs(30));
+    assert_eq!(s.engine.unflushed().0, 1);
+    s.engine.flush(Duration::from_secs(10)).unwrap();
+    assert_eq!(s.engine.unflushed(), (0, 0));
     let image = File::open(server.dir.join("disk.img")).unwrap();
     for i in 0..32u64 {
         assert!(
@@ -278,7 +288,7 @@ fn reads_writes_flush_and_discard_round_trip_over_two_connections() {
             .unwrap();
     }
     let heads: Vec<u16> = (0..32u64).map(|i| s.read(i, i * (64 << 10), 64 << 10)).collect();
-    let done = s.completed(65, Duration::from_secs(30));
+    let done = s.completed(66, Duration::from_secs(30));
     for (i, h) in heads.iter().enumerate() {
         assert_eq!(s.status(*h), VIRTIO_BLK_S_OK);
         assert!(
@@ -287,20 +297,20 @@ fn reads_writes_flush_and_discard_round_trip_over_two_connections() {
         );
     }
     // A read's used length counts its data and the status byte.
-    assert!(done[33..].iter().all(|&(_, len)| len == (64 << 10) + 1));
+    assert!(done[34..].iter().all(|&(_, len)| len == (64 << 10) + 1));
     // Both connections carried commands.
     let sent = s.engine.sent();
     assert!(sent.iter().all(|&n| n > 0), "{sent:?}");
     // A discard reaches the server; write-zeroes of two ranges (split at the server's maximum) zero them.
     let d = s.discard(0, 0, 64 << 10);
-    s.completed(66, Duration::from_secs(30));
+    s.completed(67, Duration::from_secs(30));
     assert_eq!(s.status(d), VIRTIO_BLK_S_OK);
     let z = s.ranges(
         1,
         OpKind::WriteZeroes,
         &[(64 << 10, 64 << 10, false), (10 << 20, 4 << 20, true)],
     );
-    s.completed(67, Duration::from_secs(30));
+    s.completed(68, Duration::from_secs(30));
     assert_eq!(s.status(z), VIRTIO_BLK_S_OK);
     assert!(bytes_at(&image, 64 << 10, 64 << 10).iter().all(|&b| b == 0));
     assert!(
@@ -314,7 +324,7 @@ fn reads_writes_flush_and_discard_round_trip_over_two_connections() {
         OpKind::WriteZeroes,
         &[(0, 4096, false), ((64 << 20) - 4096, 8192, false)],
     );
-    s.completed(68, Duration::from_secs(30));
+    s.completed(69, Duration::from_secs(30));
     assert_eq!(s.status(bad), VIRTIO_BLK_S_IOERR);
     assert_eq!(s.engine.sent().iter().sum::<u64>(), sent);
     assert_eq!(s.engine.stats().errors.load(Ordering::Relaxed), 1);

@@ -327,6 +327,9 @@ pub struct BindingDevice {
     /// The router of host directories mounted in a TypeScript file system's tree (`fsMounts`).
     router: Option<Arc<vduse_fs::FsRouter>>,
     final_mounts: Vec<crate::fs::FsCounters>,
+    /// The native NBD data path of a blk device (`nbdStart`), and its counters once it stopped.
+    nbd: Option<crate::nbd::Engine>,
+    final_nbd: Option<crate::nbd::NbdCounters>,
     recovered: bool,
 }
 
@@ -546,6 +549,8 @@ pub fn create_device(
             final_fs: None,
             router: None,
             final_mounts: Vec::new(),
+            nbd: None,
+            final_nbd: None,
         });
     }
     // SAFETY: `on_batch` is a function of this env; we are on the JS thread.
@@ -590,6 +595,8 @@ pub fn create_device(
         final_fs: None,
         router,
         final_mounts: Vec::new(),
+        nbd: None,
+        final_nbd: None,
     })
 }
 
@@ -606,6 +613,7 @@ pub struct TapCounters {
 pub struct Close {
     device: Option<Served>,
     io: Option<Arc<IoPool>>,
+    nbd: Option<crate::nbd::Engine>,
     nic: Option<NativeNic>,
     fs: Option<Arc<vduse_fs::Server>>,
     router: Option<Arc<vduse_fs::FsRouter>>,
@@ -619,6 +627,11 @@ impl napi::Task for Close {
     type JsValue = ();
 
     fn compute(&mut self) -> napi::Result<()> {
+        if let Some(nbd) = self.nbd.take() {
+            // Nothing new is sent; the sessions end politely. What the server still has is answered by
+            // nobody: the transport fences it (a release checked that nothing was pending).
+            nbd.stop();
+        }
         if let Some(io) = self.io.take() {
             // A release checked that the pool was idle; a close lets it finish what runs, for a while.
             if !io.stop(std::time::Instant::now() + vduse_core::device::MAX_DRAIN) {
@@ -696,7 +709,7 @@ impl BindingDevice {
     /// here would hold a thread of libuv's pool, which file and crypto calls share.)
     #[napi]
     pub fn io_is_quiet(&self) -> bool {
-        self.io.as_ref().is_none_or(|io| io.is_quiet())
+        self.io.as_ref().is_none_or(|io| io.is_quiet()) && self.nbd.as_ref().is_none_or(|e| e.pending() == 0)
     }
 
     /// Whether no native transfer overlaps bytes `[offset, offset+length)` of `fd` right now.
@@ -729,18 +742,151 @@ impl BindingDevice {
         self.serving.is_live(ticket)
     }
 
-    /// Hands block I/O to native threads: `ops` holds `[ticket, fd, kind (0 read, 1 write, 2 flush),
-    /// position, skip]` per request. Each completes its request itself, status byte included.
+    /// Hands block I/O to native threads: `ops` holds `[ticket, fd, kind, position, skip]` per request.
+    /// Kinds 0 read, 1 write, 2 flush go to the file I/O pool (`fd`, and `skip` header bytes); kinds 8
+    /// read, 9 write, 10 flush, 11 discard, 12 write-zeroes to the NBD engine (`nbdStart`; `skip` 1 asks
+    /// for FUA). Each completes its request itself, status byte included.
     #[napi]
     pub fn submit_io(&self, ops: &[f64], count: u32) {
-        let Some(io) = self.io.as_ref() else { return };
-        io.submit(ops.chunks_exact(5).take(count as usize).map(|o| Op {
-            ticket: Ticket::from_raw(o[0] as u64),
-            fd: o[1] as i32,
-            kind: o[2] as u8,
-            position: o[3] as u64,
-            skip: o[4] as u32,
-        }));
+        let ops = ops.chunks_exact(5).take(count as usize);
+        if let Some(io) = self.io.as_ref() {
+            io.submit(ops.clone().filter(|o| o[2] < 8.0).map(|o| Op {
+                ticket: Ticket::from_raw(o[0] as u64),
+                fd: o[1] as i32,
+                kind: o[2] as u8,
+                position: o[3] as u64,
+                skip: o[4] as u32,
+            }));
+        }
+        if let Some(nbd) = self.nbd.as_ref() {
+            use vduse_backends::nbd::engine::{Op as NbdOp, OpKind};
+            nbd.submit(ops.filter_map(|o| {
+                let kind = match o[2] as u8 {
+                    8 => OpKind::Read,
+                    9 => OpKind::Write,
+                    10 => OpKind::Flush,
+                    11 => OpKind::Discard,
+                    12 => OpKind::WriteZeroes,
+                    _ => return None,
+                };
+                Some(NbdOp {
+                    ticket: Ticket::from_raw(o[0] as u64),
+                    kind,
+                    position: o[3] as u64,
+                    fua: o[4] == 1.0,
+                })
+            }));
+        }
+    }
+
+    /// Starts the native NBD data path of a blk device: requests submitted with kinds 8–12 are served
+    /// over the connections given with `nbdAttach`. `onEvent` hears of lost connections (give a new one)
+    /// and of requests that failed waiting for one.
+    #[napi]
+    pub fn nbd_start(
+        &mut self,
+        env: Env,
+        info: crate::nbd::NbdExportJs,
+        options: crate::nbd::NbdOptionsJs,
+        on_event: Function<crate::nbd::NbdEventJs, ()>,
+    ) -> napi::Result<()> {
+        use vduse_backends::nbd::engine::{Export, NbdEngine, Options};
+        if self.nbd.is_some() || self.device.is_none() {
+            return Err(native(
+                "the NBD data path is started already, or the device is closed",
+            ))
+            .or_throw(&env);
+        }
+        let sink: crate::nbd::NbdSink = on_event
+            .build_threadsafe_function()
+            .callee_handled::<false>()
+            .weak::<true>()
+            .build()
+            .map_err(native)
+            .or_throw(&env)?;
+        let ms = |v: f64| (v > 0.0).then(|| std::time::Duration::from_secs_f64(v / 1000.0));
+        let engine = NbdEngine::new(
+            self.serving.queues.clone(),
+            Export {
+                size: info.size as u64,
+                block_size: info.block_size,
+                max_payload: info.max_payload,
+                max_range: info.max_range,
+                volatile: info.volatile,
+                always_fua: info.always_fua,
+            },
+            Options {
+                slots: options.connections.clamp(1, 64) as usize,
+                hang_timeout: ms(options.hang_timeout_ms),
+                reconnect_timeout: ms(options.reconnect_timeout_ms).unwrap_or(std::time::Duration::ZERO),
+                request_timeout: ms(options.request_timeout_ms),
+                keep_unflushed_bytes: options.keep_unflushed_bytes.max(0.0) as u64,
+            },
+            Arc::new(crate::nbd::JsNbdEvents { sink }),
+        )
+        .map_err(native)
+        .or_throw(&env)?;
+        self.nbd = Some(Arc::new(engine));
+        Ok(())
+    }
+
+    /// Gives connection `slot` of the NBD data path the engine's half of `socket` (handshake done;
+    /// `structured`: structured replies were agreed).
+    #[napi]
+    pub fn nbd_attach(
+        &self,
+        env: Env,
+        slot: u32,
+        socket: &mut crate::nbd::BindingNbdSocket,
+        structured: bool,
+    ) -> napi::Result<()> {
+        let engine = self
+            .nbd
+            .as_ref()
+            .ok_or_else(|| {
+                crate::error::Failure::new(
+                    "ERR_VDUSE_CLOSED",
+                    "the NBD data path is not running (the device was closed)".into(),
+                    None,
+                    None,
+                    None,
+                )
+            })
+            .or_throw(&env)?;
+        let fd = socket
+            .take()
+            .ok_or_else(|| native("this socket was attached or closed already"))
+            .or_throw(&env)?;
+        engine
+            .attach(slot as usize, fd, structured)
+            .map_err(|e| crate::error::syscall("nbd attach", e))
+            .or_throw(&env)
+    }
+
+    /// Makes every change the NBD data path had acknowledged durable (NBD_CMD_FLUSH), waiting at most
+    /// `timeoutMs`. Rejects (ERR_VDUSE_SYSCALL) when the server fails it or acknowledged changes may have
+    /// been lost with a connection.
+    #[napi(ts_return_type = "Promise<void>")]
+    pub fn nbd_flush(&self, env: Env, timeout_ms: f64) -> napi::Result<AsyncTask<crate::nbd::Flush>> {
+        let engine = self
+            .nbd
+            .clone()
+            .ok_or_else(|| native("the NBD data path is not started"))
+            .or_throw(&env)?;
+        Ok(AsyncTask::new(crate::nbd::Flush {
+            engine,
+            timeout: std::time::Duration::from_secs_f64(timeout_ms.max(1.0) / 1000.0),
+            failure: Parked::default(),
+        }))
+    }
+
+    /// Counters of the NBD data path (`nbdStart`).
+    #[napi]
+    pub fn nbd_stats(&self) -> Option<crate::nbd::NbdCounters> {
+        self.nbd
+            .as_deref()
+            .map(crate::nbd::counters)
+            .or_else(|| self.final_nbd.clone())
     }
 
     /// Rewrites part of the config space; tells the driver once it is running.
@@ -875,7 +1021,9 @@ impl BindingDevice {
                 })
                 .or_throw(&env);
             }
-            if self.io.as_ref().is_some_and(|io| !io.is_quiet()) {
+            if self.io.as_ref().is_some_and(|io| !io.is_quiet())
+                || self.nbd.as_ref().is_some_and(|e| e.pending() > 0)
+            {
                 return Err(vduse_core::Error::Busy {
                     name: d.name().to_string(),
                     reason: "native I/O is still running; a successor could be overtaken by its writes",
@@ -916,9 +1064,13 @@ impl BindingDevice {
             self.final_fs = Some(crate::fs::counters(fs));
         }
         self.final_mounts = self.fs_mount_stats();
+        if let Some(e) = &self.nbd {
+            self.final_nbd = Some(crate::nbd::counters(e));
+        }
         AsyncTask::new(Close {
             device: self.device.take(),
             io: self.io.take(),
+            nbd: self.nbd.take(),
             nic: self.nic.take(),
             fs: self.fs.take(),
             router: self.router.take(),

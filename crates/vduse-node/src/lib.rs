@@ -12,6 +12,7 @@ mod file;
 mod fs;
 mod logger;
 mod loopback;
+mod nbd;
 mod serve;
 mod served;
 mod switch;

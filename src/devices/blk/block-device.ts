@@ -1,9 +1,19 @@
 import { VduseError } from '../../errors'
-import type { BlockBackend, BlockBackendCapabilities, BlockIo } from '../../backends/backend'
+import {
+  kNativeBlock,
+  type BlockBackend,
+  type BlockBackendCapabilities,
+  type BlockIo,
+} from '../../backends/backend'
 import {
   FILE_IO_FLUSH,
   FILE_IO_READ,
   FILE_IO_WRITE,
+  NBD_IO_DISCARD,
+  NBD_IO_FLUSH,
+  NBD_IO_READ,
+  NBD_IO_WRITE,
+  NBD_IO_WRITE_ZEROES,
   TICKET_QUEUE_UNIT,
   TICKET_QUEUES,
   type RequestBatch,
@@ -281,6 +291,8 @@ export class BlockDevice extends VirtioDevice {
   readonly #timeoutMs: number
   #sweeper: NodeJS.Timeout | undefined
   readonly #nativeFd: number | undefined
+  /** Requests go to the backend's own native data path (see `#startNativePath`). */
+  #nativePath = false
   readonly #canFlush: boolean
   readonly #canDiscard: boolean
   readonly #canWriteZeroes: boolean
@@ -315,8 +327,34 @@ export class BlockDevice extends VirtioDevice {
     const device = new BlockDevice(options)
     await device.prepare()
     device.#start(options)
+    await device.#startNativePath()
     await device.opened()
     return device
+  }
+
+  /**
+   * A backend with a native data path of its own (the NBD client) gets it now, before any request is
+   * served (requests arriving meanwhile wait): from then on requests go there, never to read/write.
+   */
+  async #startNativePath(): Promise<void> {
+    const start = this.backend[kNativeBlock]
+    const s = this.source
+    if (!start || !s.nbdStart || !s.nbdAttach || !s.nbdFlush || !s.nbdCounters) return
+    const host = {
+      nbdStart: s.nbdStart,
+      nbdAttach: s.nbdAttach,
+      nbdFlush: s.nbdFlush,
+      nbdCounters: s.nbdCounters,
+    }
+    this.#pause()
+    try {
+      this.#nativePath = await start.call(this.backend, host, { requestTimeoutMs: this.#timeoutMs })
+    } catch (err) {
+      await this.close().catch(() => {})
+      throw err
+    } finally {
+      this.#unpause()
+    }
   }
 
   private constructor(options: BlockDeviceOptions) {
@@ -535,7 +573,7 @@ export class BlockDevice extends VirtioDevice {
 
   /** Whether native I/O still has something queued or running. */
   #nativeBusy(): boolean {
-    return this.#nativeFd !== undefined && this.source.ioQuiet?.() === false
+    return (this.#nativeFd !== undefined || this.#nativePath) && this.source.ioQuiet?.() === false
   }
 
   protected inFlight(): number {
@@ -641,6 +679,8 @@ export class BlockDevice extends VirtioDevice {
         return this.#transfer(batch, ticket, sector, dataOut, true)
       case REQ.FLUSH:
         this.stats.flushes++
+        if (this.#nativePath && batch.nativeIo && this.#canFlush)
+          return this.#native(ticket, NBD_IO_FLUSH, 0, 0)
         if (this.#nativeFd !== undefined && batch.nativeIo) return this.#native(ticket, FILE_IO_FLUSH, 0, 0)
         if (!this.#canFlush) return this.#finish(ticket, BLK_STATUS.OK, 0)
         return this.#run(ticket, OP_FLUSH, undefined, 0, undefined, undefined, 0, 0)
@@ -672,6 +712,9 @@ export class BlockDevice extends VirtioDevice {
       offset + length > this.#bytes
     ) {
       return this.#finish(ticket, BLK_STATUS.IOERR, 0)
+    }
+    if (this.#nativePath && batch.nativeIo) {
+      return this.#native(ticket, write ? NBD_IO_WRITE : NBD_IO_READ, offset, offset + length)
     }
     if (this.#nativeFd !== undefined && batch.nativeIo) {
       // Native threads move the data and answer the request; JavaScript never touches the bytes.
@@ -732,6 +775,10 @@ export class BlockDevice extends VirtioDevice {
       start = Math.min(start, offset)
       end = Math.max(end, offset + length)
     }
+    if (this.#nativePath && batch.nativeIo) {
+      // The native path reads the ranges again itself (checked the same way) and answers the request.
+      return this.#native(ticket, discard ? NBD_IO_DISCARD : NBD_IO_WRITE_ZEROES, start, end)
+    }
     const backend = this.backend
     // Ranges are rare: a controller each, so a fenced or timed-out request stops between ranges and its
     // backend knows not to start it (a late write of zeroes would destroy newer data).
@@ -784,6 +831,10 @@ export class BlockDevice extends VirtioDevice {
   }
 
   #submitNative(ticket: number, kind: number, position: number): void {
+    if (kind >= NBD_IO_READ) {
+      // The backend's native path: `skip` says FUA for a write.
+      return this.completions.submitIo(ticket, -1, kind, position, kind === NBD_IO_WRITE && this.#fua ? 1 : 0)
+    }
     const skip = kind === FILE_IO_WRITE ? HEADER_BYTES : 0
     this.completions.submitIo(ticket, this.#nativeFd!, kind, position, skip)
   }

@@ -180,12 +180,21 @@ impl<P: Send + 'static> Connection<P> {
 
     /// Ends the session politely (NBD_CMD_DISC), then closes. Commands in flight are handed back.
     pub fn disconnect(&self) {
-        {
-            let _wire = lock(&self.send);
+        // A sender blocked on a server that reads nothing holds the wire: then no NBD_CMD_DISC, and the
+        // shutdown below unblocks it.
+        if let Ok(_wire) = self.send.try_lock() {
             if !self.ended() {
                 let h = proto::encode_request(0, proto::CMD_DISC, 0, 0, 0);
-                // Best effort: the connection closes either way.
-                let _ = write_all(&self.fd, &mut [IoSlice::new(&h)]);
+                // Best effort, never waiting on a full socket: the connection closes either way.
+                // SAFETY: sending from a buffer we own, of its length, on our own socket.
+                unsafe {
+                    libc::send(
+                        self.fd.as_raw_fd(),
+                        h.as_ptr().cast(),
+                        h.len(),
+                        libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+                    )
+                };
             }
         }
         self.end(ConnError::Cut("disconnected".into()));

@@ -38,7 +38,8 @@ use vduse_core::ram_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSU
 
 use super::conn::{Command, ConnError, Connection, Receiver};
 use super::proto::{
-    CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, NBD_ESHUTDOWN,
+    CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, NBD_EIO,
+    NBD_ESHUTDOWN,
 };
 
 /// The virtio-blk request header a write's data follows.
@@ -159,6 +160,22 @@ enum Role {
     Replay,
     /// A flush the engine starts itself when many changes are kept.
     Background,
+    /// A flush its owner asked for ([`NbdEngine::flush`]) and waits for.
+    Caller,
+}
+
+/// Where a caller's flush hears its answer: the server's errno (0: success).
+#[derive(Default)]
+struct Waiter {
+    result: Mutex<Option<u32>>,
+    answered: Condvar,
+}
+
+impl Waiter {
+    fn answer(&self, error: u32) {
+        *lock(&self.result) = Some(error);
+        self.answered.notify_all();
+    }
 }
 
 struct Cmd {
@@ -170,6 +187,8 @@ struct Cmd {
     data: Option<Arc<[u8]>>,
     /// FLUSH: the last acknowledged change it covers.
     mark: u64,
+    /// A caller's flush: who waits for it.
+    waiter: Option<Arc<Waiter>>,
 }
 
 impl Cmd {
@@ -384,6 +403,65 @@ impl NbdEngine {
         (s.kept.len(), s.kept_bytes)
     }
 
+    /// Makes every change acknowledged so far durable on the server (a FLUSH, sent like any command —
+    /// again after a lost connection), waiting at most `timeout`. Fails (EIO) as a driver's flush would:
+    /// when the server fails it, or when changes acknowledged before a loss were not kept.
+    pub fn flush(&self, timeout: Duration) -> std::io::Result<()> {
+        let waiter = Arc::new(Waiter::default());
+        {
+            let mut s = self.inner.lock();
+            if s.stop {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::NotConnected,
+                    "the engine stopped",
+                ));
+            }
+            if s.maybe_lost {
+                s.maybe_lost = false;
+                return Err(std::io::Error::other(
+                    "writes the server acknowledged before a connection was lost were not kept, and may be gone",
+                ));
+            }
+            s.pending.push_back(Cmd {
+                req: None,
+                role: Role::Caller,
+                cmd: Command {
+                    command: CMD_FLUSH,
+                    flags: 0,
+                    offset: 0,
+                    length: 0,
+                },
+                at: 0,
+                data: None,
+                mark: 0,
+                waiter: Some(waiter.clone()),
+            });
+        }
+        self.inner.work.notify_all();
+        let deadline = Instant::now() + timeout;
+        let mut result = lock(&waiter.result);
+        loop {
+            if let Some(error) = *result {
+                return match error {
+                    0 => Ok(()),
+                    e => Err(std::io::Error::from_raw_os_error(e as i32)),
+                };
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no answer to the flush within {timeout:?}"),
+                ));
+            }
+            result = waiter
+                .answered
+                .wait_timeout(result, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
     /// Stops: nothing new is sent; every connection is ended politely; requests not answered stay
     /// unanswered (the transport fences them). Idempotent.
     pub fn stop(&self) {
@@ -391,7 +469,11 @@ impl NbdEngine {
             let mut s = self.inner.lock();
             s.stop = true;
             s.incoming.clear();
-            s.pending.clear();
+            for c in s.pending.drain(..) {
+                if let Some(w) = &c.waiter {
+                    w.answer(NBD_EIO);
+                }
+            }
             s.slots.iter_mut().filter_map(|sl| sl.conn.take()).collect()
         };
         self.inner.work.notify_all();
@@ -553,6 +635,7 @@ impl Inner {
             at: 0,
             data: k.data,
             mark: 0,
+            waiter: None,
         })
     }
 
@@ -722,6 +805,7 @@ impl Inner {
                 at,
                 data,
                 mark: 0,
+                waiter: None,
             });
         }
         if op.kind == OpKind::Flush {
@@ -750,6 +834,10 @@ impl Inner {
                         return;
                     }
                 }
+                s.pending.push_front(c);
+                self.work.notify_all();
+            }
+            Role::Caller => {
                 s.pending.push_front(c);
                 self.work.notify_all();
             }
@@ -824,6 +912,14 @@ impl Inner {
                 s.background_flush = false;
                 if error == 0 {
                     self.flushed(&mut s, c.mark);
+                }
+            }
+            Role::Caller => {
+                if error == 0 {
+                    self.flushed(&mut s, c.mark);
+                }
+                if let Some(w) = &c.waiter {
+                    w.answer(error);
                 }
             }
             Role::Request => {
@@ -951,6 +1047,7 @@ impl Inner {
                 at: 0,
                 data: None,
                 mark: 0,
+                waiter: None,
             });
             self.work.notify_all();
         }
@@ -1159,6 +1256,7 @@ impl Inner {
                 at: 0,
                 data: None,
                 mark: 0,
+                waiter: None,
             };
             // A connection that ended meanwhile: nothing to probe.
             let _ = conn.send(c.cmd, &[], c);
