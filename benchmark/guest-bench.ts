@@ -499,13 +499,13 @@ const TARGETS: Target[] = [
   },
   {
     id: 'vduse-nbd',
-    label: 'vduse CLI --nbd to qemu-nbd, UNIX socket (TypeScript)',
+    label: 'vduse CLI --nbd to qemu-nbd, UNIX socket (native data path)',
     peer: 'nbd',
     start: vduseNbd('vduse-nbd', 1),
   },
   {
     id: 'vduse-nbd-mc',
-    label: 'vduse CLI --nbd, 2 connections (multi-conn)',
+    label: 'vduse CLI --nbd, 2 queues, 2 connections (multi-conn, native)',
     peer: 'nbd-mc',
     start: vduseNbd('vduse-nbd-mc', 2),
   },

@@ -82,9 +82,10 @@ export type NativeBlockHost = Required<
 
 /**
  * Internal: a backend with a native data path has a method under this key. A device whose transport
- * serves natively calls it once, before serving any request; it resolves true once requests may go to
- * the native path (`NBD_IO_*` kinds), false to keep `read`/`write`. It rejects when the path could not
- * start — then the device is not created.
+ * serves natively calls it once, before serving any request. It returns undefined at once to keep
+ * `read`/`write`; otherwise requests go to the native path (`NBD_IO_*` kinds) from then on, waiting
+ * until the promise it returned resolves. A rejection means the path could not start: the device is
+ * not created.
  */
 export const kNativeBlock: unique symbol = Symbol('vduse.nativeBlock')
 
@@ -137,5 +138,5 @@ export interface BlockBackend {
   resize?(size: number): void | Promise<void>
   close?(): void | Promise<void>
   /** Internal (see `kNativeBlock`). */
-  [kNativeBlock]?(host: NativeBlockHost, options: NativeBlockOptions): Promise<boolean>
+  [kNativeBlock]?(host: NativeBlockHost, options: NativeBlockOptions): Promise<void> | undefined
 }

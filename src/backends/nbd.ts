@@ -1111,8 +1111,12 @@ export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockB
    * (dialled natively, handshaken here, checked to reach the same export), then closes the JavaScript
    * ones. Rejects — the device is not created — when a connection cannot be opened.
    */
-  async [kNativeBlock](host: NativeBlockHost, device: NativeBlockOptions): Promise<boolean> {
-    if (!this.#options.native || this.#closed || this.#host) return false
+  [kNativeBlock](host: NativeBlockHost, device: NativeBlockOptions): Promise<void> | undefined {
+    if (!this.#options.native || this.#closed || this.#host) return undefined
+    return this.#goNative(host, device)
+  }
+
+  async #goNative(host: NativeBlockHost, device: NativeBlockOptions): Promise<void> {
     const has = (flag: number): boolean => (this.info.flags & flag) !== 0
     host.nbdStart(
       {
@@ -1132,13 +1136,23 @@ export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockB
       },
       (e) => this.#onNative(e),
     )
-    for (let i = 0; i < this.#conns.length; i++) await this.#attachNative(host, i)
+    // Native from here on: a connection lost while the others are still being opened is replaced
+    // natively too.
     this.#host = host
+    try {
+      for (let i = 0; i < this.#conns.length; i++) await this.#attachNative(host, i)
+    } catch (err) {
+      this.#host = undefined
+      for (const r of this.#redial) {
+        if (r.timer) clearTimeout(r.timer)
+        r.timer = undefined
+      }
+      throw err
+    }
     // The JavaScript connections carry nothing from now on; a flush goes through the native path.
     for (const c of this.#conns) c?.disconnect()
     this.#conns.fill(undefined)
     if (this.flush) this.flush = () => host.nbdFlush(this.#options.reconnectTimeoutMs)
-    return true
   }
 
   /** Opens connection `index` of the native path: dialled natively, handshaken here, then handed over. */

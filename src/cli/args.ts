@@ -615,13 +615,13 @@ export function parseCommand(argv: readonly string[]): Command {
     throw new UsageError('--serial is at most 20 bytes')
   // The CLI is a dedicated server: it polls by default, with a cap sized from this machine's cost of a
   // wake-up (a library device leaves the JavaScript thread to its application: `pollUs` defaults to 0).
-  // Not for --file: its native I/O threads need the CPU that polling would take (in a 2-vCPU guest run
-  // randwrite QD16 fell from 14,540 to 8,243 IOPS with it).
+  // Not for --file or --nbd: their native threads need the CPU that polling would take (in a 2-vCPU
+  // guest run --file randwrite QD16 fell from 14,540 to 8,243 IOPS with it).
   const pollText = v['poll-us']
   if (pollText !== undefined && pollText !== 'auto' && !/^\d+$/.test(pollText))
     throw new UsageError("--poll-us must be 'auto' or an integer from 0 to 1000")
   const pollUs =
-    pollText === 'auto' || (pollText === undefined && backend.kind !== 'file')
+    pollText === 'auto' || (pollText === undefined && backend.kind !== 'file' && backend.kind !== 'nbd')
       ? 'auto'
       : (parseInteger(pollText, '--poll-us', 0, 1000) ?? 0)
   const cmd: BlkCommand = {

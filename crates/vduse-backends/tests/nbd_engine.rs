@@ -587,3 +587,85 @@ fn requests_fail_after_the_reconnect_timeout_when_no_server_comes_back() {
     assert!(t.elapsed() >= Duration::from_millis(600));
     assert_eq!(*s.told.unavailable.lock().unwrap(), 1);
 }
+
+#[test]
+fn a_server_that_stops_reading_is_cut_as_hung_even_with_a_sender_blocked_on_it() {
+    // One thread per connection and slow writes: after the first write nbdkit reads nothing more, and
+    // the socket fills up under the next ones — the sender blocks in sendmsg, holding the wire.
+    let server = nbdkit(
+        "eng-stuck",
+        &["--threads=1", "--filter=delay", "memory", "64M", "delay-write=30"],
+    );
+    let opts = Options {
+        hang_timeout: Some(Duration::from_millis(300)),
+        ..options(1)
+    };
+    let s = setup(&server.sock, export(64 << 20, true), opts);
+    for i in 0..12u64 {
+        s.write(i, i * (1 << 20), &vec![i as u8; 64 << 10]);
+    }
+    let t = Instant::now();
+    assert_eq!(
+        s.lost_slot(Duration::from_secs(10)),
+        0,
+        "the hung connection is cut"
+    );
+    assert!(t.elapsed() < Duration::from_secs(5));
+    assert_eq!(s.engine.stats().hung_cut.load(Ordering::Relaxed), 1);
+    // Nothing was answered: the writes wait for a new connection (none comes here).
+    assert!(used(&s.ring, 0).is_empty());
+    s.engine.stop();
+}
+
+#[test]
+fn a_flush_in_flight_when_unkept_writes_are_lost_fails_even_if_the_new_server_answers_it() {
+    let dir = tempdir("eng-flush-loss");
+    let (path, _image) = image(&dir, 16 << 20);
+    let sock = dir.join("nbd.sock");
+    let file = format!("file={}", path.display());
+    // Serial processing (one thread) and slow writes: the flush waits behind the last write on the
+    // server when the server is killed.
+    let args = [
+        "--threads=1",
+        "--filter=delay",
+        "--filter=cache",
+        "file",
+        file.as_str(),
+        "cache=writeback",
+        "delay-write=1",
+    ];
+    let mut child = spawn_nbdkit(&sock, &args);
+    let opts = Options {
+        keep_unflushed_bytes: BLOCK,
+        ..options(1)
+    };
+    let s = setup(&sock, export(16 << 20, true), opts);
+    // Two writes: the second is past the keep limit, so nothing is kept until a flush covers it.
+    s.write(0, 0, &pattern(0, BLOCK as usize));
+    s.write(1, BLOCK, &pattern(1, BLOCK as usize));
+    s.completed(2, Duration::from_secs(20));
+    // The limit's background flush may have covered them; a third write and the flush behind it are
+    // what this test is about.
+    s.write(2, 2 * BLOCK, &pattern(2, BLOCK as usize));
+    let f = s.flush();
+    std::thread::sleep(Duration::from_millis(300));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(s.lost_slot(Duration::from_secs(10)), 0);
+    let mut child = spawn_nbdkit(&sock, &args);
+    s.attach(0);
+    s.completed(4, Duration::from_secs(30));
+    // The third write was not kept (past the limit, or the limit's flush had not covered the second):
+    // the flush cannot vouch for it, whatever the new server answers.
+    let unkept_lost = s.engine.stats().errors.load(Ordering::Relaxed) > 0;
+    assert!(unkept_lost, "the flush failed");
+    assert_eq!(s.status(f), VIRTIO_BLK_S_IOERR);
+    // Reported once: the next flush is true again.
+    let again = s.flush();
+    s.completed(5, Duration::from_secs(20));
+    assert_eq!(s.status(again), VIRTIO_BLK_S_OK);
+    s.engine.stop();
+    child.kill().unwrap();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -348,8 +348,13 @@ export class BlockDevice extends VirtioDevice {
     }
     this.#pause()
     try {
-      this.#nativePath = await start.call(this.backend, host, { requestTimeoutMs: this.#timeoutMs })
+      const started = start.call(this.backend, host, { requestTimeoutMs: this.#timeoutMs })
+      if (started === undefined) return
+      // Requests arriving from now on take the native path; they wait (paused) until it is up.
+      this.#nativePath = true
+      await started
     } catch (err) {
+      // Closed while still paused: what arrived meanwhile is dropped with the device, never submitted.
       await this.close().catch(() => {})
       throw err
     } finally {

@@ -116,6 +116,27 @@ impl<P: Send + 'static> Connection<P> {
     /// counted as in flight, else through [`Receiver::lost`] like every other orphan.
     pub fn send(&self, cmd: Command, payload: &[&[u8]], state: P) -> Result<(), (P, ConnError)> {
         let wire = lock(&self.send);
+        self.send_locked(wire, cmd, payload, state)
+    }
+
+    /// [`send`](Self::send), unless another command is being written right now (a sender blocked on a
+    /// server that reads nothing): then `state` comes straight back with `None`, nothing sent.
+    pub fn try_send(&self, cmd: Command, payload: &[&[u8]], state: P) -> Result<(), (P, Option<ConnError>)> {
+        match self.send.try_lock() {
+            Ok(wire) => self
+                .send_locked(wire, cmd, payload, state)
+                .map_err(|(p, e)| (p, Some(e))),
+            Err(_) => Err((state, None)),
+        }
+    }
+
+    fn send_locked(
+        &self,
+        wire: MutexGuard<'_, ()>,
+        cmd: Command,
+        payload: &[&[u8]],
+        state: P,
+    ) -> Result<(), (P, ConnError)> {
         let cookie = {
             let mut t = lock(&self.table);
             if let Some(why) = &t.ended {
@@ -149,6 +170,16 @@ impl<P: Send + 'static> Connection<P> {
     /// call back into the connection).
     pub fn any_in_flight(&self, mut f: impl FnMut(&P) -> bool) -> bool {
         lock(&self.table).inflight.values().any(|(_, p, _)| f(p))
+    }
+
+    /// Waits for the receiver thread to end (after the connection ended: at once). Not from a callback.
+    pub fn join(&self) {
+        let t = lock(&self.thread).take();
+        if let Some(t) = t {
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
+        }
     }
 
     /// Commands in flight.

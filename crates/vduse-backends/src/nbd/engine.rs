@@ -46,8 +46,11 @@ use super::proto::{
 const HEADER: u64 = 16;
 /// A discard / write-zeroes range descriptor.
 const RANGE: u64 = 16;
-/// Most ranges one discard / write-zeroes request may carry (as the model offers).
-const MAX_RANGES: u64 = 256;
+/// Most ranges one discard / write-zeroes request may carry, and sectors per range (what the model
+/// offers the driver: `max_discard_seg`, `max_discard_sectors`). Checked again here: the driver may
+/// rewrite its ranges after the model read them.
+const MAX_RANGES: u64 = 16;
+const MAX_RANGE_SECTORS: u32 = 0x40_0000;
 /// What a kept change without data (TRIM, WRITE_ZEROES) counts against `keep_unflushed_bytes`.
 const RANGE_COST: u64 = 64;
 static ZEROES: [u8; 64 << 10] = [0; 64 << 10];
@@ -92,7 +95,7 @@ pub struct Export {
 
 #[derive(Debug, Clone, Copy)]
 pub struct Options {
-    /// Connections (slots); queue `q` prefers slot `q % slots`.
+    /// Connections (slots); whichever sender is free takes the next command.
     pub slots: usize,
     /// See the module notes; `None`: never probe.
     pub hang_timeout: Option<Duration>,
@@ -189,6 +192,9 @@ struct Cmd {
     mark: u64,
     /// A caller's flush: who waits for it.
     waiter: Option<Arc<Waiter>>,
+    /// A FLUSH: the loss epoch when it was taken (a loss of unkept changes since fails it). A replayed
+    /// change: the replay it belongs to.
+    epoch: u64,
 }
 
 impl Cmd {
@@ -212,10 +218,16 @@ struct Slot {
     probe_sent: Option<Instant>,
     /// Commands sent on it (resends included).
     sent: u64,
+    /// Which connection it has (counts attaches): callbacks of an older one do not touch the slot.
+    gen: u64,
+    /// Commands its sender took and is writing, not yet in the connection's table: (start, end, request).
+    in_transit: Vec<(u64, u64, Option<Arc<Req>>)>,
 }
 
 #[derive(Default)]
 struct Replay {
+    /// Which replay this is (a loss starts a new one): answers of an older one are ignored.
+    epoch: u64,
     /// A loss happened while changes were kept: they go again before anything new.
     pending: bool,
     started: bool,
@@ -240,6 +252,10 @@ struct State {
     unkept_until: u64,
     /// A loss happened while unkept changes were unflushed: the next flush fails.
     maybe_lost: bool,
+    /// Counts such losses: a flush taken before one fails even if the server answers it.
+    loss_epoch: u64,
+    /// Callers waiting for a flush ([`NbdEngine::flush`]): answered when the engine stops.
+    waiters: Vec<Weak<Waiter>>,
     replay: Replay,
     background_flush: bool,
     /// Since when no connection has been up (None: one is).
@@ -256,6 +272,8 @@ struct Inner {
     /// Work for the senders (or a connection came, or the engine stops).
     work: Condvar,
     stats: NbdStats,
+    /// Connection generations handed out (`Slot::gen`).
+    next_gen: AtomicU64,
     /// Queues with completions not yet signalled, per receiver (bit per queue, at most 64 queues
     /// signalled together; others at once).
     touched: AtomicU64,
@@ -287,6 +305,7 @@ impl NbdEngine {
             }),
             work: Condvar::new(),
             stats: NbdStats::default(),
+            next_gen: AtomicU64::new(0),
             touched: AtomicU64::new(0),
         });
         let mut threads = Vec::new();
@@ -324,9 +343,11 @@ impl NbdEngine {
                 "no such slot",
             ));
         }
+        let gen = self.inner.next_gen.fetch_add(1, Ordering::Relaxed) + 1;
         let rx = Arc::new(SlotRx {
             inner: Arc::downgrade(&self.inner),
             slot,
+            gen,
         });
         let conn = Connection::start(fd, structured, rx)?;
         let old = {
@@ -341,6 +362,7 @@ impl NbdEngine {
             }
             let sl = &mut s.slots[slot];
             let old = sl.conn.replace(conn);
+            sl.gen = gen;
             if sl.sent > 0 || old.is_some() {
                 self.inner.stats.reconnects.fetch_add(1, Ordering::Relaxed);
             }
@@ -394,7 +416,9 @@ impl NbdEngine {
             .filter_map(|sl| sl.conn.as_ref())
             .map(|c| c.in_flight())
             .sum();
-        s.incoming.len() + s.pending.len() + on_wire
+        let in_transit: usize = s.slots.iter().map(|sl| sl.in_transit.len()).sum();
+        // Ghosts count too: a stale command may still run on a server that was cut off.
+        s.incoming.len() + s.pending.len() + in_transit + on_wire + s.ghosts.len()
     }
 
     /// Acknowledged changes kept until a flush: (changes, bytes).
@@ -422,6 +446,7 @@ impl NbdEngine {
                     "writes the server acknowledged before a connection was lost were not kept, and may be gone",
                 ));
             }
+            let epoch = s.loss_epoch;
             s.pending.push_back(Cmd {
                 req: None,
                 role: Role::Caller,
@@ -435,7 +460,10 @@ impl NbdEngine {
                 data: None,
                 mark: 0,
                 waiter: Some(waiter.clone()),
+                epoch,
             });
+            s.waiters.retain(|w| w.strong_count() > 0);
+            s.waiters.push(Arc::downgrade(&waiter));
         }
         self.inner.work.notify_all();
         let deadline = Instant::now() + timeout;
@@ -474,11 +502,18 @@ impl NbdEngine {
                     w.answer(NBD_EIO);
                 }
             }
+            for w in s.waiters.drain(..).filter_map(|w| w.upgrade()) {
+                w.answer(NBD_EIO);
+            }
             s.slots.iter_mut().filter_map(|sl| sl.conn.take()).collect()
         };
         self.inner.work.notify_all();
-        for c in conns {
+        for c in &conns {
             c.disconnect();
+        }
+        // Nothing completes a request after this returns.
+        for c in &conns {
+            c.join();
         }
         let threads: Vec<_> = lock(&self.threads).drain(..).collect();
         for t in threads {
@@ -525,10 +560,18 @@ impl Inner {
                 }
             };
             if let Some(cmds) = self.take(&mut s, slot) {
-                s.slots[slot].sent += cmds.len() as u64;
+                let sl = &mut s.slots[slot];
+                sl.sent += cmds.len() as u64;
+                // Until the connection's table has them, other senders see them here (ghost checks).
+                sl.in_transit.clear();
+                sl.in_transit.extend(cmds.iter().map(|c| {
+                    let (a, b) = c.range();
+                    (a, b, c.req.clone())
+                }));
                 drop(s);
                 self.send(&conn, cmds);
                 s = self.lock();
+                s.slots[slot].in_transit.clear();
                 continue;
             }
             if let Some((op, born)) = (!s.replay.pending).then(|| s.incoming.pop_front()).flatten() {
@@ -593,6 +636,22 @@ impl Inner {
         if s.ghosts.iter().any(|g| g.1 < b && a < g.2) {
             return true;
         }
+        // A connection that ended and whose loss is not processed yet: its stale commands are in no table
+        // and not yet ghosts. Wait for that (it comes at once).
+        if s.slots
+            .iter()
+            .any(|sl| sl.conn.as_ref().is_some_and(|c| c.ended()))
+        {
+            return true;
+        }
+        let stale = |r: &Option<Arc<Req>>| r.as_ref().is_some_and(|r| !self.live(r));
+        if s.slots
+            .iter()
+            .flat_map(|sl| &sl.in_transit)
+            .any(|(x, y, r)| *x < b && a < *y && stale(r))
+        {
+            return true;
+        }
         s.slots.iter().filter_map(|sl| sl.conn.as_ref()).any(|conn| {
             conn.any_in_flight(|o| {
                 let (x, y) = o.range();
@@ -623,7 +682,10 @@ impl Inner {
             s.replay.queue = s.kept.values().cloned().collect();
         }
         let Some(k) = s.replay.queue.pop_front() else {
-            s.replay = Replay::default();
+            s.replay = Replay {
+                epoch: s.replay.epoch,
+                ..Replay::default()
+            };
             return None;
         };
         s.replay.on_wire = true;
@@ -636,11 +698,19 @@ impl Inner {
             data: k.data,
             mark: 0,
             waiter: None,
+            epoch: s.replay.epoch,
         })
     }
 
     fn send(&self, conn: &Connection<Cmd>, cmds: Vec<Cmd>) {
         for c in cmds {
+            if let Some(req) = &c.req {
+                // Fenced (or failed at its deadline) since it was taken: it must not reach the server.
+                if c.role == Role::Request && !self.live(req) {
+                    self.stats.fenced.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+            }
             let data = c.data.clone();
             let payload: &[&[u8]] = match &data {
                 Some(d) => &[d],
@@ -741,6 +811,9 @@ impl Inner {
                     if flags & !1 != 0 || (op.kind == OpKind::Discard && unmap) {
                         return fail(VIRTIO_BLK_S_UNSUPP);
                     }
+                    if sectors > MAX_RANGE_SECTORS {
+                        return fail(VIRTIO_BLK_S_IOERR);
+                    }
                     let offset = sector.checked_mul(512);
                     let length = u64::from(sectors) * 512;
                     if offset
@@ -806,10 +879,14 @@ impl Inner {
                 data,
                 mark: 0,
                 waiter: None,
+                epoch: 0,
             });
         }
         if op.kind == OpKind::Flush {
             let mut s = self.lock();
+            for c in &mut cmds {
+                c.epoch = s.loss_epoch;
+            }
             if s.maybe_lost {
                 // Reported once, as the kernel reports a lost page-cache write once.
                 s.maybe_lost = false;
@@ -843,7 +920,7 @@ impl Inner {
             }
             // The loss that comes restarts the replay; a probe's question died with its connection.
             Role::Replay | Role::Probe | Role::Background => {
-                if c.role == Role::Replay {
+                if c.role == Role::Replay && c.epoch == s.replay.epoch {
                     s.replay.on_wire = false;
                 }
                 if c.role == Role::Background {
@@ -877,13 +954,28 @@ impl Inner {
         }
     }
 
-    fn on_done(&self, slot: usize, c: Cmd, error: u32) {
+    fn on_done(&self, slot: usize, gen: u64, c: Cmd, mut error: u32) {
         let mut s = self.lock();
+        // A late answer of a connection the slot no longer has: its command counts, the slot is not its.
+        let current = s.slots[slot].gen == gen;
+        if error == 0 && c.cmd.command == CMD_FLUSH && c.epoch != s.loss_epoch && c.role != Role::Probe {
+            // Changes acknowledged before this flush may have been lost with a connection since (and
+            // were not kept): the flush cannot vouch for them. Reported once, as the kernel reports a lost
+            // page-cache write.
+            error = NBD_EIO;
+            s.maybe_lost = false;
+            log::warn!(
+                "NBD: a flush fails: writes the server acknowledged before a connection was lost were not \
+                 kept, and may be gone"
+            );
+        }
         if error == NBD_ESHUTDOWN {
             // Not executed: it goes again elsewhere, and this connection takes nothing new.
             self.stats.shutdown_retries.fetch_add(1, Ordering::Relaxed);
-            s.slots[slot].draining = true;
-            if c.role == Role::Replay && s.replay.started {
+            if current {
+                s.slots[slot].draining = true;
+            }
+            if c.role == Role::Replay && s.replay.started && c.epoch == s.replay.epoch {
                 // Not executed: it is the next to go again.
                 s.replay.queue.push_front(Kept {
                     cmd: c.cmd,
@@ -891,7 +983,10 @@ impl Inner {
                 });
             }
             self.requeue(&mut s, c);
-            let idle = s.slots[slot].conn.clone().filter(|c| c.in_flight() == 0);
+            let idle = (current)
+                .then(|| s.slots[slot].conn.clone())
+                .flatten()
+                .filter(|c| c.in_flight() == 0);
             drop(s);
             if let Some(conn) = idle {
                 conn.disconnect();
@@ -901,12 +996,14 @@ impl Inner {
         match c.role {
             Role::Probe => {}
             Role::Replay => {
-                if error != 0 {
-                    // A change that could not be sent again may be gone: the next flush says so.
-                    s.maybe_lost = true;
+                if c.epoch == s.replay.epoch {
+                    if error != 0 {
+                        // A change that could not be sent again may be gone: the next flush says so.
+                        s.maybe_lost = true;
+                    }
+                    s.replay.on_wire = false;
+                    self.work.notify_all();
                 }
-                s.replay.on_wire = false;
-                self.work.notify_all();
             }
             Role::Background => {
                 s.background_flush = false;
@@ -926,9 +1023,9 @@ impl Inner {
                 if error == 0 && self.export.volatile {
                     match c.cmd.command {
                         CMD_FLUSH => self.flushed(&mut s, c.mark),
-                        CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES if c.cmd.flags & CMD_FLAG_FUA == 0 => {
-                            self.keep(&mut s, &c)
-                        }
+                        // FUA writes too: durable themselves, but a replay of an older change to the same
+                        // bytes must not land on them.
+                        CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES => self.keep(&mut s, &c),
                         _ => {}
                     }
                 }
@@ -938,7 +1035,7 @@ impl Inner {
                 }
             }
         }
-        let draining_idle = s.slots[slot].draining;
+        let draining_idle = current && s.slots[slot].draining;
         let conn = s.slots[slot].conn.clone();
         drop(s);
         if let Some(req) = c.req {
@@ -1048,6 +1145,7 @@ impl Inner {
                 data: None,
                 mark: 0,
                 waiter: None,
+                epoch: 0,
             });
             self.work.notify_all();
         }
@@ -1069,13 +1167,18 @@ impl Inner {
         }
     }
 
-    fn on_lost(&self, slot: usize, orphans: Vec<Cmd>, why: &ConnError) {
+    fn on_lost(&self, slot: usize, gen: u64, orphans: Vec<Cmd>, why: &ConnError) {
         let mut s = self.lock();
         if s.stop {
+            for c in &orphans {
+                if let Some(w) = &c.waiter {
+                    w.answer(NBD_EIO);
+                }
+            }
             return;
         }
         let sl = &mut s.slots[slot];
-        let ended_current = sl.conn.as_ref().is_some_and(|c| c.ended());
+        let ended_current = sl.gen == gen && sl.conn.as_ref().is_some_and(|c| c.ended());
         if ended_current {
             sl.conn = None;
             sl.draining = false;
@@ -1105,8 +1208,10 @@ impl Inner {
         // on its own clock): what it acknowledged goes again first, from the first change.
         if s.unkept_until > 0 {
             s.maybe_lost = true;
+            s.loss_epoch += 1;
         }
         s.replay = Replay {
+            epoch: s.replay.epoch + 1,
             pending: !s.kept.is_empty(),
             ..Replay::default()
         };
@@ -1257,9 +1362,12 @@ impl Inner {
                 data: None,
                 mark: 0,
                 waiter: None,
+                epoch: 0,
             };
-            // A connection that ended meanwhile: nothing to probe.
-            let _ = conn.send(c.cmd, &[], c);
+            // Never waiting for the wire: a sender blocked on it means the server reads nothing, and its
+            // write stands for the probe (an answer to anything clears it). A connection that ended
+            // meanwhile: nothing to probe.
+            let _ = conn.try_send(c.cmd, &[], c);
         }
         for (conn, why) in cut {
             conn.close(&why);
@@ -1315,6 +1423,7 @@ fn watchdog(inner: Weak<Inner>) {
 struct SlotRx {
     inner: Weak<Inner>,
     slot: usize,
+    gen: u64,
 }
 
 impl Receiver<Cmd> for SlotRx {
@@ -1330,12 +1439,12 @@ impl Receiver<Cmd> for SlotRx {
     }
     fn done(&self, cmd: Cmd, error: u32) {
         if let Some(i) = self.inner.upgrade() {
-            i.on_done(self.slot, cmd, error);
+            i.on_done(self.slot, self.gen, cmd, error);
         }
     }
     fn lost(&self, orphans: Vec<Cmd>, why: ConnError) {
         if let Some(i) = self.inner.upgrade() {
-            i.on_lost(self.slot, orphans, &why);
+            i.on_lost(self.slot, self.gen, orphans, &why);
         }
     }
     fn flush(&self) {
