@@ -310,6 +310,11 @@ export interface DeviceInit {
    * of listening.
    */
   vhostUserConnect?: boolean
+  /**
+   * Serve the device natively as virtio-blk over NBD, on worker threads: requests wait for the engine
+   * (`nbdStart`) and its connections (`nbdAttach`); none reaches JavaScript.
+   */
+  nbdModel?: NbdModelInit
 }
 
 /** `fallocate(2)` on the libuv pool (punch holes, zero ranges) without blocking the JavaScript thread. */
@@ -455,6 +460,16 @@ export interface NbdExportJs {
   maxRange: number
   volatile: boolean
   alwaysFua: boolean
+}
+
+/** A blk device served over NBD on worker threads (`DeviceInit.nbdModel`): what it offers the driver. */
+export interface NbdModelInit {
+  /** The GET_ID answer (at most 20 bytes). */
+  serial: Buffer
+  readOnly: boolean
+  flush: boolean
+  discard: boolean
+  writeZeroes: boolean
 }
 
 /** The engine's options; times in milliseconds, 0 for "none" where that makes sense. */

@@ -10,27 +10,9 @@ import test from 'ava'
 
 import { BlockDevice, MemoryBackend, vhostUser, type BlockBackend, type BlockIo } from '../src/index'
 import { parseCommand } from '../src/cli/args'
-import { peers } from './vm/guest'
+import { clients, image, qemuIo } from './helpers/qemu-io'
 
 const execFileAsync = promisify(execFile)
-
-let cached: ReturnType<typeof peers> | undefined
-/** QEMU 10's clients, unpacked by scripts/peers/fetch (cached; fetched once if missing). */
-function clients(): ReturnType<typeof peers> {
-  cached ??= peers()
-  return cached
-}
-
-const image = (sock: string): string => `driver=virtio-blk-vhost-user,path=${sock},cache.direct=on`
-
-/** Runs qemu-io against the socket with `commands`; resolves with its output (rejects on failure). */
-async function qemuIo(sock: string, ...commands: string[]): Promise<string> {
-  const { qemuIo } = await clients()
-  const args = ['--image-opts', image(sock), ...commands.flatMap((c) => ['-c', c])]
-  const { stdout } = await execFileAsync(qemuIo, args, { timeout: 60_000, maxBuffer: 16 << 20 })
-  if (/error|fail|pattern verification/i.test(stdout)) throw new Error(`qemu-io: ${stdout}`)
-  return stdout
-}
 
 function scratch(t: { teardown(fn: () => void): void }): string {
   const dir = mkdtempSync(join(tmpdir(), 'vduse-vu-'))

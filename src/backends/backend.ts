@@ -82,12 +82,17 @@ export type NativeBlockHost = Required<
 
 /**
  * Internal: a backend with a native data path has a method under this key. A device whose transport
- * serves natively calls it once, before serving any request. It returns undefined at once to keep
- * `read`/`write`; otherwise requests go to the native path (`NBD_IO_*` kinds) from then on, waiting
- * until the promise it returned resolves. A rejection means the path could not start: the device is
- * not created.
+ * serves natively asks it once, before the device exists: undefined keeps `read`/`write`; a path means
+ * the device is served on native threads with no request reaching JavaScript, and `start` is called
+ * once the device exists (requests wait until it resolves). A rejection means the path could not
+ * start: the device is not created.
  */
 export const kNativeBlock: unique symbol = Symbol('vduse.nativeBlock')
+
+/** A backend's native data path (see `kNativeBlock`). */
+export interface NativeBlockPath {
+  start(host: NativeBlockHost, options: NativeBlockOptions): Promise<void>
+}
 
 /** What a device tells a native data path about itself. */
 export interface NativeBlockOptions {
@@ -138,5 +143,5 @@ export interface BlockBackend {
   resize?(size: number): void | Promise<void>
   close?(): void | Promise<void>
   /** Internal (see `kNativeBlock`). */
-  [kNativeBlock]?(host: NativeBlockHost, options: NativeBlockOptions): Promise<void> | undefined
+  [kNativeBlock]?(): NativeBlockPath | undefined
 }

@@ -11,6 +11,7 @@ import {
   type BlockIo,
   type NativeBlockHost,
   type NativeBlockOptions,
+  type NativeBlockPath,
 } from './backend'
 
 // The NBD protocol (https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.md), client side:
@@ -1111,9 +1112,9 @@ export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockB
    * (dialled natively, handshaken here, checked to reach the same export), then closes the JavaScript
    * ones. Rejects — the device is not created — when a connection cannot be opened.
    */
-  [kNativeBlock](host: NativeBlockHost, device: NativeBlockOptions): Promise<void> | undefined {
+  [kNativeBlock](): NativeBlockPath | undefined {
     if (!this.#options.native || this.#closed || this.#host) return undefined
-    return this.#goNative(host, device)
+    return { start: (host, device) => this.#goNative(host, device) }
   }
 
   async #goNative(host: NativeBlockHost, device: NativeBlockOptions): Promise<void> {
@@ -1155,6 +1156,16 @@ export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockB
     if (this.flush) this.flush = () => host.nbdFlush(this.#options.reconnectTimeoutMs)
   }
 
+  /** What a new connection must still offer: what this backend uses of the export. */
+  #inUse(): { multiConn: boolean; blockSize: number; maxPayload: number; size: number } {
+    return {
+      multiConn: this.#conns.length > 1,
+      blockSize: this.blockSize,
+      maxPayload: this.#maxPayload,
+      size: this.size,
+    }
+  }
+
   /** Opens connection `index` of the native path: dialled natively, handshaken here, then handed over. */
   async #attachNative(host: NativeBlockHost, index: number): Promise<void> {
     const a = this.#address
@@ -1170,12 +1181,7 @@ export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockB
         socket.fd,
       )
       try {
-        checkSame(this.info, conn.info!, {
-          multiConn: this.#conns.length > 1,
-          blockSize: this.blockSize,
-          maxPayload: this.#maxPayload,
-          size: this.size,
-        })
+        checkSame(this.info, conn.info!, this.#inUse())
         conn.handOver()
       } catch (err) {
         conn.disconnect()
@@ -1536,12 +1542,7 @@ export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockB
         false,
       )
       try {
-        checkSame(this.info, conn.info!, {
-          multiConn: this.#conns.length > 1,
-          blockSize: this.blockSize,
-          maxPayload: this.#maxPayload,
-          size: this.size,
-        })
+        checkSame(this.info, conn.info!, this.#inUse())
       } catch (err) {
         conn.disconnect()
         throw err

@@ -669,3 +669,81 @@ fn a_flush_in_flight_when_unkept_writes_are_lost_fails_even_if_the_new_server_an
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn the_worker_model_answers_what_it_can_at_once_and_hands_early_requests_to_the_engine_once_it_comes() {
+    use vduse_backends::nbd::model::{NbdBlk, Offer};
+    use vduse_core::model::{Completer, DeviceModel};
+    let server = qemu_nbd("eng-model", 16 << 20);
+    let (rig, _mem) = Rig::memfd_backed(16 << 20);
+    let (ring, q) = rig.queue_sized(256, 16, false);
+    let model = NbdBlk::new(
+        b"nbd-serial-0123456789",
+        Offer {
+            read_only: false,
+            flush: true,
+            discard: false,
+            write_zeroes: false,
+        },
+    );
+    // Requests as a worker pops them: header, data, status.
+    let offer_one = |h: u16, kind: u32, sector: u64, len: u32, data: Option<&[u8]>| {
+        let hdr = 0x1_0000 + 0x100 * u64::from(h);
+        rig.header(hdr, kind, sector);
+        let buf = DATA + u64::from(h) * (64 << 10);
+        if let Some(d) = data {
+            rig.map.write_slice(d, GuestAddress(buf)).unwrap();
+        }
+        let flags = if data.is_some() { N } else { W | N };
+        offer(
+            &ring,
+            &[
+                (h, desc(hdr, 16, N, h + 1)),
+                (h + 1, desc(buf, len, flags, h + 2)),
+                (h + 2, desc(hdr + 0x80, 1, W, 0)),
+            ],
+            &[h],
+        );
+    };
+    offer_one(0, VIRTIO_BLK_T_OUT, 8, 4096, Some(&[7; 4096]));
+    offer_one(3, 8, 0, 20, None); // GET_ID
+    offer_one(6, 11, 0, 16, Some(&[0; 16])); // DISCARD, not offered
+    offer_one(9, VIRTIO_BLK_T_IN, 8, 4096, None);
+    let mut batch = RequestBatch::default();
+    q.pop(Budget::default(), &mut batch);
+    assert_eq!(batch.len(), 4);
+    let completer = Completer::new(q.clone());
+    model.handle(0, &batch, &completer);
+    // GET_ID and the refused discard are answered at once; the write and the read wait for the engine.
+    let done = used(&ring, 0);
+    assert_eq!(done.len(), 2);
+    let status = |h: u64| -> u8 {
+        rig.map
+            .read_obj(GuestAddress(0x1_0000 + 0x100 * h + 0x80))
+            .unwrap()
+    };
+    assert_eq!(status(3), VIRTIO_BLK_S_OK);
+    assert_eq!(status(6), vduse_core::ram_blk::VIRTIO_BLK_S_UNSUPP);
+    let mut id = [0u8; 20];
+    rig.map
+        .read_slice(&mut id, GuestAddress(DATA + 3 * (64 << 10)))
+        .unwrap();
+    assert_eq!(&id, b"nbd-serial-012345678");
+    // The engine comes (and its connection): the early requests are served, in order.
+    let told = Arc::new(Told::default());
+    let engine = Arc::new(NbdEngine::new(vec![q.clone()], export(16 << 20, true), options(1), told).unwrap());
+    assert!(model.set_engine(engine.clone()));
+    let (stream, _, _) = handshake(&server.sock);
+    engine.attach(0, OwnedFd::from(stream), true).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while used(&ring, 0).len() < 4 {
+        assert!(Instant::now() < deadline, "the early requests were served");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(status(0), VIRTIO_BLK_S_OK);
+    assert_eq!(status(9), VIRTIO_BLK_S_OK);
+    // (The read and the write were in flight together: NBD orders neither.) The write is in the image.
+    let image = File::open(server.dir.join("disk.img")).unwrap();
+    assert!(bytes_at(&image, 4096, 4096).iter().all(|&b| b == 7));
+    engine.stop();
+}

@@ -77,6 +77,9 @@ pub struct DeviceInit {
     /// With `vhost_user`: connect to a VMM listening there (QEMU `server=on`), again whenever it goes, instead
     /// of listening.
     pub vhost_user_connect: Option<bool>,
+    /// Serve the device natively as virtio-blk over NBD, on worker threads: requests wait for the engine
+    /// (`nbdStart`) and its connections (`nbdAttach`); none reaches JavaScript.
+    pub nbd_model: Option<crate::nbd::NbdModelInit>,
 }
 
 /// The JavaScript arrays of the batch protocol (see `serve.rs`).
@@ -330,6 +333,8 @@ pub struct BindingDevice {
     /// The native NBD data path of a blk device (`nbdStart`), and its counters once it stopped.
     nbd: Option<crate::nbd::Engine>,
     final_nbd: Option<crate::nbd::NbdCounters>,
+    /// The virtio-blk model its workers serve when the device was created for NBD (`nbdModel`).
+    nbd_model: Option<Arc<vduse_backends::nbd::model::NbdBlk>>,
     recovered: bool,
 }
 
@@ -513,11 +518,19 @@ pub fn create_device(
         }
         Some(mounts) => Some(crate::fs::router_of(mounts, usize::from(spec.num_queues)).or_throw(&env)?),
     };
-    let serving = || match (&nic, &fs, &router) {
-        (Some(nic), _, _) => Serving::Workers(nic.model()),
-        (None, Some(server), _) => Serving::Workers(Arc::new(vduse_fs::FsModel::new(server.clone()))),
-        (None, None, Some(router)) => Serving::Workers(router.clone()),
-        (None, None, None) => Serving::External,
+    let nbd_model = match &init.nbd_model {
+        Some(_) if nic.is_some() || fs.is_some() || router.is_some() => {
+            return Err(native("an NBD disk is not also a NIC or a file system")).or_throw(&env)
+        }
+        Some(m) => Some(Arc::new(crate::nbd::model_of(m))),
+        None => None,
+    };
+    let serving = || match (&nic, &fs, &router, &nbd_model) {
+        (Some(nic), _, _, _) => Serving::Workers(nic.model()),
+        (None, Some(server), _, _) => Serving::Workers(Arc::new(vduse_fs::FsModel::new(server.clone()))),
+        (None, None, Some(router), _) => Serving::Workers(router.clone()),
+        (None, None, None, Some(m)) => Serving::Workers(m.clone()),
+        (None, None, None, None) => Serving::External,
     };
     let device = match init.vhost_user.as_deref() {
         Some(path) if init.vhost_user_connect.unwrap_or(false) => {
@@ -535,7 +548,7 @@ pub fn create_device(
     }
     .or_throw(&env)?;
     let queues = device.queues().to_vec();
-    if nic.is_some() || fs.is_some() {
+    if nic.is_some() || fs.is_some() || nbd_model.is_some() {
         // Native serving: worker threads pop the queues; no JavaScript server, no file I/O pool.
         return Ok(BindingDevice {
             device: Some(device),
@@ -551,6 +564,7 @@ pub fn create_device(
             final_mounts: Vec::new(),
             nbd: None,
             final_nbd: None,
+            nbd_model,
         });
     }
     // SAFETY: `on_batch` is a function of this env; we are on the JS thread.
@@ -597,6 +611,7 @@ pub fn create_device(
         final_mounts: Vec::new(),
         nbd: None,
         final_nbd: None,
+        nbd_model: None,
     })
 }
 
@@ -826,7 +841,12 @@ impl BindingDevice {
         )
         .map_err(native)
         .or_throw(&env)?;
-        self.nbd = Some(Arc::new(engine));
+        let engine = Arc::new(engine);
+        if let Some(model) = &self.nbd_model {
+            // The workers hand their requests to it from now on (those that waited go first).
+            model.set_engine(engine.clone());
+        }
+        self.nbd = Some(engine);
         Ok(())
     }
 

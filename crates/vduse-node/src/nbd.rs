@@ -7,7 +7,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::Duration;
 
-use napi::bindgen_prelude::AsyncTask;
+use napi::bindgen_prelude::{AsyncTask, Buffer};
 use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
 use napi::{Env, Status, Task};
 use napi_derive::napi;
@@ -298,4 +298,27 @@ impl Task for Flush {
     fn reject(&mut self, env: Env, err: napi::Error) -> napi::Result<()> {
         self.failure.reject(&env, err)
     }
+}
+
+/// A blk device served over NBD on worker threads (`DeviceInit.nbdModel`): what it offers the driver.
+#[napi(object)]
+pub struct NbdModelInit {
+    /// The GET_ID answer (at most 20 bytes).
+    pub serial: Buffer,
+    pub read_only: bool,
+    pub flush: bool,
+    pub discard: bool,
+    pub write_zeroes: bool,
+}
+
+pub fn model_of(init: &NbdModelInit) -> vduse_backends::nbd::model::NbdBlk {
+    vduse_backends::nbd::model::NbdBlk::new(
+        &init.serial,
+        vduse_backends::nbd::model::Offer {
+            read_only: init.read_only,
+            flush: init.flush,
+            discard: init.discard,
+            write_zeroes: init.write_zeroes,
+        },
+    )
 }

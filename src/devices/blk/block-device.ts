@@ -4,6 +4,7 @@ import {
   type BlockBackend,
   type BlockBackendCapabilities,
   type BlockIo,
+  type NativeBlockPath,
 } from '../../backends/backend'
 import {
   FILE_IO_FLUSH,
@@ -293,6 +294,8 @@ export class BlockDevice extends VirtioDevice {
   readonly #nativeFd: number | undefined
   /** Requests go to the backend's own native data path (see `#startNativePath`). */
   #nativePath = false
+  /** The backend's native data path, when the device is served by it on native threads. */
+  #nativePathImpl: NativeBlockPath | undefined
   readonly #canFlush: boolean
   readonly #canDiscard: boolean
   readonly #canWriteZeroes: boolean
@@ -337,9 +340,9 @@ export class BlockDevice extends VirtioDevice {
    * served (requests arriving meanwhile wait): from then on requests go there, never to read/write.
    */
   async #startNativePath(): Promise<void> {
-    const start = this.backend[kNativeBlock]
+    const path = this.#nativePathImpl
     const s = this.source
-    if (!start || !s.nbdStart || !s.nbdAttach || !s.nbdFlush || !s.nbdCounters) return
+    if (!path || !s.nbdStart || !s.nbdAttach || !s.nbdFlush || !s.nbdCounters) return
     const host = {
       nbdStart: s.nbdStart,
       nbdAttach: s.nbdAttach,
@@ -348,11 +351,7 @@ export class BlockDevice extends VirtioDevice {
     }
     this.#pause()
     try {
-      const started = start.call(this.backend, host, { requestTimeoutMs: this.#timeoutMs })
-      if (started === undefined) return
-      // Requests arriving from now on take the native path; they wait (paused) until it is up.
-      this.#nativePath = true
-      await started
+      await path.start(host, { requestTimeoutMs: this.#timeoutMs })
     } catch (err) {
       // Closed while still paused: what arrived meanwhile is dropped with the device, never submitted.
       await this.close().catch(() => {})
@@ -469,7 +468,21 @@ export class BlockDevice extends VirtioDevice {
       max_write_zeroes_seg: MAX_RANGES,
       write_zeroes_may_unmap: this.#capabilities.writeZeroesUnmap ? 1 : 0,
     })
+    // A backend with a native data path of its own (NBD) is served by it on the device's worker threads:
+    // no request reaches JavaScript.
+    this.#nativePathImpl = this.nativeTransport ? this.backend[kNativeBlock]?.() : undefined
     this.open({
+      ...(this.#nativePathImpl === undefined
+        ? {}
+        : {
+            nbdModel: {
+              serial: this.#serial,
+              readOnly: this.readOnly,
+              flush: this.#canFlush,
+              discard: this.offeredFeatures.includes('DISCARD'),
+              writeZeroes: this.offeredFeatures.includes('WRITE_ZEROES'),
+            },
+          }),
       deviceId: VIRTIO_ID_BLOCK,
       features: BLK_FEATURES.mask(this.offeredFeatures),
       config,

@@ -43,6 +43,9 @@ pub struct Command {
     pub length: u32,
 }
 
+/// A command to send, its payload (a write's data) and its owner's state.
+pub type Outgoing<P> = (Command, Option<Arc<[u8]>>, P);
+
 /// What a connection tells its owner. Called on the connection's receiver thread (and `lost` also on a
 /// sender's, when a send fails): never block for long. `data` and `zeroes` run with the connection's
 /// cookie table locked: they must not call back into the connection. `done` for a command answered just
@@ -161,6 +164,55 @@ impl<P: Send + 'static> Connection<P> {
         if let Err(e) = sent {
             // The command may be half on the wire: the connection is unusable. Its orphans (this one
             // included) go back through `lost` (which may send elsewhere: the wire lock is not held).
+            self.end(ConnError::Io(format!("send: {e}")));
+        }
+        Ok(())
+    }
+
+    /// Sends several commands in one system call (headers and payloads in one `writev`); each comes
+    /// with its payload (a write's data), which this holds until the write ended — the command's own
+    /// state may be answered or handed back (and dropped) meanwhile by a broken server or a cut.
+    /// Commands the connection did not take (it had ended) come back, in order; if it ends while they
+    /// are written, they are orphans like the others ([`Receiver::lost`]).
+    pub fn send_all(&self, cmds: Vec<Outgoing<P>>) -> Result<(), (Vec<P>, ConnError)> {
+        let wire = lock(&self.send);
+        let mut headers: Vec<[u8; proto::REQUEST_LEN]> = Vec::with_capacity(cmds.len());
+        let mut datas: Vec<Option<Arc<[u8]>>> = Vec::with_capacity(cmds.len());
+        {
+            let mut t = lock(&self.table);
+            if let Some(why) = &t.ended {
+                let why = why.clone();
+                return Err((cmds.into_iter().map(|(_, _, p)| p).collect(), why));
+            }
+            for (cmd, data, state) in cmds {
+                let cookie = t.next_cookie;
+                t.next_cookie += 1;
+                headers.push(proto::encode_request(
+                    cmd.flags,
+                    cmd.command,
+                    cookie,
+                    cmd.offset,
+                    cmd.length,
+                ));
+                datas.push(data);
+                let expect = Expect {
+                    read: cmd.command == proto::CMD_READ,
+                    offset: cmd.offset,
+                    length: cmd.length,
+                };
+                t.inflight.insert(cookie, (expect, state, cookie));
+            }
+        }
+        let mut parts = Vec::with_capacity(headers.len() * 2);
+        for (h, d) in headers.iter().zip(&datas) {
+            parts.push(IoSlice::new(h));
+            if let Some(d) = d {
+                parts.push(IoSlice::new(d));
+            }
+        }
+        let sent = write_all(&self.fd, &mut parts);
+        drop(wire);
+        if let Err(e) = sent {
             self.end(ConnError::Io(format!("send: {e}")));
         }
         Ok(())

@@ -198,6 +198,25 @@ struct Cmd {
 }
 
 impl Cmd {
+    /// A FLUSH of the engine's own (`Background`) or a caller's, taken in loss epoch `epoch`.
+    fn flush(role: Role, epoch: u64, waiter: Option<Arc<Waiter>>) -> Self {
+        Cmd {
+            req: None,
+            role,
+            cmd: Command {
+                command: CMD_FLUSH,
+                flags: 0,
+                offset: 0,
+                length: 0,
+            },
+            at: 0,
+            data: None,
+            mark: 0,
+            waiter,
+            epoch,
+        }
+    }
+
     fn range(&self) -> (u64, u64) {
         (self.cmd.offset, self.cmd.offset + u64::from(self.cmd.length))
     }
@@ -220,8 +239,12 @@ struct Slot {
     sent: u64,
     /// Which connection it has (counts attaches): callbacks of an older one do not touch the slot.
     gen: u64,
-    /// Commands its sender took and is writing, not yet in the connection's table: (start, end, request).
-    in_transit: Vec<(u64, u64, Option<Arc<Req>>)>,
+}
+
+/// Commands a thread took and is writing, not yet in a connection's table: (start, end, request).
+struct Transit {
+    token: u64,
+    ranges: Vec<(u64, u64, Option<Arc<Req>>)>,
 }
 
 #[derive(Default)]
@@ -256,6 +279,9 @@ struct State {
     loss_epoch: u64,
     /// Callers waiting for a flush ([`NbdEngine::flush`]): answered when the engine stops.
     waiters: Vec<Weak<Waiter>>,
+    /// What threads are writing right now (seen by the ghost check and `pending`).
+    in_transit: Vec<Transit>,
+    next_token: u64,
     replay: Replay,
     background_flush: bool,
     /// Since when no connection has been up (None: one is).
@@ -393,6 +419,18 @@ impl NbdEngine {
         }
     }
 
+    /// Hands requests over and serves them on the calling thread where it can (see `serve_inline`):
+    /// for a queue's own worker thread, which may block on the network — never the JavaScript thread.
+    pub fn serve(&self, ops: &[Op]) {
+        self.inner
+            .stats
+            .requests
+            .fetch_add(ops.len() as u64, Ordering::Relaxed);
+        if !ops.is_empty() {
+            self.inner.serve_inline(ops);
+        }
+    }
+
     /// Connections up now.
     pub fn connections(&self) -> usize {
         let s = self.inner.lock();
@@ -416,7 +454,7 @@ impl NbdEngine {
             .filter_map(|sl| sl.conn.as_ref())
             .map(|c| c.in_flight())
             .sum();
-        let in_transit: usize = s.slots.iter().map(|sl| sl.in_transit.len()).sum();
+        let in_transit: usize = s.in_transit.iter().map(|t| t.ranges.len()).sum();
         // Ghosts count too: a stale command may still run on a server that was cut off.
         s.incoming.len() + s.pending.len() + in_transit + on_wire + s.ghosts.len()
     }
@@ -446,22 +484,8 @@ impl NbdEngine {
                     "writes the server acknowledged before a connection was lost were not kept, and may be gone",
                 ));
             }
-            let epoch = s.loss_epoch;
-            s.pending.push_back(Cmd {
-                req: None,
-                role: Role::Caller,
-                cmd: Command {
-                    command: CMD_FLUSH,
-                    flags: 0,
-                    offset: 0,
-                    length: 0,
-                },
-                at: 0,
-                data: None,
-                mark: 0,
-                waiter: Some(waiter.clone()),
-                epoch,
-            });
+            let flush = Cmd::flush(Role::Caller, s.loss_epoch, Some(waiter.clone()));
+            s.pending.push_back(flush);
             s.waiters.retain(|w| w.strong_count() > 0);
             s.waiters.push(Arc::downgrade(&waiter));
         }
@@ -560,18 +584,11 @@ impl Inner {
                 }
             };
             if let Some(cmds) = self.take(&mut s, slot) {
-                let sl = &mut s.slots[slot];
-                sl.sent += cmds.len() as u64;
-                // Until the connection's table has them, other senders see them here (ghost checks).
-                sl.in_transit.clear();
-                sl.in_transit.extend(cmds.iter().map(|c| {
-                    let (a, b) = c.range();
-                    (a, b, c.req.clone())
-                }));
+                let token = Self::in_transit(&mut s, slot, &cmds);
                 drop(s);
                 self.send(&conn, cmds);
                 s = self.lock();
-                s.slots[slot].in_transit.clear();
+                s.in_transit.retain(|t| t.token != token);
                 continue;
             }
             if let Some((op, born)) = (!s.replay.pending).then(|| s.incoming.pop_front()).flatten() {
@@ -589,6 +606,65 @@ impl Inner {
                 .wait_timeout(s, Duration::from_millis(100))
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
+        }
+    }
+
+    /// Records `cmds` as being written on `slot` (until the connection's table has them, other threads
+    /// see them here); returns the token that ends it.
+    fn in_transit(s: &mut State, slot: usize, cmds: &[Cmd]) -> u64 {
+        s.slots[slot].sent += cmds.len() as u64;
+        s.next_token += 1;
+        let token = s.next_token;
+        let ranges = cmds
+            .iter()
+            .map(|c| {
+                let (a, b) = c.range();
+                (a, b, c.req.clone())
+            })
+            .collect();
+        s.in_transit.push(Transit { token, ranges });
+        token
+    }
+
+    /// Serves requests on the calling thread (a queue's worker): each is taken apart and its commands
+    /// written at once on the queue's connection — no hand-off to another thread. What cannot go now (no
+    /// connection, a replay or a ghost in the way) waits for the senders.
+    fn serve_inline(&self, ops: &[Op]) {
+        let now = Instant::now();
+        let mut cmds = Vec::new();
+        for op in ops {
+            cmds.extend(self.take_over(*op, now));
+        }
+        if cmds.is_empty() {
+            return;
+        }
+        let queue = usize::from(ops[0].ticket.queue());
+        let mut s = self.lock();
+        s.pending.extend(cmds);
+        let n = s.slots.len();
+        let usable = |sl: &Slot| sl.conn.as_ref().is_some_and(|c| !c.ended()) && !sl.draining;
+        let slot = if usable(&s.slots[queue % n]) {
+            Some(queue % n)
+        } else {
+            (0..n).find(|&i| usable(&s.slots[i]))
+        };
+        let Some(slot) = slot else {
+            drop(s);
+            self.work.notify_all();
+            return;
+        };
+        let conn = s.slots[slot].conn.clone().expect("usable");
+        while let Some(taken) = self.take(&mut s, slot) {
+            let token = Self::in_transit(&mut s, slot, &taken);
+            drop(s);
+            self.send(&conn, taken);
+            s = self.lock();
+            s.in_transit.retain(|t| t.token != token);
+        }
+        let left = !s.pending.is_empty();
+        drop(s);
+        if left {
+            self.work.notify_all();
         }
     }
 
@@ -645,9 +721,9 @@ impl Inner {
             return true;
         }
         let stale = |r: &Option<Arc<Req>>| r.as_ref().is_some_and(|r| !self.live(r));
-        if s.slots
+        if s.in_transit
             .iter()
-            .flat_map(|sl| &sl.in_transit)
+            .flat_map(|t| &t.ranges)
             .any(|(x, y, r)| *x < b && a < *y && stale(r))
         {
             return true;
@@ -703,6 +779,7 @@ impl Inner {
     }
 
     fn send(&self, conn: &Connection<Cmd>, cmds: Vec<Cmd>) {
+        let mut batch = Vec::with_capacity(cmds.len());
         for c in cmds {
             if let Some(req) = &c.req {
                 // Fenced (or failed at its deadline) since it was taken: it must not reach the server.
@@ -711,14 +788,15 @@ impl Inner {
                     continue;
                 }
             }
-            let data = c.data.clone();
-            let payload: &[&[u8]] = match &data {
-                Some(d) => &[d],
-                None => &[],
-            };
-            if let Err((c, _)) = conn.send(c.cmd, payload, c) {
-                // The connection ended before it took the command: back in front, for another.
-                let mut s = self.lock();
+            batch.push((c.cmd, c.data.clone(), c));
+        }
+        if batch.is_empty() {
+            return;
+        }
+        if let Err((back, _)) = conn.send_all(batch) {
+            // The connection ended before it took them: back in front, in order, for another.
+            let mut s = self.lock();
+            for c in back.into_iter().rev() {
                 self.requeue(&mut s, c);
             }
         }
@@ -963,11 +1041,14 @@ impl Inner {
             // were not kept): the flush cannot vouch for them. Reported once, as the kernel reports a lost
             // page-cache write.
             error = NBD_EIO;
-            s.maybe_lost = false;
-            log::warn!(
-                "NBD: a flush fails: writes the server acknowledged before a connection was lost were not \
-                 kept, and may be gone"
-            );
+            if matches!(c.role, Role::Request | Role::Caller) {
+                // Said to someone: reported. (The engine's own flush says nothing to anyone.)
+                s.maybe_lost = false;
+                log::warn!(
+                    "NBD: a flush fails: writes the server acknowledged before a connection was lost were \
+                     not kept, and may be gone"
+                );
+            }
         }
         if error == NBD_ESHUTDOWN {
             // Not executed: it goes again elsewhere, and this connection takes nothing new.
@@ -1132,21 +1213,8 @@ impl Inner {
         }
         if (s.kept_bytes > limit / 4 || s.unkept_until > 0) && !s.background_flush {
             s.background_flush = true;
-            s.pending.push_back(Cmd {
-                req: None,
-                role: Role::Background,
-                cmd: Command {
-                    command: CMD_FLUSH,
-                    flags: 0,
-                    offset: 0,
-                    length: 0,
-                },
-                at: 0,
-                data: None,
-                mark: 0,
-                waiter: None,
-                epoch: 0,
-            });
+            let flush = Cmd::flush(Role::Background, s.loss_epoch, None);
+            s.pending.push_back(flush);
             self.work.notify_all();
         }
     }
