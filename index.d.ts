@@ -23,6 +23,11 @@ export declare class BindingDevice {
    * here would hold a thread of libuv's pool, which file and crypto calls share.)
    */
   ioIsQuiet(): boolean
+  /**
+   * A device served over NBD by its workers: holds new requests back (a handover is being decided;
+   * `ioIsQuiet` then says when nothing of this server is under way) or lets them go again.
+   */
+  nbdHold(hold: boolean): void
   /** Whether no native transfer overlaps bytes `[offset, offset+length)` of `fd` right now. */
   ioRangeIsQuiet(fd: number, offset: number, length: number): boolean
   /**

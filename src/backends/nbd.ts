@@ -949,6 +949,8 @@ export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockB
   #probes = 0
   /** The device's native data path, once it took the requests over (`kNativeBlock`). */
   #host: NativeBlockHost | undefined
+  /** A device chose the native path (one device per backend). */
+  #nativeTaken = false
   /** The export may cache writes (it offers FLUSH): acknowledged ones are kept until a flush. */
   readonly #volatile: boolean
   /** Largest TRIM / WRITE_ZEROES per command. */
@@ -1113,7 +1115,14 @@ export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockB
    * ones. Rejects — the device is not created — when a connection cannot be opened.
    */
   [kNativeBlock](): NativeBlockPath | undefined {
-    if (!this.#options.native || this.#closed || this.#host) return undefined
+    if (!this.#options.native || this.#closed) return undefined
+    if (this.#nativeTaken) {
+      throw new VduseError('this NbdBackend already serves a device natively', {
+        code: 'ERR_VDUSE_BUSY',
+        hint: 'connect one NbdBackend per device',
+      })
+    }
+    this.#nativeTaken = true
     return { start: (host, device) => this.#goNative(host, device) }
   }
 

@@ -47,6 +47,7 @@ function openNative(
     nbdAttach: (slot, socket, structured) => native(() => device.nbdAttach(slot, socket, structured)),
     nbdFlush: (timeoutMs) => nativeAsync(() => native(() => device.nbdFlush(timeoutMs))),
     nbdCounters: () => device.nbdStats() ?? undefined,
+    nbdHold: (hold) => device.nbdHold(hold),
   }
   return source
 }

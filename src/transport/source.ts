@@ -91,6 +91,8 @@ export interface RequestSource {
   nbdAttach?(slot: number, socket: BindingNbdSocket, structured: boolean): void
   /** Makes what the NBD data path acknowledged durable (NBD_CMD_FLUSH), within `timeoutMs`. */
   nbdFlush?(timeoutMs: number): Promise<void>
+  /** A device served over NBD by its workers: holds new requests back (a handover) or lets them go. */
+  nbdHold?(hold: boolean): void
   /** The NBD data path's counters. */
   nbdCounters?(): NbdCounters | undefined
 }

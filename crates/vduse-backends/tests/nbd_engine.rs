@@ -745,5 +745,47 @@ fn the_worker_model_answers_what_it_can_at_once_and_hands_early_requests_to_the_
     // (The read and the write were in flight together: NBD orders neither.) The write is in the image.
     let image = File::open(server.dir.join("disk.img")).unwrap();
     assert!(bytes_at(&image, 4096, 4096).iter().all(|&b| b == 7));
+
+    // With the engine there, the worker writes the commands itself (serve_inline): answered without any
+    // sender thread having to take them.
+    let sent = engine.sent()[0];
+    offer_one(12, VIRTIO_BLK_T_OUT, 16, 4096, Some(&[9; 4096]));
+    let mut batch = RequestBatch::default();
+    q.pop(Budget::default(), &mut batch);
+    model.handle(0, &batch, &completer);
+    assert_eq!(
+        engine.sent()[0],
+        sent + 1,
+        "sent on the worker's own thread, before handle returned"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while used(&ring, 0).len() < 5 {
+        assert!(Instant::now() < deadline, "the inline write was answered");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(status(12), VIRTIO_BLK_S_OK);
+    assert!(bytes_at(&image, 8192, 4096).iter().all(|&b| b == 9));
+
+    // A hold (a handover being decided): new requests wait in the model, nothing reaches the engine;
+    // when it ends they go.
+    model.hold(true);
+    offer_one(15, VIRTIO_BLK_T_OUT, 24, 4096, Some(&[5; 4096]));
+    let mut batch = RequestBatch::default();
+    q.pop(Budget::default(), &mut batch);
+    model.handle(0, &batch, &completer);
+    assert!(!model.busy());
+    assert_eq!(engine.pending(), 0, "held in the model, not in the engine");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(used(&ring, 0).len(), 5);
+    model.hold(false);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while used(&ring, 0).len() < 6 {
+        assert!(
+            Instant::now() < deadline,
+            "the held write went once the hold ended"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(status(15), VIRTIO_BLK_S_OK);
     engine.stop();
 }

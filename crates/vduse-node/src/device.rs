@@ -724,7 +724,18 @@ impl BindingDevice {
     /// here would hold a thread of libuv's pool, which file and crypto calls share.)
     #[napi]
     pub fn io_is_quiet(&self) -> bool {
-        self.io.as_ref().is_none_or(|io| io.is_quiet()) && self.nbd.as_ref().is_none_or(|e| e.pending() == 0)
+        self.io.as_ref().is_none_or(|io| io.is_quiet())
+            && self.nbd.as_ref().is_none_or(|e| e.pending() == 0)
+            && self.nbd_model.as_ref().is_none_or(|m| !m.busy())
+    }
+
+    /// A device served over NBD by its workers: holds new requests back (a handover is being decided;
+    /// `ioIsQuiet` then says when nothing of this server is under way) or lets them go again.
+    #[napi]
+    pub fn nbd_hold(&self, hold: bool) {
+        if let Some(m) = &self.nbd_model {
+            m.hold(hold);
+        }
     }
 
     /// Whether no native transfer overlaps bytes `[offset, offset+length)` of `fd` right now.
@@ -1041,9 +1052,7 @@ impl BindingDevice {
                 })
                 .or_throw(&env);
             }
-            if self.io.as_ref().is_some_and(|io| !io.is_quiet())
-                || self.nbd.as_ref().is_some_and(|e| e.pending() > 0)
-            {
+            if !self.io_is_quiet() {
                 return Err(vduse_core::Error::Busy {
                     name: d.name().to_string(),
                     reason: "native I/O is still running; a successor could be overtaken by its writes",
@@ -1097,5 +1106,15 @@ impl BindingDevice {
             destroy,
             failure: Parked::default(),
         })
+    }
+}
+
+impl Drop for BindingDevice {
+    fn drop(&mut self) {
+        // Collected without close(): the NBD engine goes first — its sockets shut down, so no worker the
+        // device joins below stays blocked writing to a server.
+        if let Some(nbd) = self.nbd.take() {
+            nbd.stop();
+        }
     }
 }

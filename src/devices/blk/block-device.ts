@@ -591,7 +591,8 @@ export class BlockDevice extends VirtioDevice {
 
   /** Whether native I/O still has something queued or running. */
   #nativeBusy(): boolean {
-    return (this.#nativeFd !== undefined || this.#nativePath) && this.source.ioQuiet?.() === false
+    const native = this.#nativeFd !== undefined || this.#nativePath || this.#nativePathImpl !== undefined
+    return native && this.source.ioQuiet?.() === false
   }
 
   protected inFlight(): number {
@@ -608,6 +609,8 @@ export class BlockDevice extends VirtioDevice {
    */
   protected override async quiesce(deadline: number): Promise<boolean> {
     this.#pause()
+    // Served by the workers over NBD: they hold new requests back too.
+    if (this.#nativePathImpl) this.source.nbdHold?.(true)
     // A resize under way finishes first.
     if (!(await this.#resizesDone(deadline))) return false
     // Native operations decided before the pause go to the pool now, to be waited for below.
@@ -623,6 +626,7 @@ export class BlockDevice extends VirtioDevice {
   }
 
   protected override resume(): void {
+    if (this.#nativePathImpl) this.source.nbdHold?.(false)
     this.#unpause()
   }
 

@@ -479,7 +479,7 @@ impl NbdEngine {
                 ));
             }
             if s.maybe_lost {
-                s.maybe_lost = false;
+                // Failed, but the report stays for the driver's next flush.
                 return Err(std::io::Error::other(
                     "writes the server acknowledged before a connection was lost were not kept, and may be gone",
                 ));
@@ -535,7 +535,8 @@ impl NbdEngine {
         for c in &conns {
             c.disconnect();
         }
-        // Nothing completes a request after this returns.
+        // No reply completes a request after this returns (a worker still inside `serve` may answer one it
+        // refuses; the device is still there).
         for c in &conns {
             c.join();
         }
@@ -654,7 +655,20 @@ impl Inner {
             return;
         };
         let conn = s.slots[slot].conn.clone().expect("usable");
-        while let Some(taken) = self.take(&mut s, slot) {
+        // Only while the slot still has this connection, up and not draining: a loss (perhaps of this
+        // very write) hands the rest to the senders.
+        let still = |s: &State| {
+            let sl = &s.slots[slot];
+            !sl.draining
+                && sl
+                    .conn
+                    .as_ref()
+                    .is_some_and(|c| Arc::ptr_eq(c, &conn) && !c.ended())
+        };
+        while still(&s) {
+            let Some(taken) = self.take(&mut s, slot) else {
+                break;
+            };
             let token = Self::in_transit(&mut s, slot, &taken);
             drop(s);
             self.send(&conn, taken);
@@ -747,10 +761,12 @@ impl Inner {
             return None;
         }
         if !s.replay.started {
-            let busy = s
-                .slots
-                .iter()
-                .any(|sl| sl.conn.as_ref().is_some_and(|c| c.in_flight() > 0));
+            // Nothing of the lost session's time may still be on its way: in a connection's table, or
+            // being written by a thread.
+            let busy = !s.in_transit.is_empty()
+                || s.slots
+                    .iter()
+                    .any(|sl| sl.conn.as_ref().is_some_and(|c| c.in_flight() > 0));
             if busy {
                 return None;
             }
@@ -999,7 +1015,15 @@ impl Inner {
             // The loss that comes restarts the replay; a probe's question died with its connection.
             Role::Replay | Role::Probe | Role::Background => {
                 if c.role == Role::Replay && c.epoch == s.replay.epoch {
+                    // Not sent: it is still the next to go (a loss since starts a new replay anyway).
                     s.replay.on_wire = false;
+                    if s.replay.started {
+                        s.replay.queue.push_front(Kept {
+                            cmd: c.cmd,
+                            data: c.data.clone(),
+                        });
+                    }
+                    self.work.notify_all();
                 }
                 if c.role == Role::Background {
                     s.background_flush = false;
@@ -1041,8 +1065,9 @@ impl Inner {
             // were not kept): the flush cannot vouch for them. Reported once, as the kernel reports a lost
             // page-cache write.
             error = NBD_EIO;
-            if matches!(c.role, Role::Request | Role::Caller) {
-                // Said to someone: reported. (The engine's own flush says nothing to anyone.)
+            if c.role == Role::Request {
+                // Said to the driver: reported. (The owner's and the engine's own flushes fail too, but
+                // leave the report to the driver's next flush.)
                 s.maybe_lost = false;
                 log::warn!(
                     "NBD: a flush fails: writes the server acknowledged before a connection was lost were \
@@ -1079,8 +1104,10 @@ impl Inner {
             Role::Replay => {
                 if c.epoch == s.replay.epoch {
                     if error != 0 {
-                        // A change that could not be sent again may be gone: the next flush says so.
+                        // A change that could not be sent again may be gone: the next flush says so,
+                        // and no flush taken before can vouch for it.
                         s.maybe_lost = true;
+                        s.loss_epoch += 1;
                     }
                     s.replay.on_wire = false;
                     self.work.notify_all();

@@ -5,6 +5,7 @@
 //! The engine comes after the device (it needs the device's queues, and the caller opens the
 //! connections once the device exists): requests popped before it arrives wait here, in order.
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use vduse_core::model::{Completer, DeviceModel};
@@ -32,7 +33,12 @@ pub struct Offer {
 
 pub struct NbdBlk {
     engine: OnceLock<Arc<NbdEngine>>,
+    /// Requests waiting for the engine, or for a hold to end.
     early: Mutex<Vec<Op>>,
+    /// A handover is being decided: requests wait (in `early`) instead of reaching the engine.
+    held: AtomicBool,
+    /// `handle` calls under way (a hold is complete when none is).
+    serving: AtomicUsize,
     serial: [u8; ID_LEN],
     offer: Offer,
 }
@@ -46,12 +52,14 @@ impl NbdBlk {
         Self {
             engine: OnceLock::new(),
             early: Mutex::new(Vec::new()),
+            held: AtomicBool::new(false),
+            serving: AtomicUsize::new(0),
             serial: id,
             offer,
         }
     }
 
-    /// Gives the model its engine (once); requests that waited for it go first.
+    /// Gives the model its engine (once); requests that waited for it go to it (unless held).
     pub fn set_engine(&self, engine: Arc<NbdEngine>) -> bool {
         let mut early = self.early.lock().unwrap_or_else(|e| e.into_inner());
         if self.engine.set(engine.clone()).is_err() {
@@ -59,8 +67,28 @@ impl NbdBlk {
         }
         // Under the lock: a worker that found no engine has queued here already, and one that comes
         // after sees it.
-        engine.submit(early.drain(..));
+        if !self.held.load(Ordering::SeqCst) {
+            engine.submit(early.drain(..));
+        }
         true
+    }
+
+    /// Holds new requests back (a handover is being decided: the successor serves them if it happens)
+    /// or lets them go again, the held ones first. Held is complete once [`busy`](Self::busy) is false.
+    pub fn hold(&self, on: bool) {
+        self.held.store(on, Ordering::SeqCst);
+        if on {
+            return;
+        }
+        let mut early = self.early.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(engine) = self.engine.get() {
+            engine.submit(early.drain(..));
+        }
+    }
+
+    /// Whether a worker is handing requests to the engine right now.
+    pub fn busy(&self) -> bool {
+        self.serving.load(Ordering::SeqCst) > 0
     }
 
     /// Which engine operation a request is, or the status to answer it with at once.
@@ -82,8 +110,21 @@ impl NbdBlk {
     }
 }
 
+/// Counts a `handle` call while it runs.
+struct Serving<'a>(&'a AtomicUsize);
+
+impl Drop for Serving<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 impl DeviceModel for NbdBlk {
     fn handle(&self, _queue: u16, batch: &RequestBatch, completer: &Completer) {
+        // Counted before the hold is looked at: a hold that sees no call under way has every later one
+        // see it (both sequentially consistent).
+        self.serving.fetch_add(1, Ordering::SeqCst);
+        let _serving = Serving(&self.serving);
         let vq = completer.queue();
         let mut ops = Vec::with_capacity(batch.len());
         let mut answered = false;
@@ -135,17 +176,18 @@ impl DeviceModel for NbdBlk {
         if ops.is_empty() {
             return;
         }
+        let held = self.held.load(Ordering::SeqCst);
         match self.engine.get() {
-            Some(engine) => engine.serve(&ops),
-            None => {
+            Some(engine) if !held => engine.serve(&ops),
+            _ => {
                 let mut early = self.early.lock().unwrap_or_else(|e| e.into_inner());
                 match self.engine.get() {
-                    // Set while this waited for the lock: it took the early ones already.
-                    Some(engine) => {
+                    // Set (or the hold ended) while this waited for the lock: the early ones went already.
+                    Some(engine) if !self.held.load(Ordering::SeqCst) => {
                         drop(early);
                         engine.serve(&ops)
                     }
-                    None => early.extend(ops),
+                    _ => early.extend(ops),
                 }
             }
         }
