@@ -20,6 +20,17 @@ function qemuNbd(image: string, at: string[]): ChildProcess {
   )
 }
 
+/** qemu-nbd on a fresh 128 MiB image over a UNIX socket; resolves once it listens. */
+async function unixServer(image: string, socket: string): Promise<ChildProcess> {
+  await sh(`rm -f ${image} ${socket}; truncate -s 128M ${image}`)
+  const server = qemuNbd(image, [`--socket=${socket}`])
+  await until(
+    'qemu-nbd listening',
+    async () => (await sh(`test -S ${socket} && echo y || true`)).trim() === 'y',
+  )
+  return server
+}
+
 async function kill9(p: ChildProcess): Promise<void> {
   if (p.exitCode !== null || p.signalCode !== null) return
   await new Promise<void>((resolve) => {
@@ -36,13 +47,8 @@ async function ioErrorsSince(from: number): Promise<string[]> {
 test('vduse blk --nbd over a UNIX socket: dd/cmp, fio verify, ext4 + fsck; the image holds the data', async (t) => {
   const image = '/tmp/nbd-unix.img'
   const socket = '/tmp/nbd-unix.sock'
-  await sh(`rm -f ${image} ${socket}; truncate -s 128M ${image}`)
-  const server = qemuNbd(image, [`--socket=${socket}`])
+  const server = await unixServer(image, socket)
   t.teardown(() => kill9(server))
-  await until(
-    'qemu-nbd listening',
-    async () => (await sh(`test -S ${socket} && echo y || true`)).trim() === 'y',
-  )
   const cli = startCli(['blk', '--nbd', `nbd+unix:///?socket=${socket}`, '--name', 'nbd-unix', '--json'])
   const ready = await cli.next('ready')
   const dev = ready.path as string
@@ -158,4 +164,43 @@ test('nbdkit stopped gracefully (SIGTERM) and restarted twice under fio verify: 
   t.true(nbd.native)
   t.true(nbd.reconnects >= 2)
   t.log(`ESHUTDOWN answers sent again: ${nbd.shutdownRetries}; reconnects: ${nbd.reconnects}`)
+})
+
+test('SIGUSR2 hands a native --nbd server over under fio verify: the workers hold new requests, the successor serves them, no error', async (t) => {
+  const image = '/tmp/nbd-handover.img'
+  const socket = '/tmp/nbd-handover.sock'
+  const server = await unixServer(image, socket)
+  t.teardown(() => kill9(server))
+  const args = [
+    'blk',
+    '--nbd',
+    `nbd+unix:///?socket=${socket}`,
+    '--name',
+    'nbd-ho',
+    '--queues',
+    '2',
+    '--json',
+  ]
+  let cli = startCli(args)
+  t.teardown(() => cli.child.kill('SIGKILL'))
+  const dev = (await cli.next('ready')).path as string
+  const dmesgFrom = (await sh('dmesg')).split('\n').length - 1
+  const fio = sh(`fio --name=ho --filename=${dev} --rw=randwrite --bs=4k --iodepth=16 --ioengine=libaio \
+    --direct=1 --size=48M --verify=crc32c --verify_state_save=0 --do_verify=1 --verify_fatal=1 \
+    --output-format=terse`)
+  let fioDone = false
+  void fio.finally(() => (fioDone = true)).catch(() => {})
+  await new Promise((r) => setTimeout(r, 1500))
+  t.false(fioDone, 'the handover happens while fio writes')
+  cli.child.kill('SIGUSR2')
+  t.like(await cli.next('released'), { name: 'nbd-ho' })
+  t.is(await cli.exit, 0)
+  cli = startCli([...args, '--recover'])
+  t.like(await cli.next('ready'), { path: dev, recovered: true })
+  await fio
+  t.deepEqual(await ioErrorsSince(dmesgFrom), [])
+  cli.child.kill('SIGTERM')
+  t.is(await cli.exit, 0)
+  const { nbd } = cli.events.find((e) => e.event === 'stopped') as { nbd: { native: boolean } }
+  t.true(nbd.native)
 })

@@ -1558,12 +1558,7 @@ export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockB
       }
     } catch (err) {
       if (this.#closed) return
-      const error =
-        err instanceof VduseError
-          ? err
-          : nbdError('ERR_VDUSE_UNREACHABLE', `cannot reconnect to ${this.uri}`, undefined, err)
-      this.#emitSafely('reconnectFailed', { connection: index, attempts: r.attempts, error })
-      return this.#scheduleReconnect(index)
+      return this.#reconnectFailed(index, err)
     }
     if (this.#closed) return conn.disconnect()
     this.#conns[index] = conn
@@ -1579,6 +1574,16 @@ export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockB
     this.#dispatch()
   }
 
+  /** A reconnect attempt failed: say so, and try again later. */
+  #reconnectFailed(index: number, err: unknown): void {
+    const error =
+      err instanceof VduseError
+        ? err
+        : nbdError('ERR_VDUSE_UNREACHABLE', `cannot reconnect to ${this.uri}`, undefined, err)
+    this.#emitSafely('reconnectFailed', { connection: index, attempts: this.#redial[index]!.attempts, error })
+    this.#scheduleReconnect(index)
+  }
+
   async #reconnectNative(index: number): Promise<void> {
     const r = this.#redial[index]!
     try {
@@ -1586,12 +1591,7 @@ export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockB
     } catch (err) {
       // The device is gone: its data path needs no connection any more.
       if (this.#closed || (err instanceof VduseError && err.code === 'ERR_VDUSE_CLOSED')) return
-      const error =
-        err instanceof VduseError
-          ? err
-          : nbdError('ERR_VDUSE_UNREACHABLE', `cannot reconnect to ${this.uri}`, undefined, err)
-      this.#emitSafely('reconnectFailed', { connection: index, attempts: r.attempts, error })
-      return this.#scheduleReconnect(index)
+      return this.#reconnectFailed(index, err)
     }
     this.#emitSafely('reconnected', { connection: index, attempts: r.attempts, downMs: Date.now() - r.since })
     r.since = Date.now()
