@@ -168,3 +168,19 @@ test('a server killed with acknowledged writes in its cache gets them again: the
   t.true(img.subarray(4 << 20, 5 << 20).every((b) => b === 0xa5))
   t.is(backend.unflushed.bytes, 0)
 })
+
+test('a server that takes one client at a time (qemu-nbd --shared=1): the JavaScript connection makes room for the native one', async (t) => {
+  const dir = scratch(t)
+  const file = image(dir, 16 << 20)
+  const srv = await qemuNbd(file, { path: socketPath() }, { shared: 1 })
+  t.teardown(() => srv.kill())
+  const backend = await NbdBackend.connect(srv.uri, { connectTimeoutMs: 5000 })
+  const { sock } = await serve(t, dir, backend)
+  t.true(backend.nativePath)
+  await qemuIo(sock, 'write -P 0x7e 0 64k', 'read -P 0x7e 0 64k')
+  t.true(
+    readFileSync(file)
+      .subarray(0, 64 << 10)
+      .every((b) => b === 0x7e),
+  )
+})

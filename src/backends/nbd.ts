@@ -1150,7 +1150,13 @@ export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockB
     // natively too.
     this.#host = host
     try {
-      for (let i = 0; i < this.#conns.length; i++) await this.#attachNative(host, i)
+      for (let i = 0; i < this.#conns.length; i++) {
+        // The server may take one client at a time (qemu-nbd's default): this slot's JavaScript
+        // connection goes first.
+        this.#conns[i]?.disconnect()
+        this.#conns[i] = undefined
+        await this.#attachNative(host, i)
+      }
     } catch (err) {
       this.#host = undefined
       for (const r of this.#redial) {
@@ -1159,9 +1165,7 @@ export class NbdBackend extends EventEmitter<NbdBackendEvents> implements BlockB
       }
       throw err
     }
-    // The JavaScript connections carry nothing from now on; a flush goes through the native path.
-    for (const c of this.#conns) c?.disconnect()
-    this.#conns.fill(undefined)
+    // A flush goes through the native path from now on.
     if (this.flush) this.flush = () => host.nbdFlush(this.#options.reconnectTimeoutMs)
   }
 
