@@ -43,16 +43,14 @@ export declare class BindingDevice {
    */
   isLive(ticket: number): boolean
   /**
-   * Hands block I/O to native threads: `ops` holds `[ticket, fd, kind, position, skip]` per request.
-   * Kinds 0 read, 1 write, 2 flush go to the file I/O pool (`fd`, and `skip` header bytes); kinds 8
-   * read, 9 write, 10 flush, 11 discard, 12 write-zeroes to the NBD engine (`nbdStart`; `skip` 1 asks
-   * for FUA). Each completes its request itself, status byte included.
+   * Hands block I/O to native threads: `ops` holds `[ticket, fd, kind (0 read, 1 write, 2 flush),
+   * position, skip]` per request. Each completes its request itself, status byte included.
    */
   submitIo(ops: Float64Array, count: number): void
   /**
-   * Starts the native NBD data path of a blk device: requests submitted with kinds 8–12 are served
-   * over the connections given with `nbdAttach`. `onEvent` hears of lost connections (give a new one)
-   * and of requests that failed waiting for one.
+   * Starts the native NBD data path of a blk device created with `nbdModel`: its workers hand their
+   * requests to it, served over the connections given with `nbdAttach`. `onEvent` hears of lost
+   * connections (give a new one) and of requests that failed waiting for one.
    */
   nbdStart(info: NbdExportJs, options: NbdOptionsJs, onEvent: (arg: NbdEventJs) => void): void
   /**

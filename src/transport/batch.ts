@@ -19,12 +19,6 @@ export const STATUS_JOINED = -2
 export const FILE_IO_READ = 0
 export const FILE_IO_WRITE = 1
 export const FILE_IO_FLUSH = 2
-/** Native NBD kinds (`RequestSource.nbdStart`); a write's `skip` is 1 for FUA. */
-export const NBD_IO_READ = 8
-export const NBD_IO_WRITE = 9
-export const NBD_IO_FLUSH = 10
-export const NBD_IO_DISCARD = 11
-export const NBD_IO_WRITE_ZEROES = 12
 
 /**
  * The typed arrays of the batch protocol, owned by JavaScript and reused for every batch — the native

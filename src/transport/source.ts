@@ -82,8 +82,8 @@ export interface RequestSource {
   /** Counters of each mounted host directory (`DeviceInit.fsMounts`), in order. */
   fsMountCounters?(): FsCounters[]
   /**
-   * The native NBD data path of a blk device: requests submitted with the `NBD_IO_*` kinds are served
-   * over connections given with `nbdAttach`, without JavaScript. `onEvent` hears of lost connections
+   * The native NBD data path of a blk device created with `nbdModel`: its worker threads hand every
+   * request to it, served over connections given with `nbdAttach`, without JavaScript. `onEvent` hears of lost connections
    * (give a new one) and of requests that failed waiting for one.
    */
   nbdStart?(info: NbdExportJs, options: NbdOptionsJs, onEvent: (event: NbdEventJs) => void): void

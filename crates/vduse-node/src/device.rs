@@ -768,46 +768,23 @@ impl BindingDevice {
         self.serving.is_live(ticket)
     }
 
-    /// Hands block I/O to native threads: `ops` holds `[ticket, fd, kind, position, skip]` per request.
-    /// Kinds 0 read, 1 write, 2 flush go to the file I/O pool (`fd`, and `skip` header bytes); kinds 8
-    /// read, 9 write, 10 flush, 11 discard, 12 write-zeroes to the NBD engine (`nbdStart`; `skip` 1 asks
-    /// for FUA). Each completes its request itself, status byte included.
+    /// Hands block I/O to native threads: `ops` holds `[ticket, fd, kind (0 read, 1 write, 2 flush),
+    /// position, skip]` per request. Each completes its request itself, status byte included.
     #[napi]
     pub fn submit_io(&self, ops: &[f64], count: u32) {
-        let ops = ops.chunks_exact(5).take(count as usize);
-        if let Some(io) = self.io.as_ref() {
-            io.submit(ops.clone().filter(|o| o[2] < 8.0).map(|o| Op {
-                ticket: Ticket::from_raw(o[0] as u64),
-                fd: o[1] as i32,
-                kind: o[2] as u8,
-                position: o[3] as u64,
-                skip: o[4] as u32,
-            }));
-        }
-        if let Some(nbd) = self.nbd.as_ref() {
-            use vduse_backends::nbd::engine::{Op as NbdOp, OpKind};
-            nbd.submit(ops.filter_map(|o| {
-                let kind = match o[2] as u8 {
-                    8 => OpKind::Read,
-                    9 => OpKind::Write,
-                    10 => OpKind::Flush,
-                    11 => OpKind::Discard,
-                    12 => OpKind::WriteZeroes,
-                    _ => return None,
-                };
-                Some(NbdOp {
-                    ticket: Ticket::from_raw(o[0] as u64),
-                    kind,
-                    position: o[3] as u64,
-                    fua: o[4] == 1.0,
-                })
-            }));
-        }
+        let Some(io) = self.io.as_ref() else { return };
+        io.submit(ops.chunks_exact(5).take(count as usize).map(|o| Op {
+            ticket: Ticket::from_raw(o[0] as u64),
+            fd: o[1] as i32,
+            kind: o[2] as u8,
+            position: o[3] as u64,
+            skip: o[4] as u32,
+        }));
     }
 
-    /// Starts the native NBD data path of a blk device: requests submitted with kinds 8–12 are served
-    /// over the connections given with `nbdAttach`. `onEvent` hears of lost connections (give a new one)
-    /// and of requests that failed waiting for one.
+    /// Starts the native NBD data path of a blk device created with `nbdModel`: its workers hand their
+    /// requests to it, served over the connections given with `nbdAttach`. `onEvent` hears of lost
+    /// connections (give a new one) and of requests that failed waiting for one.
     #[napi]
     pub fn nbd_start(
         &mut self,
@@ -817,9 +794,9 @@ impl BindingDevice {
         on_event: Function<crate::nbd::NbdEventJs, ()>,
     ) -> napi::Result<()> {
         use vduse_backends::nbd::engine::{Export, NbdEngine, Options};
-        if self.nbd.is_some() || self.device.is_none() {
+        if self.nbd.is_some() || self.device.is_none() || self.nbd_model.is_none() {
             return Err(native(
-                "the NBD data path is started already, or the device is closed",
+                "the NBD data path needs an open device created with nbdModel, not started already",
             ))
             .or_throw(&env);
         }

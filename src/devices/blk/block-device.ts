@@ -10,11 +10,6 @@ import {
   FILE_IO_FLUSH,
   FILE_IO_READ,
   FILE_IO_WRITE,
-  NBD_IO_DISCARD,
-  NBD_IO_FLUSH,
-  NBD_IO_READ,
-  NBD_IO_WRITE,
-  NBD_IO_WRITE_ZEROES,
   TICKET_QUEUE_UNIT,
   TICKET_QUEUES,
   type RequestBatch,
@@ -292,8 +287,6 @@ export class BlockDevice extends VirtioDevice {
   readonly #timeoutMs: number
   #sweeper: NodeJS.Timeout | undefined
   readonly #nativeFd: number | undefined
-  /** Requests go to the backend's own native data path (see `#startNativePath`). */
-  #nativePath = false
   /** The backend's native data path, when the device is served by it on native threads. */
   #nativePathImpl: NativeBlockPath | undefined
   readonly #canFlush: boolean
@@ -591,7 +584,7 @@ export class BlockDevice extends VirtioDevice {
 
   /** Whether native I/O still has something queued or running. */
   #nativeBusy(): boolean {
-    const native = this.#nativeFd !== undefined || this.#nativePath || this.#nativePathImpl !== undefined
+    const native = this.#nativeFd !== undefined || this.#nativePathImpl !== undefined
     return native && this.source.ioQuiet?.() === false
   }
 
@@ -701,8 +694,6 @@ export class BlockDevice extends VirtioDevice {
         return this.#transfer(batch, ticket, sector, dataOut, true)
       case REQ.FLUSH:
         this.stats.flushes++
-        if (this.#nativePath && batch.nativeIo && this.#canFlush)
-          return this.#native(ticket, NBD_IO_FLUSH, 0, 0)
         if (this.#nativeFd !== undefined && batch.nativeIo) return this.#native(ticket, FILE_IO_FLUSH, 0, 0)
         if (!this.#canFlush) return this.#finish(ticket, BLK_STATUS.OK, 0)
         return this.#run(ticket, OP_FLUSH, undefined, 0, undefined, undefined, 0, 0)
@@ -734,9 +725,6 @@ export class BlockDevice extends VirtioDevice {
       offset + length > this.#bytes
     ) {
       return this.#finish(ticket, BLK_STATUS.IOERR, 0)
-    }
-    if (this.#nativePath && batch.nativeIo) {
-      return this.#native(ticket, write ? NBD_IO_WRITE : NBD_IO_READ, offset, offset + length)
     }
     if (this.#nativeFd !== undefined && batch.nativeIo) {
       // Native threads move the data and answer the request; JavaScript never touches the bytes.
@@ -797,10 +785,6 @@ export class BlockDevice extends VirtioDevice {
       start = Math.min(start, offset)
       end = Math.max(end, offset + length)
     }
-    if (this.#nativePath && batch.nativeIo) {
-      // The native path reads the ranges again itself (checked the same way) and answers the request.
-      return this.#native(ticket, discard ? NBD_IO_DISCARD : NBD_IO_WRITE_ZEROES, start, end)
-    }
     const backend = this.backend
     // Ranges are rare: a controller each, so a fenced or timed-out request stops between ranges and its
     // backend knows not to start it (a late write of zeroes would destroy newer data).
@@ -853,10 +837,6 @@ export class BlockDevice extends VirtioDevice {
   }
 
   #submitNative(ticket: number, kind: number, position: number): void {
-    if (kind >= NBD_IO_READ) {
-      // The backend's native path: `skip` says FUA for a write.
-      return this.completions.submitIo(ticket, -1, kind, position, kind === NBD_IO_WRITE && this.#fua ? 1 : 0)
-    }
     const skip = kind === FILE_IO_WRITE ? HEADER_BYTES : 0
     this.completions.submitIo(ticket, this.#nativeFd!, kind, position, skip)
   }

@@ -43,8 +43,12 @@ pub struct Command {
     pub length: u32,
 }
 
+/// A write's data, shared by the command on the wire and whoever keeps it for a replay (an `Arc` of the
+/// staging `Vec` itself: no second copy to make it shareable).
+pub type Payload = Arc<Vec<u8>>;
+
 /// A command to send, its payload (a write's data) and its owner's state.
-pub type Outgoing<P> = (Command, Option<Arc<[u8]>>, P);
+pub type Outgoing<P> = (Command, Option<Payload>, P);
 
 /// What a connection tells its owner. Called on the connection's receiver thread (and `lost` also on a
 /// sender's, when a send fails): never block for long. `data` and `zeroes` run with the connection's
@@ -177,7 +181,7 @@ impl<P: Send + 'static> Connection<P> {
     pub fn send_all(&self, cmds: Vec<Outgoing<P>>) -> Result<(), (Vec<P>, ConnError)> {
         let wire = lock(&self.send);
         let mut headers: Vec<[u8; proto::REQUEST_LEN]> = Vec::with_capacity(cmds.len());
-        let mut datas: Vec<Option<Arc<[u8]>>> = Vec::with_capacity(cmds.len());
+        let mut datas: Vec<Option<Payload>> = Vec::with_capacity(cmds.len());
         {
             let mut t = lock(&self.table);
             if let Some(why) = &t.ended {

@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use vduse_core::queue::{Owner, Ticket, Virtqueue};
 use vduse_core::ram_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
 
-use super::conn::{Command, ConnError, Connection, Receiver};
+use super::conn::{Command, ConnError, Connection, Payload, Receiver};
 use super::proto::{
     CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, NBD_EIO,
     NBD_ESHUTDOWN,
@@ -187,7 +187,7 @@ struct Cmd {
     cmd: Command,
     /// Where its data sits in the request's data (read: writable bytes; write: after the header).
     at: u64,
-    data: Option<Arc<[u8]>>,
+    data: Option<Payload>,
     /// FLUSH: the last acknowledged change it covers.
     mark: u64,
     /// A caller's flush: who waits for it.
@@ -226,7 +226,7 @@ impl Cmd {
 #[derive(Clone)]
 struct Kept {
     cmd: Command,
-    data: Option<Arc<[u8]>>,
+    data: Option<Payload>,
 }
 
 #[derive(Default)]
@@ -952,7 +952,7 @@ impl Inner {
                 // Staged: a late send reads no fenced memory, and a replay sends this copy again.
                 let mut buf = vec![0u8; length as usize];
                 match vq.read_request(op.ticket, Owner::Native, HEADER + at, &mut buf) {
-                    Ok(n) if n == buf.len() => data = Some(Arc::from(buf)),
+                    Ok(n) if n == buf.len() => data = Some(Arc::new(buf)),
                     Ok(_) => return fail(VIRTIO_BLK_S_IOERR),
                     Err(_) => {
                         self.stats.fenced.fetch_add(1, Ordering::Relaxed);
