@@ -184,3 +184,28 @@ test('a server that takes one client at a time (qemu-nbd --shared=1): the JavaSc
       .every((b) => b === 0x7e),
   )
 })
+
+test('a 35 s TRIM and a 35 s WRITE on a live server succeed with the default settings: probed, never cut', async (t) => {
+  // The issue's case as it was reported: the default 30 s hang detection used to cut such a connection
+  // (EIO after 62 s). Only TRIM and WRITE are delayed: the liveness probe (a small read) answers at once.
+  t.timeout(110_000)
+  const dir = scratch(t)
+  const srv = await nbdkit(
+    { path: socketPath() },
+    ['memory', 'size=64M', 'delay-trim=35', 'delay-write=35'],
+    {
+      filters: ['delay'],
+    },
+  )
+  t.teardown(() => srv.kill())
+  const backend = await NbdBackend.connect(srv.uri)
+  const { sock } = await serve(t, dir, backend)
+  const started = Date.now()
+  // Writeback: qemu-io would otherwise add a flush after the write.
+  await qemuIoWith(['-t', 'writeback'], sock, 'aio_write -P 0x5a 0 1M', 'aio_discard 32M 4M', 'aio_flush')
+  t.true(Date.now() - started >= 34_000, 'they did take the delay')
+  await qemuIo(sock, 'read -P 0x5a 0 1M')
+  t.is(backend.reconnects, 0, 'nothing was cut')
+  t.is(backend.hungCut, 0)
+  t.true(backend.probes >= 1, 'the quiet connection was probed')
+})

@@ -27,6 +27,7 @@ export async function qemuIoWith(options: string[], sock: string, ...commands: s
   const { qemuIo } = await clients()
   const args = [...options, '--image-opts', image(sock), ...commands.flatMap((c) => ['-c', c])]
   const { stdout } = await execFileAsync(qemuIo, args, { timeout: 120_000, maxBuffer: 16 << 20 })
-  if (/error|fail|pattern verification/i.test(stdout)) throw new Error(`qemu-io: ${stdout}`)
+  if (/error|fail|pattern verification|command "[^"]*" not found/i.test(stdout))
+    throw new Error(`qemu-io: ${stdout}`)
   return stdout
 }

@@ -428,7 +428,7 @@ fn one_slow_trim_on_a_live_server_is_probed_never_cut() {
 
 #[test]
 fn a_reply_that_never_comes_fails_only_its_request_at_the_deadline_and_its_connection_goes() {
-    // Reads take 60 s; writes are quick.
+    // Reads take 60 s; writes are quick: the read is the dropped reply, the writes are the load around it.
     let server = nbdkit("eng-late", &["--filter=delay", "memory", "16M", "rdelay=60"]);
     let opts = Options {
         request_timeout: Some(Duration::from_millis(500)),
@@ -437,16 +437,31 @@ fn a_reply_that_never_comes_fails_only_its_request_at_the_deadline_and_its_conne
     let s = setup(&server.sock, export(16 << 20, true), opts);
     let t = Instant::now();
     let r = s.read(0, 0, BLOCK as u32);
-    s.completed(1, Duration::from_secs(10));
+    let mut writes: Vec<(u64, u16)> = (1..=24)
+        .map(|i| (i, s.write(i, i * BLOCK, &pattern(i, BLOCK as usize))))
+        .collect();
+    s.completed(25, Duration::from_secs(10));
     assert_eq!(s.status(r), VIRTIO_BLK_S_IOERR);
     assert!(t.elapsed() < Duration::from_secs(5));
     assert_eq!(s.engine.stats().timed_out.load(Ordering::Relaxed), 1);
-    // Its connection was closed so that it cannot run later; the device asks for a new one.
+    // Its connection was closed so that it cannot run later; the device asks for a new one. Writes
+    // arriving meanwhile wait for it and do not fail.
     assert_eq!(s.lost_slot(Duration::from_secs(5)), 0);
+    writes.extend((25..=32).map(|i| (i, s.write(i, i * BLOCK, &pattern(i, BLOCK as usize)))));
     s.attach(0);
-    let w = s.write(1, BLOCK, &pattern(1, BLOCK as usize));
-    s.completed(2, Duration::from_secs(10));
-    assert_eq!(s.status(w), VIRTIO_BLK_S_OK);
+    s.completed(33, Duration::from_secs(10));
+    for (i, head) in writes {
+        assert_eq!(
+            s.status(head),
+            VIRTIO_BLK_S_OK,
+            "write {i} is not failed by the read's deadline"
+        );
+    }
+    assert_eq!(
+        s.engine.stats().timed_out.load(Ordering::Relaxed),
+        1,
+        "only the read"
+    );
     assert_eq!(s.engine.pending(), 0, "nothing stays in flight");
 }
 
