@@ -26,8 +26,9 @@ export function qemuIo(sock: string, ...commands: string[]): Promise<string> {
 export async function qemuIoWith(options: string[], sock: string, ...commands: string[]): Promise<string> {
   const { qemuIo } = await clients()
   const args = [...options, '--image-opts', image(sock), ...commands.flatMap((c) => ['-c', c])]
-  const { stdout } = await execFileAsync(qemuIo, args, { timeout: 120_000, maxBuffer: 16 << 20 })
-  if (/error|fail|pattern verification|command "[^"]*" not found/i.test(stdout))
-    throw new Error(`qemu-io: ${stdout}`)
+  const { stdout, stderr } = await execFileAsync(qemuIo, args, { timeout: 120_000, maxBuffer: 16 << 20 })
+  // qemu-io reports a failed command on stdout and an unknown one on stderr, and exits 0 for both.
+  if (/error|fail|pattern verification/i.test(stdout) || /not found/.test(stderr))
+    throw new Error(`qemu-io: ${stdout}${stderr}`)
   return stdout
 }
