@@ -395,9 +395,13 @@ impl Slot {
         self.map.as_deref().is_none_or(|m| affected(m, &self.segments))
     }
 
-    /// The slot of `ticket` while that very request is in flight and owned by native I/O (`native`) or
-    /// not; `None` for a completed, fenced or reused slot.
-    fn of(slots: &[Slot], ticket: Ticket, native: bool) -> Option<&Slot> {
+    /// The slot of `ticket` in queue `queue`'s `slots` while that very request is in flight and owned
+    /// by native I/O (`native`) or not; `None` for a completed, fenced or reused slot — or a ticket of
+    /// another queue, whose slot number and generation may well match a live request here.
+    fn of(slots: &[Slot], queue: u16, ticket: Ticket, native: bool) -> Option<&Slot> {
+        if ticket.queue() != queue {
+            return None;
+        }
         let s = slots.get(usize::from(ticket.slot()))?;
         (s.live && s.gen == ticket.gen() && s.native == native).then_some(s)
     }
@@ -1458,7 +1462,7 @@ impl Virtqueue {
     /// completes it. Returns its shape; `None` if it is not in flight (or native I/O has it already).
     pub fn begin_native(&self, ticket: Ticket) -> Option<Shape> {
         let mut r = self.ring.lock();
-        Slot::of(&r.slots, ticket, false)?;
+        Slot::of(&r.slots, self.index, ticket, false)?;
         let s = &mut r.slots[usize::from(ticket.slot())];
         s.native = true;
         Some(s.shape)
@@ -1521,7 +1525,7 @@ impl Virtqueue {
         let mut want = None;
         loop {
             let r = self.ring.lock();
-            let s = Slot::of(&r.slots, ticket, owner == Owner::Native).ok_or(Gone)?;
+            let s = Slot::of(&r.slots, self.index, ticket, owner == Owner::Native).ok_or(Gone)?;
             let map = s.map.as_deref().ok_or(Gone)?;
             let (segs, total, _) = s.part(part);
             let want = *want.get_or_insert_with(|| total.saturating_sub(offset).min(len as u64) as usize);
@@ -1580,8 +1584,8 @@ impl Virtqueue {
         let mut want = None;
         loop {
             let (r_src, r_dst) = self.lock_both(to);
-            let s = Slot::of(&r_src.slots, src, false).ok_or(Gone)?;
-            let d = Slot::of(&r_dst.slots, dst, false).ok_or(Gone)?;
+            let s = Slot::of(&r_src.slots, self.index, src, false).ok_or(Gone)?;
+            let d = Slot::of(&r_dst.slots, to.index, dst, false).ok_or(Gone)?;
             let (s_map, d_map) = (s.map.as_deref().ok_or(Gone)?, d.map.as_deref().ok_or(Gone)?);
             let (s_segs, s_total, _) = s.part(Part::Readable);
             let (d_segs, d_total, _) = d.part(Part::Writable);
@@ -1642,7 +1646,7 @@ impl Virtqueue {
         pins: &mut Pins,
     ) -> Result<bool, Gone> {
         let r = self.ring.lock();
-        let s = Slot::of(&r.slots, ticket, owner == Owner::Native).ok_or(Gone)?;
+        let s = Slot::of(&r.slots, self.index, ticket, owner == Owner::Native).ok_or(Gone)?;
         let map = s.map.as_deref().ok_or(Gone)?;
         let (segs, _, access) = s.part(part);
         let pinned = walk_bytes(segs, offset, len, |addr, _, n| {
@@ -1727,9 +1731,9 @@ impl Virtqueue {
             // more follow), goes out as runts: no frame with a hole in it.
             let whole = terminated
                 && (group.len() == 1
-                    || group.iter().all(|d| {
-                        d.ticket.queue() == self.index && Slot::of(&r.slots, d.ticket, false).is_some()
-                    }));
+                    || group
+                        .iter()
+                        .all(|d| Slot::of(&r.slots, self.index, d.ticket, false).is_some()));
             for d in &group {
                 let len = if whole { d.used_len } else { 0 };
                 if let Ok(old) = self.complete_locked(&mut r, &map, d.ticket, len, d.status, false) {

@@ -3,7 +3,7 @@
 //! several chunks, never into a request that was given back, never between a ticket and the wrong
 //! queue, and without deadlock when two queues copy into each other at once.
 
-use vduse_core::queue::{Budget, Gone, RequestBatch, Ticket};
+use vduse_core::queue::{Budget, Gone, Owner, RequestBatch, Ticket};
 use vduse_core::rig::{desc, offer, DriverRing, Rig};
 use vduse_core::Virtqueue;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
@@ -109,4 +109,26 @@ fn two_queues_copying_into_each_other_at_once_do_not_deadlock() {
     for t in threads {
         t.join().unwrap();
     }
+}
+
+#[test]
+fn a_ticket_of_another_queue_reaches_no_buffer_of_this_one() {
+    // The same slot and generation on another queue: a model that completes or copies through the wrong
+    // queue must find nothing, never the live request that happens to share the numbers.
+    let a = two_region_rig();
+    let (ring, q) = a.queue(8, false);
+    a.map.write_slice(&[0xaa; 64], GuestAddress(0x1_0000)).unwrap();
+    let t = request(&ring, &q, &[(0x1_0000, 64, false), (0x2_0000, 64, true)]);
+    let foreign = Ticket::new(t.queue() + 1, t.slot(), t.gen());
+    let mut buf = [0u8; 64];
+    assert_eq!(q.read_request(foreign, Owner::Model, 0, &mut buf), Err(Gone));
+    assert_eq!(q.write_request(foreign, Owner::Model, 0, &[0x55; 64]), Err(Gone));
+    assert!(q.begin_native(foreign).is_none());
+    assert!(!q.is_live(foreign));
+    let mut after = [0u8; 64];
+    a.map.read_slice(&mut after, GuestAddress(0x2_0000)).unwrap();
+    assert_eq!(after, [0u8; 64], "nothing written");
+    // The request's own ticket still works.
+    assert_eq!(q.read_request(t, Owner::Model, 0, &mut buf), Ok(64));
+    assert_eq!(buf, [0xaa; 64]);
 }
