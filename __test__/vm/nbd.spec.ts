@@ -204,3 +204,53 @@ test('SIGUSR2 hands a native --nbd server over under fio verify: the workers hol
   const { nbd } = cli.events.find((e) => e.event === 'stopped') as { nbd: { native: boolean } }
   t.true(nbd.native)
 })
+
+test('a native --nbd server killed (SIGKILL) under fio verify and restarted with --recover: the requests it held are served again, no error', async (t) => {
+  const image = '/tmp/nbd-kill.img'
+  const socket = '/tmp/nbd-kill.sock'
+  const server = await unixServer(image, socket)
+  t.teardown(() => kill9(server))
+  const args = [
+    'blk',
+    '--nbd',
+    `nbd+unix:///?socket=${socket}`,
+    '--name',
+    'nbd-kill',
+    '--queues',
+    '2',
+    '--json',
+  ]
+  let cli = startCli(args)
+  t.teardown(() => cli.child.kill('SIGKILL'))
+  const dev = (await cli.next('ready')).path as string
+  const dmesgFrom = (await sh('dmesg')).split('\n').length - 1
+  const fio = sh(`fio --name=kill --filename=${dev} --rw=randwrite --bs=4k --iodepth=16 --ioengine=libaio \
+    --direct=1 --size=48M --verify=crc32c --verify_state_save=0 --do_verify=1 --verify_fatal=1 \
+    --output-format=terse`)
+  let fioDone = false
+  void fio.finally(() => (fioDone = true)).catch(() => {})
+  const resubmitted: number[] = []
+  for (let round = 0; round < 2; round++) {
+    await new Promise((r) => setTimeout(r, 1500))
+    t.false(fioDone, 'the kill happens while fio writes')
+    const exited = cli.exit
+    cli.child.kill('SIGKILL')
+    await exited
+    cli = startCli([...args, '--recover'])
+    const ready = await cli.next('ready')
+    t.like(ready, { path: dev, recovered: true })
+    t.is((ready.nbd as { native: boolean }).native, true)
+    resubmitted.push(ready.resubmitted as number)
+  }
+  // The kills found requests in flight: the successor took them from the kernel's rings and served them.
+  t.true(
+    resubmitted.some((n) => n > 0),
+    `requests served again: ${resubmitted.join(', ')}`,
+  )
+  t.log(`requests served again after each kill: ${resubmitted.join(', ')}`)
+  await fio
+  t.deepEqual(await ioErrorsSince(dmesgFrom), [])
+  t.false(cli.events.some((e) => e.event === 'request-error'))
+  cli.child.kill('SIGTERM')
+  t.is(await cli.exit, 0)
+})
