@@ -1,6 +1,6 @@
 // `vduse blk --nbd`: a /dev/vdX served from an NBD export (qemu-nbd on a guest tmpfs file), checked with
 // real tools, and a qemu-nbd killed and restarted under fio that the guest must not notice.
-import test from 'ava'
+import test, { type ExecutionContext } from 'ava'
 import { spawn, type ChildProcess } from 'node:child_process'
 
 import { assertInGuest, exerciseBlockDevice, sh, startCli, until } from './guest'
@@ -166,81 +166,70 @@ test('nbdkit stopped gracefully (SIGTERM) and restarted twice under fio verify: 
   t.log(`ESHUTDOWN answers sent again: ${nbd.shutdownRetries}; reconnects: ${nbd.reconnects}`)
 })
 
-test('SIGUSR2 hands a native --nbd server over under fio verify: the workers hold new requests, the successor serves them, no error', async (t) => {
-  const image = '/tmp/nbd-handover.img'
-  const socket = '/tmp/nbd-handover.sock'
-  const server = await unixServer(image, socket)
+/**
+ * A 2-queue `--nbd` device over a fresh qemu-nbd, with fio writing and verifying 48 MiB on it: what the
+ * handover and crash tests start from. `restart()` starts the successor (`--recover`).
+ */
+async function underFio(t: ExecutionContext, name: string) {
+  const socket = `/tmp/${name}.sock`
+  const server = await unixServer(`/tmp/${name}.img`, socket)
   t.teardown(() => kill9(server))
-  const args = [
-    'blk',
-    '--nbd',
-    `nbd+unix:///?socket=${socket}`,
-    '--name',
-    'nbd-ho',
-    '--queues',
-    '2',
-    '--json',
-  ]
-  let cli = startCli(args)
-  t.teardown(() => cli.child.kill('SIGKILL'))
-  const dev = (await cli.next('ready')).path as string
+  const args = ['blk', '--nbd', `nbd+unix:///?socket=${socket}`, '--name', name, '--queues', '2', '--json']
+  const run = { cli: startCli(args) }
+  t.teardown(() => run.cli.child.kill('SIGKILL'))
+  const dev = (await run.cli.next('ready')).path as string
   const dmesgFrom = (await sh('dmesg')).split('\n').length - 1
-  const fio = sh(`fio --name=ho --filename=${dev} --rw=randwrite --bs=4k --iodepth=16 --ioengine=libaio \
+  const fio = sh(`fio --name=${name} --filename=${dev} --rw=randwrite --bs=4k --iodepth=16 --ioengine=libaio \
     --direct=1 --size=48M --verify=crc32c --verify_state_save=0 --do_verify=1 --verify_fatal=1 \
     --output-format=terse`)
   let fioDone = false
   void fio.finally(() => (fioDone = true)).catch(() => {})
-  await new Promise((r) => setTimeout(r, 1500))
-  t.false(fioDone, 'the handover happens while fio writes')
-  cli.child.kill('SIGUSR2')
-  t.like(await cli.next('released'), { name: 'nbd-ho' })
-  t.is(await cli.exit, 0)
-  cli = startCli([...args, '--recover'])
-  t.like(await cli.next('ready'), { path: dev, recovered: true })
-  await fio
-  t.deepEqual(await ioErrorsSince(dmesgFrom), [])
-  cli.child.kill('SIGTERM')
-  t.is(await cli.exit, 0)
-  const { nbd } = cli.events.find((e) => e.event === 'stopped') as { nbd: { native: boolean } }
-  t.true(nbd.native)
+  return {
+    run,
+    dev,
+    fio,
+    /** Lets fio write a while; it must still be writing. */
+    writing: async () => {
+      await new Promise((r) => setTimeout(r, 1500))
+      t.false(fioDone, 'fio is still writing')
+    },
+    restart: async () => {
+      run.cli = startCli([...args, '--recover'])
+      const ready = await run.cli.next('ready')
+      t.like(ready, { path: dev, recovered: true })
+      t.is((ready.nbd as { native: boolean }).native, true)
+      return ready
+    },
+    /** fio passed its verification, the kernel logged no I/O error, the server stops cleanly. */
+    finish: async () => {
+      await fio
+      t.deepEqual(await ioErrorsSince(dmesgFrom), [])
+      t.false(run.cli.events.some((e) => e.event === 'request-error'))
+      run.cli.child.kill('SIGTERM')
+      t.is(await run.cli.exit, 0)
+    },
+  }
+}
+
+test('SIGUSR2 hands a native --nbd server over under fio verify: the workers hold new requests, the successor serves them, no error', async (t) => {
+  const { run, writing, restart, finish } = await underFio(t, 'nbd-ho')
+  await writing()
+  run.cli.child.kill('SIGUSR2')
+  t.like(await run.cli.next('released'), { name: 'nbd-ho' })
+  t.is(await run.cli.exit, 0)
+  await restart()
+  await finish()
 })
 
 test('a native --nbd server killed (SIGKILL) under fio verify and restarted with --recover: the requests it held are served again, no error', async (t) => {
-  const image = '/tmp/nbd-kill.img'
-  const socket = '/tmp/nbd-kill.sock'
-  const server = await unixServer(image, socket)
-  t.teardown(() => kill9(server))
-  const args = [
-    'blk',
-    '--nbd',
-    `nbd+unix:///?socket=${socket}`,
-    '--name',
-    'nbd-kill',
-    '--queues',
-    '2',
-    '--json',
-  ]
-  let cli = startCli(args)
-  t.teardown(() => cli.child.kill('SIGKILL'))
-  const dev = (await cli.next('ready')).path as string
-  const dmesgFrom = (await sh('dmesg')).split('\n').length - 1
-  const fio = sh(`fio --name=kill --filename=${dev} --rw=randwrite --bs=4k --iodepth=16 --ioengine=libaio \
-    --direct=1 --size=48M --verify=crc32c --verify_state_save=0 --do_verify=1 --verify_fatal=1 \
-    --output-format=terse`)
-  let fioDone = false
-  void fio.finally(() => (fioDone = true)).catch(() => {})
+  const { run, writing, restart, finish } = await underFio(t, 'nbd-kill')
   const resubmitted: number[] = []
   for (let round = 0; round < 2; round++) {
-    await new Promise((r) => setTimeout(r, 1500))
-    t.false(fioDone, 'the kill happens while fio writes')
-    const exited = cli.exit
-    cli.child.kill('SIGKILL')
+    await writing()
+    const exited = run.cli.exit
+    run.cli.child.kill('SIGKILL')
     await exited
-    cli = startCli([...args, '--recover'])
-    const ready = await cli.next('ready')
-    t.like(ready, { path: dev, recovered: true })
-    t.is((ready.nbd as { native: boolean }).native, true)
-    resubmitted.push(ready.resubmitted as number)
+    resubmitted.push((await restart()).resubmitted as number)
   }
   // The kills found requests in flight: the successor took them from the kernel's rings and served them.
   t.true(
@@ -248,9 +237,5 @@ test('a native --nbd server killed (SIGKILL) under fio verify and restarted with
     `requests served again: ${resubmitted.join(', ')}`,
   )
   t.log(`requests served again after each kill: ${resubmitted.join(', ')}`)
-  await fio
-  t.deepEqual(await ioErrorsSince(dmesgFrom), [])
-  t.false(cli.events.some((e) => e.event === 'request-error'))
-  cli.child.kill('SIGTERM')
-  t.is(await cli.exit, 0)
+  await finish()
 })
