@@ -91,7 +91,7 @@ test('qemu-nbd over the native path: patterns, zeroes, discard and flush from li
   t.is(backend.pending, 0)
 })
 
-test('nbdkit stopped gracefully (SIGTERM) and restarted under libblkio writes: no error, every write lands', async (t) => {
+test('nbdkit stopped gracefully (SIGTERM) and restarted under 32 concurrent libblkio writes: no error, every write lands', async (t) => {
   const dir = scratch(t)
   const file = image(dir, 16 << 20)
   const path = socketPath()
@@ -104,7 +104,7 @@ test('nbdkit stopped gracefully (SIGTERM) and restarted under libblkio writes: n
   backend.on('disconnected', () => events.push('disconnected'))
   backend.on('reconnected', () => events.push('reconnected'))
   const { sock, device, javascript } = await serve(t, dir, backend)
-  const writes = Array.from({ length: 24 }, (_, i) => `aio_write -P ${0x40 + i} ${i * 256}k 256k`)
+  const writes = Array.from({ length: 32 }, (_, i) => `aio_write -P ${0x40 + i} ${i * 256}k 256k`)
   const io = qemuIo(sock, ...writes, 'aio_flush', ...writes.map((w) => w.replace('aio_write', 'read')))
   await new Promise((r) => setTimeout(r, 400))
   await stopGracefully(srv)
@@ -112,7 +112,7 @@ test('nbdkit stopped gracefully (SIGTERM) and restarted under libblkio writes: n
   srv = await start()
   await io
   const img = readFileSync(file)
-  for (let i = 0; i < 24; i++) {
+  for (let i = 0; i < 32; i++) {
     t.true(
       img.subarray(i * (256 << 10), (i + 1) * (256 << 10)).every((b) => b === 0x40 + i),
       `write ${i} landed`,
