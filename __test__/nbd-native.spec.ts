@@ -1,20 +1,14 @@
 // The native NBD data path on the host, end to end: QEMU 10's qemu-io over libblkio (a VMM's virtio-blk
 // driver) against a BlockDevice served over vhost-user, whose NbdBackend hands every request to the
 // Rust engine — real qemu-nbd and nbdkit on the other side, stopped, killed and restarted under I/O.
-import { mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs'
-import { tmpdir } from 'node:os'
+import { readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import test from 'ava'
 
 import { BlockDevice, NbdBackend, vhostUser } from '../src/index'
 import { nbdkit, qemuNbd, socketPath, type Server } from './helpers/nbd-server'
 import { qemuIo, qemuIoWith } from './helpers/qemu-io'
-
-function scratch(t: { teardown(fn: () => void): void }): string {
-  const dir = mkdtempSync(join(tmpdir(), 'vduse-nbdn-'))
-  t.teardown(() => rmSync(dir, { recursive: true, force: true }))
-  return dir
-}
+import { scratch } from './helpers/scratch'
 
 function image(dir: string, size: number): string {
   const file = join(dir, 'disk.img')

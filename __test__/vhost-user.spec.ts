@@ -1,8 +1,7 @@
 // The vhost-user transport on the host — no VM, no VDUSE: QEMU 10's qemu-io and qemu-img over libblkio's
 // virtio-blk-vhost-user driver (the virtio-blk driver code a VMM uses) against our devices.
 import { spawn, execFile, type ChildProcess } from 'node:child_process'
-import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs'
-import { tmpdir } from 'node:os'
+import { existsSync, readFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { createInterface } from 'node:readline'
 import { promisify } from 'node:util'
@@ -11,14 +10,9 @@ import test from 'ava'
 import { BlockDevice, MemoryBackend, vhostUser, type BlockBackend, type BlockIo } from '../src/index'
 import { parseCommand } from '../src/cli/args'
 import { clients, image, qemuIo } from './helpers/qemu-io'
+import { scratch } from './helpers/scratch'
 
 const execFileAsync = promisify(execFile)
-
-function scratch(t: { teardown(fn: () => void): void }): string {
-  const dir = mkdtempSync(join(tmpdir(), 'vduse-vu-'))
-  t.teardown(() => rmSync(dir, { recursive: true, force: true }))
-  return dir
-}
 
 async function until(what: string, check: () => boolean, timeoutMs = 20_000): Promise<void> {
   const end = Date.now() + timeoutMs
