@@ -397,7 +397,8 @@ impl Slot {
 
     /// The slot of `ticket` in queue `queue`'s `slots` while that very request is in flight and owned
     /// by native I/O (`native`) or not; `None` for a completed, fenced or reused slot — or a ticket of
-    /// another queue, whose slot number and generation may well match a live request here.
+    /// another queue of the device, whose slot number and generation may well match a live request
+    /// here. (Tickets carry no device: one of another device's queue of the same index passes.)
     fn of(slots: &[Slot], queue: u16, ticket: Ticket, native: bool) -> Option<&Slot> {
         if ticket.queue() != queue {
             return None;
@@ -1775,10 +1776,7 @@ impl Virtqueue {
         native: bool,
     ) -> Result<Option<Arc<IotlbMap>>, ()> {
         let idx = usize::from(ticket.slot());
-        let live = r.slots.get(idx).is_some_and(|s| {
-            s.live && s.gen == ticket.gen() && s.native == native && ticket.queue() == self.index
-        });
-        if !live {
+        if Slot::of(&r.slots, self.index, ticket, native).is_none() {
             self.stats.stale_completions.fetch_add(1, Ordering::Relaxed);
             return Err(());
         }
