@@ -23,7 +23,7 @@ async function until(what: string, check: () => boolean, timeoutMs = 20_000): Pr
 }
 
 test('a BlockDevice over vhostUser(): patterns, zeroes, flush and discard from libblkio; a second session sees the data', async (t) => {
-  const dir = scratch(t)
+  const dir = scratch(t, 'vduse-vu-')
   const sock = join(dir, 'd.sock')
   const backend = new MemoryBackend(64 << 20)
   const disk = await BlockDevice.create({ name: 'vu-basic', backend, transport: vhostUser(sock) })
@@ -59,7 +59,7 @@ test('a BlockDevice over vhostUser(): patterns, zeroes, flush and discard from l
 })
 
 test('a client killed mid-I/O is a reset: requests stuck in the backend are fenced, their late writes dropped, and the next client is served', async (t) => {
-  const dir = scratch(t)
+  const dir = scratch(t, 'vduse-vu-')
   const sock = join(dir, 'd.sock')
   const inner = new MemoryBackend(64 << 20)
   const stuck: Array<() => void> = []
@@ -130,7 +130,7 @@ test('a client killed mid-I/O is a reset: requests stuck in the backend are fenc
 })
 
 test('vduse blk --file --vhost-user: native I/O straight into the client memory; SIGTERM stops and removes the socket', async (t) => {
-  const dir = scratch(t)
+  const dir = scratch(t, 'vduse-vu-')
   const sock = join(dir, 'd.sock')
   const img = join(dir, 'disk.img')
   const cli: ChildProcess = spawn(

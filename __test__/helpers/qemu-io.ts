@@ -27,8 +27,8 @@ export async function qemuIoWith(options: string[], sock: string, ...commands: s
   const { qemuIo } = await clients()
   const args = [...options, '--image-opts', image(sock), ...commands.flatMap((c) => ['-c', c])]
   const { stdout, stderr } = await execFileAsync(qemuIo, args, { timeout: 120_000, maxBuffer: 16 << 20 })
-  // qemu-io reports a failed command on stdout and an unknown one on stderr, and exits 0 for both.
-  if (/error|fail|pattern verification/i.test(stdout) || /not found/.test(stderr))
+  // qemu-io reports a failed command on stdout and an unknown or malformed one on stderr, and exits 0.
+  if (/error|fail|pattern verification/i.test(stdout) || stderr.trim() !== '')
     throw new Error(`qemu-io: ${stdout}${stderr}`)
   return stdout
 }
