@@ -458,7 +458,7 @@ test('a server error fails that request only; a hung connection is replaced and 
   // for twice hangTimeoutMs and counts as hung.
   const slow = await nbdkit({ path: socketPath() }, ['memory', 'size=1M', 'rdelay=2'], { filters: ['delay'] })
   t.teardown(() => slow.kill())
-  const b2 = await NbdBackend.connect(slow.uri, { hangTimeoutMs: 300, reconnectTimeoutMs: 1500 })
+  const b2 = await NbdBackend.connect(slow.uri, { hangTimeoutMs: 300, reconnectTimeoutMs: 3000 })
   let lost = 0
   b2.on('disconnected', () => lost++)
   const s2 = await serve(b2)

@@ -29,6 +29,6 @@ export async function qemuIoWith(options: string[], sock: string, ...commands: s
   const { stdout, stderr } = await execFileAsync(qemuIo, args, { timeout: 120_000, maxBuffer: 16 << 20 })
   // qemu-io reports a failed command on stdout and an unknown or malformed one on stderr, and exits 0.
   if (/error|fail|pattern verification/i.test(stdout) || stderr.trim() !== '')
-    throw new Error(`qemu-io: ${stdout}${stderr}`)
+    throw new Error(`qemu-io: ${stdout}${stderr ? `\nstderr: ${stderr}` : ''}`)
   return stdout
 }

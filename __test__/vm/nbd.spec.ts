@@ -182,8 +182,14 @@ async function underFio(t: ExecutionContext, name: string) {
   const fio = sh(`fio --name=${name} --filename=${dev} --rw=randwrite --bs=4k --iodepth=16 --ioengine=libaio \
     --direct=1 --size=48M --verify=crc32c --verify_state_save=0 --do_verify=1 --verify_fatal=1 \
     --output-format=terse`)
-  // A failed test leaves no fio behind (the next tests share the guest).
-  t.teardown(() => sh(`pkill -9 -f '[f]io --name=${name} ' || true`).then(() => {}))
+  // A failed test leaves no fio behind (the next tests share the guest): killed, and gone — its I/O
+  // answered — before the server is (teardowns run last registered first).
+  const fioPattern = `'[f]io --name=${name} '`
+  t.teardown(() =>
+    sh(
+      `pkill -9 -f ${fioPattern}; for i in $(seq 100); do pgrep -f ${fioPattern} >/dev/null || break; sleep 0.1; done; true`,
+    ).then(() => {}),
+  )
   let fioDone = false
   void fio.finally(() => (fioDone = true)).catch(() => {})
   return {
