@@ -187,7 +187,7 @@ async function underFio(t: ExecutionContext, name: string) {
   const fioPattern = `'[f]io --name=${name} '`
   t.teardown(() =>
     sh(
-      `pkill -9 -f ${fioPattern}; for i in $(seq 100); do pgrep -f ${fioPattern} >/dev/null || break; sleep 0.1; done; true`,
+      `pkill -9 -f ${fioPattern} || true; for i in $(seq 100); do pgrep -f ${fioPattern} >/dev/null || break; sleep 0.1; done; true`,
     ).then(() => {}),
   )
   let fioDone = false
